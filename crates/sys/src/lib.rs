@@ -1,0 +1,11 @@
+//! The only crate of shadowpatch that contains `unsafe`: thin, documented
+//! wrappers over the few syscalls that `nix` does not cover.
+//!
+//! Everything here follows nix's conventions: no hand-written `extern`
+//! blocks, results checked with `Errno::result`, and every `unsafe` block
+//! carries a `// SAFETY:` comment naming the invariant it relies on.
+
+pub mod ptrace_ext;
+pub mod sched;
+
+pub use nix::errno::Errno;

@@ -1,0 +1,454 @@
+//! Attaching to every thread of a target with `PTRACE_SEIZE`, stopping all
+//! of them at once with `PTRACE_INTERRUPT`, and resuming them.
+//!
+//! Race-freedom: seizing re-scans /proc/PID/task until a scan finds no new
+//! thread, and every stop re-scans again once all known threads are stopped
+//! (a stopped thread cannot create another, so a scan that finds nothing new
+//! with everything stopped is final). Signals that arrive while we stop a
+//! thread are re-injected, never swallowed; a thread in job-control stop
+//! (SIGSTOP/SIGTSTP...) is left stopped with `PTRACE_LISTEN`.
+//!
+//! The stop window runs the tracer at `SCHED_FIFO` when permitted: on a
+//! 2-core machine resumed threads otherwise starve the tracer that still has
+//! threads to resume, stretching a 0.5 ms pause to tens of milliseconds.
+
+use crate::memory::TargetMemory;
+use crate::{ProcessIdentity, TargetError};
+use nix::errno::Errno;
+use nix::sys::ptrace::{self, Event};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use shadowpatch_sys::sched::RealtimeGuard;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// How many scans of /proc/PID/task may still find new threads before we
+/// give up (a process creating threads faster than we can seize them).
+const MAX_SCAN_ROUNDS: usize = 1000;
+
+/// Whether the stop window may raise the tracer to real-time priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopPriority {
+    /// SCHED_FIFO when permitted, else normal priority (reported).
+    RealtimeIfPermitted,
+    /// Always normal priority (for comparison in benchmarks).
+    Normal,
+}
+
+/// Per-thread tracer state.
+#[derive(Debug, Clone, Default)]
+struct ThreadState {
+    /// In a ptrace-stop we caused (interrupt or group-stop).
+    stopped: bool,
+    /// Stopped in job-control group-stop: resume with PTRACE_LISTEN.
+    group_stop: bool,
+    /// A signal caught while stopping, to deliver when we resume.
+    pending_signal: Option<Signal>,
+}
+
+/// All threads of one target, seized. Dropping it resumes and detaches
+/// every thread, so the target is never left stopped or traced.
+#[derive(Debug)]
+pub struct Attached {
+    identity: ProcessIdentity,
+    threads: BTreeMap<Pid, ThreadState>,
+    priority: StopPriority,
+    /// Address of a `syscall` instruction in the target, found on first use.
+    pub(crate) syscall_instruction: Option<u64>,
+    memory: TargetMemory,
+}
+
+/// The timings of one stop-the-world window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PauseReport {
+    /// Threads stopped.
+    pub threads: usize,
+    /// First interrupt sent → last thread confirmed stopped.
+    pub stop_us: u64,
+    /// Work done while stopped.
+    pub work_us: u64,
+    /// First resume → last thread resumed.
+    pub resume_us: u64,
+    /// First thread stopped → last thread resumed.
+    pub pause_us: u64,
+    /// Whether the tracer ran the window at SCHED_FIFO.
+    pub realtime: bool,
+}
+
+impl Attached {
+    /// Seize every thread of `identity` (without stopping them).
+    pub fn seize(identity: &ProcessIdentity) -> Result<Self, TargetError> {
+        identity.check_alive()?;
+        let memory = TargetMemory::open(identity)?;
+        let mut attached = Attached {
+            identity: identity.clone(),
+            threads: BTreeMap::new(),
+            priority: StopPriority::RealtimeIfPermitted,
+            syscall_instruction: None,
+            memory,
+        };
+        for _round in 0..MAX_SCAN_ROUNDS {
+            if attached.seize_new_threads()? == 0 {
+                // After seizing, re-check the start time: the pid could have
+                // been recycled between identification and the first seize.
+                identity.check_alive()?;
+                return Ok(attached);
+            }
+        }
+        Err(TargetError::Sys {
+            pid: identity.pid,
+            action: "seizing the threads of",
+            errno: Errno::EAGAIN,
+        })
+    }
+
+    pub fn identity(&self) -> &ProcessIdentity {
+        &self.identity
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.identity.pid
+    }
+
+    pub fn memory(&mut self) -> &mut TargetMemory {
+        &mut self.memory
+    }
+
+    pub fn set_priority(&mut self, priority: StopPriority) {
+        self.priority = priority;
+    }
+
+    pub fn thread_count(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Seize threads listed in /proc/PID/task that we do not trace yet.
+    /// Returns how many were new.
+    fn seize_new_threads(&mut self) -> Result<usize, TargetError> {
+        let pid = self.identity.pid;
+        let mut new = 0;
+        for tid in list_threads(pid)? {
+            if self.threads.contains_key(&tid) {
+                continue;
+            }
+            match ptrace::seize(tid, ptrace::Options::empty()) {
+                Ok(()) => {
+                    self.threads.insert(tid, ThreadState::default());
+                    new += 1;
+                }
+                // The thread exited between the listing and the seize.
+                Err(Errno::ESRCH) => {}
+                Err(Errno::EPERM) if tid.as_raw() != pid && self.threads.is_empty() => {
+                    return Err(TargetError::PermissionDenied {
+                        pid,
+                        action: "attaching to",
+                    })
+                }
+                // EPERM on a non-leader thread once others are seized: the
+                // thread is exiting (the kernel refuses to trace PF_EXITING).
+                Err(Errno::EPERM) if !self.threads.is_empty() => {}
+                Err(errno) => return Err(TargetError::from_errno(pid, "attaching to", errno)),
+            }
+        }
+        Ok(new)
+    }
+
+    /// Stop every thread. The returned guard resumes them when dropped;
+    /// call [`Stopped::resume`] to get the timings.
+    pub fn stop(&mut self) -> Result<Stopped<'_>, TargetError> {
+        let realtime = match self.priority {
+            StopPriority::RealtimeIfPermitted => RealtimeGuard::enter().ok(),
+            StopPriority::Normal => None,
+        };
+        let started = Instant::now();
+        match self.stop_all_threads() {
+            Ok(()) => Ok(Stopped {
+                attached: self,
+                realtime,
+                started,
+                stopped_at: Instant::now(),
+                resumed: false,
+            }),
+            Err(error) => {
+                // Never leave some threads stopped after a failed stop.
+                let _ = self.resume_all_threads();
+                Err(error)
+            }
+        }
+    }
+
+    fn stop_all_threads(&mut self) -> Result<(), TargetError> {
+        let pid = self.identity.pid;
+        for _round in 0..MAX_SCAN_ROUNDS {
+            let to_stop: Vec<Pid> = self
+                .threads
+                .iter()
+                .filter(|(_, state)| !state.stopped)
+                .map(|(tid, _)| *tid)
+                .collect();
+            for tid in &to_stop {
+                match ptrace::interrupt(*tid) {
+                    Ok(()) => {}
+                    // Exiting thread: waitpid below reports its exit.
+                    Err(Errno::ESRCH) => {}
+                    Err(errno) => return Err(TargetError::from_errno(pid, "interrupting", errno)),
+                }
+            }
+            for tid in to_stop {
+                self.wait_for_stop(tid)?;
+            }
+            if self.threads.is_empty() {
+                return Err(TargetError::Exited {
+                    pid,
+                    during: "stopping its threads",
+                });
+            }
+            // Everything we know is stopped; threads created before their
+            // parent stopped appear now. None new: the world is stopped.
+            if self.seize_new_threads()? == 0 {
+                return Ok(());
+            }
+        }
+        Err(TargetError::Sys {
+            pid,
+            action: "stopping the threads of",
+            errno: Errno::EAGAIN,
+        })
+    }
+
+    /// Wait until `tid` reports our interrupt (or a group-stop), passing on
+    /// any signal that arrives first. Removes the thread if it exited.
+    fn wait_for_stop(&mut self, tid: Pid) -> Result<(), TargetError> {
+        loop {
+            let status = match waitpid(tid, Some(WaitPidFlag::__WALL)) {
+                Ok(status) => status,
+                // The thread was reaped elsewhere (exec by another thread).
+                Err(Errno::ECHILD) => {
+                    self.threads.remove(&tid);
+                    return Ok(());
+                }
+                Err(Errno::EINTR) => continue,
+                Err(errno) => {
+                    return Err(TargetError::from_errno(
+                        self.identity.pid,
+                        "waiting for",
+                        errno,
+                    ))
+                }
+            };
+            match status {
+                WaitStatus::PtraceEvent(_, signal, event)
+                    if event == Event::PTRACE_EVENT_STOP as i32 =>
+                {
+                    let state = self.threads.entry(tid).or_default();
+                    state.stopped = true;
+                    state.group_stop = is_stop_signal(signal);
+                    return Ok(());
+                }
+                WaitStatus::Stopped(_, signal) => {
+                    // A signal-delivery-stop: someone else's signal reached the
+                    // thread before our interrupt. Deliver it now (the pending
+                    // interrupt traps right after) rather than swallow it.
+                    match ptrace::cont(tid, signal) {
+                        Ok(()) => {}
+                        Err(Errno::ESRCH) => {}
+                        Err(errno) => {
+                            return Err(TargetError::from_errno(
+                                self.identity.pid,
+                                "resuming",
+                                errno,
+                            ))
+                        }
+                    }
+                }
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    self.threads.remove(&tid);
+                    return Ok(());
+                }
+                // We set no ptrace options, so no other event can occur;
+                // resume defensively if one does.
+                _ => {
+                    let _ = ptrace::cont(tid, None);
+                }
+            }
+        }
+    }
+
+    fn resume_all_threads(&mut self) -> Result<(), TargetError> {
+        let pid = self.identity.pid;
+        let mut first_error = None;
+        for (tid, state) in self.threads.iter_mut().filter(|(_, s)| s.stopped) {
+            let result = if state.group_stop {
+                shadowpatch_sys::ptrace_ext::listen(*tid)
+            } else {
+                ptrace::cont(*tid, state.pending_signal)
+            };
+            match result {
+                Ok(()) | Err(Errno::ESRCH) => {
+                    state.stopped = false;
+                    state.pending_signal = None;
+                }
+                Err(errno) => {
+                    first_error.get_or_insert(TargetError::from_errno(pid, "resuming", errno));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Record a signal to deliver to `tid` at resume (used by remote syscalls
+    /// when a foreign signal interrupts them).
+    pub(crate) fn defer_signal(&mut self, tid: Pid, signal: Signal) {
+        if let Some(state) = self.threads.get_mut(&tid) {
+            state.pending_signal.get_or_insert(signal);
+        }
+    }
+
+    pub(crate) fn is_stopped(&self, tid: Pid) -> bool {
+        self.threads
+            .get(&tid)
+            .is_some_and(|s| s.stopped && !s.group_stop)
+    }
+
+    pub(crate) fn forget_thread(&mut self, tid: Pid) {
+        self.threads.remove(&tid);
+    }
+
+    /// Detach from every thread (stopping them first, as PTRACE_DETACH
+    /// requires a ptrace-stop), delivering any signals still owed.
+    pub fn detach(mut self) -> Result<(), TargetError> {
+        self.detach_all()
+    }
+
+    fn detach_all(&mut self) -> Result<(), TargetError> {
+        if self.threads.is_empty() {
+            return Ok(());
+        }
+        let stop_result = self.stop_all_threads();
+        let threads = std::mem::take(&mut self.threads);
+        for (tid, state) in threads {
+            // Detaching a group-stopped thread leaves it in group-stop, as
+            // it was before we came; others run on with their owed signal.
+            let signal = if state.group_stop {
+                None
+            } else {
+                state.pending_signal
+            };
+            let _ = ptrace::detach(tid, signal);
+        }
+        stop_result.map(drop)
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = self.detach_all();
+    }
+}
+
+/// The world, stopped. Resumes every thread when dropped.
+#[derive(Debug)]
+pub struct Stopped<'a> {
+    attached: &'a mut Attached,
+    realtime: Option<RealtimeGuard>,
+    started: Instant,
+    stopped_at: Instant,
+    resumed: bool,
+}
+
+impl Stopped<'_> {
+    pub fn attached(&mut self) -> &mut Attached {
+        self.attached
+    }
+
+    /// Threads in ptrace-stop (group-stopped threads included).
+    pub fn threads(&self) -> Vec<Pid> {
+        self.attached
+            .threads
+            .iter()
+            .filter(|(_, s)| s.stopped)
+            .map(|(tid, _)| *tid)
+            .collect()
+    }
+
+    /// Time from the first interrupt to the last thread stopped.
+    pub fn stop_latency(&self) -> Duration {
+        self.stopped_at - self.started
+    }
+
+    /// General-purpose registers of a stopped thread.
+    pub fn regs(&self, tid: Pid) -> Result<libc::user_regs_struct, TargetError> {
+        ptrace::getregs(tid).map_err(|errno| {
+            TargetError::from_errno(self.attached.pid(), "reading registers of", errno)
+        })
+    }
+
+    pub fn memory(&mut self) -> &mut TargetMemory {
+        &mut self.attached.memory
+    }
+
+    /// Resume every thread; returns the window's timings.
+    pub fn resume(mut self) -> Result<PauseReport, TargetError> {
+        self.resume_inner()
+    }
+
+    fn resume_inner(&mut self) -> Result<PauseReport, TargetError> {
+        let resume_started = Instant::now();
+        let threads = self.threads().len();
+        self.resumed = true;
+        let result = self.attached.resume_all_threads();
+        let resumed_at = Instant::now();
+        let realtime = self.realtime.take().is_some();
+        result?;
+        Ok(PauseReport {
+            threads,
+            stop_us: micros(self.stopped_at - self.started),
+            work_us: micros(resume_started - self.stopped_at),
+            resume_us: micros(resumed_at - resume_started),
+            pause_us: micros(resumed_at - self.started),
+            realtime,
+        })
+    }
+}
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        if !self.resumed {
+            let _ = self.resume_inner();
+        }
+    }
+}
+
+fn micros(duration: Duration) -> u64 {
+    duration.as_micros() as u64
+}
+
+fn is_stop_signal(signal: Signal) -> bool {
+    matches!(
+        signal,
+        Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
+    )
+}
+
+/// List the thread ids of `pid`. Reads the directory directly instead of
+/// through `procfs`'s task iterator, which opens every task's directory:
+/// this runs inside the stop window, where each microsecond counts.
+pub fn list_threads(pid: i32) -> Result<Vec<Pid>, TargetError> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => TargetError::NoSuchProcess { pid },
+        std::io::ErrorKind::PermissionDenied => TargetError::PermissionDenied {
+            pid,
+            action: "listing threads of",
+        },
+        _ => TargetError::Proc {
+            pid,
+            file: "task",
+            message: e.to_string(),
+        },
+    })?;
+    Ok(entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .map(Pid::from_raw)
+        .collect())
+}
