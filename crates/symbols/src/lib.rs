@@ -1,1 +1,27 @@
-//! placeholder
+//! ELF modules of a target: which files are mapped where (load bias), their
+//! GNU build-ids, and their symbols from both `.symtab` and `.dynsym`, with
+//! lookup by name and address → symbol + offset. Parsing uses `object`.
+
+pub mod elf;
+pub mod module;
+
+pub use elf::{ElfImage, Segment, Symbol, SymbolKind, SymbolSource, SymbolTable};
+pub use module::{modules_of, Module};
+
+/// Errors of ELF parsing and module discovery, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolsError {
+    #[error("reading {path}: {source}")]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid ELF file: {message}")]
+    Malformed { path: std::path::PathBuf, message: String },
+    #[error("{path}: ELF for {found}, but only x86_64 is supported")]
+    WrongArchitecture { path: std::path::PathBuf, found: String },
+    #[error(transparent)]
+    Target(#[from] shadowpatch_target::TargetError),
+}
+
+/// Hex form of a build-id, as `file(1)` and `readelf -n` print it.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,247 @@
+//! One ELF file, parsed: build-id, loadable segments and a merged symbol
+//! table (`.symtab` + `.dynsym`, deduplicated) indexed by name and address.
+
+use crate::SymbolsError;
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind as ObjectSymbolKind};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SymbolKind {
+    Function,
+    Object,
+    Other,
+}
+
+/// Which table a symbol came from: `.symtab` holds private (static)
+/// symbols too, `.dynsym` survives stripping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SymbolSource {
+    Symtab,
+    Dynsym,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Symbol {
+    pub name: String,
+    /// Address in the file's own virtual address space (add the load bias).
+    pub address: u64,
+    pub size: u64,
+    pub kind: SymbolKind,
+    pub source: SymbolSource,
+    pub global: bool,
+}
+
+/// A loadable segment (PT_LOAD).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Segment {
+    pub address: u64,
+    pub memory_size: u64,
+    pub file_offset: u64,
+    pub file_size: u64,
+}
+
+/// Symbols sorted by address, with a name index.
+#[derive(Debug, Default, Clone)]
+pub struct SymbolTable {
+    by_address: Vec<Symbol>,
+    by_name: HashMap<String, Vec<usize>>,
+}
+
+impl SymbolTable {
+    pub fn new(mut symbols: Vec<Symbol>) -> Self {
+        // Prefer .symtab's entry when both tables list the same symbol.
+        symbols.sort_by(|a, b| {
+            (a.address, &a.name, a.source as u8).cmp(&(b.address, &b.name, b.source as u8))
+        });
+        symbols.dedup_by(|later, earlier| later.address == earlier.address && later.name == earlier.name);
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        for (index, symbol) in symbols.iter().enumerate() {
+            by_name.entry(symbol.name.clone()).or_default().push(index);
+        }
+        SymbolTable { by_address: symbols, by_name }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_address.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_address.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Symbol> {
+        self.by_address.iter()
+    }
+
+    /// Every symbol with this exact name (static symbols of different
+    /// translation units may share one).
+    pub fn by_name(&self, name: &str) -> Vec<&Symbol> {
+        self.by_name.get(name).map(|ix| ix.iter().map(|&i| &self.by_address[i]).collect()).unwrap_or_default()
+    }
+
+    /// The symbol containing file address `address` and the offset into it.
+    /// Falls back to the nearest preceding sized-0 symbol (hand-written asm
+    /// often has no size); `None` when nothing covers the address.
+    pub fn symbolize(&self, address: u64) -> Option<(&Symbol, u64)> {
+        let end = self.by_address.partition_point(|s| s.address <= address);
+        let candidates = self.by_address[..end].iter().rev().take_while(|s| address - s.address < (1 << 20));
+        let mut fallback = None;
+        for symbol in candidates {
+            if symbol.kind == SymbolKind::Other && symbol.size == 0 {
+                continue;
+            }
+            if address < symbol.address + symbol.size {
+                return Some((symbol, address - symbol.address));
+            }
+            if symbol.size == 0 && fallback.is_none() {
+                fallback = Some((symbol, address - symbol.address));
+            }
+        }
+        fallback
+    }
+}
+
+/// A parsed ELF file.
+#[derive(Debug, Clone)]
+pub struct ElfImage {
+    pub path: PathBuf,
+    pub build_id: Option<Vec<u8>>,
+    pub segments: Vec<Segment>,
+    pub symbols: SymbolTable,
+    /// Whether the file had a `.symtab` (not stripped).
+    pub has_symtab: bool,
+}
+
+impl ElfImage {
+    pub fn open(path: &Path) -> Result<Self, SymbolsError> {
+        let bytes = std::fs::read(path).map_err(|source| SymbolsError::Io { path: path.to_path_buf(), source })?;
+        Self::parse(path, &bytes)
+    }
+
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, SymbolsError> {
+        let malformed = |e: object::Error| SymbolsError::Malformed { path: path.to_path_buf(), message: e.to_string() };
+        let file = object::File::parse(bytes).map_err(malformed)?;
+        if file.architecture() != object::Architecture::X86_64 {
+            return Err(SymbolsError::WrongArchitecture {
+                path: path.to_path_buf(),
+                found: format!("{:?}", file.architecture()),
+            });
+        }
+        let build_id = file.build_id().map_err(malformed)?.map(<[u8]>::to_vec);
+        let segments = file
+            .segments()
+            .map(|s| {
+                let (file_offset, file_size) = s.file_range();
+                Segment { address: s.address(), memory_size: s.size(), file_offset, file_size }
+            })
+            .collect();
+        let mut symbols = Vec::new();
+        collect(&mut symbols, file.symbols(), SymbolSource::Symtab);
+        collect(&mut symbols, file.dynamic_symbols(), SymbolSource::Dynsym);
+        let has_symtab = file.section_by_name(".symtab").is_some_and(|s| s.size() > 0);
+        Ok(ElfImage { path: path.to_path_buf(), build_id, segments, symbols: SymbolTable::new(symbols), has_symtab })
+    }
+
+    /// Add the `.symtab` of a separate debug file (distro `-dbgsym`
+    /// packages) when its build-id matches ours.
+    pub fn merge_debug_symbols(&mut self, debug: ElfImage) {
+        if debug.build_id.is_some() && debug.build_id == self.build_id {
+            let mut merged: Vec<Symbol> = self.symbols.iter().cloned().collect();
+            merged.extend(debug.symbols.iter().filter(|s| s.source == SymbolSource::Symtab).cloned());
+            self.symbols = SymbolTable::new(merged);
+            self.has_symtab |= debug.has_symtab;
+        }
+    }
+
+    /// Lowest PT_LOAD address rounded down to a page: subtract it from the
+    /// start of the offset-0 mapping to get the load bias.
+    pub fn first_load_address(&self) -> u64 {
+        self.segments.iter().map(|s| s.address & !0xfff).min().unwrap_or(0)
+    }
+}
+
+fn collect<'data: 'file, 'file>(
+    out: &mut Vec<Symbol>,
+    symbols: impl Iterator<Item = object::Symbol<'data, 'file>>,
+    source: SymbolSource,
+) {
+    for symbol in symbols {
+        if symbol.is_undefined() || symbol.address() == 0 {
+            continue;
+        }
+        let Ok(name) = symbol.name() else { continue };
+        if name.is_empty() {
+            continue;
+        }
+        let kind = match symbol.kind() {
+            ObjectSymbolKind::Text => SymbolKind::Function,
+            ObjectSymbolKind::Data => SymbolKind::Object,
+            ObjectSymbolKind::Tls | ObjectSymbolKind::Section | ObjectSymbolKind::File => continue,
+            _ => SymbolKind::Other,
+        };
+        out.push(Symbol {
+            name: name.to_string(),
+            address: symbol.address(),
+            size: symbol.size(),
+            kind,
+            source,
+            global: symbol.is_global(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn symbol(name: &str, address: u64, size: u64) -> Symbol {
+        Symbol {
+            name: name.into(),
+            address,
+            size,
+            kind: SymbolKind::Function,
+            source: SymbolSource::Symtab,
+            global: true,
+        }
+    }
+
+    #[test]
+    fn symbolize_finds_the_containing_symbol_and_offset() {
+        let table = SymbolTable::new(vec![symbol("b", 0x2000, 0x10), symbol("a", 0x1000, 0x100)]);
+        assert_eq!(table.symbolize(0x1000).map(|(s, o)| (s.name.as_str(), o)), Some(("a", 0)));
+        assert_eq!(table.symbolize(0x10ff).map(|(s, o)| (s.name.as_str(), o)), Some(("a", 0xff)));
+        assert_eq!(table.symbolize(0x1100), None, "past the end of a sized symbol");
+        assert_eq!(table.symbolize(0x2004).map(|(s, o)| (s.name.as_str(), o)), Some(("b", 4)));
+        assert_eq!(table.symbolize(0x10), None);
+    }
+
+    #[test]
+    fn duplicate_entries_from_both_tables_are_merged() {
+        let mut dynsym = symbol("f", 0x1000, 8);
+        dynsym.source = SymbolSource::Dynsym;
+        let table = SymbolTable::new(vec![dynsym, symbol("f", 0x1000, 8)]);
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.by_name("f")[0].source, SymbolSource::Symtab);
+    }
+
+    #[test]
+    fn garbage_and_truncated_files_are_malformed_not_panics() {
+        let path = Path::new("garbage.so");
+        assert!(matches!(ElfImage::parse(path, b"not an elf"), Err(SymbolsError::Malformed { .. })));
+        let me = std::fs::read("/proc/self/exe").unwrap();
+        for cut in [4, 16, 63, 64, 200, me.len() / 3] {
+            let _ = ElfImage::parse(path, &me[..cut]);
+        }
+    }
+
+    #[test]
+    fn our_own_executable_has_a_build_id_and_this_function() {
+        let image = ElfImage::open(Path::new("/proc/self/exe")).unwrap();
+        assert!(image.build_id.as_ref().is_some_and(|id| id.len() >= 16));
+        assert!(!image.segments.is_empty());
+        assert!(image.symbols.iter().any(|s| s.name.contains("our_own_executable_has_a_build_id")));
+    }
+}
