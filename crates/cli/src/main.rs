@@ -1,1 +1,121 @@
-fn main() {}
+//! `shadowpatch`: live-patch running Linux processes safely. This file holds
+//! the command line (clap) and maps errors to exit codes:
+//! 0 success, 1 verification found differences, 2 bad input (target
+//! untouched), 3 an operation failed midway.
+
+mod commands;
+mod failure;
+mod output;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shadowpatch",
+    version,
+    about = "Live-patch running Linux processes, verified against a shadow mirror"
+)]
+struct Cli {
+    /// Where mirrors and journals are kept.
+    #[arg(
+        long,
+        global = true,
+        env = "SHADOWPATCH_STATE_DIR",
+        default_value = "/var/lib/shadowpatch"
+    )]
+    state_dir: PathBuf,
+    /// Machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Copy a process's code and read-only data into a new baseline mirror (generation 0).
+    Mirror {
+        pid: i32,
+        /// Only this module (file name, name without version, or path).
+        #[arg(long)]
+        module: Option<String>,
+    },
+    /// Compare live memory with the mirror; exit 1 if any byte differs.
+    Verify {
+        pid: i32,
+        /// Verify against this generation instead of the latest.
+        #[arg(long)]
+        generation: Option<u32>,
+    },
+    /// Show a target's identity, modules and mirror generations.
+    Status { pid: i32 },
+    /// Stop and resume every thread of a process, reporting the pause.
+    Pause {
+        pid: i32,
+        /// How many stop/resume rounds.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// Run the stop window at normal priority instead of SCHED_FIFO.
+        #[arg(long)]
+        normal_priority: bool,
+    },
+    /// Resolve a symbol name to addresses, or an address to symbol+offset.
+    Lookup {
+        pid: i32,
+        /// A symbol name, or an address (0x...).
+        what: String,
+    },
+    /// Measure stop-the-world latency and mirror/verify throughput.
+    Bench {
+        /// Smaller sizes and fewer rounds (seconds instead of a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Size of the executable-like region for throughput, in MiB.
+        #[arg(long)]
+        region_mib: Option<u64>,
+    },
+    /// Start a sample service and walk through mirror, verify, tamper, detect, restore.
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHADOWPATCH_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let context = commands::Context {
+        state_dir: cli.state_dir.clone(),
+        json: cli.json,
+    };
+    let result = match cli.command {
+        Command::Mirror { pid, module } => commands::mirror::run(&context, pid, module.as_deref()),
+        Command::Verify { pid, generation } => commands::verify::run(&context, pid, generation),
+        Command::Status { pid } => commands::status::run(&context, pid),
+        Command::Pause {
+            pid,
+            rounds,
+            normal_priority,
+        } => commands::pause::run(&context, pid, rounds, normal_priority),
+        Command::Lookup { pid, what } => commands::lookup::run(&context, pid, &what),
+        Command::Bench { quick, region_mib } => commands::bench::run(&context, quick, region_mib),
+        Command::Demo => commands::demo::run(&context),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            let code = failure::exit_code(&error);
+            let message = failure::one_line(&error);
+            if context.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": message, "exit_code": code })
+                );
+            }
+            eprintln!("shadowpatch: error: {message}");
+            std::process::exit(code);
+        }
+    }
+}

@@ -56,12 +56,17 @@ impl SymbolTable {
         symbols.sort_by(|a, b| {
             (a.address, &a.name, a.source as u8).cmp(&(b.address, &b.name, b.source as u8))
         });
-        symbols.dedup_by(|later, earlier| later.address == earlier.address && later.name == earlier.name);
+        symbols.dedup_by(|later, earlier| {
+            later.address == earlier.address && later.name == earlier.name
+        });
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (index, symbol) in symbols.iter().enumerate() {
             by_name.entry(symbol.name.clone()).or_default().push(index);
         }
-        SymbolTable { by_address: symbols, by_name }
+        SymbolTable {
+            by_address: symbols,
+            by_name,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -79,7 +84,10 @@ impl SymbolTable {
     /// Every symbol with this exact name (static symbols of different
     /// translation units may share one).
     pub fn by_name(&self, name: &str) -> Vec<&Symbol> {
-        self.by_name.get(name).map(|ix| ix.iter().map(|&i| &self.by_address[i]).collect()).unwrap_or_default()
+        self.by_name
+            .get(name)
+            .map(|ix| ix.iter().map(|&i| &self.by_address[i]).collect())
+            .unwrap_or_default()
     }
 
     /// The symbol containing file address `address` and the offset into it.
@@ -87,7 +95,10 @@ impl SymbolTable {
     /// often has no size); `None` when nothing covers the address.
     pub fn symbolize(&self, address: u64) -> Option<(&Symbol, u64)> {
         let end = self.by_address.partition_point(|s| s.address <= address);
-        let candidates = self.by_address[..end].iter().rev().take_while(|s| address - s.address < (1 << 20));
+        let candidates = self.by_address[..end]
+            .iter()
+            .rev()
+            .take_while(|s| address - s.address < (1 << 20));
         let mut fallback = None;
         for symbol in candidates {
             if symbol.kind == SymbolKind::Other && symbol.size == 0 {
@@ -117,12 +128,18 @@ pub struct ElfImage {
 
 impl ElfImage {
     pub fn open(path: &Path) -> Result<Self, SymbolsError> {
-        let bytes = std::fs::read(path).map_err(|source| SymbolsError::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| SymbolsError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(path, &bytes)
     }
 
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, SymbolsError> {
-        let malformed = |e: object::Error| SymbolsError::Malformed { path: path.to_path_buf(), message: e.to_string() };
+        let malformed = |e: object::Error| SymbolsError::Malformed {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
         let file = object::File::parse(bytes).map_err(malformed)?;
         if file.architecture() != object::Architecture::X86_64 {
             return Err(SymbolsError::WrongArchitecture {
@@ -135,14 +152,27 @@ impl ElfImage {
             .segments()
             .map(|s| {
                 let (file_offset, file_size) = s.file_range();
-                Segment { address: s.address(), memory_size: s.size(), file_offset, file_size }
+                Segment {
+                    address: s.address(),
+                    memory_size: s.size(),
+                    file_offset,
+                    file_size,
+                }
             })
             .collect();
         let mut symbols = Vec::new();
         collect(&mut symbols, file.symbols(), SymbolSource::Symtab);
         collect(&mut symbols, file.dynamic_symbols(), SymbolSource::Dynsym);
-        let has_symtab = file.section_by_name(".symtab").is_some_and(|s| s.size() > 0);
-        Ok(ElfImage { path: path.to_path_buf(), build_id, segments, symbols: SymbolTable::new(symbols), has_symtab })
+        let has_symtab = file
+            .section_by_name(".symtab")
+            .is_some_and(|s| s.size() > 0);
+        Ok(ElfImage {
+            path: path.to_path_buf(),
+            build_id,
+            segments,
+            symbols: SymbolTable::new(symbols),
+            has_symtab,
+        })
     }
 
     /// Add the `.symtab` of a separate debug file (distro `-dbgsym`
@@ -150,7 +180,13 @@ impl ElfImage {
     pub fn merge_debug_symbols(&mut self, debug: ElfImage) {
         if debug.build_id.is_some() && debug.build_id == self.build_id {
             let mut merged: Vec<Symbol> = self.symbols.iter().cloned().collect();
-            merged.extend(debug.symbols.iter().filter(|s| s.source == SymbolSource::Symtab).cloned());
+            merged.extend(
+                debug
+                    .symbols
+                    .iter()
+                    .filter(|s| s.source == SymbolSource::Symtab)
+                    .cloned(),
+            );
             self.symbols = SymbolTable::new(merged);
             self.has_symtab |= debug.has_symtab;
         }
@@ -159,7 +195,11 @@ impl ElfImage {
     /// Lowest PT_LOAD address rounded down to a page: subtract it from the
     /// start of the offset-0 mapping to get the load bias.
     pub fn first_load_address(&self) -> u64 {
-        self.segments.iter().map(|s| s.address & !0xfff).min().unwrap_or(0)
+        self.segments
+            .iter()
+            .map(|s| s.address & !0xfff)
+            .min()
+            .unwrap_or(0)
     }
 }
 
@@ -211,10 +251,23 @@ mod tests {
     #[test]
     fn symbolize_finds_the_containing_symbol_and_offset() {
         let table = SymbolTable::new(vec![symbol("b", 0x2000, 0x10), symbol("a", 0x1000, 0x100)]);
-        assert_eq!(table.symbolize(0x1000).map(|(s, o)| (s.name.as_str(), o)), Some(("a", 0)));
-        assert_eq!(table.symbolize(0x10ff).map(|(s, o)| (s.name.as_str(), o)), Some(("a", 0xff)));
-        assert_eq!(table.symbolize(0x1100), None, "past the end of a sized symbol");
-        assert_eq!(table.symbolize(0x2004).map(|(s, o)| (s.name.as_str(), o)), Some(("b", 4)));
+        assert_eq!(
+            table.symbolize(0x1000).map(|(s, o)| (s.name.as_str(), o)),
+            Some(("a", 0))
+        );
+        assert_eq!(
+            table.symbolize(0x10ff).map(|(s, o)| (s.name.as_str(), o)),
+            Some(("a", 0xff))
+        );
+        assert_eq!(
+            table.symbolize(0x1100),
+            None,
+            "past the end of a sized symbol"
+        );
+        assert_eq!(
+            table.symbolize(0x2004).map(|(s, o)| (s.name.as_str(), o)),
+            Some(("b", 4))
+        );
         assert_eq!(table.symbolize(0x10), None);
     }
 
@@ -230,7 +283,10 @@ mod tests {
     #[test]
     fn garbage_and_truncated_files_are_malformed_not_panics() {
         let path = Path::new("garbage.so");
-        assert!(matches!(ElfImage::parse(path, b"not an elf"), Err(SymbolsError::Malformed { .. })));
+        assert!(matches!(
+            ElfImage::parse(path, b"not an elf"),
+            Err(SymbolsError::Malformed { .. })
+        ));
         let me = std::fs::read("/proc/self/exe").unwrap();
         for cut in [4, 16, 63, 64, 200, me.len() / 3] {
             let _ = ElfImage::parse(path, &me[..cut]);
@@ -242,6 +298,9 @@ mod tests {
         let image = ElfImage::open(Path::new("/proc/self/exe")).unwrap();
         assert!(image.build_id.as_ref().is_some_and(|id| id.len() >= 16));
         assert!(!image.segments.is_empty());
-        assert!(image.symbols.iter().any(|s| s.name.contains("our_own_executable_has_a_build_id")));
+        assert!(image
+            .symbols
+            .iter()
+            .any(|s| s.name.contains("our_own_executable_has_a_build_id")));
     }
 }

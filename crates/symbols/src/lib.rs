@@ -12,11 +12,20 @@ pub use module::{modules_of, Module};
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolsError {
     #[error("reading {path}: {source}")]
-    Io { path: std::path::PathBuf, source: std::io::Error },
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a valid ELF file: {message}")]
-    Malformed { path: std::path::PathBuf, message: String },
+    Malformed {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("{path}: ELF for {found}, but only x86_64 is supported")]
-    WrongArchitecture { path: std::path::PathBuf, found: String },
+    WrongArchitecture {
+        path: std::path::PathBuf,
+        found: String,
+    },
     #[error(transparent)]
     Target(#[from] shadowpatch_target::TargetError),
 }

@@ -34,17 +34,26 @@ impl Module {
     }
 
     pub fn contains(&self, address: u64) -> bool {
-        self.ranges.iter().any(|(start, end)| (*start..*end).contains(&address))
+        self.ranges
+            .iter()
+            .any(|(start, end)| (*start..*end).contains(&address))
     }
 
     /// Symbol containing runtime `address`, with the offset into it.
     pub fn symbolize(&self, address: u64) -> Option<(&Symbol, u64)> {
-        self.image.symbols.symbolize(address.checked_sub(self.bias)?)
+        self.image
+            .symbols
+            .symbolize(address.checked_sub(self.bias)?)
     }
 
     /// Runtime addresses of every symbol named `name`.
     pub fn symbol_addresses(&self, name: &str) -> Vec<(u64, &Symbol)> {
-        self.image.symbols.by_name(name).into_iter().map(|s| (s.address + self.bias, s)).collect()
+        self.image
+            .symbols
+            .by_name(name)
+            .into_iter()
+            .map(|s| (s.address + self.bias, s))
+            .collect()
     }
 
     /// Whether a name given by a user (`--module`) designates this module:
@@ -53,7 +62,11 @@ impl Module {
         self.name == wanted
             || self.path == Path::new(wanted)
             || self.name.split(".so").next() == Some(wanted)
-            || self.name.strip_prefix("lib").and_then(|n| n.split(".so").next()) == Some(wanted)
+            || self
+                .name
+                .strip_prefix("lib")
+                .and_then(|n| n.split(".so").next())
+                == Some(wanted)
     }
 }
 
@@ -64,7 +77,9 @@ pub fn modules_of(pid: i32, maps: &[Mapping]) -> Result<Vec<Module>, SymbolsErro
     // Path → index of the module currently open for that file.
     let mut open: HashMap<(PathBuf, u64), usize> = HashMap::new();
     for mapping in maps {
-        let MappingKind::File(path) = &mapping.kind else { continue };
+        let MappingKind::File(path) = &mapping.kind else {
+            continue;
+        };
         let key = (path.clone(), mapping.inode);
         if mapping.offset == 0 {
             let Some(image) = load_image(pid, mapping, path) else {
@@ -74,12 +89,16 @@ pub fn modules_of(pid: i32, maps: &[Mapping]) -> Result<Vec<Module>, SymbolsErro
             let image = match image {
                 Ok(image) => image,
                 // Another architecture or a malformed mapped ELF: not ours to mirror.
-                Err(SymbolsError::WrongArchitecture { .. }) | Err(SymbolsError::Malformed { .. }) => continue,
+                Err(SymbolsError::WrongArchitecture { .. })
+                | Err(SymbolsError::Malformed { .. }) => continue,
                 Err(other) => return Err(other),
             };
             let bias = mapping.start.wrapping_sub(image.first_load_address());
             modules.push(Module {
-                name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                name: path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
                 path: path.clone(),
                 inode: mapping.inode,
                 base: mapping.start,
@@ -104,12 +123,21 @@ pub fn modules_of(pid: i32, maps: &[Mapping]) -> Result<Vec<Module>, SymbolsErro
 /// or deleted), falling back to the path inside the target's root.
 /// `None` when the file is not an ELF file at all.
 fn load_image(pid: i32, mapping: &Mapping, path: &Path) -> Option<Result<ElfImage, SymbolsError>> {
-    let by_inode = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end));
-    let in_root = PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path));
+    let by_inode = PathBuf::from(format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        mapping.start, mapping.end
+    ));
+    let in_root =
+        PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path));
     let bytes = std::fs::read(&by_inode).or_else(|_| std::fs::read(&in_root));
     let bytes = match bytes {
         Ok(bytes) => bytes,
-        Err(source) => return Some(Err(SymbolsError::Io { path: path.to_path_buf(), source })),
+        Err(source) => {
+            return Some(Err(SymbolsError::Io {
+                path: path.to_path_buf(),
+                source,
+            }))
+        }
     };
     if !bytes.starts_with(b"\x7fELF") {
         return None;
@@ -120,7 +148,11 @@ fn load_image(pid: i32, mapping: &Mapping, path: &Path) -> Option<Result<ElfImag
     };
     if let Some(id) = image.build_id.as_deref().filter(|id| id.len() > 1) {
         let hex_id = hex(id);
-        let debug_file = PathBuf::from(format!("/usr/lib/debug/.build-id/{}/{}.debug", &hex_id[..2], &hex_id[2..]));
+        let debug_file = PathBuf::from(format!(
+            "/usr/lib/debug/.build-id/{}/{}.debug",
+            &hex_id[..2],
+            &hex_id[2..]
+        ));
         if let Ok(debug) = ElfImage::open(&debug_file) {
             image.merge_debug_symbols(debug);
         }

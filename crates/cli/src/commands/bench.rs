@@ -1,0 +1,246 @@
+//! `shadowpatch bench`: stop-the-world latency for 1, 8 and 64 busy threads
+//! (tracer at SCHED_FIFO and at normal priority), and mirror / verify
+//! throughput on a large executable-like region against the raw floor
+//! (`process_vm_readv` + page hash, nothing else) measured on the same
+//! region in the same run, interleaved round by round.
+
+use super::pause::{collect, Percentiles};
+use super::Context;
+use crate::output::{gb_per_s, print_json};
+use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+use nix::unistd::Pid;
+use serde::Serialize;
+use shadowpatch_fixtures::{Fixture, Running};
+use shadowpatch_mirror::{
+    capture, verify, CaptureOptions, MirrorFile, PageHasher, RegionKind, RegionSpec, PAGE_SIZE,
+};
+use shadowpatch_target::attach::StopPriority;
+use shadowpatch_target::{Attached, ProcessIdentity, TargetMemory};
+use std::io::IoSliceMut;
+use std::time::Instant;
+
+#[derive(Debug, Serialize)]
+struct StopRow {
+    threads: usize,
+    rounds: u32,
+    fifo_pause_us: Percentiles,
+    normal_pause_us: Percentiles,
+    fifo_realtime: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct ThroughputRow {
+    what: &'static str,
+    median_us: u64,
+    gb_per_s: f64,
+    /// This row's throughput divided by the floor's (read + hash).
+    ratio_to_floor: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchReport {
+    stop_the_world: Vec<StopRow>,
+    region_bytes: u64,
+    rounds: usize,
+    throughput: Vec<ThroughputRow>,
+}
+
+pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::Result<i32> {
+    let rounds_stop = if quick { 50 } else { 300 };
+    let mut stop_rows = Vec::new();
+    for threads in [1usize, 8, 64] {
+        if !context.json {
+            eprintln!(
+                "stop-the-world: {threads} busy threads, {rounds_stop} rounds per priority ..."
+            );
+        }
+        let fixture = Running::start(Fixture::BusyC, &[&threads.to_string()])?;
+        let mut attached = Attached::seize(&ProcessIdentity::of(fixture.pid())?)?;
+        // Alternate priorities in blocks so drift on a shared machine
+        // affects both columns alike.
+        let mut fifo = Vec::new();
+        let mut normal = Vec::new();
+        let mut realtime = true;
+        for _block in 0..10 {
+            let per_block = (rounds_stop / 10).max(1);
+            for (priority, out) in [
+                (StopPriority::RealtimeIfPermitted, &mut fifo),
+                (StopPriority::Normal, &mut normal),
+            ] {
+                attached.set_priority(priority);
+                for report in collect(&mut attached, per_block)? {
+                    if priority == StopPriority::RealtimeIfPermitted {
+                        realtime &= report.realtime;
+                    }
+                    out.push(report.pause_us);
+                }
+            }
+        }
+        attached.detach()?;
+        stop_rows.push(StopRow {
+            threads,
+            rounds: rounds_stop,
+            fifo_pause_us: Percentiles::of(fifo),
+            normal_pause_us: Percentiles::of(normal),
+            fifo_realtime: realtime,
+        });
+    }
+
+    let mib = region_mib.unwrap_or(if quick { 256 } else { 1024 });
+    if !context.json {
+        eprintln!("throughput: mapping a {mib} MiB executable region ...");
+    }
+    let fixture = Running::start(Fixture::BigRegion, &[&mib.to_string()])?;
+    let identity = ProcessIdentity::of(fixture.pid())?;
+    let start = fixture.number("addr");
+    let len = fixture.number("len");
+    let region = RegionSpec {
+        start,
+        end: start + len,
+        kind: RegionKind::Code,
+        perms: "r-xp".into(),
+        module: "[anon]".into(),
+        path: None,
+        build_id: None,
+        file_offset: 0,
+    };
+    let state = tempfile::tempdir()?;
+    let mirror_path = state.path().join("gen-000000.mirror");
+    let mut memory = TargetMemory::open(&identity)?;
+    let hasher = PageHasher::random();
+    let rounds = if quick { 3 } else { 5 };
+    let mut samples: [Vec<u64>; 4] = Default::default();
+    let mut mirror = None;
+    for round in 0..rounds {
+        if !context.json {
+            eprintln!("throughput round {}/{rounds} ...", round + 1);
+        }
+        samples[0].push(time(|| floor_read(fixture.pid(), start, len, None))?);
+        samples[1].push(time(|| {
+            floor_read(fixture.pid(), start, len, Some(&hasher))
+        })?);
+        let started = Instant::now();
+        capture(
+            &mut memory,
+            &identity,
+            std::slice::from_ref(&region),
+            &mirror_path,
+            &CaptureOptions { generation: 0 },
+            &mut |_, _| {},
+        )?;
+        samples[2].push(started.elapsed().as_micros() as u64);
+        let opened = MirrorFile::open(&mirror_path)?;
+        let started = Instant::now();
+        let report = verify(&mut memory, &opened, &mut |_, _| {})?;
+        samples[3].push(started.elapsed().as_micros() as u64);
+        anyhow::ensure!(report.is_clean(), "benchmark region changed during the run");
+        // The floor again, right after the verify, so both see the same
+        // machine state (the capture's writeback is long finished).
+        samples[1].push(time(|| {
+            floor_read(fixture.pid(), start, len, Some(&hasher))
+        })?);
+        let started = Instant::now();
+        verify(&mut memory, &opened, &mut |_, _| {})?;
+        samples[3].push(started.elapsed().as_micros() as u64);
+        mirror = Some(opened);
+    }
+    drop(mirror);
+    let median = |v: &Vec<u64>| Percentiles::of(v.clone()).median;
+    let floor = median(&samples[1]);
+    let row = |what, index: usize| {
+        let us = median(&samples[index]);
+        ThroughputRow {
+            what,
+            median_us: us,
+            gb_per_s: gb_per_s(len, us),
+            ratio_to_floor: floor as f64 / us as f64,
+        }
+    };
+    let report = BenchReport {
+        stop_the_world: stop_rows,
+        region_bytes: len,
+        rounds,
+        throughput: vec![
+            row("process_vm_readv alone (1 MiB calls)", 0),
+            row("floor: process_vm_readv + xxh3 per page", 1),
+            row("shadowpatch verify", 3),
+            row("shadowpatch mirror (to disk, fsync'd)", 2),
+        ],
+    };
+    if context.json {
+        print_json(&report);
+        return Ok(0);
+    }
+    println!("## Stop-the-world pause (first interrupt → last thread resumed), µs");
+    println!();
+    println!("| busy threads | SCHED_FIFO median | SCHED_FIFO p99 | normal median | normal p99 | normal / FIFO |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for r in &report.stop_the_world {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.1}× |",
+            r.threads,
+            r.fifo_pause_us.median,
+            r.fifo_pause_us.p99,
+            r.normal_pause_us.median,
+            r.normal_pause_us.p99,
+            r.normal_pause_us.median as f64 / r.fifo_pause_us.median.max(1) as f64
+        );
+    }
+    if report.stop_the_world.iter().any(|r| !r.fifo_realtime) {
+        println!("\n(SCHED_FIFO was not permitted: the FIFO columns ran at normal priority)");
+    }
+    println!();
+    println!(
+        "## Throughput on a {} MiB r-x region, median of {} rounds",
+        len >> 20,
+        rounds
+    );
+    println!();
+    println!("| what | median ms | GB/s | vs floor |");
+    println!("|---|---:|---:|---:|");
+    for r in &report.throughput {
+        println!(
+            "| {} | {:.1} | {:.2} | {:.2} |",
+            r.what,
+            r.median_us as f64 / 1000.0,
+            r.gb_per_s,
+            r.ratio_to_floor
+        );
+    }
+    Ok(0)
+}
+
+fn time(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<u64> {
+    let started = Instant::now();
+    f()?;
+    Ok(started.elapsed().as_micros() as u64)
+}
+
+/// The floor: read the region in 1 MiB `process_vm_readv` calls and, when
+/// asked, hash each page; nothing stored, nothing compared.
+fn floor_read(pid: i32, start: u64, len: u64, hasher: Option<&PageHasher>) -> anyhow::Result<()> {
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut sink = 0u128;
+    let mut address = start;
+    while address < start + len {
+        let n = ((start + len - address) as usize).min(buffer.len());
+        let remote = [RemoteIoVec {
+            base: address as usize,
+            len: n,
+        }];
+        let read = process_vm_readv(
+            Pid::from_raw(pid),
+            &mut [IoSliceMut::new(&mut buffer[..n])],
+            &remote,
+        )?;
+        anyhow::ensure!(read == n, "short read at {address:#x}");
+        if let Some(hasher) = hasher {
+            for page in buffer[..n].chunks_exact(PAGE_SIZE) {
+                sink ^= hasher.hash(page);
+            }
+        }
+        address += n as u64;
+    }
+    std::hint::black_box(sink);
+    Ok(())
+}

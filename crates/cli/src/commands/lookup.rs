@@ -1,0 +1,72 @@
+//! `shadowpatch lookup PID NAME|ADDRESS`: symbols of a live process.
+
+use super::{Context, Location};
+use crate::failure::BadInput;
+use crate::output::print_json;
+use serde::Serialize;
+use shadowpatch_symbols::{modules_of, SymbolKind, SymbolSource};
+use shadowpatch_target::maps::read_maps;
+use shadowpatch_target::ProcessIdentity;
+
+#[derive(Debug, Serialize)]
+struct Found {
+    module: String,
+    name: String,
+    address: String,
+    size: u64,
+    kind: SymbolKind,
+    source: SymbolSource,
+    global: bool,
+}
+
+pub fn run(context: &Context, pid: i32, what: &str) -> anyhow::Result<i32> {
+    ProcessIdentity::of(pid)?;
+    let modules = modules_of(pid, &read_maps(pid)?)?;
+    if let Some(hex) = what.strip_prefix("0x") {
+        let address = u64::from_str_radix(hex, 16)
+            .map_err(|_| BadInput(format!("{what:?} is not a hexadecimal address")))?;
+        let location = Location::of(address, &modules);
+        if context.json {
+            print_json(&location);
+        } else {
+            println!("{address:#x} {}", location.display(address, &modules));
+        }
+        return Ok(0);
+    }
+    let found: Vec<Found> = modules
+        .iter()
+        .flat_map(|m| {
+            m.symbol_addresses(what)
+                .into_iter()
+                .map(move |(address, s)| Found {
+                    module: m.name.clone(),
+                    name: s.name.clone(),
+                    address: format!("{address:#x}"),
+                    size: s.size,
+                    kind: s.kind,
+                    source: s.source,
+                    global: s.global,
+                })
+        })
+        .collect();
+    if found.is_empty() {
+        return Err(BadInput(format!("pid {pid}: no symbol named {what:?} in any module")).into());
+    }
+    if context.json {
+        print_json(&found);
+    } else {
+        for f in &found {
+            println!(
+                "{} {}!{} size {} {:?} {:?}{}",
+                f.address,
+                f.module,
+                f.name,
+                f.size,
+                f.kind,
+                f.source,
+                if f.global { "" } else { " (local)" }
+            );
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,164 @@
+//! `shadowpatch status PID`: identity, modules and mirror generations.
+
+use super::Context;
+use crate::output::{human_bytes, print_json};
+use serde::Serialize;
+use shadowpatch_mirror::{MirrorFile, StateDir};
+use shadowpatch_symbols::modules_of;
+use shadowpatch_target::attach::list_threads;
+use shadowpatch_target::maps::read_maps;
+use shadowpatch_target::ProcessIdentity;
+use std::path::PathBuf;
+
+#[derive(Debug, Serialize)]
+struct Status {
+    pid: i32,
+    start_time: u64,
+    comm: String,
+    exe: Option<PathBuf>,
+    threads: usize,
+    modules: Vec<ModuleStatus>,
+    state_dir: PathBuf,
+    mirror_dir: Option<PathBuf>,
+    generations: Vec<GenerationStatus>,
+    /// State kept for earlier processes that had this pid.
+    other_incarnations: Vec<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct ModuleStatus {
+    name: String,
+    path: PathBuf,
+    base: String,
+    bias: String,
+    build_id: Option<String>,
+    symbols: usize,
+    has_symtab: bool,
+    main: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct GenerationStatus {
+    generation: u32,
+    created_unix_ms: u64,
+    regions: usize,
+    bytes: u64,
+    file_bytes: u64,
+    error: Option<String>,
+}
+
+pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
+    let identity = ProcessIdentity::of(pid)?;
+    let modules = modules_of(pid, &read_maps(pid)?)?;
+    let threads = list_threads(pid)?.len();
+    let mut status = Status {
+        pid,
+        start_time: identity.start_time,
+        comm: identity.comm.clone(),
+        exe: identity.exe.clone(),
+        threads,
+        modules: modules
+            .iter()
+            .map(|m| ModuleStatus {
+                name: m.name.clone(),
+                path: m.path.clone(),
+                base: format!("{:#x}", m.base),
+                bias: format!("{:#x}", m.bias),
+                build_id: m.build_id_hex(),
+                symbols: m.image.symbols.len(),
+                has_symtab: m.image.has_symtab,
+                main: m.main,
+            })
+            .collect(),
+        state_dir: context.state_dir.clone(),
+        mirror_dir: None,
+        generations: Vec::new(),
+        other_incarnations: Vec::new(),
+    };
+    // A missing state directory just means nothing was mirrored yet; a
+    // foreign or corrupt one is an error worth reporting.
+    if context.state_dir.exists() {
+        let state = StateDir::open(&context.state_dir)?;
+        for (start_time, dir) in state.incarnations(pid) {
+            if start_time != identity.start_time {
+                status.other_incarnations.push(start_time);
+                continue;
+            }
+            for generation in StateDir::generations(&dir) {
+                let path = StateDir::generation_path(&dir, generation);
+                let file_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                status.generations.push(match MirrorFile::open(&path) {
+                    Ok(mirror) => GenerationStatus {
+                        generation,
+                        created_unix_ms: mirror.header.created_unix_ms,
+                        regions: mirror.header.regions.len(),
+                        bytes: mirror.header.total_bytes,
+                        file_bytes,
+                        error: None,
+                    },
+                    Err(error) => GenerationStatus {
+                        generation,
+                        created_unix_ms: 0,
+                        regions: 0,
+                        bytes: 0,
+                        file_bytes,
+                        error: Some(error.to_string()),
+                    },
+                });
+            }
+            status.mirror_dir = Some(dir);
+        }
+    }
+    if context.json {
+        print_json(&status);
+        return Ok(0);
+    }
+    println!(
+        "pid {} ({}), start time {}, {} threads",
+        status.pid, status.comm, status.start_time, status.threads
+    );
+    if let Some(exe) = &status.exe {
+        println!("  exe {}", exe.display());
+    }
+    println!("modules:");
+    for m in &status.modules {
+        println!(
+            "  {:<28} base {:>14} bias {:>14} {:>6} symbols{} build-id {}",
+            m.name,
+            m.base,
+            m.bias,
+            m.symbols,
+            if m.has_symtab {
+                " (symtab)"
+            } else {
+                " (dynsym)"
+            },
+            m.build_id.as_deref().unwrap_or("-")
+        );
+    }
+    match &status.mirror_dir {
+        None => println!("mirror: none in {}", status.state_dir.display()),
+        Some(dir) => {
+            println!("mirror: {}", dir.display());
+            for g in &status.generations {
+                match &g.error {
+                    None => println!(
+                        "  generation {}: {} regions, {} mirrored, {} on disk",
+                        g.generation,
+                        g.regions,
+                        human_bytes(g.bytes),
+                        human_bytes(g.file_bytes)
+                    ),
+                    Some(error) => println!("  generation {}: unreadable: {error}", g.generation),
+                }
+            }
+        }
+    }
+    if !status.other_incarnations.is_empty() {
+        println!(
+            "  (stale state of earlier processes with pid {pid}: start times {:?})",
+            status.other_incarnations
+        );
+    }
+    Ok(0)
+}

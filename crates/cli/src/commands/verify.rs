@@ -1,0 +1,197 @@
+//! `shadowpatch verify PID`: one verification pass against the mirror.
+
+use super::{Context, Location};
+use crate::failure::BadInput;
+use crate::output::{gb_per_s, hex_bytes, human_bytes, print_json};
+use crate::progress::Progress;
+use serde::Serialize;
+use shadowpatch_mirror::{verify, DifferenceKind, MirrorError, MirrorFile, StateDir};
+use shadowpatch_symbols::{modules_of, Module};
+use shadowpatch_target::maps::read_maps;
+use shadowpatch_target::{ProcessIdentity, TargetMemory};
+use std::path::PathBuf;
+
+#[derive(Debug, Serialize)]
+pub struct VerifyOutcome {
+    pub pid: i32,
+    pub start_time: u64,
+    pub generation: u32,
+    pub mirror: PathBuf,
+    pub clean: bool,
+    pub regions: usize,
+    pub pages: u64,
+    pub bytes: u64,
+    pub differing_pages: u64,
+    pub elapsed_us: u64,
+    pub differences: Vec<ReportedDifference>,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReportedDifference {
+    pub kind: DifferenceKind,
+    pub address: u64,
+    pub address_hex: String,
+    pub len: u64,
+    #[serde(flatten)]
+    pub location: Location,
+    pub location_text: String,
+    pub expected: String,
+    pub live: String,
+}
+
+/// Open the mirror of the live process `identity` (latest generation unless
+/// one is named) and check it belongs to this incarnation and these modules.
+pub fn open_mirror(
+    state_dir: &std::path::Path,
+    identity: &ProcessIdentity,
+    generation: Option<u32>,
+    modules: &[Module],
+) -> anyhow::Result<MirrorFile> {
+    let state = StateDir::open(state_dir)?;
+    let dir = state.dir_for_live(identity)?;
+    let generations = StateDir::generations(&dir);
+    let chosen = match generation {
+        Some(g) if generations.contains(&g) => g,
+        Some(g) => {
+            return Err(BadInput(format!(
+                "pid {}: no generation {g} in {} (have {generations:?})",
+                identity.pid,
+                dir.display()
+            ))
+            .into())
+        }
+        None => *generations.last().ok_or(MirrorError::NoMirror {
+            pid: identity.pid,
+            state_dir: state_dir.into(),
+        })?,
+    };
+    let mirror = MirrorFile::open(&StateDir::generation_path(&dir, chosen))?;
+    let recorded = &mirror.header.target;
+    if recorded.pid != identity.pid || recorded.start_time != identity.start_time {
+        return Err(MirrorError::OtherIncarnation {
+            path: mirror.path.clone(),
+            pid: identity.pid,
+            mirrored_start_time: recorded.start_time,
+            live_start_time: identity.start_time,
+        }
+        .into());
+    }
+    for region in &mirror.header.regions {
+        let (Some(path), Some(mirrored)) = (&region.spec.path, &region.spec.build_id) else {
+            continue;
+        };
+        if let Some(live) = modules
+            .iter()
+            .find(|m| &m.path == path && m.contains(region.spec.start))
+        {
+            let live_id = live.build_id_hex().unwrap_or_else(|| "none".into());
+            if &live_id != mirrored {
+                return Err(MirrorError::ModuleChanged {
+                    path: mirror.path.clone(),
+                    module: live.name.clone(),
+                    mirrored: mirrored.clone(),
+                    live: live_id,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(mirror)
+}
+
+pub fn verify_process(
+    state_dir: &std::path::Path,
+    pid: i32,
+    generation: Option<u32>,
+    show_progress: bool,
+) -> anyhow::Result<VerifyOutcome> {
+    let identity = ProcessIdentity::of(pid)?;
+    let modules = modules_of(pid, &read_maps(pid)?)?;
+    let mirror = open_mirror(state_dir, &identity, generation, &modules)?;
+    let mut memory = TargetMemory::open(&identity)?;
+    let mut progress = Progress::bytes("verifying", show_progress);
+    let report = verify(&mut memory, &mirror, &mut |done, total| {
+        progress.update(done, total)
+    })?;
+    progress.finish();
+    identity.check_alive()?;
+    let differences = report
+        .differences
+        .iter()
+        .map(|d| {
+            let location = Location::of(d.address, &modules);
+            ReportedDifference {
+                kind: d.kind,
+                address: d.address,
+                address_hex: format!("{:#x}", d.address),
+                len: d.len,
+                location_text: location.display(d.address, &modules),
+                location,
+                expected: hex_bytes(&d.expected),
+                live: hex_bytes(&d.live),
+            }
+        })
+        .collect();
+    Ok(VerifyOutcome {
+        pid,
+        start_time: identity.start_time,
+        generation: report.generation,
+        mirror: mirror.path.clone(),
+        clean: report.is_clean(),
+        regions: report.regions,
+        pages: report.pages,
+        bytes: report.bytes,
+        differing_pages: report.differing_pages,
+        elapsed_us: report.elapsed_us,
+        differences,
+        truncated: report.truncated,
+    })
+}
+
+pub fn run(context: &Context, pid: i32, generation: Option<u32>) -> anyhow::Result<i32> {
+    let outcome = verify_process(&context.state_dir, pid, generation, !context.json)?;
+    let code = if outcome.clean { 0 } else { 1 };
+    if context.json {
+        print_json(&outcome);
+        return Ok(code);
+    }
+    print_outcome(&outcome);
+    Ok(code)
+}
+
+pub fn print_outcome(outcome: &VerifyOutcome) {
+    let verdict = if outcome.clean { "clean" } else { "DIFFERS" };
+    println!(
+        "verify pid {} generation {}: {verdict} — {} regions, {} in {:.1} ms ({:.2} GB/s), {} differing pages",
+        outcome.pid,
+        outcome.generation,
+        outcome.regions,
+        human_bytes(outcome.bytes),
+        outcome.elapsed_us as f64 / 1000.0,
+        gb_per_s(outcome.bytes, outcome.elapsed_us),
+        outcome.differing_pages
+    );
+    for d in &outcome.differences {
+        match d.kind {
+            DifferenceKind::Bytes => println!(
+                "  {} {} ({} byte{}): expected {} live {}",
+                d.address_hex,
+                d.location_text,
+                d.len,
+                if d.len == 1 { "" } else { "s" },
+                d.expected,
+                d.live
+            ),
+            DifferenceKind::Unreadable => {
+                println!(
+                    "  {} {} ({} bytes): no longer readable",
+                    d.address_hex, d.location_text, d.len
+                )
+            }
+        }
+    }
+    if outcome.truncated {
+        println!("  (more differences not shown)");
+    }
+}

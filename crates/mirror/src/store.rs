@@ -1,0 +1,487 @@
+//! The state directory and the on-disk form of a mirror generation.
+//!
+//! Layout: `STATE/SHADOWPATCH_STATE` (format marker), then
+//! `STATE/targets/<pid>-<start_time>/gen-<N>.mirror`, one file per generation:
+//!
+//! ```text
+//! "SHPMIRR1" | page bytes of every region | page hashes (16 B LE each)
+//!            | header (JSON) | header offset (u64 LE) | "SHPMEND1"
+//! ```
+//!
+//! Bytes come first so capture can stream them; the header, written last,
+//! carries the region table, Merkle roots and a BLAKE3 digest of the hash
+//! section. Files are written to a temporary name, fsync'd, renamed into
+//! place and the directory fsync'd: a crash leaves the old file or the new,
+//! never half of one.
+
+use crate::hash::{merkle_root, PageHasher, PAGE_SIZE, SECRET_LEN};
+use crate::region::RegionSpec;
+use crate::MirrorError;
+use shadowpatch_target::ProcessIdentity;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const MARKER_FILE: &str = "SHADOWPATCH_STATE";
+const MARKER_TEXT: &str = "shadowpatch state directory, format 1\n";
+const MAGIC: &[u8; 8] = b"SHPMIRR1";
+const END_MAGIC: &[u8; 8] = b"SHPMEND1";
+pub const FORMAT_VERSION: u32 = 1;
+/// A header larger than this is corruption, not a real mirror.
+const MAX_HEADER_LEN: u64 = 256 << 20;
+
+/// The state directory: created on first use with a format marker; a
+/// non-empty directory without the marker is someone else's and refused.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> MirrorError + '_ {
+    move |source| MirrorError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl StateDir {
+    /// Open for writing, creating the directory (mode 0700) if needed.
+    pub fn create(root: &Path) -> Result<Self, MirrorError> {
+        let state = |message: String| MirrorError::StateDir {
+            path: root.to_path_buf(),
+            message,
+        };
+        if !root.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(|e| state(format!("cannot create it: {e}")))?;
+        }
+        let marker = root.join(MARKER_FILE);
+        if !marker.exists() {
+            let empty = std::fs::read_dir(root)
+                .map_err(|e| state(format!("cannot read it: {e}")))?
+                .next()
+                .is_none();
+            if !empty {
+                return Err(state(format!(
+                    "not a shadowpatch state directory (it has files but no {MARKER_FILE}); choose an empty or new directory"
+                )));
+            }
+            write_atomically(&marker, MARKER_TEXT.as_bytes())
+                .map_err(|e| state(format!("cannot write {MARKER_FILE}: {e}")))?;
+        }
+        Self::open(root)
+    }
+
+    /// Open an existing state directory for reading.
+    pub fn open(root: &Path) -> Result<Self, MirrorError> {
+        let state = |message: String| MirrorError::StateDir {
+            path: root.to_path_buf(),
+            message,
+        };
+        let marker = root.join(MARKER_FILE);
+        match std::fs::read_to_string(&marker) {
+            Ok(text) if text == MARKER_TEXT => Ok(StateDir {
+                root: root.to_path_buf(),
+            }),
+            Ok(_) => Err(state(format!(
+                "{MARKER_FILE} names an unknown format; written by another version?"
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !root.exists() => Err(state(
+                "does not exist (nothing has been mirrored here yet)".into(),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(state(format!(
+                "not a shadowpatch state directory (no {MARKER_FILE})"
+            ))),
+            Err(e) => Err(state(format!("cannot read {MARKER_FILE}: {e}"))),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory of one process incarnation.
+    pub fn target_dir(&self, pid: i32, start_time: u64) -> PathBuf {
+        self.root
+            .join("targets")
+            .join(format!("{pid}-{start_time}"))
+    }
+
+    /// Every incarnation of `pid` with state here, as (start time, dir).
+    pub fn incarnations(&self, pid: i32) -> Vec<(u64, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("targets")) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(u64, PathBuf)> = entries
+            .filter_map(|e| {
+                let entry = e.ok()?;
+                let name = entry.file_name().into_string().ok()?;
+                let (p, start) = name.split_once('-')?;
+                (p.parse::<i32>().ok()? == pid).then_some((start.parse().ok()?, entry.path()))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// Generation numbers present in a target directory, ascending.
+    pub fn generations(dir: &Path) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut numbers: Vec<u32> = entries
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                name.strip_prefix("gen-")?
+                    .strip_suffix(".mirror")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        numbers.sort();
+        numbers
+    }
+
+    pub fn generation_path(dir: &Path, generation: u32) -> PathBuf {
+        dir.join(format!("gen-{generation:06}.mirror"))
+    }
+
+    /// The mirror directory of the live process `identity`, refusing state
+    /// that belongs to another incarnation of the same pid.
+    pub fn dir_for_live(&self, identity: &ProcessIdentity) -> Result<PathBuf, MirrorError> {
+        let incarnations = self.incarnations(identity.pid);
+        if let Some((_, dir)) = incarnations
+            .iter()
+            .find(|(start, _)| *start == identity.start_time)
+        {
+            return Ok(dir.clone());
+        }
+        match incarnations.last() {
+            Some((start, dir)) => Err(MirrorError::OtherIncarnation {
+                path: dir.clone(),
+                pid: identity.pid,
+                mirrored_start_time: *start,
+                live_start_time: identity.start_time,
+            }),
+            None => Err(MirrorError::NoMirror {
+                pid: identity.pid,
+                state_dir: self.root.clone(),
+            }),
+        }
+    }
+}
+
+/// Write `bytes` to `path` atomically: temporary file, fsync, rename, fsync dir.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temporary = temporary_name(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    let result = file.write_all(bytes).and_then(|_| file.sync_all());
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    std::fs::rename(&temporary, path)?;
+    sync_parent(path)
+}
+
+fn temporary_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp.{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) => File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Who was mirrored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TargetRecord {
+    pub pid: i32,
+    pub start_time: u64,
+    pub comm: String,
+    pub exe: Option<PathBuf>,
+}
+
+impl From<&ProcessIdentity> for TargetRecord {
+    fn from(identity: &ProcessIdentity) -> Self {
+        TargetRecord {
+            pid: identity.pid,
+            start_time: identity.start_time,
+            comm: identity.comm.clone(),
+            exe: identity.exe.clone(),
+        }
+    }
+}
+
+/// One region of a generation on disk.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RegionRecord {
+    #[serde(flatten)]
+    pub spec: RegionSpec,
+    pub pages: u64,
+    /// File offset of the region's first page of bytes.
+    pub data_offset: u64,
+    /// Index of the region's first page hash in the hash section.
+    pub first_hash: u64,
+    pub merkle_root: String,
+}
+
+/// The JSON header of a generation file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GenerationHeader {
+    pub format: u32,
+    pub generation: u32,
+    pub created_unix_ms: u64,
+    pub target: TargetRecord,
+    pub hash_algorithm: String,
+    /// Hex of the XXH3 secret; the file is mode 0600 in a 0700 directory.
+    pub hash_secret: String,
+    pub regions: Vec<RegionRecord>,
+    pub hash_section_offset: u64,
+    pub hash_section_digest: String,
+    pub total_bytes: u64,
+    pub capture_us: u64,
+    /// Mappings passed over at capture time, with why.
+    pub notes: Vec<String>,
+}
+
+/// Streams a generation file: bytes region by region, then the finish.
+#[derive(Debug)]
+pub struct MirrorWriter {
+    path: PathBuf,
+    temporary: PathBuf,
+    out: BufWriter<File>,
+    offset: u64,
+}
+
+impl MirrorWriter {
+    pub fn create(path: &Path) -> Result<Self, MirrorError> {
+        let temporary = temporary_name(path);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(io_error(path))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.write_all(MAGIC).map_err(io_error(&temporary))?;
+        Ok(MirrorWriter {
+            path: path.to_path_buf(),
+            temporary,
+            out,
+            offset: MAGIC.len() as u64,
+        })
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<(), MirrorError> {
+        self.out
+            .write_all(bytes)
+            .map_err(io_error(&self.temporary))?;
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Write hashes and header, fsync, and rename into place.
+    pub fn finish(
+        mut self,
+        mut header: GenerationHeader,
+        hashes: &[u128],
+    ) -> Result<GenerationHeader, MirrorError> {
+        let mut hash_bytes = Vec::with_capacity(hashes.len() * 16);
+        for hash in hashes {
+            hash_bytes.extend_from_slice(&hash.to_le_bytes());
+        }
+        header.hash_section_offset = self.offset;
+        header.hash_section_digest = blake3::hash(&hash_bytes).to_hex().to_string();
+        let json = serde_json::to_vec(&header).expect("header serializes");
+        let header_offset = self.offset + hash_bytes.len() as u64;
+        let result = (|| {
+            self.out.write_all(&hash_bytes)?;
+            self.out.write_all(&json)?;
+            self.out.write_all(&header_offset.to_le_bytes())?;
+            self.out.write_all(END_MAGIC)?;
+            self.out.flush()?;
+            self.out.get_ref().sync_all()
+        })();
+        if let Err(source) = result {
+            let _ = std::fs::remove_file(&self.temporary);
+            return Err(MirrorError::Io {
+                path: self.temporary.clone(),
+                source,
+            });
+        }
+        std::fs::rename(&self.temporary, &self.path).map_err(io_error(&self.path))?;
+        sync_parent(&self.path).map_err(io_error(&self.path))?;
+        Ok(header)
+    }
+
+    /// Drop the temporary file (capture failed).
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.temporary);
+    }
+}
+
+/// A generation file opened for verification: header and hashes in memory,
+/// page bytes read on demand.
+#[derive(Debug)]
+pub struct MirrorFile {
+    pub path: PathBuf,
+    file: File,
+    pub header: GenerationHeader,
+    /// All page hashes, regions back to back (see `RegionRecord::first_hash`).
+    pub hashes: Vec<u128>,
+    pub hasher: PageHasher,
+}
+
+impl MirrorFile {
+    pub fn open(path: &Path) -> Result<Self, MirrorError> {
+        let corrupt = |message: String| MirrorError::Corrupt {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut file = File::open(path).map_err(io_error(path))?;
+        let len = file.metadata().map_err(io_error(path))?.len();
+        if len < 24 {
+            return Err(corrupt(format!("{len} bytes is too short for a mirror")));
+        }
+        let mut magic = [0u8; 8];
+        file.read_exact(&mut magic).map_err(io_error(path))?;
+        if &magic != MAGIC {
+            return Err(corrupt("bad magic (not a shadowpatch mirror)".into()));
+        }
+        let mut trailer = [0u8; 16];
+        file.read_exact_at(&mut trailer, len - 16)
+            .map_err(io_error(path))?;
+        if &trailer[8..] != END_MAGIC {
+            return Err(corrupt("bad end marker (truncated?)".into()));
+        }
+        let header_offset = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
+        if header_offset < 8
+            || header_offset > len - 16
+            || len - 16 - header_offset > MAX_HEADER_LEN
+        {
+            return Err(corrupt(format!(
+                "header offset {header_offset} out of range"
+            )));
+        }
+        let mut json = vec![0u8; (len - 16 - header_offset) as usize];
+        file.read_exact_at(&mut json, header_offset)
+            .map_err(io_error(path))?;
+        let header: GenerationHeader = serde_json::from_slice(&json)
+            .map_err(|e| corrupt(format!("header is not valid: {e}")))?;
+        if header.format != FORMAT_VERSION {
+            return Err(corrupt(format!(
+                "format {} is not supported (expected {FORMAT_VERSION})",
+                header.format
+            )));
+        }
+        let page_count: u64 = header.regions.iter().map(|r| r.pages).sum();
+        if header.hash_section_offset.checked_add(page_count * 16) != Some(header_offset) {
+            return Err(corrupt(
+                "hash section does not match the region table".into(),
+            ));
+        }
+        let mut hash_bytes = vec![0u8; (page_count * 16) as usize];
+        file.seek(SeekFrom::Start(header.hash_section_offset))
+            .map_err(io_error(path))?;
+        file.read_exact(&mut hash_bytes).map_err(io_error(path))?;
+        if blake3::hash(&hash_bytes).to_hex().as_str() != header.hash_section_digest {
+            return Err(corrupt("page hashes do not match their digest".into()));
+        }
+        let hashes: Vec<u128> = hash_bytes
+            .chunks_exact(16)
+            .map(|c| u128::from_le_bytes(c.try_into().expect("16 bytes")))
+            .collect();
+        for region in &header.regions {
+            let range = region.first_hash as usize..(region.first_hash + region.pages) as usize;
+            let pages = hashes
+                .get(range)
+                .ok_or_else(|| corrupt("region hash range out of bounds".into()))?;
+            if hex32(&merkle_root(pages)) != region.merkle_root {
+                return Err(corrupt(format!(
+                    "Merkle root of region {:#x} does not match",
+                    region.spec.start
+                )));
+            }
+            if region.data_offset + region.pages * PAGE_SIZE as u64 > header.hash_section_offset {
+                return Err(corrupt(format!(
+                    "bytes of region {:#x} out of bounds",
+                    region.spec.start
+                )));
+            }
+        }
+        let secret = decode_secret(&header.hash_secret)
+            .ok_or_else(|| corrupt("hash secret is not valid".into()))?;
+        Ok(MirrorFile {
+            path: path.to_path_buf(),
+            file,
+            header,
+            hashes,
+            hasher: PageHasher::from_secret(secret),
+        })
+    }
+
+    /// The stored bytes of one page, checked against its hash.
+    pub fn read_page(&self, region_index: usize, page_index: u64) -> Result<Vec<u8>, MirrorError> {
+        let region = &self.header.regions[region_index];
+        let mut page = vec![0u8; PAGE_SIZE];
+        self.file
+            .read_exact_at(
+                &mut page,
+                region.data_offset + page_index * PAGE_SIZE as u64,
+            )
+            .map_err(io_error(&self.path))?;
+        if self.hasher.hash(&page) != self.hashes[(region.first_hash + page_index) as usize] {
+            return Err(MirrorError::Corrupt {
+                path: self.path.clone(),
+                message: format!(
+                    "stored page at {:#x} does not match its hash",
+                    region.spec.start + page_index * 4096
+                ),
+            });
+        }
+        Ok(page)
+    }
+
+    /// Page hashes of region `index`.
+    pub fn region_hashes(&self, index: usize) -> &[u128] {
+        let region = &self.header.regions[index];
+        &self.hashes[region.first_hash as usize..(region.first_hash + region.pages) as usize]
+    }
+}
+
+pub fn hex32(bytes: &[u8; 32]) -> String {
+    shadowpatch_symbols::hex(bytes)
+}
+
+pub fn encode_secret(secret: &[u8; SECRET_LEN]) -> String {
+    shadowpatch_symbols::hex(secret)
+}
+
+fn decode_secret(text: &str) -> Option<[u8; SECRET_LEN]> {
+    if text.len() != SECRET_LEN * 2 {
+        return None;
+    }
+    let mut secret = [0u8; SECRET_LEN];
+    for (i, byte) in secret.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(secret)
+}
