@@ -3,6 +3,8 @@
 //! 0 success, 1 verification found differences, 2 bad input (target
 //! untouched), 3 an operation failed midway.
 
+#![forbid(unsafe_code)]
+
 mod commands;
 mod failure;
 mod output;
@@ -109,10 +111,7 @@ fn main() {
             let code = failure::exit_code(&error);
             let message = failure::one_line(&error);
             if context.json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "error": message, "exit_code": code })
-                );
+                println!("{}", serde_json::json!({ "error": message, "exit_code": code }));
             }
             eprintln!("shadowpatch: error: {message}");
             std::process::exit(code);

@@ -31,10 +31,7 @@ pub fn gb_per_s(bytes: u64, micros: u64) -> f64 {
 
 /// Print a value as pretty JSON on stdout.
 pub fn print_json(value: &impl serde::Serialize) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("serializable")
-    );
+    println!("{}", serde_json::to_string_pretty(value).expect("serializable"));
 }
 
 #[cfg(test)]

@@ -93,10 +93,7 @@ mod tests {
         let mut flipped = page.clone();
         flipped[PAGE_SIZE - 1] ^= 1;
         assert_ne!(a.hash(&page), a.hash(&flipped));
-        assert_eq!(
-            a.hash(&page),
-            PageHasher::from_secret(*a.secret()).hash(&page)
-        );
+        assert_eq!(a.hash(&page), PageHasher::from_secret(*a.secret()).hash(&page));
     }
 
     #[test]

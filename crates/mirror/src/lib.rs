@@ -4,6 +4,8 @@
 //! under the state directory; and the verifier that compares live memory
 //! with it.
 
+#![forbid(unsafe_code)]
+
 pub mod capture;
 pub mod hash;
 pub mod region;
@@ -24,10 +26,7 @@ pub enum MirrorError {
     #[error("state directory {path}: {message}")]
     StateDir { path: PathBuf, message: String },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("mirror file {path} is corrupt: {message}")]
     Corrupt { path: PathBuf, message: String },
     #[error("no mirror of pid {pid} in {state_dir}: run `shadowpatch mirror {pid}` first")]
@@ -53,11 +52,7 @@ pub enum MirrorError {
         live: String,
     },
     #[error("no module named {name} in pid {pid} (modules: {available})")]
-    UnknownModule {
-        pid: i32,
-        name: String,
-        available: String,
-    },
+    UnknownModule { pid: i32, name: String, available: String },
     #[error(transparent)]
     Target(#[from] shadowpatch_target::TargetError),
     #[error(transparent)]

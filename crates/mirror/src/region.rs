@@ -52,9 +52,7 @@ pub fn select_regions(
     module_filter: Option<&str>,
 ) -> Result<Vec<RegionSpec>, MirrorError> {
     if let Some(wanted) = module_filter {
-        let known = modules.iter().any(|m| m.matches_name(wanted))
-            || wanted == "[vdso]"
-            || wanted == "[anon]";
+        let known = modules.iter().any(|m| m.matches_name(wanted)) || wanted == "[vdso]" || wanted == "[anon]";
         if !known {
             let mut names: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
             names.dedup();
@@ -82,9 +80,7 @@ pub fn select_regions(
             end: mapping.end,
             kind,
             perms: mapping.perms(),
-            module: module
-                .map(|m| m.name.clone())
-                .unwrap_or_else(|| mapping.display_name()),
+            module: module.map(|m| m.name.clone()).unwrap_or_else(|| mapping.display_name()),
             path: module
                 .map(|m| m.path.clone())
                 .or_else(|| mapping.file().map(|p| p.to_path_buf())),

@@ -90,14 +90,23 @@ impl StateDir {
             Ok(_) => Err(state(format!(
                 "{MARKER_FILE} names an unknown format; written by another version?"
             ))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !root.exists() => Err(state(
-                "does not exist (nothing has been mirrored here yet)".into(),
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(state(format!(
-                "not a shadowpatch state directory (no {MARKER_FILE})"
-            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !root.exists() => {
+                Err(state("does not exist (nothing has been mirrored here yet)".into()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(state(format!("not a shadowpatch state directory (no {MARKER_FILE})")))
+            }
             Err(e) => Err(state(format!("cannot read {MARKER_FILE}: {e}"))),
         }
+    }
+
+    /// Open for reading if anything was ever stored there: `None` for a
+    /// missing or empty directory, an error for a foreign or corrupt one.
+    pub fn open_if_present(root: &Path) -> Result<Option<Self>, MirrorError> {
+        if !root.exists() || is_empty_dir(root) {
+            return Ok(None);
+        }
+        Self::open(root).map(Some)
     }
 
     pub fn root(&self) -> &Path {
@@ -106,9 +115,7 @@ impl StateDir {
 
     /// Directory of one process incarnation.
     pub fn target_dir(&self, pid: i32, start_time: u64) -> PathBuf {
-        self.root
-            .join("targets")
-            .join(format!("{pid}-{start_time}"))
+        self.root.join("targets").join(format!("{pid}-{start_time}"))
     }
 
     /// Every incarnation of `pid` with state here, as (start time, dir).
@@ -136,10 +143,7 @@ impl StateDir {
         let mut numbers: Vec<u32> = entries
             .filter_map(|e| {
                 let name = e.ok()?.file_name().into_string().ok()?;
-                name.strip_prefix("gen-")?
-                    .strip_suffix(".mirror")?
-                    .parse()
-                    .ok()
+                name.strip_prefix("gen-")?.strip_suffix(".mirror")?.parse().ok()
             })
             .collect();
         numbers.sort();
@@ -154,10 +158,7 @@ impl StateDir {
     /// that belongs to another incarnation of the same pid.
     pub fn dir_for_live(&self, identity: &ProcessIdentity) -> Result<PathBuf, MirrorError> {
         let incarnations = self.incarnations(identity.pid);
-        if let Some((_, dir)) = incarnations
-            .iter()
-            .find(|(start, _)| *start == identity.start_time)
-        {
+        if let Some((_, dir)) = incarnations.iter().find(|(start, _)| *start == identity.start_time) {
             return Ok(dir.clone());
         }
         match incarnations.last() {
@@ -173,6 +174,10 @@ impl StateDir {
             }),
         }
     }
+}
+
+fn is_empty_dir(path: &Path) -> bool {
+    std::fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_none())
 }
 
 /// Write `bytes` to `path` atomically: temporary file, fsync, rename, fsync dir.
@@ -291,19 +296,13 @@ impl MirrorWriter {
     }
 
     pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<(), MirrorError> {
-        self.out
-            .write_all(bytes)
-            .map_err(io_error(&self.temporary))?;
+        self.out.write_all(bytes).map_err(io_error(&self.temporary))?;
         self.offset += bytes.len() as u64;
         Ok(())
     }
 
     /// Write hashes and header, fsync, and rename into place.
-    pub fn finish(
-        mut self,
-        mut header: GenerationHeader,
-        hashes: &[u128],
-    ) -> Result<GenerationHeader, MirrorError> {
+    pub fn finish(mut self, mut header: GenerationHeader, hashes: &[u128]) -> Result<GenerationHeader, MirrorError> {
         let mut hash_bytes = Vec::with_capacity(hashes.len() * 16);
         for hash in hashes {
             hash_bytes.extend_from_slice(&hash.to_le_bytes());
@@ -367,25 +366,18 @@ impl MirrorFile {
             return Err(corrupt("bad magic (not a shadowpatch mirror)".into()));
         }
         let mut trailer = [0u8; 16];
-        file.read_exact_at(&mut trailer, len - 16)
-            .map_err(io_error(path))?;
+        file.read_exact_at(&mut trailer, len - 16).map_err(io_error(path))?;
         if &trailer[8..] != END_MAGIC {
             return Err(corrupt("bad end marker (truncated?)".into()));
         }
         let header_offset = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
-        if header_offset < 8
-            || header_offset > len - 16
-            || len - 16 - header_offset > MAX_HEADER_LEN
-        {
-            return Err(corrupt(format!(
-                "header offset {header_offset} out of range"
-            )));
+        if header_offset < 8 || header_offset > len - 16 || len - 16 - header_offset > MAX_HEADER_LEN {
+            return Err(corrupt(format!("header offset {header_offset} out of range")));
         }
         let mut json = vec![0u8; (len - 16 - header_offset) as usize];
-        file.read_exact_at(&mut json, header_offset)
-            .map_err(io_error(path))?;
-        let header: GenerationHeader = serde_json::from_slice(&json)
-            .map_err(|e| corrupt(format!("header is not valid: {e}")))?;
+        file.read_exact_at(&mut json, header_offset).map_err(io_error(path))?;
+        let header: GenerationHeader =
+            serde_json::from_slice(&json).map_err(|e| corrupt(format!("header is not valid: {e}")))?;
         if header.format != FORMAT_VERSION {
             return Err(corrupt(format!(
                 "format {} is not supported (expected {FORMAT_VERSION})",
@@ -394,9 +386,7 @@ impl MirrorFile {
         }
         let page_count: u64 = header.regions.iter().map(|r| r.pages).sum();
         if header.hash_section_offset.checked_add(page_count * 16) != Some(header_offset) {
-            return Err(corrupt(
-                "hash section does not match the region table".into(),
-            ));
+            return Err(corrupt("hash section does not match the region table".into()));
         }
         let mut hash_bytes = vec![0u8; (page_count * 16) as usize];
         file.seek(SeekFrom::Start(header.hash_section_offset))
@@ -427,8 +417,7 @@ impl MirrorFile {
                 )));
             }
         }
-        let secret = decode_secret(&header.hash_secret)
-            .ok_or_else(|| corrupt("hash secret is not valid".into()))?;
+        let secret = decode_secret(&header.hash_secret).ok_or_else(|| corrupt("hash secret is not valid".into()))?;
         Ok(MirrorFile {
             path: path.to_path_buf(),
             file,
@@ -443,10 +432,7 @@ impl MirrorFile {
         let region = &self.header.regions[region_index];
         let mut page = vec![0u8; PAGE_SIZE];
         self.file
-            .read_exact_at(
-                &mut page,
-                region.data_offset + page_index * PAGE_SIZE as u64,
-            )
+            .read_exact_at(&mut page, region.data_offset + page_index * PAGE_SIZE as u64)
             .map_err(io_error(&self.path))?;
         if self.hasher.hash(&page) != self.hashes[(region.first_hash + page_index) as usize] {
             return Err(MirrorError::Corrupt {

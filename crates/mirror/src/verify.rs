@@ -88,10 +88,7 @@ pub fn verify(
                 Err(other) => return Err(other.into()),
             };
             let first_page = (address - region.spec.start) / PAGE_SIZE as u64;
-            for (i, live_page) in buffer[..read - read % PAGE_SIZE]
-                .chunks_exact(PAGE_SIZE)
-                .enumerate()
-            {
+            for (i, live_page) in buffer[..read - read % PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
                 let page_index = first_page + i as u64;
                 if mirror.hasher.hash(live_page) != expected_hashes[page_index as usize] {
                     report.differing_pages += 1;
@@ -132,13 +129,7 @@ pub fn verify(
 }
 
 /// Append each maximal run of differing bytes between two pages.
-fn push_runs(
-    report: &mut VerifyReport,
-    region_index: usize,
-    page_address: u64,
-    stored: &[u8],
-    live: &[u8],
-) {
+fn push_runs(report: &mut VerifyReport, region_index: usize, page_address: u64, stored: &[u8], live: &[u8]) {
     let mut offset = 0;
     while offset < stored.len() {
         if stored[offset] == live[offset] {

@@ -53,12 +53,8 @@ pub struct SymbolTable {
 impl SymbolTable {
     pub fn new(mut symbols: Vec<Symbol>) -> Self {
         // Prefer .symtab's entry when both tables list the same symbol.
-        symbols.sort_by(|a, b| {
-            (a.address, &a.name, a.source as u8).cmp(&(b.address, &b.name, b.source as u8))
-        });
-        symbols.dedup_by(|later, earlier| {
-            later.address == earlier.address && later.name == earlier.name
-        });
+        symbols.sort_by(|a, b| (a.address, &a.name, a.source as u8).cmp(&(b.address, &b.name, b.source as u8)));
+        symbols.dedup_by(|later, earlier| later.address == earlier.address && later.name == earlier.name);
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (index, symbol) in symbols.iter().enumerate() {
             by_name.entry(symbol.name.clone()).or_default().push(index);
@@ -163,9 +159,7 @@ impl ElfImage {
         let mut symbols = Vec::new();
         collect(&mut symbols, file.symbols(), SymbolSource::Symtab);
         collect(&mut symbols, file.dynamic_symbols(), SymbolSource::Dynsym);
-        let has_symtab = file
-            .section_by_name(".symtab")
-            .is_some_and(|s| s.size() > 0);
+        let has_symtab = file.section_by_name(".symtab").is_some_and(|s| s.size() > 0);
         Ok(ElfImage {
             path: path.to_path_buf(),
             build_id,
@@ -195,11 +189,7 @@ impl ElfImage {
     /// Lowest PT_LOAD address rounded down to a page: subtract it from the
     /// start of the offset-0 mapping to get the load bias.
     pub fn first_load_address(&self) -> u64 {
-        self.segments
-            .iter()
-            .map(|s| s.address & !0xfff)
-            .min()
-            .unwrap_or(0)
+        self.segments.iter().map(|s| s.address & !0xfff).min().unwrap_or(0)
     }
 }
 
@@ -259,11 +249,7 @@ mod tests {
             table.symbolize(0x10ff).map(|(s, o)| (s.name.as_str(), o)),
             Some(("a", 0xff))
         );
-        assert_eq!(
-            table.symbolize(0x1100),
-            None,
-            "past the end of a sized symbol"
-        );
+        assert_eq!(table.symbolize(0x1100), None, "past the end of a sized symbol");
         assert_eq!(
             table.symbolize(0x2004).map(|(s, o)| (s.name.as_str(), o)),
             Some(("b", 4))

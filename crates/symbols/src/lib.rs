@@ -2,6 +2,8 @@
 //! GNU build-ids, and their symbols from both `.symtab` and `.dynsym`, with
 //! lookup by name and address → symbol + offset. Parsing uses `object`.
 
+#![forbid(unsafe_code)]
+
 pub mod elf;
 pub mod module;
 
@@ -17,15 +19,9 @@ pub enum SymbolsError {
         source: std::io::Error,
     },
     #[error("{path}: not a valid ELF file: {message}")]
-    Malformed {
-        path: std::path::PathBuf,
-        message: String,
-    },
+    Malformed { path: std::path::PathBuf, message: String },
     #[error("{path}: ELF for {found}, but only x86_64 is supported")]
-    WrongArchitecture {
-        path: std::path::PathBuf,
-        found: String,
-    },
+    WrongArchitecture { path: std::path::PathBuf, found: String },
     #[error(transparent)]
     Target(#[from] shadowpatch_target::TargetError),
 }

@@ -34,16 +34,12 @@ impl Module {
     }
 
     pub fn contains(&self, address: u64) -> bool {
-        self.ranges
-            .iter()
-            .any(|(start, end)| (*start..*end).contains(&address))
+        self.ranges.iter().any(|(start, end)| (*start..*end).contains(&address))
     }
 
     /// Symbol containing runtime `address`, with the offset into it.
     pub fn symbolize(&self, address: u64) -> Option<(&Symbol, u64)> {
-        self.image
-            .symbols
-            .symbolize(address.checked_sub(self.bias)?)
+        self.image.symbols.symbolize(address.checked_sub(self.bias)?)
     }
 
     /// Runtime addresses of every symbol named `name`.
@@ -62,17 +58,16 @@ impl Module {
         self.name == wanted
             || self.path == Path::new(wanted)
             || self.name.split(".so").next() == Some(wanted)
-            || self
-                .name
-                .strip_prefix("lib")
-                .and_then(|n| n.split(".so").next())
-                == Some(wanted)
+            || self.name.strip_prefix("lib").and_then(|n| n.split(".so").next()) == Some(wanted)
     }
 }
 
 /// Discover the modules of process `pid` from its memory map.
 pub fn modules_of(pid: i32, maps: &[Mapping]) -> Result<Vec<Module>, SymbolsError> {
+    use std::os::unix::fs::MetadataExt;
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    // The executable's inode identifies it even when its path was replaced.
+    let exe_inode = std::fs::metadata(format!("/proc/{pid}/exe")).map(|m| m.ino()).ok();
     let mut modules: Vec<Module> = Vec::new();
     // Path → index of the module currently open for that file.
     let mut open: HashMap<(PathBuf, u64), usize> = HashMap::new();
@@ -89,8 +84,7 @@ pub fn modules_of(pid: i32, maps: &[Mapping]) -> Result<Vec<Module>, SymbolsErro
             let image = match image {
                 Ok(image) => image,
                 // Another architecture or a malformed mapped ELF: not ours to mirror.
-                Err(SymbolsError::WrongArchitecture { .. })
-                | Err(SymbolsError::Malformed { .. }) => continue,
+                Err(SymbolsError::WrongArchitecture { .. }) | Err(SymbolsError::Malformed { .. }) => continue,
                 Err(other) => return Err(other),
             };
             let bias = mapping.start.wrapping_sub(image.first_load_address());
@@ -106,7 +100,7 @@ pub fn modules_of(pid: i32, maps: &[Mapping]) -> Result<Vec<Module>, SymbolsErro
                 bias,
                 ranges: vec![(mapping.start, mapping.end)],
                 image: Arc::new(image),
-                main: exe.as_deref() == Some(path.as_path()),
+                main: exe.as_deref() == Some(path.as_path()) || exe_inode == Some(mapping.inode),
             });
             open.insert(key, modules.len() - 1);
         } else if let Some(&index) = open.get(&key) {
@@ -123,12 +117,8 @@ pub fn modules_of(pid: i32, maps: &[Mapping]) -> Result<Vec<Module>, SymbolsErro
 /// or deleted), falling back to the path inside the target's root.
 /// `None` when the file is not an ELF file at all.
 fn load_image(pid: i32, mapping: &Mapping, path: &Path) -> Option<Result<ElfImage, SymbolsError>> {
-    let by_inode = PathBuf::from(format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        mapping.start, mapping.end
-    ));
-    let in_root =
-        PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path));
+    let by_inode = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end));
+    let in_root = PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path));
     let bytes = std::fs::read(&by_inode).or_else(|_| std::fs::read(&in_root));
     let bytes = match bytes {
         Ok(bytes) => bytes,

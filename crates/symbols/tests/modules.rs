@@ -8,10 +8,7 @@ use shadowpatch_target::maps::read_maps;
 fn c_fixture_modules_symbols_and_bias() {
     let fixture = Running::start(Fixture::BusyC, &["1"]).unwrap();
     let modules = modules_of(fixture.pid(), &read_maps(fixture.pid()).unwrap()).unwrap();
-    let main = modules
-        .iter()
-        .find(|m| m.main)
-        .expect("main executable found");
+    let main = modules.iter().find(|m| m.main).expect("main executable found");
     assert!(main.build_id_hex().is_some_and(|id| id.len() == 40));
     assert!(
         modules.iter().any(|m| m.name.starts_with("libc.so")),
@@ -31,10 +28,7 @@ fn c_fixture_modules_symbols_and_bias() {
     let (symbol, offset) = main.symbolize(work + 3).unwrap();
     assert_eq!((symbol.name.as_str(), offset), ("work_fn", 3));
     // Stripped libc still has .dynsym.
-    let libc = modules
-        .iter()
-        .find(|m| m.name.starts_with("libc.so"))
-        .unwrap();
+    let libc = modules.iter().find(|m| m.name.starts_with("libc.so")).unwrap();
     assert!(!libc.symbol_addresses("malloc").is_empty());
     assert!(libc.matches_name("libc") && libc.matches_name("c"));
 }
@@ -44,8 +38,5 @@ fn rust_fixture_symbols_resolve_to_printed_addresses() {
     let fixture = Running::start(Fixture::BusyRust, &["1"]).unwrap();
     let modules = modules_of(fixture.pid(), &read_maps(fixture.pid()).unwrap()).unwrap();
     let main = modules.iter().find(|m| m.main).unwrap();
-    assert_eq!(
-        main.symbol_addresses("rust_work")[0].0,
-        fixture.number("work")
-    );
+    assert_eq!(main.symbol_addresses("rust_work")[0].0, fixture.number("work"));
 }

@@ -229,18 +229,10 @@ impl Attached {
                     return Ok(());
                 }
                 Err(Errno::EINTR) => continue,
-                Err(errno) => {
-                    return Err(TargetError::from_errno(
-                        self.identity.pid,
-                        "waiting for",
-                        errno,
-                    ))
-                }
+                Err(errno) => return Err(TargetError::from_errno(self.identity.pid, "waiting for", errno)),
             };
             match status {
-                WaitStatus::PtraceEvent(_, signal, event)
-                    if event == Event::PTRACE_EVENT_STOP as i32 =>
-                {
+                WaitStatus::PtraceEvent(_, signal, event) if event == Event::PTRACE_EVENT_STOP as i32 => {
                     let state = self.threads.entry(tid).or_default();
                     state.stopped = true;
                     state.group_stop = is_stop_signal(signal);
@@ -253,13 +245,7 @@ impl Attached {
                     match ptrace::cont(tid, signal) {
                         Ok(()) => {}
                         Err(Errno::ESRCH) => {}
-                        Err(errno) => {
-                            return Err(TargetError::from_errno(
-                                self.identity.pid,
-                                "resuming",
-                                errno,
-                            ))
-                        }
+                        Err(errno) => return Err(TargetError::from_errno(self.identity.pid, "resuming", errno)),
                     }
                 }
                 WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
@@ -306,9 +292,7 @@ impl Attached {
     }
 
     pub(crate) fn is_stopped(&self, tid: Pid) -> bool {
-        self.threads
-            .get(&tid)
-            .is_some_and(|s| s.stopped && !s.group_stop)
+        self.threads.get(&tid).is_some_and(|s| s.stopped && !s.group_stop)
     }
 
     pub(crate) fn forget_thread(&mut self, tid: Pid) {
@@ -330,11 +314,7 @@ impl Attached {
         for (tid, state) in threads {
             // Detaching a group-stopped thread leaves it in group-stop, as
             // it was before we came; others run on with their owed signal.
-            let signal = if state.group_stop {
-                None
-            } else {
-                state.pending_signal
-            };
+            let signal = if state.group_stop { None } else { state.pending_signal };
             let _ = ptrace::detach(tid, signal);
         }
         stop_result.map(drop)
@@ -379,9 +359,8 @@ impl Stopped<'_> {
 
     /// General-purpose registers of a stopped thread.
     pub fn regs(&self, tid: Pid) -> Result<libc::user_regs_struct, TargetError> {
-        ptrace::getregs(tid).map_err(|errno| {
-            TargetError::from_errno(self.attached.pid(), "reading registers of", errno)
-        })
+        ptrace::getregs(tid)
+            .map_err(|errno| TargetError::from_errno(self.attached.pid(), "reading registers of", errno))
     }
 
     pub fn memory(&mut self) -> &mut TargetMemory {

@@ -27,20 +27,14 @@ impl ProcessIdentity {
         let process = procfs::process::Process::new(pid).map_err(|e| proc_error(pid, "stat", e))?;
         let stat = process.stat().map_err(|e| proc_error(pid, "stat", e))?;
         if stat.flags & PF_KTHREAD != 0 {
-            return Err(TargetError::KernelThread {
-                pid,
-                comm: stat.comm,
-            });
+            return Err(TargetError::KernelThread { pid, comm: stat.comm });
         }
         if stat.state == 'Z' || stat.state == 'X' {
             return Err(TargetError::Zombie { pid });
         }
         let status = process.status().map_err(|e| proc_error(pid, "status", e))?;
         if status.tgid != pid {
-            return Err(TargetError::NotThreadGroupLeader {
-                pid,
-                tgid: status.tgid,
-            });
+            return Err(TargetError::NotThreadGroupLeader { pid, tgid: status.tgid });
         }
         Ok(ProcessIdentity {
             pid,
@@ -97,23 +91,14 @@ mod tests {
             start_time: me.start_time + 1,
             ..me.clone()
         };
-        assert!(matches!(
-            other.check_alive(),
-            Err(TargetError::Recycled { .. })
-        ));
+        assert!(matches!(other.check_alive(), Err(TargetError::Recycled { .. })));
     }
 
     #[test]
     fn refuses_kernel_threads_and_missing_pids() {
         // kthreadd is pid 2 on every Linux system with a kernel thread tree.
-        assert!(matches!(
-            ProcessIdentity::of(2),
-            Err(TargetError::KernelThread { .. })
-        ));
-        assert!(matches!(
-            ProcessIdentity::of(0),
-            Err(TargetError::NoSuchProcess { .. })
-        ));
+        assert!(matches!(ProcessIdentity::of(2), Err(TargetError::KernelThread { .. })));
+        assert!(matches!(ProcessIdentity::of(0), Err(TargetError::NoSuchProcess { .. })));
         assert!(matches!(
             ProcessIdentity::of(i32::MAX),
             Err(TargetError::NoSuchProcess { .. })

@@ -5,6 +5,8 @@
 //! Everything that touches a live process goes through this crate; the
 //! crates above it work on what it returns.
 
+#![forbid(unsafe_code)]
+
 pub mod attach;
 pub mod error;
 pub mod identity;

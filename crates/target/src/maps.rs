@@ -117,10 +117,7 @@ mod tests {
     fn own_maps_include_executable_text_of_this_binary() {
         let maps = read_maps(std::process::id() as i32).unwrap();
         let here = main_address();
-        let mapping = maps
-            .iter()
-            .find(|m| m.contains(here))
-            .expect("code address is mapped");
+        let mapping = maps.iter().find(|m| m.contains(here)).expect("code address is mapped");
         assert!(mapping.executable && mapping.readable && !mapping.writable);
         assert!(mapping.file().is_some());
     }

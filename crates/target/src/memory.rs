@@ -91,11 +91,7 @@ impl TargetMemory {
                 base: address as usize,
                 len: buf.len(),
             }];
-            match process_vm_readv(
-                Pid::from_raw(self.pid),
-                &mut [IoSliceMut::new(buf)],
-                &remote,
-            ) {
+            match process_vm_readv(Pid::from_raw(self.pid), &mut [IoSliceMut::new(buf)], &remote) {
                 Ok(n) => return Ok(n),
                 // Kernels built without CONFIG_CROSS_MEMORY_ATTACH, or
                 // seccomp filters, refuse the syscall: fall back for good.

@@ -30,23 +30,14 @@ const MAX_STEP_ATTEMPTS: usize = 64;
 impl Stopped<'_> {
     /// Run syscall `number` with `args` in thread `tid` (stopped by us) and
     /// return its raw result (negative errno on failure).
-    pub fn remote_syscall(
-        &mut self,
-        tid: Pid,
-        number: i64,
-        args: [u64; 6],
-    ) -> Result<i64, TargetError> {
+    pub fn remote_syscall(&mut self, tid: Pid, number: i64, args: [u64; 6]) -> Result<i64, TargetError> {
         let attached = self.attached();
         let pid = attached.pid();
         if !attached.is_stopped(tid) {
-            return Err(TargetError::ThreadNotStopped {
-                pid,
-                tid: tid.as_raw(),
-            });
+            return Err(TargetError::ThreadNotStopped { pid, tid: tid.as_raw() });
         }
         let instruction = attached.syscall_instruction()?;
-        let saved = ptrace::getregs(tid)
-            .map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
+        let saved = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
         let mut call = saved;
         call.rip = instruction;
         call.rax = number as u64;
@@ -59,8 +50,7 @@ impl Stopped<'_> {
         call.r10 = args[3];
         call.r8 = args[4];
         call.r9 = args[5];
-        ptrace::setregs(tid, call)
-            .map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
+        ptrace::setregs(tid, call).map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
         let outcome = step_over_syscall(attached, tid, instruction);
         // Restore exactly, whatever happened (unless the thread is gone).
         let restored = ptrace::setregs(tid, saved);
@@ -70,32 +60,15 @@ impl Stopped<'_> {
     }
 
     /// Remote `mmap`; returns the mapped address.
-    pub fn remote_mmap(
-        &mut self,
-        tid: Pid,
-        address: u64,
-        len: u64,
-        prot: i32,
-        flags: i32,
-    ) -> Result<u64, TargetError> {
+    pub fn remote_mmap(&mut self, tid: Pid, address: u64, len: u64, prot: i32, flags: i32) -> Result<u64, TargetError> {
         let args = [address, len, prot as u64, flags as u64, u64::MAX, 0];
         let result = self.remote_syscall(tid, libc::SYS_mmap, args)?;
         check_result(self.attached().pid(), "remote mmap in", result).map(|r| r as u64)
     }
 
     /// Remote `mprotect`.
-    pub fn remote_mprotect(
-        &mut self,
-        tid: Pid,
-        address: u64,
-        len: u64,
-        prot: i32,
-    ) -> Result<(), TargetError> {
-        let result = self.remote_syscall(
-            tid,
-            libc::SYS_mprotect,
-            [address, len, prot as u64, 0, 0, 0],
-        )?;
+    pub fn remote_mprotect(&mut self, tid: Pid, address: u64, len: u64, prot: i32) -> Result<(), TargetError> {
+        let result = self.remote_syscall(tid, libc::SYS_mprotect, [address, len, prot as u64, 0, 0, 0])?;
         check_result(self.attached().pid(), "remote mprotect in", result).map(drop)
     }
 
@@ -119,20 +92,14 @@ fn check_result(pid: i32, action: &'static str, result: i64) -> Result<i64, Targ
 
 /// Single-step `tid` until it has executed the `syscall` at `instruction`;
 /// returns `rax`. Foreign signals met on the way are deferred to resume.
-fn step_over_syscall(
-    attached: &mut Attached,
-    tid: Pid,
-    instruction: u64,
-) -> Result<i64, TargetError> {
+fn step_over_syscall(attached: &mut Attached, tid: Pid, instruction: u64) -> Result<i64, TargetError> {
     let pid = attached.pid();
     for _ in 0..MAX_STEP_ATTEMPTS {
         ptrace::step(tid, None).map_err(|e| TargetError::from_errno(pid, "single-stepping", e))?;
         let status = loop {
             match waitpid(tid, Some(WaitPidFlag::__WALL)) {
                 Err(Errno::EINTR) => continue,
-                other => {
-                    break other.map_err(|e| TargetError::from_errno(pid, "waiting for", e))?
-                }
+                other => break other.map_err(|e| TargetError::from_errno(pid, "waiting for", e))?,
             }
         };
         match status {
@@ -141,8 +108,7 @@ fn step_over_syscall(
                     // Someone else's signal: keep it for the thread's resume.
                     attached.defer_signal(tid, signal);
                 }
-                let regs = ptrace::getregs(tid)
-                    .map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
+                let regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
                 if regs.rip == instruction + SYSCALL_INSTRUCTION.len() as u64 {
                     return Ok(regs.rax as i64);
                 }
@@ -205,10 +171,7 @@ impl Attached {
                     Ok(n) if n >= 2 => n,
                     _ => break,
                 };
-                if let Some(offset) = buffer[..n]
-                    .windows(2)
-                    .position(|w| w == SYSCALL_INSTRUCTION)
-                {
+                if let Some(offset) = buffer[..n].windows(2).position(|w| w == SYSCALL_INSTRUCTION) {
                     let found = address + offset as u64;
                     self.syscall_instruction = Some(found);
                     return Ok(found);

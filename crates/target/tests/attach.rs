@@ -10,8 +10,7 @@ fn thread_states(pid: i32) -> Vec<char> {
         .unwrap()
         .filter_map(|e| {
             let stat = std::fs::read_to_string(e.ok()?.path().join("stat")).ok()?;
-            stat.rsplit_once(") ")
-                .and_then(|(_, rest)| rest.chars().next())
+            stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next())
         })
         .collect()
 }
@@ -37,13 +36,8 @@ fn stop_and_resume_all_threads(threads: usize) {
     attached.detach().unwrap();
     let after = fixture.check().unwrap();
     assert_eq!(after["errors"], 0);
-    assert!(
-        after["calls"] > calls_before,
-        "workers kept running after detach"
-    );
-    assert!(thread_states(fixture.pid())
-        .iter()
-        .all(|s| *s == 'R' || *s == 'S'));
+    assert!(after["calls"] > calls_before, "workers kept running after detach");
+    assert!(thread_states(fixture.pid()).iter().all(|s| *s == 'R' || *s == 'S'));
 }
 
 #[test]
@@ -128,11 +122,7 @@ fn threads_created_after_attach_are_stopped_too() {
     // The main thread creates a worker while we are attached but not stopped.
     assert_eq!(fixture.command("spawn").unwrap(), "spawned");
     let stopped = attached.stop().unwrap();
-    assert_eq!(
-        stopped.threads().len(),
-        3,
-        "the new thread was found and stopped"
-    );
+    assert_eq!(stopped.threads().len(), 3, "the new thread was found and stopped");
     assert!(thread_states(fixture.pid()).iter().all(|s| *s == 't'));
     stopped.resume().unwrap();
     drop(attached);
@@ -163,9 +153,7 @@ fn remote_syscalls_in_threads_blocked_in_read_nanosleep_and_futex() {
             assert_eq!(page % 4096, 0);
             stopped.memory().write(page, b"shadowpatch").unwrap();
             assert_eq!(stopped.memory().read_vec(page, 11).unwrap(), b"shadowpatch");
-            stopped
-                .remote_mprotect(tid, page, 4096, libc::PROT_READ)
-                .unwrap();
+            stopped.remote_mprotect(tid, page, 4096, libc::PROT_READ).unwrap();
             stopped.remote_munmap(tid, page, 4096).unwrap();
             let after = stopped.regs(tid).unwrap();
             assert_eq!(
@@ -201,10 +189,7 @@ fn bad_targets_are_refused_with_a_reason() {
         ProcessIdentity::of(i32::MAX),
         Err(TargetError::NoSuchProcess { .. })
     ));
-    assert!(matches!(
-        ProcessIdentity::of(2),
-        Err(TargetError::KernelThread { .. })
-    ));
+    assert!(matches!(ProcessIdentity::of(2), Err(TargetError::KernelThread { .. })));
     // A zombie: a child that exited and is not reaped yet.
     let child = std::process::Command::new("true").spawn().unwrap();
     let pid = child.id() as i32;
@@ -212,10 +197,7 @@ fn bad_targets_are_refused_with_a_reason() {
     loop {
         match ProcessIdentity::of(pid) {
             Err(TargetError::Zombie { .. }) => break,
-            _ => assert!(
-                std::time::Instant::now() < deadline,
-                "child never became a zombie"
-            ),
+            _ => assert!(std::time::Instant::now() < deadline, "child never became a zombie"),
         }
         std::thread::yield_now();
     }

@@ -11,9 +11,7 @@ use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use nix::unistd::Pid;
 use serde::Serialize;
 use shadowpatch_fixtures::{Fixture, Running};
-use shadowpatch_mirror::{
-    capture, verify, CaptureOptions, MirrorFile, PageHasher, RegionKind, RegionSpec, PAGE_SIZE,
-};
+use shadowpatch_mirror::{capture, verify, CaptureOptions, MirrorFile, PageHasher, RegionKind, RegionSpec, PAGE_SIZE};
 use shadowpatch_target::attach::StopPriority;
 use shadowpatch_target::{Attached, ProcessIdentity, TargetMemory};
 use std::io::IoSliceMut;
@@ -50,9 +48,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
     let mut stop_rows = Vec::new();
     for threads in [1usize, 8, 64] {
         if !context.json {
-            eprintln!(
-                "stop-the-world: {threads} busy threads, {rounds_stop} rounds per priority ..."
-            );
+            eprintln!("stop-the-world: {threads} busy threads, {rounds_stop} rounds per priority ...");
         }
         let fixture = Running::start(Fixture::BusyC, &[&threads.to_string()])?;
         let mut attached = Attached::seize(&ProcessIdentity::of(fixture.pid())?)?;
@@ -116,9 +112,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
             eprintln!("throughput round {}/{rounds} ...", round + 1);
         }
         samples[0].push(time(|| floor_read(fixture.pid(), start, len, None))?);
-        samples[1].push(time(|| {
-            floor_read(fixture.pid(), start, len, Some(&hasher))
-        })?);
+        samples[1].push(time(|| floor_read(fixture.pid(), start, len, Some(&hasher)))?);
         let started = Instant::now();
         capture(
             &mut memory,
@@ -136,9 +130,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
         anyhow::ensure!(report.is_clean(), "benchmark region changed during the run");
         // The floor again, right after the verify, so both see the same
         // machine state (the capture's writeback is long finished).
-        samples[1].push(time(|| {
-            floor_read(fixture.pid(), start, len, Some(&hasher))
-        })?);
+        samples[1].push(time(|| floor_read(fixture.pid(), start, len, Some(&hasher)))?);
         let started = Instant::now();
         verify(&mut memory, &opened, &mut |_, _| {})?;
         samples[3].push(started.elapsed().as_micros() as u64);
@@ -228,11 +220,7 @@ fn floor_read(pid: i32, start: u64, len: u64, hasher: Option<&PageHasher>) -> an
             base: address as usize,
             len: n,
         }];
-        let read = process_vm_readv(
-            Pid::from_raw(pid),
-            &mut [IoSliceMut::new(&mut buffer[..n])],
-            &remote,
-        )?;
+        let read = process_vm_readv(Pid::from_raw(pid), &mut [IoSliceMut::new(&mut buffer[..n])], &remote)?;
         anyhow::ensure!(read == n, "short read at {address:#x}");
         if let Some(hasher) = hasher {
             for page in buffer[..n].chunks_exact(PAGE_SIZE) {

@@ -23,8 +23,8 @@ pub fn run(context: &Context, pid: i32, what: &str) -> anyhow::Result<i32> {
     ProcessIdentity::of(pid)?;
     let modules = modules_of(pid, &read_maps(pid)?)?;
     if let Some(hex) = what.strip_prefix("0x") {
-        let address = u64::from_str_radix(hex, 16)
-            .map_err(|_| BadInput(format!("{what:?} is not a hexadecimal address")))?;
+        let address =
+            u64::from_str_radix(hex, 16).map_err(|_| BadInput(format!("{what:?} is not a hexadecimal address")))?;
         let location = Location::of(address, &modules);
         if context.json {
             print_json(&location);
@@ -36,17 +36,15 @@ pub fn run(context: &Context, pid: i32, what: &str) -> anyhow::Result<i32> {
     let found: Vec<Found> = modules
         .iter()
         .flat_map(|m| {
-            m.symbol_addresses(what)
-                .into_iter()
-                .map(move |(address, s)| Found {
-                    module: m.name.clone(),
-                    name: s.name.clone(),
-                    address: format!("{address:#x}"),
-                    size: s.size,
-                    kind: s.kind,
-                    source: s.source,
-                    global: s.global,
-                })
+            m.symbol_addresses(what).into_iter().map(move |(address, s)| Found {
+                module: m.name.clone(),
+                name: s.name.clone(),
+                address: format!("{address:#x}"),
+                size: s.size,
+                kind: s.kind,
+                source: s.source,
+                global: s.global,
+            })
         })
         .collect();
     if found.is_empty() {

@@ -54,10 +54,7 @@ pub fn mirror_process(
     }
     let state = StateDir::create(state_dir)?;
     let dir = state.target_dir(pid, identity.start_time);
-    let later: Vec<u32> = StateDir::generations(&dir)
-        .into_iter()
-        .filter(|g| *g > 0)
-        .collect();
+    let later: Vec<u32> = StateDir::generations(&dir).into_iter().filter(|g| *g > 0).collect();
     if !later.is_empty() {
         return Err(BadInput(format!(
             "pid {pid} already has patch generations {later:?} in {}: a new baseline would orphan them; roll them back first",

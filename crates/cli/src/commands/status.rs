@@ -77,8 +77,7 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
     };
     // A missing state directory just means nothing was mirrored yet; a
     // foreign or corrupt one is an error worth reporting.
-    if context.state_dir.exists() {
-        let state = StateDir::open(&context.state_dir)?;
+    if let Some(state) = StateDir::open_if_present(&context.state_dir)? {
         for (start_time, dir) in state.incarnations(pid) {
             if start_time != identity.start_time {
                 status.other_incarnations.push(start_time);
@@ -128,11 +127,7 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
             m.base,
             m.bias,
             m.symbols,
-            if m.has_symtab {
-                " (symtab)"
-            } else {
-                " (dynsym)"
-            },
+            if m.has_symtab { " (symtab)" } else { " (dynsym)" },
             m.build_id.as_deref().unwrap_or("-")
         );
     }

@@ -111,9 +111,7 @@ pub fn verify_process(
     let mirror = open_mirror(state_dir, &identity, generation, &modules)?;
     let mut memory = TargetMemory::open(&identity)?;
     let mut progress = Progress::bytes("verifying", show_progress);
-    let report = verify(&mut memory, &mirror, &mut |done, total| {
-        progress.update(done, total)
-    })?;
+    let report = verify(&mut memory, &mirror, &mut |done, total| progress.update(done, total))?;
     progress.finish();
     identity.check_alive()?;
     let differences = report

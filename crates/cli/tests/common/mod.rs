@@ -1,0 +1,72 @@
+//! Shared helpers for the end-to-end tests: run the real `shadowpatch`
+//! binary against real processes.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
+    }
+}
+
+pub fn shadowpatch(state: &Path, args: &[&str]) -> Run {
+    let output = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
+        .args(args)
+        .env("SHADOWPATCH_STATE_DIR", state)
+        .output()
+        .expect("shadowpatch runs");
+    from_output(output)
+}
+
+pub fn from_output(output: Output) -> Run {
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// The target is running, not traced by anyone and not stopped.
+pub fn assert_untouched(pid: i32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("target still exists");
+    assert!(status.contains("TracerPid:\t0"), "target left traced:\n{status}");
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(entry.unwrap().path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| rest.chars().next().unwrap())
+            .unwrap_or('?');
+        assert!(
+            state != 't' && state != 'T',
+            "a thread of {pid} was left stopped ({state})"
+        );
+    }
+}
+
+/// Assert a bad-input failure: exit 2, one line on stderr containing `needle`.
+pub fn assert_bad_input(run: &Run, needle: &str) {
+    assert_eq!(
+        run.code, 2,
+        "expected exit 2, got {}: {}{}",
+        run.code, run.stdout, run.stderr
+    );
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one-line error expected: {:?}", run.stderr);
+    assert!(lines[0].starts_with("shadowpatch: error: "), "{}", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "error {:?} should mention {needle:?}",
+        lines[0]
+    );
+}

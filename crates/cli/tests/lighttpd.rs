@@ -1,0 +1,166 @@
+//! End to end against Debian's lighttpd: mirror it, verify clean while it
+//! serves a continuous load, tamper one byte of its text, see exactly that
+//! byte reported with the right symbol, restore it, verify clean again, and
+//! check the server never failed a request.
+//!
+//! Needs /usr/sbin/lighttpd (`.ci/run` installs it). Without it the test
+//! fails, naming the package, so a missing server is never a silent pass.
+
+mod common;
+
+use common::{assert_untouched, shadowpatch};
+use shadowpatch_target::{ProcessIdentity, TargetMemory};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const LIGHTTPD: &str = "/usr/sbin/lighttpd";
+const BODY: &str = "hello from lighttpd under shadowpatch\n";
+
+#[derive(Debug)]
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_lighttpd(dir: &Path) -> Server {
+    assert!(
+        Path::new(LIGHTTPD).exists(),
+        "{LIGHTTPD} is missing: install Debian's lighttpd (apt-get install -y lighttpd), as .ci/run does"
+    );
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), BODY).unwrap();
+    // A free loopback port: bind port 0, note the port, release it.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.join("lighttpd.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "server.document-root = \"{}\"\nserver.port = {port}\nserver.bind = \"127.0.0.1\"\n\
+             server.errorlog = \"{}\"\nindex-file.names = (\"index.html\")\n",
+            www.display(),
+            dir.join("error.log").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(LIGHTTPD)
+        .arg("-D")
+        .arg("-f")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("lighttpd starts");
+    let server = Server { child, port };
+    // lighttpd cannot signal readiness on a pipe: poll until it answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(port).is_err() {
+        assert!(Instant::now() < deadline, "lighttpd did not answer on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+fn get(port: u16) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    if response.starts_with("HTTP/1.0 200") && response.ends_with(BODY) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("bad response: {response:?}")))
+    }
+}
+
+#[test]
+fn lighttpd_mirror_tamper_detect_restore_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_lighttpd(dir.path());
+    let pid = server.child.id() as i32;
+    let pid_text = pid.to_string();
+    let state = dir.path().join("state");
+
+    // Continuous load from a second thread, bounded in time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (stop, ok, failed, port) = (stop.clone(), ok.clone(), failed.clone(), server.port);
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match get(port) {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+
+    let mirror = shadowpatch(&state, &["mirror", &pid_text, "--json"]);
+    assert_eq!(mirror.code, 0, "{}", mirror.stderr);
+    let mirror = mirror.json();
+    let main = mirror["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "lighttpd")
+        .cloned()
+        .unwrap();
+    assert_eq!(main["build_id"].as_str().unwrap().len(), 40);
+
+    let clean = shadowpatch(&state, &["verify", &pid_text, "--json"]);
+    assert_eq!(clean.code, 0, "{}{}", clean.stdout, clean.stderr);
+
+    // Debian's lighttpd is stripped: its symbols come from .dynsym.
+    // configparser() runs only when the configuration is loaded, never
+    // while serving, so flipping one of its bytes cannot crash the server.
+    let lookup = shadowpatch(&state, &["lookup", &pid_text, "configparser", "--json"]).json();
+    assert_eq!(lookup[0]["source"], "dynsym");
+    let function = u64::from_str_radix(lookup[0]["address"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    let address = function + 100;
+    let mut memory = TargetMemory::open(&ProcessIdentity::of(pid).unwrap()).unwrap();
+    let original = memory.read_vec(address, 1).unwrap()[0];
+    memory.write(address, &[!original]).unwrap();
+
+    let dirty = shadowpatch(&state, &["verify", &pid_text, "--json"]);
+    assert_eq!(dirty.code, 1, "{}{}", dirty.stdout, dirty.stderr);
+    let dirty = dirty.json();
+    let differences = dirty["differences"].as_array().unwrap();
+    assert_eq!(differences.len(), 1, "exactly one difference: {differences:?}");
+    assert_eq!(differences[0]["address"], address);
+    assert_eq!(differences[0]["len"], 1);
+    assert_eq!(differences[0]["module"], "lighttpd");
+    assert_eq!(differences[0]["symbol"], "configparser");
+    assert_eq!(differences[0]["offset"], 100);
+    assert_eq!(differences[0]["expected"], format!("{original:02x}"));
+    assert_eq!(differences[0]["live"], format!("{:02x}", !original));
+
+    memory.write(address, &[original]).unwrap();
+    let restored = shadowpatch(&state, &["verify", &pid_text, "--json"]);
+    assert_eq!(restored.code, 0, "{}", restored.stdout);
+
+    // Stop-the-world on the real server too, under load.
+    let pause = shadowpatch(&state, &["pause", &pid_text, "--rounds", "50", "--json"]);
+    assert_eq!(pause.code, 0, "{}", pause.stderr);
+
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    assert!(ok.load(Ordering::Relaxed) > 0, "the load ran");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "every request succeeded");
+    get(server.port).expect("lighttpd still answers");
+    assert_untouched(pid);
+}
