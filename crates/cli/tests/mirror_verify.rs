@@ -272,6 +272,7 @@ fn state_directory_problems_are_refused() {
     let file = dir.join("gen-000000.mirror");
     let pristine = std::fs::read(&file).unwrap();
     let header_offset = u64::from_le_bytes(pristine[pristine.len() - 16..pristine.len() - 8].try_into().unwrap());
+    let header_end = pristine.len() - 48;
     let mut corrupt = pristine.clone();
     corrupt[header_offset as usize - 5] ^= 1;
     std::fs::write(&file, &corrupt).unwrap();
@@ -297,8 +298,18 @@ fn state_directory_problems_are_refused() {
         .to_string();
     assert!(text.contains(&live_id));
     let forged_id: String = live_id.chars().map(|c| if c == '0' { '1' } else { '0' }).collect();
-    let changed = replace_bytes(&pristine, live_id.as_bytes(), forged_id.as_bytes());
-    std::fs::write(&file, changed).unwrap();
+    // Edit the header: without re-sealing its digest the edit is caught as
+    // corruption; re-sealed, as a mirror of another build would be, the
+    // build-id check refuses it.
+    let mut changed = replace_bytes(&pristine, live_id.as_bytes(), forged_id.as_bytes());
+    std::fs::write(&file, &changed).unwrap();
+    assert_bad_input(
+        &shadowpatch(&state, &["verify", &pid]),
+        "header does not match its digest",
+    );
+    let digest = *blake3::hash(&changed[header_offset as usize..header_end]).as_bytes();
+    changed[header_end..header_end + 32].copy_from_slice(&digest);
+    std::fs::write(&file, &changed).unwrap();
     assert_bad_input(&shadowpatch(&state, &["verify", &pid]), "changed since it was mirrored");
     std::fs::write(&file, &pristine).unwrap();
 

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! "SHPMIRR1" | page bytes of every region | page hashes (16 B LE each)
-//!            | header (JSON) | header offset (u64 LE) | "SHPMEND1"
+//!            | header (JSON) | BLAKE3 of the header (32 B)
+//!            | header offset (u64 LE) | "SHPMEND1"
 //! ```
 //!
 //! Bytes come first so capture can stream them; the header, written last,
@@ -28,6 +29,8 @@ const MARKER_TEXT: &str = "shadowpatch state directory, format 1\n";
 const MAGIC: &[u8; 8] = b"SHPMIRR1";
 const END_MAGIC: &[u8; 8] = b"SHPMEND1";
 pub const FORMAT_VERSION: u32 = 1;
+/// BLAKE3 of the header, header offset, end magic.
+const TRAILER_LEN: u64 = 32 + 8 + 8;
 /// A header larger than this is corruption, not a real mirror.
 const MAX_HEADER_LEN: u64 = 256 << 20;
 
@@ -314,6 +317,7 @@ impl MirrorWriter {
         let result = (|| {
             self.out.write_all(&hash_bytes)?;
             self.out.write_all(&json)?;
+            self.out.write_all(blake3::hash(&json).as_bytes())?;
             self.out.write_all(&header_offset.to_le_bytes())?;
             self.out.write_all(END_MAGIC)?;
             self.out.flush()?;
@@ -357,7 +361,7 @@ impl MirrorFile {
         };
         let mut file = File::open(path).map_err(io_error(path))?;
         let len = file.metadata().map_err(io_error(path))?.len();
-        if len < 24 {
+        if len < 8 + TRAILER_LEN {
             return Err(corrupt(format!("{len} bytes is too short for a mirror")));
         }
         let mut magic = [0u8; 8];
@@ -365,17 +369,22 @@ impl MirrorFile {
         if &magic != MAGIC {
             return Err(corrupt("bad magic (not a shadowpatch mirror)".into()));
         }
-        let mut trailer = [0u8; 16];
-        file.read_exact_at(&mut trailer, len - 16).map_err(io_error(path))?;
-        if &trailer[8..] != END_MAGIC {
+        let mut trailer = [0u8; TRAILER_LEN as usize];
+        file.read_exact_at(&mut trailer, len - TRAILER_LEN)
+            .map_err(io_error(path))?;
+        if &trailer[40..] != END_MAGIC {
             return Err(corrupt("bad end marker (truncated?)".into()));
         }
-        let header_offset = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
-        if header_offset < 8 || header_offset > len - 16 || len - 16 - header_offset > MAX_HEADER_LEN {
+        let header_offset = u64::from_le_bytes(trailer[32..40].try_into().expect("8 bytes"));
+        let header_end = len - TRAILER_LEN;
+        if header_offset < 8 || header_offset > header_end || header_end - header_offset > MAX_HEADER_LEN {
             return Err(corrupt(format!("header offset {header_offset} out of range")));
         }
-        let mut json = vec![0u8; (len - 16 - header_offset) as usize];
+        let mut json = vec![0u8; (header_end - header_offset) as usize];
         file.read_exact_at(&mut json, header_offset).map_err(io_error(path))?;
+        if blake3::hash(&json).as_bytes() != &trailer[..32] {
+            return Err(corrupt("header does not match its digest".into()));
+        }
         let header: GenerationHeader =
             serde_json::from_slice(&json).map_err(|e| corrupt(format!("header is not valid: {e}")))?;
         if header.format != FORMAT_VERSION {
