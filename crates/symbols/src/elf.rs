@@ -32,6 +32,8 @@ pub struct Symbol {
     pub kind: SymbolKind,
     pub source: SymbolSource,
     pub global: bool,
+    /// STT_GNU_IFUNC: `address` is a resolver, not the function itself.
+    pub ifunc: bool,
 }
 
 /// A loadable segment (PT_LOAD).
@@ -120,6 +122,11 @@ pub struct ElfImage {
     pub symbols: SymbolTable,
     /// Whether the file had a `.symtab` (not stripped).
     pub has_symtab: bool,
+    /// IRELATIVE relocations: IFUNC resolver address → GOT slot address
+    /// (file addresses). The dynamic linker fills these slots eagerly with
+    /// the implementation the resolver chose, so reading the live slot gives
+    /// the address a new caller must use.
+    pub irelative_slots: HashMap<u64, u64>,
 }
 
 impl ElfImage {
@@ -157,15 +164,34 @@ impl ElfImage {
             })
             .collect();
         let mut symbols = Vec::new();
-        collect(&mut symbols, file.symbols(), SymbolSource::Symtab);
-        collect(&mut symbols, file.dynamic_symbols(), SymbolSource::Dynsym);
+        collect(&mut symbols, file.symbols(), SymbolSource::Symtab, &[]);
+        // Versioned libraries list old versions of a symbol (memcpy@GLIBC_2.2.5)
+        // beside the default one (memcpy@@GLIBC_2.14); the hidden bit of
+        // .gnu.version marks the old ones, which a new binding never gets.
+        let versions: Vec<u16> = file
+            .section_by_name(".gnu.version")
+            .and_then(|s| s.data().ok())
+            .map(|data| data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+            .unwrap_or_default();
+        collect(&mut symbols, file.dynamic_symbols(), SymbolSource::Dynsym, &versions);
         let has_symtab = file.section_by_name(".symtab").is_some_and(|s| s.size() > 0);
+        const R_X86_64_IRELATIVE: u32 = 37;
+        let irelative_slots = file
+            .dynamic_relocations()
+            .into_iter()
+            .flatten()
+            .filter(
+                |(_, r)| matches!(r.flags(), object::RelocationFlags::Elf { r_type } if r_type == R_X86_64_IRELATIVE),
+            )
+            .map(|(slot, r)| (r.addend() as u64, slot))
+            .collect();
         Ok(ElfImage {
             path: path.to_path_buf(),
             build_id,
             segments,
             symbols: SymbolTable::new(symbols),
             has_symtab,
+            irelative_slots,
         })
     }
 
@@ -197,8 +223,13 @@ fn collect<'data: 'file, 'file>(
     out: &mut Vec<Symbol>,
     symbols: impl Iterator<Item = object::Symbol<'data, 'file>>,
     source: SymbolSource,
+    versions: &[u16],
 ) {
+    const VERSYM_HIDDEN: u16 = 0x8000;
     for symbol in symbols {
+        if versions.get(symbol.index().0).is_some_and(|v| v & VERSYM_HIDDEN != 0) {
+            continue;
+        }
         if symbol.is_undefined() || symbol.address() == 0 {
             continue;
         }
@@ -212,6 +243,9 @@ fn collect<'data: 'file, 'file>(
             ObjectSymbolKind::Tls | ObjectSymbolKind::Section | ObjectSymbolKind::File => continue,
             _ => SymbolKind::Other,
         };
+        const STT_GNU_IFUNC: u8 = 10;
+        let ifunc =
+            matches!(symbol.flags(), object::SymbolFlags::Elf { st_info, .. } if st_info & 0xf == STT_GNU_IFUNC);
         out.push(Symbol {
             name: name.to_string(),
             address: symbol.address(),
@@ -219,6 +253,7 @@ fn collect<'data: 'file, 'file>(
             kind,
             source,
             global: symbol.is_global(),
+            ifunc,
         });
     }
 }
@@ -235,6 +270,7 @@ mod tests {
             kind: SymbolKind::Function,
             source: SymbolSource::Symtab,
             global: true,
+            ifunc: false,
         }
     }
 

@@ -30,6 +30,13 @@ fn c_fixture_modules_symbols_and_bias() {
     // Stripped libc still has .dynsym.
     let libc = modules.iter().find(|m| m.name.starts_with("libc.so")).unwrap();
     assert!(!libc.symbol_addresses("malloc").is_empty());
+    // Only the default version of a versioned symbol is listed.
+    let memcpy: std::collections::BTreeSet<u64> = libc.symbol_addresses("memcpy").iter().map(|(a, _)| *a).collect();
+    assert_eq!(memcpy.len(), 1, "memcpy@@GLIBC_2.14 only: {memcpy:x?}");
+    // memcpy is an IFUNC; libc's own IRELATIVE slot for it exists.
+    let (address, symbol) = libc.symbol_addresses("memcpy")[0];
+    assert!(symbol.ifunc);
+    assert!(libc.image.irelative_slots.contains_key(&(address - libc.bias)));
     assert!(libc.matches_name("libc") && libc.matches_name("c"));
 }
 
