@@ -1,0 +1,382 @@
+//! The patch journal: an append-only file of JSON lines per target
+//! incarnation (`targets/<pid>-<start>/journal`), each line fsync'd before
+//! the step it announces touches the target. Replaying it gives the active
+//! patches and, after a crash, the one transaction left incomplete, with
+//! every address, original byte and new byte needed to finish or undo it.
+
+use crate::trampoline::FunctionSite;
+use crate::PatchError;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// One trampoline write: what was there, what we put there.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Write5 {
+    pub address: u64,
+    #[serde(with = "hex_bytes")]
+    pub original: Vec<u8>,
+    #[serde(with = "hex_bytes")]
+    pub new: Vec<u8>,
+}
+
+/// A replaced function within an applied patch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PatchedFunction {
+    pub site: FunctionSite,
+    /// The function in the patch object that now runs instead.
+    pub with: String,
+    pub new_address: u64,
+    pub write: Write5,
+}
+
+/// Everything known about an applied patch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PatchRecord {
+    pub id: String,
+    pub generation: u32,
+    pub manifest: PathBuf,
+    pub object: PathBuf,
+    pub module: String,
+    pub build_id: String,
+    pub mapping_address: u64,
+    pub mapping_len: u64,
+    pub functions: Vec<PatchedFunction>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxnKind {
+    Apply,
+    Rollback,
+}
+
+/// A journal line.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Record {
+    /// A transaction starts.
+    Begin {
+        txn: u64,
+        kind: TxnKind,
+        patch_id: String,
+        pid: i32,
+        start_time: u64,
+        unix_ms: u64,
+    },
+    /// About to map `len` bytes at `address` (written before the mmap).
+    Map { txn: u64, address: u64, len: u64 },
+    /// About to write these trampolines (written before the first write).
+    Plan { txn: u64, patch: PatchRecord },
+    /// The mapping at `address` was unmapped.
+    Unmap { txn: u64, address: u64, len: u64 },
+    /// The mapping was left in place (a thread might still use it).
+    Retire {
+        txn: u64,
+        address: u64,
+        len: u64,
+        reason: String,
+    },
+    /// The transaction took full effect.
+    Commit { txn: u64, pause_us: u64 },
+    /// The transaction was undone; the target is as before it.
+    Abort { txn: u64, reason: String },
+}
+
+impl Record {
+    pub fn txn(&self) -> u64 {
+        match self {
+            Record::Begin { txn, .. }
+            | Record::Map { txn, .. }
+            | Record::Plan { txn, .. }
+            | Record::Unmap { txn, .. }
+            | Record::Retire { txn, .. }
+            | Record::Commit { txn, .. }
+            | Record::Abort { txn, .. } => *txn,
+        }
+    }
+}
+
+/// A transaction that has begun but neither committed nor aborted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenTxn {
+    pub txn: u64,
+    pub kind: TxnKind,
+    pub patch_id: String,
+    pub mapping: Option<(u64, u64)>,
+    pub plan: Option<PatchRecord>,
+}
+
+/// The journal replayed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JournalState {
+    /// Active patches, oldest first.
+    pub active: Vec<PatchRecord>,
+    pub open: Option<OpenTxn>,
+    pub next_txn: u64,
+    /// Mappings left in place by rollbacks.
+    pub retired: Vec<(u64, u64)>,
+}
+
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+}
+
+impl Journal {
+    pub fn path_in(dir: &Path) -> PathBuf {
+        dir.join("journal")
+    }
+
+    /// Open (creating) the journal in a target directory.
+    pub fn open(dir: &Path) -> Result<Self, PatchError> {
+        let path = Self::path_in(dir);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| PatchError::Journal {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(Journal { path, file })
+    }
+
+    /// Append one record and make it durable before returning.
+    pub fn append(&mut self, record: &Record) -> Result<(), PatchError> {
+        let mut line = serde_json::to_vec(record).expect("records serialize");
+        line.push(b'\n');
+        let error = |e: std::io::Error| PatchError::Journal {
+            path: self.path.clone(),
+            message: e.to_string(),
+        };
+        self.file.write_all(&line).map_err(error)?;
+        self.file.sync_data().map_err(error)
+    }
+
+    /// Replay the journal at `dir` (an absent journal is an empty one).
+    pub fn replay(dir: &Path) -> Result<JournalState, PatchError> {
+        let path = Self::path_in(dir);
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(JournalState::default()),
+            Err(e) => {
+                return Err(PatchError::Journal {
+                    path,
+                    message: e.to_string(),
+                })
+            }
+        };
+        replay_bytes(&path, &text)
+    }
+}
+
+/// Replay journal bytes. A last line without its newline is a write cut
+/// short by a crash and is ignored (its step never started); any other
+/// unreadable line is corruption.
+pub fn replay_bytes(path: &Path, bytes: &[u8]) -> Result<JournalState, PatchError> {
+    let mut state = JournalState::default();
+    let complete = match bytes.iter().rposition(|b| *b == b'\n') {
+        Some(last) => &bytes[..=last],
+        None => &bytes[..0],
+    };
+    for (number, line) in complete.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let record: Record = serde_json::from_slice(line).map_err(|e| PatchError::Journal {
+            path: path.to_path_buf(),
+            message: format!("line {} is corrupt: {e}", number + 1),
+        })?;
+        state.next_txn = state.next_txn.max(record.txn() + 1);
+        let corrupt = |what: &str| PatchError::Journal {
+            path: path.to_path_buf(),
+            message: format!("line {}: {what}", number + 1),
+        };
+        match record {
+            Record::Begin {
+                txn, kind, patch_id, ..
+            } => {
+                if state.open.is_some() {
+                    return Err(corrupt("a transaction begins while another is open"));
+                }
+                state.open = Some(OpenTxn {
+                    txn,
+                    kind,
+                    patch_id,
+                    mapping: None,
+                    plan: None,
+                });
+            }
+            Record::Map { txn, address, len } => open_txn(&mut state, txn, &corrupt)?.mapping = Some((address, len)),
+            Record::Plan { txn, patch } => open_txn(&mut state, txn, &corrupt)?.plan = Some(patch),
+            Record::Unmap { txn, address, .. } => {
+                open_txn(&mut state, txn, &corrupt)?;
+                state.retired.retain(|(a, _)| *a != address);
+            }
+            Record::Retire { txn, address, len, .. } => {
+                open_txn(&mut state, txn, &corrupt)?;
+                state.retired.push((address, len));
+            }
+            Record::Commit { txn, .. } => {
+                let open = open_txn(&mut state, txn, &corrupt)?.clone();
+                state.open = None;
+                match open.kind {
+                    TxnKind::Apply => state
+                        .active
+                        .push(open.plan.ok_or_else(|| corrupt("apply committed without a plan"))?),
+                    TxnKind::Rollback => state.active.retain(|p| p.id != open.patch_id),
+                }
+            }
+            Record::Abort { txn, .. } => {
+                open_txn(&mut state, txn, &corrupt)?;
+                state.open = None;
+            }
+        }
+    }
+    Ok(state)
+}
+
+fn open_txn<'a>(
+    state: &'a mut JournalState,
+    txn: u64,
+    corrupt: &dyn Fn(&str) -> PatchError,
+) -> Result<&'a mut OpenTxn, PatchError> {
+    match state.open.as_mut() {
+        Some(open) if open.txn == txn => Ok(open),
+        _ => Err(corrupt("record for a transaction that is not open")),
+    }
+}
+
+mod hex_bytes {
+    pub fn serialize<S: serde::Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&shadowpatch_symbols::hex(bytes))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text: String = serde::Deserialize::deserialize(deserializer)?;
+        if text.len() % 2 != 0 {
+            return Err(serde::de::Error::custom("odd-length hex"));
+        }
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn patch(id: &str) -> PatchRecord {
+        PatchRecord {
+            id: id.into(),
+            generation: 1,
+            manifest: "m.toml".into(),
+            object: "p.so".into(),
+            module: "busy".into(),
+            build_id: "ab".into(),
+            mapping_address: 0x1000,
+            mapping_len: 0x2000,
+            functions: vec![PatchedFunction {
+                site: FunctionSite {
+                    symbol: "f".into(),
+                    entry: 0x10,
+                    size: 16,
+                    patch_at: 0x10,
+                },
+                with: "g".into(),
+                new_address: 0x1100,
+                write: Write5 {
+                    address: 0x10,
+                    original: vec![0x55, 1, 2, 3, 4],
+                    new: vec![0xe9, 0, 0, 0, 0],
+                },
+            }],
+        }
+    }
+
+    fn lines(records: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            out.extend(serde_json::to_vec(r).unwrap());
+            out.push(b'\n');
+        }
+        out
+    }
+
+    fn begin(txn: u64, kind: TxnKind, id: &str) -> Record {
+        Record::Begin {
+            txn,
+            kind,
+            patch_id: id.into(),
+            pid: 1,
+            start_time: 2,
+            unix_ms: 3,
+        }
+    }
+
+    #[test]
+    fn replay_tracks_active_patches_and_the_open_transaction() {
+        let path = Path::new("journal");
+        let records = vec![
+            begin(0, TxnKind::Apply, "a"),
+            Record::Map {
+                txn: 0,
+                address: 0x1000,
+                len: 0x2000,
+            },
+            Record::Plan {
+                txn: 0,
+                patch: patch("a"),
+            },
+            Record::Commit { txn: 0, pause_us: 50 },
+            begin(1, TxnKind::Apply, "b"),
+            Record::Map {
+                txn: 1,
+                address: 0x5000,
+                len: 0x1000,
+            },
+        ];
+        let state = replay_bytes(path, &lines(&records)).unwrap();
+        assert_eq!(state.active.len(), 1);
+        assert_eq!(state.active[0].functions[0].write.original, vec![0x55, 1, 2, 3, 4]);
+        let open = state.open.unwrap();
+        assert_eq!(
+            (open.txn, open.patch_id.as_str(), open.mapping),
+            (1, "b", Some((0x5000, 0x1000)))
+        );
+        assert_eq!(state.next_txn, 2);
+
+        let mut all = records.clone();
+        all.push(Record::Abort {
+            txn: 1,
+            reason: "test".into(),
+        });
+        all.push(begin(2, TxnKind::Rollback, "a"));
+        all.push(Record::Commit { txn: 2, pause_us: 40 });
+        let state = replay_bytes(path, &lines(&all)).unwrap();
+        assert!(state.active.is_empty() && state.open.is_none());
+    }
+
+    #[test]
+    fn a_torn_last_line_is_ignored_and_other_damage_refused() {
+        let path = Path::new("journal");
+        let mut bytes = lines(&[begin(0, TxnKind::Apply, "a")]);
+        bytes.extend_from_slice(b"{\"op\":\"map\",\"tx");
+        let state = replay_bytes(path, &bytes).unwrap();
+        assert!(state.open.unwrap().mapping.is_none());
+        let mut bytes = lines(&[begin(0, TxnKind::Apply, "a")]);
+        bytes.extend_from_slice(b"garbage\n");
+        assert!(replay_bytes(path, &bytes)
+            .unwrap_err()
+            .to_string()
+            .contains("line 2 is corrupt"));
+        let bytes = lines(&[Record::Commit { txn: 4, pause_us: 1 }]);
+        assert!(replay_bytes(path, &bytes).is_err());
+    }
+}

@@ -1,0 +1,166 @@
+//! The patch manifest (format v1): a TOML file beside the patch object.
+//!
+//! ```toml
+//! id = "ping-fix"
+//! object = "ping_fix.so"          # relative to the manifest
+//! [target]
+//! build_id = "a50d6825e7..."
+//! module = "redis-server"         # optional file-name hint
+//! [[replace]]
+//! symbol = "pingCommand"
+//! with = "pingCommand_fixed"
+//! ```
+//!
+//! Unknown keys are refused (a typo must not silently drop a replacement).
+
+use crate::PatchError;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Unique per target process.
+    pub id: String,
+    /// The patch object, relative to the manifest's directory.
+    pub object: PathBuf,
+    pub target: TargetSpec,
+    #[serde(rename = "replace")]
+    pub replacements: Vec<Replacement>,
+    /// Optional free text shown in status and history.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    /// Hex GNU build-id of the module whose functions are replaced.
+    pub build_id: String,
+    /// Optional file-name hint (checked when given).
+    #[serde(default)]
+    pub module: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replacement {
+    /// Function in the target module (.symtab or .dynsym).
+    pub symbol: String,
+    /// Function in the patch object.
+    pub with: String,
+}
+
+impl Manifest {
+    /// Read and validate a manifest file.
+    pub fn load(path: &Path) -> Result<(Manifest, PathBuf), PatchError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PatchError::Manifest {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let manifest = Self::parse(&text).map_err(|message| PatchError::Manifest {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        let object = path.parent().unwrap_or(Path::new(".")).join(&manifest.object);
+        Ok((manifest, object))
+    }
+
+    /// Parse and validate manifest text; the error is one line.
+    pub fn parse(text: &str) -> Result<Manifest, String> {
+        let manifest: Manifest = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            match line {
+                Some(line) => format!("line {line}: {}", e.message()),
+                None => e.message().to_string(),
+            }
+        })?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let id_ok = !self.id.is_empty()
+            && self.id.len() <= 64
+            && self.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !id_ok {
+            return Err(format!("id {:?}: use 1-64 characters of [A-Za-z0-9._-]", self.id));
+        }
+        let hex_ok = self.target.build_id.len() >= 8
+            && self.target.build_id.len() % 2 == 0
+            && self.target.build_id.chars().all(|c| c.is_ascii_hexdigit());
+        if !hex_ok {
+            return Err(format!(
+                "target.build_id {:?} is not a hex build-id",
+                self.target.build_id
+            ));
+        }
+        if self.replacements.is_empty() {
+            return Err("no [[replace]] entries: nothing to patch".into());
+        }
+        for (i, r) in self.replacements.iter().enumerate() {
+            if r.symbol.is_empty() || r.with.is_empty() {
+                return Err(format!("replace[{i}]: symbol and with must both be non-empty"));
+            }
+            if self.replacements[..i].iter().any(|earlier| earlier.symbol == r.symbol) {
+                return Err(format!("replace[{i}]: symbol {} is replaced twice", r.symbol));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn build_id_lowercase(&self) -> String {
+        self.target.build_id.to_ascii_lowercase()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+id = "ping-fix"
+object = "ping_fix.so"
+[target]
+build_id = "A50D6825e7aa"
+module = "redis-server"
+[[replace]]
+symbol = "pingCommand"
+with = "pingCommand_fixed"
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let m = Manifest::parse(GOOD).unwrap();
+        assert_eq!(m.id, "ping-fix");
+        assert_eq!(m.build_id_lowercase(), "a50d6825e7aa");
+        assert_eq!(m.replacements[0].with, "pingCommand_fixed");
+    }
+
+    #[test]
+    fn refuses_missing_unknown_and_bad_values() {
+        let cases = [
+            (GOOD.replace("id = \"ping-fix\"\n", ""), "missing field `id`"),
+            (GOOD.replace("symbol = ", "symbl = "), "unknown field `symbl`"),
+            (GOOD.replace("module = ", "modul = "), "unknown field `modul`"),
+            (format!("{GOOD}extra = 1\n"), "unknown field `extra`"),
+            (GOOD.replace("A50D6825e7aa", "xyz"), "not a hex build-id"),
+            (GOOD.replace("ping-fix", "a b"), "id \"a b\""),
+            (
+                format!("replace = []\n{}", &GOOD[..GOOD.find("[[replace]]").unwrap()]),
+                "no [[replace]]",
+            ),
+            (
+                format!("{GOOD}[[replace]]\nsymbol = \"pingCommand\"\nwith = \"x\"\n"),
+                "replaced twice",
+            ),
+            ("id = ".to_string(), "line 1"),
+        ];
+        for (text, needle) in cases {
+            let error = Manifest::parse(&text).unwrap_err();
+            assert!(error.contains(needle), "{needle:?} not in {error:?}");
+            assert!(!error.contains('\n'));
+        }
+    }
+}
