@@ -6,6 +6,8 @@ use shadowpatch_target::TargetError;
 
 /// Exit code for input the user can fix (bad pid, missing mirror, ...).
 pub const BAD_INPUT: i32 = 2;
+/// Exit code for a patch operation refused on safety grounds.
+pub const REFUSED: i32 = 1;
 /// Exit code for an operation that failed midway.
 pub const FAILED: i32 = 3;
 
@@ -24,6 +26,13 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
         }
         if let Some(e) = cause.downcast_ref::<MirrorError>() {
             return if e.is_bad_input() { BAD_INPUT } else { FAILED };
+        }
+        if let Some(e) = cause.downcast_ref::<shadowpatch_patch::PatchError>() {
+            return match e.class() {
+                shadowpatch_patch::ErrorClass::BadInput => BAD_INPUT,
+                shadowpatch_patch::ErrorClass::Refused => REFUSED,
+                shadowpatch_patch::ErrorClass::Failed => FAILED,
+            };
         }
         if let Some(e) = cause.downcast_ref::<SymbolsError>() {
             return match e {

@@ -1,7 +1,8 @@
 //! `shadowpatch`: live-patch running Linux processes safely. This file holds
 //! the command line (clap) and maps errors to exit codes:
-//! 0 success, 1 verification found differences, 2 bad input (target
-//! untouched), 3 an operation failed midway.
+//! 0 success, 1 verification found differences or a patch operation was
+//! refused on safety grounds, 2 bad input (target untouched), 3 an
+//! operation failed midway.
 
 #![forbid(unsafe_code)]
 
@@ -51,6 +52,19 @@ enum Command {
         #[arg(long)]
         generation: Option<u32>,
     },
+    /// Load a patch into a running process and switch its functions in one stop.
+    Apply {
+        pid: i32,
+        /// The patch manifest (TOML).
+        manifest: PathBuf,
+        /// Stops to try while a thread sits inside an entry being rewritten.
+        #[arg(long, default_value_t = shadowpatch_patch::activate::DEFAULT_ATTEMPTS)]
+        attempts: u32,
+    },
+    /// Restore the functions of the latest patch (or PATCH_ID, if it is the latest).
+    Rollback { pid: i32, patch_id: Option<String> },
+    /// Finish or undo a patch transaction that was interrupted.
+    Recover { pid: i32 },
     /// Show a target's identity, modules and mirror generations.
     Status { pid: i32 },
     /// Stop and resume every thread of a process, reporting the pause.
@@ -95,6 +109,13 @@ fn main() {
     let result = match cli.command {
         Command::Mirror { pid, module } => commands::mirror::run(&context, pid, module.as_deref()),
         Command::Verify { pid, generation } => commands::verify::run(&context, pid, generation),
+        Command::Apply {
+            pid,
+            manifest,
+            attempts,
+        } => commands::patching::run_apply(&context, pid, &manifest, attempts),
+        Command::Rollback { pid, patch_id } => commands::patching::run_rollback(&context, pid, patch_id.as_deref()),
+        Command::Recover { pid } => commands::patching::run_recover(&context, pid),
         Command::Status { pid } => commands::status::run(&context, pid),
         Command::Pause {
             pid,

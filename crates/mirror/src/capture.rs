@@ -91,10 +91,7 @@ pub fn capture(
     let header = GenerationHeader {
         format: FORMAT_VERSION,
         generation: options.generation,
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        created_unix_ms: unix_ms(),
         target: TargetRecord::from(identity),
         hash_algorithm: "xxh3-128-keyed".into(),
         hash_secret: encode_secret(hasher.secret()),
@@ -106,4 +103,12 @@ pub fn capture(
         notes,
     };
     writer.finish(header, &hashes)
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

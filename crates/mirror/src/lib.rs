@@ -7,12 +7,14 @@
 #![forbid(unsafe_code)]
 
 pub mod capture;
+pub mod derive;
 pub mod hash;
 pub mod region;
 pub mod store;
 pub mod verify;
 
 pub use capture::{capture, CaptureOptions};
+pub use derive::{derive, AddedRegion, Edit};
 pub use hash::{merkle_root, PageHasher, PAGE_SIZE};
 pub use region::{select_regions, RegionKind, RegionSpec};
 pub use store::{GenerationHeader, MirrorFile, RegionRecord, StateDir, TargetRecord};

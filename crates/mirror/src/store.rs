@@ -455,6 +455,11 @@ impl MirrorFile {
         Ok(page)
     }
 
+    /// The open file, for bulk reads of stored pages.
+    pub fn raw_file(&self) -> &File {
+        &self.file
+    }
+
     /// Page hashes of region `index`.
     pub fn region_hashes(&self, index: usize) -> &[u128] {
         let region = &self.header.regions[index];

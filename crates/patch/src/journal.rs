@@ -29,6 +29,10 @@ pub struct PatchedFunction {
     pub with: String,
     pub new_address: u64,
     pub write: Write5,
+    /// Registers a thunk preserves around the new function, when the new
+    /// function changes registers the original left alone (see `clobber`).
+    #[serde(default)]
+    pub preserved: Option<String>,
 }
 
 /// Everything known about an applied patch.

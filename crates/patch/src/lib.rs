@@ -4,15 +4,26 @@
 
 #![forbid(unsafe_code)]
 
+pub mod activate;
+pub mod apply;
+pub mod clobber;
+pub mod fault;
 pub mod journal;
 pub mod load;
 pub mod manifest;
 pub mod object;
+pub mod recover;
 pub mod resolve;
+pub mod rollback;
+pub mod state;
+pub mod thunk;
 pub mod trampoline;
 
+pub use apply::{apply, ApplyOptions, ApplyOutcome};
 pub use manifest::Manifest;
 pub use object::PatchObject;
+pub use recover::{recover, RecoverOutcome, Recovered};
+pub use rollback::{rollback, RollbackOutcome};
 
 use std::path::PathBuf;
 
@@ -55,8 +66,85 @@ pub enum PatchError {
         address: u64,
         reason: String,
     },
+    #[error(
+        "no module of pid {pid} has build-id {wanted}; the patch was built for another binary (modules: {available})"
+    )]
+    BuildIdMismatch {
+        pid: i32,
+        wanted: String,
+        available: String,
+    },
+    #[error("the module with this build-id is {module}, not {hint} as the manifest's target.module says")]
+    ModuleHint { hint: String, module: String },
+    #[error("patch {id} is already active in pid {pid}; patch ids are unique per process")]
+    DuplicateId { pid: i32, id: String },
+    #[error("pid {pid} has an interrupted transaction on patch {patch_id}: run `shadowpatch recover {pid}` first")]
+    OpenTransaction { pid: i32, patch_id: String },
+    #[error("pid {pid} has no active patch to roll back")]
+    NothingToRollback { pid: i32 },
+    #[error("pid {pid} has no active patch {id} (active: {active})")]
+    NoSuchPatch { pid: i32, id: String, active: String },
+    #[error("patch {id} lies under later patches ({above}); roll those back first (rollback is last-in first-out)")]
+    NotOnTop { id: String, above: String },
+    #[error("refusing: live bytes at {address:#x} are {live}, expected {expected}: someone else changed them")]
+    Tampered {
+        address: u64,
+        expected: String,
+        live: String,
+    },
+    #[error("refusing: a thread was inside the bytes to rewrite at {address:#x} in each of {attempts} stops")]
+    Busy { address: u64, attempts: u32 },
+    #[error("staging check failed: the bytes loaded at {address:#x} differ from the staged generation")]
+    StagingMismatch { address: u64 },
+    #[error(transparent)]
+    Mirror(#[from] shadowpatch_mirror::MirrorError),
+    #[error(transparent)]
+    Symbols(#[from] shadowpatch_symbols::SymbolsError),
     #[error("journal {path}: {message}")]
     Journal { path: PathBuf, message: String },
     #[error(transparent)]
     Target(#[from] shadowpatch_target::TargetError),
+}
+
+/// How the CLI should exit for an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The input is wrong (exit 2); the target was not touched.
+    BadInput,
+    /// Refused on safety grounds (exit 1); the target was not touched.
+    Refused,
+    /// Failed midway (exit 3).
+    Failed,
+}
+
+impl PatchError {
+    pub fn class(&self) -> ErrorClass {
+        use PatchError::*;
+        match self {
+            Manifest { .. }
+            | Object { .. }
+            | Unsupported { .. }
+            | UnknownSymbol { .. }
+            | NotAFunction { .. }
+            | Unresolved { .. }
+            | Ambiguous { .. }
+            | UnresolvableIfunc { .. }
+            | BuildIdMismatch { .. }
+            | ModuleHint { .. }
+            | DuplicateId { .. }
+            | NothingToRollback { .. }
+            | NoSuchPatch { .. } => ErrorClass::BadInput,
+            Unpatchable { .. }
+            | NotOnTop { .. }
+            | Tampered { .. }
+            | Busy { .. }
+            | OpenTransaction { .. }
+            | RelocationOverflow { .. }
+            | NoRoom { .. }
+            | StagingMismatch { .. } => ErrorClass::Refused,
+            Target(e) if e.is_bad_input() => ErrorClass::BadInput,
+            Mirror(e) if e.is_bad_input() => ErrorClass::BadInput,
+            Journal { .. } | Target(_) | Mirror(_) | Symbols(_) => ErrorClass::Failed,
+        }
+    }
 }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod demo;
 pub mod lookup;
 pub mod mirror;
+pub mod patching;
 pub mod pause;
 pub mod status;
 pub mod verify;

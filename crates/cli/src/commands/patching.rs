@@ -1,0 +1,113 @@
+//! `shadowpatch apply`, `rollback` and `recover`.
+
+use super::Context;
+use crate::output::print_json;
+use shadowpatch_patch::{apply, recover, rollback, ApplyOptions, Recovered};
+use std::path::Path;
+
+pub fn run_apply(context: &Context, pid: i32, manifest: &Path, attempts: u32) -> anyhow::Result<i32> {
+    let outcome = apply(
+        &context.state_dir,
+        pid,
+        manifest,
+        &ApplyOptions { max_attempts: attempts },
+    )?;
+    if context.json {
+        print_json(&outcome);
+        return Ok(0);
+    }
+    println!(
+        "applied {} to pid {}: generation {}, {} function{}, pause {} µs ({} thread{}, {} attempt{}), total {:.1} ms",
+        outcome.patch_id,
+        outcome.pid,
+        outcome.generation,
+        outcome.functions.len(),
+        plural(outcome.functions.len()),
+        outcome.pause_us,
+        outcome.activation.pause.threads,
+        plural(outcome.activation.pause.threads),
+        outcome.activation.attempts,
+        plural(outcome.activation.attempts as usize),
+        outcome.total_us as f64 / 1000.0
+    );
+    for f in &outcome.functions {
+        let via = match &f.preserved {
+            None => "direct jump".to_string(),
+            Some(registers) => format!("via a thunk preserving {registers}"),
+        };
+        println!(
+            "  {} ({:#x}) → {} ({:#x}), {via}",
+            f.symbol, f.entry, f.with, f.new_address
+        );
+    }
+    println!(
+        "  loaded at {:#x} ({} bytes) in a {} µs stop",
+        outcome.mapping_address, outcome.mapping_len, outcome.load_pause_us
+    );
+    Ok(0)
+}
+
+pub fn run_rollback(context: &Context, pid: i32, patch_id: Option<&str>) -> anyhow::Result<i32> {
+    let outcome = rollback(&context.state_dir, pid, patch_id)?;
+    if context.json {
+        print_json(&outcome);
+        return Ok(0);
+    }
+    println!(
+        "rolled back {} in pid {}: generation {} active, {} function{} restored, pause {} µs",
+        outcome.patch_id,
+        outcome.pid,
+        outcome.generation,
+        outcome.functions.len(),
+        plural(outcome.functions.len()),
+        outcome.pause_us
+    );
+    match &outcome.retired_reason {
+        None => println!(
+            "  patch memory unmapped (in a separate {} µs stop)",
+            outcome.unmap_pause_us
+        ),
+        Some(reason) => println!("  patch memory left mapped: {reason}"),
+    }
+    Ok(0)
+}
+
+pub fn run_recover(context: &Context, pid: i32) -> anyhow::Result<i32> {
+    let outcome = recover(&context.state_dir, pid)?;
+    if context.json {
+        print_json(&outcome);
+        return Ok(0);
+    }
+    match outcome.state {
+        Recovered::Consistent => println!(
+            "pid {pid}: consistent, no interrupted transaction ({} active patch{})",
+            outcome.active_patches.len(),
+            if outcome.active_patches.len() == 1 { "" } else { "es" }
+        ),
+        Recovered::FullyApplied => println!(
+            "pid {pid}: interrupted apply of {} completed: fully applied ({}/{} trampolines were written)",
+            outcome.patch_id.as_deref().unwrap_or("?"),
+            outcome.written,
+            outcome.total
+        ),
+        Recovered::FullyRolledBack => println!(
+            "pid {pid}: interrupted {} of {} undone: fully rolled back ({}/{} trampolines had been written)",
+            match outcome.interrupted {
+                Some(shadowpatch_patch::journal::TxnKind::Rollback) => "rollback",
+                _ => "apply",
+            },
+            outcome.patch_id.as_deref().unwrap_or("?"),
+            outcome.written,
+            outcome.total
+        ),
+    }
+    Ok(0)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}

@@ -1,0 +1,120 @@
+//! Switching a set of function entries in one stop of all threads: check no
+//! thread's instruction pointer lies inside the bytes being rewritten (retry
+//! a bounded number of times if one does), check the live bytes are exactly
+//! what we expect (never overwrite someone else's change), write them all,
+//! read them back, resume. All entries switch or none do.
+
+use crate::fault;
+use crate::journal::Write5;
+use crate::PatchError;
+use shadowpatch_target::{Attached, PauseReport, Stopped};
+
+/// Which way the writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Expect `original`, write `new` (apply).
+    Forward,
+    /// Expect `new`, write `original` (rollback).
+    Backward,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Activation {
+    pub pause: PauseReport,
+    /// Stops needed until no thread was inside the rewritten bytes.
+    pub attempts: u32,
+}
+
+/// Default bound on stops before giving up because a thread keeps sitting
+/// inside the bytes to rewrite.
+pub const DEFAULT_ATTEMPTS: u32 = 50;
+
+/// Switch `writes` in one stop. `during` runs inside the same stop after
+/// the writes (used by rollback to unmap the patch).
+pub fn switch(
+    attached: &mut Attached,
+    writes: &[Write5],
+    direction: Direction,
+    max_attempts: u32,
+    fault_prefix: &str,
+    during: &mut dyn FnMut(&mut Stopped) -> Result<(), PatchError>,
+) -> Result<Activation, PatchError> {
+    for attempt in 1..=max_attempts.max(1) {
+        let mut stopped = attached.stop()?;
+        if let Some(busy) = thread_inside(&stopped, writes)? {
+            drop(stopped);
+            if attempt == max_attempts.max(1) {
+                return Err(PatchError::Busy {
+                    address: busy,
+                    attempts: attempt,
+                });
+            }
+            // Let the thread run on past the entry before trying again.
+            std::thread::yield_now();
+            continue;
+        }
+        let (expected_of, new_of): (fn(&Write5) -> &[u8], fn(&Write5) -> &[u8]) = match direction {
+            Direction::Forward => (|w| &w.original, |w| &w.new),
+            Direction::Backward => (|w| &w.new, |w| &w.original),
+        };
+        for write in writes {
+            let live = stopped.memory().read_vec(write.address, write.new.len())?;
+            if live != expected_of(write) {
+                return Err(PatchError::Tampered {
+                    address: write.address,
+                    expected: shadowpatch_symbols::hex(expected_of(write)),
+                    live: shadowpatch_symbols::hex(&live),
+                });
+            }
+        }
+        for (index, write) in writes.iter().enumerate() {
+            if index == 1 {
+                fault::point(&format!("{fault_prefix}partial-write"));
+            }
+            if let Err(error) = stopped.memory().write(write.address, new_of(write)) {
+                // Undo what this stop already wrote, so none switch.
+                for done in &writes[..index] {
+                    let _ = stopped.memory().write(done.address, expected_of(done));
+                }
+                return Err(error.into());
+            }
+        }
+        for write in writes {
+            let live = stopped.memory().read_vec(write.address, write.new.len())?;
+            if live != new_of(write) {
+                for done in writes {
+                    let _ = stopped.memory().write(done.address, expected_of(done));
+                }
+                return Err(PatchError::Tampered {
+                    address: write.address,
+                    expected: shadowpatch_symbols::hex(new_of(write)),
+                    live: shadowpatch_symbols::hex(&live),
+                });
+            }
+        }
+        fault::point(&format!("{fault_prefix}written"));
+        during(&mut stopped)?;
+        let pause = stopped.resume()?;
+        return Ok(Activation {
+            pause,
+            attempts: attempt,
+        });
+    }
+    unreachable!("the loop returns on its last attempt")
+}
+
+/// The first rewritten address some thread's instruction pointer sits
+/// strictly inside (at the first byte is fine: the thread will execute the
+/// new instruction whole).
+fn thread_inside(stopped: &Stopped, writes: &[Write5]) -> Result<Option<u64>, PatchError> {
+    for tid in stopped.threads() {
+        let rip = stopped.regs(tid)?.rip;
+        if let Some(write) = writes
+            .iter()
+            .find(|w| rip > w.address && rip < w.address + w.new.len() as u64)
+        {
+            return Ok(Some(write.address));
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,571 @@
+//! `apply`: stage → verify → activate, as one journaled transaction.
+//!
+//! 1. Validate everything that needs no target access (manifest, object,
+//!    build-id, symbols, entry checks) before attaching.
+//! 2. Journal `Begin` and `Map` (fsync'd), then in one short stop map the
+//!    object near the module with a remote `mmap`, write the relocated image
+//!    and set page protections.
+//! 3. Stage: derive the next mirror generation (trampolines edited in, the
+//!    patch's immutable pages added) and check the bytes now in the target's
+//!    new mapping equal it.
+//! 4. Journal `Plan` with every address, original and new byte, then switch
+//!    all entries in one stop; journal `Commit`; publish the generation.
+//!
+//! Any failure before the commit undoes what was done (unmap, drop the
+//! staged generation, journal `Abort`): the target ends as it began.
+
+use crate::activate::{switch, Activation, Direction, DEFAULT_ATTEMPTS};
+use crate::clobber::{clobbered, CodeSource, RegisterSet};
+use crate::fault;
+use crate::journal::{Journal, PatchRecord, PatchedFunction, Record, TxnKind, Write5};
+use crate::load::{choose_address, relocate};
+use crate::object::PatchObject;
+use crate::state::{ensure_baseline, now_ms, staged_path, TargetState};
+use crate::thunk;
+use crate::trampoline::{jump, plan_site, FunctionSite, JUMP_LEN};
+use crate::{Manifest, PatchError};
+use shadowpatch_mirror::{derive, AddedRegion, Edit, MirrorFile, RegionKind, RegionSpec, StateDir, PAGE_SIZE};
+use shadowpatch_symbols::{modules_of, Module};
+use shadowpatch_target::maps::read_maps;
+use shadowpatch_target::{Attached, ProcessIdentity};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Stops to try before refusing because a thread sits in an entry.
+    pub max_attempts: u32,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            max_attempts: DEFAULT_ATTEMPTS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FunctionOutcome {
+    pub symbol: String,
+    pub with: String,
+    pub entry: u64,
+    pub new_address: u64,
+    /// Registers preserved by a thunk (None: a direct jump).
+    pub preserved: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApplyOutcome {
+    pub patch_id: String,
+    pub pid: i32,
+    pub generation: u32,
+    pub functions: Vec<FunctionOutcome>,
+    pub mapping_address: u64,
+    pub mapping_len: u64,
+    /// The activation stop: first thread stopped → last resumed.
+    pub pause_us: u64,
+    pub activation: Activation,
+    /// The loading stop (remote mmap + write + mprotect).
+    pub load_pause_us: u64,
+    pub total_us: u64,
+}
+
+/// The target module's functions, read live, with the entries that active
+/// patches rewrote shown as they were originally (callers were compiled
+/// against the original code, so that is what the analysis must see).
+struct ModuleCode<'a> {
+    module: &'a Module,
+    memory: &'a mut shadowpatch_target::TargetMemory,
+    originals: &'a [(u64, Vec<u8>)],
+}
+
+impl CodeSource for ModuleCode<'_> {
+    fn function_at(&mut self, address: u64) -> Option<(u64, Vec<u8>)> {
+        let (symbol, _) = self.module.symbolize(address)?;
+        if symbol.kind != shadowpatch_symbols::SymbolKind::Function || symbol.size == 0 || symbol.size > 1 << 20 {
+            return None;
+        }
+        let start = symbol.address + self.module.bias;
+        let mut bytes = self.memory.read_vec(start, symbol.size as usize).ok()?;
+        for (at, original) in self.originals {
+            if *at >= start && at + (original.len() as u64) <= start + bytes.len() as u64 {
+                let offset = (at - start) as usize;
+                bytes[offset..offset + original.len()].copy_from_slice(original);
+            }
+        }
+        Some((start, bytes))
+    }
+}
+
+/// The patch object's own functions (object addresses, before relocation:
+/// only direct, PC-relative branches are followed, which need none).
+struct ObjectCode<'a> {
+    object: &'a PatchObject,
+    image: Vec<u8>,
+}
+
+impl CodeSource for ObjectCode<'_> {
+    fn function_at(&mut self, address: u64) -> Option<(u64, Vec<u8>)> {
+        let symbol = self
+            .object
+            .symbols
+            .values()
+            .find(|s| s.function && s.size > 0 && (s.address..s.address + s.size).contains(&address))?;
+        let bytes = self
+            .image
+            .get(symbol.address as usize..(symbol.address + symbol.size) as usize)?;
+        Some((symbol.address, bytes.to_vec()))
+    }
+}
+
+/// How deep the register analysis follows calls.
+const CLOBBER_DEPTH: u32 = 8;
+
+/// What was checked before touching the target.
+struct Prepared {
+    manifest: Manifest,
+    manifest_path: PathBuf,
+    object: PatchObject,
+    identity: ProcessIdentity,
+    module: Module,
+    modules: Vec<Module>,
+    maps: Vec<shadowpatch_target::Mapping>,
+    sites: Vec<(FunctionSite, String)>,
+    /// Per replacement: registers the new function changes that the
+    /// original did not (empty: jump straight to the new function).
+    extra: Vec<RegisterSet>,
+}
+
+/// Everything apply checks without writing to the target: used by `apply`
+/// and by `analyze`-style callers.
+fn prepare(pid: i32, manifest_path: &Path, originals: &[(u64, Vec<u8>)]) -> Result<Prepared, PatchError> {
+    let (manifest, object_path) = Manifest::load(manifest_path)?;
+    let object = PatchObject::load(&object_path)?;
+    for replacement in &manifest.replacements {
+        object.function(&replacement.with)?;
+    }
+    let identity = ProcessIdentity::of(pid)?;
+    let maps = read_maps(pid)?;
+    let modules = modules_of(pid, &maps)?;
+    let wanted = manifest.build_id_lowercase();
+    let module = modules
+        .iter()
+        .find(|m| m.build_id_hex().as_deref() == Some(wanted.as_str()))
+        .cloned()
+        .ok_or_else(|| PatchError::BuildIdMismatch {
+            pid,
+            wanted: wanted.clone(),
+            available: modules
+                .iter()
+                .filter(|m| {
+                    manifest
+                        .target
+                        .module
+                        .as_deref()
+                        .is_none_or(|hint| m.matches_name(hint))
+                })
+                .map(|m| format!("{} {}", m.name, m.build_id_hex().unwrap_or_else(|| "(none)".into())))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    if let Some(hint) = &manifest.target.module {
+        if !module.matches_name(hint) {
+            return Err(PatchError::ModuleHint {
+                hint: hint.clone(),
+                module: module.name.clone(),
+            });
+        }
+    }
+    let mut memory = shadowpatch_target::TargetMemory::open(&identity)?;
+    let mut read = |address: u64, len: usize| memory.read_vec(address, len).map_err(PatchError::from);
+    let mut sites = Vec::new();
+    for replacement in &manifest.replacements {
+        let site = plan_site(&module, &replacement.symbol, &mut read)?;
+        sites.push((site, replacement.with.clone()));
+    }
+    let mut extra = Vec::new();
+    let mut object_code = ObjectCode {
+        object: &object,
+        image: object.initial_image(),
+    };
+    for (site, with) in &sites {
+        let mut module_code = ModuleCode {
+            module: &module,
+            memory: &mut memory,
+            originals,
+        };
+        let old = clobbered(&mut module_code, site.entry, CLOBBER_DEPTH);
+        let new = clobbered(&mut object_code, object.function(with)?.address, CLOBBER_DEPTH);
+        extra.push(new.minus(old));
+    }
+    Ok(Prepared {
+        manifest,
+        manifest_path: manifest_path.to_path_buf(),
+        object,
+        identity,
+        module,
+        modules,
+        maps,
+        sites,
+        extra,
+    })
+}
+
+/// Apply the patch described by `manifest_path` to process `pid`.
+pub fn apply(
+    state_dir: &Path,
+    pid: i32,
+    manifest_path: &Path,
+    options: &ApplyOptions,
+) -> Result<ApplyOutcome, PatchError> {
+    let started = Instant::now();
+    let identity = ProcessIdentity::of(pid)?;
+    let state = StateDir::create(state_dir)?;
+    let mut target = TargetState::open(&state, &identity)?;
+    // Entries rewritten by active patches, as they were before the first.
+    let mut originals: Vec<(u64, Vec<u8>)> = Vec::new();
+    for patch in &target.journal_state.active {
+        for f in &patch.functions {
+            if !originals.iter().any(|(at, _)| *at == f.write.address) {
+                originals.push((f.write.address, f.write.original.clone()));
+            }
+        }
+    }
+    let prepared = prepare(pid, manifest_path, &originals)?;
+    prepared.identity.check_same(&identity)?;
+    if let Some(open) = &target.journal_state.open {
+        return Err(PatchError::OpenTransaction {
+            pid,
+            patch_id: open.patch_id.clone(),
+        });
+    }
+    if target.journal_state.active.iter().any(|p| p.id == prepared.manifest.id) {
+        return Err(PatchError::DuplicateId {
+            pid,
+            id: prepared.manifest.id.clone(),
+        });
+    }
+    let previous_generation = ensure_baseline(&state, &target, &prepared.identity, &prepared.maps, &prepared.modules)?;
+    let generation = previous_generation + 1;
+
+    let mut attached = Attached::seize(&prepared.identity)?;
+    // Layout: the object's pages, then (if any replacement needs one) a
+    // page-rounded area of register-preserving thunks, mapped r-x.
+    let thunk_sizes: Vec<usize> = prepared
+        .extra
+        .iter()
+        .map(|extra| {
+            if *extra == RegisterSet::default() {
+                0
+            } else {
+                thunk::build(0, 0, *extra).len()
+            }
+        })
+        .collect();
+    let thunk_area = (thunk_sizes.iter().sum::<usize>() as u64).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+    let object_span = prepared.object.span;
+    let span = object_span + thunk_area;
+    let address = choose_address(&prepared.maps, &prepared.module, span, 0)?;
+    let mut image = relocate(
+        &prepared.object,
+        address,
+        &prepared.module,
+        &prepared.modules,
+        attached.memory(),
+    )?;
+    image.resize(span as usize, 0);
+    let mut protections = prepared.object.page_protections();
+    if thunk_area > 0 {
+        protections.push((object_span, span, libc::PROT_READ | libc::PROT_EXEC));
+    }
+    let mut functions = Vec::new();
+    let mut thunk_offset = object_span;
+    for (((site, with), extra), size) in prepared.sites.iter().zip(&prepared.extra).zip(&thunk_sizes) {
+        let new_address = address + prepared.object.function(with)?.address;
+        let (jump_to, preserved) = if *size == 0 {
+            (new_address, None)
+        } else {
+            let thunk_address = address + thunk_offset;
+            let bytes = thunk::build(thunk_address, new_address, *extra);
+            image[thunk_offset as usize..thunk_offset as usize + bytes.len()].copy_from_slice(&bytes);
+            thunk_offset += bytes.len() as u64;
+            (thunk_address, Some(extra.names()))
+        };
+        let new = jump(&site.symbol, site.patch_at, jump_to)?;
+        let original = attached.memory().read_vec(site.patch_at, JUMP_LEN as usize)?;
+        functions.push(PatchedFunction {
+            site: site.clone(),
+            with: with.clone(),
+            new_address,
+            write: Write5 {
+                address: site.patch_at,
+                original,
+                new,
+            },
+            preserved,
+        });
+    }
+    let record = PatchRecord {
+        id: prepared.manifest.id.clone(),
+        generation,
+        manifest: absolute(&prepared.manifest_path),
+        object: absolute(&prepared.object.path),
+        module: prepared.module.name.clone(),
+        build_id: prepared.manifest.build_id_lowercase(),
+        mapping_address: address,
+        mapping_len: span,
+        functions,
+    };
+
+    let txn = target.journal_state.next_txn;
+    target.journal.append(&Record::Begin {
+        txn,
+        kind: TxnKind::Apply,
+        patch_id: record.id.clone(),
+        pid,
+        start_time: prepared.identity.start_time,
+        unix_ms: now_ms(),
+    })?;
+    fault::point("begin");
+    let staged = staged_path(&target.dir, generation);
+    let mut mapped = false;
+    let result = (|| {
+        target.journal.append(&Record::Map {
+            txn,
+            address,
+            len: span,
+        })?;
+        fault::point("map");
+        let load_pause_us = load(&mut attached, &protections, address, &image)?;
+        mapped = true;
+        fault::point("loaded");
+        stage(
+            &mut attached,
+            &target,
+            &protections,
+            &record,
+            previous_generation,
+            &image,
+            &staged,
+        )?;
+        fault::point("staged");
+        target.journal.append(&Record::Plan {
+            txn,
+            patch: record.clone(),
+        })?;
+        fault::point("planned");
+        let writes: Vec<Write5> = record.functions.iter().map(|f| f.write.clone()).collect();
+        let activation = switch(
+            &mut attached,
+            &writes,
+            Direction::Forward,
+            options.max_attempts,
+            "",
+            &mut |_| Ok(()),
+        )?;
+        fault::point("activated");
+        Ok::<_, PatchError>((load_pause_us, activation))
+    })();
+    let (load_pause_us, activation) = match result {
+        Ok(done) => done,
+        Err(error) => {
+            undo_apply(
+                &mut attached,
+                &mut target.journal,
+                txn,
+                mapped.then_some((address, span)),
+                &staged,
+                &error,
+            );
+            return Err(error);
+        }
+    };
+    target.journal.append(&Record::Commit {
+        txn,
+        pause_us: activation.pause.pause_us,
+    })?;
+    publish(&staged, &target.dir, generation)?;
+    attached.detach()?;
+    Ok(ApplyOutcome {
+        patch_id: record.id.clone(),
+        pid,
+        generation,
+        functions: record
+            .functions
+            .iter()
+            .map(|f| FunctionOutcome {
+                symbol: f.site.symbol.clone(),
+                with: f.with.clone(),
+                entry: f.site.entry,
+                new_address: f.new_address,
+                preserved: f.preserved.clone(),
+            })
+            .collect(),
+        mapping_address: address,
+        mapping_len: span,
+        pause_us: activation.pause.pause_us,
+        activation,
+        load_pause_us,
+        total_us: started.elapsed().as_micros() as u64,
+    })
+}
+
+/// Map, write and protect the image in one stop; returns the pause (µs).
+fn load(
+    attached: &mut Attached,
+    protections: &[(u64, u64, i32)],
+    address: u64,
+    image: &[u8],
+) -> Result<u64, PatchError> {
+    let span = image.len() as u64;
+    let pid = attached.pid();
+    let mut stopped = attached.stop()?;
+    // Borrow the main thread when it is stopped like the others.
+    let threads = stopped.threads();
+    let tid = threads
+        .iter()
+        .copied()
+        .find(|t| t.as_raw() == pid)
+        .unwrap_or(threads[0]);
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+    let got = stopped.remote_mmap(tid, address, span, libc::PROT_READ | libc::PROT_WRITE, flags)?;
+    if got != address {
+        // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and map elsewhere.
+        let _ = stopped.remote_munmap(tid, got, span);
+        return Err(PatchError::NoRoom {
+            module: format!("pid {pid} (mmap placed it at {got:#x})"),
+            span,
+        });
+    }
+    let result = (|| {
+        stopped.memory().write(address, image)?;
+        for &(start, end, protection) in protections {
+            stopped.remote_mprotect(tid, address + start, end - start, protection)?;
+        }
+        Ok::<(), PatchError>(())
+    })();
+    if let Err(error) = result {
+        let _ = stopped.remote_munmap(tid, address, span);
+        return Err(error);
+    }
+    Ok(stopped.resume()?.pause_us)
+}
+
+/// Derive the next generation and check the loaded bytes against it.
+fn stage(
+    attached: &mut Attached,
+    target: &TargetState,
+    protections: &[(u64, u64, i32)],
+    record: &PatchRecord,
+    previous_generation: u32,
+    image: &[u8],
+    staged: &Path,
+) -> Result<(), PatchError> {
+    let live = attached.memory().read_vec(record.mapping_address, image.len())?;
+    if live != image {
+        let offset = live.iter().zip(image).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(PatchError::StagingMismatch {
+            address: record.mapping_address + offset as u64,
+        });
+    }
+    let previous = MirrorFile::open(&StateDir::generation_path(&target.dir, previous_generation))?;
+    let edits: Vec<Edit> = record
+        .functions
+        .iter()
+        .map(|f| Edit {
+            address: f.write.address,
+            bytes: f.write.new.clone(),
+        })
+        .collect();
+    let mut added = Vec::new();
+    for &(start, end, protection) in protections {
+        // Writable pages are the patch's mutable data: not mirrored.
+        if protection & libc::PROT_WRITE != 0 || protection & libc::PROT_READ == 0 {
+            continue;
+        }
+        let executable = protection & libc::PROT_EXEC != 0;
+        added.push(AddedRegion {
+            spec: RegionSpec {
+                start: record.mapping_address + start,
+                end: record.mapping_address + end,
+                kind: if executable {
+                    RegionKind::Code
+                } else {
+                    RegionKind::ReadOnlyData
+                },
+                perms: format!("r-{}p", if executable { 'x' } else { '-' }),
+                module: format!("patch:{}", record.id),
+                path: Some(record.object.clone()),
+                build_id: None,
+                file_offset: start,
+            },
+            bytes: image[start as usize..end as usize].to_vec(),
+        });
+    }
+    derive(&previous, record.generation, &edits, &added, staged)?;
+    // The staged generation must describe exactly what is in the target.
+    let generation = MirrorFile::open(staged)?;
+    for (index, region) in generation
+        .header
+        .regions
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.spec.module.starts_with("patch:"))
+    {
+        let bytes = attached
+            .memory()
+            .read_vec(region.spec.start, region.spec.len() as usize)?;
+        for (page, page_bytes) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+            if generation.hasher.hash(page_bytes) != generation.region_hashes(index)[page] {
+                return Err(PatchError::StagingMismatch {
+                    address: region.spec.start + (page * PAGE_SIZE) as u64,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Undo a failed apply: unmap, drop the staged generation, journal Abort.
+/// Best effort: each step's failure is logged and the next still runs, and
+/// a leftover is visible to `recover` through the journal.
+fn undo_apply(
+    attached: &mut Attached,
+    journal: &mut Journal,
+    txn: u64,
+    mapping: Option<(u64, u64)>,
+    staged: &Path,
+    error: &PatchError,
+) {
+    let mut unmapped = true;
+    if let Some((address, len)) = mapping {
+        unmapped = crate::state::unmap(attached, address, len).is_ok();
+    }
+    let _ = std::fs::remove_file(staged);
+    if unmapped {
+        if let Err(e) = journal.append(&Record::Abort {
+            txn,
+            reason: error.to_string(),
+        }) {
+            tracing::error!("could not journal the abort: {e}; run `shadowpatch recover`");
+        }
+    } else {
+        tracing::error!("could not unmap the patch after: {error}; run `shadowpatch recover`");
+    }
+}
+
+/// Move a staged generation into place.
+pub(crate) fn publish(staged: &Path, dir: &Path, generation: u32) -> Result<(), PatchError> {
+    let final_path = StateDir::generation_path(dir, generation);
+    std::fs::rename(staged, &final_path)
+        .and_then(|_| std::fs::File::open(dir)?.sync_all())
+        .map_err(|e| PatchError::Journal {
+            path: final_path,
+            message: format!("publishing generation: {e}"),
+        })
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}

@@ -1,0 +1,26 @@
+//! Test-only fault injection: with `SHADOWPATCH_FAULT=<point>` in the
+//! environment the tool kills itself (SIGKILL, as `kill -9` would) when it
+//! reaches that point, so tests can check that `recover` brings the target
+//! to a consistent state from every step of a transaction.
+
+/// The points, in the order an apply passes them.
+pub const APPLY_POINTS: &[&str] = &[
+    "begin",
+    "map",
+    "loaded",
+    "staged",
+    "planned",
+    "partial-write",
+    "written",
+    "activated",
+];
+/// The points a rollback passes.
+pub const ROLLBACK_POINTS: &[&str] = &["rollback-begin", "rollback-partial-write", "rollback-written"];
+
+/// Die here if the environment asks for it.
+pub fn point(name: &str) {
+    if std::env::var("SHADOWPATCH_FAULT").is_ok_and(|wanted| wanted == name) {
+        tracing::warn!(point = name, "fault injection: killing shadowpatch");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}

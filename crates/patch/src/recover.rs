@@ -1,0 +1,218 @@
+//! `recover`: bring a target whose patching was interrupted (the tool killed
+//! at any step) to a consistent state, from the journal alone.
+//!
+//! - An apply cut short before its `Plan` had written nothing but maybe the
+//!   mapping: unmap it → rolled back.
+//! - An apply with a `Plan`: if every trampoline holds the new bytes it had
+//!   finished → commit (fully applied); otherwise restore the ones written →
+//!   rolled back.
+//! - A rollback: finish restoring → rolled back.
+//!
+//! Live bytes that are neither what was there nor what we wrote are someone
+//! else's change: recover stops and reports them, touching nothing.
+
+use crate::activate::{switch, Direction, DEFAULT_ATTEMPTS};
+use crate::apply::publish;
+use crate::journal::{OpenTxn, Record, TxnKind, Write5};
+use crate::rollback::{finish_rollback, retire_or_unmap};
+use crate::state::{is_mapped, staged_path, unmap, TargetState};
+use crate::PatchError;
+use shadowpatch_mirror::StateDir;
+use shadowpatch_target::maps::read_maps;
+use shadowpatch_target::{Attached, ProcessIdentity};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Recovered {
+    /// No transaction was open: nothing to do.
+    Consistent,
+    /// The interrupted transaction was completed.
+    FullyApplied,
+    /// The interrupted transaction was undone (apply) or finished (rollback).
+    FullyRolledBack,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecoverOutcome {
+    pub pid: i32,
+    pub state: Recovered,
+    pub patch_id: Option<String>,
+    pub interrupted: Option<TxnKind>,
+    /// Trampolines found written when recovery started.
+    pub written: usize,
+    pub total: usize,
+    pub active_patches: Vec<String>,
+}
+
+enum Live {
+    Original,
+    New,
+}
+
+fn classify(attached: &mut Attached, writes: &[Write5]) -> Result<Vec<Live>, PatchError> {
+    writes
+        .iter()
+        .map(|w| {
+            let live = attached.memory().read_vec(w.address, w.new.len())?;
+            if live == w.new {
+                Ok(Live::New)
+            } else if live == w.original {
+                Ok(Live::Original)
+            } else {
+                Err(PatchError::Tampered {
+                    address: w.address,
+                    expected: format!(
+                        "{} or {}",
+                        shadowpatch_symbols::hex(&w.original),
+                        shadowpatch_symbols::hex(&w.new)
+                    ),
+                    live: shadowpatch_symbols::hex(&live),
+                })
+            }
+        })
+        .collect()
+}
+
+pub fn recover(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, PatchError> {
+    let identity = ProcessIdentity::of(pid)?;
+    let state = StateDir::open(state_dir)?;
+    let mut target = TargetState::open_existing(&state, &identity)?;
+    let Some(open) = target.journal_state.open.clone() else {
+        return Ok(RecoverOutcome {
+            pid,
+            state: Recovered::Consistent,
+            patch_id: None,
+            interrupted: None,
+            written: 0,
+            total: 0,
+            active_patches: target.journal_state.active.iter().map(|p| p.id.clone()).collect(),
+        });
+    };
+    let mut attached = Attached::seize(&identity)?;
+    let (state_reached, written, total) = match open.kind {
+        TxnKind::Apply => recover_apply(&mut attached, &mut target, &open)?,
+        TxnKind::Rollback => recover_rollback(&mut attached, &mut target, &open)?,
+    };
+    attached.detach()?;
+    let journal_state = crate::journal::Journal::replay(&target.dir)?;
+    Ok(RecoverOutcome {
+        pid,
+        state: state_reached,
+        patch_id: Some(open.patch_id.clone()),
+        interrupted: Some(open.kind),
+        written,
+        total,
+        active_patches: journal_state.active.iter().map(|p| p.id.clone()).collect(),
+    })
+}
+
+fn recover_apply(
+    attached: &mut Attached,
+    target: &mut TargetState,
+    open: &OpenTxn,
+) -> Result<(Recovered, usize, usize), PatchError> {
+    let txn = open.txn;
+    let Some(plan) = &open.plan else {
+        // Nothing was written to any function: undo the mapping, if made.
+        if let Some((address, len)) = open.mapping {
+            if is_mapped(&read_maps(attached.pid())?, address, len) {
+                unmap(attached, address, len)?;
+            }
+        }
+        remove_staged(target, open);
+        target.journal.append(&Record::Abort {
+            txn,
+            reason: "recovered: interrupted before any trampoline".into(),
+        })?;
+        return Ok((Recovered::FullyRolledBack, 0, 0));
+    };
+    let writes: Vec<Write5> = plan.functions.iter().map(|f| f.write.clone()).collect();
+    let live = classify(attached, &writes)?;
+    let written = live.iter().filter(|l| matches!(l, Live::New)).count();
+    if written == writes.len() {
+        let staged = staged_path(&target.dir, plan.generation);
+        target.journal.append(&Record::Commit { txn, pause_us: 0 })?;
+        if staged.exists() {
+            publish(&staged, &target.dir, plan.generation)?;
+        }
+        return Ok((Recovered::FullyApplied, written, writes.len()));
+    }
+    let undo: Vec<Write5> = writes
+        .iter()
+        .zip(&live)
+        .filter(|(_, l)| matches!(l, Live::New))
+        .map(|(w, _)| w.clone())
+        .collect();
+    if !undo.is_empty() {
+        switch(
+            attached,
+            &undo,
+            Direction::Backward,
+            DEFAULT_ATTEMPTS,
+            "recover-",
+            &mut |_| Ok(()),
+        )?;
+    }
+    if is_mapped(&read_maps(attached.pid())?, plan.mapping_address, plan.mapping_len) {
+        unmap(attached, plan.mapping_address, plan.mapping_len)?;
+    }
+    remove_staged(target, open);
+    target.journal.append(&Record::Abort {
+        txn,
+        reason: format!("recovered: {written} of {} trampolines undone", writes.len()),
+    })?;
+    Ok((Recovered::FullyRolledBack, written, writes.len()))
+}
+
+fn recover_rollback(
+    attached: &mut Attached,
+    target: &mut TargetState,
+    open: &OpenTxn,
+) -> Result<(Recovered, usize, usize), PatchError> {
+    let patch = target
+        .journal_state
+        .active
+        .iter()
+        .find(|p| p.id == open.patch_id)
+        .cloned()
+        .ok_or_else(|| PatchError::Journal {
+            path: target.dir.clone(),
+            message: format!("rollback of {} which is not active", open.patch_id),
+        })?;
+    let writes: Vec<Write5> = patch.functions.iter().map(|f| f.write.clone()).collect();
+    let live = classify(attached, &writes)?;
+    let still_new: Vec<Write5> = writes
+        .iter()
+        .zip(&live)
+        .filter(|(_, l)| matches!(l, Live::New))
+        .map(|(w, _)| w.clone())
+        .collect();
+    let restored = writes.len() - still_new.len();
+    if !still_new.is_empty() {
+        switch(
+            attached,
+            &still_new,
+            Direction::Backward,
+            DEFAULT_ATTEMPTS,
+            "recover-",
+            &mut |_| Ok(()),
+        )?;
+    }
+    let reason = if is_mapped(&read_maps(attached.pid())?, patch.mapping_address, patch.mapping_len) {
+        retire_or_unmap(attached, &patch)?.0
+    } else {
+        None
+    };
+    finish_rollback(target, open.txn, &patch, reason, 0)?;
+    Ok((Recovered::FullyRolledBack, writes.len() - restored, writes.len()))
+}
+
+fn remove_staged(target: &TargetState, open: &OpenTxn) {
+    if let Some(plan) = &open.plan {
+        let _ = std::fs::remove_file(staged_path(&target.dir, plan.generation));
+    }
+    // Without a plan the generation number is the next one after the active patches.
+    let next = target.journal_state.active.len() as u32 + 1;
+    let _ = std::fs::remove_file(staged_path(&target.dir, next));
+}

@@ -1,0 +1,216 @@
+//! `rollback`: restore the previous generation's bytes in one stop, after
+//! checking the live bytes are exactly what we wrote. Patches stack and
+//! roll back last-in first-out; rolling back a patch with later patches
+//! above it is refused. Then, in a second short stop that is not part of
+//! the rollback pause, the patch's mapping is unmapped when no thread can
+//! still be using it (no instruction pointer inside it, no word on any
+//! thread's stack pointing into it); otherwise it is left in place,
+//! retired, and said so.
+
+use crate::activate::{switch, Direction, DEFAULT_ATTEMPTS};
+use crate::fault;
+use crate::journal::{PatchRecord, Record, TxnKind, Write5};
+use crate::state::{now_ms, TargetState};
+use crate::PatchError;
+use shadowpatch_mirror::StateDir;
+use shadowpatch_target::{Attached, ProcessIdentity, Stopped};
+use std::path::Path;
+
+/// How much of each thread's stack is scanned for return addresses into
+/// the patch before unmapping it.
+const STACK_SCAN_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RollbackOutcome {
+    pub patch_id: String,
+    pub pid: i32,
+    /// The generation now active.
+    pub generation: u32,
+    pub functions: Vec<String>,
+    pub pause_us: u64,
+    pub attempts: u32,
+    /// The second stop, in which the patch's memory was checked and unmapped.
+    pub unmap_pause_us: u64,
+    /// Whether the patch's memory was unmapped (else retired, left mapped).
+    pub unmapped: bool,
+    pub retired_reason: Option<String>,
+}
+
+pub fn rollback(state_dir: &Path, pid: i32, patch_id: Option<&str>) -> Result<RollbackOutcome, PatchError> {
+    let identity = ProcessIdentity::of(pid)?;
+    let state = StateDir::open(state_dir)?;
+    let mut target = TargetState::open_existing(&state, &identity)?;
+    if let Some(open) = &target.journal_state.open {
+        return Err(PatchError::OpenTransaction {
+            pid,
+            patch_id: open.patch_id.clone(),
+        });
+    }
+    let active = &target.journal_state.active;
+    let top = active.last().ok_or(PatchError::NothingToRollback { pid })?;
+    let patch = match patch_id {
+        None => top.clone(),
+        Some(id) => {
+            let position = active
+                .iter()
+                .position(|p| p.id == id)
+                .ok_or_else(|| PatchError::NoSuchPatch {
+                    pid,
+                    id: id.to_string(),
+                    active: active.iter().map(|p| p.id.clone()).collect::<Vec<_>>().join(", "),
+                })?;
+            if position + 1 != active.len() {
+                return Err(PatchError::NotOnTop {
+                    id: id.to_string(),
+                    above: active[position + 1..]
+                        .iter()
+                        .map(|p| p.id.clone())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+            active[position].clone()
+        }
+    };
+    let mut attached = Attached::seize(&identity)?;
+    let txn = target.journal_state.next_txn;
+    target.journal.append(&Record::Begin {
+        txn,
+        kind: TxnKind::Rollback,
+        patch_id: patch.id.clone(),
+        pid,
+        start_time: identity.start_time,
+        unix_ms: now_ms(),
+    })?;
+    fault::point("rollback-begin");
+    let writes: Vec<Write5> = patch.functions.iter().map(|f| f.write.clone()).collect();
+    let result = switch(
+        &mut attached,
+        &writes,
+        Direction::Backward,
+        DEFAULT_ATTEMPTS,
+        "rollback-",
+        &mut |_| Ok(()),
+    );
+    let activation = match result {
+        Ok(activation) => activation,
+        Err(error) => {
+            // Nothing was switched: the patch stays active.
+            let _ = target.journal.append(&Record::Abort {
+                txn,
+                reason: error.to_string(),
+            });
+            return Err(error);
+        }
+    };
+    let (retired_reason, unmap_pause_us) = retire_or_unmap(&mut attached, &patch)?;
+    finish_rollback(
+        &mut target,
+        txn,
+        &patch,
+        retired_reason.clone(),
+        activation.pause.pause_us,
+    )?;
+    attached.detach()?;
+    Ok(RollbackOutcome {
+        patch_id: patch.id.clone(),
+        pid,
+        generation: patch.generation - 1,
+        functions: patch.functions.iter().map(|f| f.site.symbol.clone()).collect(),
+        pause_us: activation.pause.pause_us,
+        attempts: activation.attempts,
+        unmap_pause_us,
+        unmapped: retired_reason.is_none(),
+        retired_reason,
+    })
+}
+
+/// Journal the unmap (or retirement) and the commit, and drop the patch's
+/// mirror generation.
+pub(crate) fn finish_rollback(
+    target: &mut TargetState,
+    txn: u64,
+    patch: &PatchRecord,
+    retired_reason: Option<String>,
+    pause_us: u64,
+) -> Result<(), PatchError> {
+    let (address, len) = (patch.mapping_address, patch.mapping_len);
+    target.journal.append(&match retired_reason {
+        None => Record::Unmap { txn, address, len },
+        Some(reason) => Record::Retire {
+            txn,
+            address,
+            len,
+            reason,
+        },
+    })?;
+    target.journal.append(&Record::Commit { txn, pause_us })?;
+    let generation = StateDir::generation_path(&target.dir, patch.generation);
+    match std::fs::remove_file(&generation) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(PatchError::Journal {
+                path: generation,
+                message: e.to_string(),
+            })
+        }
+    }
+    Ok(())
+}
+
+/// In one stop, unmap the patch unless a thread may still use it; returns
+/// why it was kept (if it was) and the stop's pause.
+/// A thread that was inside the patch when its entries were restored
+/// leaves it within microseconds; try this many stops before retiring.
+const UNMAP_ATTEMPTS: u32 = 20;
+
+pub(crate) fn retire_or_unmap(
+    attached: &mut Attached,
+    patch: &PatchRecord,
+) -> Result<(Option<String>, u64), PatchError> {
+    let mut total_pause = 0;
+    for attempt in 1..=UNMAP_ATTEMPTS {
+        let mut stopped = attached.stop()?;
+        let reason = unmap_if_unused(&mut stopped, patch)?;
+        total_pause += stopped.resume()?.pause_us;
+        match reason {
+            None => return Ok((None, total_pause)),
+            Some(reason) if attempt == UNMAP_ATTEMPTS => return Ok((Some(reason), total_pause)),
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
+    }
+    unreachable!("the loop returns on its last attempt")
+}
+
+/// Inside a stop: unmap the patch unless a thread may still be
+/// running its code. Returns why it was kept, if it was.
+pub(crate) fn unmap_if_unused(stopped: &mut Stopped, patch: &PatchRecord) -> Result<Option<String>, PatchError> {
+    let range = patch.mapping_address..patch.mapping_address + patch.mapping_len;
+    let threads = stopped.threads();
+    for &tid in &threads {
+        let regs = stopped.regs(tid)?;
+        if range.contains(&regs.rip) {
+            return Ok(Some(format!("thread {tid} is executing patch code at {:#x}", regs.rip)));
+        }
+        let mut stack = vec![0u8; STACK_SCAN_BYTES];
+        let n = stopped.memory().read_partial(regs.rsp, &mut stack).unwrap_or(0);
+        for (i, word) in stack[..n - n % 8].chunks_exact(8).enumerate() {
+            let value = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+            if range.contains(&value) {
+                return Ok(Some(format!(
+                    "thread {tid}'s stack holds {value:#x} (at {:#x}), an address in the patch",
+                    regs.rsp + (i * 8) as u64
+                )));
+            }
+        }
+    }
+    let pid = stopped.attached().pid();
+    let tid = threads
+        .iter()
+        .copied()
+        .find(|t| t.as_raw() == pid)
+        .unwrap_or(threads[0]);
+    stopped.remote_munmap(tid, patch.mapping_address, patch.mapping_len)?;
+    Ok(None)
+}
