@@ -23,6 +23,19 @@ struct Status {
     generations: Vec<GenerationStatus>,
     /// State kept for earlier processes that had this pid.
     other_incarnations: Vec<u64>,
+    /// Active patches, oldest first.
+    patches: Vec<PatchStatus>,
+    /// A transaction interrupted by a crash, if any (`recover` fixes it).
+    interrupted: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct PatchStatus {
+    id: String,
+    generation: u32,
+    module: String,
+    functions: Vec<String>,
+    mapping: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,6 +87,8 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
         mirror_dir: None,
         generations: Vec::new(),
         other_incarnations: Vec::new(),
+        patches: Vec::new(),
+        interrupted: None,
     };
     // A missing state directory just means nothing was mirrored yet; a
     // foreign or corrupt one is an error worth reporting.
@@ -105,6 +120,23 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
                     },
                 });
             }
+            let journal = shadowpatch_patch::journal::Journal::replay(&dir)?;
+            status.patches = journal
+                .active
+                .iter()
+                .map(|p| PatchStatus {
+                    id: p.id.clone(),
+                    generation: p.generation,
+                    module: p.module.clone(),
+                    functions: p
+                        .functions
+                        .iter()
+                        .map(|f| format!("{} → {}", f.site.symbol, f.with))
+                        .collect(),
+                    mapping: format!("{:#x}+{:#x}", p.mapping_address, p.mapping_len),
+                })
+                .collect();
+            status.interrupted = journal.open.map(|t| format!("{:?} of {}", t.kind, t.patch_id));
             status.mirror_dir = Some(dir);
         }
     }
@@ -148,6 +180,22 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
                 }
             }
         }
+    }
+    if !status.patches.is_empty() {
+        println!("active patches (oldest first):");
+        for p in &status.patches {
+            println!(
+                "  {} generation {} in {} at {}: {}",
+                p.id,
+                p.generation,
+                p.module,
+                p.mapping,
+                p.functions.join(", ")
+            );
+        }
+    }
+    if let Some(interrupted) = &status.interrupted {
+        println!("INTERRUPTED transaction: {interrupted}; run `shadowpatch recover {pid}`");
     }
     if !status.other_incarnations.is_empty() {
         println!(

@@ -70,3 +70,41 @@ pub fn assert_bad_input(run: &Run, needle: &str) {
         lines[0]
     );
 }
+
+/// GNU build-id (hex) of an ELF file.
+pub fn build_id_of(path: &Path) -> String {
+    let image = shadowpatch_symbols::ElfImage::open(path).expect("readable ELF");
+    shadowpatch_symbols::hex(image.build_id.as_deref().expect("has a build-id"))
+}
+
+/// Write a manifest for `object` into `dir`; returns its path.
+pub fn write_manifest(
+    dir: &Path,
+    id: &str,
+    object: &Path,
+    build_id: &str,
+    replacements: &[(&str, &str)],
+) -> std::path::PathBuf {
+    let mut text = format!(
+        "id = \"{id}\"\nobject = \"{}\"\n[target]\nbuild_id = \"{build_id}\"\n",
+        object.display()
+    );
+    for (symbol, with) in replacements {
+        text.push_str(&format!("[[replace]]\nsymbol = \"{symbol}\"\nwith = \"{with}\"\n"));
+    }
+    let path = dir.join(format!("{id}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Anonymous executable mappings of a process (where patches live).
+pub fn anonymous_code_mappings(pid: i32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() == 5 && fields[1].contains('x')
+        })
+        .count()
+}
