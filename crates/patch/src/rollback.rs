@@ -162,8 +162,10 @@ pub(crate) fn finish_rollback(
 /// In one stop, unmap the patch unless a thread may still use it; returns
 /// why it was kept (if it was) and the stop's pause.
 /// A thread that was inside the patch when its entries were restored
-/// leaves it within microseconds; try this many stops before retiring.
-const UNMAP_ATTEMPTS: u32 = 20;
+/// leaves it as soon as it runs again; but on a loaded machine a preempted
+/// thread may wait for a core for many milliseconds. Retry with growing
+/// waits (1, 2, 4, ... ms: about 2 s in all) before retiring the mapping.
+const UNMAP_ATTEMPTS: u32 = 12;
 
 pub(crate) fn retire_or_unmap(
     attached: &mut Attached,
@@ -177,7 +179,7 @@ pub(crate) fn retire_or_unmap(
         match reason {
             None => return Ok((None, total_pause)),
             Some(reason) if attempt == UNMAP_ATTEMPTS => return Ok((Some(reason), total_pause)),
-            Some(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(1 << (attempt - 1))),
         }
     }
     unreachable!("the loop returns on its last attempt")
