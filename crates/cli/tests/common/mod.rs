@@ -21,9 +21,15 @@ impl Run {
 }
 
 pub fn shadowpatch(state: &Path, args: &[&str]) -> Run {
+    shadowpatch_env(state, args, &[])
+}
+
+/// Run with extra environment variables (e.g. SHADOWPATCH_FAULT).
+pub fn shadowpatch_env(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
     let output = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
         .args(args)
         .env("SHADOWPATCH_STATE_DIR", state)
+        .envs(env.iter().copied())
         .output()
         .expect("shadowpatch runs");
     from_output(output)
