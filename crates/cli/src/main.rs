@@ -97,7 +97,28 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            use clap::error::ErrorKind;
+            if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                error.exit();
+            }
+            if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = error.print();
+                std::process::exit(failure::BAD_INPUT);
+            }
+            // Usage errors on one line, like every other bad input.
+            let text = error.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("shadowpatch: error: {first} (see shadowpatch --help)");
+            std::process::exit(failure::BAD_INPUT);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHADOWPATCH_LOG"))
         .with_writer(std::io::stderr)

@@ -9,7 +9,7 @@ fn demo_runs_every_step_and_succeeds() {
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let report = run.json();
     assert_eq!(report["ok"], true);
-    assert_eq!(report["steps"].as_array().unwrap().len(), 9);
+    assert_eq!(report["steps"].as_array().unwrap().len(), 12);
     assert_eq!(report["differences_found"], 1);
     assert_eq!(report["threads"], 12);
 }

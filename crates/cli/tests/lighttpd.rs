@@ -8,7 +8,8 @@
 
 mod common;
 
-use common::{assert_untouched, shadowpatch};
+use common::{assert_untouched, build_id_of, shadowpatch, write_manifest};
+use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use shadowpatch_target::{ProcessIdentity, TargetMemory};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -35,6 +36,11 @@ impl Drop for Server {
 }
 
 fn start_lighttpd(dir: &Path) -> Server {
+    start_lighttpd_with(dir, "")
+}
+
+/// Start lighttpd with `extra` configuration lines appended.
+fn start_lighttpd_with(dir: &Path, extra: &str) -> Server {
     assert!(
         Path::new(LIGHTTPD).exists(),
         "{LIGHTTPD} is missing: install Debian's lighttpd (apt-get install -y lighttpd), as .ci/run does"
@@ -49,7 +55,7 @@ fn start_lighttpd(dir: &Path) -> Server {
         &config,
         format!(
             "server.document-root = \"{}\"\nserver.port = {port}\nserver.bind = \"127.0.0.1\"\n\
-             server.errorlog = \"{}\"\nindex-file.names = (\"index.html\")\n",
+             server.errorlog = \"{}\"\nindex-file.names = (\"index.html\")\n{extra}",
             www.display(),
             dir.join("error.log").display()
         ),
@@ -162,5 +168,93 @@ fn lighttpd_mirror_tamper_detect_restore_under_load() {
     assert!(ok.load(Ordering::Relaxed) > 0, "the load ran");
     assert_eq!(failed.load(Ordering::Relaxed), 0, "every request succeeded");
     get(server.port).expect("lighttpd still answers");
+    assert_untouched(pid);
+}
+
+fn content_type(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Type: "))
+        .unwrap_or_else(|| panic!("no Content-Type in {response:?}"))
+        .trim()
+        .to_string()
+}
+
+fn report(load: &mut Running) -> std::collections::BTreeMap<String, u64> {
+    load.command("report")
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+        .collect()
+}
+
+#[test]
+fn lighttpd_live_patch_under_load_changes_responses_and_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every request looks the content type up again (no stat cache).
+    let server = start_lighttpd_with(
+        dir.path(),
+        "mimetype.assign = (\".html\" => \"text/html\")\nserver.stat-cache-engine = \"disable\"\n",
+    );
+    let pid = server.child.id() as i32;
+    let pid_text = pid.to_string();
+    let state = dir.path().join("state");
+    assert_eq!(content_type(server.port), "text/html");
+
+    // Continuous load from a second process.
+    let mut load = Running::start(Fixture::HttpLoad, &[&server.port.to_string(), "/index.html"]).unwrap();
+    let object = build_patch(Patch::LighttpdMime).unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        "mime",
+        &object,
+        &build_id_of(Path::new(LIGHTTPD)),
+        &[("stat_cache_mimetype_by_ext", "mimetype_v2")],
+    );
+    let applied = shadowpatch(&state, &["apply", &pid_text, manifest.to_str().unwrap(), "--json"]);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    assert_eq!(applied.json()["functions"][0]["symbol"], "stat_cache_mimetype_by_ext");
+    assert_eq!(
+        content_type(server.port),
+        "text/x-shadowpatch",
+        "responses visibly changed"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while report(&mut load)["patched"] == 0 {
+        assert!(Instant::now() < deadline, "the load never saw a patched response");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        shadowpatch(&state, &["verify", &pid_text]).code,
+        0,
+        "generation 1 clean"
+    );
+
+    let rolled = shadowpatch(&state, &["rollback", &pid_text, "--json"]);
+    assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
+    assert_eq!(content_type(server.port), "text/html", "original responses again");
+    let after_rollback = report(&mut load);
+    std::thread::sleep(Duration::from_millis(200));
+    let later = report(&mut load);
+    assert!(later["ok"] > after_rollback["ok"], "the load kept being served");
+    assert_eq!(
+        later["patched"], after_rollback["patched"],
+        "no patched response after rollback"
+    );
+    let verify = shadowpatch(&state, &["verify", &pid_text, "--json"]);
+    assert_eq!(verify.code, 0, "{}", verify.stdout);
+    assert_eq!(verify.json()["generation"], 0);
+
+    let final_report = report(&mut load);
+    assert_eq!(final_report["failed"], 0, "zero failed requests: {final_report:?}");
+    assert_eq!(final_report["other"], 0, "zero non-200 answers: {final_report:?}");
+    assert!(load.finish().unwrap().success());
     assert_untouched(pid);
 }

@@ -9,6 +9,9 @@ use crate::journal::Write5;
 use crate::PatchError;
 use shadowpatch_target::{Attached, PauseReport, Stopped};
 
+/// Picks the expected or the new bytes of a write.
+type BytesOf = fn(&Write5) -> &[u8];
+
 /// Which way the writes go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -53,7 +56,7 @@ pub fn switch(
             std::thread::yield_now();
             continue;
         }
-        let (expected_of, new_of): (fn(&Write5) -> &[u8], fn(&Write5) -> &[u8]) = match direction {
+        let (expected_of, new_of): (BytesOf, BytesOf) = match direction {
             Direction::Forward => (|w| &w.original, |w| &w.new),
             Direction::Backward => (|w| &w.new, |w| &w.original),
         };

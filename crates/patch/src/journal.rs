@@ -262,7 +262,7 @@ mod hex_bytes {
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
         let text: String = serde::Deserialize::deserialize(deserializer)?;
-        if text.len() % 2 != 0 {
+        if !text.len().is_multiple_of(2) {
             return Err(serde::de::Error::custom("odd-length hex"));
         }
         (0..text.len())
@@ -295,6 +295,7 @@ mod tests {
                 },
                 with: "g".into(),
                 new_address: 0x1100,
+                preserved: None,
                 write: Write5 {
                     address: 0x10,
                     original: vec![0x55, 1, 2, 3, 4],

@@ -88,7 +88,7 @@ impl Manifest {
             return Err(format!("id {:?}: use 1-64 characters of [A-Za-z0-9._-]", self.id));
         }
         let hex_ok = self.target.build_id.len() >= 8
-            && self.target.build_id.len() % 2 == 0
+            && self.target.build_id.len().is_multiple_of(2)
             && self.target.build_id.chars().all(|c| c.is_ascii_hexdigit());
         if !hex_ok {
             return Err(format!(

@@ -2,7 +2,8 @@
 //! process: build and start a sample multi-threaded service, stop the world,
 //! run a syscall inside it, mirror it, verify it, tamper with one byte of its
 //! code as an attacker would, detect exactly that byte, restore it, verify
-//! clean, and show the service never missed a beat.
+//! clean; then live-patch it so its answers change, verify the new
+//! generation, roll back, and show the service never missed a beat.
 
 use super::pause::measure;
 use super::verify::verify_process;
@@ -152,13 +153,95 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
     let restored = verify_process(state.path(), pid, None, !context.json)?;
     n.say(format!("    {}", if restored.clean { "clean" } else { "DIFFERS" }));
 
+    n.step("Live-patch the service: banner() and work_fn() replaced from a patch object, in one stop.");
+    let object = shadowpatch_fixtures::build_patch(shadowpatch_fixtures::Patch::BusyFix)?;
+    let build_id = outcome
+        .modules
+        .iter()
+        .find(|m| m.name.starts_with("busy"))
+        .and_then(|m| m.build_id.clone());
+    let manifest = state.path().join("demo-fix.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "id = \"demo-fix\"\nobject = \"{}\"\n[target]\nbuild_id = \"{}\"\n\
+             [[replace]]\nsymbol = \"banner\"\nwith = \"banner_v2\"\n\
+             [[replace]]\nsymbol = \"work_fn\"\nwith = \"work_fn_v2\"\n",
+            object.display(),
+            build_id.unwrap_or_default()
+        ),
+    )?;
+    let before = service.command("banner")?;
+    let applied = shadowpatch_patch::apply(state.path(), pid, &manifest, &Default::default())?;
+    n.say(format!(
+        "    applied {} as generation {}: pause {} µs for {} threads (load stop {} µs, total {:.1} ms)",
+        applied.patch_id,
+        applied.generation,
+        applied.pause_us,
+        applied.activation.pause.threads,
+        applied.load_pause_us,
+        applied.total_us as f64 / 1000.0
+    ));
+    for f in &applied.functions {
+        let via = f
+            .preserved
+            .as_ref()
+            .map(|r| format!(" via a thunk preserving {r}"))
+            .unwrap_or_default();
+        n.say(format!("      {} → {} at {:#x}{via}", f.symbol, f.with, f.new_address));
+    }
+    let after = service.command("banner")?;
+    n.say(format!("    banner before: {before:?}  after: {after:?}"));
+    n.say(format!("    work_fn(5) now answers {}", service.command("ask 5")?));
+
+    n.step("Verify against generation 1 (the patch's code and trampolines are mirrored too).");
+    let patched = verify_process(state.path(), pid, None, !context.json)?;
+    n.say(format!(
+        "    generation {}: {} in {} regions: {}",
+        patched.generation,
+        human_bytes(patched.bytes),
+        patched.regions,
+        if patched.clean { "clean" } else { "DIFFERS" }
+    ));
+
+    n.step("Roll the patch back in one stop.");
+    let rolled = shadowpatch_patch::rollback(state.path(), pid, None)?;
+    n.say(format!(
+        "    rolled back {}: pause {} µs, patch memory {}",
+        rolled.patch_id,
+        rolled.pause_us,
+        if rolled.unmapped {
+            "unmapped"
+        } else {
+            "left mapped (still in use)"
+        }
+    ));
+    let back = service.command("banner")?;
+    n.say(format!(
+        "    banner: {back:?}, work_fn(5) = {}",
+        service.command("ask 5")?
+    ));
+    let unpatched = verify_process(state.path(), pid, None, !context.json)?;
+    n.say(format!(
+        "    verify generation {}: {}",
+        unpatched.generation,
+        if unpatched.clean { "clean" } else { "DIFFERS" }
+    ));
+
     n.step("The service kept working throughout.");
     let check = service.check()?;
     n.say(format!(
-        "    worker errors {}, work_fn calls {}",
-        check["errors"], check["calls"]
+        "    worker errors {}, work_fn calls {}, of which answered by the patch {}",
+        check["errors"], check["calls"], check["patched"]
     ));
-    let ok = clean.clean && !dirty.clean && restored.clean && check["errors"] == 0;
+    let ok = clean.clean
+        && !dirty.clean
+        && restored.clean
+        && after != before
+        && back == before
+        && patched.clean
+        && unpatched.clean
+        && check["errors"] == 0;
     if context.json {
         print_json(&serde_json::json!({
             "ok": ok,
@@ -168,6 +251,8 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
             "mirror_bytes": outcome.bytes,
             "verify_us": clean.elapsed_us,
             "differences_found": dirty.differences.len(),
+            "apply_pause_us": applied.pause_us,
+            "rollback_pause_us": rolled.pause_us,
         }));
     } else {
         println!(
