@@ -328,6 +328,7 @@ pub fn apply(
         unix_ms: now_ms(),
     })?;
     fault::point("begin");
+    crate::rollback::collect_retired(&mut attached, &mut target, txn);
     let staged = staged_path(&target.dir, generation);
     let mut mapped = false;
     let result = (|| {

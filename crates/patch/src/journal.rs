@@ -217,10 +217,9 @@ pub fn replay_bytes(path: &Path, bytes: &[u8]) -> Result<JournalState, PatchErro
             }
             Record::Map { txn, address, len } => open_txn(&mut state, txn, &corrupt)?.mapping = Some((address, len)),
             Record::Plan { txn, patch } => open_txn(&mut state, txn, &corrupt)?.plan = Some(patch),
-            Record::Unmap { txn, address, .. } => {
-                open_txn(&mut state, txn, &corrupt)?;
-                state.retired.retain(|(a, _)| *a != address);
-            }
+            // Unmapping a retired mapping is housekeeping that may also
+            // happen outside any transaction (see `recover`).
+            Record::Unmap { address, .. } => state.retired.retain(|(a, _)| *a != address),
             Record::Retire { txn, address, len, .. } => {
                 open_txn(&mut state, txn, &corrupt)?;
                 state.retired.push((address, len));

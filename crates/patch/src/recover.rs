@@ -14,7 +14,7 @@
 use crate::activate::{switch, Direction, DEFAULT_ATTEMPTS};
 use crate::apply::publish;
 use crate::journal::{OpenTxn, Record, TxnKind, Write5};
-use crate::rollback::{finish_rollback, retire_or_unmap};
+use crate::rollback::{collect_retired, finish_rollback, retire_or_unmap};
 use crate::state::{is_mapped, staged_path, unmap, TargetState};
 use crate::PatchError;
 use shadowpatch_mirror::StateDir;
@@ -43,6 +43,8 @@ pub struct RecoverOutcome {
     pub written: usize,
     pub total: usize,
     pub active_patches: Vec<String>,
+    /// Patch mappings still left in place because a thread may use them.
+    pub retired_left: usize,
 }
 
 enum Live {
@@ -78,7 +80,12 @@ pub fn recover(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, PatchError>
     let identity = ProcessIdentity::of(pid)?;
     let state = StateDir::open(state_dir)?;
     let mut target = TargetState::open_existing(&state, &identity)?;
+    let mut attached = Attached::seize(&identity)?;
     let Some(open) = target.journal_state.open.clone() else {
+        // Nothing interrupted; still unmap what earlier rollbacks retired.
+        let txn = target.journal_state.next_txn;
+        collect_retired(&mut attached, &mut target, txn);
+        attached.detach()?;
         return Ok(RecoverOutcome {
             pid,
             state: Recovered::Consistent,
@@ -87,9 +94,9 @@ pub fn recover(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, PatchError>
             written: 0,
             total: 0,
             active_patches: target.journal_state.active.iter().map(|p| p.id.clone()).collect(),
+            retired_left: crate::journal::Journal::replay(&target.dir)?.retired.len(),
         });
     };
-    let mut attached = Attached::seize(&identity)?;
     let (state_reached, written, total) = match open.kind {
         TxnKind::Apply => recover_apply(&mut attached, &mut target, &open)?,
         TxnKind::Rollback => recover_rollback(&mut attached, &mut target, &open)?,
@@ -104,6 +111,7 @@ pub fn recover(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, PatchError>
         written,
         total,
         active_patches: journal_state.active.iter().map(|p| p.id.clone()).collect(),
+        retired_left: journal_state.retired.len(),
     })
 }
 

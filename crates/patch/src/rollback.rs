@@ -83,6 +83,7 @@ pub fn rollback(state_dir: &Path, pid: i32, patch_id: Option<&str>) -> Result<Ro
         unix_ms: now_ms(),
     })?;
     fault::point("rollback-begin");
+    collect_retired(&mut attached, &mut target, txn);
     let writes: Vec<Write5> = patch.functions.iter().map(|f| f.write.clone()).collect();
     let result = switch(
         &mut attached,
@@ -163,9 +164,10 @@ pub(crate) fn finish_rollback(
 /// why it was kept (if it was) and the stop's pause.
 /// A thread that was inside the patch when its entries were restored
 /// leaves it as soon as it runs again; but on a loaded machine a preempted
-/// thread may wait for a core for many milliseconds. Retry with growing
-/// waits (1, 2, 4, ... ms: about 2 s in all) before retiring the mapping.
-const UNMAP_ATTEMPTS: u32 = 12;
+/// thread may wait for a core for many milliseconds. Try a few quick stops,
+/// then retire the mapping: every later transaction on the target tries
+/// again to unmap retired mappings (`collect_retired`).
+const UNMAP_ATTEMPTS: u32 = 3;
 
 pub(crate) fn retire_or_unmap(
     attached: &mut Attached,
@@ -179,7 +181,7 @@ pub(crate) fn retire_or_unmap(
         match reason {
             None => return Ok((None, total_pause)),
             Some(reason) if attempt == UNMAP_ATTEMPTS => return Ok((Some(reason), total_pause)),
-            Some(_) => std::thread::sleep(std::time::Duration::from_millis(1 << (attempt - 1))),
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(u64::from(attempt))),
         }
     }
     unreachable!("the loop returns on its last attempt")
@@ -188,7 +190,17 @@ pub(crate) fn retire_or_unmap(
 /// Inside a stop: unmap the patch unless a thread may still be
 /// running its code. Returns why it was kept, if it was.
 pub(crate) fn unmap_if_unused(stopped: &mut Stopped, patch: &PatchRecord) -> Result<Option<String>, PatchError> {
-    let range = patch.mapping_address..patch.mapping_address + patch.mapping_len;
+    unmap_range_if_unused(stopped, patch.mapping_address, patch.mapping_len)
+}
+
+/// Inside a stop: unmap `[address, address + len)` unless a thread's
+/// instruction pointer or any word of its stack points into it.
+pub(crate) fn unmap_range_if_unused(
+    stopped: &mut Stopped,
+    address: u64,
+    len: u64,
+) -> Result<Option<String>, PatchError> {
+    let range = address..address + len;
     let threads = stopped.threads();
     for &tid in &threads {
         let regs = stopped.regs(tid)?;
@@ -213,6 +225,39 @@ pub(crate) fn unmap_if_unused(stopped: &mut Stopped, patch: &PatchRecord) -> Res
         .copied()
         .find(|t| t.as_raw() == pid)
         .unwrap_or(threads[0]);
-    stopped.remote_munmap(tid, patch.mapping_address, patch.mapping_len)?;
+    stopped.remote_munmap(tid, address, len)?;
     Ok(None)
+}
+
+/// Unmap mappings earlier rollbacks had to leave in place, where no thread
+/// uses them any more; journals each unmap under transaction `txn`.
+/// Best effort: what is still in use stays retired for the next time.
+pub(crate) fn collect_retired(attached: &mut Attached, target: &mut TargetState, txn: u64) {
+    let retired = target.journal_state.retired.clone();
+    if retired.is_empty() {
+        return;
+    }
+    let Ok(maps) = shadowpatch_target::maps::read_maps(attached.pid()) else {
+        return;
+    };
+    for (address, len) in retired {
+        // Only a mapping that is still ours: anonymous, covering the range.
+        let ours = maps
+            .iter()
+            .filter(|m| m.start < address + len && address < m.end)
+            .all(|m| {
+                m.kind == shadowpatch_target::MappingKind::Anonymous && m.start >= address && m.end <= address + len
+            });
+        if !ours || !crate::state::is_mapped(&maps, address, len) {
+            // Gone (the program unmapped it) or reused: forget it, touch nothing.
+            let _ = target.journal.append(&Record::Unmap { txn, address, len });
+            continue;
+        }
+        let Ok(mut stopped) = attached.stop() else { return };
+        let outcome = unmap_range_if_unused(&mut stopped, address, len);
+        let _ = stopped.resume();
+        if let Ok(None) = outcome {
+            let _ = target.journal.append(&Record::Unmap { txn, address, len });
+        }
+    }
 }

@@ -309,6 +309,12 @@ impl Attached {
         if self.threads.is_empty() {
             return Ok(());
         }
+        // Detaching needs every thread stopped first: the same starvation
+        // as any stop window applies, so run it at real-time priority too.
+        let _realtime = match self.priority {
+            StopPriority::RealtimeIfPermitted => RealtimeGuard::enter().ok(),
+            StopPriority::Normal => None,
+        };
         let stop_result = self.stop_all_threads();
         let threads = std::mem::take(&mut self.threads);
         for (tid, state) in threads {
