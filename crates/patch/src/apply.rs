@@ -422,13 +422,7 @@ fn load(
     let span = image.len() as u64;
     let pid = attached.pid();
     let mut stopped = attached.stop()?;
-    // Borrow the main thread when it is stopped like the others.
-    let threads = stopped.threads();
-    let tid = threads
-        .iter()
-        .copied()
-        .find(|t| t.as_raw() == pid)
-        .unwrap_or(threads[0]);
+    let tid = stopped.borrowable_thread();
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
     let got = stopped.remote_mmap(tid, address, span, libc::PROT_READ | libc::PROT_WRITE, flags)?;
     if got != address {

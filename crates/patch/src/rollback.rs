@@ -219,12 +219,7 @@ pub(crate) fn unmap_range_if_unused(
             }
         }
     }
-    let pid = stopped.attached().pid();
-    let tid = threads
-        .iter()
-        .copied()
-        .find(|t| t.as_raw() == pid)
-        .unwrap_or(threads[0]);
+    let tid = stopped.borrowable_thread();
     stopped.remote_munmap(tid, address, len)?;
     Ok(None)
 }

@@ -96,14 +96,8 @@ pub fn now_ms() -> u64 {
 
 /// Unmap `len` bytes at `address` in the target, in one short stop.
 pub fn unmap(attached: &mut Attached, address: u64, len: u64) -> Result<(), PatchError> {
-    let pid = attached.pid();
     let mut stopped = attached.stop()?;
-    let threads = stopped.threads();
-    let tid = threads
-        .iter()
-        .copied()
-        .find(|t| t.as_raw() == pid)
-        .unwrap_or(threads[0]);
+    let tid = stopped.borrowable_thread();
     stopped.remote_munmap(tid, address, len)?;
     stopped.resume()?;
     Ok(())

@@ -358,6 +358,18 @@ impl Stopped<'_> {
             .collect()
     }
 
+    /// The thread to borrow for remote syscalls: the main thread when it is
+    /// stopped like the others, else the first stopped thread.
+    pub fn borrowable_thread(&self) -> Pid {
+        let threads = self.threads();
+        let main = Pid::from_raw(self.attached.pid());
+        if threads.contains(&main) {
+            main
+        } else {
+            threads[0]
+        }
+    }
+
     /// Time from the first interrupt to the last thread stopped.
     pub fn stop_latency(&self) -> Duration {
         self.stopped_at - self.started
