@@ -160,8 +160,6 @@ pub(crate) fn finish_rollback(
     Ok(())
 }
 
-/// In one stop, unmap the patch unless a thread may still use it; returns
-/// why it was kept (if it was) and the stop's pause.
 /// A thread that was inside the patch when its entries were restored
 /// leaves it as soon as it runs again; but on a loaded machine a preempted
 /// thread may wait for a core for many milliseconds. Try a few quick stops,
@@ -169,64 +167,91 @@ pub(crate) fn finish_rollback(
 /// again to unmap retired mappings (`collect_retired`).
 const UNMAP_ATTEMPTS: u32 = 3;
 
+/// In one stop, unmap the patch unless a thread may still use it; returns
+/// why it was kept (if it was) and the stops' total pause.
 pub(crate) fn retire_or_unmap(
     attached: &mut Attached,
     patch: &PatchRecord,
 ) -> Result<(Option<String>, u64), PatchError> {
+    let range = (patch.mapping_address, patch.mapping_len);
     let mut total_pause = 0;
     for attempt in 1..=UNMAP_ATTEMPTS {
+        let stacks = stack_ranges(attached.pid())?;
         let mut stopped = attached.stop()?;
-        let reason = unmap_if_unused(&mut stopped, patch)?;
+        let outcome = unmap_unused(&mut stopped, &[range], &stacks);
         total_pause += stopped.resume()?.pause_us;
-        match reason {
+        let busy = outcome?;
+        match busy.into_iter().next() {
             None => return Ok((None, total_pause)),
-            Some(reason) if attempt == UNMAP_ATTEMPTS => return Ok((Some(reason), total_pause)),
+            Some((_, reason)) if attempt == UNMAP_ATTEMPTS => return Ok((Some(reason), total_pause)),
             Some(_) => std::thread::sleep(std::time::Duration::from_millis(u64::from(attempt))),
         }
     }
     unreachable!("the loop returns on its last attempt")
 }
 
-/// Inside a stop: unmap the patch unless a thread may still be
-/// running its code. Returns why it was kept, if it was.
-pub(crate) fn unmap_if_unused(stopped: &mut Stopped, patch: &PatchRecord) -> Result<Option<String>, PatchError> {
-    unmap_range_if_unused(stopped, patch.mapping_address, patch.mapping_len)
+/// An address range: (start, length).
+type Range = (u64, u64);
+
+/// Stack mappings of the target (`[stack]` and anonymous rw mappings that
+/// threads' stack pointers may lie in), to bound each thread's stack scan
+/// by the end of the mapping holding its stack pointer.
+fn stack_ranges(pid: i32) -> Result<Vec<(u64, u64)>, PatchError> {
+    Ok(shadowpatch_target::maps::read_maps(pid)?
+        .into_iter()
+        .filter(|m| m.readable && m.writable && !m.executable)
+        .map(|m| (m.start, m.end))
+        .collect())
 }
 
-/// Inside a stop: unmap `[address, address + len)` unless a thread's
-/// instruction pointer or any word of its stack points into it.
-pub(crate) fn unmap_range_if_unused(
-    stopped: &mut Stopped,
-    address: u64,
-    len: u64,
-) -> Result<Option<String>, PatchError> {
-    let range = address..address + len;
-    let threads = stopped.threads();
-    for &tid in &threads {
+/// Inside a stop: unmap each of `ranges` unless a thread's instruction
+/// pointer or a word of its stack (from its stack pointer to the end of
+/// its stack mapping, at most `STACK_SCAN_BYTES`) points into it. Returns
+/// the ranges kept, each with why.
+fn unmap_unused(stopped: &mut Stopped, ranges: &[Range], stacks: &[Range]) -> Result<Vec<(Range, String)>, PatchError> {
+    let mut busy: Vec<(Range, String)> = Vec::new();
+    let inside = |value: u64| ranges.iter().copied().find(|(a, len)| (*a..a + len).contains(&value));
+    let mut stack = vec![0u8; STACK_SCAN_BYTES];
+    for tid in stopped.threads() {
         let regs = stopped.regs(tid)?;
-        if range.contains(&regs.rip) {
-            return Ok(Some(format!("thread {tid} is executing patch code at {:#x}", regs.rip)));
+        if let Some(range) = inside(regs.rip) {
+            busy.push((
+                range,
+                format!("thread {tid} is executing patch code at {:#x}", regs.rip),
+            ));
         }
-        let mut stack = vec![0u8; STACK_SCAN_BYTES];
-        let n = stopped.memory().read_partial(regs.rsp, &mut stack).unwrap_or(0);
+        let end = stacks
+            .iter()
+            .find(|(start, end)| (*start..*end).contains(&regs.rsp))
+            .map(|(_, end)| *end)
+            .unwrap_or(regs.rsp + STACK_SCAN_BYTES as u64);
+        let len = ((end - regs.rsp) as usize).min(STACK_SCAN_BYTES);
+        let n = stopped.memory().read_partial(regs.rsp, &mut stack[..len]).unwrap_or(0);
         for (i, word) in stack[..n - n % 8].chunks_exact(8).enumerate() {
             let value = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-            if range.contains(&value) {
-                return Ok(Some(format!(
-                    "thread {tid}'s stack holds {value:#x} (at {:#x}), an address in the patch",
-                    regs.rsp + (i * 8) as u64
-                )));
+            if let Some(range) = inside(value) {
+                busy.push((
+                    range,
+                    format!(
+                        "thread {tid}'s stack holds {value:#x} (at {:#x}), an address in the patch",
+                        regs.rsp + (i * 8) as u64
+                    ),
+                ));
             }
         }
     }
     let tid = stopped.borrowable_thread();
-    stopped.remote_munmap(tid, address, len)?;
-    Ok(None)
+    for range in ranges {
+        if !busy.iter().any(|(r, _)| r == range) {
+            stopped.remote_munmap(tid, range.0, range.1)?;
+        }
+    }
+    Ok(busy)
 }
 
 /// Unmap mappings earlier rollbacks had to leave in place, where no thread
-/// uses them any more; journals each unmap under transaction `txn`.
-/// Best effort: what is still in use stays retired for the next time.
+/// uses them any more, all in one stop; journals each unmap under
+/// transaction `txn`. Best effort: what is still in use stays retired.
 pub(crate) fn collect_retired(attached: &mut Attached, target: &mut TargetState, txn: u64) {
     let retired = target.journal_state.retired.clone();
     if retired.is_empty() {
@@ -235,8 +260,9 @@ pub(crate) fn collect_retired(attached: &mut Attached, target: &mut TargetState,
     let Ok(maps) = shadowpatch_target::maps::read_maps(attached.pid()) else {
         return;
     };
+    let mut candidates = Vec::new();
     for (address, len) in retired {
-        // Only a mapping that is still ours: anonymous, covering the range.
+        // Only a mapping that is still ours: anonymous, within the range.
         let ours = maps
             .iter()
             .filter(|m| m.start < address + len && address < m.end)
@@ -246,13 +272,24 @@ pub(crate) fn collect_retired(attached: &mut Attached, target: &mut TargetState,
         if !ours || !crate::state::is_mapped(&maps, address, len) {
             // Gone (the program unmapped it) or reused: forget it, touch nothing.
             let _ = target.journal.append(&Record::Unmap { txn, address, len });
-            continue;
+        } else {
+            candidates.push((address, len));
         }
-        let Ok(mut stopped) = attached.stop() else { return };
-        let outcome = unmap_range_if_unused(&mut stopped, address, len);
-        let _ = stopped.resume();
-        if let Ok(None) = outcome {
-            let _ = target.journal.append(&Record::Unmap { txn, address, len });
+    }
+    if candidates.is_empty() {
+        return;
+    }
+    let Ok(stacks) = stack_ranges(attached.pid()) else {
+        return;
+    };
+    let Ok(mut stopped) = attached.stop() else { return };
+    let outcome = unmap_unused(&mut stopped, &candidates, &stacks);
+    let _ = stopped.resume();
+    if let Ok(busy) = outcome {
+        for (address, len) in candidates {
+            if !busy.iter().any(|(r, _)| *r == (address, len)) {
+                let _ = target.journal.append(&Record::Unmap { txn, address, len });
+            }
         }
     }
 }
