@@ -60,13 +60,14 @@ pub fn switch(
             Direction::Forward => (|w| &w.original, |w| &w.new),
             Direction::Backward => (|w| &w.new, |w| &w.original),
         };
-        for write in writes {
-            let live = stopped.memory().read_vec(write.address, write.new.len())?;
-            if live != expected_of(write) {
+        let ranges: Vec<(u64, usize)> = writes.iter().map(|w| (w.address, w.new.len())).collect();
+        let live_bytes = stopped.memory().read_many(&ranges)?;
+        for (write, live) in writes.iter().zip(&live_bytes) {
+            if live.as_slice() != expected_of(write) {
                 return Err(PatchError::Tampered {
                     address: write.address,
                     expected: shadowpatch_symbols::hex(expected_of(write)),
-                    live: shadowpatch_symbols::hex(&live),
+                    live: shadowpatch_symbols::hex(live),
                 });
             }
         }
@@ -82,16 +83,16 @@ pub fn switch(
                 return Err(error.into());
             }
         }
-        for write in writes {
-            let live = stopped.memory().read_vec(write.address, write.new.len())?;
-            if live != new_of(write) {
+        let written = stopped.memory().read_many(&ranges)?;
+        for (write, live) in writes.iter().zip(&written) {
+            if live.as_slice() != new_of(write) {
                 for done in writes {
                     let _ = stopped.memory().write(done.address, expected_of(done));
                 }
                 return Err(PatchError::Tampered {
                     address: write.address,
                     expected: shadowpatch_symbols::hex(new_of(write)),
-                    live: shadowpatch_symbols::hex(&live),
+                    live: shadowpatch_symbols::hex(live),
                 });
             }
         }

@@ -153,6 +153,53 @@ impl TargetMemory {
         Ok(())
     }
 
+    /// Read several small ranges at once (one `process_vm_readv` with one
+    /// remote iovec per range, up to 1024 per call): reading 100 function
+    /// entries costs one syscall instead of 100 inside a stop window.
+    pub fn read_many(&mut self, ranges: &[(u64, usize)]) -> Result<Vec<Vec<u8>>, TargetError> {
+        let mut out: Vec<Vec<u8>> = ranges.iter().map(|(_, len)| vec![0u8; *len]).collect();
+        if self.backend == MemoryBackend::ProcessVmReadv {
+            let mut done = 0;
+            while done < ranges.len() {
+                let batch = (ranges.len() - done).min(1024);
+                let remote: Vec<RemoteIoVec> = ranges[done..done + batch]
+                    .iter()
+                    .map(|(address, len)| RemoteIoVec {
+                        base: *address as usize,
+                        len: *len,
+                    })
+                    .collect();
+                let mut local: Vec<IoSliceMut> =
+                    out[done..done + batch].iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let expected: usize = ranges[done..done + batch].iter().map(|(_, len)| len).sum();
+                match process_vm_readv(Pid::from_raw(self.pid), &mut local, &remote) {
+                    Ok(n) if n == expected => done += batch,
+                    // A short read: some range is unreadable; let the
+                    // one-by-one path below name it.
+                    Ok(_) => break,
+                    Err(Errno::ENOSYS) | Err(Errno::EPERM) => {
+                        self.backend = MemoryBackend::ProcMem;
+                        break;
+                    }
+                    Err(Errno::ESRCH) => {
+                        return Err(TargetError::Exited {
+                            pid: self.pid,
+                            during: "reading memory",
+                        })
+                    }
+                    Err(_) => break,
+                }
+            }
+            if done == ranges.len() {
+                return Ok(out);
+            }
+        }
+        for ((address, _), buffer) in ranges.iter().zip(out.iter_mut()) {
+            self.read_exact(*address, buffer)?;
+        }
+        Ok(out)
+    }
+
     /// Read `len` bytes into a new vector.
     pub fn read_vec(&mut self, address: u64, len: usize) -> Result<Vec<u8>, TargetError> {
         let mut buf = vec![0; len];
@@ -207,6 +254,20 @@ mod tests {
         memory.set_backend(MemoryBackend::ProcMem);
         let via_mem = memory.read_vec(address, 64).unwrap();
         assert_eq!(via_vm, via_mem);
+    }
+
+    #[test]
+    fn read_many_matches_single_reads_and_names_a_bad_range() {
+        let me = ProcessIdentity::of(std::process::id() as i32).unwrap();
+        let mut memory = TargetMemory::open(&me).unwrap();
+        let a = read_many_matches_single_reads_and_names_a_bad_range as *const () as u64;
+        let ranges = [(a, 5), (a + 100, 7), (a + 3, 1)];
+        let many = memory.read_many(&ranges).unwrap();
+        for ((address, len), bytes) in ranges.iter().zip(&many) {
+            assert_eq!(&memory.read_vec(*address, *len).unwrap(), bytes);
+        }
+        let err = memory.read_many(&[(a, 5), (16, 4)]).unwrap_err();
+        assert!(err.to_string().contains("at 0x10"), "{err}");
     }
 
     #[test]
