@@ -323,3 +323,31 @@ fn bad_patches_are_refused_and_the_target_is_untouched() {
     assert_eq!(target.check().unwrap()["errors"], 0);
     assert_untouched(target.pid());
 }
+
+#[test]
+fn a_target_exiting_mid_apply_is_a_one_line_error() {
+    let target = Running::start(Fixture::BusyC, &["2"]).unwrap();
+    let pid = target.pid().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let manifest = write_manifest(
+        dir.path(),
+        "doomed",
+        &build_patch(Patch::BusyFix).unwrap(),
+        &build_id_of(&target.binary()),
+        &[("work_fn", "work_fn_v2")],
+    );
+    let run = common::shadowpatch_env(
+        &state,
+        &["apply", &pid, manifest.to_str().unwrap()],
+        &[("SHADOWPATCH_FAULT_TARGET", "loaded")],
+    );
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {}", run.stderr);
+    assert!(
+        lines[0].contains(&format!("pid {pid}")) && lines[0].contains("exited"),
+        "{}",
+        lines[0]
+    );
+}

@@ -341,6 +341,7 @@ pub fn apply(
         let load_pause_us = load(&mut attached, &protections, address, &image)?;
         mapped = true;
         fault::point("loaded");
+        fault::target_point("loaded", pid);
         stage(
             &mut attached,
             &target,
@@ -533,6 +534,19 @@ fn undo_apply(
     staged: &Path,
     error: &PatchError,
 ) {
+    if matches!(
+        error,
+        PatchError::Target(shadowpatch_target::TargetError::Exited { .. })
+    ) || shadowpatch_target::ProcessIdentity::of(attached.pid()).is_err()
+    {
+        // The target is gone: nothing left to undo in it.
+        let _ = std::fs::remove_file(staged);
+        let _ = journal.append(&Record::Abort {
+            txn,
+            reason: format!("target exited: {error}"),
+        });
+        return;
+    }
     let mut unmapped = true;
     if let Some((address, len)) = mapping {
         unmapped = crate::state::unmap(attached, address, len).is_ok();

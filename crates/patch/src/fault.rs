@@ -24,3 +24,19 @@ pub fn point(name: &str) {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+/// Kill the *target* here if `SHADOWPATCH_FAULT_TARGET` names this point:
+/// tests use it to check that a target exiting mid-transaction gives a
+/// clean one-line error.
+pub fn target_point(name: &str, pid: i32) {
+    if std::env::var("SHADOWPATCH_FAULT_TARGET").is_ok_and(|wanted| wanted == name) {
+        tracing::warn!(point = name, pid, "fault injection: killing the target");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        // Wait until the kernel has torn it down (it is a zombie or gone).
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+        {
+            std::thread::yield_now();
+        }
+    }
+}

@@ -196,6 +196,13 @@ impl Attached {
                 }
             }
             for tid in to_stop {
+                // A zombie leader (it exited, or the whole process was
+                // killed) is reported by waitpid only once every other
+                // thread is reaped: waiting for it first would block forever.
+                if tid.as_raw() == pid && is_zombie(pid, tid) {
+                    self.threads.remove(&tid);
+                    continue;
+                }
                 self.wait_for_stop(tid)?;
             }
             if self.threads.is_empty() {
@@ -419,6 +426,15 @@ impl Drop for Stopped<'_> {
 
 fn micros(duration: Duration) -> u64 {
     duration.as_micros() as u64
+}
+
+fn is_zombie(pid: i32, tid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+        .map(|stat| {
+            stat.rsplit_once(") ")
+                .is_none_or(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+        })
+        .unwrap_or(true)
 }
 
 fn is_stop_signal(signal: Signal) -> bool {
