@@ -36,8 +36,27 @@ struct ThroughputRow {
 }
 
 #[derive(Debug, Serialize)]
+struct PatchRow {
+    threads: usize,
+    functions: usize,
+    rounds: usize,
+    floor_us: u64,
+    apply_us: u64,
+    rollback_us: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct CallCost {
+    unpatched_ns: f64,
+    patched_ns: f64,
+    extra_ns: f64,
+}
+
+#[derive(Debug, Serialize)]
 struct BenchReport {
     stop_the_world: Vec<StopRow>,
+    patching: Vec<PatchRow>,
+    call_cost: CallCost,
     region_bytes: u64,
     rounds: usize,
     throughput: Vec<ThroughputRow>,
@@ -81,6 +100,8 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
             fifo_realtime: realtime,
         });
     }
+
+    let (patching, call_cost) = patch_pauses(context, quick)?;
 
     let mib = region_mib.unwrap_or(if quick { 256 } else { 1024 });
     if !context.json {
@@ -150,6 +171,8 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
     };
     let report = BenchReport {
         stop_the_world: stop_rows,
+        patching,
+        call_cost,
         region_bytes: len,
         rounds,
         throughput: vec![
@@ -181,6 +204,33 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
     if report.stop_the_world.iter().any(|r| !r.fifo_realtime) {
         println!("\n(SCHED_FIFO was not permitted: the FIFO columns ran at normal priority)");
     }
+    println!();
+    println!(
+        "## Activation and rollback pause vs the floor, µs (median of {} rounds)",
+        report.patching[0].rounds
+    );
+    println!();
+    println!("Floor: stop all threads + one 5-byte write + resume, no checks, on the same target.");
+    println!();
+    println!("| threads | functions | floor | apply | apply / floor | rollback | rollback / floor |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &report.patching {
+        println!(
+            "| {} | {} | {} | {} | {:.2}× | {} | {:.2}× |",
+            r.threads,
+            r.functions,
+            r.floor_us,
+            r.apply_us,
+            r.apply_us as f64 / r.floor_us.max(1) as f64,
+            r.rollback_us,
+            r.rollback_us as f64 / r.floor_us.max(1) as f64
+        );
+    }
+    println!();
+    println!(
+        "Per call of a patched function (direct jump): {:.3} ns unpatched, {:.3} ns patched, {:+.3} ns extra",
+        report.call_cost.unpatched_ns, report.call_cost.patched_ns, report.call_cost.extra_ns
+    );
     println!();
     println!(
         "## Throughput on a {} MiB r-x region, median of {} rounds",
@@ -231,4 +281,104 @@ fn floor_read(pid: i32, start: u64, len: u64, hasher: Option<&PageHasher>) -> an
     }
     std::hint::black_box(sink);
     Ok(())
+}
+
+/// Activation and rollback pauses for 1/8/64 threads × 1/10/100 functions,
+/// each round beside the floor (stop + one write + resume) on the same
+/// target; and the per-call cost of a patched function.
+fn patch_pauses(context: &Context, quick: bool) -> anyhow::Result<(Vec<PatchRow>, CallCost)> {
+    const FUNCTIONS: usize = 100;
+    let rounds = if quick { 5 } else { 21 };
+    let binary =
+        shadowpatch_fixtures::build_c_source("many-100", &shadowpatch_fixtures::many_functions_source(FUNCTIONS))?;
+    let object = shadowpatch_fixtures::build_c_patch(
+        "many-100-patch",
+        &shadowpatch_fixtures::many_functions_patch_source(FUNCTIONS),
+    )?;
+    let image = shadowpatch_symbols::ElfImage::open(&binary)?;
+    let build_id = shadowpatch_symbols::hex(image.build_id.as_deref().unwrap_or_default());
+    let manifests = tempfile::tempdir()?;
+    let manifest_for = |n: usize| -> anyhow::Result<std::path::PathBuf> {
+        let mut text = format!(
+            "id = \"bench-{n}\"\nobject = \"{}\"\n[target]\nbuild_id = \"{build_id}\"\n",
+            object.display()
+        );
+        for i in 0..n {
+            text.push_str(&format!("[[replace]]\nsymbol = \"f{i}\"\nwith = \"f{i}_v2\"\n"));
+        }
+        let path = manifests.path().join(format!("bench-{n}.toml"));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    };
+    let mut rows = Vec::new();
+    for threads in [1usize, 8, 64] {
+        let mut target = Running::start_binary(&binary, &[&threads.to_string()])?;
+        let state = tempfile::tempdir()?;
+        let identity = ProcessIdentity::of(target.pid())?;
+        let maps = shadowpatch_target::maps::read_maps(target.pid())?;
+        let f0 = shadowpatch_symbols::modules_of(target.pid(), &maps)?
+            .into_iter()
+            .find(|m| m.main)
+            .and_then(|m| m.symbol_addresses("f0").first().map(|(a, _)| *a))
+            .ok_or_else(|| anyhow::anyhow!("f0 not found in the benchmark target"))?;
+        for functions in [1usize, 10, 100] {
+            if !context.json {
+                eprintln!("patch pause: {threads} threads, {functions} functions, {rounds} rounds ...");
+            }
+            let manifest = manifest_for(functions)?;
+            let (mut floor, mut applied, mut rolled) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let mut attached = Attached::seize(&identity)?;
+                let mut stopped = attached.stop()?;
+                let bytes = stopped.memory().read_vec(f0, 5)?;
+                stopped.memory().write(f0, &bytes)?;
+                floor.push(stopped.resume()?.pause_us);
+                attached.detach()?;
+                let options = shadowpatch_patch::ApplyOptions::default();
+                applied.push(shadowpatch_patch::apply(state.path(), target.pid(), &manifest, &options)?.pause_us);
+                rolled.push(shadowpatch_patch::rollback(state.path(), target.pid(), None)?.pause_us);
+            }
+            anyhow::ensure!(target.check()?["errors"] == 0, "wrong results while benchmarking");
+            rows.push(PatchRow {
+                threads,
+                functions,
+                rounds,
+                floor_us: Percentiles::of(floor).median,
+                apply_us: Percentiles::of(applied).median,
+                rollback_us: Percentiles::of(rolled).median,
+            });
+        }
+    }
+    // Per-call cost: f0 called in a loop on the target's main thread,
+    // unpatched and patched (a direct jump: f0_v2 changes no more registers
+    // than f0), best of several runs each.
+    let mut target = Running::start_binary(&binary, &["1"])?;
+    let state = tempfile::tempdir()?;
+    let calls: u64 = if quick { 20_000_000 } else { 200_000_000 };
+    let time = |target: &mut Running| -> anyhow::Result<f64> {
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let answer = target.command(&format!("time {calls}"))?;
+            let ns: f64 = answer
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("ns="))
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("unexpected answer {answer:?}"))?;
+            best = best.min(ns);
+        }
+        Ok(best)
+    };
+    let unpatched_ns = time(&mut target)?;
+    let options = shadowpatch_patch::ApplyOptions::default();
+    shadowpatch_patch::apply(state.path(), target.pid(), &manifest_for(1)?, &options)?;
+    let patched_ns = time(&mut target)?;
+    shadowpatch_patch::rollback(state.path(), target.pid(), None)?;
+    Ok((
+        rows,
+        CallCost {
+            unpatched_ns,
+            patched_ns,
+            extra_ns: patched_ns - unpatched_ns,
+        },
+    ))
 }
