@@ -44,7 +44,15 @@ pub fn switch(
 ) -> Result<Activation, PatchError> {
     for attempt in 1..=max_attempts.max(1) {
         let mut stopped = attached.stop()?;
-        if let Some(busy) = thread_inside(&stopped, writes)? {
+        let mut busy = None;
+        for (tid, write) in threads_inside(&stopped, writes)? {
+            // Move it past the bytes rather than wait for the scheduler to.
+            let end = write.address + write.new.len() as u64;
+            if !stopped.step_out_of(tid, write.address + 1, end, STEP_OUT_LIMIT)? {
+                busy = Some(write.address);
+            }
+        }
+        if let Some(busy) = busy {
             drop(stopped);
             if attempt == max_attempts.max(1) {
                 return Err(PatchError::Busy {
@@ -107,18 +115,28 @@ pub fn switch(
     unreachable!("the loop returns on its last attempt")
 }
 
-/// The first rewritten address some thread's instruction pointer sits
-/// strictly inside (at the first byte is fine: the thread will execute the
-/// new instruction whole).
-fn thread_inside(stopped: &Stopped, writes: &[Write5]) -> Result<Option<u64>, PatchError> {
+/// Instructions a thread may be single-stepped to leave the bytes to
+/// rewrite (the jump covers at most five one-byte instructions). On a busy
+/// target with a hot tiny function some thread is almost always inside its
+/// first bytes, and waiting for the scheduler to move it may never work.
+const STEP_OUT_LIMIT: u32 = 16;
+
+/// Threads whose instruction pointer sits strictly inside bytes to rewrite
+/// (at the first byte is fine: the thread will execute the new instruction
+/// whole), with the write concerned.
+fn threads_inside<'w>(
+    stopped: &Stopped,
+    writes: &'w [Write5],
+) -> Result<Vec<(nix::unistd::Pid, &'w Write5)>, PatchError> {
+    let mut inside = Vec::new();
     for tid in stopped.threads() {
         let rip = stopped.regs(tid)?.rip;
         if let Some(write) = writes
             .iter()
             .find(|w| rip > w.address && rip < w.address + w.new.len() as u64)
         {
-            return Ok(Some(write.address));
+            inside.push((tid, write));
         }
     }
-    Ok(None)
+    Ok(inside)
 }

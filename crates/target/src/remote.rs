@@ -59,6 +59,49 @@ impl Stopped<'_> {
         Ok(result)
     }
 
+    /// Single-step thread `tid` (the others stay stopped) until its
+    /// instruction pointer is outside `start..end`, at most `max_steps`
+    /// instructions. Used to move a thread out of bytes about to be
+    /// rewritten instead of waiting for the scheduler to do it. Returns
+    /// false, having done nothing, when the thread sits in a system call
+    /// (stepping would wait for the call to return).
+    pub fn step_out_of(&mut self, tid: Pid, start: u64, end: u64, max_steps: u32) -> Result<bool, TargetError> {
+        let attached = self.attached();
+        let pid = attached.pid();
+        if !attached.is_stopped(tid) {
+            return Err(TargetError::ThreadNotStopped { pid, tid: tid.as_raw() });
+        }
+        let regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
+        if regs.orig_rax != u64::MAX {
+            return Ok(false);
+        }
+        let mut rip = regs.rip;
+        for _ in 0..max_steps {
+            if !(start..end).contains(&rip) {
+                return Ok(true);
+            }
+            ptrace::step(tid, None).map_err(|e| TargetError::from_errno(pid, "single-stepping", e))?;
+            let status = loop {
+                match waitpid(tid, Some(WaitPidFlag::__WALL)) {
+                    Err(Errno::EINTR) => continue,
+                    other => break other.map_err(|e| TargetError::from_errno(pid, "waiting for", e))?,
+                }
+            };
+            match status {
+                WaitStatus::Stopped(_, signal) if signal != Signal::SIGTRAP => attached.defer_signal(tid, signal),
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    attached.forget_thread(tid);
+                    return Ok(true);
+                }
+                _ => {}
+            }
+            rip = ptrace::getregs(tid)
+                .map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?
+                .rip;
+        }
+        Ok(!(start..end).contains(&rip))
+    }
+
     /// Remote `mmap`; returns the mapped address.
     pub fn remote_mmap(&mut self, tid: Pid, address: u64, len: u64, prot: i32, flags: i32) -> Result<u64, TargetError> {
         let args = [address, len, prot as u64, flags as u64, u64::MAX, 0];
