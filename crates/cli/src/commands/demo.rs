@@ -143,8 +143,13 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
     let dirty = verify_process(state.path(), pid, None, !context.json)?;
     for d in &dirty.differences {
         n.say(format!(
-            "    {} {} ({} bytes): expected {} live {}",
-            d.address_hex, d.location_text, d.len, d.expected, d.live
+            "    {} {} ({} byte{}): expected {} live {}",
+            d.address_hex,
+            d.location_text,
+            d.len,
+            if d.len == 1 { "" } else { "s" },
+            d.expected,
+            d.live
         ));
     }
 
