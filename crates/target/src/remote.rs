@@ -80,20 +80,9 @@ impl Stopped<'_> {
             if !(start..end).contains(&rip) {
                 return Ok(true);
             }
-            ptrace::step(tid, None).map_err(|e| TargetError::from_errno(pid, "single-stepping", e))?;
-            let status = loop {
-                match waitpid(tid, Some(WaitPidFlag::__WALL)) {
-                    Err(Errno::EINTR) => continue,
-                    other => break other.map_err(|e| TargetError::from_errno(pid, "waiting for", e))?,
-                }
-            };
-            match status {
-                WaitStatus::Stopped(_, signal) if signal != Signal::SIGTRAP => attached.defer_signal(tid, signal),
-                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                    attached.forget_thread(tid);
-                    return Ok(true);
-                }
-                _ => {}
+            match step_once(attached, tid)? {
+                Step::Exited => return Ok(true),
+                Step::Trapped | Step::OtherStop => {}
             }
             rip = ptrace::getregs(tid)
                 .map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?
@@ -133,24 +122,50 @@ fn check_result(pid: i32, action: &'static str, result: i64) -> Result<i64, Targ
     Ok(result)
 }
 
+/// What one single step ended in.
+enum Step {
+    /// A stop after the step (the trap itself, or a foreign signal's
+    /// delivery stop, whose signal is deferred to the thread's resume).
+    Trapped,
+    /// A group-stop or interrupt came first: the step may not have run.
+    OtherStop,
+    /// The thread is gone (forgotten by `attached`).
+    Exited,
+}
+
+/// Single-step `tid` once and wait for what happens.
+fn step_once(attached: &mut Attached, tid: Pid) -> Result<Step, TargetError> {
+    let pid = attached.pid();
+    ptrace::step(tid, None).map_err(|e| TargetError::from_errno(pid, "single-stepping", e))?;
+    let status = loop {
+        match waitpid(tid, Some(WaitPidFlag::__WALL)) {
+            Err(Errno::EINTR) => continue,
+            other => break other.map_err(|e| TargetError::from_errno(pid, "waiting for", e))?,
+        }
+    };
+    Ok(match status {
+        WaitStatus::Stopped(_, signal) => {
+            if signal != Signal::SIGTRAP {
+                // Someone else's signal: keep it for the thread's resume.
+                attached.defer_signal(tid, signal);
+            }
+            Step::Trapped
+        }
+        WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+            attached.forget_thread(tid);
+            Step::Exited
+        }
+        _ => Step::OtherStop,
+    })
+}
+
 /// Single-step `tid` until it has executed the `syscall` at `instruction`;
 /// returns `rax`. Foreign signals met on the way are deferred to resume.
 fn step_over_syscall(attached: &mut Attached, tid: Pid, instruction: u64) -> Result<i64, TargetError> {
     let pid = attached.pid();
     for _ in 0..MAX_STEP_ATTEMPTS {
-        ptrace::step(tid, None).map_err(|e| TargetError::from_errno(pid, "single-stepping", e))?;
-        let status = loop {
-            match waitpid(tid, Some(WaitPidFlag::__WALL)) {
-                Err(Errno::EINTR) => continue,
-                other => break other.map_err(|e| TargetError::from_errno(pid, "waiting for", e))?,
-            }
-        };
-        match status {
-            WaitStatus::Stopped(_, signal) => {
-                if signal != Signal::SIGTRAP {
-                    // Someone else's signal: keep it for the thread's resume.
-                    attached.defer_signal(tid, signal);
-                }
+        match step_once(attached, tid)? {
+            Step::Trapped => {
                 let regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
                 if regs.rip == instruction + SYSCALL_INSTRUCTION.len() as u64 {
                     return Ok(regs.rax as i64);
@@ -163,15 +178,14 @@ fn step_over_syscall(attached: &mut Attached, tid: Pid, instruction: u64) -> Res
                     });
                 }
             }
-            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                attached.forget_thread(tid);
+            Step::Exited => {
                 return Err(TargetError::Exited {
                     pid,
                     during: "running a remote syscall",
-                });
+                })
             }
             // A group-stop or another interrupt got in first: step again.
-            _ => {}
+            Step::OtherStop => {}
         }
     }
     Err(TargetError::Sys {

@@ -142,15 +142,7 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
     n.step("Verify again: the difference is found, located and shown.");
     let dirty = verify_process(state.path(), pid, None, !context.json)?;
     for d in &dirty.differences {
-        n.say(format!(
-            "    {} {} ({} byte{}): expected {} live {}",
-            d.address_hex,
-            d.location_text,
-            d.len,
-            if d.len == 1 { "" } else { "s" },
-            d.expected,
-            d.live
-        ));
+        n.say(format!("    {}", d.describe()));
     }
 
     n.step("Restore the mirrored byte and verify clean.");

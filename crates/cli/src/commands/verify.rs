@@ -100,6 +100,29 @@ pub fn open_mirror(
     Ok(mirror)
 }
 
+impl ReportedDifference {
+    /// One line: address, location, length, expected and live bytes.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            DifferenceKind::Bytes => format!(
+                "{} {} ({} byte{}): expected {} live {}",
+                self.address_hex,
+                self.location_text,
+                self.len,
+                if self.len == 1 { "" } else { "s" },
+                self.expected,
+                self.live
+            ),
+            DifferenceKind::Unreadable => {
+                format!(
+                    "{} {} ({} bytes): no longer readable",
+                    self.address_hex, self.location_text, self.len
+                )
+            }
+        }
+    }
+}
+
 pub fn verify_process(
     state_dir: &std::path::Path,
     pid: i32,
@@ -171,23 +194,7 @@ pub fn print_outcome(outcome: &VerifyOutcome) {
         outcome.differing_pages
     );
     for d in &outcome.differences {
-        match d.kind {
-            DifferenceKind::Bytes => println!(
-                "  {} {} ({} byte{}): expected {} live {}",
-                d.address_hex,
-                d.location_text,
-                d.len,
-                if d.len == 1 { "" } else { "s" },
-                d.expected,
-                d.live
-            ),
-            DifferenceKind::Unreadable => {
-                println!(
-                    "  {} {} ({} bytes): no longer readable",
-                    d.address_hex, d.location_text, d.len
-                )
-            }
-        }
+        println!("  {}", d.describe());
     }
     if outcome.truncated {
         println!("  (more differences not shown)");
