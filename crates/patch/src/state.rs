@@ -28,18 +28,16 @@ impl TargetState {
                 path: dir.clone(),
                 message: e.to_string(),
             })?;
-        let journal_state = Journal::replay(&dir)?;
-        let journal = Journal::open(&dir)?;
-        Ok(TargetState {
-            dir,
-            journal,
-            journal_state,
-        })
+        Self::at(dir)
     }
 
     /// Open the existing state of `identity` (refusing another incarnation's).
     pub fn open_existing(state: &StateDir, identity: &ProcessIdentity) -> Result<Self, PatchError> {
-        let dir = state.dir_for_live(identity)?;
+        Self::at(state.dir_for_live(identity)?)
+    }
+
+    /// Replay and open the journal of the target directory `dir`.
+    fn at(dir: PathBuf) -> Result<Self, PatchError> {
         let journal_state = Journal::replay(&dir)?;
         let journal = Journal::open(&dir)?;
         Ok(TargetState {
