@@ -1,0 +1,243 @@
+//! The event history: every attach, mirror, alert, heal, analysis, apply,
+//! rollback (with its cause) and watch verdict, with timings, in an embedded
+//! SQLite database (`STATE/history.db`).
+//!
+//! Several shadowpatch processes write it at once (a watcher, the agent, a
+//! CLI apply), so the database runs in WAL mode with a busy timeout, and
+//! every write is one short transaction. The schema evolves by numbered
+//! migrations (`migrate.rs`) recorded in SQLite's `user_version`; a database
+//! written by a newer shadowpatch is refused rather than misread.
+
+#![forbid(unsafe_code)]
+
+mod event;
+mod migrate;
+
+pub use event::{Event, EventFilter, EventKind, NewEvent};
+pub use migrate::SCHEMA_VERSION;
+
+use rusqlite::{params, Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// File name of the database inside the state directory.
+pub const DATABASE_FILE: &str = "history.db";
+
+/// How long a writer waits for another process's transaction to finish.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("event history {path}: {source}")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+    #[error(
+        "event history {path} has schema version {found}, newer than this shadowpatch understands ({supported}); \
+         use the newer shadowpatch or move the file away"
+    )]
+    FutureVersion { path: PathBuf, found: u32, supported: u32 },
+    #[error("event history {path} is not a shadowpatch database or is corrupt: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("event history {path}: stored event {id} is unreadable: {message}")]
+    BadRow { path: PathBuf, id: i64, message: String },
+}
+
+impl StoreError {
+    /// Errors the user must fix (a foreign, corrupt or future database)
+    /// rather than a failure midway.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, StoreError::Sqlite { .. })
+    }
+}
+
+/// An open event history.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    connection: Connection,
+}
+
+impl Store {
+    /// Open (creating and migrating) the history in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        Self::open_file(&state_dir.join(DATABASE_FILE))
+    }
+
+    /// Open (creating and migrating) the database at `path`.
+    pub fn open_file(path: &Path) -> Result<Store, StoreError> {
+        let sqlite = |source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let connection = Connection::open(path).map_err(sqlite)?;
+        restrict_permissions(path);
+        let mut store = Store {
+            path: path.to_path_buf(),
+            connection,
+        };
+        store
+            .connection
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| store.sqlite(e))?;
+        // Refuse a foreign or newer database before changing anything in it
+        // (switching to WAL rewrites the header).
+        migrate::check_writable(&store.connection, path)?;
+        store.configure()?;
+        migrate::run(&mut store.connection, path)?;
+        Ok(store)
+    }
+
+    /// Open an existing history for reading only; `None` when there is none.
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<Store>, StoreError> {
+        let path = state_dir.join(DATABASE_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let connection = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
+            StoreError::Sqlite {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let store = Store { path, connection };
+        store
+            .connection
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(|source| store.sqlite(source))?;
+        migrate::check_readable(&store.connection, &store.path)?;
+        Ok(Some(store))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sqlite(&self, source: rusqlite::Error) -> StoreError {
+        classify(&self.path, source)
+    }
+
+    fn configure(&mut self) -> Result<(), StoreError> {
+        // WAL: readers never block the writer, and several processes
+        // (watcher, agent, CLI) append concurrently. NORMAL sync is durable
+        // across a process crash, which is what the history must survive; the
+        // journal, not this database, is what makes the target safe.
+        self.connection
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| self.sqlite(e))?;
+        self.connection
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| self.sqlite(e))?;
+        Ok(())
+    }
+
+    /// Append one event; returns its id.
+    pub fn record(&self, event: &NewEvent) -> Result<i64, StoreError> {
+        let details = serde_json::to_string(&event.details).expect("JSON values serialize");
+        self.connection
+            .execute(
+                "INSERT INTO events (unix_ms, kind, pid, start_time, patch_id, cause, outcome, duration_us, details)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    event.unix_ms.unwrap_or_else(now_ms) as i64,
+                    event.kind.as_str(),
+                    event.pid,
+                    event.start_time.map(|t| t as i64),
+                    event.patch_id,
+                    event.cause,
+                    event.outcome,
+                    event.duration_us.map(|d| d as i64),
+                    details,
+                ],
+            )
+            .map_err(|e| self.sqlite(e))?;
+        Ok(self.connection.last_insert_rowid())
+    }
+
+    /// Events matching `filter`, oldest first (the newest `limit` of them
+    /// when a limit is set).
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+        let mut sql = String::from(
+            "SELECT id, unix_ms, kind, pid, start_time, patch_id, cause, outcome, duration_us, details
+             FROM events WHERE 1 = 1",
+        );
+        let mut values: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(pid) = filter.pid {
+            sql.push_str(" AND pid = ?");
+            values.push(i64::from(pid).into());
+        }
+        if let Some(start_time) = filter.start_time {
+            sql.push_str(" AND start_time = ?");
+            values.push((start_time as i64).into());
+        }
+        if let Some(since) = filter.since_unix_ms {
+            sql.push_str(" AND unix_ms >= ?");
+            values.push((since as i64).into());
+        }
+        if !filter.kinds.is_empty() {
+            sql.push_str(" AND kind IN (");
+            for (i, kind) in filter.kinds.iter().enumerate() {
+                sql.push_str(if i == 0 { "?" } else { ", ?" });
+                values.push(kind.as_str().to_string().into());
+            }
+            sql.push(')');
+        }
+        if let Some(patch_id) = &filter.patch_id {
+            sql.push_str(" AND patch_id = ?");
+            values.push(patch_id.clone().into());
+        }
+        sql.push_str(" ORDER BY unix_ms DESC, id DESC");
+        if let Some(limit) = filter.limit {
+            sql.push_str(" LIMIT ?");
+            values.push((limit as i64).into());
+        }
+        let mut statement = self.connection.prepare(&sql).map_err(|e| self.sqlite(e))?;
+        let rows = statement
+            .query_map(rusqlite::params_from_iter(values), event::RawRow::from_row)
+            .map_err(|e| self.sqlite(e))?;
+        let mut events = Vec::new();
+        for row in rows {
+            let raw = row.map_err(|e| self.sqlite(e))?;
+            events.push(raw.into_event(&self.path)?);
+        }
+        events.reverse();
+        Ok(events)
+    }
+
+    /// How many events are stored.
+    pub fn count(&self) -> Result<u64, StoreError> {
+        self.connection
+            .query_row("SELECT COUNT(*) FROM events", [], |row| row.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(|e| self.sqlite(e))
+    }
+}
+
+/// Turn SQLite's "not a database" and corruption codes into `Corrupt`.
+fn classify(path: &Path, source: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    match source.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            message: source.to_string(),
+        },
+        _ => StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        },
+    }
+}
+
+/// The history holds pids, patch ids and alert bytes: root's only, like the
+/// rest of the state directory (0700). Best effort: a failure here leaves
+/// the directory's own permissions as the guard.
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

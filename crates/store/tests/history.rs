@@ -1,0 +1,183 @@
+//! The event history on a real SQLite file: round trip, filters, several
+//! writers at once, and refusal of foreign, corrupt and future databases.
+
+use shadowpatch_store::{EventFilter, EventKind, NewEvent, Store, StoreError, DATABASE_FILE, SCHEMA_VERSION};
+
+#[test]
+fn events_round_trip_with_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .record(
+            &NewEvent::new(EventKind::Apply)
+                .target(10, 100)
+                .at(1_000)
+                .patch("fix-1")
+                .outcome("ok")
+                .duration_us(95)
+                .details(serde_json::json!({"functions": ["f"]})),
+        )
+        .unwrap();
+    store
+        .record(
+            &NewEvent::new(EventKind::Rollback)
+                .target(10, 100)
+                .at(2_000)
+                .patch("fix-1")
+                .cause("health"),
+        )
+        .unwrap();
+    store
+        .record(&NewEvent::new(EventKind::Alert).target(11, 5).at(3_000))
+        .unwrap();
+    let all = store.events(&EventFilter::default()).unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [EventKind::Apply, EventKind::Rollback, EventKind::Alert]
+    );
+    assert_eq!(all[0].details["functions"][0], "f");
+    assert_eq!(all[0].duration_us, Some(95));
+    assert_eq!(all[1].cause.as_deref(), Some("health"));
+
+    let of_pid = store
+        .events(&EventFilter {
+            pid: Some(10),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(of_pid.len(), 2);
+    let since = store
+        .events(&EventFilter {
+            since_unix_ms: Some(2_000),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(since.len(), 2);
+    let newest = store
+        .events(&EventFilter {
+            limit: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(newest[0].kind, EventKind::Alert);
+    let rollbacks = store
+        .events(&EventFilter {
+            kinds: vec![EventKind::Rollback],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(rollbacks.len(), 1);
+    assert_eq!(store.count().unwrap(), 3);
+}
+
+#[test]
+fn several_processes_append_concurrently_without_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    Store::open(dir.path()).unwrap();
+    // Threads with their own connections stand in for separate processes:
+    // SQLite locks the file the same way for both.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let path = dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                let store = Store::open(&path).unwrap();
+                for i in 0..50 {
+                    store
+                        .record(&NewEvent::new(EventKind::Verify).target(w, i as u64))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    assert_eq!(Store::open(dir.path()).unwrap().count().unwrap(), 200);
+}
+
+#[test]
+fn reopening_keeps_events_and_schema_version() {
+    let dir = tempfile::tempdir().unwrap();
+    Store::open(dir.path())
+        .unwrap()
+        .record(&NewEvent::new(EventKind::Mirror))
+        .unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.count().unwrap(), 1);
+    let version: u32 = rusqlite_version(&dir.path().join(DATABASE_FILE));
+    assert_eq!(version, SCHEMA_VERSION);
+    let read_only = Store::open_read_only(dir.path()).unwrap().unwrap();
+    assert_eq!(read_only.count().unwrap(), 1);
+}
+
+fn rusqlite_version(path: &std::path::Path) -> u32 {
+    let output = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('pragma user_version').fetchone()[0])",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8(output.stdout).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn a_future_version_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DATABASE_FILE);
+    let status = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('create table events(x)'); \
+             c.execute('pragma user_version = 99'); c.commit()",
+        ])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let before = std::fs::read(&path).unwrap();
+    let error = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(error, StoreError::FutureVersion { found: 99, .. }), "{error}");
+    assert!(error.to_string().contains("schema version 99"), "{error}");
+    assert!(error.is_bad_input());
+    assert!(Store::open_read_only(dir.path()).is_err());
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "a refused database is not modified"
+    );
+}
+
+#[test]
+fn garbage_and_foreign_databases_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(DATABASE_FILE), vec![0x5a; 8192]).unwrap();
+    let error = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(error, StoreError::Corrupt { .. }), "{error}");
+    assert!(error.to_string().contains("history.db"), "{error}");
+
+    let foreign = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('create table t(x)'); c.commit()",
+        ])
+        .arg(foreign.path().join(DATABASE_FILE))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let error = Store::open(foreign.path()).unwrap_err();
+    assert!(error.to_string().contains("no shadowpatch schema version"), "{error}");
+}
+
+#[test]
+fn every_kind_round_trips_by_name() {
+    for kind in EventKind::ALL {
+        assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        assert_eq!(
+            serde_json::to_value(kind).unwrap(),
+            serde_json::Value::String(kind.as_str().into())
+        );
+    }
+    assert_eq!(EventKind::parse("nonsense"), None);
+}
