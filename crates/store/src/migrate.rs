@@ -66,7 +66,11 @@ pub(crate) fn run(connection: &mut Connection, path: &Path) -> Result<(), StoreE
     let found = user_version(connection, path)?;
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let next = index as u32 + 1;
-        let transaction = connection.transaction().map_err(|e| classify(path, e))?;
+        // IMMEDIATE: take the write lock before reading the version, so two
+        // processes migrating at once queue instead of deadlocking.
+        let transaction = connection
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| classify(path, e))?;
         // Another process may have migrated since we read the version.
         let now = user_version(&transaction, path)?;
         if now >= next {
