@@ -54,6 +54,27 @@ pub struct PatchRecord {
 pub enum TxnKind {
     Apply,
     Rollback,
+    /// Mirrored bytes written back over tampered immutable bytes.
+    Heal,
+    /// Temporary breakpoints (simulation capture); always undone.
+    Probe,
+    /// An active patch's entry bytes changed (e.g. watch-window stub →
+    /// direct jump); the patch stays active.
+    Repoint,
+}
+
+impl TxnKind {
+    /// Whether this kind carries a `Writes` record (rather than a patch plan).
+    pub fn is_plain_writes(self) -> bool {
+        matches!(self, TxnKind::Heal | TxnKind::Probe | TxnKind::Repoint)
+    }
+
+    /// What `recover` does with an interrupted transaction of this kind once
+    /// its writes were announced: finish it (heal, repoint: the new bytes are
+    /// the correct ones) or undo it (probe: breakpoints never stay).
+    pub fn completes_on_recover(self) -> bool {
+        matches!(self, TxnKind::Heal | TxnKind::Repoint)
+    }
 }
 
 /// A journal line.
@@ -73,6 +94,15 @@ pub enum Record {
     Map { txn: u64, address: u64, len: u64 },
     /// About to write these trampolines (written before the first write).
     Plan { txn: u64, patch: PatchRecord },
+    /// About to make these writes (heal, probe, repoint), before the first.
+    /// For a repoint, `patch_id` names the active patch whose entries get
+    /// the new bytes at commit (their `original` stays the function's own).
+    Writes {
+        txn: u64,
+        writes: Vec<Write5>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        patch_id: Option<String>,
+    },
     /// The mapping at `address` was unmapped.
     Unmap { txn: u64, address: u64, len: u64 },
     /// The mapping was left in place (a thread might still use it).
@@ -94,6 +124,7 @@ impl Record {
             Record::Begin { txn, .. }
             | Record::Map { txn, .. }
             | Record::Plan { txn, .. }
+            | Record::Writes { txn, .. }
             | Record::Unmap { txn, .. }
             | Record::Retire { txn, .. }
             | Record::Commit { txn, .. }
@@ -110,6 +141,24 @@ pub struct OpenTxn {
     pub patch_id: String,
     pub mapping: Option<(u64, u64)>,
     pub plan: Option<PatchRecord>,
+    /// The announced writes of a heal, probe or repoint.
+    pub writes: Option<Vec<Write5>>,
+    /// The patch a repoint changes.
+    pub writes_patch: Option<String>,
+}
+
+impl OpenTxn {
+    /// Every write this transaction announced (trampolines of a plan, or
+    /// plain writes): what the target may hold besides the active state.
+    pub fn announced_writes(&self) -> Vec<Write5> {
+        let mut all: Vec<Write5> = self
+            .plan
+            .iter()
+            .flat_map(|p| p.functions.iter().map(|f| f.write.clone()))
+            .collect();
+        all.extend(self.writes.iter().flatten().cloned());
+        all
+    }
 }
 
 /// The journal replayed.
@@ -213,10 +262,20 @@ pub fn replay_bytes(path: &Path, bytes: &[u8]) -> Result<JournalState, PatchErro
                     patch_id,
                     mapping: None,
                     plan: None,
+                    writes: None,
+                    writes_patch: None,
                 });
             }
             Record::Map { txn, address, len } => open_txn(&mut state, txn, &corrupt)?.mapping = Some((address, len)),
             Record::Plan { txn, patch } => open_txn(&mut state, txn, &corrupt)?.plan = Some(patch),
+            Record::Writes { txn, writes, patch_id } => {
+                let open = open_txn(&mut state, txn, &corrupt)?;
+                if !open.kind.is_plain_writes() {
+                    return Err(corrupt("plain writes in a patch transaction"));
+                }
+                open.writes = Some(writes);
+                open.writes_patch = patch_id;
+            }
             // Unmapping a retired mapping is housekeeping that may also
             // happen outside any transaction (see `recover`).
             Record::Unmap { address, .. } => state.retired.retain(|(a, _)| *a != address),
@@ -232,6 +291,25 @@ pub fn replay_bytes(path: &Path, bytes: &[u8]) -> Result<JournalState, PatchErro
                         .active
                         .push(open.plan.ok_or_else(|| corrupt("apply committed without a plan"))?),
                     TxnKind::Rollback => state.active.retain(|p| p.id != open.patch_id),
+                    TxnKind::Repoint => {
+                        let writes = open.writes.ok_or_else(|| corrupt("repoint committed without writes"))?;
+                        let id = open.writes_patch.ok_or_else(|| corrupt("repoint names no patch"))?;
+                        let patch = state
+                            .active
+                            .iter_mut()
+                            .find(|p| p.id == id)
+                            .ok_or_else(|| corrupt("repoint of a patch that is not active"))?;
+                        for write in writes {
+                            let function = patch
+                                .functions
+                                .iter_mut()
+                                .find(|f| f.write.address == write.address)
+                                .ok_or_else(|| corrupt("repoint of an address the patch did not write"))?;
+                            function.write.new = write.new;
+                        }
+                    }
+                    // Heals and probes leave the patch state as it was.
+                    TxnKind::Heal | TxnKind::Probe => {}
                 }
             }
             Record::Abort { txn, .. } => {
@@ -382,5 +460,63 @@ mod tests {
             .contains("line 2 is corrupt"));
         let bytes = lines(&[Record::Commit { txn: 4, pause_us: 1 }]);
         assert!(replay_bytes(path, &bytes).is_err());
+    }
+
+    #[test]
+    fn plain_write_transactions_replay_and_a_repoint_updates_the_patch() {
+        let path = Path::new("journal");
+        let stub_jump = Write5 {
+            address: 0x10,
+            original: vec![0xe9, 0, 0, 0, 0],
+            new: vec![0xe9, 9, 9, 9, 9],
+        };
+        let records = vec![
+            begin(0, TxnKind::Apply, "a"),
+            Record::Plan {
+                txn: 0,
+                patch: patch("a"),
+            },
+            Record::Commit { txn: 0, pause_us: 1 },
+            begin(1, TxnKind::Heal, "heal"),
+            Record::Writes {
+                txn: 1,
+                writes: vec![stub_jump.clone()],
+                patch_id: None,
+            },
+            Record::Commit { txn: 1, pause_us: 1 },
+            begin(2, TxnKind::Repoint, "a"),
+            Record::Writes {
+                txn: 2,
+                writes: vec![stub_jump.clone()],
+                patch_id: Some("a".into()),
+            },
+        ];
+        let open = replay_bytes(path, &lines(&records)).unwrap();
+        let txn = open.open.as_ref().unwrap();
+        assert_eq!(txn.kind, TxnKind::Repoint);
+        assert_eq!(txn.announced_writes(), vec![stub_jump.clone()]);
+        // Until the commit the patch keeps the bytes it had.
+        assert_eq!(open.active[0].functions[0].write.new, vec![0xe9, 0, 0, 0, 0]);
+        let mut committed = records.clone();
+        committed.push(Record::Commit { txn: 2, pause_us: 1 });
+        let state = replay_bytes(path, &lines(&committed)).unwrap();
+        let write = &state.active[0].functions[0].write;
+        assert_eq!(write.new, vec![0xe9, 9, 9, 9, 9]);
+        assert_eq!(
+            write.original,
+            vec![0x55, 1, 2, 3, 4],
+            "the function's own bytes are kept"
+        );
+
+        // Plain writes inside a patch transaction are corruption.
+        let bad = vec![
+            begin(0, TxnKind::Apply, "a"),
+            Record::Writes {
+                txn: 0,
+                writes: vec![stub_jump],
+                patch_id: None,
+            },
+        ];
+        assert!(replay_bytes(path, &lines(&bad)).is_err());
     }
 }

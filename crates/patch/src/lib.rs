@@ -18,6 +18,7 @@ pub mod rollback;
 pub mod state;
 pub mod thunk;
 pub mod trampoline;
+pub mod writes;
 
 pub use apply::{apply, ApplyOptions, ApplyOutcome};
 pub use manifest::Manifest;
@@ -80,6 +81,14 @@ pub enum PatchError {
     DuplicateId { pid: i32, id: String },
     #[error("pid {pid} has an interrupted transaction on patch {patch_id}: run `shadowpatch recover {pid}` first")]
     OpenTransaction { pid: i32, patch_id: String },
+    #[error(
+        "another shadowpatch process (pid {holder}) is changing this target ({dir}); waited {waited_ms} ms for it"
+    )]
+    Locked {
+        dir: PathBuf,
+        holder: String,
+        waited_ms: u64,
+    },
     #[error("pid {pid} has no active patch to roll back")]
     NothingToRollback { pid: i32 },
     #[error("pid {pid} has no active patch {id} (active: {active})")]
@@ -139,6 +148,7 @@ impl PatchError {
             | Tampered { .. }
             | Busy { .. }
             | OpenTransaction { .. }
+            | Locked { .. }
             | RelocationOverflow { .. }
             | NoRoom { .. }
             | StagingMismatch { .. } => ErrorClass::Refused,

@@ -7,6 +7,8 @@
 //!   finished → commit (fully applied); otherwise restore the ones written →
 //!   rolled back.
 //! - A rollback: finish restoring → rolled back.
+//! - Plain writes (heal, repoint): finish them → fully applied; a probe's
+//!   breakpoints: remove them → rolled back.
 //!
 //! Live bytes that are neither what was there nor what we wrote are someone
 //! else's change: recover stops and reports them, touching nothing.
@@ -100,6 +102,7 @@ pub fn recover(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, PatchError>
     let (state_reached, written, total) = match open.kind {
         TxnKind::Apply => recover_apply(&mut attached, &mut target, &open)?,
         TxnKind::Rollback => recover_rollback(&mut attached, &mut target, &open)?,
+        TxnKind::Heal | TxnKind::Probe | TxnKind::Repoint => recover_writes(&mut attached, &mut target, &open)?,
     };
     attached.detach()?;
     let journal_state = crate::journal::Journal::replay(&target.dir)?;
@@ -214,6 +217,63 @@ fn recover_rollback(
     };
     finish_rollback(target, open.txn, &patch, reason, 0)?;
     Ok((Recovered::FullyRolledBack, writes.len() - restored, writes.len()))
+}
+
+/// Finish (heal, repoint) or undo (probe) announced plain writes.
+fn recover_writes(
+    attached: &mut Attached,
+    target: &mut TargetState,
+    open: &OpenTxn,
+) -> Result<(Recovered, usize, usize), PatchError> {
+    let txn = open.txn;
+    let Some(writes) = &open.writes else {
+        target.journal.append(&Record::Abort {
+            txn,
+            reason: "recovered: interrupted before any write".into(),
+        })?;
+        return Ok((Recovered::FullyRolledBack, 0, 0));
+    };
+    let live = classify(attached, writes)?;
+    let written = live.iter().filter(|l| matches!(l, Live::New)).count();
+    let pick = |wanted: fn(&Live) -> bool| -> Vec<Write5> {
+        writes
+            .iter()
+            .zip(&live)
+            .filter(|(_, l)| wanted(l))
+            .map(|(w, _)| w.clone())
+            .collect()
+    };
+    if open.kind.completes_on_recover() {
+        let missing = pick(|l| matches!(l, Live::Original));
+        if !missing.is_empty() {
+            switch(
+                attached,
+                &missing,
+                Direction::Forward,
+                DEFAULT_ATTEMPTS,
+                "recover-",
+                &mut |_| Ok(()),
+            )?;
+        }
+        target.journal.append(&Record::Commit { txn, pause_us: 0 })?;
+        return Ok((Recovered::FullyApplied, written, writes.len()));
+    }
+    let undo = pick(|l| matches!(l, Live::New));
+    if !undo.is_empty() {
+        switch(
+            attached,
+            &undo,
+            Direction::Backward,
+            DEFAULT_ATTEMPTS,
+            "recover-",
+            &mut |_| Ok(()),
+        )?;
+    }
+    target.journal.append(&Record::Abort {
+        txn,
+        reason: format!("recovered: {written} of {} writes undone", writes.len()),
+    })?;
+    Ok((Recovered::FullyRolledBack, written, writes.len()))
 }
 
 fn remove_staged(target: &TargetState, open: &OpenTxn) {

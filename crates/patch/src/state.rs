@@ -1,19 +1,94 @@
 //! Per-target state shared by apply, rollback and recover: the target's
-//! directory, its journal, and the mirror generations that follow patches.
+//! directory, its journal, the lock that lets one shadowpatch process at a
+//! time change the target, and the mirror generations that follow patches.
 
 use crate::journal::{Journal, JournalState};
 use crate::PatchError;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use shadowpatch_mirror::{capture, select_regions, CaptureOptions, StateDir};
 use shadowpatch_symbols::Module;
 use shadowpatch_target::{Attached, Mapping, ProcessIdentity, TargetMemory};
-use std::os::unix::fs::DirBuilderExt;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long an operation waits for another shadowpatch process working on
+/// the same target (a heal takes milliseconds; a capture can take seconds).
+/// `SHADOWPATCH_LOCK_WAIT_MS` overrides it (tests use a short wait).
+fn lock_wait() -> Duration {
+    std::env::var("SHADOWPATCH_LOCK_WAIT_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(10))
+}
+
+/// Exclusive right to change one target: an advisory `flock` on
+/// `targets/<pid>-<start>/lock`, released by the kernel when the holder
+/// exits however it exits. So a transaction found open in the journal by a
+/// process holding the lock is an interrupted one, never one in progress.
+#[derive(Debug)]
+pub struct TargetLock {
+    _lock: Flock<File>,
+}
+
+impl TargetLock {
+    /// Take the lock of the target directory `dir`, waiting up to
+    /// `lock_wait()` for another holder.
+    pub fn acquire(dir: &Path) -> Result<Self, PatchError> {
+        let path = dir.join("lock");
+        let journal_error = |message: String| PatchError::Journal {
+            path: path.clone(),
+            message,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| journal_error(e.to_string()))?;
+        let wait = lock_wait();
+        let deadline = Instant::now() + wait;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(mut lock) => {
+                    // Say who holds it, for the next one's error message.
+                    let _ = lock.set_len(0);
+                    let _ = lock.rewind();
+                    let _ = write!(lock, "{}", std::process::id());
+                    return Ok(TargetLock { _lock: lock });
+                }
+                Err((returned, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    file = returned;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((mut returned, Errno::EWOULDBLOCK)) => {
+                    let mut holder = String::new();
+                    let _ = returned.rewind();
+                    let _ = returned.read_to_string(&mut holder);
+                    return Err(PatchError::Locked {
+                        dir: dir.to_path_buf(),
+                        holder: holder.trim().to_string(),
+                        waited_ms: wait.as_millis() as u64,
+                    });
+                }
+                Err((_, errno)) => return Err(journal_error(format!("locking: {errno}"))),
+            }
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct TargetState {
     pub dir: PathBuf,
     pub journal: Journal,
     pub journal_state: JournalState,
+    _lock: TargetLock,
 }
 
 impl TargetState {
@@ -36,14 +111,16 @@ impl TargetState {
         Self::at(state.dir_for_live(identity)?)
     }
 
-    /// Replay and open the journal of the target directory `dir`.
+    /// Lock, then replay and open the journal of the target directory `dir`.
     fn at(dir: PathBuf) -> Result<Self, PatchError> {
+        let lock = TargetLock::acquire(&dir)?;
         let journal_state = Journal::replay(&dir)?;
         let journal = Journal::open(&dir)?;
         Ok(TargetState {
             dir,
             journal,
             journal_state,
+            _lock: lock,
         })
     }
 }

@@ -2,6 +2,7 @@
 
 use super::Context;
 use crate::output::print_json;
+use shadowpatch_patch::journal::TxnKind;
 use shadowpatch_patch::{apply, recover, rollback, ApplyOptions, Recovered};
 use std::path::Path;
 
@@ -85,23 +86,31 @@ pub fn run_recover(context: &Context, pid: i32) -> anyhow::Result<i32> {
             if outcome.active_patches.len() == 1 { "" } else { "es" }
         ),
         Recovered::FullyApplied => println!(
-            "pid {pid}: interrupted apply of {} completed: fully applied ({}/{} trampolines were written)",
+            "pid {pid}: interrupted {} of {} completed: fully applied ({}/{} writes had been made)",
+            kind_name(outcome.interrupted),
             outcome.patch_id.as_deref().unwrap_or("?"),
             outcome.written,
             outcome.total
         ),
         Recovered::FullyRolledBack => println!(
-            "pid {pid}: interrupted {} of {} undone: fully rolled back ({}/{} trampolines had been written)",
-            match outcome.interrupted {
-                Some(shadowpatch_patch::journal::TxnKind::Rollback) => "rollback",
-                _ => "apply",
-            },
+            "pid {pid}: interrupted {} of {} undone: fully rolled back ({}/{} writes had been made)",
+            kind_name(outcome.interrupted),
             outcome.patch_id.as_deref().unwrap_or("?"),
             outcome.written,
             outcome.total
         ),
     }
     Ok(0)
+}
+
+fn kind_name(kind: Option<TxnKind>) -> &'static str {
+    match kind {
+        Some(TxnKind::Apply) | None => "apply",
+        Some(TxnKind::Rollback) => "rollback",
+        Some(TxnKind::Heal) => "heal",
+        Some(TxnKind::Probe) => "probe",
+        Some(TxnKind::Repoint) => "repoint",
+    }
 }
 
 fn plural(n: usize) -> &'static str {
