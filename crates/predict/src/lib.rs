@@ -1,0 +1,15 @@
+//! The prediction engine: before a patch touches a running service, predict
+//! whether it will misbehave and say why. Four sources of evidence feed one
+//! verdict: static analysis of the patch against the live target (no
+//! writes), simulation of captured calls on forked copies of the process,
+//! the target's recent health, and a learned risk model over all of them.
+//!
+//! Invariant: nothing here writes to the live target except through the
+//! journaled probe transactions of `shadowpatch-patch`, and a failed
+//! analysis leaves no child process behind.
+
+#![forbid(unsafe_code)]
+
+pub mod finding;
+
+pub use finding::{Analysis, Finding, Severity, Source, Verdict, VerdictPolicy};
