@@ -34,6 +34,9 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
                 shadowpatch_patch::ErrorClass::Failed => FAILED,
             };
         }
+        if let Some(e) = cause.downcast_ref::<shadowpatch_store::StoreError>() {
+            return if e.is_bad_input() { BAD_INPUT } else { FAILED };
+        }
         if let Some(e) = cause.downcast_ref::<SymbolsError>() {
             return match e {
                 SymbolsError::Target(t) if !t.is_bad_input() => FAILED,

@@ -92,6 +92,20 @@ enum Command {
         #[arg(long)]
         region_mib: Option<u64>,
     },
+    /// Show the event history: attaches, mirrors, alerts, heals, analyses, applies, rollbacks.
+    History {
+        /// Only events of this process id.
+        pid: Option<i32>,
+        /// Only events since: a duration (15m, 2h, 3d), an RFC 3339 time, or Unix ms.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events of this kind (repeatable): apply, rollback, alert, heal, ...
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// Only the newest N events.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
     /// Start a sample service and walk through mirror, verify, tamper, detect, restore.
     Demo,
 }
@@ -145,6 +159,20 @@ fn main() {
         } => commands::pause::run(&context, pid, rounds, normal_priority),
         Command::Lookup { pid, what } => commands::lookup::run(&context, pid, &what),
         Command::Bench { quick, region_mib } => commands::bench::run(&context, quick, region_mib),
+        Command::History {
+            pid,
+            since,
+            kinds,
+            limit,
+        } => commands::history::run(
+            &context,
+            &commands::history::HistoryQuery {
+                pid,
+                since,
+                kinds,
+                limit,
+            },
+        ),
         Command::Demo => commands::demo::run(&context),
     };
     match result {

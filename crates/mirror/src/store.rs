@@ -64,10 +64,13 @@ impl StateDir {
         }
         let marker = root.join(MARKER_FILE);
         if !marker.exists() {
+            // The event history may be written before anything else (an
+            // analysis, a refused apply): its files do not make the
+            // directory someone else's.
             let empty = std::fs::read_dir(root)
                 .map_err(|e| state(format!("cannot read it: {e}")))?
-                .next()
-                .is_none();
+                .filter_map(Result::ok)
+                .all(|entry| entry.file_name().to_string_lossy().starts_with("history.db"));
             if !empty {
                 return Err(state(format!(
                     "not a shadowpatch state directory (it has files but no {MARKER_FILE}); choose an empty or new directory"

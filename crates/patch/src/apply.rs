@@ -212,8 +212,20 @@ fn prepare(pid: i32, manifest_path: &Path, originals: &[(u64, Vec<u8>)]) -> Resu
     })
 }
 
-/// Apply the patch described by `manifest_path` to process `pid`.
+/// Apply the patch described by `manifest_path` to process `pid`, and
+/// record the outcome in the event history.
 pub fn apply(
+    state_dir: &Path,
+    pid: i32,
+    manifest_path: &Path,
+    options: &ApplyOptions,
+) -> Result<ApplyOutcome, PatchError> {
+    let result = apply_transaction(state_dir, pid, manifest_path, options);
+    crate::history::record_apply(state_dir, pid, manifest_path, &result);
+    result
+}
+
+fn apply_transaction(
     state_dir: &Path,
     pid: i32,
     manifest_path: &Path,

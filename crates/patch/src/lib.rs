@@ -8,6 +8,7 @@ pub mod activate;
 pub mod apply;
 pub mod clobber;
 pub mod fault;
+mod history;
 pub mod journal;
 pub mod load;
 pub mod manifest;
@@ -24,7 +25,7 @@ pub use apply::{apply, ApplyOptions, ApplyOutcome};
 pub use manifest::Manifest;
 pub use object::PatchObject;
 pub use recover::{recover, RecoverOutcome, Recovered};
-pub use rollback::{rollback, RollbackOutcome};
+pub use rollback::{rollback, rollback_with_cause, RollbackOutcome};
 
 use std::path::PathBuf;
 

@@ -78,7 +78,14 @@ fn classify(attached: &mut Attached, writes: &[Write5]) -> Result<Vec<Live>, Pat
         .collect()
 }
 
+/// Finish or undo the interrupted transaction of `pid`, and record it.
 pub fn recover(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, PatchError> {
+    let result = recover_transaction(state_dir, pid);
+    crate::history::record_recover(state_dir, pid, &result);
+    result
+}
+
+fn recover_transaction(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, PatchError> {
     let identity = ProcessIdentity::of(pid)?;
     let state = StateDir::open(state_dir)?;
     let mut target = TargetState::open_existing(&state, &identity)?;

@@ -36,7 +36,26 @@ pub struct RollbackOutcome {
     pub retired_reason: Option<String>,
 }
 
+/// Roll back the latest patch (or `patch_id`, if it is the latest) on the
+/// operator's command.
 pub fn rollback(state_dir: &Path, pid: i32, patch_id: Option<&str>) -> Result<RollbackOutcome, PatchError> {
+    rollback_with_cause(state_dir, pid, patch_id, "command")
+}
+
+/// Roll back, recording why (`command`, `crash`, `health`, `request`, ...)
+/// in the event history with the outcome.
+pub fn rollback_with_cause(
+    state_dir: &Path,
+    pid: i32,
+    patch_id: Option<&str>,
+    cause: &str,
+) -> Result<RollbackOutcome, PatchError> {
+    let result = rollback_transaction(state_dir, pid, patch_id);
+    crate::history::record_rollback(state_dir, pid, cause, &result);
+    result
+}
+
+fn rollback_transaction(state_dir: &Path, pid: i32, patch_id: Option<&str>) -> Result<RollbackOutcome, PatchError> {
     let identity = ProcessIdentity::of(pid)?;
     let state = StateDir::open(state_dir)?;
     let mut target = TargetState::open_existing(&state, &identity)?;

@@ -241,3 +241,15 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Record `event` in the history of `state_dir`, logging (never returning)
+/// a failure: the history must not make an operation on a target fail.
+pub fn record_best_effort(state_dir: &Path, event: &NewEvent) {
+    use std::os::unix::fs::DirBuilderExt;
+    // The state directory is root's only (0700), as `mirror` creates it.
+    let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir);
+    let result = Store::open(state_dir).and_then(|store| store.record(event));
+    if let Err(error) = result {
+        tracing::warn!(%error, kind = %event.kind, "could not record the event in the history");
+    }
+}

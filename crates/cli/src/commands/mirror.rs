@@ -117,6 +117,20 @@ fn outcome(identity: &ProcessIdentity, path: PathBuf, header: &GenerationHeader)
 
 pub fn run(context: &Context, pid: i32, module: Option<&str>) -> anyhow::Result<i32> {
     let outcome = mirror_process(&context.state_dir, pid, module, !context.json)?;
+    shadowpatch_store::record_best_effort(
+        &context.state_dir,
+        &shadowpatch_store::NewEvent::new(shadowpatch_store::EventKind::Mirror)
+            .target(outcome.pid, outcome.start_time)
+            .outcome("ok")
+            .duration_us(outcome.capture_us)
+            .details(serde_json::json!({
+                "summary": format!("generation {}, {} regions, {} bytes", outcome.generation, outcome.regions, outcome.bytes),
+                "generation": outcome.generation,
+                "regions": outcome.regions,
+                "bytes": outcome.bytes,
+                "module": module,
+            })),
+    );
     if context.json {
         print_json(&outcome);
         return Ok(0);

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod history;
 pub mod lookup;
 pub mod mirror;
 pub mod patching;
