@@ -167,11 +167,11 @@ fn classify(config: &JudgeConfig, spec: &MetricSpec, control: &[f64], experiment
     } else {
         MetricClass::Pass
     };
-    result.failed = match (result.class, spec.direction) {
-        (MetricClass::High, Direction::Increase | Direction::Either) => true,
-        (MetricClass::Low, Direction::Decrease | Direction::Either) => true,
-        _ => false,
-    };
+    result.failed = matches!(
+        (result.class, spec.direction),
+        (MetricClass::High, Direction::Increase | Direction::Either)
+            | (MetricClass::Low, Direction::Decrease | Direction::Either)
+    );
     let interval = format!(
         "shift {:+.4} ({:.0}% interval {:+.4} .. {:+.4}), median {:.4} → {:.4}, p = {:.4}",
         test.shift,
