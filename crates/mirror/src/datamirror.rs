@@ -12,6 +12,10 @@ use serde::Serialize;
 use shadowpatch_target::{Attached, TargetMemory};
 use std::time::Instant;
 
+/// Bytes read per `process_vm_readv` before hashing them: small enough to
+/// stay in the L2 cache, large enough that the syscall count does not matter.
+const BATCH_BYTES: usize = 256 << 10;
+
 /// One mirrored range: its bytes and the hash of each page.
 #[derive(Debug, Clone)]
 struct MirroredRange {
@@ -158,11 +162,40 @@ impl DataMirror {
     }
 
     /// Read `runs` (ascending, each inside one range) from the target
-    /// straight into the copy, then re-hash their pages; returns how many
-    /// pages changed.
+    /// straight into the copy and re-hash their pages; returns how many
+    /// pages changed. Works in batches of [`BATCH_BYTES`]: each batch is
+    /// hashed right after its read, while its bytes are still in cache
+    /// (hashing 2.6 MB of scattered pages after one big read measured ~15 %
+    /// of the cycle, mostly cache misses).
     fn copy_runs(&mut self, memory: &mut TargetMemory, runs: &[(u64, usize)]) -> Result<u64, DirtyError> {
-        let mut parts: Vec<(u64, &mut [u8])> = Vec::with_capacity(runs.len());
-        let mut pending = runs.iter().peekable();
+        let pieces: Vec<(u64, usize)> = runs
+            .iter()
+            .flat_map(|&(start, len)| {
+                (0..len)
+                    .step_by(BATCH_BYTES)
+                    .map(move |offset| (start + offset as u64, (len - offset).min(BATCH_BYTES)))
+            })
+            .collect();
+        let mut changed = 0;
+        let mut first = 0;
+        while first < pieces.len() {
+            let mut end = first + 1;
+            let mut bytes = pieces[first].1;
+            while end < pieces.len() && bytes + pieces[end].1 <= BATCH_BYTES {
+                bytes += pieces[end].1;
+                end += 1;
+            }
+            self.read_in_place(memory, &pieces[first..end])?;
+            changed += self.rehash(&pieces[first..end]);
+            first = end;
+        }
+        Ok(changed)
+    }
+
+    /// One `read_many_into` for `pieces` (ascending), into the copy.
+    fn read_in_place(&mut self, memory: &mut TargetMemory, pieces: &[(u64, usize)]) -> Result<(), DirtyError> {
+        let mut parts: Vec<(u64, &mut [u8])> = Vec::with_capacity(pieces.len());
+        let mut pending = pieces.iter().peekable();
         for mirrored in &mut self.ranges {
             let mut rest: &mut [u8] = &mut mirrored.bytes;
             let mut rest_start = mirrored.range.start;
@@ -180,9 +213,13 @@ impl DataMirror {
             }
         }
         memory.read_many_into(&mut parts)?;
-        drop(parts);
+        Ok(())
+    }
+
+    /// Re-hash the pages of `pieces`; returns how many changed.
+    fn rehash(&mut self, pieces: &[(u64, usize)]) -> u64 {
         let mut changed = 0;
-        for &(start, len) in runs {
+        for &(start, len) in pieces {
             let Some(mirrored) = self.ranges.iter_mut().find(|m| m.range.contains(start)) else {
                 continue;
             };
@@ -197,7 +234,7 @@ impl DataMirror {
                 }
             }
         }
-        Ok(changed)
+        changed
     }
 
     pub fn pid(&self) -> i32 {
