@@ -131,12 +131,7 @@ fn every_method_mirrors_under_load_identically_and_reports_every_written_page() 
     let ranges = fixture_ranges(&fixture);
     let fds_before = fd_table(pid);
     let detection = detect();
-    let available: Vec<DirtyMethod> = detection
-        .methods
-        .iter()
-        .filter(|s| s.available)
-        .map(|s| s.method)
-        .collect();
+    let available = detection.available();
     assert!(
         available.contains(&DirtyMethod::UffdWpAsync),
         "this machine has userfaultfd WP_ASYNC and PAGEMAP_SCAN: {detection:?}"

@@ -74,12 +74,7 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<DirtyBenchReport> {
     let mib: u64 = if quick { 64 } else { 256 };
     let (blocks, rounds_per_block) = if quick { (2, 5) } else { (4, 10) };
     let detection = detect();
-    let methods: Vec<DirtyMethod> = detection
-        .methods
-        .iter()
-        .filter(|s| s.available)
-        .map(|s| s.method)
-        .collect();
+    let methods = detection.available();
     if !context.json {
         eprintln!("dirty tracking: {mib} MiB data region, methods {methods:?} ...");
     }

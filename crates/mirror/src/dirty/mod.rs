@@ -110,6 +110,11 @@ pub struct Detection {
 }
 
 impl Detection {
+    /// The available methods, most preferred first.
+    pub fn available(&self) -> Vec<DirtyMethod> {
+        self.methods.iter().filter(|s| s.available).map(|s| s.method).collect()
+    }
+
     /// Methods more preferred than `best`, each with why it is unavailable.
     pub fn better_unavailable(&self) -> impl Iterator<Item = &MethodStatus> {
         self.methods.iter().take_while(|s| s.method != self.best)
