@@ -334,7 +334,14 @@ impl DirtyTracker {
                 Err(error) => return Err(error),
             }
         }
-        unreachable!("the full sweep is always available")
+        // Only reached if every method, the full sweep included, said it
+        // was unavailable: report the last reason rather than panic.
+        let last = skipped.pop();
+        Err(DirtyError::MethodUnavailable {
+            pid,
+            method: last.as_ref().map_or(DirtyMethod::FullSweep, |s| s.method),
+            reason: last.and_then(|s| s.reason).unwrap_or_default(),
+        })
     }
 
     pub fn pid(&self) -> i32 {
