@@ -27,6 +27,9 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<MirrorError>() {
             return if e.is_bad_input() { BAD_INPUT } else { FAILED };
         }
+        if let Some(e) = cause.downcast_ref::<shadowpatch_mirror::DirtyError>() {
+            return if e.is_bad_input() { BAD_INPUT } else { FAILED };
+        }
         if let Some(e) = cause.downcast_ref::<shadowpatch_patch::PatchError>() {
             return match e.class() {
                 shadowpatch_patch::ErrorClass::BadInput => BAD_INPUT,

@@ -1,20 +1,25 @@
 //! The shadow mirror: page-granular copies of a target's immutable memory
 //! (code and read-only data), hashed per page with a keyed hash and rolled
 //! up into a Merkle root per region, persisted as one file per generation
-//! under the state directory; and the verifier that compares live memory
-//! with it.
+//! under the state directory; the verifier that compares live memory with
+//! it; and, for mutable memory, dirty-page tracking (`dirty`) and the
+//! in-memory data mirror it keeps current (`datamirror`).
 
 #![forbid(unsafe_code)]
 
 pub mod capture;
+pub mod datamirror;
 pub mod derive;
+pub mod dirty;
 pub mod hash;
 pub mod region;
 pub mod store;
 pub mod verify;
 
 pub use capture::{capture, CaptureOptions};
+pub use datamirror::{DataMirror, RefreshReport};
 pub use derive::{derive, AddedRegion, Edit};
+pub use dirty::{detect, Detection, DirtyError, DirtyMethod, DirtyPages, DirtyTracker, MethodStatus, TrackedRange};
 pub use hash::{merkle_root, PageHasher, PAGE_SIZE};
 pub use region::{select_regions, RegionKind, RegionSpec};
 pub use store::{GenerationHeader, MirrorFile, RegionRecord, StateDir, TargetRecord};
@@ -56,6 +61,8 @@ pub enum MirrorError {
     #[error("no module named {name} in pid {pid} (modules: {available})")]
     UnknownModule { pid: i32, name: String, available: String },
     #[error(transparent)]
+    Dirty(#[from] DirtyError),
+    #[error(transparent)]
     Target(#[from] shadowpatch_target::TargetError),
     #[error(transparent)]
     Symbols(#[from] shadowpatch_symbols::SymbolsError),
@@ -67,6 +74,7 @@ impl MirrorError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             MirrorError::Target(e) => e.is_bad_input(),
+            MirrorError::Dirty(e) => e.is_bad_input(),
             MirrorError::Io { .. } => false,
             _ => true,
         }

@@ -5,7 +5,11 @@
 //! blocks, results checked with `Errno::result`, and every `unsafe` block
 //! carries a `// SAFETY:` comment naming the invariant it relies on.
 
+pub mod pagemap;
+pub mod pidfd;
 pub mod ptrace_ext;
 pub mod sched;
+pub mod scratch;
+pub mod uffd;
 
 pub use nix::errno::Errno;

@@ -158,23 +158,39 @@ impl TargetMemory {
     /// entries costs one syscall instead of 100 inside a stop window.
     pub fn read_many(&mut self, ranges: &[(u64, usize)]) -> Result<Vec<Vec<u8>>, TargetError> {
         let mut out: Vec<Vec<u8>> = ranges.iter().map(|(_, len)| vec![0u8; *len]).collect();
+        let mut parts: Vec<(u64, &mut [u8])> = ranges
+            .iter()
+            .zip(out.iter_mut())
+            .map(|((address, _), buffer)| (*address, buffer.as_mut_slice()))
+            .collect();
+        self.read_many_into(&mut parts)?;
+        Ok(out)
+    }
+
+    /// Read each `(address, buffer)` part in full, straight into the
+    /// caller's buffers, batching up to 1024 parts per `process_vm_readv`
+    /// (the dirty pages of a data mirror land in place, no copy). A part
+    /// that cannot be read is named in the error.
+    pub fn read_many_into(&mut self, parts: &mut [(u64, &mut [u8])]) -> Result<(), TargetError> {
+        let mut done = 0;
         if self.backend == MemoryBackend::ProcessVmReadv {
-            let mut done = 0;
-            while done < ranges.len() {
-                let batch = (ranges.len() - done).min(1024);
-                let remote: Vec<RemoteIoVec> = ranges[done..done + batch]
+            while done < parts.len() {
+                let batch = (parts.len() - done).min(1024);
+                let remote: Vec<RemoteIoVec> = parts[done..done + batch]
                     .iter()
-                    .map(|(address, len)| RemoteIoVec {
+                    .map(|(address, buffer)| RemoteIoVec {
                         base: *address as usize,
-                        len: *len,
+                        len: buffer.len(),
                     })
                     .collect();
-                let mut local: Vec<IoSliceMut> =
-                    out[done..done + batch].iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                let expected: usize = ranges[done..done + batch].iter().map(|(_, len)| len).sum();
+                let expected: usize = remote.iter().map(|r| r.len).sum();
+                let mut local: Vec<IoSliceMut> = parts[done..done + batch]
+                    .iter_mut()
+                    .map(|(_, buffer)| IoSliceMut::new(buffer))
+                    .collect();
                 match process_vm_readv(Pid::from_raw(self.pid), &mut local, &remote) {
                     Ok(n) if n == expected => done += batch,
-                    // A short read: some range is unreadable; let the
+                    // A short read: some part is unreadable; let the
                     // one-by-one path below name it.
                     Ok(_) => break,
                     Err(Errno::ENOSYS) | Err(Errno::EPERM) => {
@@ -190,14 +206,11 @@ impl TargetMemory {
                     Err(_) => break,
                 }
             }
-            if done == ranges.len() {
-                return Ok(out);
-            }
         }
-        for ((address, _), buffer) in ranges.iter().zip(out.iter_mut()) {
+        for (address, buffer) in &mut parts[done..] {
             self.read_exact(*address, buffer)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Read `len` bytes into a new vector.

@@ -20,6 +20,8 @@ use nix::sys::ptrace;
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use shadowpatch_sys::pidfd;
+use std::os::fd::{AsFd, OwnedFd};
 
 /// The x86_64 `syscall` instruction.
 const SYSCALL_INSTRUCTION: [u8; 2] = [0x0f, 0x05];
@@ -108,6 +110,30 @@ impl Stopped<'_> {
     pub fn remote_munmap(&mut self, tid: Pid, address: u64, len: u64) -> Result<(), TargetError> {
         let result = self.remote_syscall(tid, libc::SYS_munmap, [address, len, 0, 0, 0, 0])?;
         check_result(self.attached().pid(), "remote munmap in", result).map(drop)
+    }
+
+    /// Remote `userfaultfd(flags)`; returns the new descriptor's number in
+    /// the target. The userfaultfd belongs to the target's address space
+    /// whoever holds the descriptor later.
+    pub fn remote_userfaultfd(&mut self, tid: Pid, flags: i32) -> Result<i32, TargetError> {
+        let result = self.remote_syscall(tid, libc::SYS_userfaultfd, [flags as u64, 0, 0, 0, 0, 0])?;
+        check_result(self.attached().pid(), "remote userfaultfd in", result).map(|fd| fd as i32)
+    }
+
+    /// Remote `close(fd)`.
+    pub fn remote_close(&mut self, tid: Pid, fd: i32) -> Result<(), TargetError> {
+        let result = self.remote_syscall(tid, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        check_result(self.attached().pid(), "remote close in", result).map(drop)
+    }
+
+    /// Duplicate the target's descriptor `target_fd` into our process
+    /// (`pidfd_open` + `pidfd_getfd`, close-on-exec). Done while stopped, so
+    /// the pid cannot name another process and the descriptor cannot change.
+    pub fn take_fd(&mut self, target_fd: i32) -> Result<OwnedFd, TargetError> {
+        let pid = self.attached().pid();
+        let pidfd = pidfd::pidfd_open(pid).map_err(|e| TargetError::from_errno(pid, "opening a pidfd for", e))?;
+        pidfd::pidfd_getfd(pidfd.as_fd(), target_fd)
+            .map_err(|e| TargetError::from_errno(pid, "taking a descriptor (pidfd_getfd) from", e))
     }
 }
 

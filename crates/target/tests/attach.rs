@@ -210,3 +210,43 @@ fn bad_targets_are_refused_with_a_reason() {
         Err(TargetError::NotThreadGroupLeader { .. })
     ));
 }
+
+fn fd_table(pid: i32) -> Vec<(String, std::path::PathBuf)> {
+    let mut table: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read_link(e.path()).ok()?,
+            ))
+        })
+        .collect();
+    table.sort();
+    table
+}
+
+#[test]
+fn a_descriptor_created_remotely_moves_to_the_tracer_and_leaves_the_fd_table_as_it_was() {
+    let mut fixture = Running::start(Fixture::BusyC, &["1", "--blockers"]).unwrap();
+    let before = fd_table(fixture.pid());
+    let mut attached = Attached::seize(&ProcessIdentity::of(fixture.pid()).unwrap()).unwrap();
+    let mut stopped = attached.stop().unwrap();
+    let tid = Pid::from_raw(fixture.number("tid_read") as i32);
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | shadowpatch_sys::uffd::UFFD_USER_MODE_ONLY;
+    let remote_fd = stopped.remote_userfaultfd(tid, flags).unwrap();
+    assert_eq!(fd_table(fixture.pid()).len(), before.len() + 1);
+    let ours = stopped.take_fd(remote_fd).unwrap();
+    stopped.remote_close(tid, remote_fd).unwrap();
+    let err = stopped.remote_close(tid, remote_fd).unwrap_err();
+    assert!(err.to_string().contains("EBADF"), "{err}");
+    stopped.resume().unwrap();
+    drop(attached);
+    assert_eq!(fd_table(fixture.pid()), before);
+    // Ours is the target's userfaultfd: its registrations act on the
+    // target's address space, not ours.
+    let uffd = shadowpatch_sys::uffd::Userfaultfd::from_fd(ours).unwrap();
+    uffd.api(shadowpatch_sys::uffd::UFFD_FEATURE_WP_ASYNC).unwrap();
+    assert_eq!(fixture.command("wake").unwrap(), "woken");
+    assert_eq!(fixture.check().unwrap()["errors"], 0);
+}

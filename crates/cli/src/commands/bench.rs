@@ -2,7 +2,8 @@
 //! (tracer at SCHED_FIFO and at normal priority), and mirror / verify
 //! throughput on a large executable-like region against the raw floor
 //! (`process_vm_readv` + page hash, nothing else) measured on the same
-//! region in the same run, interleaved round by round.
+//! region in the same run, interleaved round by round; the data mirroring
+//! cycle per dirty-tracking method is in `bench_dirty.rs`.
 
 use super::pause::{collect, Percentiles};
 use super::Context;
@@ -60,6 +61,7 @@ struct BenchReport {
     region_bytes: u64,
     rounds: usize,
     throughput: Vec<ThroughputRow>,
+    dirty_tracking: super::bench_dirty::DirtyBenchReport,
 }
 
 pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::Result<i32> {
@@ -102,6 +104,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
     }
 
     let (patching, call_cost) = patch_pauses(context, quick)?;
+    let dirty_tracking = super::bench_dirty::run(context, quick)?;
 
     let mib = region_mib.unwrap_or(if quick { 256 } else { 1024 });
     if !context.json {
@@ -181,6 +184,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
             row("shadowpatch verify", 3),
             row("shadowpatch mirror (to disk, fsync'd)", 2),
         ],
+        dirty_tracking,
     };
     if context.json {
         print_json(&report);
@@ -249,6 +253,8 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
             r.ratio_to_floor
         );
     }
+    println!();
+    super::bench_dirty::print(&report.dirty_tracking);
     Ok(0)
 }
 

@@ -1,6 +1,7 @@
 //! The subcommands, one file each, and what they share.
 
 pub mod bench;
+pub mod bench_dirty;
 pub mod demo;
 pub mod history;
 pub mod lookup;
