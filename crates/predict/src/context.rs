@@ -191,7 +191,13 @@ fn cgroup_memory(pid: i32) -> Result<(Option<u64>, Option<u64>, String), String>
         .ok_or_else(|| "no cgroup v2 membership in /proc/PID/cgroup".to_string())?;
     let dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).map(|s| s.trim().to_string());
-    let max = read("memory.max").map_err(|e| format!("{}: {e}", dir.join("memory.max").display()))?;
+    let max = match read("memory.max") {
+        Ok(max) => max,
+        // The root cgroup, or one without the memory controller: no limit
+        // of its own.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "max".to_string(),
+        Err(e) => return Err(format!("{}: {e}", dir.join("memory.max").display())),
+    };
     let current = read("memory.current").ok().and_then(|s| s.parse().ok());
     Ok((max.parse().ok(), current, dir.display().to_string()))
 }
