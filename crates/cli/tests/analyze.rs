@@ -39,7 +39,13 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
     let files_before = state_files(&state);
     let mappings = anonymous_code_mappings(target.pid());
 
-    let benign = write_manifest(dir.path(), "benign", &object, &build_id, &[("add_values", "add_values_ok")]);
+    let benign = write_manifest(
+        dir.path(),
+        "benign",
+        &object,
+        &build_id,
+        &[("add_values", "add_values_ok")],
+    );
     let run = shadowpatch(&state, &["analyze", &pid, benign.to_str().unwrap(), "--json"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let report = run.json();
@@ -48,7 +54,13 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
     assert!(report["features"]["static.abi-parameter-count"] == 0.0);
     assert!(report["features"]["context.rss_bytes"].as_f64().unwrap() > 0.0);
 
-    let leaky = write_manifest(dir.path(), "leaky", &object, &build_id, &[("plain_compute", "plain_compute_alloc")]);
+    let leaky = write_manifest(
+        dir.path(),
+        "leaky",
+        &object,
+        &build_id,
+        &[("plain_compute", "plain_compute_alloc")],
+    );
     let run = shadowpatch(&state, &["analyze", &pid, leaky.to_str().unwrap(), "--json"]);
     assert_eq!(run.code, 0, "warn still exits 0: {}", run.stderr);
     let report = run.json();
@@ -59,14 +71,20 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
         .iter()
         .map(|f| f["code"].as_str().unwrap())
         .collect();
-    assert!(codes.contains(&"new-allocation") && codes.contains(&"allocation-unbalanced"), "{codes:?}");
+    assert!(
+        codes.contains(&"new-allocation") && codes.contains(&"allocation-unbalanced"),
+        "{codes:?}"
+    );
 
     let recursive = write_manifest(
         dir.path(),
         "recursive",
         &object,
         &build_id,
-        &[("plain_compute", "plain_compute_via_old"), ("cc_target", "cc_target_ms")],
+        &[
+            ("plain_compute", "plain_compute_via_old"),
+            ("cc_target", "cc_target_ms"),
+        ],
     );
     let run = shadowpatch(&state, &["analyze", &pid, recursive.to_str().unwrap()]);
     assert_eq!(run.code, 1, "refuse exits 1: {}{}", run.stdout, run.stderr);
@@ -85,7 +103,9 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
     assert_eq!(target.check().unwrap()["errors"], 0);
 
     // Each analysis is in the event history, with its verdict.
-    let store = shadowpatch_store::Store::open_read_only(&state).unwrap().expect("history exists");
+    let store = shadowpatch_store::Store::open_read_only(&state)
+        .unwrap()
+        .expect("history exists");
     let events = store
         .events(&shadowpatch_store::EventFilter {
             kinds: vec![shadowpatch_store::EventKind::Analysis],
@@ -110,7 +130,13 @@ fn apply_refuses_what_the_engine_refuses_unless_forced() {
     let mappings = anonymous_code_mappings(target.pid());
     // Declares `counter` an int where the target has a long: refused; but
     // reading the low half of 5 still gives 5, so forcing it is harmless.
-    let narrow = write_manifest(dir.path(), "narrow", &object, &build_id, &[("read_counter", "read_counter_narrow")]);
+    let narrow = write_manifest(
+        dir.path(),
+        "narrow",
+        &object,
+        &build_id,
+        &[("read_counter", "read_counter_narrow")],
+    );
     let run = shadowpatch(&state, &["apply", &pid, narrow.to_str().unwrap(), "--json"]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     let lines: Vec<&str> = run.stderr.lines().collect();
@@ -131,7 +157,13 @@ fn apply_refuses_what_the_engine_refuses_unless_forced() {
     assert_eq!(shadowpatch(&state, &["rollback", &pid]).code, 0);
 
     // A warning does not stop apply; its JSON carries the analysis.
-    let state_patch = write_manifest(dir.path(), "stateful", &object, &build_id, &[("plain_compute", "plain_compute_state")]);
+    let state_patch = write_manifest(
+        dir.path(),
+        "stateful",
+        &object,
+        &build_id,
+        &[("plain_compute", "plain_compute_state")],
+    );
     let applied = shadowpatch(&state, &["apply", &pid, state_patch.to_str().unwrap(), "--json"]);
     assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
     let applied = applied.json();
@@ -139,7 +171,13 @@ fn apply_refuses_what_the_engine_refuses_unless_forced() {
     assert_eq!(applied["forced"], false);
     assert_eq!(target.check().unwrap()["errors"], 0);
     // Analysing it again now names the active patch as a conflict.
-    let again = write_manifest(dir.path(), "again", &object, &build_id, &[("plain_compute", "plain_compute_ok")]);
+    let again = write_manifest(
+        dir.path(),
+        "again",
+        &object,
+        &build_id,
+        &[("plain_compute", "plain_compute_ok")],
+    );
     let report = shadowpatch(&state, &["analyze", &pid, again.to_str().unwrap(), "--json"]).json();
     assert!(report["findings"]
         .as_array()
@@ -158,7 +196,13 @@ fn bad_arguments_are_one_line_errors_and_leave_the_target_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let object = build_patch(Patch::Analysis).unwrap();
-    let manifest = write_manifest(dir.path(), "ok", &object, &build_id_of(&target.binary()), &[("add_values", "add_values_ok")]);
+    let manifest = write_manifest(
+        dir.path(),
+        "ok",
+        &object,
+        &build_id_of(&target.binary()),
+        &[("add_values", "add_values_ok")],
+    );
     let m = manifest.to_str().unwrap();
     let log = dir.path().join("service.log");
     std::fs::write(&log, "started\n").unwrap();
@@ -166,9 +210,15 @@ fn bad_arguments_are_one_line_errors_and_leave_the_target_untouched() {
     let broken = dir.path().join("broken.toml");
     std::fs::write(&broken, "id = \"x\"\n").unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["analyze", &pid, m, "--log", l, "--error-pattern", "(unclosed"], "--error-pattern"),
+        (
+            vec!["analyze", &pid, m, "--log", l, "--error-pattern", "(unclosed"],
+            "--error-pattern",
+        ),
         (vec!["analyze", &pid, m, "--metrics-url", "not a url"], "--metrics-url"),
-        (vec!["analyze", &pid, m, "--metrics-url", "ftp://127.0.0.1/metrics"], "--metrics-url"),
+        (
+            vec!["analyze", &pid, m, "--metrics-url", "ftp://127.0.0.1/metrics"],
+            "--metrics-url",
+        ),
         (vec!["analyze", &pid, m, "--log", l], "--error-pattern"),
         (vec!["analyze", &pid, m, "--context-secs=-3"], "--context-secs"),
         (vec!["analyze", &pid, broken.to_str().unwrap()], "missing field"),
@@ -183,7 +233,18 @@ fn bad_arguments_are_one_line_errors_and_leave_the_target_untouched() {
     // An unreachable endpoint or unreadable log is not bad input: a note.
     let run = shadowpatch(
         &state,
-        &["analyze", &pid, m, "--metrics-url", "http://127.0.0.1:1/metrics", "--log", "/nonexistent.log", "--error-pattern", "ERROR", "--json"],
+        &[
+            "analyze",
+            &pid,
+            m,
+            "--metrics-url",
+            "http://127.0.0.1:1/metrics",
+            "--log",
+            "/nonexistent.log",
+            "--error-pattern",
+            "ERROR",
+            "--json",
+        ],
     );
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let report = run.json();

@@ -56,7 +56,9 @@ impl EntryProblem {
             ),
             EntryProblem::Undecodable { at } => format!("the bytes at {at:#x} do not decode as an instruction"),
             EntryProblem::InboundBranch { from, to } => {
-                format!("the instruction at {from:#x} branches to {to:#x}, inside the {JUMP_LEN} bytes the jump overwrites")
+                format!(
+                    "the instruction at {from:#x} branches to {to:#x}, inside the {JUMP_LEN} bytes the jump overwrites"
+                )
             }
         }
     }
@@ -211,7 +213,13 @@ mod tests {
         // bytes: 55 | 48 89 e5 | 90 | eb fb (jmp to 7-5=2) ; 2 is inside 1..5
         let code = [0x55, 0x48, 0x89, 0xe5, 0x90, 0xeb, 0xfb, 0xc3];
         let problems = instruction_problems(0x1000, 0x1000, &code);
-        assert_eq!(problems, vec![EntryProblem::InboundBranch { from: 0x1005, to: 0x1002 }]);
+        assert_eq!(
+            problems,
+            vec![EntryProblem::InboundBranch {
+                from: 0x1005,
+                to: 0x1002
+            }]
+        );
         assert!(problems[0].reason().contains("branches to 0x1002"));
         // A branch back to the entry itself is fine.
         let code = [0x55, 0x48, 0x89, 0xe5, 0x90, 0xeb, 0xf9, 0xc3];

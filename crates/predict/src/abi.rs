@@ -9,7 +9,9 @@
 
 use crate::code::{CodeSpaces, Space};
 use crate::finding::Severity;
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
+};
 use serde_json::json;
 use shadowpatch_symbols::dwarf::{FunctionInfo, TypeClass, TypeShape};
 use std::collections::HashMap;
@@ -18,7 +20,14 @@ use std::collections::HashMap;
 pub const METHOD_DWARF: &str = "dwarf";
 pub const METHOD_REGISTERS: &str = "register-use heuristic";
 
-const INTEGER_ARGUMENTS: [Register; 6] = [Register::RDI, Register::RSI, Register::RDX, Register::RCX, Register::R8, Register::R9];
+const INTEGER_ARGUMENTS: [Register; 6] = [
+    Register::RDI,
+    Register::RSI,
+    Register::RDX,
+    Register::RCX,
+    Register::R8,
+    Register::R9,
+];
 
 /// A set of SysV argument registers: bits 0-5 rdi rsi rdx rcx r8 r9, bits
 /// 6-13 xmm0-7.
@@ -48,8 +57,15 @@ impl ArgumentRegisters {
 
     pub fn names(self) -> Vec<String> {
         let gpr = ["rdi", "rsi", "rdx", "rcx", "r8", "r9"];
-        let mut names: Vec<String> = (0..6).filter(|i| self.0 & (1 << i) != 0).map(|i| gpr[i].to_string()).collect();
-        names.extend((0..8).filter(|i| self.0 & (1 << (6 + i)) != 0).map(|i| format!("xmm{i}")));
+        let mut names: Vec<String> = (0..6)
+            .filter(|i| self.0 & (1 << i) != 0)
+            .map(|i| gpr[i].to_string())
+            .collect();
+        names.extend(
+            (0..8)
+                .filter(|i| self.0 & (1 << (6 + i)) != 0)
+                .map(|i| format!("xmm{i}")),
+        );
         names
     }
 }
@@ -90,7 +106,9 @@ fn arguments_read_inner(
         }
         let zeroing = is_zeroing_idiom(&instruction);
         for used in info.info(&instruction).used_registers() {
-            let Some(bit) = ArgumentRegisters::bit(used.register()) else { continue };
+            let Some(bit) = ArgumentRegisters::bit(used.register()) else {
+                continue;
+            };
             let reads = matches!(
                 used.access(),
                 OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite
@@ -137,7 +155,14 @@ fn arguments_read_inner(
 fn is_zeroing_idiom(instruction: &Instruction) -> bool {
     matches!(
         instruction.mnemonic(),
-        Mnemonic::Xor | Mnemonic::Sub | Mnemonic::Pxor | Mnemonic::Xorps | Mnemonic::Xorpd | Mnemonic::Vpxor | Mnemonic::Vxorps | Mnemonic::Vxorpd
+        Mnemonic::Xor
+            | Mnemonic::Sub
+            | Mnemonic::Pxor
+            | Mnemonic::Xorps
+            | Mnemonic::Xorpd
+            | Mnemonic::Vpxor
+            | Mnemonic::Vxorps
+            | Mnemonic::Vxorpd
     ) && instruction.op_count() >= 2
         && instruction.op0_kind() == OpKind::Register
         && instruction.op1_kind() == OpKind::Register
@@ -249,7 +274,12 @@ pub fn compare_signatures(old: &FunctionInfo, new: &FunctionInfo) -> Vec<AbiDiff
         let what = format!("parameter {} ({})", index + 1, name.as_deref().unwrap_or("unnamed"));
         differences.extend(compare_types(&what, old_type, new_type, &with));
     }
-    differences.extend(compare_types("the return type", &old.return_type, &new.return_type, &with));
+    differences.extend(compare_types(
+        "the return type",
+        &old.return_type,
+        &new.return_type,
+        &with,
+    ));
     differences
 }
 
@@ -270,7 +300,11 @@ fn compare_types(
     let return_type = what == "the return type";
     let evidence = || with(json!({ "what": what, "old_type": old, "new_type": new }));
     if old.class != new.class && old.class != TypeClass::Unknown && new.class != TypeClass::Unknown {
-        let code = if return_type { "abi-return-type" } else { "abi-parameter-class" };
+        let code = if return_type {
+            "abi-return-type"
+        } else {
+            "abi-parameter-class"
+        };
         return vec![difference(
             code,
             Severity::Blocking,
@@ -285,7 +319,11 @@ fn compare_types(
         )];
     }
     if old.size.is_some() && new.size.is_some() && old.size != new.size {
-        let code = if return_type { "abi-return-type" } else { "abi-parameter-size" };
+        let code = if return_type {
+            "abi-return-type"
+        } else {
+            "abi-parameter-size"
+        };
         return vec![difference(
             code,
             Severity::Blocking,
@@ -300,7 +338,9 @@ fn compare_types(
         )];
     }
     if !old.members.is_empty() && !new.members.is_empty() && old.members != new.members
-        || !old.pointee_members.is_empty() && !new.pointee_members.is_empty() && old.pointee_members != new.pointee_members
+        || !old.pointee_members.is_empty()
+            && !new.pointee_members.is_empty()
+            && old.pointee_members != new.pointee_members
     {
         return vec![difference(
             "struct-layout-changed",
@@ -382,8 +422,14 @@ mod tests {
         let rdi_rsi_rdx = ArgumentRegisters(0b111);
         let rdx_rcx = ArgumentRegisters(0b1100);
         assert!(compare_register_use(rdi_rsi, rdi_rsi).is_empty());
-        assert!(compare_register_use(rdi_rsi_rdx, rdi_rsi).is_empty(), "reading fewer is fine");
-        assert_eq!(compare_register_use(rdi_rsi, rdi_rsi_rdx)[0].code, "abi-parameter-count");
+        assert!(
+            compare_register_use(rdi_rsi_rdx, rdi_rsi).is_empty(),
+            "reading fewer is fine"
+        );
+        assert_eq!(
+            compare_register_use(rdi_rsi, rdi_rsi_rdx)[0].code,
+            "abi-parameter-count"
+        );
         let changed = compare_register_use(rdi_rsi, rdx_rcx);
         assert_eq!(changed[0].code, "calling-convention");
         assert_eq!(changed[0].evidence["method"], METHOD_REGISTERS);
@@ -422,11 +468,23 @@ mod tests {
             compare_signatures(&old, &new).iter().map(|d| d.code).collect()
         };
         assert!(codes(old.clone()).is_empty());
-        assert_eq!(codes(function(vec![long.clone(); 3], long.clone())), ["abi-parameter-count"]);
-        assert_eq!(codes(function(vec![int.clone(), int.clone()], long.clone())), ["abi-parameter-size", "abi-parameter-size"]);
-        assert_eq!(codes(function(vec![long.clone(), double.clone()], long.clone())), ["abi-parameter-class"]);
-        assert_eq!(codes(function(vec![long.clone(), long.clone()], double.clone())), ["abi-return-type"]);
-        let expected = expected_arguments(&function(vec![long.clone(), double, long]  , int)).unwrap();
+        assert_eq!(
+            codes(function(vec![long.clone(); 3], long.clone())),
+            ["abi-parameter-count"]
+        );
+        assert_eq!(
+            codes(function(vec![int.clone(), int.clone()], long.clone())),
+            ["abi-parameter-size", "abi-parameter-size"]
+        );
+        assert_eq!(
+            codes(function(vec![long.clone(), double.clone()], long.clone())),
+            ["abi-parameter-class"]
+        );
+        assert_eq!(
+            codes(function(vec![long.clone(), long.clone()], double.clone())),
+            ["abi-return-type"]
+        );
+        let expected = expected_arguments(&function(vec![long.clone(), double, long], int)).unwrap();
         assert_eq!(expected.names(), vec!["rdi", "rsi", "xmm0"]);
     }
 }

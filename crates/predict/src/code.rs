@@ -8,7 +8,9 @@
 //! and in the patch object (its image before relocation), and from the
 //! patch into the target through the symbols the patch imports.
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
+};
 use serde::Serialize;
 use shadowpatch_patch::object::{PatchObject, RelocationKind};
 use shadowpatch_symbols::{Module, SymbolKind};
@@ -58,7 +60,8 @@ impl ModuleText {
     pub fn bytes(&self, start: u64, len: u64) -> Option<&[u8]> {
         self.ranges.iter().find_map(|(base, bytes)| {
             let end = base + bytes.len() as u64;
-            (start >= *base && start + len <= end).then(|| &bytes[(start - base) as usize..(start - base + len) as usize])
+            (start >= *base && start + len <= end)
+                .then(|| &bytes[(start - base) as usize..(start - base + len) as usize])
         })
     }
 
@@ -229,7 +232,13 @@ impl<'a> CodeSpaces<'a> {
 /// The object's data symbols that live in writable, non-RELRO memory,
 /// without the compiler runtime's own (`completed.0`, `__dso_handle`...).
 pub fn writable_data_symbols(object: &PatchObject) -> Vec<(u64, u64, String)> {
-    const RUNTIME: &[&str] = &["completed.0", "__dso_handle", "__TMC_END__", "_GLOBAL_OFFSET_TABLE_", "_DYNAMIC"];
+    const RUNTIME: &[&str] = &[
+        "completed.0",
+        "__dso_handle",
+        "__TMC_END__",
+        "_GLOBAL_OFFSET_TABLE_",
+        "_DYNAMIC",
+    ];
     let relro = object.relro.map(|(start, size)| start..start + size);
     let mut data: Vec<(u64, u64, String)> = object
         .symbols
@@ -396,7 +405,12 @@ impl Walker<'_, '_> {
         None
     }
 
-    fn memory_accesses(&mut self, space: Space, instruction: &Instruction, holds_global: &mut HashMap<Register, String>) {
+    fn memory_accesses(
+        &mut self,
+        space: Space,
+        instruction: &Instruction,
+        holds_global: &mut HashMap<Register, String>,
+    ) {
         let info = self.info.info(instruction);
         for used in info.used_memory() {
             let write = matches!(
@@ -415,18 +429,26 @@ impl Walker<'_, '_> {
                     Space::Target => {
                         if let Some((symbol, offset)) = self.spaces.module.symbolize(address) {
                             if symbol.kind == SymbolKind::Object {
-                                self.facts.globals.entry(symbol.name.clone()).or_default().insert(Access {
-                                    offset: offset as i64,
-                                    width,
-                                    write,
-                                });
+                                self.facts
+                                    .globals
+                                    .entry(symbol.name.clone())
+                                    .or_default()
+                                    .insert(Access {
+                                        offset: offset as i64,
+                                        width,
+                                        write,
+                                    });
                             }
                         }
                     }
                     Space::Patch => {
                         if let Some((name, offset)) = self.spaces.own_data_at(address) {
                             let name = name.to_string();
-                            self.facts.own_data.entry(name).or_default().insert(Access { offset, width, write });
+                            self.facts
+                                .own_data
+                                .entry(name)
+                                .or_default()
+                                .insert(Access { offset, width, write });
                         }
                     }
                 }

@@ -112,7 +112,9 @@ fn check_url(url: &str) -> Result<(), PredictError> {
         value: url.to_string(),
         message: message.to_string(),
     };
-    let uri: ureq::http::Uri = url.parse().map_err(|e: ureq::http::uri::InvalidUri| bad(&e.to_string()))?;
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|e: ureq::http::uri::InvalidUri| bad(&e.to_string()))?;
     match uri.scheme_str() {
         Some("http") => {}
         // Built without TLS: metrics endpoints are scraped on the local
@@ -146,7 +148,9 @@ struct Sample {
 fn sample(pid: i32, started: Instant) -> Result<Sample, PredictError> {
     let gone = |e: procfs::ProcError| -> PredictError {
         match e {
-            procfs::ProcError::NotFound(_) => PredictError::Target(shadowpatch_target::TargetError::NoSuchProcess { pid }),
+            procfs::ProcError::NotFound(_) => {
+                PredictError::Target(shadowpatch_target::TargetError::NoSuchProcess { pid })
+            }
             other => PredictError::BadArgument {
                 argument: "pid",
                 value: pid.to_string(),
@@ -243,7 +247,12 @@ pub fn read_context(identity: &ProcessIdentity, options: &ContextOptions) -> Res
     } else {
         0.0
     };
-    let rss_slope = slope(&samples.iter().map(|s| (s.seconds, s.rss_bytes as f64)).collect::<Vec<_>>());
+    let rss_slope = slope(
+        &samples
+            .iter()
+            .map(|s| (s.seconds, s.rss_bytes as f64))
+            .collect::<Vec<_>>(),
+    );
     let fd_slope = slope(&samples.iter().map(|s| (s.seconds, s.fds as f64)).collect::<Vec<_>>());
     let features = &mut report.features;
     features.insert("context.window_s".into(), elapsed);
@@ -259,8 +268,13 @@ pub fn read_context(identity: &ProcessIdentity, options: &ContextOptions) -> Res
         Ok((Some(max), current, dir)) => {
             let used = current.unwrap_or(last.rss_bytes);
             let fraction = used as f64 / max as f64;
-            report.features.insert("context.cgroup_memory_fraction".into(), fraction);
-            limits.push((format!("the cgroup limit {} ({dir})", mib(max)), max.saturating_sub(used) as f64));
+            report
+                .features
+                .insert("context.cgroup_memory_fraction".into(), fraction);
+            limits.push((
+                format!("the cgroup limit {} ({dir})", mib(max)),
+                max.saturating_sub(used) as f64,
+            ));
             if fraction >= 0.9 {
                 report.findings.push(context_finding(
                     "memory-near-limit",
@@ -283,8 +297,13 @@ pub fn read_context(identity: &ProcessIdentity, options: &ContextOptions) -> Res
     match procfs::Meminfo::current() {
         Ok(meminfo) => {
             let available = meminfo.mem_available.unwrap_or(meminfo.mem_free);
-            limits.push((format!("the machine's available RAM ({})", mib(available)), available as f64));
-            report.features.insert("context.ram_total_bytes".into(), meminfo.mem_total as f64);
+            limits.push((
+                format!("the machine's available RAM ({})", mib(available)),
+                available as f64,
+            ));
+            report
+                .features
+                .insert("context.ram_total_bytes".into(), meminfo.mem_total as f64);
         }
         Err(error) => report.unavailable.push(format!("/proc/meminfo: {error}")),
     }
@@ -315,10 +334,9 @@ pub fn read_context(identity: &ProcessIdentity, options: &ContextOptions) -> Res
             }
         }
     }
-    report.features.insert(
-        "context.memory_time_to_limit_s".into(),
-        time_to_limit.min(86_400.0),
-    );
+    report
+        .features
+        .insert("context.memory_time_to_limit_s".into(), time_to_limit.min(86_400.0));
 
     // File descriptors against RLIMIT_NOFILE.
     if let Ok(limits) = procfs::process::Process::new(pid).and_then(|p| p.limits()) {
@@ -363,10 +381,9 @@ pub fn read_context(identity: &ProcessIdentity, options: &ContextOptions) -> Res
     if let (Some(log), Some(start)) = (&options.log, log_start) {
         log_errors(&mut report, log, start, elapsed);
     }
-    report.features.insert(
-        "context.sources_unavailable".into(),
-        report.unavailable.len() as f64,
-    );
+    report
+        .features
+        .insert("context.sources_unavailable".into(), report.unavailable.len() as f64);
     Ok(report)
 }
 
@@ -414,12 +431,7 @@ fn error_total(scrape: &prometheus_parse::Scrape) -> (f64, usize) {
     (total, series)
 }
 
-fn metrics(
-    report: &mut ContextReport,
-    url: &str,
-    first: Result<prometheus_parse::Scrape, String>,
-    elapsed: f64,
-) {
+fn metrics(report: &mut ContextReport, url: &str, first: Result<prometheus_parse::Scrape, String>, elapsed: f64) {
     let first = match first {
         Ok(scrape) => scrape,
         Err(why) => return unavailable_source(report, format!("metrics endpoint {url}: {why}")),
@@ -428,7 +440,9 @@ fn metrics(
         .features
         .insert("context.metrics_series".into(), first.samples.len() as f64);
     let (errors_before, series) = error_total(&first);
-    report.features.insert("context.metrics_error_total".into(), errors_before);
+    report
+        .features
+        .insert("context.metrics_error_total".into(), errors_before);
     if elapsed <= 0.0 {
         return;
     }
@@ -497,7 +511,11 @@ fn log_errors(report: &mut ContextReport, log: &LogSource, start: Result<u64, St
     } else {
         0.0
     };
-    let rate = if elapsed > 0.0 { new_errors as f64 / elapsed } else { 0.0 };
+    let rate = if elapsed > 0.0 {
+        new_errors as f64 / elapsed
+    } else {
+        0.0
+    };
     report.features.insert("context.log_error_fraction".into(), fraction);
     report.features.insert("context.log_error_rate_per_s".into(), rate);
     if new_errors > 0 || (recent_errors >= 5 && fraction >= 0.1) {
@@ -536,8 +554,16 @@ mod tests {
     #[test]
     fn malformed_arguments_are_refused_with_their_name() {
         let bad_regex = ContextOptions::from_arguments(0.5, None, Some(Path::new("/tmp/x")), Some("(")).unwrap_err();
-        assert!(bad_regex.is_bad_input() && bad_regex.to_string().contains("--error-pattern"), "{bad_regex}");
-        for url in ["not a url", "ftp://host/metrics", "https://host/metrics", "http:///metrics"] {
+        assert!(
+            bad_regex.is_bad_input() && bad_regex.to_string().contains("--error-pattern"),
+            "{bad_regex}"
+        );
+        for url in [
+            "not a url",
+            "ftp://host/metrics",
+            "https://host/metrics",
+            "http:///metrics",
+        ] {
             let error = ContextOptions::from_arguments(0.5, Some(url), None, None).unwrap_err();
             assert!(error.to_string().contains("--metrics-url"), "{url}: {error}");
         }

@@ -20,7 +20,9 @@ pub mod finding;
 pub mod static_analysis;
 
 pub use context::{ContextOptions, ContextReport};
-pub use engine::{analyze, analyze_detailed, AnalysisRequest, Analyzed, Contribution, InterimRisk, RiskScorer, Section};
+pub use engine::{
+    analyze, analyze_detailed, AnalysisRequest, Analyzed, Contribution, InterimRisk, RiskScorer, Section,
+};
 pub use error::PredictError;
 pub use finding::{Analysis, Finding, Severity, Source, Verdict, VerdictPolicy};
 pub use static_analysis::{analyze_static, StaticReport};

@@ -68,24 +68,144 @@ pub const STATIC_CHECKS: &[&str] = &[
 
 /// Library functions that enter the kernel (directly or through stdio).
 const SYSCALL_WRAPPERS: &[&str] = &[
-    "read", "write", "pread", "pread64", "pwrite", "pwrite64", "readv", "writev", "open", "open64", "openat",
-    "openat64", "creat", "close", "socket", "connect", "accept", "accept4", "bind", "listen", "send", "sendto",
-    "sendmsg", "sendfile", "recv", "recvfrom", "recvmsg", "shutdown", "mmap", "mmap64", "munmap", "mprotect",
-    "madvise", "brk", "sbrk", "fork", "vfork", "clone", "execve", "execvp", "system", "popen", "kill", "raise",
-    "ioctl", "fcntl", "fsync", "fdatasync", "unlink", "unlinkat", "rename", "renameat", "mkdir", "rmdir",
-    "stat", "fstat", "lstat", "fstatat", "statx", "poll", "ppoll", "select", "pselect", "epoll_wait",
-    "epoll_ctl", "epoll_create", "epoll_create1", "nanosleep", "clock_nanosleep", "usleep", "sleep", "exit",
-    "_exit", "abort", "syscall", "dup", "dup2", "dup3", "pipe", "pipe2", "chdir", "chmod", "chown", "truncate",
-    "ftruncate", "lseek", "getdents64", "setsockopt", "getsockopt", "fopen", "fclose", "fread", "fwrite",
-    "fflush", "fprintf", "printf", "vprintf", "vfprintf", "puts", "fputs", "fputc", "putchar", "perror",
-    "syslog", "getrandom", "pthread_create", "signal", "sigaction", "prctl", "ptrace",
+    "read",
+    "write",
+    "pread",
+    "pread64",
+    "pwrite",
+    "pwrite64",
+    "readv",
+    "writev",
+    "open",
+    "open64",
+    "openat",
+    "openat64",
+    "creat",
+    "close",
+    "socket",
+    "connect",
+    "accept",
+    "accept4",
+    "bind",
+    "listen",
+    "send",
+    "sendto",
+    "sendmsg",
+    "sendfile",
+    "recv",
+    "recvfrom",
+    "recvmsg",
+    "shutdown",
+    "mmap",
+    "mmap64",
+    "munmap",
+    "mprotect",
+    "madvise",
+    "brk",
+    "sbrk",
+    "fork",
+    "vfork",
+    "clone",
+    "execve",
+    "execvp",
+    "system",
+    "popen",
+    "kill",
+    "raise",
+    "ioctl",
+    "fcntl",
+    "fsync",
+    "fdatasync",
+    "unlink",
+    "unlinkat",
+    "rename",
+    "renameat",
+    "mkdir",
+    "rmdir",
+    "stat",
+    "fstat",
+    "lstat",
+    "fstatat",
+    "statx",
+    "poll",
+    "ppoll",
+    "select",
+    "pselect",
+    "epoll_wait",
+    "epoll_ctl",
+    "epoll_create",
+    "epoll_create1",
+    "nanosleep",
+    "clock_nanosleep",
+    "usleep",
+    "sleep",
+    "exit",
+    "_exit",
+    "abort",
+    "syscall",
+    "dup",
+    "dup2",
+    "dup3",
+    "pipe",
+    "pipe2",
+    "chdir",
+    "chmod",
+    "chown",
+    "truncate",
+    "ftruncate",
+    "lseek",
+    "getdents64",
+    "setsockopt",
+    "getsockopt",
+    "fopen",
+    "fclose",
+    "fread",
+    "fwrite",
+    "fflush",
+    "fprintf",
+    "printf",
+    "vprintf",
+    "vfprintf",
+    "puts",
+    "fputs",
+    "fputc",
+    "putchar",
+    "perror",
+    "syslog",
+    "getrandom",
+    "pthread_create",
+    "signal",
+    "sigaction",
+    "prctl",
+    "ptrace",
 ];
 const ALLOCATORS: &[&str] = &[
-    "malloc", "calloc", "realloc", "reallocarray", "aligned_alloc", "posix_memalign", "memalign", "valloc",
-    "pvalloc", "strdup", "strndup", "asprintf", "_Znwm", "_Znam", "_ZnwmRKSt9nothrow_t", "_ZnamRKSt9nothrow_t",
+    "malloc",
+    "calloc",
+    "realloc",
+    "reallocarray",
+    "aligned_alloc",
+    "posix_memalign",
+    "memalign",
+    "valloc",
+    "pvalloc",
+    "strdup",
+    "strndup",
+    "asprintf",
+    "_Znwm",
+    "_Znam",
+    "_ZnwmRKSt9nothrow_t",
+    "_ZnamRKSt9nothrow_t",
     "_ZnwmSt11align_val_t",
 ];
-const DEALLOCATORS: &[&str] = &["free", "_ZdlPv", "_ZdaPv", "_ZdlPvm", "_ZdaPvm", "_ZdlPvSt11align_val_t"];
+const DEALLOCATORS: &[&str] = &[
+    "free",
+    "_ZdlPv",
+    "_ZdaPv",
+    "_ZdlPvm",
+    "_ZdaPvm",
+    "_ZdlPvSt11align_val_t",
+];
 
 /// What the static analysis found.
 #[derive(Debug, Clone)]
@@ -165,7 +285,12 @@ pub fn analyze_static(pid: i32, manifest_path: &Path, state_dir: &Path) -> Resul
         let imported: HashSet<String> = object
             .relocations
             .iter()
-            .filter_map(|r| r.symbol.as_ref().filter(|s| s.defined_at.is_none()).map(|s| s.name.clone()))
+            .filter_map(|r| {
+                r.symbol
+                    .as_ref()
+                    .filter(|s| s.defined_at.is_none())
+                    .map(|s| s.name.clone())
+            })
             .collect();
         let target_names: HashSet<String> = survey
             .replacements
@@ -197,7 +322,10 @@ pub fn analyze_static(pid: i32, manifest_path: &Path, state_dir: &Path) -> Resul
             "static.dwarf_target".into(),
             if target_dwarf.is_some() { 1.0 } else { 0.0 },
         );
-        features.insert("static.dwarf_patch".into(), if patch_dwarf.is_some() { 1.0 } else { 0.0 });
+        features.insert(
+            "static.dwarf_patch".into(),
+            if patch_dwarf.is_some() { 1.0 } else { 0.0 },
+        );
         let mut totals = Totals::default();
         // Globals and own data the replacements' code uses.
         let mut used_globals: HashSet<String> = HashSet::new();
@@ -207,7 +335,8 @@ pub fn analyze_static(pid: i32, manifest_path: &Path, state_dir: &Path) -> Resul
                 continue;
             };
             let symbol = replacement.symbol.as_str();
-            for (source, target) in graph.branches_into(site.patch_at + 1, site.patch_at + 5, site.entry, site.entry + site.size)
+            for (source, target) in
+                graph.branches_into(site.patch_at + 1, site.patch_at + 5, site.entry, site.entry + site.size)
             {
                 findings.push(
                     finding(
@@ -297,9 +426,13 @@ pub fn analyze_static(pid: i32, manifest_path: &Path, state_dir: &Path) -> Resul
                     }
                 }
                 findings.push(
-                    finding(difference.code, difference.severity, format!("{symbol}: {}", difference.message))
-                        .symbol(symbol)
-                        .evidence(evidence),
+                    finding(
+                        difference.code,
+                        difference.severity,
+                        format!("{symbol}: {}", difference.message),
+                    )
+                    .symbol(symbol)
+                    .evidence(evidence),
                 );
             }
             findings.extend(structural(
@@ -392,8 +525,12 @@ fn survey_findings(survey: &Survey) -> Vec<Finding> {
         for problem in &replacement.entry_problems {
             let error = problem.clone().into_error(&replacement.symbol, site.entry);
             findings.push(
-                apply_problem(problem.code(), &error, json!({ "entry": site.entry, "problem": problem }))
-                    .symbol(replacement.symbol.clone()),
+                apply_problem(
+                    problem.code(),
+                    &error,
+                    json!({ "entry": site.entry, "problem": problem }),
+                )
+                .symbol(replacement.symbol.clone()),
             );
         }
     }
@@ -421,7 +558,11 @@ fn conflicts(survey: &Survey, journal: &JournalState) -> Vec<Finding> {
             pid,
             id: survey.manifest.id.clone(),
         };
-        findings.push(apply_problem("duplicate-patch-id", &error, json!({ "id": survey.manifest.id })));
+        findings.push(apply_problem(
+            "duplicate-patch-id",
+            &error,
+            json!({ "id": survey.manifest.id }),
+        ));
     }
     for replacement in &survey.replacements {
         let Some(site) = &replacement.site else { continue };
@@ -541,10 +682,16 @@ fn structural(
         totals.syscalls_added += added.len() + raw_added as usize;
         let mut what = Vec::new();
         if !added.is_empty() {
-            what.push(format!("calls {}", added.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")));
+            what.push(format!(
+                "calls {}",
+                added.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ));
         }
         if raw_added > 0 {
-            what.push(format!("has {raw_added} direct syscall instruction{}", if raw_added == 1 { "" } else { "s" }));
+            what.push(format!(
+                "has {raw_added} direct syscall instruction{}",
+                if raw_added == 1 { "" } else { "s" }
+            ));
         }
         findings.push(flag(
             "new-syscall",
@@ -708,11 +855,15 @@ fn global_types(
     let mut names: Vec<&String> = used.iter().collect();
     names.sort();
     for name in names {
-        let Some(&address) = spaces.resolved.get(name) else { continue };
+        let Some(&address) = spaces.resolved.get(name) else {
+            continue;
+        };
         if !spaces.module.contains(address) {
             continue;
         }
-        let Some(declared) = patch.variable(name, None) else { continue };
+        let Some(declared) = patch.variable(name, None) else {
+            continue;
+        };
         let Some(defined) = target.variable(name, Some(address.wrapping_sub(spaces.module.bias))) else {
             continue;
         };
@@ -736,7 +887,9 @@ fn global_types(
                     old.size.unwrap_or(0)
                 ),
             ))
-        } else if old.class != new.class || (!old.members.is_empty() && !new.members.is_empty() && old.members != new.members) {
+        } else if old.class != new.class
+            || (!old.members.is_empty() && !new.members.is_empty() && old.members != new.members)
+        {
             Some((
                 Severity::Blocking,
                 format!(

@@ -32,7 +32,11 @@ fn a_steady_target_gives_features_and_no_finding() {
         "context.fd_count",
         "context.memory_time_to_limit_s",
     ] {
-        assert!(report.features.contains_key(feature), "{feature}: {:?}", report.features);
+        assert!(
+            report.features.contains_key(feature),
+            "{feature}: {:?}",
+            report.features
+        );
     }
     assert!(report.features["context.rss_bytes"] > 0.0);
     assert!(report.features["context.fd_count"] >= 3.0);
@@ -87,7 +91,11 @@ fn log_errors_are_counted_and_an_unreadable_log_is_a_note_not_an_abort() {
     let log = dir.path().join("service.log");
     let mut text = String::new();
     for i in 0..40 {
-        text.push_str(if i % 3 == 0 { "ERROR upstream timed out\n" } else { "INFO request served\n" });
+        text.push_str(if i % 3 == 0 {
+            "ERROR upstream timed out\n"
+        } else {
+            "INFO request served\n"
+        });
     }
     std::fs::write(&log, text).unwrap();
     let mut with_log = options(100);
@@ -96,7 +104,11 @@ fn log_errors_are_counted_and_an_unreadable_log_is_a_note_not_an_abort() {
         pattern: regex::Regex::new("ERROR").unwrap(),
     });
     let report = read_context(&identity, &with_log).unwrap();
-    let errors = report.findings.iter().find(|f| f.code == "log-errors").expect("log-errors");
+    let errors = report
+        .findings
+        .iter()
+        .find(|f| f.code == "log-errors")
+        .expect("log-errors");
     assert_eq!(errors.evidence["recent_errors"], 14);
     assert_eq!(errors.evidence["recent_lines"], 40);
     assert!(report.unavailable.is_empty());
@@ -105,7 +117,11 @@ fn log_errors_are_counted_and_an_unreadable_log_is_a_note_not_an_abort() {
     let report = read_context(&identity, &with_log).unwrap();
     assert_eq!(report.unavailable.len(), 1, "{:?}", report.unavailable);
     assert!(report.unavailable[0].contains("missing.log"));
-    let note = report.findings.iter().find(|f| f.code == "context-source-unavailable").unwrap();
+    let note = report
+        .findings
+        .iter()
+        .find(|f| f.code == "context-source-unavailable")
+        .unwrap();
     assert_eq!(note.severity, Severity::Warning);
     assert_eq!(report.features["context.sources_unavailable"], 1.0);
 }

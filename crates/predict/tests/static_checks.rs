@@ -63,7 +63,11 @@ fn assert_finding(report: &StaticReport, code: &str, severity: Severity, method:
     if let Some(method) = method {
         assert_eq!(found.evidence["method"], method, "{code}: {}", found.evidence);
     }
-    assert_eq!(report.features[&format!("static.{code}")], 1.0, "{code} counted as a feature");
+    assert_eq!(
+        report.features[&format!("static.{code}")],
+        1.0,
+        "{code} counted as a feature"
+    );
 }
 
 fn assert_benign(report: &StaticReport) {
@@ -91,25 +95,133 @@ fn with_dwarf_each_check_fires_on_its_patch_and_benign_patches_are_clean() {
     assert_eq!(report.features["static.abi_dwarf_compared"], 1.0);
 
     let cases: &[(&str, &str, &str, Severity, Option<&str>)] = &[
-        ("add_values", "add_values_three", "abi-parameter-count", Severity::Blocking, DWARF),
-        ("add_values", "add_values_double", "abi-return-type", Severity::Blocking, DWARF),
-        ("scale_value", "scale_value_long", "abi-parameter-class", Severity::Blocking, DWARF),
-        ("sum_point", "sum_point_v2", "struct-layout-changed", Severity::Blocking, DWARF),
-        ("cc_target", "cc_target_ms", "calling-convention", Severity::Blocking, None),
-        ("read_counter", "read_counter_narrow", "global-type-changed", Severity::Blocking, DWARF),
-        ("read_counter", "read_counter_narrow", "global-access-changed", Severity::Warning, Some("access pattern")),
-        ("read_limit", "read_limit_v2", "global-type-changed", Severity::Blocking, DWARF),
-        ("read_limit", "read_limit_v2", "global-access-changed", Severity::Blocking, None),
-        ("plain_compute", "plain_compute_syscall", "new-syscall", Severity::Warning, None),
-        ("plain_compute", "plain_compute_raw_syscall", "new-syscall", Severity::Warning, None),
-        ("plain_compute", "plain_compute_alloc", "new-allocation", Severity::Warning, None),
-        ("plain_compute", "plain_compute_alloc", "allocation-unbalanced", Severity::Warning, None),
-        ("plain_compute", "plain_compute_state", "patch-global-state", Severity::Warning, None),
-        ("plain_compute", "plain_compute_recursive", "recursion", Severity::Warning, None),
-        ("plain_compute", "plain_compute_via_old", "recursion-through-patch", Severity::Blocking, None),
-        ("plain_compute", "plain_compute_loop", "added-loop", Severity::Warning, None),
+        (
+            "add_values",
+            "add_values_three",
+            "abi-parameter-count",
+            Severity::Blocking,
+            DWARF,
+        ),
+        (
+            "add_values",
+            "add_values_double",
+            "abi-return-type",
+            Severity::Blocking,
+            DWARF,
+        ),
+        (
+            "scale_value",
+            "scale_value_long",
+            "abi-parameter-class",
+            Severity::Blocking,
+            DWARF,
+        ),
+        (
+            "sum_point",
+            "sum_point_v2",
+            "struct-layout-changed",
+            Severity::Blocking,
+            DWARF,
+        ),
+        (
+            "cc_target",
+            "cc_target_ms",
+            "calling-convention",
+            Severity::Blocking,
+            None,
+        ),
+        (
+            "read_counter",
+            "read_counter_narrow",
+            "global-type-changed",
+            Severity::Blocking,
+            DWARF,
+        ),
+        (
+            "read_counter",
+            "read_counter_narrow",
+            "global-access-changed",
+            Severity::Warning,
+            Some("access pattern"),
+        ),
+        (
+            "read_limit",
+            "read_limit_v2",
+            "global-type-changed",
+            Severity::Blocking,
+            DWARF,
+        ),
+        (
+            "read_limit",
+            "read_limit_v2",
+            "global-access-changed",
+            Severity::Blocking,
+            None,
+        ),
+        (
+            "plain_compute",
+            "plain_compute_syscall",
+            "new-syscall",
+            Severity::Warning,
+            None,
+        ),
+        (
+            "plain_compute",
+            "plain_compute_raw_syscall",
+            "new-syscall",
+            Severity::Warning,
+            None,
+        ),
+        (
+            "plain_compute",
+            "plain_compute_alloc",
+            "new-allocation",
+            Severity::Warning,
+            None,
+        ),
+        (
+            "plain_compute",
+            "plain_compute_alloc",
+            "allocation-unbalanced",
+            Severity::Warning,
+            None,
+        ),
+        (
+            "plain_compute",
+            "plain_compute_state",
+            "patch-global-state",
+            Severity::Warning,
+            None,
+        ),
+        (
+            "plain_compute",
+            "plain_compute_recursive",
+            "recursion",
+            Severity::Warning,
+            None,
+        ),
+        (
+            "plain_compute",
+            "plain_compute_via_old",
+            "recursion-through-patch",
+            Severity::Blocking,
+            None,
+        ),
+        (
+            "plain_compute",
+            "plain_compute_loop",
+            "added-loop",
+            Severity::Warning,
+            None,
+        ),
         ("lookup", "lookup_reinit", "calls-init-only", Severity::Warning, None),
-        ("init_table", "init_table_replacement", "init-only-function", Severity::Warning, None),
+        (
+            "init_table",
+            "init_table_replacement",
+            "init-only-function",
+            Severity::Warning,
+            None,
+        ),
     ];
     for (symbol, with, code, severity, method) in cases {
         let report = target.analyze(symbol, with);
@@ -117,14 +229,22 @@ fn with_dwarf_each_check_fires_on_its_patch_and_benign_patches_are_clean() {
     }
     let narrow = target.analyze("add_values", "add_values_narrow");
     assert_eq!(
-        narrow.findings.iter().filter(|f| f.code == "abi-parameter-size").count(),
+        narrow
+            .findings
+            .iter()
+            .filter(|f| f.code == "abi-parameter-size")
+            .count(),
         2,
         "both parameters narrowed:\n{}",
         describe(&narrow.findings)
     );
     // A leaking allocation is no loop: the jump back to a shared epilogue is not counted.
     let alloc = target.analyze("plain_compute", "plain_compute_alloc");
-    assert!(!alloc.findings.iter().any(|f| f.code == "added-loop"), "{}", describe(&alloc.findings));
+    assert!(
+        !alloc.findings.iter().any(|f| f.code == "added-loop"),
+        "{}",
+        describe(&alloc.findings)
+    );
     assert_eq!(target.running.check().unwrap()["errors"], 0, "the target kept working");
 }
 
@@ -137,14 +257,62 @@ fn without_dwarf_the_register_use_heuristic_decides_and_says_so() {
     assert_eq!(report.features["static.dwarf_target"], 0.0);
     assert_eq!(report.features["static.abi_heuristic_compared"], 1.0);
     let cases: &[(&str, &str, &str, Severity, Option<&str>)] = &[
-        ("add_values", "add_values_three", "abi-parameter-count", Severity::Warning, HEURISTIC),
-        ("cc_target", "cc_target_ms", "calling-convention", Severity::Warning, HEURISTIC),
-        ("scale_value", "scale_value_long", "calling-convention", Severity::Warning, HEURISTIC),
-        ("read_counter", "read_counter_narrow", "global-access-changed", Severity::Warning, Some("access pattern")),
-        ("read_limit", "read_limit_v2", "global-access-changed", Severity::Blocking, None),
-        ("plain_compute", "plain_compute_syscall", "new-syscall", Severity::Warning, None),
-        ("plain_compute", "plain_compute_via_old", "recursion-through-patch", Severity::Blocking, None),
-        ("init_table", "init_table_replacement", "init-only-function", Severity::Warning, None),
+        (
+            "add_values",
+            "add_values_three",
+            "abi-parameter-count",
+            Severity::Warning,
+            HEURISTIC,
+        ),
+        (
+            "cc_target",
+            "cc_target_ms",
+            "calling-convention",
+            Severity::Warning,
+            HEURISTIC,
+        ),
+        (
+            "scale_value",
+            "scale_value_long",
+            "calling-convention",
+            Severity::Warning,
+            HEURISTIC,
+        ),
+        (
+            "read_counter",
+            "read_counter_narrow",
+            "global-access-changed",
+            Severity::Warning,
+            Some("access pattern"),
+        ),
+        (
+            "read_limit",
+            "read_limit_v2",
+            "global-access-changed",
+            Severity::Blocking,
+            None,
+        ),
+        (
+            "plain_compute",
+            "plain_compute_syscall",
+            "new-syscall",
+            Severity::Warning,
+            None,
+        ),
+        (
+            "plain_compute",
+            "plain_compute_via_old",
+            "recursion-through-patch",
+            Severity::Blocking,
+            None,
+        ),
+        (
+            "init_table",
+            "init_table_replacement",
+            "init-only-function",
+            Severity::Warning,
+            None,
+        ),
     ];
     for (symbol, with, code, severity, method) in cases {
         assert_finding(&target.analyze(symbol, with), code, *severity, *method);
@@ -168,24 +336,43 @@ fn every_problem_of_a_bad_patch_is_collected_not_only_the_first() {
     );
     let report = analyze_static(target.running.pid(), &manifest, &target.dir.path().join("state")).unwrap();
     let codes: Vec<&str> = report.findings.iter().map(|f| f.code.as_str()).collect();
-    for code in ["entry-too-short", "inbound-branch", "unknown-symbol", "not-a-function", "unknown-replacement"] {
+    for code in [
+        "entry-too-short",
+        "inbound-branch",
+        "unknown-symbol",
+        "not-a-function",
+        "unknown-replacement",
+    ] {
         assert!(codes.contains(&code), "{code} missing: {codes:?}");
     }
-    let blocking: Vec<&Finding> = report.findings.iter().filter(|f| f.severity == Severity::Blocking).collect();
+    let blocking: Vec<&Finding> = report
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Blocking)
+        .collect();
     assert_eq!(blocking.len(), 5, "{}", describe(&report.findings));
     for finding in blocking {
         assert!(finding.evidence["apply_error"].is_string(), "{}", finding.evidence);
     }
     // banner → banner_v2 is fine: nothing about it.
-    assert!(!report.findings.iter().any(|f| f.symbol.as_deref() == Some("banner") && f.severity != Severity::Info));
+    assert!(!report
+        .findings
+        .iter()
+        .any(|f| f.symbol.as_deref() == Some("banner") && f.severity != Severity::Info));
     let wrong_build = target.dir.path().join("wrong.toml");
     std::fs::write(
         &wrong_build,
-        std::fs::read_to_string(&manifest).unwrap().replace(&target.build_id, "00ff00ff00ff"),
+        std::fs::read_to_string(&manifest)
+            .unwrap()
+            .replace(&target.build_id, "00ff00ff00ff"),
     )
     .unwrap();
     let report = analyze_static(target.running.pid(), &wrong_build, Path::new("/nonexistent")).unwrap();
-    let mismatch = report.findings.iter().find(|f| f.code == "build-id-mismatch").expect("build-id finding");
+    let mismatch = report
+        .findings
+        .iter()
+        .find(|f| f.code == "build-id-mismatch")
+        .expect("build-id finding");
     assert_eq!(mismatch.evidence["apply_error"], "bad_input");
     // The object-side problem is still reported beside it.
     assert!(report.findings.iter().any(|f| f.code == "unknown-replacement"));
@@ -194,7 +381,11 @@ fn every_problem_of_a_bad_patch_is_collected_not_only_the_first() {
 #[test]
 fn existing_test_patches_are_not_refused() {
     let target = Target::start(Fixture::BusyC, Patch::BusyFix);
-    for (symbol, with) in [("work_fn", "work_fn_v2"), ("work_fn", "work_fn_v3"), ("banner", "banner_v2")] {
+    for (symbol, with) in [
+        ("work_fn", "work_fn_v2"),
+        ("work_fn", "work_fn_v3"),
+        ("banner", "banner_v2"),
+    ] {
         let report = target.analyze(symbol, with);
         assert!(
             !report.findings.iter().any(|f| f.severity == Severity::Blocking),
@@ -218,7 +409,10 @@ fn malformed_manifest_object_or_pid_is_bad_input() {
     let broken = target.dir.path().join("broken.toml");
     std::fs::write(&broken, "id = \"x\"\n").unwrap();
     let error = analyze_static(target.running.pid(), &broken, &state).unwrap_err();
-    assert!(error.is_bad_input() && error.to_string().contains("missing field"), "{error}");
+    assert!(
+        error.is_bad_input() && error.to_string().contains("missing field"),
+        "{error}"
+    );
     let garbage = target.dir.path().join("garbage.so");
     std::fs::write(&garbage, b"\x7fELF garbage").unwrap();
     let manifest = target.manifest("g", &[("add_values", "add_values_ok")]);
@@ -230,7 +424,13 @@ fn malformed_manifest_object_or_pid_is_bad_input() {
     )
     .unwrap();
     let error = analyze_static(target.running.pid(), &manifest, &state).unwrap_err();
-    assert!(error.is_bad_input() && error.to_string().contains("malformed ELF"), "{error}");
+    assert!(
+        error.is_bad_input() && error.to_string().contains("malformed ELF"),
+        "{error}"
+    );
     let error = analyze_static(2147483646, &manifest, &state).unwrap_err();
-    assert!(error.is_bad_input() && error.to_string().contains("no process"), "{error}");
+    assert!(
+        error.is_bad_input() && error.to_string().contains("no process"),
+        "{error}"
+    );
 }

@@ -81,7 +81,7 @@ pub struct FunctionInfo {
     pub name: String,
     /// File address of the first instruction (definitions only).
     pub low_pc: Option<u64>,
-    pub parameters: Vec<(Option<String>, TypeShape)>,
+    pub parameters: Parameters,
     pub return_type: TypeShape,
     /// Ends with `...`.
     pub variadic: bool,
@@ -161,17 +161,16 @@ impl DebugInfo {
                 if entry.depth() != 1 || (tag != gimli::DW_TAG_subprogram && tag != gimli::DW_TAG_variable) {
                     continue;
                 }
-                let Some(name) = entry
-                    .attr_value(gimli::DW_AT_name)
-                    .and_then(|v| unit.attr_string(v).ok())
-                    .and_then(|s| Some(s.to_string_lossy().into_owned()))
-                else {
+                let Some(name) = name_of(&unit, entry) else {
                     continue;
                 };
                 if !wanted(&name) {
                     continue;
                 }
-                let declaration = matches!(entry.attr_value(gimli::DW_AT_declaration), Some(AttributeValue::Flag(true)));
+                let declaration = matches!(
+                    entry.attr_value(gimli::DW_AT_declaration),
+                    Some(AttributeValue::Flag(true))
+                );
                 let offset = entry.offset();
                 if tag == gimli::DW_TAG_subprogram {
                     let low_pc = entry
@@ -238,11 +237,20 @@ impl DebugInfo {
     }
 }
 
+/// The `DW_AT_name` of an entry.
+fn name_of<'a>(
+    unit: &gimli::UnitRef<'_, Slice<'a>>,
+    entry: &gimli::DebuggingInformationEntry<Slice<'a>>,
+) -> Option<String> {
+    let value = entry.attr_value(gimli::DW_AT_name)?;
+    Some(unit.attr_string(value).ok()?.to_string_lossy().into_owned())
+}
+
+/// Named parameters of a function, in order.
+type Parameters = Vec<(Option<String>, TypeShape)>;
+
 /// Parameters of the subprogram at `offset`, and whether it is variadic.
-fn parameters_of(
-    unit: &gimli::UnitRef<Slice>,
-    offset: UnitOffset,
-) -> gimli::Result<(Vec<(Option<String>, TypeShape)>, bool)> {
+fn parameters_of(unit: &gimli::UnitRef<Slice>, offset: UnitOffset) -> gimli::Result<(Parameters, bool)> {
     let mut tree = unit.entries_tree(Some(offset))?;
     let root = tree.root()?;
     let mut children = root.children();
@@ -252,10 +260,7 @@ fn parameters_of(
         let entry = child.entry();
         match entry.tag() {
             gimli::DW_TAG_formal_parameter => {
-                let name = entry
-                    .attr_value(gimli::DW_AT_name)
-                    .and_then(|v| unit.attr_string(v).ok())
-                    .and_then(|s| Some(s.to_string_lossy().into_owned()));
+                let name = name_of(unit, entry);
                 parameters.push((name, type_of(unit, entry.attr_value(gimli::DW_AT_type), 0)));
             }
             gimli::DW_TAG_unspecified_parameters => variadic = true,
@@ -288,10 +293,7 @@ fn type_of(unit: &gimli::UnitRef<Slice>, reference: Option<AttributeValue<Slice>
     let Ok(entry) = unit.entry(offset) else {
         return TypeShape::unknown();
     };
-    let name = entry
-        .attr_value(gimli::DW_AT_name)
-        .and_then(|v| unit.attr_string(v).ok())
-        .and_then(|s| Some(s.to_string_lossy().into_owned()));
+    let name = name_of(unit, &entry);
     let size = entry.attr_value(gimli::DW_AT_byte_size).and_then(|v| v.udata_value());
     let inner = || type_of(unit, entry.attr_value(gimli::DW_AT_type), depth + 1);
     let tag: DwTag = entry.tag();
@@ -331,9 +333,10 @@ fn type_of(unit: &gimli::UnitRef<Slice>, reference: Option<AttributeValue<Slice>
             }
             target
         }
-        gimli::DW_TAG_const_type | gimli::DW_TAG_volatile_type | gimli::DW_TAG_restrict_type | gimli::DW_TAG_atomic_type => {
-            inner()
-        }
+        gimli::DW_TAG_const_type
+        | gimli::DW_TAG_volatile_type
+        | gimli::DW_TAG_restrict_type
+        | gimli::DW_TAG_atomic_type => inner(),
         gimli::DW_TAG_enumeration_type => TypeShape {
             name: format!("enum {}", name.unwrap_or_else(|| "<anonymous>".into())),
             size,
@@ -389,11 +392,7 @@ fn members_of(unit: &gimli::UnitRef<Slice>, offset: UnitOffset, depth: u32) -> V
         if entry.tag() != gimli::DW_TAG_member {
             continue;
         }
-        let name = entry
-            .attr_value(gimli::DW_AT_name)
-            .and_then(|v| unit.attr_string(v).ok())
-            .and_then(|s| Some(s.to_string_lossy().into_owned()))
-            .unwrap_or_default();
+        let name = name_of(unit, entry).unwrap_or_default();
         let member_offset = entry
             .attr_value(gimli::DW_AT_data_member_location)
             .and_then(|v| v.udata_value())

@@ -82,7 +82,11 @@ pub fn verdict_name(verdict: Verdict) -> &'static str {
 /// `shadowpatch analyze PID MANIFEST`: exit 0 for proceed or warn, 1 for refuse.
 pub fn run(context: &Context, pid: i32, manifest: &Path, args: &AnalysisArgs) -> anyhow::Result<i32> {
     let (analyzed, duration_us) = run_analysis(context, pid, manifest, args, "analyze")?;
-    let code = if analyzed.analysis.verdict == Verdict::Refuse { 1 } else { 0 };
+    let code = if analyzed.analysis.verdict == Verdict::Refuse {
+        1
+    } else {
+        0
+    };
     if context.json {
         print_json(&serde_json::json!({
             "pid": analyzed.identity.pid,

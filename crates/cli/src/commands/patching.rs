@@ -3,9 +3,9 @@
 use super::analyze::{print_report, refusal, run_analysis, AnalysisArgs};
 use super::Context;
 use crate::output::print_json;
-use shadowpatch_predict::Verdict;
 use shadowpatch_patch::journal::TxnKind;
 use shadowpatch_patch::{apply, recover, rollback, ApplyOptions, Recovered};
+use shadowpatch_predict::Verdict;
 use std::path::Path;
 
 /// `apply`: the prediction engine first (static analysis + system
