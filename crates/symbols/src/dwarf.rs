@@ -449,7 +449,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_file_without_debug_info_has_none_and_garbage_is_an_error() {
+    fn garbage_is_an_error_not_a_panic() {
         let path = Path::new("garbage");
         assert!(DebugInfo::parse(path, b"not an elf", &|_| true).is_err());
     }
