@@ -40,6 +40,16 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<shadowpatch_store::StoreError>() {
             return if e.is_bad_input() { BAD_INPUT } else { FAILED };
         }
+        if let Some(e) = cause.downcast_ref::<shadowpatch_predict::PredictError>() {
+            if let shadowpatch_predict::PredictError::Patch(patch) = e {
+                return match patch.class() {
+                    shadowpatch_patch::ErrorClass::BadInput => BAD_INPUT,
+                    shadowpatch_patch::ErrorClass::Refused => REFUSED,
+                    shadowpatch_patch::ErrorClass::Failed => FAILED,
+                };
+            }
+            return if e.is_bad_input() { BAD_INPUT } else { FAILED };
+        }
         if let Some(e) = cause.downcast_ref::<SymbolsError>() {
             return match e {
                 SymbolsError::Target(t) if !t.is_bad_input() => FAILED,

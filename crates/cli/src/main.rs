@@ -52,7 +52,7 @@ enum Command {
         #[arg(long)]
         generation: Option<u32>,
     },
-    /// Load a patch into a running process and switch its functions in one stop.
+    /// Analyse a patch, then load it into a running process and switch its functions in one stop.
     Apply {
         pid: i32,
         /// The patch manifest (TOML).
@@ -60,6 +60,19 @@ enum Command {
         /// Stops to try while a thread sits inside an entry being rewritten.
         #[arg(long, default_value_t = shadowpatch_patch::activate::DEFAULT_ATTEMPTS)]
         attempts: u32,
+        /// Apply even when the prediction engine refuses the patch.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        analysis: commands::analyze::AnalysisArgs,
+    },
+    /// Predict whether a patch will misbehave in a running process, and why (writes nothing to it).
+    Analyze {
+        pid: i32,
+        /// The patch manifest (TOML).
+        manifest: PathBuf,
+        #[command(flatten)]
+        analysis: commands::analyze::AnalysisArgs,
     },
     /// Restore the functions of the latest patch (or PATCH_ID, if it is the latest).
     Rollback { pid: i32, patch_id: Option<String> },
@@ -148,7 +161,14 @@ fn main() {
             pid,
             manifest,
             attempts,
-        } => commands::patching::run_apply(&context, pid, &manifest, attempts),
+            force,
+            analysis,
+        } => commands::patching::run_apply(&context, pid, &manifest, attempts, force, &analysis),
+        Command::Analyze {
+            pid,
+            manifest,
+            analysis,
+        } => commands::analyze::run(&context, pid, &manifest, &analysis),
         Command::Rollback { pid, patch_id } => commands::patching::run_rollback(&context, pid, patch_id.as_deref()),
         Command::Recover { pid } => commands::patching::run_recover(&context, pid),
         Command::Status { pid } => commands::status::run(&context, pid),

@@ -19,10 +19,10 @@ use crate::clobber::{clobbered, CodeSource, RegisterSet};
 use crate::fault;
 use crate::journal::{Journal, PatchRecord, PatchedFunction, Record, TxnKind, Write5};
 use crate::load::{choose_address, relocate};
-use crate::object::PatchObject;
+use crate::object::{DefinedSymbol, PatchObject};
 use crate::state::{ensure_baseline, now_ms, staged_path, TargetState};
 use crate::thunk;
-use crate::trampoline::{jump, plan_site, FunctionSite, JUMP_LEN};
+use crate::trampoline::{examine_site, jump, EntryProblem, FunctionSite, JUMP_LEN};
 use crate::{Manifest, PatchError};
 use shadowpatch_mirror::{derive, AddedRegion, Edit, MirrorFile, RegionKind, RegionSpec, StateDir, PAGE_SIZE};
 use shadowpatch_symbols::{modules_of, Module};
@@ -74,10 +74,16 @@ pub struct ApplyOutcome {
 /// The target module's functions, read live, with the entries that active
 /// patches rewrote shown as they were originally (callers were compiled
 /// against the original code, so that is what the analysis must see).
-struct ModuleCode<'a> {
-    module: &'a Module,
-    memory: &'a mut shadowpatch_target::TargetMemory,
-    originals: &'a [(u64, Vec<u8>)],
+pub struct ModuleCode<'a> {
+    pub module: &'a Module,
+    pub memory: &'a mut shadowpatch_target::TargetMemory,
+    pub originals: &'a [(u64, Vec<u8>)],
+}
+
+impl std::fmt::Debug for ModuleCode<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleCode").field("module", &self.module.name).finish()
+    }
 }
 
 impl CodeSource for ModuleCode<'_> {
@@ -88,21 +94,51 @@ impl CodeSource for ModuleCode<'_> {
         }
         let start = symbol.address + self.module.bias;
         let mut bytes = self.memory.read_vec(start, symbol.size as usize).ok()?;
-        for (at, original) in self.originals {
-            if *at >= start && at + (original.len() as u64) <= start + bytes.len() as u64 {
-                let offset = (at - start) as usize;
-                bytes[offset..offset + original.len()].copy_from_slice(original);
-            }
-        }
+        overlay_originals(start, &mut bytes, self.originals);
         Some((start, bytes))
     }
 }
 
+/// Put back, in `bytes` read at `start`, the original bytes of entries
+/// that active patches rewrote.
+pub fn overlay_originals(start: u64, bytes: &mut [u8], originals: &[(u64, Vec<u8>)]) {
+    for (at, original) in originals {
+        if *at >= start && at + (original.len() as u64) <= start + bytes.len() as u64 {
+            let offset = (at - start) as usize;
+            bytes[offset..offset + original.len()].copy_from_slice(original);
+        }
+    }
+}
+
+/// Entries rewritten by the active patches, as they were before the first
+/// patch: `(address, original bytes)`.
+pub fn originals_of(journal_state: &crate::journal::JournalState) -> Vec<(u64, Vec<u8>)> {
+    let mut originals: Vec<(u64, Vec<u8>)> = Vec::new();
+    for patch in &journal_state.active {
+        for f in &patch.functions {
+            if !originals.iter().any(|(at, _)| *at == f.write.address) {
+                originals.push((f.write.address, f.write.original.clone()));
+            }
+        }
+    }
+    originals
+}
+
 /// The patch object's own functions (object addresses, before relocation:
 /// only direct, PC-relative branches are followed, which need none).
-struct ObjectCode<'a> {
-    object: &'a PatchObject,
-    image: Vec<u8>,
+#[derive(Debug)]
+pub struct ObjectCode<'a> {
+    pub object: &'a PatchObject,
+    pub image: Vec<u8>,
+}
+
+impl<'a> ObjectCode<'a> {
+    pub fn new(object: &'a PatchObject) -> Self {
+        ObjectCode {
+            object,
+            image: object.initial_image(),
+        }
+    }
 }
 
 impl CodeSource for ObjectCode<'_> {
@@ -120,34 +156,156 @@ impl CodeSource for ObjectCode<'_> {
 }
 
 /// How deep the register analysis follows calls.
-const CLOBBER_DEPTH: u32 = 8;
+pub const CLOBBER_DEPTH: u32 = 8;
 
-/// What was checked before touching the target.
-struct Prepared {
-    manifest: Manifest,
-    manifest_path: PathBuf,
-    object: PatchObject,
-    identity: ProcessIdentity,
-    module: Module,
-    modules: Vec<Module>,
-    maps: Vec<shadowpatch_target::Mapping>,
-    sites: Vec<(FunctionSite, String)>,
+/// What was checked before touching the target: every fact apply acts on.
+#[derive(Debug)]
+pub struct Prepared {
+    pub manifest: Manifest,
+    pub manifest_path: PathBuf,
+    pub object: PatchObject,
+    pub identity: ProcessIdentity,
+    pub module: Module,
+    pub modules: Vec<Module>,
+    pub maps: Vec<shadowpatch_target::Mapping>,
+    /// Per replacement: where the jump goes, and the new function's name.
+    pub sites: Vec<(FunctionSite, String)>,
     /// Per replacement: registers the new function changes that the
     /// original did not (empty: jump straight to the new function).
-    extra: Vec<RegisterSet>,
+    pub extra: Vec<RegisterSet>,
 }
 
-/// Everything apply checks without writing to the target: used by `apply`
-/// and by `analyze`-style callers.
-fn prepare(pid: i32, manifest_path: &Path, originals: &[(u64, Vec<u8>)]) -> Result<Prepared, PatchError> {
+/// One `[[replace]]` entry as the survey found it.
+#[derive(Debug, Clone)]
+pub struct SurveyedReplacement {
+    pub symbol: String,
+    pub with: String,
+    /// The target function, when it was found (even if unpatchable).
+    pub site: Option<FunctionSite>,
+    /// Why a jump cannot be written at its entry (empty: it can).
+    pub entry_problems: Vec<EntryProblem>,
+    /// The new function in the patch object, when it exists.
+    pub new_function: Option<DefinedSymbol>,
+    /// Registers the new function changes that the original did not;
+    /// `None` when either side is unknown.
+    pub extra: Option<RegisterSet>,
+}
+
+/// Everything apply checks without writing to the target, gathered without
+/// stopping at the first problem: `prepare` turns the first problem into
+/// apply's error, the prediction engine reports them all.
+#[derive(Debug)]
+pub struct Survey {
+    pub manifest: Manifest,
+    pub manifest_path: PathBuf,
+    pub identity: ProcessIdentity,
+    pub maps: Vec<shadowpatch_target::Mapping>,
+    pub modules: Vec<Module>,
+    /// `None` when the object uses an unsupported feature (see `problems`).
+    pub object: Option<PatchObject>,
+    /// The module whose build-id the manifest names, if loaded.
+    pub module: Option<Module>,
+    pub replacements: Vec<SurveyedReplacement>,
+    /// Every problem, in the order apply meets them.
+    pub problems: Vec<PatchError>,
+}
+
+/// Survey a patch against process `pid`. Errors (rather than problems)
+/// are what leaves nothing to survey: an unreadable or malformed manifest
+/// or object, a process that is gone or cannot be read.
+pub fn survey(pid: i32, manifest_path: &Path, originals: &[(u64, Vec<u8>)]) -> Result<Survey, PatchError> {
     let (manifest, object_path) = Manifest::load(manifest_path)?;
-    let object = PatchObject::load(&object_path)?;
-    for replacement in &manifest.replacements {
-        object.function(&replacement.with)?;
+    let mut problems = Vec::new();
+    let object = match PatchObject::load(&object_path) {
+        Ok(object) => Some(object),
+        Err(unsupported @ PatchError::Unsupported { .. }) => {
+            problems.push(unsupported);
+            None
+        }
+        Err(other) => return Err(other),
+    };
+    let mut replacements: Vec<SurveyedReplacement> = manifest
+        .replacements
+        .iter()
+        .map(|r| SurveyedReplacement {
+            symbol: r.symbol.clone(),
+            with: r.with.clone(),
+            site: None,
+            entry_problems: Vec::new(),
+            new_function: None,
+            extra: None,
+        })
+        .collect();
+    if let Some(object) = &object {
+        for replacement in &mut replacements {
+            match object.function(&replacement.with) {
+                Ok(function) => replacement.new_function = Some(function.clone()),
+                Err(problem) => problems.push(problem),
+            }
+        }
     }
     let identity = ProcessIdentity::of(pid)?;
     let maps = read_maps(pid)?;
     let modules = modules_of(pid, &maps)?;
+    let module = match find_target_module(pid, &manifest, &modules) {
+        Ok(module) => Some(module),
+        Err(problem) => {
+            problems.push(problem);
+            None
+        }
+    };
+    if let Some(module) = &module {
+        let mut memory = shadowpatch_target::TargetMemory::open(&identity)?;
+        for replacement in &mut replacements {
+            let mut read = |address: u64, len: usize| memory.read_vec(address, len).map_err(PatchError::from);
+            match examine_site(module, &replacement.symbol, &mut read) {
+                Ok(examined) => {
+                    problems.extend(
+                        examined
+                            .problems
+                            .iter()
+                            .map(|p| p.clone().into_error(&replacement.symbol, examined.site.entry)),
+                    );
+                    replacement.site = Some(examined.site);
+                    replacement.entry_problems = examined.problems;
+                }
+                Err(PatchError::Target(error)) => return Err(PatchError::Target(error)),
+                Err(problem) => problems.push(problem),
+            }
+        }
+        if let Some(object) = &object {
+            let mut object_code = ObjectCode::new(object);
+            for replacement in &mut replacements {
+                let (Some(site), Some(new)) = (&replacement.site, &replacement.new_function) else {
+                    continue;
+                };
+                let mut module_code = ModuleCode {
+                    module,
+                    memory: &mut memory,
+                    originals,
+                };
+                let old = clobbered(&mut module_code, site.entry, CLOBBER_DEPTH);
+                let new = clobbered(&mut object_code, new.address, CLOBBER_DEPTH);
+                replacement.extra = Some(new.minus(old));
+            }
+        }
+    }
+    Ok(Survey {
+        manifest,
+        manifest_path: manifest_path.to_path_buf(),
+        identity,
+        maps,
+        modules,
+        object,
+        module,
+        replacements,
+        problems,
+    })
+}
+
+/// The loaded module with the manifest's build-id, checked against the
+/// manifest's optional module-name hint.
+pub fn find_target_module(pid: i32, manifest: &Manifest, modules: &[Module]) -> Result<Module, PatchError> {
     let wanted = manifest.build_id_lowercase();
     let module = modules
         .iter()
@@ -177,36 +335,37 @@ fn prepare(pid: i32, manifest_path: &Path, originals: &[(u64, Vec<u8>)]) -> Resu
             });
         }
     }
-    let mut memory = shadowpatch_target::TargetMemory::open(&identity)?;
-    let mut read = |address: u64, len: usize| memory.read_vec(address, len).map_err(PatchError::from);
-    let mut sites = Vec::new();
-    for replacement in &manifest.replacements {
-        let site = plan_site(&module, &replacement.symbol, &mut read)?;
-        sites.push((site, replacement.with.clone()));
+    Ok(module)
+}
+
+/// Everything apply checks without writing to the target, failing on the
+/// first problem: used by `apply`, and as the floor the prediction
+/// engine's static analysis is measured against.
+pub fn prepare(pid: i32, manifest_path: &Path, originals: &[(u64, Vec<u8>)]) -> Result<Prepared, PatchError> {
+    let survey = survey(pid, manifest_path, originals)?;
+    if let Some(first) = survey.problems.into_iter().next() {
+        return Err(first);
     }
-    let mut extra = Vec::new();
-    let mut object_code = ObjectCode {
-        object: &object,
-        image: object.initial_image(),
+    let (Some(object), Some(module)) = (survey.object, survey.module) else {
+        unreachable!("a survey without problems has its object and module");
     };
-    for (site, with) in &sites {
-        let mut module_code = ModuleCode {
-            module: &module,
-            memory: &mut memory,
-            originals,
+    let mut sites = Vec::new();
+    let mut extra = Vec::new();
+    for replacement in survey.replacements {
+        let (Some(site), Some(registers)) = (replacement.site, replacement.extra) else {
+            unreachable!("a survey without problems planned every site");
         };
-        let old = clobbered(&mut module_code, site.entry, CLOBBER_DEPTH);
-        let new = clobbered(&mut object_code, object.function(with)?.address, CLOBBER_DEPTH);
-        extra.push(new.minus(old));
+        sites.push((site, replacement.with));
+        extra.push(registers);
     }
     Ok(Prepared {
-        manifest,
-        manifest_path: manifest_path.to_path_buf(),
+        manifest: survey.manifest,
+        manifest_path: survey.manifest_path,
         object,
-        identity,
+        identity: survey.identity,
         module,
-        modules,
-        maps,
+        modules: survey.modules,
+        maps: survey.maps,
         sites,
         extra,
     })
@@ -236,14 +395,7 @@ fn apply_transaction(
     let state = StateDir::create(state_dir)?;
     let mut target = TargetState::open(&state, &identity)?;
     // Entries rewritten by active patches, as they were before the first.
-    let mut originals: Vec<(u64, Vec<u8>)> = Vec::new();
-    for patch in &target.journal_state.active {
-        for f in &patch.functions {
-            if !originals.iter().any(|(at, _)| *at == f.write.address) {
-                originals.push((f.write.address, f.write.original.clone()));
-            }
-        }
-    }
+    let originals = originals_of(&target.journal_state);
     let prepared = prepare(pid, manifest_path, &originals)?;
     prepared.identity.check_same(&identity)?;
     if let Some(open) = &target.journal_state.open {

@@ -10,6 +10,19 @@
 
 #![forbid(unsafe_code)]
 
+pub mod abi;
+pub mod callgraph;
+pub mod code;
+pub mod context;
+pub mod engine;
+pub mod error;
 pub mod finding;
+pub mod static_analysis;
 
+pub use context::{ContextOptions, ContextReport};
+pub use engine::{
+    analyze, analyze_detailed, AnalysisRequest, Analyzed, Contribution, InterimRisk, RiskScorer, Section,
+};
+pub use error::PredictError;
 pub use finding::{Analysis, Finding, Severity, Source, Verdict, VerdictPolicy};
+pub use static_analysis::{analyze_static, StaticReport};

@@ -2,7 +2,7 @@
 //! table (`.symtab` + `.dynsym`, deduplicated) indexed by name and address.
 
 use crate::SymbolsError;
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind as ObjectSymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ObjectSymbolTable, SymbolKind as ObjectSymbolKind};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -127,6 +127,17 @@ pub struct ElfImage {
     /// the implementation the resolver chose, so reading the live slot gives
     /// the address a new caller must use.
     pub irelative_slots: HashMap<u64, u64>,
+    /// GOT slots the dynamic linker fills with another module's symbol
+    /// (JUMP_SLOT, GLOB_DAT): slot file address → symbol name. A call
+    /// through the PLT or `call [rip+slot]` names its callee here.
+    pub import_slots: HashMap<u64, String>,
+    /// Functions run before `main` (`.preinit_array`, `.init_array`,
+    /// `DT_INIT`'s `_init`), as file addresses.
+    pub constructors: Vec<u64>,
+    /// Code or data addresses stored in the file's data through RELATIVE
+    /// relocations, constructor and destructor arrays excepted: function
+    /// pointer tables, callbacks (address-taken functions).
+    pub data_pointers: Vec<u64>,
 }
 
 impl ElfImage {
@@ -185,6 +196,25 @@ impl ElfImage {
             )
             .map(|(slot, r)| (r.addend() as u64, slot))
             .collect();
+        const R_X86_64_GLOB_DAT: u32 = 6;
+        const R_X86_64_JUMP_SLOT: u32 = 7;
+        let dynamic_symbols = file.dynamic_symbol_table();
+        let import_slots = file
+            .dynamic_relocations()
+            .into_iter()
+            .flatten()
+            .filter(|(_, r)| {
+                matches!(r.flags(), object::RelocationFlags::Elf { r_type } if r_type == R_X86_64_GLOB_DAT || r_type == R_X86_64_JUMP_SLOT)
+            })
+            .filter_map(|(slot, r)| {
+                let object::RelocationTarget::Symbol(index) = r.target() else {
+                    return None;
+                };
+                let symbol = dynamic_symbols.as_ref()?.symbol_by_index(index).ok()?;
+                Some((slot, symbol.name().ok()?.to_string()))
+            })
+            .collect();
+        let (constructors, data_pointers) = constructors_and_pointers(&file);
         Ok(ElfImage {
             path: path.to_path_buf(),
             build_id,
@@ -192,6 +222,9 @@ impl ElfImage {
             symbols: SymbolTable::new(symbols),
             has_symtab,
             irelative_slots,
+            import_slots,
+            constructors,
+            data_pointers,
         })
     }
 
@@ -217,6 +250,52 @@ impl ElfImage {
     pub fn first_load_address(&self) -> u64 {
         self.segments.iter().map(|s| s.address & !0xfff).min().unwrap_or(0)
     }
+}
+
+/// Constructors (entries of `.preinit_array` and `.init_array`, plus
+/// `_init`) and the other RELATIVE relocation targets of a file.
+fn constructors_and_pointers(file: &object::File) -> (Vec<u64>, Vec<u64>) {
+    const R_X86_64_RELATIVE: u32 = 8;
+    let relative: HashMap<u64, u64> = file
+        .dynamic_relocations()
+        .into_iter()
+        .flatten()
+        .filter(|(_, r)| matches!(r.flags(), object::RelocationFlags::Elf { r_type } if r_type == R_X86_64_RELATIVE))
+        .map(|(slot, r)| (slot, r.addend() as u64))
+        .collect();
+    let mut arrays: Vec<(u64, u64)> = Vec::new();
+    let mut constructors = Vec::new();
+    for name in [".preinit_array", ".init_array", ".fini_array"] {
+        let Some(section) = file.section_by_name(name) else {
+            continue;
+        };
+        arrays.push((section.address(), section.address() + section.size()));
+        if name == ".fini_array" {
+            continue;
+        }
+        let data = section.data().unwrap_or_default();
+        for (index, chunk) in data.chunks_exact(8).enumerate() {
+            let slot = section.address() + 8 * index as u64;
+            // In a PIE or library the slot holds 0 and a RELATIVE relocation
+            // the address; in a fixed-address executable, the address itself.
+            let stored = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            let address = relative.get(&slot).copied().unwrap_or(stored);
+            if address != 0 && address != u64::MAX {
+                constructors.push(address);
+            }
+        }
+    }
+    if let Some(init) = file.symbols().find(|s| s.name() == Ok("_init")) {
+        constructors.push(init.address());
+    }
+    let mut data_pointers: Vec<u64> = relative
+        .iter()
+        .filter(|(slot, _)| !arrays.iter().any(|(start, end)| (*start..*end).contains(*slot)))
+        .map(|(_, target)| *target)
+        .collect();
+    data_pointers.sort_unstable();
+    data_pointers.dedup();
+    (constructors, data_pointers)
 }
 
 fn collect<'data: 'file, 'file>(

@@ -1,12 +1,15 @@
 //! ELF modules of a target: which files are mapped where (load bias), their
 //! GNU build-ids, and their symbols from both `.symtab` and `.dynsym`, with
-//! lookup by name and address → symbol + offset. Parsing uses `object`.
+//! lookup by name and address → symbol + offset; and DWARF signatures and
+//! variable types for ABI comparison. Parsing uses `object` and `gimli`.
 
 #![forbid(unsafe_code)]
 
+pub mod dwarf;
 pub mod elf;
 pub mod module;
 
+pub use dwarf::{DebugInfo, DebugSource, FunctionInfo, TypeClass, TypeShape, VariableInfo};
 pub use elf::{ElfImage, Segment, Symbol, SymbolKind, SymbolSource, SymbolTable};
 pub use module::{modules_of, Module};
 

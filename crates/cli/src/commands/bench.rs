@@ -1,5 +1,6 @@
 //! `shadowpatch bench`: stop-the-world latency for 1, 8 and 64 busy threads
-//! (tracer at SCHED_FIFO and at normal priority), and mirror / verify
+//! (tracer at SCHED_FIFO and at normal priority), static analysis time
+//! against apply's own validation, and mirror / verify
 //! throughput on a large executable-like region against the raw floor
 //! (`process_vm_readv` + page hash, nothing else) measured on the same
 //! region in the same run, interleaved round by round; the data mirroring
@@ -47,6 +48,16 @@ struct PatchRow {
 }
 
 #[derive(Debug, Serialize)]
+struct AnalysisRow {
+    functions: usize,
+    rounds: usize,
+    /// apply's own validation alone (`prepare`): the floor.
+    prepare_ms: f64,
+    /// The prediction engine's static analysis (no context window).
+    static_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
 struct CallCost {
     unpatched_ns: f64,
     patched_ns: f64,
@@ -58,6 +69,7 @@ struct BenchReport {
     stop_the_world: Vec<StopRow>,
     patching: Vec<PatchRow>,
     call_cost: CallCost,
+    analysis: Vec<AnalysisRow>,
     region_bytes: u64,
     rounds: usize,
     throughput: Vec<ThroughputRow>,
@@ -105,6 +117,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
 
     let (patching, call_cost) = patch_pauses(context, quick)?;
     let dirty_tracking = super::bench_dirty::run(context, quick)?;
+    let analysis = static_analysis_times(context, quick)?;
 
     let mib = region_mib.unwrap_or(if quick { 256 } else { 1024 });
     if !context.json {
@@ -176,6 +189,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
         stop_the_world: stop_rows,
         patching,
         call_cost,
+        analysis,
         region_bytes: len,
         rounds,
         throughput: vec![
@@ -237,6 +251,25 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
     );
     println!();
     println!(
+        "## Static analysis vs apply's own validation, ms (median of {} rounds)",
+        report.analysis[0].rounds
+    );
+    println!();
+    println!("Floor: `prepare` (manifest, object, build-id, symbols, entries, register sets) on the same target.");
+    println!();
+    println!("| functions | prepare (floor) | static analysis | analysis / floor |");
+    println!("|---:|---:|---:|---:|");
+    for r in &report.analysis {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2}× |",
+            r.functions,
+            r.prepare_ms,
+            r.static_ms,
+            r.static_ms / r.prepare_ms.max(0.001)
+        );
+    }
+    println!();
+    println!(
         "## Throughput on a {} MiB r-x region, median of {} rounds",
         len >> 20,
         rounds
@@ -287,6 +320,62 @@ fn floor_read(pid: i32, start: u64, len: u64, hasher: Option<&PageHasher>) -> an
     }
     std::hint::black_box(sink);
     Ok(())
+}
+
+/// Static analysis of 1/10/100 replacements against the floor of what
+/// apply's own validation (`prepare`) costs, alternated round by round on
+/// the same target.
+fn static_analysis_times(context: &Context, quick: bool) -> anyhow::Result<Vec<AnalysisRow>> {
+    const FUNCTIONS: usize = 100;
+    let rounds = if quick { 5 } else { 21 };
+    let binary =
+        shadowpatch_fixtures::build_c_source("many-100", &shadowpatch_fixtures::many_functions_source(FUNCTIONS))?;
+    let object = shadowpatch_fixtures::build_c_patch(
+        "many-100-patch",
+        &shadowpatch_fixtures::many_functions_patch_source(FUNCTIONS),
+    )?;
+    let image = shadowpatch_symbols::ElfImage::open(&binary)?;
+    let build_id = shadowpatch_symbols::hex(image.build_id.as_deref().unwrap_or_default());
+    let target = Running::start_binary(&binary, &["1"])?;
+    let dir = tempfile::tempdir()?;
+    let mut rows = Vec::new();
+    for functions in [1usize, 10, 100] {
+        if !context.json {
+            eprintln!("static analysis: {functions} functions, {rounds} rounds ...");
+        }
+        let mut text = format!(
+            "id = \"analysis-{functions}\"\nobject = \"{}\"\n[target]\nbuild_id = \"{build_id}\"\n",
+            object.display()
+        );
+        for i in 0..functions {
+            text.push_str(&format!("[[replace]]\nsymbol = \"f{i}\"\nwith = \"f{i}_v2\"\n"));
+        }
+        let manifest = dir.path().join(format!("analysis-{functions}.toml"));
+        std::fs::write(&manifest, text)?;
+        let (mut floor, mut analysis) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let started = Instant::now();
+            shadowpatch_patch::apply::prepare(target.pid(), &manifest, &[])?;
+            floor.push(started.elapsed().as_micros() as u64);
+            let started = Instant::now();
+            let report = shadowpatch_predict::analyze_static(target.pid(), &manifest, dir.path())?;
+            analysis.push(started.elapsed().as_micros() as u64);
+            anyhow::ensure!(
+                report
+                    .findings
+                    .iter()
+                    .all(|f| f.severity != shadowpatch_predict::Severity::Blocking),
+                "the benchmark patch was refused"
+            );
+        }
+        rows.push(AnalysisRow {
+            functions,
+            rounds,
+            prepare_ms: Percentiles::of(floor).median as f64 / 1000.0,
+            static_ms: Percentiles::of(analysis).median as f64 / 1000.0,
+        });
+    }
+    Ok(rows)
 }
 
 /// Activation and rollback pauses for 1/8/64 threads × 1/10/100 functions,

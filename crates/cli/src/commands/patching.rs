@@ -1,12 +1,38 @@
 //! `shadowpatch apply`, `rollback` and `recover`.
 
+use super::analyze::{print_report, refusal, run_analysis, AnalysisArgs};
 use super::Context;
 use crate::output::print_json;
 use shadowpatch_patch::journal::TxnKind;
 use shadowpatch_patch::{apply, recover, rollback, ApplyOptions, Recovered};
+use shadowpatch_predict::Verdict;
 use std::path::Path;
 
-pub fn run_apply(context: &Context, pid: i32, manifest: &Path, attempts: u32) -> anyhow::Result<i32> {
+/// `apply`: the prediction engine first (static analysis + system
+/// context), refusing what it refuses unless `force`; then the patch.
+pub fn run_apply(
+    context: &Context,
+    pid: i32,
+    manifest: &Path,
+    attempts: u32,
+    force: bool,
+    analysis_args: &AnalysisArgs,
+) -> anyhow::Result<i32> {
+    let (analyzed, analysis_us) = run_analysis(context, pid, manifest, analysis_args, "apply")?;
+    let analysis = &analyzed.analysis;
+    if analysis.verdict == Verdict::Refuse && !force {
+        let (message, code) = refusal(analysis);
+        if context.json {
+            print_json(&serde_json::json!({ "error": message, "exit_code": code, "analysis": analysis }));
+        } else {
+            print_report(&analyzed, analysis_us);
+        }
+        eprintln!("shadowpatch: error: {message}");
+        return Ok(code);
+    }
+    if !context.json && (analysis.verdict != Verdict::Proceed || force) {
+        print_report(&analyzed, analysis_us);
+    }
     let outcome = apply(
         &context.state_dir,
         pid,
@@ -14,7 +40,11 @@ pub fn run_apply(context: &Context, pid: i32, manifest: &Path, attempts: u32) ->
         &ApplyOptions { max_attempts: attempts },
     )?;
     if context.json {
-        print_json(&outcome);
+        let mut value = serde_json::to_value(&outcome)?;
+        value["analysis"] = serde_json::to_value(analysis)?;
+        value["analysis_us"] = analysis_us.into();
+        value["forced"] = (force && analysis.verdict == Verdict::Refuse).into();
+        print_json(&value);
         return Ok(0);
     }
     println!(

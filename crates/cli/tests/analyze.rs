@@ -1,0 +1,253 @@
+//! End to end: `shadowpatch analyze` on a live target (verdicts, findings,
+//! exit codes, the event history, nothing written to the target) and
+//! `apply` running the analysis first (refusing, or `--force`).
+
+mod common;
+
+use common::{anonymous_code_mappings, assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
+use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Every file of the state directory except the history, with its bytes.
+fn state_files(state: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![state.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = path.strip_prefix(state).unwrap().display().to_string();
+            if path.is_dir() {
+                stack.push(path);
+            } else if !name.starts_with("history.db") {
+                files.insert(name, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
+    let mut target = Running::start(Fixture::AnalysisTarget, &[]).unwrap();
+    let pid = target.pid().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let object = build_patch(Patch::Analysis).unwrap();
+    let build_id = build_id_of(&target.binary());
+    assert_eq!(shadowpatch(&state, &["mirror", &pid]).code, 0);
+    let files_before = state_files(&state);
+    let mappings = anonymous_code_mappings(target.pid());
+
+    let benign = write_manifest(
+        dir.path(),
+        "benign",
+        &object,
+        &build_id,
+        &[("add_values", "add_values_ok")],
+    );
+    let run = shadowpatch(&state, &["analyze", &pid, benign.to_str().unwrap(), "--json"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let report = run.json();
+    assert_eq!(report["verdict"], "proceed", "{report}");
+    assert!(report["risk"].as_f64().unwrap() < 0.3);
+    assert!(report["features"]["static.abi-parameter-count"] == 0.0);
+    assert!(report["features"]["context.rss_bytes"].as_f64().unwrap() > 0.0);
+
+    let leaky = write_manifest(
+        dir.path(),
+        "leaky",
+        &object,
+        &build_id,
+        &[("plain_compute", "plain_compute_alloc")],
+    );
+    let run = shadowpatch(&state, &["analyze", &pid, leaky.to_str().unwrap(), "--json"]);
+    assert_eq!(run.code, 0, "warn still exits 0: {}", run.stderr);
+    let report = run.json();
+    assert_eq!(report["verdict"], "warn");
+    let codes: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert!(
+        codes.contains(&"new-allocation") && codes.contains(&"allocation-unbalanced"),
+        "{codes:?}"
+    );
+
+    let recursive = write_manifest(
+        dir.path(),
+        "recursive",
+        &object,
+        &build_id,
+        &[
+            ("plain_compute", "plain_compute_via_old"),
+            ("cc_target", "cc_target_ms"),
+        ],
+    );
+    let run = shadowpatch(&state, &["analyze", &pid, recursive.to_str().unwrap()]);
+    assert_eq!(run.code, 1, "refuse exits 1: {}{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("REFUSE"), "{}", run.stdout);
+    assert!(run.stdout.contains("static analysis:"), "{}", run.stdout);
+    assert!(run.stdout.contains("recursion-through-patch"), "{}", run.stdout);
+    assert!(run.stdout.contains("calling-convention"), "{}", run.stdout);
+    assert!(run.stdout.contains("evidence: {"), "{}", run.stdout);
+
+    // Nothing was written: the mirror verifies clean, no patch mapping,
+    // the journal and mirror files are byte for byte what they were.
+    assert_eq!(shadowpatch(&state, &["verify", &pid]).code, 0);
+    assert_eq!(anonymous_code_mappings(target.pid()), mappings);
+    assert_eq!(state_files(&state), files_before);
+    assert_untouched(target.pid());
+    assert_eq!(target.check().unwrap()["errors"], 0);
+
+    // Each analysis is in the event history, with its verdict.
+    let store = shadowpatch_store::Store::open_read_only(&state)
+        .unwrap()
+        .expect("history exists");
+    let events = store
+        .events(&shadowpatch_store::EventFilter {
+            kinds: vec![shadowpatch_store::EventKind::Analysis],
+            ..Default::default()
+        })
+        .unwrap();
+    let outcomes: Vec<&str> = events.iter().map(|e| e.outcome.as_deref().unwrap()).collect();
+    assert_eq!(outcomes, ["proceed", "warn", "refuse"]);
+    assert_eq!(events[2].patch_id.as_deref(), Some("recursive"));
+    assert_eq!(events[2].details["analysis"]["verdict"], "refuse");
+}
+
+#[test]
+fn apply_refuses_what_the_engine_refuses_unless_forced() {
+    let mut target = Running::start(Fixture::AnalysisTarget, &[]).unwrap();
+    let pid = target.pid().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let object = build_patch(Patch::Analysis).unwrap();
+    let build_id = build_id_of(&target.binary());
+    assert_eq!(shadowpatch(&state, &["mirror", &pid]).code, 0);
+    let mappings = anonymous_code_mappings(target.pid());
+    // Declares `counter` an int where the target has a long: refused; but
+    // reading the low half of 5 still gives 5, so forcing it is harmless.
+    let narrow = write_manifest(
+        dir.path(),
+        "narrow",
+        &object,
+        &build_id,
+        &[("read_counter", "read_counter_narrow")],
+    );
+    let run = shadowpatch(&state, &["apply", &pid, narrow.to_str().unwrap(), "--json"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {}", run.stderr);
+    assert!(lines[0].contains("declares counter as int"), "{}", lines[0]);
+    assert_eq!(run.json()["analysis"]["verdict"], "refuse");
+    assert_eq!(anonymous_code_mappings(target.pid()), mappings, "target untouched");
+    assert_eq!(shadowpatch(&state, &["verify", &pid]).code, 0);
+    assert_untouched(target.pid());
+
+    let forced = shadowpatch(&state, &["apply", &pid, narrow.to_str().unwrap(), "--force", "--json"]);
+    assert_eq!(forced.code, 0, "{}{}", forced.stdout, forced.stderr);
+    let forced = forced.json();
+    assert_eq!(forced["forced"], true);
+    assert_eq!(forced["analysis"]["verdict"], "refuse");
+    assert_eq!(forced["generation"], 1);
+    assert_eq!(target.check().unwrap()["errors"], 0);
+    assert_eq!(shadowpatch(&state, &["rollback", &pid]).code, 0);
+
+    // A warning does not stop apply; its JSON carries the analysis.
+    let state_patch = write_manifest(
+        dir.path(),
+        "stateful",
+        &object,
+        &build_id,
+        &[("plain_compute", "plain_compute_state")],
+    );
+    let applied = shadowpatch(&state, &["apply", &pid, state_patch.to_str().unwrap(), "--json"]);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    let applied = applied.json();
+    assert_eq!(applied["analysis"]["verdict"], "warn");
+    assert_eq!(applied["forced"], false);
+    assert_eq!(target.check().unwrap()["errors"], 0);
+    // Analysing it again now names the active patch as a conflict.
+    let again = write_manifest(
+        dir.path(),
+        "again",
+        &object,
+        &build_id,
+        &[("plain_compute", "plain_compute_ok")],
+    );
+    let report = shadowpatch(&state, &["analyze", &pid, again.to_str().unwrap(), "--json"]).json();
+    assert!(report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["code"] == "function-already-patched" && f["evidence"]["patch"] == "stateful"));
+    let report = shadowpatch(&state, &["analyze", &pid, state_patch.to_str().unwrap(), "--json"]).json();
+    assert_eq!(report["verdict"], "refuse", "same patch id again");
+    assert_eq!(shadowpatch(&state, &["rollback", &pid]).code, 0);
+}
+
+#[test]
+fn bad_arguments_are_one_line_errors_and_leave_the_target_untouched() {
+    let target = Running::start(Fixture::AnalysisTarget, &[]).unwrap();
+    let pid = target.pid().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let object = build_patch(Patch::Analysis).unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        "ok",
+        &object,
+        &build_id_of(&target.binary()),
+        &[("add_values", "add_values_ok")],
+    );
+    let m = manifest.to_str().unwrap();
+    let log = dir.path().join("service.log");
+    std::fs::write(&log, "started\n").unwrap();
+    let l = log.to_str().unwrap();
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "id = \"x\"\n").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["analyze", &pid, m, "--log", l, "--error-pattern", "(unclosed"],
+            "--error-pattern",
+        ),
+        (vec!["analyze", &pid, m, "--metrics-url", "not a url"], "--metrics-url"),
+        (
+            vec!["analyze", &pid, m, "--metrics-url", "ftp://127.0.0.1/metrics"],
+            "--metrics-url",
+        ),
+        (vec!["analyze", &pid, m, "--log", l], "--error-pattern"),
+        (vec!["analyze", &pid, m, "--context-secs=-3"], "--context-secs"),
+        (vec!["analyze", &pid, broken.to_str().unwrap()], "missing field"),
+        (vec!["analyze", &pid, "/nonexistent/m.toml"], "/nonexistent/m.toml"),
+        (vec!["analyze", "2147483646", m], "no process"),
+        (vec!["apply", &pid, m, "--metrics-url", "http://"], "--metrics-url"),
+    ];
+    for (args, needle) in cases {
+        assert_bad_input(&shadowpatch(&state, &args), needle);
+        assert_untouched(target.pid());
+    }
+    // An unreachable endpoint or unreadable log is not bad input: a note.
+    let run = shadowpatch(
+        &state,
+        &[
+            "analyze",
+            &pid,
+            m,
+            "--metrics-url",
+            "http://127.0.0.1:1/metrics",
+            "--log",
+            "/nonexistent.log",
+            "--error-pattern",
+            "ERROR",
+            "--json",
+        ],
+    );
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let report = run.json();
+    assert_eq!(report["verdict"], "warn", "lower confidence");
+    assert_eq!(report["unavailable"].as_array().unwrap().len(), 2, "{report}");
+}

@@ -1,0 +1,215 @@
+//! The engine: runs the parts of an analysis a request asks for, merges
+//! their findings and features, scores the risk and gives the verdict.
+//!
+//! Static analysis always runs; system context runs when the request has
+//! context options; further parts (simulation on forked copies, and any
+//! later source) plug in as [`Section`]s, each adding findings, features
+//! and unavailable notes; the risk comes from a [`RiskScorer`] — the
+//! interim formula below until the learned model replaces it.
+
+use crate::context::{read_context, ContextOptions};
+use crate::finding::{Analysis, Finding, Severity, VerdictPolicy};
+use crate::static_analysis::analyze_static;
+use crate::PredictError;
+use shadowpatch_target::ProcessIdentity;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What one part of the engine adds to an analysis.
+#[derive(Debug, Clone, Default)]
+pub struct Contribution {
+    pub findings: Vec<Finding>,
+    pub features: BTreeMap<String, f64>,
+    pub unavailable: Vec<String>,
+}
+
+/// What a section sees of the request and of the analysis so far.
+#[derive(Debug)]
+pub struct SectionInput<'a> {
+    pub identity: &'a ProcessIdentity,
+    pub manifest: &'a Path,
+    pub state_dir: &'a Path,
+    pub findings: &'a [Finding],
+    pub features: &'a BTreeMap<String, f64>,
+}
+
+/// A further part of the analysis (e.g. simulation on forked copies).
+pub trait Section: std::fmt::Debug {
+    /// Short name, used in timings and `unavailable` notes.
+    fn name(&self) -> &'static str;
+    /// Run; an `Err` that is not bad input becomes an `unavailable` note.
+    fn run(&mut self, input: &SectionInput) -> Result<Contribution, PredictError>;
+}
+
+/// Turns findings and features into a risk in [0, 1].
+pub trait RiskScorer: std::fmt::Debug {
+    fn score(&self, findings: &[Finding], features: &BTreeMap<String, f64>) -> f64;
+}
+
+/// The interim risk, until the learned model exists: a noisy-OR over the
+/// findings, `risk = 1 − Π (1 − w(f))`, with `w` = 0.9 for a blocking
+/// finding, 0.15 for a warning, 0.01 for an informational one, and 0 for a
+/// note that a source was unavailable (that lowers confidence, not safety).
+/// One blocking finding alone gives 0.9; three independent warnings give
+/// 0.39 (`warn`); eight give 0.73 (`refuse` at the default policy).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InterimRisk;
+
+impl InterimRisk {
+    pub fn weight(finding: &Finding) -> f64 {
+        if finding.code == "context-source-unavailable" {
+            return 0.0;
+        }
+        match finding.severity {
+            Severity::Blocking => 0.9,
+            Severity::Warning => 0.15,
+            Severity::Info => 0.01,
+        }
+    }
+}
+
+impl RiskScorer for InterimRisk {
+    fn score(&self, findings: &[Finding], _features: &BTreeMap<String, f64>) -> f64 {
+        let safe: f64 = findings.iter().map(|f| 1.0 - Self::weight(f)).product();
+        (1.0 - safe).clamp(0.0, 1.0)
+    }
+}
+
+/// One analysis to run.
+#[derive(Debug)]
+pub struct AnalysisRequest {
+    pub pid: i32,
+    pub manifest: PathBuf,
+    /// The state directory (its journal is read, never written).
+    pub state_dir: PathBuf,
+    /// System context; `None` skips it.
+    pub context: Option<ContextOptions>,
+    pub policy: VerdictPolicy,
+    /// Further parts, run in order after static analysis and context.
+    pub sections: Vec<Box<dyn Section>>,
+    /// `None`: [`InterimRisk`].
+    pub scorer: Option<Box<dyn RiskScorer>>,
+}
+
+impl AnalysisRequest {
+    pub fn new(pid: i32, manifest: &Path, state_dir: &Path) -> Self {
+        AnalysisRequest {
+            pid,
+            manifest: manifest.to_path_buf(),
+            state_dir: state_dir.to_path_buf(),
+            context: None,
+            policy: VerdictPolicy::default(),
+            sections: Vec::new(),
+            scorer: None,
+        }
+    }
+}
+
+/// An analysis with what the caller needs to report and record it.
+#[derive(Debug, Clone)]
+pub struct Analyzed {
+    pub analysis: Analysis,
+    pub patch_id: String,
+    pub identity: ProcessIdentity,
+    /// Milliseconds per part (`static`, `context`, sections by name).
+    pub timings_ms: BTreeMap<String, f64>,
+}
+
+/// Run the analysis `request` describes.
+pub fn analyze(request: AnalysisRequest) -> Result<Analysis, PredictError> {
+    analyze_detailed(request).map(|analyzed| analyzed.analysis)
+}
+
+/// Run the analysis and keep the patch id, target identity and timings.
+pub fn analyze_detailed(mut request: AnalysisRequest) -> Result<Analyzed, PredictError> {
+    let mut timings_ms = BTreeMap::new();
+    let started = Instant::now();
+    let report = analyze_static(request.pid, &request.manifest, &request.state_dir)?;
+    timings_ms.insert("static".to_string(), ms(started));
+    let mut findings = report.findings;
+    let mut features = report.features;
+    let mut unavailable = report.unavailable;
+    if let Some(options) = &request.context {
+        let started = Instant::now();
+        let context = read_context(&report.identity, options)?;
+        findings.extend(context.findings);
+        features.extend(context.features);
+        unavailable.extend(context.unavailable);
+        timings_ms.insert("context".to_string(), ms(started));
+    }
+    for section in &mut request.sections {
+        let started = Instant::now();
+        let input = SectionInput {
+            identity: &report.identity,
+            manifest: &request.manifest,
+            state_dir: &request.state_dir,
+            findings: &findings,
+            features: &features,
+        };
+        match section.run(&input) {
+            Ok(contribution) => {
+                findings.extend(contribution.findings);
+                features.extend(contribution.features);
+                unavailable.extend(contribution.unavailable);
+            }
+            Err(error) if error.is_bad_input() => return Err(error),
+            Err(error) => unavailable.push(format!("{}: {error}", section.name())),
+        }
+        timings_ms.insert(section.name().to_string(), ms(started));
+    }
+    for severity in [Severity::Blocking, Severity::Warning, Severity::Info] {
+        let name = match severity {
+            Severity::Blocking => "analysis.blocking",
+            Severity::Warning => "analysis.warnings",
+            Severity::Info => "analysis.info",
+        };
+        let count = findings.iter().filter(|f| f.severity == severity).count();
+        features.insert(name.into(), count as f64);
+    }
+    features.insert("analysis.unavailable".into(), unavailable.len() as f64);
+    let risk = match &request.scorer {
+        Some(scorer) => scorer.score(&findings, &features),
+        None => InterimRisk.score(&findings, &features),
+    };
+    let verdict = request.policy.verdict(&findings, risk);
+    Ok(Analyzed {
+        analysis: Analysis {
+            verdict,
+            risk,
+            findings,
+            features,
+            unavailable,
+        },
+        patch_id: report.patch_id,
+        identity: report.identity,
+        timings_ms,
+    })
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::finding::Source;
+
+    #[test]
+    fn interim_risk_is_a_noisy_or_of_the_findings() {
+        let finding = |severity| Finding::new("x", severity, Source::Static, "x");
+        let empty = BTreeMap::new();
+        assert_eq!(InterimRisk.score(&[], &empty), 0.0);
+        assert!((InterimRisk.score(&[finding(Severity::Blocking)], &empty) - 0.9).abs() < 1e-9);
+        let three = vec![finding(Severity::Warning); 3];
+        assert!((InterimRisk.score(&three, &empty) - (1.0 - 0.85f64.powi(3))).abs() < 1e-9);
+        let unavailable = Finding::new("context-source-unavailable", Severity::Warning, Source::Context, "x");
+        assert_eq!(InterimRisk.score(&[unavailable], &empty), 0.0);
+        let policy = VerdictPolicy::default();
+        assert_eq!(
+            policy.verdict(&[], InterimRisk.score(&vec![finding(Severity::Warning); 8], &empty)),
+            crate::Verdict::Refuse
+        );
+    }
+}

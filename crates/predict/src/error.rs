@@ -1,0 +1,36 @@
+//! Errors of the prediction engine: what kept an analysis from being made
+//! at all. Problems of the patch itself are findings, never errors.
+
+use shadowpatch_patch::{ErrorClass, PatchError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    /// Reading the manifest, the object or the target failed.
+    #[error(transparent)]
+    Patch(#[from] PatchError),
+    #[error(transparent)]
+    Target(#[from] shadowpatch_target::TargetError),
+    #[error(transparent)]
+    Symbols(#[from] shadowpatch_symbols::SymbolsError),
+    /// An argument of the request is malformed (a regex, a URL, a window).
+    #[error("{argument} {value:?}: {message}")]
+    BadArgument {
+        argument: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+impl PredictError {
+    /// Input the user can fix (exit 2); the target was not touched.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            PredictError::Patch(e) => e.class() == ErrorClass::BadInput,
+            PredictError::Target(e) => e.is_bad_input(),
+            PredictError::Symbols(shadowpatch_symbols::SymbolsError::Target(e)) => e.is_bad_input(),
+            PredictError::Symbols(shadowpatch_symbols::SymbolsError::Io { .. }) => false,
+            PredictError::Symbols(_) => true,
+            PredictError::BadArgument { .. } => true,
+        }
+    }
+}
