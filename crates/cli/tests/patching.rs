@@ -87,7 +87,7 @@ fn c_patch_changes_answers_and_rollback_restores_them() {
         0,
         "generation 0 verifies clean"
     );
-    assert_eq!(anonymous_code_mappings(target.pid()), mappings_before, "patch unmapped");
+    common::assert_patch_memory_released(&state, target.pid(), mappings_before);
     assert_untouched(target.pid());
 }
 

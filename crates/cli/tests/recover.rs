@@ -54,11 +54,7 @@ impl Setup {
         assert!(status["interrupted"].is_null(), "{status}");
         assert_eq!(status["patches"].as_array().unwrap().len(), usize::from(applied));
         if !applied {
-            assert_eq!(
-                anonymous_code_mappings(self.target.pid()),
-                mappings_unpatched,
-                "nothing left mapped"
-            );
+            common::assert_patch_memory_released(&self.state(), self.target.pid(), mappings_unpatched);
         }
         assert_eq!(self.target.check().unwrap()["errors"], 0);
         assert_untouched(self.target.pid());

@@ -172,8 +172,18 @@ fn recover_apply(
             &mut |_| Ok(()),
         )?;
     }
+    // Trampolines were live: a thread may still be running the patch's code
+    // (or hold a return address into it), so unmap only what no thread
+    // uses, as rollback does, and otherwise retire the mapping.
     if is_mapped(&read_maps(attached.pid())?, plan.mapping_address, plan.mapping_len) {
-        unmap(attached, plan.mapping_address, plan.mapping_len)?;
+        if let (Some(reason), _) = retire_or_unmap(attached, plan)? {
+            target.journal.append(&Record::Retire {
+                txn,
+                address: plan.mapping_address,
+                len: plan.mapping_len,
+                reason,
+            })?;
+        }
     }
     remove_staged(target, open);
     target.journal.append(&Record::Abort {

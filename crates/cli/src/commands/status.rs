@@ -27,6 +27,9 @@ struct Status {
     patches: Vec<PatchStatus>,
     /// A transaction interrupted by a crash, if any (`recover` fixes it).
     interrupted: Option<String>,
+    /// Patch mappings a rollback left in place because a thread might
+    /// still use them (unmapped by a later transaction or `recover`).
+    retired: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,6 +92,7 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
         other_incarnations: Vec::new(),
         patches: Vec::new(),
         interrupted: None,
+        retired: Vec::new(),
     };
     // A missing state directory just means nothing was mirrored yet; a
     // foreign or corrupt one is an error worth reporting.
@@ -135,6 +139,11 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
                         .collect(),
                     mapping: format!("{:#x}+{:#x}", p.mapping_address, p.mapping_len),
                 })
+                .collect();
+            status.retired = journal
+                .retired
+                .iter()
+                .map(|(address, len)| format!("{address:#x}+{len:#x}"))
                 .collect();
             status.interrupted = journal.open.map(|t| format!("{:?} of {}", t.kind, t.patch_id));
             status.mirror_dir = Some(dir);
@@ -193,6 +202,9 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
                 p.functions.join(", ")
             );
         }
+    }
+    for retired in &status.retired {
+        println!("retired patch mapping {retired}: left in place while a thread may use it");
     }
     if let Some(interrupted) = &status.interrupted {
         println!("INTERRUPTED transaction: {interrupted}; run `shadowpatch recover {pid}`");

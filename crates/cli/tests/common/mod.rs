@@ -114,3 +114,17 @@ pub fn anonymous_code_mappings(pid: i32) -> usize {
         })
         .count()
 }
+
+/// The target's anonymous code mappings are back to `before`, except for
+/// patch mappings `status` reports retired (a rollback leaves a mapping in
+/// place while a thread may still be running in it, rather than unmap it
+/// under the thread).
+pub fn assert_patch_memory_released(state: &Path, pid: i32, before: usize) {
+    let status = shadowpatch(state, &["status", &pid.to_string(), "--json"]).json();
+    let retired = status["retired"].as_array().map_or(0, Vec::len);
+    assert_eq!(
+        anonymous_code_mappings(pid),
+        before + retired,
+        "patch memory not released (retired: {retired}): {status}"
+    );
+}
