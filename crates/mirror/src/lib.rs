@@ -11,6 +11,7 @@ pub mod derive;
 pub mod hash;
 pub mod region;
 pub mod store;
+pub mod variables;
 pub mod verify;
 
 pub use capture::{capture, CaptureOptions};
@@ -18,7 +19,8 @@ pub use derive::{derive, AddedRegion, Edit};
 pub use hash::{merkle_root, PageHasher, PAGE_SIZE};
 pub use region::{select_regions, RegionKind, RegionSpec};
 pub use store::{GenerationHeader, MirrorFile, RegionRecord, StateDir, TargetRecord};
-pub use verify::{verify, Difference, DifferenceKind, VerifyReport};
+pub use variables::{CriticalVariable, VariableError, VariableMode, VariableRegistry, VariableRequest};
+pub use verify::{differing_runs, verify, Difference, DifferenceKind, VerifyReport};
 
 use std::path::PathBuf;
 
@@ -55,6 +57,8 @@ pub enum MirrorError {
     },
     #[error("no module named {name} in pid {pid} (modules: {available})")]
     UnknownModule { pid: i32, name: String, available: String },
+    #[error(transparent)]
+    Variable(#[from] VariableError),
     #[error(transparent)]
     Target(#[from] shadowpatch_target::TargetError),
     #[error(transparent)]

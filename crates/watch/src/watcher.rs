@@ -1,0 +1,979 @@
+//! The `Watcher`: start (baseline if needed, register guarded variables,
+//! re-key the active generation), then verify slice by slice. `step`
+//! verifies one slice, `cycle` one full pass, `run` paces passes to the
+//! interval and CPU budget until a stop flag is set or the target exits.
+//!
+//! A pass begins by checking the target is the same live process,
+//! re-reading the journal and generation list (switching generation when an
+//! authorised change published one) and comparing the memory map with the
+//! mirror (unmapped regions, changed permissions, new executable memory).
+//! Then each slice reads live memory with `process_vm_readv`, hashes each
+//! page with the per-run key and, for a page that differs, compares bytes
+//! with the stored page and judges every differing run (`authority.rs`)
+//! before reporting it.
+
+use crate::authority::Authority;
+use crate::classify::classify;
+use crate::config::WatchOptions;
+use crate::event::{Alert, Heal, Location, Scope, WatchEvent};
+use crate::heal::{heal, HealRun, HealSkipped};
+use crate::pacing::{sleep_unless_stopped, Pacer};
+use crate::watched::{ActiveGeneration, WatchedVariable, CHUNK};
+use crate::WatchError;
+use shadowpatch_mirror::variables::{merge, resolve, VariableRegistry};
+use shadowpatch_mirror::{differing_runs, MirrorError, PageHasher, StateDir, VariableMode, VariableRequest, PAGE_SIZE};
+use shadowpatch_patch::state::{ensure_baseline, TargetState};
+use shadowpatch_store::Store;
+use shadowpatch_symbols::{modules_of, Module};
+use shadowpatch_target::maps::read_maps;
+use shadowpatch_target::{Mapping, MappingKind, ProcessIdentity, TargetError, TargetMemory};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Receives every event, on the watcher's thread.
+pub type EventSink = Box<dyn FnMut(&WatchEvent) + Send>;
+
+/// Bytes of a differing run shown in an alert.
+const SHOWN_BYTES: usize = 64;
+
+/// What one `step` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// A slice was verified; the pass goes on.
+    Continue,
+    /// The last slice of a pass was verified.
+    PassDone,
+    /// The target is gone (exited, or its pid names another process).
+    TargetExited(String),
+}
+
+/// Why `run` returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The stop flag was set.
+    Requested,
+    TargetExited(String),
+}
+
+/// Counters since the watcher started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchStats {
+    pub passes: u64,
+    pub alerts: u64,
+    pub heals: u64,
+    pub generation: u32,
+    pub bytes_per_pass: u64,
+}
+
+/// Which item the cursor is on.
+enum Item {
+    Region(usize),
+    Variable(usize),
+}
+
+/// One unit (page or chunk) whose live bytes differ from the mirror.
+struct DifferingUnit {
+    unit: u64,
+    address: u64,
+    expected: Vec<u8>,
+    live: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Counters {
+    passes: u64,
+    alerts: u64,
+    heals: u64,
+}
+
+/// A running verifier of one target.
+pub struct Watcher {
+    identity: ProcessIdentity,
+    state_dir: PathBuf,
+    target_dir: PathBuf,
+    options: WatchOptions,
+    memory: TargetMemory,
+    modules: Vec<Module>,
+    key: PageHasher,
+    generation: ActiveGeneration,
+    generation_file: Option<(u64, i64, i64)>,
+    variables: Vec<WatchedVariable>,
+    authority: Authority,
+    cursor_item: usize,
+    cursor_offset: u64,
+    pass_open: bool,
+    epoch: Instant,
+    sink: EventSink,
+    store: Option<Store>,
+    buffer: Vec<u8>,
+    reported_mappings: HashSet<(u64, u64, String)>,
+    heal_failed: HashSet<(u64, Vec<u8>)>,
+    counters: Counters,
+    pacer: Option<Pacer>,
+    started: WatchEvent,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("pid", &self.identity.pid)
+            .field("generation", &self.generation.number)
+            .field("regions", &self.generation.regions.len())
+            .field("variables", &self.variables.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    shadowpatch_store::now_ms()
+}
+
+impl Watcher {
+    /// Prepare to watch `pid`: check options and variables (nothing is
+    /// written before they are valid), capture generation 0 if the process
+    /// was never mirrored, register new guarded variables, and re-key the
+    /// latest generation. Emits `Started` through `sink`.
+    pub fn start(
+        pid: i32,
+        state_dir: &Path,
+        requests: &[VariableRequest],
+        options: WatchOptions,
+        sink: EventSink,
+    ) -> Result<Watcher, WatchError> {
+        options.validate()?;
+        if let Some(mirrored) = requests.iter().find(|r| r.mode == VariableMode::Mirrored) {
+            return Err(WatchError::NotYetSupported {
+                origin: mirrored.origin.clone(),
+                name: match &mirrored.target {
+                    shadowpatch_mirror::variables::VariableTarget::Symbol { module: Some(m), name } => {
+                        format!("{m}!{name}")
+                    }
+                    shadowpatch_mirror::variables::VariableTarget::Symbol { module: None, name } => name.clone(),
+                    shadowpatch_mirror::variables::VariableTarget::Range { address, size } => {
+                        format!("{address:#x}:{size}")
+                    }
+                },
+            });
+        }
+        let identity = ProcessIdentity::of(pid)?;
+        let maps = read_maps(pid)?;
+        let modules = modules_of(pid, &maps)?;
+        let resolved = resolve(requests, pid, &maps, &modules)?;
+
+        let state = StateDir::create(state_dir)?;
+        let target_dir = state.target_dir(pid, identity.start_time);
+        probe_writable(&target_dir)?;
+        let mut memory = TargetMemory::open(&identity)?;
+        let (baseline_taken, registry) = {
+            // The lock only while the baseline and registry are written.
+            let target = TargetState::open(&state, &identity)?;
+            let baseline_taken = StateDir::generations(&target.dir).is_empty();
+            ensure_baseline(&state, &target, &identity, &maps, &modules)?;
+            let mut registry = VariableRegistry::load(&target.dir)?
+                .unwrap_or_else(|| VariableRegistry::new(pid, identity.start_time));
+            let added = merge(&mut registry, resolved, now_ms(), &mut |address, size| {
+                memory.read_vec(address, size as usize).map_err(MirrorError::from)
+            })?;
+            if added > 0 {
+                registry.save(&target.dir)?;
+            }
+            (baseline_taken, registry)
+        };
+        let store = if options.record_history {
+            Some(Store::open(state_dir)?)
+        } else {
+            None
+        };
+        let authority = Authority::open(&target_dir)?;
+        let latest = authority.latest_generation().ok_or_else(|| MirrorError::NoMirror {
+            pid,
+            state_dir: state_dir.to_path_buf(),
+        })?;
+        let key = PageHasher::random();
+        let generation = ActiveGeneration::open(&target_dir, latest, &identity, &key)?;
+        check_modules(&generation, &modules)?;
+        let variables: Vec<WatchedVariable> = registry
+            .guarded()
+            .cloned()
+            .map(|v| WatchedVariable::new(v, &key))
+            .collect();
+        let classification = classify(&maps, &modules, &generation, &variables);
+        let started = WatchEvent::Started {
+            unix_ms: now_ms(),
+            pid,
+            start_time: identity.start_time,
+            generation: generation.number,
+            baseline_taken,
+            regions: generation.regions.len(),
+            pages: generation.pages(),
+            bytes: generation.bytes(),
+            guarded_variables: variables.iter().map(|v| v.variable.name.clone()).collect(),
+            guarded_bytes: variables.iter().map(|v| v.variable.size).sum(),
+            classification,
+            interval_ms: options.interval.as_millis() as u64,
+            cpu_budget_percent: options.cpu_budget_percent,
+            heal: options.heal,
+            rehash_us: generation.rehash_us,
+        };
+        let generation_file = authority.latest_file_identity();
+        let mut watcher = Watcher {
+            identity,
+            state_dir: state_dir.to_path_buf(),
+            target_dir,
+            buffer: vec![0u8; options.slice_bytes],
+            options,
+            memory,
+            modules,
+            key,
+            generation,
+            generation_file,
+            variables,
+            authority,
+            cursor_item: 0,
+            cursor_offset: 0,
+            pass_open: false,
+            epoch: Instant::now(),
+            sink,
+            store,
+            reported_mappings: HashSet::new(),
+            heal_failed: HashSet::new(),
+            counters: Counters {
+                passes: 0,
+                alerts: 0,
+                heals: 0,
+            },
+            pacer: None,
+            started: started.clone(),
+        };
+        watcher.emit(started);
+        Ok(watcher)
+    }
+
+    pub fn identity(&self) -> &ProcessIdentity {
+        &self.identity
+    }
+
+    /// The `Started` event (what is watched and how it was classified).
+    pub fn started_event(&self) -> &WatchEvent {
+        &self.started
+    }
+
+    pub fn target_dir(&self) -> &Path {
+        &self.target_dir
+    }
+
+    pub fn stats(&self) -> WatchStats {
+        WatchStats {
+            passes: self.counters.passes,
+            alerts: self.counters.alerts,
+            heals: self.counters.heals,
+            generation: self.generation.number,
+            bytes_per_pass: self.generation.bytes() + self.variables.iter().map(|v| v.variable.size).sum::<u64>(),
+        }
+    }
+
+    fn emit(&mut self, event: WatchEvent) {
+        if let Some(store) = &self.store {
+            if let Some(row) = event.history_row(self.identity.pid, self.identity.start_time) {
+                if let Err(error) = store.record(&row) {
+                    // Keep watching; say so once and stop trying.
+                    self.store = None;
+                    let warning = WatchEvent::Warning {
+                        unix_ms: now_ms(),
+                        message: format!("cannot record events any more ({error}); alerts are still reported here"),
+                    };
+                    (self.sink)(&warning);
+                }
+            }
+        }
+        (self.sink)(&event);
+    }
+
+    fn warn(&mut self, message: String) {
+        self.emit(WatchEvent::Warning {
+            unix_ms: now_ms(),
+            message,
+        });
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// One full pass, unpaced.
+    pub fn cycle(&mut self) -> Result<StepOutcome, WatchError> {
+        loop {
+            match self.step()? {
+                StepOutcome::Continue => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Verify passes paced to the interval and CPU budget until `stop` is
+    /// set or the target exits. Emits `Pass` after each pass and `Stopped`
+    /// at the end.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<StopReason, WatchError> {
+        self.pacer = Some(Pacer::new(self.options.cpu_budget_percent));
+        let mut pass_started = Instant::now();
+        let reason = loop {
+            if stop.load(Ordering::Relaxed) {
+                break StopReason::Requested;
+            }
+            match self.step()? {
+                StepOutcome::Continue => self.pace(stop),
+                StepOutcome::PassDone => {
+                    self.pace(stop);
+                    let pass = WatchEvent::Pass {
+                        pass: self.counters.passes,
+                        generation: self.generation.number,
+                        bytes: self.stats().bytes_per_pass,
+                        pass_us: pass_started.elapsed().as_micros() as u64,
+                        cpu_percent: self.cpu_percent(),
+                        alerts: self.counters.alerts,
+                        heals: self.counters.heals,
+                    };
+                    self.emit(pass);
+                    let wait = self.options.interval.saturating_sub(pass_started.elapsed());
+                    if !wait.is_zero() {
+                        let slept = sleep_unless_stopped(wait, Some(stop));
+                        if let Some(pacer) = &mut self.pacer {
+                            pacer.idled(slept);
+                        }
+                    }
+                    pass_started = Instant::now();
+                }
+                StepOutcome::TargetExited(reason) => break StopReason::TargetExited(reason),
+            }
+        };
+        let stopped = WatchEvent::Stopped {
+            unix_ms: now_ms(),
+            reason: match &reason {
+                StopReason::Requested => "requested".into(),
+                StopReason::TargetExited(_) => "target_exited".into(),
+            },
+            passes: self.counters.passes,
+            alerts: self.counters.alerts,
+            heals: self.counters.heals,
+            cpu_percent: self.cpu_percent(),
+        };
+        self.emit(stopped);
+        Ok(reason)
+    }
+
+    fn pace(&mut self, stop: &AtomicBool) {
+        if let Some(pacer) = &mut self.pacer {
+            pacer.pace(Some(stop));
+        }
+    }
+
+    fn cpu_percent(&self) -> f64 {
+        self.pacer.as_ref().map_or(0.0, Pacer::cpu_percent)
+    }
+
+    /// Verify one slice (at most `slice_bytes` of one region or variable).
+    pub fn step(&mut self) -> Result<StepOutcome, WatchError> {
+        if !self.pass_open {
+            if let Some(reason) = self.begin_pass()? {
+                self.emit(WatchEvent::TargetExited {
+                    unix_ms: now_ms(),
+                    pid: self.identity.pid,
+                    reason: reason.clone(),
+                });
+                return Ok(StepOutcome::TargetExited(reason));
+            }
+            self.pass_open = true;
+        }
+        let regions = self.generation.regions.len();
+        let item = if self.cursor_item < regions {
+            Item::Region(self.cursor_item)
+        } else if self.cursor_item < regions + self.variables.len() {
+            Item::Variable(self.cursor_item - regions)
+        } else {
+            self.counters.passes += 1;
+            self.cursor_item = 0;
+            self.cursor_offset = 0;
+            self.pass_open = false;
+            return Ok(StepOutcome::PassDone);
+        };
+        let outcome = match item {
+            Item::Region(index) => self.verify_region_slice(index),
+            Item::Variable(index) => self.verify_variable_slice(index),
+        };
+        match outcome {
+            Ok(()) => Ok(StepOutcome::Continue),
+            Err(WatchError::Target(error)) if gone(&error) => {
+                let reason = error.to_string();
+                self.emit(WatchEvent::TargetExited {
+                    unix_ms: now_ms(),
+                    pid: self.identity.pid,
+                    reason: reason.clone(),
+                });
+                Ok(StepOutcome::TargetExited(reason))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Checks at the start of a pass; `Some(reason)` when the target is gone.
+    fn begin_pass(&mut self) -> Result<Option<String>, WatchError> {
+        if let Err(error) = self.identity.check_alive() {
+            return if gone(&error) {
+                Ok(Some(error.to_string()))
+            } else {
+                Err(error.into())
+            };
+        }
+        self.authority.refresh(self.options.grace)?;
+        self.maybe_switch()?;
+        let maps = match read_maps(self.identity.pid) {
+            Ok(maps) => maps,
+            Err(error) if gone(&error) => return Ok(Some(error.to_string())),
+            Err(error) => return Err(error.into()),
+        };
+        self.check_mappings(&maps)?;
+        Ok(None)
+    }
+
+    /// Switch to the latest published generation when the journal is
+    /// settled on one other than the one verified. Returns whether it did
+    /// (the pass then starts over).
+    fn maybe_switch(&mut self) -> Result<bool, WatchError> {
+        if !self.authority.is_settled() {
+            return Ok(false);
+        }
+        let Some(latest) = self.authority.latest_generation() else {
+            return Ok(false);
+        };
+        let file = self.authority.latest_file_identity();
+        if latest == self.generation.number && file == self.generation_file {
+            return Ok(false);
+        }
+        let mut next = ActiveGeneration::open(&self.target_dir, latest, &self.identity, &self.key)?;
+        next.inherit(&mut self.generation);
+        let from = self.generation.number;
+        self.generation = next;
+        self.generation_file = file;
+        if let Ok(maps) = read_maps(self.identity.pid) {
+            if let Ok(modules) = modules_of(self.identity.pid, &maps) {
+                self.modules = modules;
+            }
+        }
+        self.cursor_item = 0;
+        self.cursor_offset = 0;
+        let event = WatchEvent::GenerationSwitched {
+            unix_ms: now_ms(),
+            from,
+            to: latest,
+            regions: self.generation.regions.len(),
+            bytes: self.generation.bytes(),
+            rehash_us: self.generation.rehash_us,
+        };
+        self.emit(event);
+        Ok(true)
+    }
+
+    /// Changes may wait while the journal is unsettled, up to the timeout.
+    fn may_wait(&self) -> bool {
+        !self.authority.is_settled() && !self.authority.unsettled_too_long(self.options.settle_timeout)
+    }
+
+    /// Compare the memory map with the mirror: mirrored regions unmapped or
+    /// with other permissions, executable memory no generation holds.
+    fn check_mappings(&mut self, maps: &[Mapping]) -> Result<(), WatchError> {
+        let mut events = Vec::new();
+        let may_wait = self.may_wait();
+        for region in &mut self.generation.regions {
+            if region.gone {
+                continue;
+            }
+            let (start, end) = (region.spec.start, region.spec.end);
+            let overlapping: Vec<&Mapping> = maps.iter().filter(|m| m.start < end && start < m.end).collect();
+            let covered = covered(&overlapping, start, end);
+            let explained = self.authority.explains_mapping(start, end).is_some() || may_wait;
+            if !covered {
+                if explained {
+                    continue;
+                }
+                region.gone = true;
+                events.push(WatchEvent::RegionUnmapped {
+                    unix_ms: now_ms(),
+                    start,
+                    end,
+                    module: region.spec.module.clone(),
+                });
+                continue;
+            }
+            let live: Vec<String> = overlapping.iter().map(|m| m.perms()).collect();
+            match live.iter().find(|p| **p != region.spec.perms) {
+                Some(changed) if !explained => {
+                    if region.perms_reported.as_deref() != Some(changed.as_str()) {
+                        region.perms_reported = Some(changed.clone());
+                        events.push(WatchEvent::PermissionsChanged {
+                            unix_ms: now_ms(),
+                            start,
+                            end,
+                            module: region.spec.module.clone(),
+                            mirrored: region.spec.perms.clone(),
+                            live: changed.clone(),
+                        });
+                    }
+                }
+                Some(_) => {}
+                None => region.perms_reported = None,
+            }
+        }
+        let mut new_code = false;
+        for mapping in maps.iter().filter(|m| m.executable) {
+            if matches!(&mapping.kind, MappingKind::Special(name) if name == "[vsyscall]") {
+                continue;
+            }
+            let mirrored = self
+                .generation
+                .regions
+                .iter()
+                .any(|r| !r.gone && r.spec.start < mapping.end && mapping.start < r.spec.end);
+            if mirrored || may_wait || self.authority.explains_mapping(mapping.start, mapping.end).is_some() {
+                continue;
+            }
+            let key = (mapping.start, mapping.end, mapping.perms());
+            if self.reported_mappings.insert(key) {
+                new_code = true;
+                events.push(WatchEvent::NewExecutableMapping {
+                    unix_ms: now_ms(),
+                    start: mapping.start,
+                    end: mapping.end,
+                    perms: mapping.perms(),
+                    name: mapping.display_name(),
+                });
+            }
+        }
+        if new_code {
+            if let Ok(modules) = modules_of(self.identity.pid, maps) {
+                self.modules = modules;
+            }
+        }
+        for event in events {
+            self.emit(event);
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, done: u64, item_len: u64) {
+        self.cursor_offset += done;
+        if done == 0 || self.cursor_offset >= item_len {
+            self.cursor_item += 1;
+            self.cursor_offset = 0;
+        }
+    }
+
+    fn verify_region_slice(&mut self, index: usize) -> Result<(), WatchError> {
+        let region = &self.generation.regions[index];
+        if region.gone {
+            self.advance(0, 0);
+            return Ok(());
+        }
+        let region_len = region.spec.len();
+        let address = region.spec.start + self.cursor_offset;
+        let len = ((region_len - self.cursor_offset) as usize).min(self.buffer.len());
+        let read = read_or_zero(&mut self.memory, address, &mut self.buffer[..len])?;
+        let whole = read - read % PAGE_SIZE;
+        let now = self.now_ns();
+        let first_page = self.cursor_offset / PAGE_SIZE as u64;
+        let mut differing = Vec::new();
+        let mut cleared = Vec::new();
+        let region = &mut self.generation.regions[index];
+        for (i, live) in self.buffer[..whole].chunks_exact(PAGE_SIZE).enumerate() {
+            let page = first_page + i as u64;
+            if self.key.hash(live) == region.hashes[page as usize] {
+                region.last_clean[page as usize] = now;
+                if region.alerted.remove(&page).is_some() {
+                    cleared.push(region.spec.start + page * PAGE_SIZE as u64);
+                }
+            } else {
+                differing.push((page, live.to_vec()));
+            }
+        }
+        for page_address in cleared {
+            self.emit_cleared(page_address);
+        }
+        if !differing.is_empty() {
+            let mut units = Vec::with_capacity(differing.len());
+            for (page, live) in differing {
+                let region = &self.generation.regions[index];
+                units.push(DifferingUnit {
+                    unit: page,
+                    address: region.spec.start + page * PAGE_SIZE as u64,
+                    expected: self.generation.mirror.read_page(region.index, page)?,
+                    live,
+                });
+            }
+            if self.judge_and_report(Item::Region(index), units)? {
+                // The generation changed: the pass starts over on the new one.
+                return Ok(());
+            }
+        }
+        self.advance(whole as u64, region_len);
+        Ok(())
+    }
+
+    fn verify_variable_slice(&mut self, index: usize) -> Result<(), WatchError> {
+        let variable = &self.variables[index];
+        let size = variable.variable.size;
+        let address = variable.variable.address + self.cursor_offset;
+        let len = ((size - self.cursor_offset) as usize).min(self.buffer.len());
+        let read = read_or_zero(&mut self.memory, address, &mut self.buffer[..len])?;
+        if read < len {
+            if !self.variables[index].unreadable_reported {
+                self.variables[index].unreadable_reported = true;
+                let name = self.variables[index].variable.name.clone();
+                self.warn(format!(
+                    "guarded variable {name} cannot be read from {:#x} on (unmapped or protected)",
+                    address + read as u64
+                ));
+            }
+            self.advance(0, 0);
+            return Ok(());
+        }
+        let now = self.now_ns();
+        let first_chunk = self.cursor_offset / CHUNK as u64;
+        let mut differing = Vec::new();
+        let mut cleared = Vec::new();
+        let variable = &mut self.variables[index];
+        for (i, live) in self.buffer[..len].chunks(CHUNK).enumerate() {
+            let chunk = first_chunk + i as u64;
+            if self.key.hash(live) == variable.hashes[chunk as usize] {
+                variable.last_clean[chunk as usize] = now;
+                if variable.alerted.remove(&chunk).is_some() {
+                    cleared.push(variable.variable.address + chunk * CHUNK as u64);
+                }
+            } else {
+                let offset = chunk as usize * CHUNK;
+                differing.push(DifferingUnit {
+                    unit: chunk,
+                    address: variable.variable.address + offset as u64,
+                    expected: variable.expected[offset..offset + live.len()].to_vec(),
+                    live: live.to_vec(),
+                });
+            }
+        }
+        for address in cleared {
+            self.emit_cleared(address);
+        }
+        if !differing.is_empty() && self.judge_and_report(Item::Variable(index), differing)? {
+            return Ok(());
+        }
+        self.advance(len as u64, size);
+        Ok(())
+    }
+
+    fn emit_cleared(&mut self, address: u64) {
+        let location = self.locate(address);
+        self.emit(WatchEvent::Cleared {
+            unix_ms: now_ms(),
+            address,
+            address_hex: format!("{address:#x}"),
+            location,
+        });
+    }
+
+    fn locate(&self, address: u64) -> Location {
+        let location = Location::of(address, &self.modules);
+        if location.module.is_some() {
+            return location;
+        }
+        match self
+            .generation
+            .regions
+            .iter()
+            .find(|r| (r.spec.start..r.spec.end).contains(&address))
+        {
+            Some(region) => Location::in_region(&region.spec.module, region.spec.start, address),
+            None => location,
+        }
+    }
+
+    /// Judge each differing run of `units` (authorised change, or an
+    /// alert), report new alerts, heal them if asked. Returns true when the
+    /// generation was switched instead (the pass restarts).
+    fn judge_and_report(&mut self, item: Item, units: Vec<DifferingUnit>) -> Result<bool, WatchError> {
+        // Everything that could explain these bytes was journaled before
+        // they were written: look again now.
+        self.authority.refresh(self.options.grace)?;
+        if self.maybe_switch()? {
+            return Ok(true);
+        }
+        let may_wait = self.may_wait();
+        let now = self.now_ns();
+        let mut alerts = Vec::new();
+        let mut to_heal = Vec::new();
+        for unit in units {
+            let mut reportable: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
+            let mut deferred = false;
+            for (start, end) in differing_runs(&unit.expected, &unit.live) {
+                let address = unit.address + start as u64;
+                let live = &unit.live[start..end];
+                if self.authority.explains_bytes(address, live).is_some() || may_wait {
+                    deferred = true;
+                    continue;
+                }
+                reportable.push((address, unit.expected[start..end].to_vec(), live.to_vec()));
+            }
+            let (alerted, last_clean, scope, variable) = match item {
+                Item::Region(index) => {
+                    let region = &mut self.generation.regions[index];
+                    let scope = match region.spec.kind {
+                        shadowpatch_mirror::RegionKind::Code => Scope::Code,
+                        shadowpatch_mirror::RegionKind::ReadOnlyData => Scope::ReadOnlyData,
+                    };
+                    (
+                        &mut region.alerted,
+                        region.last_clean[unit.unit as usize],
+                        scope,
+                        None,
+                    )
+                }
+                Item::Variable(index) => {
+                    let watched = &mut self.variables[index];
+                    (
+                        &mut watched.alerted,
+                        watched.last_clean[unit.unit as usize],
+                        Scope::GuardedVariable,
+                        Some(watched.variable.name.clone()),
+                    )
+                }
+            };
+            if reportable.is_empty() {
+                if !deferred {
+                    alerted.remove(&unit.unit);
+                }
+                continue;
+            }
+            let before = alerted.remove(&unit.unit).unwrap_or_default();
+            let current: Vec<(u64, Vec<u8>)> = reportable.iter().map(|(a, _, l)| (*a, l.clone())).collect();
+            for (address, expected, live) in &reportable {
+                if before.iter().any(|(a, l)| a == address && l == live) {
+                    continue;
+                }
+                alerts.push((*address, expected.clone(), live.clone(), scope, variable.clone(), now - last_clean.min(now)));
+            }
+            alerted.insert(unit.unit, current);
+            if self.options.heal {
+                for (address, expected, live) in reportable {
+                    if !self.heal_failed.contains(&(address, live.clone())) {
+                        to_heal.push(HealRun { address, live, expected });
+                    }
+                }
+            }
+        }
+        for (address, expected, live, scope, variable, latency_ns) in alerts {
+            self.counters.alerts += 1;
+            let alert = Alert {
+                unix_ms: now_ms(),
+                pid: self.identity.pid,
+                start_time: self.identity.start_time,
+                generation: self.generation.number,
+                scope,
+                address,
+                address_hex: format!("{address:#x}"),
+                len: live.len() as u64,
+                location: self.locate(address),
+                variable,
+                expected: shadowpatch_symbols::hex(&expected[..expected.len().min(SHOWN_BYTES)]),
+                live: shadowpatch_symbols::hex(&live[..live.len().min(SHOWN_BYTES)]),
+                latency_us: latency_ns / 1000,
+            };
+            self.emit(WatchEvent::Alert(alert));
+        }
+        if !to_heal.is_empty() {
+            self.heal(&item, to_heal)?;
+        }
+        Ok(false)
+    }
+
+    /// Write mirrored bytes back over the tampered runs, in one journaled stop.
+    fn heal(&mut self, item: &Item, runs: Vec<HealRun>) -> Result<(), WatchError> {
+        let journal_len = self.authority.journal_len();
+        let outcome = heal(
+            &self.state_dir,
+            &self.identity,
+            &runs,
+            journal_len,
+            self.options.heal_attempts,
+        );
+        let bytes = runs.iter().map(|r| r.expected.len() as u64).sum();
+        let report = |ok: bool, pause_us: u64, txn: Option<u64>, error: Option<String>, generation: u32| Heal {
+            unix_ms: now_ms(),
+            pid: self.identity.pid,
+            start_time: self.identity.start_time,
+            generation,
+            ok,
+            runs: runs.iter().map(|r| (r.address, r.expected.len() as u64)).collect(),
+            bytes,
+            pause_us,
+            txn,
+            error,
+        };
+        let generation = self.generation.number;
+        match outcome {
+            Ok(Ok(done)) => {
+                let event = report(true, done.pause_us, Some(done.txn), None, generation);
+                self.counters.heals += 1;
+                // Healed pages are clean again: a new tamper is a new alert.
+                let alerted = match item {
+                    Item::Region(index) => &mut self.generation.regions[*index].alerted,
+                    Item::Variable(index) => &mut self.variables[*index].alerted,
+                };
+                for runs_of_unit in alerted.values_mut() {
+                    runs_of_unit.retain(|(address, _)| !runs.iter().any(|r| r.address == *address));
+                }
+                alerted.retain(|_, runs| !runs.is_empty());
+                self.emit(WatchEvent::Heal(event));
+            }
+            Ok(Err(HealSkipped::JournalMoved)) => {
+                // Judged on a journal that has moved on: judge again next pass.
+                for run in &runs {
+                    let alerted = match item {
+                        Item::Region(index) => &mut self.generation.regions[*index].alerted,
+                        Item::Variable(index) => &mut self.variables[*index].alerted,
+                    };
+                    for runs_of_unit in alerted.values_mut() {
+                        runs_of_unit.retain(|(address, _)| *address != run.address);
+                    }
+                }
+            }
+            Err(error) => {
+                if let WatchError::Target(target_error) = &error {
+                    if gone(target_error) {
+                        return Err(error);
+                    }
+                }
+                for run in &runs {
+                    self.heal_failed.insert((run.address, run.live.clone()));
+                }
+                let event = report(false, 0, None, Some(error.to_string()), generation);
+                self.emit(WatchEvent::Heal(event));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a target error means the process is gone (exited, zombie, or
+/// its pid recycled).
+fn gone(error: &TargetError) -> bool {
+    matches!(
+        error,
+        TargetError::NoSuchProcess { .. }
+            | TargetError::Zombie { .. }
+            | TargetError::Exited { .. }
+            | TargetError::Recycled { .. }
+    )
+}
+
+/// Read what is readable; an unreadable start reads as nothing.
+fn read_or_zero(memory: &mut TargetMemory, address: u64, buffer: &mut [u8]) -> Result<usize, WatchError> {
+    match memory.read_partial(address, buffer) {
+        Ok(n) => Ok(n),
+        Err(TargetError::Read { .. }) => Ok(0),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// Whether `mappings` cover `[start, end)` without a hole.
+fn covered(mappings: &[&Mapping], start: u64, end: u64) -> bool {
+    let mut at = start;
+    let mut sorted: Vec<&&Mapping> = mappings.iter().collect();
+    sorted.sort_by_key(|m| m.start);
+    for mapping in sorted {
+        if mapping.start > at {
+            return false;
+        }
+        at = at.max(mapping.end);
+        if at >= end {
+            return true;
+        }
+    }
+    at >= end
+}
+
+/// Refuse a mirror of modules whose build-id changed since.
+fn check_modules(generation: &ActiveGeneration, modules: &[Module]) -> Result<(), WatchError> {
+    for region in &generation.regions {
+        let (Some(path), Some(mirrored)) = (&region.spec.path, &region.spec.build_id) else {
+            continue;
+        };
+        if let Some(live) = modules
+            .iter()
+            .find(|m| &m.path == path && m.contains(region.spec.start))
+        {
+            let live_id = live.build_id_hex().unwrap_or_else(|| "none".into());
+            if &live_id != mirrored {
+                return Err(MirrorError::ModuleChanged {
+                    path: generation.mirror.path.clone(),
+                    module: live.name.clone(),
+                    mirrored: mirrored.clone(),
+                    live: live_id,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fail early, naming the directory, when the state directory cannot take
+/// a write (read-only file system, full disk, no permission).
+fn probe_writable(target_dir: &Path) -> Result<(), WatchError> {
+    use std::io::Write;
+    use std::os::unix::fs::DirBuilderExt;
+    let not_writable = |message: String| WatchError::StateNotWritable {
+        path: target_dir.to_path_buf(),
+        message,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(target_dir)
+        .map_err(|e| not_writable(e.to_string()))?;
+    let probe = target_dir.join(format!(".watch-probe-{}", std::process::id()));
+    let result = std::fs::File::create(&probe).and_then(|mut file| {
+        file.write_all(&[0u8; 4096])?;
+        file.sync_all()
+    });
+    let _ = std::fs::remove_file(&probe);
+    result.map_err(|e| not_writable(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watcher_can_move_to_another_thread() {
+        fn is_send<T: Send>() {}
+        is_send::<Watcher>();
+    }
+
+    #[test]
+    fn coverage_needs_every_byte() {
+        let mapping = |start, end| Mapping {
+            start,
+            end,
+            readable: true,
+            writable: false,
+            executable: true,
+            shared: false,
+            offset: 0,
+            inode: 0,
+            kind: MappingKind::Anonymous,
+        };
+        let (a, b) = (mapping(0x1000, 0x2000), mapping(0x2000, 0x3000));
+        assert!(covered(&[&a, &b], 0x1000, 0x3000));
+        assert!(!covered(&[&a], 0x1000, 0x3000));
+        let c = mapping(0x2800, 0x3000);
+        assert!(!covered(&[&a, &c], 0x1000, 0x3000));
+    }
+}
