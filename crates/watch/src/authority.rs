@@ -263,6 +263,13 @@ impl Authority {
         self.state.open.is_none() && self.latest_generation() == Some(self.state.active.len() as u32)
     }
 
+    /// No transaction open, but the journal's active patch count is not
+    /// the latest generation: a commit whose generation is being
+    /// published (or removed) right now.
+    pub fn awaiting_publication(&self) -> bool {
+        self.state.open.is_none() && !self.is_settled()
+    }
+
     /// Unsettled for longer than `timeout` (a crashed tool left it so):
     /// differences are reported anyway.
     pub fn unsettled_too_long(&self, timeout: Duration) -> bool {

@@ -475,9 +475,11 @@ impl Watcher {
         Ok(true)
     }
 
-    /// Changes may wait while the journal is unsettled, up to the timeout.
+    /// Every difference may wait while a committed transaction's
+    /// generation is not yet published, up to the timeout. (While a
+    /// transaction is open, only the bytes it announced are excused.)
     fn may_wait(&self) -> bool {
-        !self.authority.is_settled() && !self.authority.unsettled_too_long(self.options.settle_timeout)
+        self.authority.awaiting_publication() && !self.authority.unsettled_too_long(self.options.settle_timeout)
     }
 
     /// Compare the memory map with the mirror: mirrored regions unmapped or
