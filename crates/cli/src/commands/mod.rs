@@ -8,6 +8,7 @@ pub mod patching;
 pub mod pause;
 pub mod status;
 pub mod verify;
+pub mod watch;
 
 use serde::Serialize;
 use shadowpatch_symbols::Module;

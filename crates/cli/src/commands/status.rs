@@ -3,7 +3,7 @@
 use super::Context;
 use crate::output::{human_bytes, print_json};
 use serde::Serialize;
-use shadowpatch_mirror::{MirrorFile, StateDir};
+use shadowpatch_mirror::{MirrorFile, StateDir, VariableMode, VariableRegistry};
 use shadowpatch_symbols::modules_of;
 use shadowpatch_target::attach::list_threads;
 use shadowpatch_target::maps::read_maps;
@@ -27,6 +27,17 @@ struct Status {
     patches: Vec<PatchStatus>,
     /// A transaction interrupted by a crash, if any (`recover` fixes it).
     interrupted: Option<String>,
+    /// Critical variables registered (by `watch --guard`, config files).
+    variables: Vec<VariableStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct VariableStatus {
+    name: String,
+    mode: VariableMode,
+    address: u64,
+    size: u64,
+    origin: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,6 +100,7 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
         other_incarnations: Vec::new(),
         patches: Vec::new(),
         interrupted: None,
+        variables: Vec::new(),
     };
     // A missing state directory just means nothing was mirrored yet; a
     // foreign or corrupt one is an error worth reporting.
@@ -137,6 +149,19 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
                 })
                 .collect();
             status.interrupted = journal.open.map(|t| format!("{:?} of {}", t.kind, t.patch_id));
+            if let Some(registry) = VariableRegistry::load(&dir)? {
+                status.variables = registry
+                    .variables
+                    .into_iter()
+                    .map(|v| VariableStatus {
+                        name: v.name,
+                        mode: v.mode,
+                        address: v.address,
+                        size: v.size,
+                        origin: v.origin,
+                    })
+                    .collect();
+            }
             status.mirror_dir = Some(dir);
         }
     }
@@ -191,6 +216,19 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
                 p.module,
                 p.mapping,
                 p.functions.join(", ")
+            );
+        }
+    }
+    if !status.variables.is_empty() {
+        println!("critical variables:");
+        for v in &status.variables {
+            println!(
+                "  {} {} at {:#x} ({} bytes), from {}",
+                v.mode.as_str(),
+                v.name,
+                v.address,
+                v.size,
+                v.origin
             );
         }
     }
