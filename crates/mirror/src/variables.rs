@@ -70,7 +70,11 @@ pub enum VariableError {
         pid: i32,
     },
     #[error("{origin}: symbol {name} is defined in several places ({places}); qualify it as MODULE!{name}")]
-    Ambiguous { origin: String, name: String, places: String },
+    Ambiguous {
+        origin: String,
+        name: String,
+        places: String,
+    },
     #[error("{origin}: {what} has size 0 (give an address range ADDR:SIZE instead)")]
     ZeroSize { origin: String, what: String },
     #[error("{origin}: {range} is not mapped readable in pid {pid}")]
@@ -529,9 +533,15 @@ mod tests {
             reads += 1;
             Ok(vec![0xab; size as usize])
         };
-        assert_eq!(merge(&mut registry, vec![variable(0x1000, 4)], 1, &mut read).unwrap(), 1);
+        assert_eq!(
+            merge(&mut registry, vec![variable(0x1000, 4)], 1, &mut read).unwrap(),
+            1
+        );
         // The same variable again: kept, its bytes not re-read.
-        assert_eq!(merge(&mut registry, vec![variable(0x1000, 4)], 2, &mut read).unwrap(), 0);
+        assert_eq!(
+            merge(&mut registry, vec![variable(0x1000, 4)], 2, &mut read).unwrap(),
+            0
+        );
         let error = merge(&mut registry, vec![variable(0x1002, 4)], 3, &mut read).unwrap_err();
         assert!(error.to_string().contains("overlaps"), "{error}");
         assert_eq!(reads, 1);

@@ -117,7 +117,8 @@ impl Authority {
     pub fn refresh(&mut self, grace: Duration) -> Result<bool, WatchError> {
         let now = Instant::now();
         self.recent_writes.retain(|(seen, _)| now.duration_since(*seen) < grace);
-        self.recent_mappings.retain(|(seen, _)| now.duration_since(*seen) < grace);
+        self.recent_mappings
+            .retain(|(seen, _)| now.duration_since(*seen) < grace);
         let journal_changed = self.read_journal(now)?;
         let generations_changed = self.read_generations();
         if self.is_settled() {
@@ -194,7 +195,8 @@ impl Authority {
                     self.recent_writes
                         .push((now, AnnouncedWrite::from_write(write, TxnKind::Apply)));
                 }
-                self.recent_mappings.push((now, (patch.mapping_address, patch.mapping_len)));
+                self.recent_mappings
+                    .push((now, (patch.mapping_address, patch.mapping_len)));
                 self.plans.insert(
                     patch.id.clone(),
                     PlanRanges {

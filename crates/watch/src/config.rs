@@ -123,7 +123,12 @@ pub fn parse_duration(text: &str, origin: &str) -> Result<Duration, ConfigError>
         "us" | "µs" => value / 1_000_000.0,
         "s" => value,
         "m" | "min" => value * 60.0,
-        other => return Err(invalid(origin, format!("unknown unit {other:?} in {text:?} (use us, ms, s or m)"))),
+        other => {
+            return Err(invalid(
+                origin,
+                format!("unknown unit {other:?} in {text:?} (use us, ms, s or m)"),
+            ))
+        }
     };
     if !seconds.is_finite() || seconds > MAX_INTERVAL.as_secs_f64() {
         return Err(invalid(
@@ -203,7 +208,9 @@ impl WatchConfig {
         };
         for (index, variable) in raw.variables.into_iter().enumerate() {
             let origin = origin(format!("variable {}", index + 1));
-            config.variables.push(raw_variable(variable, &origin).map_err(|e| invalid(&origin, strip(&e, &origin)))?);
+            config
+                .variables
+                .push(raw_variable(variable, &origin).map_err(|e| invalid(&origin, strip(&e, &origin)))?);
         }
         Ok(config)
     }
@@ -231,7 +238,9 @@ fn raw_variable(variable: RawVariable, origin: &str) -> Result<VariableRequest, 
     match (variable.symbol, variable.address) {
         (Some(symbol), None) => {
             if variable.size.is_some() {
-                return Err(syntax("a symbol's size comes from the symbol table; give address and size instead"));
+                return Err(syntax(
+                    "a symbol's size comes from the symbol table; give address and size instead",
+                ));
             }
             let text = match variable.module {
                 Some(module) => format!("{module}!{symbol}"),
@@ -276,7 +285,11 @@ mod tests {
         let mut options = WatchOptions::default();
         options.validate().unwrap();
         options.cpu_budget_percent = 0.0;
-        assert!(options.validate().unwrap_err().to_string().starts_with("--cpu-budget: "));
+        assert!(options
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("--cpu-budget: "));
         options.cpu_budget_percent = 150.0;
         assert!(options.validate().is_err());
         options.cpu_budget_percent = 20.0;
@@ -321,6 +334,9 @@ mod tests {
         assert!(!error.contains('\n'));
         std::fs::write(&path, "[[variable]]\naddress = 4096\nmode = \"guarded\"\n").unwrap();
         let error = WatchConfig::load(&path).unwrap_err().to_string();
-        assert!(error.contains("variable 1") && error.contains("needs a size"), "{error}");
+        assert!(
+            error.contains("variable 1") && error.contains("needs a size"),
+            "{error}"
+        );
     }
 }

@@ -219,9 +219,16 @@ pub enum WatchEvent {
     },
     /// Something the user should know that does not stop the watch
     /// (history unwritable, a hook failed or timed out, a heal skipped).
-    Warning { unix_ms: u64, message: String },
+    Warning {
+        unix_ms: u64,
+        message: String,
+    },
     /// The target exited (or its pid now names another process).
-    TargetExited { unix_ms: u64, pid: i32, reason: String },
+    TargetExited {
+        unix_ms: u64,
+        pid: i32,
+        reason: String,
+    },
     /// The watcher stopped.
     Stopped {
         unix_ms: u64,
@@ -257,13 +264,17 @@ impl WatchEvent {
                 row(EventKind::Alert).at(*unix_ms).cause("new_executable_mapping")
             }
             WatchEvent::RegionUnmapped { unix_ms, .. } => row(EventKind::Alert).at(*unix_ms).cause("region_unmapped"),
-            WatchEvent::Cleared { unix_ms, .. } => row(EventKind::Verify).at(*unix_ms).cause("cleared").outcome("clean"),
-            WatchEvent::TargetExited { unix_ms, .. } => {
-                row(EventKind::WatchStop).at(*unix_ms).cause("target_exited").outcome("stopped")
+            WatchEvent::Cleared { unix_ms, .. } => {
+                row(EventKind::Verify).at(*unix_ms).cause("cleared").outcome("clean")
             }
-            WatchEvent::Stopped { unix_ms, reason, .. } => {
-                row(EventKind::WatchStop).at(*unix_ms).cause(reason.clone()).outcome("stopped")
-            }
+            WatchEvent::TargetExited { unix_ms, .. } => row(EventKind::WatchStop)
+                .at(*unix_ms)
+                .cause("target_exited")
+                .outcome("stopped"),
+            WatchEvent::Stopped { unix_ms, reason, .. } => row(EventKind::WatchStop)
+                .at(*unix_ms)
+                .cause(reason.clone())
+                .outcome("stopped"),
             WatchEvent::GenerationSwitched { .. } | WatchEvent::Pass { .. } | WatchEvent::Warning { .. } => {
                 return None
             }

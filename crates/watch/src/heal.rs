@@ -63,7 +63,15 @@ pub fn heal(
         .collect();
     let txn = target.journal_state.next_txn;
     let mut attached = Attached::seize(identity)?;
-    let result = write_in_one_stop(&mut attached, &mut target, TxnKind::Heal, "heal", writes, None, attempts);
+    let result = write_in_one_stop(
+        &mut attached,
+        &mut target,
+        TxnKind::Heal,
+        "heal",
+        writes,
+        None,
+        attempts,
+    );
     let detached = attached.detach();
     let activation = result?;
     detached?;

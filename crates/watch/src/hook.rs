@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 /// Alerts waiting for the hook beyond this many are dropped.
 const QUEUE: usize = 64;
 
+/// One queued run: the alert's JSON and the environment variables.
+type HookJob = (String, Vec<(String, String)>);
+
 /// What happened to one run of the hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookOutcome {
@@ -27,7 +30,7 @@ pub enum HookOutcome {
 /// A running hook thread. Dropping it lets queued hooks finish, then joins.
 #[derive(Debug)]
 pub struct AlertHook {
-    sender: Option<SyncSender<(String, Vec<(String, String)>)>>,
+    sender: Option<SyncSender<HookJob>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -39,7 +42,7 @@ impl AlertHook {
         timeout: Duration,
         mut report: impl FnMut(&str, HookOutcome) + Send + 'static,
     ) -> AlertHook {
-        let (sender, receiver) = sync_channel::<(String, Vec<(String, String)>)>(QUEUE);
+        let (sender, receiver) = sync_channel::<HookJob>(QUEUE);
         let thread = std::thread::Builder::new()
             .name("shadowpatch-hook".into())
             .spawn(move || run_hooks(&command, timeout, receiver, &mut report))
@@ -69,12 +72,7 @@ impl Drop for AlertHook {
     }
 }
 
-fn run_hooks(
-    command: &str,
-    timeout: Duration,
-    receiver: Receiver<(String, Vec<(String, String)>)>,
-    report: &mut dyn FnMut(&str, HookOutcome),
-) {
+fn run_hooks(command: &str, timeout: Duration, receiver: Receiver<HookJob>, report: &mut dyn FnMut(&str, HookOutcome)) {
     for (json, env) in receiver {
         let outcome = run_once(command, timeout, &json, &env);
         if outcome != HookOutcome::Exited(0) {
@@ -135,7 +133,10 @@ mod tests {
     fn a_hook_gets_the_alert_on_stdin_and_in_its_environment() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        let command = format!("cat > {0}.stdin; echo \"$SHADOWPATCH_ADDRESS\" > {0}.env", out.display());
+        let command = format!(
+            "cat > {0}.stdin; echo \"$SHADOWPATCH_ADDRESS\" > {0}.env",
+            out.display()
+        );
         let outcome = run_once(
             &command,
             Duration::from_secs(10),

@@ -171,8 +171,8 @@ impl Watcher {
             let target = TargetState::open(&state, &identity)?;
             let baseline_taken = StateDir::generations(&target.dir).is_empty();
             ensure_baseline(&state, &target, &identity, &maps, &modules)?;
-            let mut registry = VariableRegistry::load(&target.dir)?
-                .unwrap_or_else(|| VariableRegistry::new(pid, identity.start_time));
+            let mut registry =
+                VariableRegistry::load(&target.dir)?.unwrap_or_else(|| VariableRegistry::new(pid, identity.start_time));
             let added = merge(&mut registry, resolved, now_ms(), &mut |address, size| {
                 memory.read_vec(address, size as usize).map_err(MirrorError::from)
             })?;
@@ -730,12 +730,7 @@ impl Watcher {
                         shadowpatch_mirror::RegionKind::Code => Scope::Code,
                         shadowpatch_mirror::RegionKind::ReadOnlyData => Scope::ReadOnlyData,
                     };
-                    (
-                        &mut region.alerted,
-                        region.last_clean[unit.unit as usize],
-                        scope,
-                        None,
-                    )
+                    (&mut region.alerted, region.last_clean[unit.unit as usize], scope, None)
                 }
                 Item::Variable(index) => {
                     let watched = &mut self.variables[index];
@@ -759,13 +754,24 @@ impl Watcher {
                 if before.iter().any(|(a, l)| a == address && l == live) {
                     continue;
                 }
-                alerts.push((*address, expected.clone(), live.clone(), scope, variable.clone(), now - last_clean.min(now)));
+                alerts.push((
+                    *address,
+                    expected.clone(),
+                    live.clone(),
+                    scope,
+                    variable.clone(),
+                    now - last_clean.min(now),
+                ));
             }
             alerted.insert(unit.unit, current);
             if self.options.heal {
                 for (address, expected, live) in reportable {
                     if !self.heal_failed.contains(&(address, live.clone())) {
-                        to_heal.push(HealRun { address, live, expected });
+                        to_heal.push(HealRun {
+                            address,
+                            live,
+                            expected,
+                        });
                     }
                 }
             }

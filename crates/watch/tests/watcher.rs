@@ -223,7 +223,10 @@ fn guarded_variable_tamper_is_alerted_and_healed_while_its_changing_neighbour_is
     assert_eq!(found[0].location.symbol.as_deref(), Some("scale"));
     assert_eq!(found[0].expected, "03");
     assert_eq!(found[0].live, "05");
-    assert!(seen.iter().any(|e| matches!(e, WatchEvent::Heal(h) if h.ok)), "{seen:?}");
+    assert!(
+        seen.iter().any(|e| matches!(e, WatchEvent::Heal(h) if h.ok)),
+        "{seen:?}"
+    );
     assert_eq!(setup.memory.read_vec(scale.address, 8).unwrap(), 3u64.to_le_bytes());
 }
 

@@ -59,7 +59,8 @@ pub fn run(context: &Context, pid: i32, args: &WatchArgs) -> anyhow::Result<i32>
     let mut requests = config.variables.clone();
     for text in &args.guards {
         requests.push(
-            VariableRequest::parse(text, VariableMode::Guarded, &format!("--guard {text}")).map_err(WatchError::from)?,
+            VariableRequest::parse(text, VariableMode::Guarded, &format!("--guard {text}"))
+                .map_err(WatchError::from)?,
         );
     }
     for text in &args.mirror_vars {
@@ -94,6 +95,7 @@ pub fn run(context: &Context, pid: i32, args: &WatchArgs) -> anyhow::Result<i32>
     });
     let status_line = !json && std::io::stderr().is_terminal();
     let mut printer = Printer {
+        last_pass_line: None,
         json,
         status_line,
         hook,
@@ -133,7 +135,11 @@ fn warn(json: bool, message: &str) {
     }
 }
 
+/// In JSON, at most one `pass` line per this long.
+const PASS_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 struct Printer {
+    last_pass_line: Option<std::time::Instant>,
     json: bool,
     status_line: bool,
     hook: Option<AlertHook>,
@@ -151,9 +157,14 @@ impl Printer {
             }
         }
         if self.json {
-            if !matches!(event, WatchEvent::Pass { .. }) {
-                println!("{}", serde_json::to_string(event).expect("events serialize"));
+            // Passes are a heartbeat in JSON: the first, then one a second.
+            if let WatchEvent::Pass { .. } = event {
+                if self.last_pass_line.is_some_and(|at| at.elapsed() < PASS_LINE_EVERY) {
+                    return;
+                }
+                self.last_pass_line = Some(std::time::Instant::now());
             }
+            println!("{}", serde_json::to_string(event).expect("events serialize"));
             return;
         }
         if let WatchEvent::Pass {
