@@ -2,7 +2,8 @@
 //! (tracer at SCHED_FIFO and at normal priority), and mirror / verify
 //! throughput on a large executable-like region against the raw floor
 //! (`process_vm_readv` + page hash, nothing else) measured on the same
-//! region in the same run, interleaved round by round.
+//! region in the same run, interleaved round by round; and continuous
+//! verification (`bench_watch.rs`): detection latency and target slowdown.
 
 use super::pause::{collect, Percentiles};
 use super::Context;
@@ -60,6 +61,7 @@ struct BenchReport {
     region_bytes: u64,
     rounds: usize,
     throughput: Vec<ThroughputRow>,
+    watch: super::bench_watch::WatchBench,
 }
 
 pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::Result<i32> {
@@ -158,6 +160,9 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
         mirror = Some(opened);
     }
     drop(mirror);
+    drop(fixture);
+    drop(state);
+    let watch = super::bench_watch::run(context.json, quick, mib)?;
     let median = |v: &Vec<u64>| Percentiles::of(v.clone()).median;
     let floor = median(&samples[1]);
     let row = |what, index: usize| {
@@ -181,6 +186,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
             row("shadowpatch verify", 3),
             row("shadowpatch mirror (to disk, fsync'd)", 2),
         ],
+        watch,
     };
     if context.json {
         print_json(&report);
@@ -249,6 +255,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
             r.ratio_to_floor
         );
     }
+    super::bench_watch::print(&report.watch);
     Ok(0)
 }
 

@@ -1,6 +1,7 @@
 //! The subcommands, one file each, and what they share.
 
 pub mod bench;
+pub mod bench_watch;
 pub mod demo;
 pub mod lookup;
 pub mod mirror;
