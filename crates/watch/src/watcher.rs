@@ -591,7 +591,8 @@ impl Watcher {
             let page = first_page + i as u64;
             if self.key.hash(live) == region.hashes[page as usize] {
                 region.last_clean[page as usize] = now;
-                if region.alerted.remove(&page).is_some() {
+                // (Most passes have nothing alerted: skip the lookup.)
+                if !region.alerted.is_empty() && region.alerted.remove(&page).is_some() {
                     cleared.push(region.spec.start + page * PAGE_SIZE as u64);
                 }
             } else {
@@ -648,7 +649,7 @@ impl Watcher {
             let chunk = first_chunk + i as u64;
             if self.key.hash(live) == variable.hashes[chunk as usize] {
                 variable.last_clean[chunk as usize] = now;
-                if variable.alerted.remove(&chunk).is_some() {
+                if !variable.alerted.is_empty() && variable.alerted.remove(&chunk).is_some() {
                     cleared.push(variable.variable.address + chunk * CHUNK as u64);
                 }
             } else {
