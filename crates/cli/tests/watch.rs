@@ -31,10 +31,17 @@ struct WatchProcess {
 
 impl WatchProcess {
     fn start(state: &Path, pid: i32, extra: &[&str]) -> WatchProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shadowpatch"));
+        command
             .args(["watch", &pid.to_string(), "--json"])
             .args(extra)
-            .env("SHADOWPATCH_STATE_DIR", state)
+            .env("SHADOWPATCH_STATE_DIR", state);
+        Self::start_command(command)
+    }
+
+    /// Run `command` (which execs `shadowpatch watch --json`).
+    fn start_command(mut command: Command) -> WatchProcess {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -236,7 +243,7 @@ fn no_alert_across_100_apply_rollback_cycles_under_load_then_a_tamper_is_caught(
     memory.write(address, &[original ^ 1]).unwrap();
     let alert = watch.wait_for("alert", |_| true);
     memory.write(address, &[original]).unwrap();
-    assert_eq!(alert["address"], address);
+    assert_eq!(alert["address"], address, "{alert:#}");
     let (_, events) = watch.stop();
     let alarms = alarms(&events);
     assert_eq!(alarms.len(), 1, "only the real tamper: {alarms:#?}");
@@ -326,7 +333,7 @@ fn sigterm_without_alerts_exits_0_and_leaves_the_target_running() {
     let mut target = Running::start(Fixture::BusyC, &["2", "--blockers"]).unwrap();
     let pid = target.pid();
     let state = tempfile::tempdir().unwrap();
-    let mut watch = WatchProcess::start(state.path(), pid, &["--interval", "10ms", "--heal"]);
+    let mut watch = WatchProcess::start(state.path(), pid, &["--interval", "10ms", "--heal", "--pin-cpu", "0"]);
     watch.wait_for("pass", |_| true);
     let (code, events) = watch.stop();
     assert_eq!(code, 0, "{events:#?}");
@@ -417,4 +424,59 @@ fn a_read_only_state_directory_is_refused_at_start_naming_it() {
         "{message}"
     );
     assert_untouched(pid);
+}
+
+#[test]
+fn a_state_directory_that_fills_up_mid_run_is_reported_once_and_the_watch_goes_on() {
+    let mut target = Running::start(Fixture::BusyC, &["1"]).unwrap();
+    let pid = target.pid();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    // The watcher runs in a private mount namespace with its state on a
+    // small tmpfs, which is then filled from inside that namespace.
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+        "mount -t tmpfs -o size=16m tmpfs {state} && exec {bin} --state-dir {state} watch {pid} --json --interval 20ms",
+        state = state.display(),
+        bin = env!("CARGO_BIN_EXE_shadowpatch"),
+    ));
+    let mut watch = WatchProcess::start_command(command);
+    let fill = Command::new("nsenter")
+        .args(["-t", &watch.child.id().to_string(), "-m", "sh", "-c"])
+        .arg(format!(
+            "dd if=/dev/zero of={}/fill bs=64k 2>/dev/null; true",
+            state.display()
+        ))
+        .status()
+        .expect("nsenter runs");
+    assert!(fill.success());
+    let address = target.number("cold") + 5;
+    let mut memory = memory_of(pid);
+    let original = memory.read_vec(address, 1).unwrap()[0];
+    memory.write(address, &[original ^ 0x42]).unwrap();
+    let alert = watch.wait_for("alert", |_| true);
+    assert_eq!(alert["address"], address, "the alert is still reported");
+    memory.write(address, &[original]).unwrap();
+    watch.wait_for("cleared", |_| true);
+    let (code, events) = watch.stop();
+    assert_eq!(code, 1);
+    let warnings: Vec<&Value> = events.iter().filter(|e| e["event"] == "warning").collect();
+    assert_eq!(warnings.len(), 1, "said once: {warnings:#?}");
+    assert!(
+        warnings[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot record events"),
+        "{warnings:#?}"
+    );
+    assert_eq!(
+        events.last().unwrap()["event"],
+        "stopped",
+        "the watch went on to a clean stop"
+    );
+    assert_untouched(pid);
+    assert_eq!(target.check().unwrap()["errors"], 0);
 }

@@ -22,7 +22,8 @@
 //!   verifier switches to it and re-verifies before reporting.
 //!
 //! Mappings follow the same rules: a patch's mapping (journal `Map`, or the
-//! mapping of a patch being rolled back) and retired mappings are authorised.
+//! mapping of a patch being rolled back) and retired mappings are authorised,
+//! and the bytes of a mapping being loaded or unloaded are in flux.
 
 use crate::WatchError;
 use shadowpatch_mirror::StateDir;
@@ -325,6 +326,34 @@ impl Authority {
             return Some("written by a transaction that just ended");
         }
         None
+    }
+
+    /// Whether `[start, end)` lies in a patch mapping that a transaction is
+    /// loading or unloading right now (the open one, or one that just
+    /// ended): its bytes are in flux, not tampered with. Active patches'
+    /// settled mappings are not in flux: a change there is an alert.
+    pub fn in_flux(&self, start: u64, end: u64) -> bool {
+        let overlaps = |(address, len): (u64, u64)| address < end && start < address + len;
+        if let Some(open) = &self.state.open {
+            if open.mapping.is_some_and(overlaps)
+                || open
+                    .plan
+                    .as_ref()
+                    .is_some_and(|p| overlaps((p.mapping_address, p.mapping_len)))
+            {
+                return true;
+            }
+            if open.kind == TxnKind::Rollback
+                && self
+                    .state
+                    .active
+                    .iter()
+                    .any(|p| p.id == open.patch_id && overlaps((p.mapping_address, p.mapping_len)))
+            {
+                return true;
+            }
+        }
+        self.recent_mappings.iter().any(|(_, r)| overlaps(*r))
     }
 
     /// Why the mapping range `[start, end)` may appear, disappear or change

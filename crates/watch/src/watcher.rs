@@ -426,13 +426,15 @@ impl Watcher {
                 Err(error.into())
             };
         }
-        self.authority.refresh(self.options.grace)?;
-        self.maybe_switch()?;
+        // The map first, the journal after: whatever changed the map was
+        // journaled before it did, so this order never misses the record.
         let maps = match read_maps(self.identity.pid) {
             Ok(maps) => maps,
             Err(error) if gone(&error) => return Ok(Some(error.to_string())),
             Err(error) => return Err(error.into()),
         };
+        self.authority.refresh(self.options.grace)?;
+        self.maybe_switch()?;
         self.check_mappings(&maps)?;
         Ok(None)
     }
@@ -718,7 +720,10 @@ impl Watcher {
             for (start, end) in differing_runs(&unit.expected, &unit.live) {
                 let address = unit.address + start as u64;
                 let live = &unit.live[start..end];
-                if self.authority.explains_bytes(address, live).is_some() || may_wait {
+                if self.authority.explains_bytes(address, live).is_some()
+                    || self.authority.in_flux(address, address + live.len() as u64)
+                    || may_wait
+                {
                     deferred = true;
                     continue;
                 }
