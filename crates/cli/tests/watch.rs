@@ -227,12 +227,20 @@ fn no_alert_across_100_apply_rollback_cycles_under_load_then_a_tamper_is_caught(
     );
     let mut watch = WatchProcess::start(&state, pid, &["--interval", "5ms", "--cpu-budget", "50"]);
     let options = shadowpatch_patch::ApplyOptions::default();
-    for _ in 0..100 {
+    for cycle in 0..100 {
+        // Most cycles race the watcher freely; every tenth (and the last)
+        // waits until it has followed each generation, so it provably
+        // verified against the patched one too and ends on generation 0.
+        let follow = cycle % 10 == 0 || cycle == 99;
         shadowpatch_patch::apply(&state, pid, &manifest, &options).unwrap();
+        if follow {
+            watch.wait_for("generation_switched", |e| e["to"] == 1);
+        }
         shadowpatch_patch::rollback(&state, pid, None).unwrap();
+        if follow {
+            watch.wait_for("generation_switched", |e| e["to"] == 0);
+        }
     }
-    // The watcher settles on generation 0 again...
-    watch.wait_for("generation_switched", |e| e["to"] == 0);
     let check = target.check().unwrap();
     assert_eq!(check["errors"], 0);
     assert!(check["patched"] > 0, "the patch ran: {check:?}");
@@ -249,7 +257,7 @@ fn no_alert_across_100_apply_rollback_cycles_under_load_then_a_tamper_is_caught(
     assert_eq!(alarms.len(), 1, "only the real tamper: {alarms:#?}");
     let switches = events.iter().filter(|e| e["event"] == "generation_switched").count();
     assert!(
-        switches >= 2,
+        switches >= 22,
         "the watcher followed the generations ({switches} switches)"
     );
     assert_untouched(pid);

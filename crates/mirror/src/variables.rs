@@ -274,8 +274,8 @@ pub fn resolve(
         {
             return Err(VariableError::Overlap {
                 origin: request.origin.clone(),
-                range: format!("{} ({:#x}, {} bytes)", variable.name, variable.address, variable.size),
-                other: format!("{} ({:#x}, {} bytes)", other.name, other.address, other.size),
+                range: described(&variable.name, variable.address, variable.size),
+                other: described(&other.name, other.address, other.size),
                 other_origin: other.origin.clone(),
             });
         }
@@ -369,6 +369,11 @@ fn resolve_one(request: &VariableRequest, pid: i32, modules: &[Module]) -> Resul
     }
 }
 
+/// `name (0xaddr, N bytes)`, for overlap errors.
+fn described(name: &str, address: u64, size: u64) -> String {
+    format!("{name} ({address:#x}, {size} bytes)")
+}
+
 /// Whether `[address, address + size)` lies wholly in readable mappings.
 fn readable(maps: &[Mapping], address: u64, size: u64) -> bool {
     let end = address + size;
@@ -409,12 +414,10 @@ pub fn merge(
         {
             return Err(MirrorError::Variable(VariableError::Overlap {
                 origin: variable.origin.clone(),
-                range: format!("{} ({:#x}, {} bytes)", variable.name, variable.address, variable.size),
+                range: described(&variable.name, variable.address, variable.size),
                 other: format!(
-                    "{} ({:#x}, {} bytes, already registered as {})",
-                    other.name,
-                    other.address,
-                    other.size,
+                    "{}, already registered as {}",
+                    described(&other.name, other.address, other.size),
                     other.mode.as_str()
                 ),
                 other_origin: other.origin.clone(),

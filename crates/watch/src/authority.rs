@@ -328,32 +328,36 @@ impl Authority {
         None
     }
 
+    /// Whether `[start, end)` overlaps a patch mapping the open
+    /// transaction maps (`Map`, its plan) or unmaps (a rollback's patch).
+    fn open_transaction_maps(&self, start: u64, end: u64) -> bool {
+        let overlaps = |(address, len): (u64, u64)| address < end && start < address + len;
+        let Some(open) = &self.state.open else {
+            return false;
+        };
+        open.mapping.is_some_and(overlaps)
+            || open
+                .plan
+                .as_ref()
+                .is_some_and(|p| overlaps((p.mapping_address, p.mapping_len)))
+            || (open.kind == TxnKind::Rollback
+                && self
+                    .state
+                    .active
+                    .iter()
+                    .any(|p| p.id == open.patch_id && overlaps((p.mapping_address, p.mapping_len))))
+    }
+
     /// Whether `[start, end)` lies in a patch mapping that a transaction is
     /// loading or unloading right now (the open one, or one that just
     /// ended): its bytes are in flux, not tampered with. Active patches'
     /// settled mappings are not in flux: a change there is an alert.
     pub fn in_flux(&self, start: u64, end: u64) -> bool {
-        let overlaps = |(address, len): (u64, u64)| address < end && start < address + len;
-        if let Some(open) = &self.state.open {
-            if open.mapping.is_some_and(overlaps)
-                || open
-                    .plan
-                    .as_ref()
-                    .is_some_and(|p| overlaps((p.mapping_address, p.mapping_len)))
-            {
-                return true;
-            }
-            if open.kind == TxnKind::Rollback
-                && self
-                    .state
-                    .active
-                    .iter()
-                    .any(|p| p.id == open.patch_id && overlaps((p.mapping_address, p.mapping_len)))
-            {
-                return true;
-            }
-        }
-        self.recent_mappings.iter().any(|(_, r)| overlaps(*r))
+        self.open_transaction_maps(start, end)
+            || self
+                .recent_mappings
+                .iter()
+                .any(|(_, (address, len))| *address < end && start < address + len)
     }
 
     /// Why the mapping range `[start, end)` may appear, disappear or change
@@ -361,24 +365,8 @@ impl Authority {
     /// transaction, an active patch's mapping, or a retired one.
     pub fn explains_mapping(&self, start: u64, end: u64) -> Option<&'static str> {
         let overlaps = |(address, len): (u64, u64)| address < end && start < address + len;
-        if let Some(open) = &self.state.open {
-            if open.mapping.is_some_and(overlaps) {
-                return Some("mapped by the open transaction");
-            }
-            if let Some(plan) = &open.plan {
-                if overlaps((plan.mapping_address, plan.mapping_len)) {
-                    return Some("mapped by the open transaction");
-                }
-            }
-            if open.kind == TxnKind::Rollback
-                && self
-                    .state
-                    .active
-                    .iter()
-                    .any(|p| p.id == open.patch_id && overlaps((p.mapping_address, p.mapping_len)))
-            {
-                return Some("unmapped by the open rollback");
-            }
+        if self.open_transaction_maps(start, end) {
+            return Some("mapped or unmapped by the open transaction");
         }
         if self
             .state

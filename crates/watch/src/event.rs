@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 use shadowpatch_store::{EventKind, NewEvent};
-use shadowpatch_symbols::Module;
+pub use shadowpatch_symbols::Location;
 
 /// What was tampered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -16,53 +16,6 @@ pub enum Scope {
     ReadOnlyData,
     /// A critical variable declared `guarded`.
     GuardedVariable,
-}
-
-/// Where an address lies: module, symbol and offset, and the one-line form.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Location {
-    pub module: Option<String>,
-    pub symbol: Option<String>,
-    pub offset: Option<u64>,
-    /// `module!symbol+0x12`, `module+0x1234` or `?`.
-    pub location: String,
-}
-
-impl Location {
-    pub fn of(address: u64, modules: &[Module]) -> Location {
-        let Some(module) = modules.iter().find(|m| m.contains(address)) else {
-            return Location {
-                module: None,
-                symbol: None,
-                offset: None,
-                location: "?".into(),
-            };
-        };
-        match module.symbolize(address) {
-            Some((symbol, offset)) => Location {
-                module: Some(module.name.clone()),
-                symbol: Some(symbol.name.clone()),
-                offset: Some(offset),
-                location: format!("{}!{}+{offset:#x}", module.name, symbol.name),
-            },
-            None => Location {
-                module: Some(module.name.clone()),
-                symbol: None,
-                offset: None,
-                location: format!("{}+{:#x}", module.name, address - module.base),
-            },
-        }
-    }
-
-    /// A location inside a region of no module (patch code, `[anon]`).
-    pub fn in_region(name: &str, region_start: u64, address: u64) -> Location {
-        Location {
-            module: Some(name.to_string()),
-            symbol: None,
-            offset: None,
-            location: format!("{name}+{:#x}", address - region_start),
-        }
-    }
 }
 
 /// An integrity alert: live immutable bytes differ from the mirror.

@@ -12,6 +12,7 @@
 
 use crate::WatchError;
 use shadowpatch_mirror::{CriticalVariable, MirrorError, MirrorFile, PageHasher, RegionSpec, StateDir, PAGE_SIZE};
+use shadowpatch_symbols::Module;
 use shadowpatch_target::ProcessIdentity;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -63,25 +64,17 @@ pub struct ActiveGeneration {
 
 impl ActiveGeneration {
     /// Open generation `number` of the target directory `dir`, check it is
-    /// of this process incarnation, and re-key its pages.
+    /// of this process incarnation and its modules, and re-key its pages.
     pub fn open(
         dir: &Path,
         number: u32,
         identity: &ProcessIdentity,
+        modules: &[Module],
         key: &PageHasher,
     ) -> Result<ActiveGeneration, WatchError> {
         let started = Instant::now();
         let mirror = MirrorFile::open(&StateDir::generation_path(dir, number))?;
-        let recorded = &mirror.header.target;
-        if recorded.pid != identity.pid || recorded.start_time != identity.start_time {
-            return Err(MirrorError::OtherIncarnation {
-                path: mirror.path.clone(),
-                pid: identity.pid,
-                mirrored_start_time: recorded.start_time,
-                live_start_time: identity.start_time,
-            }
-            .into());
-        }
+        mirror.check_belongs_to(identity, modules)?;
         let mut regions = Vec::with_capacity(mirror.header.regions.len());
         let mut chunk = vec![0u8; 256 * PAGE_SIZE];
         for (index, record) in mirror.header.regions.iter().enumerate() {

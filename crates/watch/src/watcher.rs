@@ -186,14 +186,25 @@ impl Watcher {
         } else {
             None
         };
-        let authority = Authority::open(&target_dir)?;
-        let latest = authority.latest_generation().ok_or_else(|| MirrorError::NoMirror {
-            pid,
-            state_dir: state_dir.to_path_buf(),
-        })?;
         let key = PageHasher::random();
-        let generation = ActiveGeneration::open(&target_dir, latest, &identity, &key)?;
-        check_modules(&generation, &modules)?;
+        let mut attempts = 0;
+        let (authority, generation) = loop {
+            let authority = Authority::open(&target_dir)?;
+            let latest = authority.latest_generation().ok_or_else(|| MirrorError::NoMirror {
+                pid,
+                state_dir: state_dir.to_path_buf(),
+            })?;
+            match ActiveGeneration::open(&target_dir, latest, &identity, &modules, &key) {
+                Ok(generation) => break (authority, generation),
+                // A rollback removed it since it was listed: list again.
+                Err(WatchError::Mirror(MirrorError::Io { source, .. }))
+                    if source.kind() == std::io::ErrorKind::NotFound && attempts < 10 =>
+                {
+                    attempts += 1
+                }
+                Err(other) => return Err(other),
+            }
+        };
         let variables: Vec<WatchedVariable> = registry
             .guarded()
             .cloned()
@@ -453,16 +464,27 @@ impl Watcher {
         if latest == self.generation.number && file == self.generation_file {
             return Ok(false);
         }
-        let mut next = ActiveGeneration::open(&self.target_dir, latest, &self.identity, &self.key)?;
-        next.inherit(&mut self.generation);
-        let from = self.generation.number;
-        self.generation = next;
-        self.generation_file = file;
         if let Ok(maps) = read_maps(self.identity.pid) {
             if let Ok(modules) = modules_of(self.identity.pid, &maps) {
                 self.modules = modules;
             }
         }
+        let mut next = match ActiveGeneration::open(&self.target_dir, latest, &self.identity, &self.modules, &self.key)
+        {
+            Ok(next) => next,
+            // Removed since we listed it (a rollback right after its
+            // apply): the journal view is stale; look again next time.
+            Err(WatchError::Mirror(MirrorError::Io { source, .. }))
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(false)
+            }
+            Err(other) => return Err(other),
+        };
+        next.inherit(&mut self.generation);
+        let from = self.generation.number;
+        self.generation = next;
+        self.generation_file = file;
         self.cursor_item = 0;
         self.cursor_offset = 0;
         let event = WatchEvent::GenerationSwitched {
@@ -836,27 +858,12 @@ impl Watcher {
                 let event = report(true, done.pause_us, Some(done.txn), None, generation);
                 self.counters.heals += 1;
                 // Healed pages are clean again: a new tamper is a new alert.
-                let alerted = match item {
-                    Item::Region(index) => &mut self.generation.regions[*index].alerted,
-                    Item::Variable(index) => &mut self.variables[*index].alerted,
-                };
-                for runs_of_unit in alerted.values_mut() {
-                    runs_of_unit.retain(|(address, _)| !runs.iter().any(|r| r.address == *address));
-                }
-                alerted.retain(|_, runs| !runs.is_empty());
+                self.forget_alerts(item, &runs);
                 self.emit(WatchEvent::Heal(event));
             }
             Ok(Err(HealSkipped::JournalMoved)) => {
                 // Judged on a journal that has moved on: judge again next pass.
-                for run in &runs {
-                    let alerted = match item {
-                        Item::Region(index) => &mut self.generation.regions[*index].alerted,
-                        Item::Variable(index) => &mut self.variables[*index].alerted,
-                    };
-                    for runs_of_unit in alerted.values_mut() {
-                        runs_of_unit.retain(|(address, _)| *address != run.address);
-                    }
-                }
+                self.forget_alerts(item, &runs);
             }
             Err(error) => {
                 if let WatchError::Target(target_error) = &error {
@@ -872,6 +879,20 @@ impl Watcher {
             }
         }
         Ok(())
+    }
+}
+
+impl Watcher {
+    /// Forget the alerts of `runs` (healed, or to be judged again).
+    fn forget_alerts(&mut self, item: &Item, runs: &[HealRun]) {
+        let alerted = match item {
+            Item::Region(index) => &mut self.generation.regions[*index].alerted,
+            Item::Variable(index) => &mut self.variables[*index].alerted,
+        };
+        for runs_of_unit in alerted.values_mut() {
+            runs_of_unit.retain(|(address, _)| !runs.iter().any(|r| r.address == *address));
+        }
+        alerted.retain(|_, runs| !runs.is_empty());
     }
 }
 
@@ -911,31 +932,6 @@ fn covered(mappings: &[&Mapping], start: u64, end: u64) -> bool {
         }
     }
     at >= end
-}
-
-/// Refuse a mirror of modules whose build-id changed since.
-fn check_modules(generation: &ActiveGeneration, modules: &[Module]) -> Result<(), WatchError> {
-    for region in &generation.regions {
-        let (Some(path), Some(mirrored)) = (&region.spec.path, &region.spec.build_id) else {
-            continue;
-        };
-        if let Some(live) = modules
-            .iter()
-            .find(|m| &m.path == path && m.contains(region.spec.start))
-        {
-            let live_id = live.build_id_hex().unwrap_or_else(|| "none".into());
-            if &live_id != mirrored {
-                return Err(MirrorError::ModuleChanged {
-                    path: generation.mirror.path.clone(),
-                    module: live.name.clone(),
-                    mirrored: mirrored.clone(),
-                    live: live_id,
-                }
-                .into());
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Fail early, naming the directory, when the state directory cannot take
