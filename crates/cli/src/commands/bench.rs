@@ -162,9 +162,9 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
     drop(mirror);
     drop(fixture);
     drop(state);
-    let watch = super::bench_watch::run(context.json, quick, mib)?;
     let median = |v: &Vec<u64>| Percentiles::of(v.clone()).median;
     let floor = median(&samples[1]);
+    let watch = super::bench_watch::run(context.json, quick, mib, len as f64 / floor.max(1) as f64)?;
     let row = |what, index: usize| {
         let us = median(&samples[index]);
         ThroughputRow {

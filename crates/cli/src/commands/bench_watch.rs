@@ -33,6 +33,11 @@ pub struct LatencyRow {
     /// The watcher thread's CPU time over wall time while it ran.
     pub cpu_percent: f64,
     pub goal_worst_ms: f64,
+    /// One pass at the floor's speed (read + hash, measured in this run)
+    /// stretched to the budget: the least a paced verifier can take to
+    /// see every byte once. The worst latency is about one pass.
+    pub floor_pass_ms: f64,
+    pub worst_vs_floor_pass: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -180,10 +185,14 @@ fn latency_row(
     latencies: Vec<u64>,
     bytes_per_pass: u64,
     cpu_percent: f64,
+    floor_bytes_per_us: f64,
 ) -> LatencyRow {
     let trials = latencies.len();
     let percentiles = Percentiles::of(latencies);
+    let floor_pass_ms = bytes_per_pass as f64 / floor_bytes_per_us / 1000.0 / (BUDGET_PERCENT / 100.0);
     LatencyRow {
+        floor_pass_ms,
+        worst_vs_floor_pass: percentiles.max as f64 / 1000.0 / floor_pass_ms,
         what,
         bytes_per_pass,
         cpu_budget_percent: BUDGET_PERCENT,
@@ -204,7 +213,9 @@ fn options(interval: Duration) -> WatchOptions {
     }
 }
 
-pub fn run(json: bool, quick: bool, region_mib: u64) -> anyhow::Result<WatchBench> {
+/// `floor_bytes_per_us`: the read + hash floor measured earlier in the
+/// same run, to state latencies relative to this machine's speed now.
+pub fn run(json: bool, quick: bool, region_mib: u64, floor_bytes_per_us: f64) -> anyhow::Result<WatchBench> {
     let trials = if quick { 5 } else { 15 };
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ shadowpatch_store::now_ms();
     let mut latency = Vec::new();
@@ -232,6 +243,7 @@ pub fn run(json: bool, quick: bool, region_mib: u64) -> anyhow::Result<WatchBenc
         latencies,
         bytes,
         cpu,
+        floor_bytes_per_us,
     ));
     drop(big);
     drop(state);
@@ -254,6 +266,7 @@ pub fn run(json: bool, quick: bool, region_mib: u64) -> anyhow::Result<WatchBenc
         latencies,
         bytes,
         cpu,
+        floor_bytes_per_us,
     ));
     drop(data);
     drop(state);
@@ -266,8 +279,8 @@ pub fn run(json: bool, quick: bool, region_mib: u64) -> anyhow::Result<WatchBenc
 /// setting (a pass every 100 ms) and with one passing back to back at the
 /// budget (the heaviest setting), interleaved block by block.
 fn slowdown(json: bool, quick: bool) -> anyhow::Result<Vec<SlowdownRow>> {
-    let blocks = if quick { 3 } else { 8 };
-    let block = Duration::from_millis(if quick { 500 } else { 1000 });
+    let blocks = if quick { 4 } else { 16 };
+    let block = Duration::from_millis(if quick { 300 } else { 500 });
     if !json {
         eprintln!("slowdown under watch: busy.c, {blocks} rounds of {block:?} blocks without and with ...");
     }
@@ -327,17 +340,23 @@ pub fn print(bench: &WatchBench) {
     println!();
     println!("Watcher passes back to back, paced to {BUDGET_PERCENT}% of one core (thread CPU time).");
     println!();
-    println!("| what | bytes per pass | trials | median ms | worst ms | goal worst ms | watcher CPU % |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("Floor pass: the bytes of one pass at the read + hash floor measured above, stretched to the budget.");
+    println!();
+    println!(
+        "| what | bytes per pass | trials | median ms | worst ms | goal worst ms | floor pass ms | worst / floor pass | watcher CPU % |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &bench.latency {
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.1} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.2} | {:.1} |",
             r.what,
             crate::output::human_bytes(r.bytes_per_pass),
             r.trials,
             r.median_ms,
             r.worst_ms,
             r.goal_worst_ms,
+            r.floor_pass_ms,
+            r.worst_vs_floor_pass,
             r.cpu_percent
         );
     }
