@@ -306,6 +306,49 @@ fn apply_rollback_and_announced_writes_raise_no_alert_but_other_tampering_does()
 }
 
 #[test]
+fn code_made_writable_and_new_executable_memory_are_reported_once() {
+    use nix::libc::{MAP_ANONYMOUS, MAP_PRIVATE, PROT_EXEC, PROT_READ, PROT_WRITE};
+    let setup = Setup::new(Fixture::BusyC);
+    let (mut watcher, events) = setup.watcher(&[], WatchOptions::default());
+    cycle(&mut watcher);
+    drain(&events);
+    let cold_page = setup.target.number("cold") & !0xfff;
+    let identity = ProcessIdentity::of(setup.target.pid()).unwrap();
+    let mut attached = shadowpatch_target::Attached::seize(&identity).unwrap();
+    let mut stopped = attached.stop().unwrap();
+    let tid = stopped.borrowable_thread();
+    stopped
+        .remote_mprotect(tid, cold_page, 4096, PROT_READ | PROT_WRITE | PROT_EXEC)
+        .unwrap();
+    let injected = stopped
+        .remote_mmap(tid, 0, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS)
+        .unwrap();
+    stopped.resume().unwrap();
+    attached.detach().unwrap();
+
+    cycle(&mut watcher);
+    cycle(&mut watcher);
+    let seen = drain(&events);
+    let changed: Vec<&WatchEvent> = seen
+        .iter()
+        .filter(|e| matches!(e, WatchEvent::PermissionsChanged { .. }))
+        .collect();
+    assert_eq!(changed.len(), 1, "reported once: {seen:?}");
+    match changed[0] {
+        WatchEvent::PermissionsChanged { mirrored, live, .. } => {
+            assert_eq!((mirrored.as_str(), live.as_str()), ("r-xp", "rwxp"))
+        }
+        _ => unreachable!(),
+    }
+    let new_code: Vec<&WatchEvent> = seen
+        .iter()
+        .filter(|e| matches!(e, WatchEvent::NewExecutableMapping { start, .. } if *start == injected))
+        .collect();
+    assert_eq!(new_code.len(), 1, "reported once: {seen:?}");
+    assert!(alerts(&seen).is_empty(), "the bytes themselves did not change");
+}
+
+#[test]
 fn a_target_that_exits_ends_the_watch() {
     let setup = Setup::new(Fixture::BusyRust);
     let (mut watcher, events) = setup.watcher(&[], WatchOptions::default());
