@@ -1,4 +1,5 @@
-//! The `Watcher`: start (baseline if needed, register guarded variables,
+//! The `Watcher` (judging differences: `watcher/judge.rs`; the memory map:
+//! `watcher/mappings.rs`): start (baseline if needed, register guarded variables,
 //! re-key the active generation), then verify slice by slice. `step`
 //! verifies one slice, `cycle` one full pass, `run` paces passes to the
 //! interval and CPU budget until a stop flag is set or the target exits.
@@ -15,22 +16,24 @@
 use crate::authority::Authority;
 use crate::classify::classify;
 use crate::config::WatchOptions;
-use crate::event::{Alert, Heal, Location, Scope, WatchEvent};
-use crate::heal::{heal, HealRun, HealSkipped};
+use crate::event::{Location, WatchEvent};
 use crate::pacing::{sleep_unless_stopped, Pacer};
 use crate::watched::{ActiveGeneration, WatchedVariable, CHUNK};
 use crate::WatchError;
 use shadowpatch_mirror::variables::{merge, resolve, VariableRegistry};
-use shadowpatch_mirror::{differing_runs, MirrorError, PageHasher, StateDir, VariableMode, VariableRequest, PAGE_SIZE};
+use shadowpatch_mirror::{MirrorError, PageHasher, StateDir, VariableMode, VariableRequest, PAGE_SIZE};
 use shadowpatch_patch::state::{ensure_baseline, TargetState};
 use shadowpatch_store::Store;
 use shadowpatch_symbols::{modules_of, Module};
 use shadowpatch_target::maps::read_maps;
-use shadowpatch_target::{Mapping, MappingKind, ProcessIdentity, TargetError, TargetMemory};
+use shadowpatch_target::{ProcessIdentity, TargetError, TargetMemory};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+mod judge;
+mod mappings;
 
 /// Receives every event, on the watcher's thread.
 pub type EventSink = Box<dyn FnMut(&WatchEvent) + Send>;
@@ -506,87 +509,6 @@ impl Watcher {
         self.authority.awaiting_publication() && !self.authority.unsettled_too_long(self.options.settle_timeout)
     }
 
-    /// Compare the memory map with the mirror: mirrored regions unmapped or
-    /// with other permissions, executable memory no generation holds.
-    fn check_mappings(&mut self, maps: &[Mapping]) -> Result<(), WatchError> {
-        let mut events = Vec::new();
-        let may_wait = self.may_wait();
-        for region in &mut self.generation.regions {
-            if region.gone {
-                continue;
-            }
-            let (start, end) = (region.spec.start, region.spec.end);
-            let overlapping: Vec<&Mapping> = maps.iter().filter(|m| m.start < end && start < m.end).collect();
-            let covered = covered(&overlapping, start, end);
-            let explained = self.authority.explains_mapping(start, end).is_some() || may_wait;
-            if !covered {
-                if explained {
-                    continue;
-                }
-                region.gone = true;
-                events.push(WatchEvent::RegionUnmapped {
-                    unix_ms: now_ms(),
-                    start,
-                    end,
-                    module: region.spec.module.clone(),
-                });
-                continue;
-            }
-            let live: Vec<String> = overlapping.iter().map(|m| m.perms()).collect();
-            match live.iter().find(|p| **p != region.spec.perms) {
-                Some(changed) if !explained => {
-                    if region.perms_reported.as_deref() != Some(changed.as_str()) {
-                        region.perms_reported = Some(changed.clone());
-                        events.push(WatchEvent::PermissionsChanged {
-                            unix_ms: now_ms(),
-                            start,
-                            end,
-                            module: region.spec.module.clone(),
-                            mirrored: region.spec.perms.clone(),
-                            live: changed.clone(),
-                        });
-                    }
-                }
-                Some(_) => {}
-                None => region.perms_reported = None,
-            }
-        }
-        let mut new_code = false;
-        for mapping in maps.iter().filter(|m| m.executable) {
-            if matches!(&mapping.kind, MappingKind::Special(name) if name == "[vsyscall]") {
-                continue;
-            }
-            let mirrored = self
-                .generation
-                .regions
-                .iter()
-                .any(|r| !r.gone && r.spec.start < mapping.end && mapping.start < r.spec.end);
-            if mirrored || may_wait || self.authority.explains_mapping(mapping.start, mapping.end).is_some() {
-                continue;
-            }
-            let key = (mapping.start, mapping.end, mapping.perms());
-            if self.reported_mappings.insert(key) {
-                new_code = true;
-                events.push(WatchEvent::NewExecutableMapping {
-                    unix_ms: now_ms(),
-                    start: mapping.start,
-                    end: mapping.end,
-                    perms: mapping.perms(),
-                    name: mapping.display_name(),
-                });
-            }
-        }
-        if new_code {
-            if let Ok(modules) = modules_of(self.identity.pid, maps) {
-                self.modules = modules;
-            }
-        }
-        for event in events {
-            self.emit(event);
-        }
-        Ok(())
-    }
-
     fn advance(&mut self, done: u64, item_len: u64) {
         self.cursor_offset += done;
         if done == 0 || self.cursor_offset >= item_len {
@@ -721,179 +643,6 @@ impl Watcher {
             None => location,
         }
     }
-
-    /// Judge each differing run of `units` (authorised change, or an
-    /// alert), report new alerts, heal them if asked. Returns true when the
-    /// generation was switched instead (the pass restarts).
-    fn judge_and_report(&mut self, item: Item, units: Vec<DifferingUnit>) -> Result<bool, WatchError> {
-        // Everything that could explain these bytes was journaled before
-        // they were written: look again now.
-        self.authority.refresh(self.options.grace)?;
-        if self.maybe_switch()? {
-            return Ok(true);
-        }
-        let may_wait = self.may_wait();
-        let now = self.now_ns();
-        let mut alerts = Vec::new();
-        let mut to_heal = Vec::new();
-        for unit in units {
-            let mut reportable: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
-            let mut deferred = false;
-            for (start, end) in differing_runs(&unit.expected, &unit.live) {
-                let address = unit.address + start as u64;
-                let live = &unit.live[start..end];
-                if self.authority.explains_bytes(address, live).is_some()
-                    || self.authority.in_flux(address, address + live.len() as u64)
-                    || may_wait
-                {
-                    deferred = true;
-                    continue;
-                }
-                reportable.push((address, unit.expected[start..end].to_vec(), live.to_vec()));
-            }
-            let (alerted, last_clean, scope, variable) = match item {
-                Item::Region(index) => {
-                    let region = &mut self.generation.regions[index];
-                    let scope = match region.spec.kind {
-                        shadowpatch_mirror::RegionKind::Code => Scope::Code,
-                        shadowpatch_mirror::RegionKind::ReadOnlyData => Scope::ReadOnlyData,
-                    };
-                    (&mut region.alerted, region.last_clean[unit.unit as usize], scope, None)
-                }
-                Item::Variable(index) => {
-                    let watched = &mut self.variables[index];
-                    (
-                        &mut watched.alerted,
-                        watched.last_clean[unit.unit as usize],
-                        Scope::GuardedVariable,
-                        Some(watched.variable.name.clone()),
-                    )
-                }
-            };
-            if reportable.is_empty() {
-                if !deferred {
-                    alerted.remove(&unit.unit);
-                }
-                continue;
-            }
-            let before = alerted.remove(&unit.unit).unwrap_or_default();
-            let current: Vec<(u64, Vec<u8>)> = reportable.iter().map(|(a, _, l)| (*a, l.clone())).collect();
-            for (address, expected, live) in &reportable {
-                if before.iter().any(|(a, l)| a == address && l == live) {
-                    continue;
-                }
-                alerts.push((
-                    *address,
-                    expected.clone(),
-                    live.clone(),
-                    scope,
-                    variable.clone(),
-                    now - last_clean.min(now),
-                ));
-            }
-            alerted.insert(unit.unit, current);
-            if self.options.heal {
-                for (address, expected, live) in reportable {
-                    if !self.heal_failed.contains(&(address, live.clone())) {
-                        to_heal.push(HealRun {
-                            address,
-                            live,
-                            expected,
-                        });
-                    }
-                }
-            }
-        }
-        for (address, expected, live, scope, variable, latency_ns) in alerts {
-            self.counters.alerts += 1;
-            let alert = Alert {
-                unix_ms: now_ms(),
-                pid: self.identity.pid,
-                start_time: self.identity.start_time,
-                generation: self.generation.number,
-                scope,
-                address,
-                address_hex: format!("{address:#x}"),
-                len: live.len() as u64,
-                location: self.locate(address),
-                variable,
-                expected: shadowpatch_symbols::hex(&expected[..expected.len().min(SHOWN_BYTES)]),
-                live: shadowpatch_symbols::hex(&live[..live.len().min(SHOWN_BYTES)]),
-                latency_us: latency_ns / 1000,
-            };
-            self.emit(WatchEvent::Alert(alert));
-        }
-        if !to_heal.is_empty() {
-            self.heal(&item, to_heal)?;
-        }
-        Ok(false)
-    }
-
-    /// Write mirrored bytes back over the tampered runs, in one journaled stop.
-    fn heal(&mut self, item: &Item, runs: Vec<HealRun>) -> Result<(), WatchError> {
-        let journal_len = self.authority.journal_len();
-        let outcome = heal(
-            &self.state_dir,
-            &self.identity,
-            &runs,
-            journal_len,
-            self.options.heal_attempts,
-        );
-        let bytes = runs.iter().map(|r| r.expected.len() as u64).sum();
-        let report = |ok: bool, pause_us: u64, txn: Option<u64>, error: Option<String>, generation: u32| Heal {
-            unix_ms: now_ms(),
-            pid: self.identity.pid,
-            start_time: self.identity.start_time,
-            generation,
-            ok,
-            runs: runs.iter().map(|r| (r.address, r.expected.len() as u64)).collect(),
-            bytes,
-            pause_us,
-            txn,
-            error,
-        };
-        let generation = self.generation.number;
-        match outcome {
-            Ok(Ok(done)) => {
-                let event = report(true, done.pause_us, Some(done.txn), None, generation);
-                self.counters.heals += 1;
-                // Healed pages are clean again: a new tamper is a new alert.
-                self.forget_alerts(item, &runs);
-                self.emit(WatchEvent::Heal(event));
-            }
-            Ok(Err(HealSkipped::JournalMoved)) => {
-                // Judged on a journal that has moved on: judge again next pass.
-                self.forget_alerts(item, &runs);
-            }
-            Err(error) => {
-                if let WatchError::Target(target_error) = &error {
-                    if gone(target_error) {
-                        return Err(error);
-                    }
-                }
-                for run in &runs {
-                    self.heal_failed.insert((run.address, run.live.clone()));
-                }
-                let event = report(false, 0, None, Some(error.to_string()), generation);
-                self.emit(WatchEvent::Heal(event));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Watcher {
-    /// Forget the alerts of `runs` (healed, or to be judged again).
-    fn forget_alerts(&mut self, item: &Item, runs: &[HealRun]) {
-        let alerted = match item {
-            Item::Region(index) => &mut self.generation.regions[*index].alerted,
-            Item::Variable(index) => &mut self.variables[*index].alerted,
-        };
-        for runs_of_unit in alerted.values_mut() {
-            runs_of_unit.retain(|(address, _)| !runs.iter().any(|r| r.address == *address));
-        }
-        alerted.retain(|_, runs| !runs.is_empty());
-    }
 }
 
 /// Whether a target error means the process is gone (exited, zombie, or
@@ -915,23 +664,6 @@ fn read_or_zero(memory: &mut TargetMemory, address: u64, buffer: &mut [u8]) -> R
         Err(TargetError::Read { .. }) => Ok(0),
         Err(other) => Err(other.into()),
     }
-}
-
-/// Whether `mappings` cover `[start, end)` without a hole.
-fn covered(mappings: &[&Mapping], start: u64, end: u64) -> bool {
-    let mut at = start;
-    let mut sorted: Vec<&&Mapping> = mappings.iter().collect();
-    sorted.sort_by_key(|m| m.start);
-    for mapping in sorted {
-        if mapping.start > at {
-            return false;
-        }
-        at = at.max(mapping.end);
-        if at >= end {
-            return true;
-        }
-    }
-    at >= end
 }
 
 /// Fail early, naming the directory, when the state directory cannot take
@@ -965,25 +697,5 @@ mod tests {
     fn a_watcher_can_move_to_another_thread() {
         fn is_send<T: Send>() {}
         is_send::<Watcher>();
-    }
-
-    #[test]
-    fn coverage_needs_every_byte() {
-        let mapping = |start, end| Mapping {
-            start,
-            end,
-            readable: true,
-            writable: false,
-            executable: true,
-            shared: false,
-            offset: 0,
-            inode: 0,
-            kind: MappingKind::Anonymous,
-        };
-        let (a, b) = (mapping(0x1000, 0x2000), mapping(0x2000, 0x3000));
-        assert!(covered(&[&a, &b], 0x1000, 0x3000));
-        assert!(!covered(&[&a], 0x1000, 0x3000));
-        let c = mapping(0x2800, 0x3000);
-        assert!(!covered(&[&a, &c], 0x1000, 0x3000));
     }
 }
