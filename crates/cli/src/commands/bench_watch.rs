@@ -50,6 +50,12 @@ pub struct SlowdownRow {
     pub calls_per_s_with: f64,
     /// (without − with) / without, in percent (negative: noise).
     pub slowdown_percent: f64,
+    /// The same per second of the target's own CPU time: insensitive to
+    /// other load on a shared machine, sensitive to what the watcher does
+    /// to the target's caches and memory bandwidth.
+    pub calls_per_cpu_s_without: f64,
+    pub calls_per_cpu_s_with: f64,
+    pub slowdown_per_cpu_percent: f64,
     pub watcher_cpu_percent: f64,
 }
 
@@ -286,19 +292,26 @@ fn slowdown(json: bool, quick: bool) -> anyhow::Result<Vec<SlowdownRow>> {
     }
     let mut target = Running::start(Fixture::BusyC, &["1"])?;
     let state = tempfile::tempdir()?;
-    let calls_in = |target: &mut Running| -> anyhow::Result<f64> {
-        let before = target.check()?["calls"];
+    // (calls per wall second, calls per second of the target's CPU time)
+    let calls_in = |target: &mut Running| -> anyhow::Result<(f64, f64)> {
+        let (before, cpu_before) = (target.check()?["calls"], cpu_ns(target.pid()));
         let started = Instant::now();
         std::thread::sleep(block);
-        let after = target.check()?["calls"];
-        Ok((after - before) as f64 / started.elapsed().as_secs_f64())
+        let (after, cpu_after) = (target.check()?["calls"], cpu_ns(target.pid()));
+        let calls = (after - before) as f64;
+        Ok((
+            calls / started.elapsed().as_secs_f64(),
+            calls / ((cpu_after - cpu_before).max(1) as f64 / 1e9),
+        ))
     };
     let settings = [
         ("every 100 ms (default)", WatchOptions::default().interval),
         ("back to back", Duration::ZERO),
     ];
     let mut without = Vec::new();
-    let mut with: Vec<(Vec<f64>, Vec<f64>)> = settings.iter().map(|_| (Vec::new(), Vec::new())).collect();
+    // Per setting: (calls per wall s, per CPU s) of each block, watcher CPU %.
+    type Samples = (Vec<(f64, f64)>, Vec<f64>);
+    let mut with: Vec<Samples> = settings.iter().map(|_| (Vec::new(), Vec::new())).collect();
     for _ in 0..blocks {
         without.push(calls_in(&mut target)?);
         for ((_, interval), (calls, cpu)) in settings.iter().zip(with.iter_mut()) {
@@ -315,12 +328,14 @@ fn slowdown(json: bool, quick: bool) -> anyhow::Result<Vec<SlowdownRow>> {
         sorted.sort_by(f64::total_cmp);
         sorted[sorted.len() / 2]
     };
-    let base = median(&without);
+    let wall = |v: &[(f64, f64)]| median(&v.iter().map(|(w, _)| *w).collect::<Vec<_>>());
+    let per_cpu = |v: &[(f64, f64)]| median(&v.iter().map(|(_, c)| *c).collect::<Vec<_>>());
+    let (base, base_cpu) = (wall(&without), per_cpu(&without));
     Ok(settings
         .iter()
         .zip(with)
         .map(|((setting, _), (calls, cpu))| {
-            let with = median(&calls);
+            let (with, with_cpu) = (wall(&calls), per_cpu(&calls));
             SlowdownRow {
                 setting: format!("{setting}, {BUDGET_PERCENT}% budget"),
                 blocks,
@@ -328,10 +343,24 @@ fn slowdown(json: bool, quick: bool) -> anyhow::Result<Vec<SlowdownRow>> {
                 calls_per_s_without: base,
                 calls_per_s_with: with,
                 slowdown_percent: (base - with) / base * 100.0,
+                calls_per_cpu_s_without: base_cpu,
+                calls_per_cpu_s_with: with_cpu,
+                slowdown_per_cpu_percent: (base_cpu - with_cpu) / base_cpu * 100.0,
                 watcher_cpu_percent: median(&cpu),
             }
         })
         .collect())
+}
+
+/// CPU time of every thread of `pid` so far, in ns (`/proc/PID/task/*/schedstat`).
+fn cpu_ns(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 pub fn print(bench: &WatchBench) {
@@ -363,17 +392,22 @@ pub fn print(bench: &WatchBench) {
     println!();
     println!("## Target slowdown under watch (busy.c, 1 worker; medians of interleaved blocks)");
     println!();
-    println!("| watcher | blocks × ms | calls/s without | calls/s with | slowdown | watcher CPU % |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| watcher | blocks × ms | calls/s without | calls/s with | slowdown | per target CPU s: without | with | slowdown | watcher CPU % |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in &bench.slowdown {
         println!(
-            "| {} | {} × {} | {:.0} | {:.0} | {:+.2}% | {:.1} |",
+            "| {} | {} × {} | {:.0} | {:.0} | {:+.2}% | {:.0} | {:.0} | {:+.2}% | {:.1} |",
             s.setting,
             s.blocks,
             s.block_ms,
             s.calls_per_s_without,
             s.calls_per_s_with,
             s.slowdown_percent,
+            s.calls_per_cpu_s_without,
+            s.calls_per_cpu_s_with,
+            s.slowdown_per_cpu_percent,
             s.watcher_cpu_percent
         );
     }
