@@ -92,6 +92,9 @@ enum Command {
         /// Size of the executable-like region for throughput, in MiB.
         #[arg(long)]
         region_mib: Option<u64>,
+        /// Run one section only (`watch`: continuous verification).
+        #[arg(long, value_parser = ["watch"])]
+        only: Option<String>,
     },
     /// Verify a process continuously until SIGINT/SIGTERM: alert (and heal) on any change of its immutable memory.
     Watch {
@@ -176,7 +179,11 @@ fn main() {
             normal_priority,
         } => commands::pause::run(&context, pid, rounds, normal_priority),
         Command::Lookup { pid, what } => commands::lookup::run(&context, pid, &what),
-        Command::Bench { quick, region_mib } => commands::bench::run(&context, quick, region_mib),
+        Command::Bench {
+            quick,
+            region_mib,
+            only,
+        } => commands::bench::run(&context, quick, region_mib, only.as_deref()),
         Command::Watch {
             pid,
             interval,

@@ -64,7 +64,37 @@ struct BenchReport {
     watch: super::bench_watch::WatchBench,
 }
 
-pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::Result<i32> {
+/// Only the continuous-verification section, with the read + hash floor it
+/// is stated against measured first on a region of the same size.
+fn run_watch_only(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::Result<i32> {
+    let mib = region_mib.unwrap_or(if quick { 256 } else { 1024 });
+    let fixture = Running::start(Fixture::BigRegion, &[&mib.to_string()])?;
+    let (start, len) = (fixture.number("addr"), fixture.number("len"));
+    let hasher = PageHasher::random();
+    let mut floor = Vec::new();
+    for _ in 0..3 {
+        floor.push(time(|| floor_read(fixture.pid(), start, len, Some(&hasher)))?);
+    }
+    drop(fixture);
+    let floor_us = Percentiles::of(floor).median.max(1);
+    let watch = super::bench_watch::run(context.json, quick, mib, len as f64 / floor_us as f64)?;
+    if context.json {
+        print_json(&watch);
+    } else {
+        println!(
+            "read + hash floor on {mib} MiB: {:.1} ms ({:.2} GB/s)",
+            floor_us as f64 / 1000.0,
+            gb_per_s(len, floor_us)
+        );
+        super::bench_watch::print(&watch);
+    }
+    Ok(0)
+}
+
+pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option<&str>) -> anyhow::Result<i32> {
+    if only == Some("watch") {
+        return run_watch_only(context, quick, region_mib);
+    }
     let rounds_stop = if quick { 50 } else { 300 };
     let mut stop_rows = Vec::new();
     for threads in [1usize, 8, 64] {
