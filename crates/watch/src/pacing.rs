@@ -68,17 +68,15 @@ impl Pacer {
         if self.owed >= MIN_SLEEP {
             let owed = std::mem::take(&mut self.owed);
             let slept = sleep_unless_stopped(owed, stop);
-            // Oversleeping pays ahead only for this sleep, not for later work.
+            // Oversleeping pays ahead only for this sleep, not for later
+            // work. (The sleep's own CPU is counted with the next slice.)
             self.owed = owed.saturating_sub(slept);
-            // The sleep itself costs a little CPU: not the work's to pay.
-            self.last_cpu = thread_cpu_time();
         }
     }
 
     /// Idle time (e.g. waiting for the next interval) counts as paid.
     pub fn idled(&mut self, idle: Duration) {
         self.owed = self.owed.saturating_sub(idle);
-        self.last_cpu = thread_cpu_time();
     }
 
     /// CPU time of this thread since the pacer started, over wall time, in percent.
