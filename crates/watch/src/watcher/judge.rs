@@ -149,8 +149,9 @@ impl Watcher {
                 self.emit(WatchEvent::Heal(event));
             }
             Ok(Err(HealSkipped::JournalMoved)) => {
-                // Judged on a journal that has moved on: judge again next pass.
-                self.forget_alerts(item, &runs);
+                // Judged on a journal that has moved on: the next pass
+                // judges again and, if the bytes are still unexplained,
+                // heals them then (the alert stands, it is not repeated).
             }
             Err(error) => {
                 if let WatchError::Target(target_error) = &error {
