@@ -21,6 +21,9 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
         if cause.downcast_ref::<BadInput>().is_some() {
             return BAD_INPUT;
         }
+        if let Some(e) = cause.downcast_ref::<shadowpatch_watch::WatchError>() {
+            return if e.is_bad_input() { BAD_INPUT } else { FAILED };
+        }
         if let Some(e) = cause.downcast_ref::<TargetError>() {
             return if e.is_bad_input() { BAD_INPUT } else { FAILED };
         }

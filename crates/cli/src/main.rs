@@ -1,8 +1,9 @@
 //! `shadowpatch`: live-patch running Linux processes safely. This file holds
 //! the command line (clap) and maps errors to exit codes:
 //! 0 success, 1 verification found differences or a patch operation was
-//! refused on safety grounds, 2 bad input (target untouched), 3 an
-//! operation failed midway.
+//! refused on safety grounds (or `watch` raised alerts), 2 bad input
+//! (target untouched), 3 an operation failed midway, 4 the watched process
+//! exited.
 
 #![forbid(unsafe_code)]
 
@@ -104,6 +105,40 @@ enum Command {
         /// Size of the executable-like region for throughput, in MiB.
         #[arg(long)]
         region_mib: Option<u64>,
+        /// Run one section only (`watch`: continuous verification).
+        #[arg(long, value_parser = ["watch"])]
+        only: Option<String>,
+    },
+    /// Verify a process continuously until SIGINT/SIGTERM: alert (and heal) on any change of its immutable memory.
+    Watch {
+        pid: i32,
+        /// Time between the starts of two full passes (e.g. 100ms, 2s; 0: back to back).
+        #[arg(long)]
+        interval: Option<String>,
+        /// CPU the verifier may use, in percent of one core (0.1 to 100; default 20).
+        #[arg(long)]
+        cpu_budget: Option<f64>,
+        /// Run the verifier on this CPU only.
+        #[arg(long)]
+        pin_cpu: Option<usize>,
+        /// Write the mirrored bytes back over tampered immutable bytes (journaled, one stop).
+        #[arg(long)]
+        heal: bool,
+        /// Shell command run for each alert (alert JSON on stdin and in SHADOWPATCH_* variables).
+        #[arg(long)]
+        on_alert: Option<String>,
+        /// Kill an --on-alert hook still running after this long.
+        #[arg(long, default_value = "10s")]
+        hook_timeout: String,
+        /// TOML file with options and critical variables.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A critical variable that must never change: SYMBOL, MODULE!SYMBOL or 0xADDR:SIZE (repeatable).
+        #[arg(long = "guard")]
+        guards: Vec<String>,
+        /// A critical variable that changes and is mirrored with history (not yet supported).
+        #[arg(long = "mirror-var")]
+        mirror_vars: Vec<String>,
     },
     /// Show the event history: attaches, mirrors, alerts, heals, analyses, applies, rollbacks.
     History {
@@ -178,7 +213,37 @@ fn main() {
             normal_priority,
         } => commands::pause::run(&context, pid, rounds, normal_priority),
         Command::Lookup { pid, what } => commands::lookup::run(&context, pid, &what),
-        Command::Bench { quick, region_mib } => commands::bench::run(&context, quick, region_mib),
+        Command::Bench {
+            quick,
+            region_mib,
+            only,
+        } => commands::bench::run(&context, quick, region_mib, only.as_deref()),
+        Command::Watch {
+            pid,
+            interval,
+            cpu_budget,
+            pin_cpu,
+            heal,
+            on_alert,
+            hook_timeout,
+            config,
+            guards,
+            mirror_vars,
+        } => commands::watch::run(
+            &context,
+            pid,
+            &commands::watch::WatchArgs {
+                interval,
+                cpu_budget,
+                pin_cpu,
+                heal,
+                on_alert,
+                hook_timeout,
+                config,
+                guards,
+                mirror_vars,
+            },
+        ),
         Command::History {
             pid,
             since,

@@ -14,6 +14,7 @@ pub mod dirty;
 pub mod hash;
 pub mod region;
 pub mod store;
+pub mod variables;
 pub mod verify;
 
 pub use capture::{capture, CaptureOptions};
@@ -23,7 +24,8 @@ pub use dirty::{detect, Detection, DirtyError, DirtyMethod, DirtyPages, DirtyTra
 pub use hash::{merkle_root, PageHasher, PAGE_SIZE};
 pub use region::{select_regions, RegionKind, RegionSpec};
 pub use store::{GenerationHeader, MirrorFile, RegionRecord, StateDir, TargetRecord};
-pub use verify::{verify, Difference, DifferenceKind, VerifyReport};
+pub use variables::{CriticalVariable, VariableError, VariableMode, VariableRegistry, VariableRequest};
+pub use verify::{differing_runs, verify, Difference, DifferenceKind, VerifyReport};
 
 use std::path::PathBuf;
 
@@ -62,6 +64,8 @@ pub enum MirrorError {
     UnknownModule { pid: i32, name: String, available: String },
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    #[error(transparent)]
+    Variable(#[from] VariableError),
     #[error(transparent)]
     Target(#[from] shadowpatch_target::TargetError),
     #[error(transparent)]

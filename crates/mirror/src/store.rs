@@ -18,6 +18,7 @@
 use crate::hash::{merkle_root, PageHasher, PAGE_SIZE, SECRET_LEN};
 use crate::region::RegionSpec;
 use crate::MirrorError;
+use shadowpatch_symbols::Module;
 use shadowpatch_target::ProcessIdentity;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -437,6 +438,40 @@ impl MirrorFile {
             hashes,
             hasher: PageHasher::from_secret(secret),
         })
+    }
+
+    /// Refuse a mirror of another incarnation of the pid (recycled) or of
+    /// modules whose build-id changed since it was taken.
+    pub fn check_belongs_to(&self, identity: &ProcessIdentity, modules: &[Module]) -> Result<(), MirrorError> {
+        let recorded = &self.header.target;
+        if recorded.pid != identity.pid || recorded.start_time != identity.start_time {
+            return Err(MirrorError::OtherIncarnation {
+                path: self.path.clone(),
+                pid: identity.pid,
+                mirrored_start_time: recorded.start_time,
+                live_start_time: identity.start_time,
+            });
+        }
+        for region in &self.header.regions {
+            let (Some(path), Some(mirrored)) = (&region.spec.path, &region.spec.build_id) else {
+                continue;
+            };
+            if let Some(live) = modules
+                .iter()
+                .find(|m| &m.path == path && m.contains(region.spec.start))
+            {
+                let live_id = live.build_id_hex().unwrap_or_else(|| "none".into());
+                if &live_id != mirrored {
+                    return Err(MirrorError::ModuleChanged {
+                        path: self.path.clone(),
+                        module: live.name.clone(),
+                        mirrored: mirrored.clone(),
+                        live: live_id,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The stored bytes of one page, checked against its hash.

@@ -128,26 +128,37 @@ pub fn verify(
     Ok(report)
 }
 
-/// Append each maximal run of differing bytes between two pages.
-fn push_runs(report: &mut VerifyReport, region_index: usize, page_address: u64, stored: &[u8], live: &[u8]) {
+/// Each maximal run of differing bytes between two equally long buffers,
+/// as (start offset, end offset).
+pub fn differing_runs(stored: &[u8], live: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
     let mut offset = 0;
-    while offset < stored.len() {
+    let len = stored.len().min(live.len());
+    while offset < len {
         if stored[offset] == live[offset] {
             offset += 1;
             continue;
         }
         let start = offset;
-        while offset < stored.len() && stored[offset] != live[offset] {
+        while offset < len && stored[offset] != live[offset] {
             offset += 1;
         }
-        let shown = start..offset.min(start + MAX_SHOWN_BYTES);
+        runs.push((start, offset));
+    }
+    runs
+}
+
+/// Append each maximal run of differing bytes between two pages.
+fn push_runs(report: &mut VerifyReport, region_index: usize, page_address: u64, stored: &[u8], live: &[u8]) {
+    for (start, end) in differing_runs(stored, live) {
+        let shown = start..end.min(start + MAX_SHOWN_BYTES);
         push(
             report,
             Difference {
                 kind: DifferenceKind::Bytes,
                 region_index,
                 address: page_address + start as u64,
-                len: (offset - start) as u64,
+                len: (end - start) as u64,
                 expected: stored[shown.clone()].to_vec(),
                 live: live[shown].to_vec(),
             },

@@ -11,7 +11,7 @@ pub mod module;
 
 pub use dwarf::{DebugInfo, DebugSource, FunctionInfo, TypeClass, TypeShape, VariableInfo};
 pub use elf::{ElfImage, Segment, Symbol, SymbolKind, SymbolSource, SymbolTable};
-pub use module::{modules_of, Module};
+pub use module::{modules_of, Location, Module};
 
 /// Errors of ELF parsing and module discovery, naming the file.
 #[derive(Debug, thiserror::Error)]

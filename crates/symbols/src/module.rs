@@ -149,3 +149,50 @@ fn load_image(pid: i32, mapping: &Mapping, path: &Path) -> Option<Result<ElfImag
     }
     Some(Ok(image))
 }
+
+/// Where an address lies: module, symbol and offset, and the one-line form.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Location {
+    pub module: Option<String>,
+    pub symbol: Option<String>,
+    pub offset: Option<u64>,
+    /// `module!symbol+0x12`, `module+0x1234` or `?`.
+    pub location: String,
+}
+
+impl Location {
+    pub fn of(address: u64, modules: &[Module]) -> Location {
+        let Some(module) = modules.iter().find(|m| m.contains(address)) else {
+            return Location {
+                module: None,
+                symbol: None,
+                offset: None,
+                location: "?".into(),
+            };
+        };
+        match module.symbolize(address) {
+            Some((symbol, offset)) => Location {
+                module: Some(module.name.clone()),
+                symbol: Some(symbol.name.clone()),
+                offset: Some(offset),
+                location: format!("{}!{}+{offset:#x}", module.name, symbol.name),
+            },
+            None => Location {
+                module: Some(module.name.clone()),
+                symbol: None,
+                offset: None,
+                location: format!("{}+{:#x}", module.name, address - module.base),
+            },
+        }
+    }
+
+    /// A location inside a region of no module (patch code, `[anon]`).
+    pub fn in_region(name: &str, region_start: u64, address: u64) -> Location {
+        Location {
+            module: Some(name.to_string()),
+            symbol: None,
+            offset: None,
+            location: format!("{name}+{:#x}", address - region_start),
+        }
+    }
+}

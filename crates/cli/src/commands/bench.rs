@@ -4,7 +4,8 @@
 //! throughput on a large executable-like region against the raw floor
 //! (`process_vm_readv` + page hash, nothing else) measured on the same
 //! region in the same run, interleaved round by round; the data mirroring
-//! cycle per dirty-tracking method is in `bench_dirty.rs`.
+//! cycle per dirty-tracking method is in `bench_dirty.rs`, continuous
+//! verification (detection latency and target slowdown) in `bench_watch.rs`.
 
 use super::pause::{collect, Percentiles};
 use super::Context;
@@ -74,9 +75,40 @@ struct BenchReport {
     rounds: usize,
     throughput: Vec<ThroughputRow>,
     dirty_tracking: super::bench_dirty::DirtyBenchReport,
+    watch: super::bench_watch::WatchBench,
 }
 
-pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::Result<i32> {
+/// Only the continuous-verification section, with the read + hash floor it
+/// is stated against measured first on a region of the same size.
+fn run_watch_only(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::Result<i32> {
+    let mib = region_mib.unwrap_or(if quick { 256 } else { 1024 });
+    let fixture = Running::start(Fixture::BigRegion, &[&mib.to_string()])?;
+    let (start, len) = (fixture.number("addr"), fixture.number("len"));
+    let hasher = PageHasher::random();
+    let mut floor = Vec::new();
+    for _ in 0..3 {
+        floor.push(time(|| floor_read(fixture.pid(), start, len, Some(&hasher)))?);
+    }
+    drop(fixture);
+    let floor_us = Percentiles::of(floor).median.max(1);
+    let watch = super::bench_watch::run(context.json, quick, mib, len as f64 / floor_us as f64)?;
+    if context.json {
+        print_json(&watch);
+    } else {
+        println!(
+            "read + hash floor on {mib} MiB: {:.1} ms ({:.2} GB/s)",
+            floor_us as f64 / 1000.0,
+            gb_per_s(len, floor_us)
+        );
+        super::bench_watch::print(&watch);
+    }
+    Ok(0)
+}
+
+pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option<&str>) -> anyhow::Result<i32> {
+    if only == Some("watch") {
+        return run_watch_only(context, quick, region_mib);
+    }
     let rounds_stop = if quick { 50 } else { 300 };
     let mut stop_rows = Vec::new();
     for threads in [1usize, 8, 64] {
@@ -174,8 +206,11 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
         mirror = Some(opened);
     }
     drop(mirror);
+    drop(fixture);
+    drop(state);
     let median = |v: &Vec<u64>| Percentiles::of(v.clone()).median;
     let floor = median(&samples[1]);
+    let watch = super::bench_watch::run(context.json, quick, mib, len as f64 / floor.max(1) as f64)?;
     let row = |what, index: usize| {
         let us = median(&samples[index]);
         ThroughputRow {
@@ -199,6 +234,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
             row("shadowpatch mirror (to disk, fsync'd)", 2),
         ],
         dirty_tracking,
+        watch,
     };
     if context.json {
         print_json(&report);
@@ -288,6 +324,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
     }
     println!();
     super::bench_dirty::print(&report.dirty_tracking);
+    super::bench_watch::print(&report.watch);
     Ok(0)
 }
 

@@ -29,7 +29,7 @@ pub fn run(context: &Context, pid: i32, what: &str) -> anyhow::Result<i32> {
         if context.json {
             print_json(&location);
         } else {
-            println!("{address:#x} {}", location.display(address, &modules));
+            println!("{address:#x} {}", location.location);
         }
         return Ok(0);
     }

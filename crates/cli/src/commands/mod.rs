@@ -3,6 +3,7 @@
 pub mod analyze;
 pub mod bench;
 pub mod bench_dirty;
+pub mod bench_watch;
 pub mod demo;
 pub mod history;
 pub mod lookup;
@@ -11,9 +12,8 @@ pub mod patching;
 pub mod pause;
 pub mod status;
 pub mod verify;
+pub mod watch;
 
-use serde::Serialize;
-use shadowpatch_symbols::Module;
 use std::path::PathBuf;
 
 /// Options every command receives.
@@ -23,50 +23,5 @@ pub struct Context {
     pub json: bool,
 }
 
-/// Where an address lies: module, symbol and offset.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Location {
-    pub module: Option<String>,
-    pub symbol: Option<String>,
-    pub offset: Option<u64>,
-}
-
-impl Location {
-    pub fn of(address: u64, modules: &[Module]) -> Location {
-        let Some(module) = modules.iter().find(|m| m.contains(address)) else {
-            return Location {
-                module: None,
-                symbol: None,
-                offset: None,
-            };
-        };
-        match module.symbolize(address) {
-            Some((symbol, offset)) => Location {
-                module: Some(module.name.clone()),
-                symbol: Some(symbol.name.clone()),
-                offset: Some(offset),
-            },
-            None => Location {
-                module: Some(module.name.clone()),
-                symbol: None,
-                offset: None,
-            },
-        }
-    }
-
-    /// `module!symbol+0x12`, `module+0x1234` or `?`.
-    pub fn display(&self, address: u64, modules: &[Module]) -> String {
-        match (&self.module, &self.symbol, self.offset) {
-            (Some(m), Some(s), Some(o)) => format!("{m}!{s}+{o:#x}"),
-            (Some(m), _, _) => {
-                let base = modules
-                    .iter()
-                    .find(|x| x.contains(address))
-                    .map(|x| x.base)
-                    .unwrap_or(0);
-                format!("{m}+{:#x}", address - base)
-            }
-            _ => "?".to_string(),
-        }
-    }
-}
+/// Where an address lies: module, symbol and offset (`module!symbol+0x12`).
+pub use shadowpatch_symbols::Location;

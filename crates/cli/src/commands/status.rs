@@ -3,7 +3,7 @@
 use super::Context;
 use crate::output::{human_bytes, print_json};
 use serde::Serialize;
-use shadowpatch_mirror::{MirrorFile, StateDir};
+use shadowpatch_mirror::{MirrorFile, StateDir, VariableMode, VariableRegistry};
 use shadowpatch_symbols::modules_of;
 use shadowpatch_target::attach::list_threads;
 use shadowpatch_target::maps::read_maps;
@@ -30,6 +30,17 @@ struct Status {
     /// Patch mappings a rollback left in place because a thread might
     /// still use them (unmapped by a later transaction or `recover`).
     retired: Vec<String>,
+    /// Critical variables registered (by `watch --guard`, config files).
+    variables: Vec<VariableStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct VariableStatus {
+    name: String,
+    mode: VariableMode,
+    address: u64,
+    size: u64,
+    origin: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,6 +104,7 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
         patches: Vec::new(),
         interrupted: None,
         retired: Vec::new(),
+        variables: Vec::new(),
     };
     // A missing state directory just means nothing was mirrored yet; a
     // foreign or corrupt one is an error worth reporting.
@@ -146,6 +158,19 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
                 .map(|(address, len)| format!("{address:#x}+{len:#x}"))
                 .collect();
             status.interrupted = journal.open.map(|t| format!("{:?} of {}", t.kind, t.patch_id));
+            if let Some(registry) = VariableRegistry::load(&dir)? {
+                status.variables = registry
+                    .variables
+                    .into_iter()
+                    .map(|v| VariableStatus {
+                        name: v.name,
+                        mode: v.mode,
+                        address: v.address,
+                        size: v.size,
+                        origin: v.origin,
+                    })
+                    .collect();
+            }
             status.mirror_dir = Some(dir);
         }
     }
@@ -205,6 +230,19 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
     }
     for retired in &status.retired {
         println!("retired patch mapping {retired}: left in place while a thread may use it");
+    }
+    if !status.variables.is_empty() {
+        println!("critical variables:");
+        for v in &status.variables {
+            println!(
+                "  {} {} at {:#x} ({} bytes), from {}",
+                v.mode.as_str(),
+                v.name,
+                v.address,
+                v.size,
+                v.origin
+            );
+        }
     }
     if let Some(interrupted) = &status.interrupted {
         println!("INTERRUPTED transaction: {interrupted}; run `shadowpatch recover {pid}`");

@@ -67,36 +67,7 @@ pub fn open_mirror(
         })?,
     };
     let mirror = MirrorFile::open(&StateDir::generation_path(&dir, chosen))?;
-    let recorded = &mirror.header.target;
-    if recorded.pid != identity.pid || recorded.start_time != identity.start_time {
-        return Err(MirrorError::OtherIncarnation {
-            path: mirror.path.clone(),
-            pid: identity.pid,
-            mirrored_start_time: recorded.start_time,
-            live_start_time: identity.start_time,
-        }
-        .into());
-    }
-    for region in &mirror.header.regions {
-        let (Some(path), Some(mirrored)) = (&region.spec.path, &region.spec.build_id) else {
-            continue;
-        };
-        if let Some(live) = modules
-            .iter()
-            .find(|m| &m.path == path && m.contains(region.spec.start))
-        {
-            let live_id = live.build_id_hex().unwrap_or_else(|| "none".into());
-            if &live_id != mirrored {
-                return Err(MirrorError::ModuleChanged {
-                    path: mirror.path.clone(),
-                    module: live.name.clone(),
-                    mirrored: mirrored.clone(),
-                    live: live_id,
-                }
-                .into());
-            }
-        }
-    }
+    mirror.check_belongs_to(identity, modules)?;
     Ok(mirror)
 }
 
@@ -147,7 +118,7 @@ pub fn verify_process(
                 address: d.address,
                 address_hex: format!("{:#x}", d.address),
                 len: d.len,
-                location_text: location.display(d.address, &modules),
+                location_text: location.location.clone(),
                 location,
                 expected: hex_bytes(&d.expected),
                 live: hex_bytes(&d.live),

@@ -1,0 +1,80 @@
+//! Continuous verification of a running process (step 2 of the design): a
+//! `Watcher` re-reads and re-hashes every mirrored immutable region (code,
+//! read-only data, guarded critical variables) on an interval within a CPU
+//! budget, reports every discrepancy as an event (alert, with location,
+//! bytes and detection latency), optionally heals it through a journaled
+//! one-stop write, and tells authorised change (apply, rollback, heals) from
+//! tampering by reading the patch journal and the published generations.
+//!
+//! A `Watcher` holds no process-global state and is `Send`: the agent runs
+//! many of them on threads. It reports through a callback, never stdout.
+
+#![forbid(unsafe_code)]
+
+pub mod authority;
+pub mod classify;
+pub mod config;
+pub mod event;
+pub mod heal;
+pub mod hook;
+pub mod pacing;
+pub mod watched;
+pub mod watcher;
+
+pub use config::{parse_duration, ConfigError, WatchConfig, WatchOptions};
+pub use event::{Alert, Classification, Heal, Location, Scope, WatchEvent};
+pub use hook::{AlertHook, HookOutcome};
+pub use watcher::{EventSink, StepOutcome, StopReason, WatchStats, Watcher};
+
+use std::path::PathBuf;
+
+/// Errors of a watch, each naming the pid, file, option or variable concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Variable(#[from] shadowpatch_mirror::VariableError),
+    #[error(
+        "{origin}: mirrored critical variables ({name}) are not yet supported (they need dirty-page mirroring); \
+         declare it guarded if it must never change"
+    )]
+    NotYetSupported { origin: String, name: String },
+    #[error("state directory {path} is not writable: {message}")]
+    StateNotWritable { path: PathBuf, message: String },
+    #[error("journal {path}: {message}")]
+    Journal { path: PathBuf, message: String },
+    #[error(transparent)]
+    Store(#[from] shadowpatch_store::StoreError),
+    #[error(transparent)]
+    Mirror(#[from] shadowpatch_mirror::MirrorError),
+    #[error(transparent)]
+    Patch(#[from] shadowpatch_patch::PatchError),
+    #[error(transparent)]
+    Target(#[from] shadowpatch_target::TargetError),
+    #[error(transparent)]
+    Symbols(#[from] shadowpatch_symbols::SymbolsError),
+}
+
+impl WatchError {
+    /// Errors the user must fix (bad option, variable, pid, state
+    /// directory): the CLI exits 2 and the target was not touched.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            WatchError::Config(_)
+            | WatchError::Variable(_)
+            | WatchError::NotYetSupported { .. }
+            | WatchError::StateNotWritable { .. } => true,
+            WatchError::Journal { .. } => false,
+            WatchError::Store(e) => e.is_bad_input(),
+            WatchError::Mirror(e) => e.is_bad_input(),
+            WatchError::Patch(e) => e.class() == shadowpatch_patch::ErrorClass::BadInput,
+            WatchError::Target(e) => e.is_bad_input(),
+            WatchError::Symbols(e) => match e {
+                shadowpatch_symbols::SymbolsError::Target(t) => t.is_bad_input(),
+                shadowpatch_symbols::SymbolsError::Io { .. } => false,
+                _ => true,
+            },
+        }
+    }
+}
