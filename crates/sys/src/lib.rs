@@ -7,5 +7,6 @@
 
 pub mod ptrace_ext;
 pub mod sched;
+pub mod siginfo;
 
 pub use nix::errno::Errno;
