@@ -11,5 +11,6 @@
 #![forbid(unsafe_code)]
 
 pub mod finding;
+pub mod simulate;
 
 pub use finding::{Analysis, Finding, Severity, Source, Verdict, VerdictPolicy};

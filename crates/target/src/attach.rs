@@ -404,6 +404,11 @@ impl Stopped<'_> {
         &mut self.attached.memory
     }
 
+    /// The target's pid.
+    pub fn pid(&self) -> i32 {
+        self.attached.pid()
+    }
+
     /// Resume every thread; returns the window's timings.
     pub fn resume(mut self) -> Result<PauseReport, TargetError> {
         self.resume_inner()

@@ -162,8 +162,15 @@ impl ProcessCopy {
 
     /// At a syscall stop: whether it is the entry (true) or the exit.
     pub fn at_syscall_entry(&self) -> Result<bool, TargetError> {
-        let info = ptrace::syscall_info(self.pid).map_err(|e| self.error("reading syscall info of the copy", e))?;
-        Ok(info.op == libc::PTRACE_SYSCALL_INFO_ENTRY)
+        use shadowpatch_sys::ptrace_ext::{syscall_stop, SyscallStop};
+        match syscall_stop(self.pid).map_err(|e| self.error("reading syscall info of the copy", e))? {
+            SyscallStop::Entry => Ok(true),
+            SyscallStop::Exit => Ok(false),
+            // Never guess: a syscall taken for an exit would run for real.
+            SyscallStop::Other => {
+                Err(self.error("reading syscall info of the copy (not a syscall stop)", Errno::EINVAL))
+            }
+        }
     }
 
     /// Run a syscall in the stopped copy; returns its raw result. Signals

@@ -330,6 +330,14 @@ impl Attached {
         clone_result(pid, run)
     }
 
+    /// Find the instructions remote syscalls and clones borrow, now rather
+    /// than in the first one's pause (the search reads memory).
+    pub fn prepare_remote_calls(&mut self) -> Result<(), TargetError> {
+        self.syscall_instruction()?;
+        self.syscall_return_gadget()?;
+        Ok(())
+    }
+
     /// Single-step a thread in a ptrace-stop of ours, keeping a foreign
     /// signal met on the way for its resume.
     pub(crate) fn step_held(&mut self, tid: Pid) -> Result<Step, TargetError> {
