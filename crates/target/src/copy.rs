@@ -71,7 +71,10 @@ pub struct ProcessCopy {
     memory: TargetMemory,
     syscall_instruction: u64,
     syscall_return_gadget: u64,
+    /// Not yet exited and reaped by us.
     alive: bool,
+    /// SIGKILL sent, exit not yet reaped.
+    kill_sent: bool,
 }
 
 impl Attached {
@@ -128,6 +131,7 @@ impl ProcessCopy {
             syscall_instruction,
             syscall_return_gadget,
             alive: true,
+            kill_sent: false,
         })
     }
 
@@ -245,9 +249,19 @@ impl ProcessCopy {
     /// of the target for [`crate::Stopped::reap_copies`].
     pub fn kill(&mut self) {
         if self.alive {
-            let _ = kill(self.pid, Signal::SIGKILL);
+            self.kill_soon();
             let _ = reap(self.pid);
             self.alive = false;
+        }
+    }
+
+    /// Send SIGKILL without waiting: the copy's teardown (milliseconds for
+    /// a big process) runs meanwhile; [`ProcessCopy::kill`] or dropping it
+    /// reaps it later. It can run no more code of its own either way.
+    pub fn kill_soon(&mut self) {
+        if self.alive && !self.kill_sent {
+            let _ = kill(self.pid, Signal::SIGKILL);
+            self.kill_sent = true;
         }
     }
 

@@ -208,3 +208,24 @@ fn copies_die_with_their_tracer() {
     }
     assert_eq!(stat_field(copy.as_raw(), 3), "Z", "the copy never runs untraced");
 }
+
+#[test]
+fn detaching_removes_a_breakpoint_left_armed() {
+    let mut fixture = Running::start(Fixture::BusyC, &["2"]).unwrap();
+    let pid = fixture.pid();
+    let work = fixture.number("work");
+    let mut attached = Attached::seize(&ProcessIdentity::of(pid).unwrap()).unwrap();
+    let original = arm(&mut attached, work);
+    // Hits pile up while nobody handles them; the owner then fails and
+    // drops the attachment without disarming.
+    let _ = attached.next_event(Duration::from_millis(20)).unwrap();
+    drop(attached);
+    let identity = ProcessIdentity::of(pid).unwrap();
+    let byte = shadowpatch_target::TargetMemory::open(&identity)
+        .unwrap()
+        .read_vec(work, 1)
+        .unwrap()[0];
+    assert_eq!(byte, original, "the int3 is gone: an untraced thread would die on it");
+    assert!(fixture.is_running());
+    assert_eq!(fixture.check().unwrap()["errors"], 0);
+}

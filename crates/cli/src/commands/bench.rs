@@ -1,5 +1,6 @@
 //! `shadowpatch bench`: stop-the-world latency for 1, 8 and 64 busy threads
-//! (tracer at SCHED_FIFO and at normal priority), and mirror / verify
+//! (tracer at SCHED_FIFO and at normal priority), the live pause of a
+//! simulation's captures (see `simulation_bench`), and mirror / verify
 //! throughput on a large executable-like region against the raw floor
 //! (`process_vm_readv` + page hash, nothing else) measured on the same
 //! region in the same run, interleaved round by round.
@@ -57,6 +58,7 @@ struct BenchReport {
     stop_the_world: Vec<StopRow>,
     patching: Vec<PatchRow>,
     call_cost: CallCost,
+    simulation: super::simulation_bench::SimulationBench,
     region_bytes: u64,
     rounds: usize,
     throughput: Vec<ThroughputRow>,
@@ -102,6 +104,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
     }
 
     let (patching, call_cost) = patch_pauses(context, quick)?;
+    let simulation = super::simulation_bench::run(context, quick)?;
 
     let mib = region_mib.unwrap_or(if quick { 256 } else { 1024 });
     if !context.json {
@@ -173,6 +176,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
         stop_the_world: stop_rows,
         patching,
         call_cost,
+        simulation,
         region_bytes: len,
         rounds,
         throughput: vec![
@@ -231,6 +235,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>) -> anyhow::R
         "Per call of a patched function (direct jump): {:.3} ns unpatched, {:.3} ns patched, {:+.3} ns extra",
         report.call_cost.unpatched_ns, report.call_cost.patched_ns, report.call_cost.extra_ns
     );
+    super::simulation_bench::print(&report.simulation);
     println!();
     println!(
         "## Throughput on a {} MiB r-x region, median of {} rounds",

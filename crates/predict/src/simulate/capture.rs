@@ -81,60 +81,17 @@ pub fn capture(
     progress: &mut dyn FnMut(Progress),
     made: &mut dyn FnMut(i64),
 ) -> Result<(Vec<Captured>, CaptureStats), SimulateError> {
-    let pid = attached.pid();
-    let mut writes = Vec::new();
-    for (site, _) in sites {
-        let original = attached.memory().read_vec(site.entry, 1)?;
-        if original[0] == INT3 {
-            return Err(SimulateError::AlreadyTrapped {
-                pid,
-                symbol: site.symbol.clone(),
-                address: site.entry,
-            });
-        }
-        writes.push(Write5 {
-            address: site.entry,
-            original,
-            new: vec![INT3],
-        });
-    }
-    // Found now, not in the first capture's pause: it scans memory.
-    attached.prepare_remote_calls()?;
-    let identity = attached.identity().clone();
-    let transaction = PlainWrites::begin(target, &identity, TxnKind::Probe, label, writes.clone(), None)?;
-    fault::point("capture-begin");
-    let breakpoints: Vec<(u64, u8)> = writes.iter().map(|w| (w.address, w.original[0])).collect();
-    attached.watch_breakpoints(&breakpoints);
-    let armed_at = Instant::now();
-    let arm = switch(
-        attached,
-        &writes,
-        Direction::Forward,
-        DEFAULT_ATTEMPTS,
-        "capture-",
-        &mut |stopped| Ok(stopped.set_options(SESSION_OPTIONS)?),
-    );
-    let arm = match arm {
-        Ok(arm) => arm,
-        Err(error) => {
-            attached.forget_breakpoints();
-            transaction.abort(target, &error.to_string())?;
-            return Err(error.into());
-        }
-    };
-    fault::point("capture-armed");
+    let entries: Vec<(String, u64)> = sites.iter().map(|(s, _)| (s.symbol.clone(), s.entry)).collect();
+    let mut probe = Probe::arm(attached, target, label, &entries)?;
     progress(Progress::Armed { functions: sites.len() });
     let mut stats = CaptureStats {
-        arm_pause_us: arm.pause.pause_us,
+        arm_pause_us: probe.arm_pause_us,
         ..CaptureStats::default()
     };
-    let mut armed: Vec<bool> = vec![true; sites.len()];
     let mut captured = Vec::new();
     let result = run_loop(
-        attached,
+        &mut probe,
         sites,
-        &writes,
-        &mut armed,
         limit,
         cancel,
         &mut stats,
@@ -142,52 +99,150 @@ pub fn capture(
         progress,
         made,
     );
-    // Whatever happened: out with the breakpoints still in, in one stop
-    // that also clears the session's ptrace options.
-    let still: Vec<Write5> = writes
-        .iter()
-        .zip(&armed)
-        .filter(|(_, armed)| **armed)
-        .map(|(w, _)| w.clone())
-        .collect();
-    let disarm = switch(
-        attached,
-        &still,
-        Direction::Backward,
-        DEFAULT_ATTEMPTS,
-        "capture-disarm-",
-        &mut |stopped| Ok(stopped.set_options(nix::sys::ptrace::Options::empty())?),
-    );
-    stats.armed_us = armed_at.elapsed().as_micros() as u64;
-    match disarm {
-        Ok(disarm) => {
-            stats.disarm_pause_us = disarm.pause.pause_us;
-            attached.forget_breakpoints();
-            attached.release_foreign();
-            match &result {
-                Ok(()) => transaction.commit(target, disarm.pause.pause_us)?,
-                Err(error) => transaction.abort(target, &error.to_string())?,
-            }
-        }
-        Err(error) => {
-            // The transaction stays open for `recover`; detaching removes
-            // any breakpoint still in (see `Attached::detach`).
-            tracing::error!("could not remove the capture breakpoints: {error}");
-            std::mem::forget(transaction);
-            result?;
-            return Err(error.into());
-        }
-    }
+    let (armed_us, disarm_pause_us) = probe.finish(&result)?;
+    stats.armed_us = armed_us;
+    stats.disarm_pause_us = disarm_pause_us;
     result?;
     Ok((captured, stats))
 }
 
+/// Journaled breakpoints at function entries, armed in one stop with the
+/// session's ptrace options, removed (per function, or all at the end) in
+/// one stop each. The probe transaction commits when they are all out.
+#[derive(Debug)]
+pub struct Probe<'a> {
+    pub attached: &'a mut Attached,
+    target: &'a mut TargetState,
+    transaction: Option<PlainWrites>,
+    pub writes: Vec<Write5>,
+    pub armed: Vec<bool>,
+    armed_at: Instant,
+    pub arm_pause_us: u64,
+}
+
+impl<'a> Probe<'a> {
+    /// Journal, then write an `int3` at each `(symbol, entry)`.
+    pub fn arm(
+        attached: &'a mut Attached,
+        target: &'a mut TargetState,
+        label: &str,
+        entries: &[(String, u64)],
+    ) -> Result<Probe<'a>, SimulateError> {
+        let pid = attached.pid();
+        let mut writes = Vec::new();
+        for (symbol, entry) in entries {
+            let original = attached.memory().read_vec(*entry, 1)?;
+            if original[0] == INT3 {
+                return Err(SimulateError::AlreadyTrapped {
+                    pid,
+                    symbol: symbol.clone(),
+                    address: *entry,
+                });
+            }
+            writes.push(Write5 {
+                address: *entry,
+                original,
+                new: vec![INT3],
+            });
+        }
+        // Found now, not in the first capture's pause: it scans memory.
+        attached.prepare_remote_calls()?;
+        let identity = attached.identity().clone();
+        let transaction = PlainWrites::begin(target, &identity, TxnKind::Probe, label, writes.clone(), None)?;
+        fault::point("capture-begin");
+        let breakpoints: Vec<(u64, u8)> = writes.iter().map(|w| (w.address, w.original[0])).collect();
+        attached.watch_breakpoints(&breakpoints);
+        let armed_at = Instant::now();
+        let arm = switch(
+            attached,
+            &writes,
+            Direction::Forward,
+            DEFAULT_ATTEMPTS,
+            "capture-",
+            &mut |stopped| Ok(stopped.set_options(SESSION_OPTIONS)?),
+        );
+        let arm = match arm {
+            Ok(arm) => arm,
+            Err(error) => {
+                attached.forget_breakpoints();
+                transaction.abort(target, &error.to_string())?;
+                return Err(error.into());
+            }
+        };
+        fault::point("capture-armed");
+        Ok(Probe {
+            armed: vec![true; writes.len()],
+            attached,
+            target,
+            transaction: Some(transaction),
+            writes,
+            armed_at,
+            arm_pause_us: arm.pause.pause_us,
+        })
+    }
+
+    /// Take out the breakpoint of entry `index` (its callers stop paying).
+    pub fn disarm(&mut self, index: usize) -> Result<(), SimulateError> {
+        if self.armed[index] {
+            switch(
+                self.attached,
+                std::slice::from_ref(&self.writes[index]),
+                Direction::Backward,
+                DEFAULT_ATTEMPTS,
+                "capture-disarm-",
+                &mut |_| Ok(()),
+            )?;
+            self.armed[index] = false;
+        }
+        Ok(())
+    }
+
+    /// Out with the breakpoints still in, in one stop that also clears the
+    /// session's ptrace options; commit (or, after `outcome` failed,
+    /// abort) the probe. Returns (µs armed, µs of the last stop).
+    pub fn finish<T>(mut self, outcome: &Result<T, SimulateError>) -> Result<(u64, u64), SimulateError> {
+        let still: Vec<Write5> = self
+            .writes
+            .iter()
+            .zip(&self.armed)
+            .filter(|(_, armed)| **armed)
+            .map(|(w, _)| w.clone())
+            .collect();
+        let disarm = switch(
+            self.attached,
+            &still,
+            Direction::Backward,
+            DEFAULT_ATTEMPTS,
+            "capture-disarm-",
+            &mut |stopped| Ok(stopped.set_options(nix::sys::ptrace::Options::empty())?),
+        );
+        let armed_us = self.armed_at.elapsed().as_micros() as u64;
+        let transaction = self.transaction.take().expect("finished once");
+        match disarm {
+            Ok(disarm) => {
+                self.attached.forget_breakpoints();
+                self.attached.release_foreign();
+                match outcome {
+                    Ok(_) => transaction.commit(self.target, disarm.pause.pause_us)?,
+                    Err(error) => transaction.abort(self.target, &error.to_string())?,
+                }
+                Ok((armed_us, disarm.pause.pause_us))
+            }
+            Err(error) => {
+                // The transaction stays open for `recover`; detaching
+                // removes any breakpoint still in (see `Attached::detach`).
+                tracing::error!("could not remove the capture breakpoints: {error}");
+                std::mem::forget(transaction);
+                Err(error.into())
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_loop(
-    attached: &mut Attached,
+    probe: &mut Probe,
     sites: &[(FunctionSite, String)],
-    writes: &[Write5],
-    armed: &mut [bool],
     limit: &CaptureLimit,
     cancel: Option<&AtomicBool>,
     stats: &mut CaptureStats,
@@ -195,11 +250,11 @@ fn run_loop(
     progress: &mut dyn FnMut(Progress),
     made: &mut dyn FnMut(i64),
 ) -> Result<(), SimulateError> {
-    let pid = attached.pid();
+    let pid = probe.attached.pid();
     let deadline = limit.within.map(|within| Instant::now() + within);
     let mut counts = vec![0u32; sites.len()];
     const SLICE: Duration = Duration::from_millis(50);
-    while armed.iter().any(|a| *a) {
+    while probe.armed.iter().any(|a| *a) {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             break;
         }
@@ -213,6 +268,7 @@ fn run_loop(
             }
             None => SLICE,
         };
+        let attached = &mut *probe.attached;
         let Some(event) = attached.next_event(wait)? else {
             continue;
         };
@@ -220,11 +276,11 @@ fn run_loop(
             Event::Breakpoint { tid, address, regs } => {
                 let noticed = Instant::now();
                 stats.hits += 1;
-                let Some(index) = writes.iter().position(|w| w.address == address) else {
+                let Some(index) = probe.writes.iter().position(|w| w.address == address) else {
                     attached.step_past_breakpoint(tid, address)?;
                     continue;
                 };
-                if !armed[index] || counts[index] >= limit.calls {
+                if !probe.armed[index] || counts[index] >= limit.calls {
                     attached.step_past_breakpoint(tid, address)?;
                     continue;
                 }
@@ -253,15 +309,7 @@ fn run_loop(
                 });
                 if counts[index] >= limit.calls {
                     // Done with this function: its callers stop paying.
-                    switch(
-                        attached,
-                        std::slice::from_ref(&writes[index]),
-                        Direction::Backward,
-                        DEFAULT_ATTEMPTS,
-                        "capture-disarm-",
-                        &mut |_| Ok(()),
-                    )?;
-                    armed[index] = false;
+                    probe.disarm(index)?;
                 }
             }
             Event::Fault { tid, .. } => {

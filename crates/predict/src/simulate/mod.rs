@@ -21,6 +21,7 @@
 //! target is never left stopped, traced or with a breakpoint in it, and the
 //! only bytes written into it are the journaled probe breakpoints.
 
+pub mod bench;
 pub mod call;
 pub mod capture;
 pub mod compare;
@@ -213,6 +214,7 @@ pub fn simulate(
     }
     let mut template: Option<(ProcessCopy, libc::user_regs_struct)> = None;
     let mut captured = Vec::new();
+    let mut dying: Vec<ProcessCopy> = Vec::new();
 
     if !explicit.is_empty() {
         let mut stopped = attached.stop()?;
@@ -267,7 +269,7 @@ pub fn simulate(
     for item in captured.drain(..) {
         let symbol = prepared.sites[item.function].0.symbol.clone();
         let pair = prepare_pair(item.copy, item.entry, setup, &mut |pid| copies.made(pid))?;
-        let (original, patched, comparison) = run_pair(pair, &item.entry, &plan, sentinel, options)?;
+        let (original, patched, comparison) = run_pair(pair, &item.entry, &plan, sentinel, options, &mut dying)?;
         calls.push(SimulatedCall {
             symbol,
             origin: CallOrigin::Captured {
@@ -291,7 +293,7 @@ pub fn simulate(
             let site = &prepared.sites[*index].0;
             let entry = explicit_entry(live_regs, site.entry, &call.arguments);
             let pair = prepare_pair(copy, entry, setup, &mut |pid| copies.made(pid))?;
-            let (original, patched, comparison) = run_pair(pair, &entry, &plan, sentinel, options)?;
+            let (original, patched, comparison) = run_pair(pair, &entry, &plan, sentinel, options, &mut dying)?;
             calls.push(SimulatedCall {
                 symbol: site.symbol.clone(),
                 origin: CallOrigin::Explicit {
@@ -310,6 +312,7 @@ pub fn simulate(
         }
     }
     drop(template);
+    drop(dying);
     let simulate_us = simulate_started.elapsed().as_micros() as u64;
     copies.reap()?;
     let stats = capture_stats.clone().unwrap_or_default();
@@ -326,13 +329,15 @@ pub fn simulate(
     })
 }
 
-/// Run both copies of a pair and compare them; the copies are killed.
+/// Run both copies of a pair and compare them; the copies are killed and
+/// left in `dying` to be reaped.
 fn run_pair(
     mut pair: CallPair,
     entry: &libc::user_regs_struct,
     plan: &LoadPlan,
     sentinel: u64,
     options: &SimulationOptions,
+    dying: &mut Vec<ProcessCopy>,
 ) -> Result<(RunResult, RunResult, Comparison), SimulateError> {
     let descriptors = |copy: &ProcessCopy, pair: &CallPair| Descriptors {
         inherited: pair.inherited.clone(),
@@ -357,6 +362,12 @@ fn run_pair(
         &options.critical,
         &excluded,
     )?;
+    // Killed now, reaped at the end: a big copy's teardown takes
+    // milliseconds that need not hold up the next call.
+    pair.original.kill_soon();
+    pair.patched.kill_soon();
+    dying.push(pair.original);
+    dying.push(pair.patched);
     Ok((original, patched, comparison))
 }
 
@@ -382,6 +393,7 @@ fn choose_sentinel(pid: i32, maps: &[shadowpatch_target::Mapping]) -> Result<u64
 /// copy is a zombie child of the target until a `wait4` there collects it.
 /// Each pid is also appended to a file in the target's state directory, so
 /// that `recover` can reap the zombies of a session that was killed.
+#[derive(Debug)]
 struct CopiesGuard {
     identity: ProcessIdentity,
     log: PathBuf,
