@@ -17,6 +17,7 @@ use crate::PatchError;
 use nix::unistd::Pid;
 use shadowpatch_mirror::PAGE_SIZE;
 use shadowpatch_symbols::Module;
+use shadowpatch_target::remote::check_result;
 use shadowpatch_target::{Mapping, ProcessCopy, Stopped, TargetMemory};
 
 /// A process stopped under our control that can run syscalls and have its
@@ -154,17 +155,10 @@ pub fn map_image(
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
     let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let got = process.syscall(libc::SYS_mmap, [address, span, prot, flags as u64, u64::MAX, 0])?;
+    let got = check_result(pid, "remote mmap in", got)?;
     let unmap = |process: &mut dyn RemoteProcess, at: u64| {
         let _ = process.syscall(libc::SYS_munmap, [at, span, 0, 0, 0, 0]);
     };
-    if (-4095..0).contains(&got) {
-        return Err(shadowpatch_target::TargetError::Sys {
-            pid,
-            action: "remote mmap in",
-            errno: nix::errno::Errno::from_raw(-got as i32),
-        }
-        .into());
-    }
     if got as u64 != address {
         // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and map elsewhere.
         unmap(process, got as u64);
@@ -180,14 +174,7 @@ pub fn map_image(
                 libc::SYS_mprotect,
                 [address + start, end - start, protection as u64, 0, 0, 0],
             )?;
-            if (-4095..0).contains(&rc) {
-                return Err(shadowpatch_target::TargetError::Sys {
-                    pid,
-                    action: "remote mprotect in",
-                    errno: nix::errno::Errno::from_raw(-rc as i32),
-                }
-                .into());
-            }
+            check_result(pid, "remote mprotect in", rc)?;
         }
         Ok::<(), PatchError>(())
     })();

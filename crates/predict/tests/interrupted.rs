@@ -44,18 +44,6 @@ fn state_of(pid: i32) -> String {
     stat.rsplit_once(") ").unwrap().1[..1].to_string()
 }
 
-fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("children")).ok())
-        .flat_map(|line| {
-            line.split_whitespace()
-                .map(|p| p.parse().unwrap())
-                .collect::<Vec<i32>>()
-        })
-        .collect()
-}
-
 #[test]
 fn killed_at_every_capture_step_recover_removes_the_breakpoints() {
     for &point in CAPTURE_POINTS {
@@ -89,7 +77,7 @@ fn killed_at_every_capture_step_recover_removes_the_breakpoints() {
 
         let armed = point != "capture-begin";
         assert_eq!(live.byte_at(compute) == 0xcc, armed, "{point}: breakpoint left behind");
-        let copies = children(pid);
+        let copies = shadowpatch_fixtures::children_of(pid);
         if point == "capture-copied" {
             assert_eq!(copies.len(), 1, "one copy was made");
             // SIGKILL was sent in the tracer's exit; dying takes a moment

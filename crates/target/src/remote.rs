@@ -110,7 +110,8 @@ impl Stopped<'_> {
     }
 }
 
-fn check_result(pid: i32, action: &'static str, result: i64) -> Result<i64, TargetError> {
+/// A raw syscall result as a value, or the error naming `action` and pid.
+pub fn check_result(pid: i32, action: &'static str, result: i64) -> Result<i64, TargetError> {
     if (-4095..0).contains(&result) {
         return Err(TargetError::Sys {
             pid,

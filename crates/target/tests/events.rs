@@ -8,18 +8,6 @@ use shadowpatch_target::events::{Event, INT3, SESSION_OPTIONS};
 use shadowpatch_target::{Attached, ProcessIdentity};
 use std::time::{Duration, Instant};
 
-fn children_of(pid: i32) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("children")).ok())
-        .flat_map(|line| {
-            line.split_whitespace()
-                .map(|p| p.parse().unwrap())
-                .collect::<Vec<i32>>()
-        })
-        .collect()
-}
-
 /// Field `index` (1-based, as in proc(5)) of /proc/PID/stat.
 fn stat_field(pid: i32, index: usize) -> String {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -167,7 +155,7 @@ fn a_remote_clone_is_an_invisible_child_reaped_inside_the_target() {
     let pids = vec![copy.pid_in_target(), sibling.pid_in_target()];
     copy.kill();
     sibling.kill();
-    let mut children = children_of(pid);
+    let mut children = shadowpatch_fixtures::children_of(pid);
     children.sort();
     let mut expected: Vec<i32> = pids.iter().map(|p| *p as i32).collect();
     expected.sort();
@@ -176,7 +164,10 @@ fn a_remote_clone_is_an_invisible_child_reaped_inside_the_target() {
     let reaped = stopped.reap_copies(&pids).unwrap();
     drop(stopped);
     assert_eq!(reaped, pids);
-    assert!(children_of(pid).is_empty(), "no child left behind");
+    assert!(
+        shadowpatch_fixtures::children_of(pid).is_empty(),
+        "no child left behind"
+    );
     attached.detach().unwrap();
     assert_eq!(fixture.check().unwrap()["errors"], 0);
 }

@@ -266,21 +266,30 @@ pub fn simulate(
     };
     let total = captured.len() + explicit.len();
     let mut calls = Vec::with_capacity(total);
-    for item in captured.drain(..) {
-        let symbol = prepared.sites[item.function].0.symbol.clone();
-        let pair = prepare_pair(item.copy, item.entry, setup, &mut |pid| copies.made(pid))?;
-        let (original, patched, comparison) = run_pair(pair, &item.entry, &plan, sentinel, options, &mut dying)?;
-        calls.push(SimulatedCall {
-            symbol,
-            origin: CallOrigin::Captured {
-                thread: item.thread,
-                pause_us: item.pause_us,
-            },
-            arguments: register_arguments(&item.entry),
+    let mut one = |copy: ProcessCopy,
+                   entry: libc::user_regs_struct,
+                   symbol: &str,
+                   origin: CallOrigin,
+                   copies: &mut CopiesGuard|
+     -> Result<SimulatedCall, SimulateError> {
+        let pair = prepare_pair(copy, entry, setup, &mut |pid| copies.made(pid))?;
+        let (original, patched, comparison) = run_pair(pair, &entry, &plan, sentinel, options, &mut dying)?;
+        Ok(SimulatedCall {
+            symbol: symbol.to_string(),
+            origin,
+            arguments: register_arguments(&entry),
             original,
             patched,
             comparison,
-        });
+        })
+    };
+    for item in captured.drain(..) {
+        let origin = CallOrigin::Captured {
+            thread: item.thread,
+            pause_us: item.pause_us,
+        };
+        let symbol = &prepared.sites[item.function].0.symbol;
+        calls.push(one(item.copy, item.entry, symbol, origin, &mut copies)?);
         progress(Progress::Simulated {
             done: calls.len(),
             total,
@@ -292,19 +301,11 @@ pub fn simulate(
             copies.made(copy.pid_in_target());
             let site = &prepared.sites[*index].0;
             let entry = explicit_entry(live_regs, site.entry, &call.arguments);
-            let pair = prepare_pair(copy, entry, setup, &mut |pid| copies.made(pid))?;
-            let (original, patched, comparison) = run_pair(pair, &entry, &plan, sentinel, options, &mut dying)?;
-            calls.push(SimulatedCall {
-                symbol: site.symbol.clone(),
-                origin: CallOrigin::Explicit {
-                    text: call.text.clone(),
-                    given: call.origin.clone(),
-                },
-                arguments: register_arguments(&entry),
-                original,
-                patched,
-                comparison,
-            });
+            let origin = CallOrigin::Explicit {
+                text: call.text.clone(),
+                given: call.origin.clone(),
+            };
+            calls.push(one(copy, entry, &site.symbol, origin, &mut copies)?);
             progress(Progress::Simulated {
                 done: calls.len(),
                 total,

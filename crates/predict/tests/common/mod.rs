@@ -107,9 +107,12 @@ impl Live {
                 .map(|(_, r)| r.chars().next().unwrap())
                 .unwrap_or('?');
             assert!(state != 't' && state != 'T', "a thread was left stopped ({state})");
-            let children = std::fs::read_to_string(path.join("children")).unwrap_or_default();
-            assert!(children.trim().is_empty(), "children left behind: {children}");
         }
+        let children = shadowpatch_fixtures::children_of(pid);
+        assert!(
+            children.is_empty(),
+            "children left behind (not even a zombie may stay): {children:?}"
+        );
         let identity = shadowpatch_target::ProcessIdentity::of(pid).unwrap();
         let mut live = shadowpatch_target::TargetMemory::open(&identity).unwrap();
         for &(address, original) in functions {
