@@ -93,6 +93,19 @@ fn rust_patches_that_crash_hang_or_answer_wrong_are_caught_on_live_calls() {
 }
 
 #[test]
+fn a_function_starting_with_endbr64_is_captured_too() {
+    let mut live = Live::sim(1);
+    let cet = live.target.number("cet");
+    let original = live.byte_at(cet);
+    assert_eq!(original, 0xf3, "endbr64 first");
+    let manifest = live.manifest("wrong", &[("compute_cet", "compute_wrong")]);
+    let report = live.simulate(&manifest, &capturing(3)).unwrap();
+    assert_eq!(finding(&report, "sim-return-differs").evidence["count"], 3);
+    assert!(report.calls.iter().all(|c| c.original.outcome.returned()));
+    live.assert_untouched(&[(cet, original)]);
+}
+
+#[test]
 fn a_benign_patch_gives_no_finding_that_matters() {
     let mut live = Live::sim(2);
     let compute = live.target.number("compute");
