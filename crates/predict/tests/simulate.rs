@@ -367,3 +367,26 @@ fn a_process_forked_while_breakpoints_are_in_runs_clean() {
     assert_eq!(report.capture.as_ref().unwrap().new_processes, 1);
     live.assert_untouched(&[(compute, original)]);
 }
+
+#[test]
+fn after_repeated_failures_further_calls_are_not_simulated() {
+    let mut live = Live::sim(1);
+    let compute = live.target.number("compute");
+    let original = live.byte_at(compute);
+    let manifest = live.manifest("crash", &[("compute", "compute_crash")]);
+    let mut options = capturing(5);
+    options.stop_after_failures = 2;
+    let report = live.simulate(&manifest, &options).unwrap();
+    assert_eq!(report.calls.len(), 2, "two failures tell the story");
+    assert_eq!(report.capture.as_ref().unwrap().captured, 5);
+    assert_eq!(finding(&report, "sim-patched-crashes").evidence["count"], 2);
+    assert!(
+        report
+            .unavailable
+            .iter()
+            .any(|u| u.contains("3 more captured calls of compute not simulated")),
+        "{:?}",
+        report.unavailable
+    );
+    live.assert_untouched(&[(compute, original)]);
+}

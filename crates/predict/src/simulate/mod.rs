@@ -103,7 +103,7 @@ impl SimulateError {
 }
 
 /// What to simulate, and how.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SimulationOptions {
     /// Capture live calls of every replaced function.
     pub capture: Option<CaptureLimit>,
@@ -114,9 +114,27 @@ pub struct SimulationOptions {
     pub critical: Vec<(u64, u64)>,
     /// Budgets of each run.
     pub limits: Limits,
+    /// Once the patched function crashed, hung or exited on this many
+    /// calls of one function, its further captured calls are not simulated
+    /// (each hang costs a whole time budget, and they tell the same story).
+    /// 0: simulate them all.
+    pub stop_after_failures: u32,
     /// Set to end a capture early (e.g. on Ctrl-C): the breakpoints are
     /// removed and what was captured is simulated.
     pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Default for SimulationOptions {
+    fn default() -> Self {
+        SimulationOptions {
+            capture: None,
+            calls: Vec::new(),
+            critical: Vec::new(),
+            limits: Limits::default(),
+            stop_after_failures: 3,
+            cancel: None,
+        }
+    }
 }
 
 /// Progress of a simulation, for a progress display.
@@ -283,13 +301,23 @@ pub fn simulate(
             comparison,
         })
     };
+    let mut failures = vec![0u32; prepared.sites.len()];
+    let mut skipped = vec![0u32; prepared.sites.len()];
     for item in captured.drain(..) {
         let origin = CallOrigin::Captured {
             thread: item.thread,
             pause_us: item.pause_us,
         };
+        if options.stop_after_failures > 0 && failures[item.function] >= options.stop_after_failures {
+            skipped[item.function] += 1;
+            continue;
+        }
         let symbol = &prepared.sites[item.function].0.symbol;
-        calls.push(one(item.copy, item.entry, symbol, origin, &mut copies)?);
+        let call = one(item.copy, item.entry, symbol, origin, &mut copies)?;
+        if call.comparison.verdict == CallVerdict::PatchedFailed {
+            failures[item.function] += 1;
+        }
+        calls.push(call);
         progress(Progress::Simulated {
             done: calls.len(),
             total,
@@ -311,6 +339,12 @@ pub fn simulate(
                 total,
             });
         }
+    }
+    for (index, count) in skipped.iter().enumerate().filter(|(_, count)| **count > 0) {
+        unavailable.push(format!(
+            "simulation: {count} more captured calls of {} not simulated: the patched function already failed on {}",
+            prepared.sites[index].0.symbol, options.stop_after_failures
+        ));
     }
     drop(template);
     drop(dying);
@@ -427,6 +461,13 @@ impl CopiesGuard {
     /// Reap every (dead) copy inside the target, in one short stop.
     fn reap(&mut self) -> Result<(), SimulateError> {
         if self.pids.is_empty() {
+            let _ = std::fs::remove_file(&self.log);
+            return Ok(());
+        }
+        if self.identity.check_alive().is_err() {
+            // The target is gone: its zombies went to init, which reaps
+            // them (reparenting turns their exit signal into SIGCHLD).
+            self.pids.clear();
             let _ = std::fs::remove_file(&self.log);
             return Ok(());
         }
