@@ -240,8 +240,9 @@ impl Attached {
                 });
             }
             // Everything we know is stopped; threads created before their
-            // parent stopped appear now. None new: the world is stopped.
-            if self.seize_new_threads()? == 0 {
+            // parent stopped appear now (or were registered from a clone
+            // event met while waiting). None new: the world is stopped.
+            if self.seize_new_threads()? == 0 && self.threads.values().all(|s| s.stopped) {
                 return Ok(());
             }
         }
