@@ -48,7 +48,12 @@ fn catches_crash_hang_and_wrong_answer(mut live: Live, symbol: &str, patch_prefi
                     "{:?}",
                     call.patched.outcome
                 ),
-                "hang" => assert_eq!(call.patched.outcome, Outcome::Hung { budget: "time".into() }),
+                "hang" => assert_eq!(
+                    call.patched.outcome,
+                    Outcome::Hung {
+                        budget: "cpu time".into()
+                    }
+                ),
                 _ => {
                     let (Outcome::Returned { value: a, .. }, Outcome::Returned { value: b, .. }) =
                         (&call.original.outcome, &call.patched.outcome)
@@ -256,7 +261,8 @@ fn an_original_that_faults_or_hangs_is_inconclusive_not_a_patch_failure() {
             parse_call("divide(7, 2)").unwrap(),
         ],
         limits: shadowpatch_predict::simulate::Limits {
-            time: Duration::from_millis(300),
+            cpu: Duration::from_millis(300),
+            wall: Duration::from_secs(10),
             syscalls: 100,
         },
         ..SimulationOptions::default()
@@ -270,7 +276,9 @@ fn an_original_that_faults_or_hangs_is_inconclusive_not_a_patch_failure() {
     assert!(matches!(&report.calls[0].original.outcome, Outcome::Crashed { signal, .. } if signal == "SIGFPE"));
     assert_eq!(
         report.calls[1].original.outcome,
-        Outcome::Hung { budget: "time".into() }
+        Outcome::Hung {
+            budget: "cpu time".into()
+        }
     );
     let inconclusive = finding(&report, "sim-inconclusive");
     assert_eq!(inconclusive.severity, Severity::Info);

@@ -292,10 +292,14 @@ fn reap(pid: Pid) -> Result<(), Errno> {
     }
 }
 
-/// A time budget for a running copy: when it expires before being
-/// dropped, the copy is sent SIGSTOP, which ends any blocking [`ProcessCopy::wait`]
-/// with a signal stop; [`Deadline::expired`] then tells a hang from a stop
-/// of the copy's own. A stop, not a kill: the copy's memory stays readable.
+/// The time budget of a running copy, kept by a watchdog thread: when the
+/// copy has used `cpu` of processor time, or `wall` has passed, the copy is
+/// sent SIGSTOP, which ends any blocking [`ProcessCopy::wait`] with a
+/// signal stop; [`Deadline::expired`] then tells a hang from a stop of the
+/// copy's own. A stop, not a kill: the copy's memory stays readable.
+/// Processor time, not wall time, is what a busy loop burns: a copy
+/// starved of a core on a loaded machine is not taken for a hang; the wall
+/// budget catches a copy blocked forever (a lock no thread will release).
 #[derive(Debug)]
 pub struct Deadline {
     shared: Arc<(Mutex<DeadlineState>, Condvar)>,
@@ -305,27 +309,47 @@ pub struct Deadline {
 #[derive(Debug, Default)]
 struct DeadlineState {
     cancelled: bool,
-    expired: bool,
+    expired: Option<&'static str>,
 }
 
+/// How often the watchdog reads the copy's processor time.
+const CPU_CHECK: std::time::Duration = std::time::Duration::from_millis(5);
+
 impl Deadline {
-    /// Stop `copy` at `at` unless dropped before.
-    pub fn arm(copy: &ProcessCopy, at: Instant) -> Deadline {
+    /// Stop `copy` once it used `cpu` of processor time or at `wall`,
+    /// unless dropped before.
+    pub fn arm(copy: &ProcessCopy, cpu: std::time::Duration, wall: Instant) -> Deadline {
         let shared = Arc::new((Mutex::new(DeadlineState::default()), Condvar::new()));
         let pid = copy.pid;
+        let clock = nix::time::ClockId::pid_cpu_clock_id(pid).ok();
+        let start = clock.and_then(|c| c.now().ok()).map(std::time::Duration::from);
         let watcher = shared.clone();
         let thread = std::thread::spawn(move || {
             let (lock, condvar) = &*watcher;
             let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
             while !state.cancelled {
                 let now = Instant::now();
-                if now >= at {
-                    state.expired = true;
+                let used = match (clock, start) {
+                    (Some(clock), Some(start)) => clock
+                        .now()
+                        .ok()
+                        .map(|t| std::time::Duration::from(t).saturating_sub(start)),
+                    _ => None,
+                };
+                let reason = if now >= wall {
+                    Some("wall time")
+                } else if used.is_some_and(|used| used >= cpu) {
+                    Some("cpu time")
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    state.expired = Some(reason);
                     let _ = kill(pid, Signal::SIGSTOP);
                     return;
                 }
                 state = condvar
-                    .wait_timeout(state, at - now)
+                    .wait_timeout(state, (wall - now).min(CPU_CHECK))
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
@@ -336,8 +360,8 @@ impl Deadline {
         }
     }
 
-    /// Whether the budget ran out.
-    pub fn expired(&self) -> bool {
+    /// Which budget ran out, if one did: "cpu time" or "wall time".
+    pub fn expired(&self) -> Option<&'static str> {
         self.shared.0.lock().unwrap_or_else(|p| p.into_inner()).expired
     }
 }

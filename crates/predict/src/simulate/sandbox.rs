@@ -18,8 +18,11 @@ const DIGEST_LIMIT: u64 = 1 << 20;
 /// Budgets of one run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Limits {
-    /// Wall-clock time for the call.
-    pub time: Duration,
+    /// Processor time the call may use (a busy loop burns it; a copy
+    /// waiting for a core on a loaded machine does not).
+    pub cpu: Duration,
+    /// Wall-clock time for the call (a copy blocked forever).
+    pub wall: Duration,
     /// System calls the call may make.
     pub syscalls: u32,
 }
@@ -27,7 +30,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            time: Duration::from_secs(1),
+            cpu: Duration::from_secs(1),
+            wall: Duration::from_secs(10),
             syscalls: 10_000,
         }
     }
@@ -49,7 +53,7 @@ pub enum Outcome {
         address: u64,
         rip: u64,
     },
-    /// Over budget: "time" or "syscalls".
+    /// Over budget: "cpu time", "wall time" or "syscalls".
     Hung { budget: String },
     /// The function ended the process (`exit`, `exit_group`).
     Exited { code: i32 },
@@ -133,9 +137,11 @@ pub fn run(
     limits: &Limits,
 ) -> Result<RunResult, TargetError> {
     let started = Instant::now();
-    let deadline = Deadline::arm(copy, started + limits.time);
+    let deadline = Deadline::arm(copy, limits.cpu, started + limits.wall);
     let mut result = RunResult {
-        outcome: Outcome::Hung { budget: "time".into() },
+        outcome: Outcome::Hung {
+            budget: "wall time".into(),
+        },
         fd_writes: Vec::new(),
         side_effects: Vec::new(),
         syscalls: 0,
@@ -147,8 +153,8 @@ pub fn run(
     loop {
         copy.resume(Resume::Syscall, deliver.take())?;
         let stop = copy.wait()?;
-        if deadline.expired() {
-            result.outcome = Outcome::Hung { budget: "time".into() };
+        if let Some(budget) = deadline.expired() {
+            result.outcome = Outcome::Hung { budget: budget.into() };
             break;
         }
         match stop {

@@ -154,7 +154,8 @@ pub fn capturing(calls: u32) -> SimulationOptions {
             within: Some(Duration::from_secs(30)),
         }),
         limits: Limits {
-            time: Duration::from_millis(300),
+            cpu: Duration::from_millis(300),
+            wall: Duration::from_secs(10),
             syscalls: 1000,
         },
         ..SimulationOptions::default()
