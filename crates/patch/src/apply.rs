@@ -17,12 +17,11 @@
 use crate::activate::{switch, Activation, Direction, DEFAULT_ATTEMPTS};
 use crate::clobber::{clobbered, CodeSource, RegisterSet};
 use crate::fault;
-use crate::journal::{Journal, PatchRecord, PatchedFunction, Record, TxnKind, Write5};
-use crate::load::{choose_address, relocate};
+use crate::journal::{Journal, PatchRecord, Record, TxnKind, Write5};
+use crate::load::{map_image, plan_load, LoadPlan, StoppedThread};
 use crate::object::{DefinedSymbol, PatchObject};
 use crate::state::{ensure_baseline, now_ms, staged_path, TargetState};
-use crate::thunk;
-use crate::trampoline::{examine_site, jump, EntryProblem, FunctionSite, JUMP_LEN};
+use crate::trampoline::{examine_site, EntryProblem, FunctionSite};
 use crate::{Manifest, PatchError};
 use shadowpatch_mirror::{derive, AddedRegion, Edit, MirrorFile, RegionKind, RegionSpec, StateDir, PAGE_SIZE};
 use shadowpatch_symbols::{modules_of, Module};
@@ -414,62 +413,13 @@ fn apply_transaction(
     let generation = previous_generation + 1;
 
     let mut attached = Attached::seize(&prepared.identity)?;
-    // Layout: the object's pages, then (if any replacement needs one) a
-    // page-rounded area of register-preserving thunks, mapped r-x.
-    let thunk_sizes: Vec<usize> = prepared
-        .extra
-        .iter()
-        .map(|extra| {
-            if *extra == RegisterSet::default() {
-                0
-            } else {
-                thunk::build(0, 0, *extra).len()
-            }
-        })
-        .collect();
-    let thunk_area = (thunk_sizes.iter().sum::<usize>() as u64).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
-    let object_span = prepared.object.span;
-    let span = object_span + thunk_area;
-    let address = choose_address(&prepared.maps, &prepared.module, span, 0)?;
-    let mut image = relocate(
-        &prepared.object,
+    let LoadPlan {
         address,
-        &prepared.module,
-        &prepared.modules,
-        attached.memory(),
-    )?;
-    image.resize(span as usize, 0);
-    let mut protections = prepared.object.page_protections();
-    if thunk_area > 0 {
-        protections.push((object_span, span, libc::PROT_READ | libc::PROT_EXEC));
-    }
-    let mut functions = Vec::new();
-    let mut thunk_offset = object_span;
-    for (((site, with), extra), size) in prepared.sites.iter().zip(&prepared.extra).zip(&thunk_sizes) {
-        let new_address = address + prepared.object.function(with)?.address;
-        let (jump_to, preserved) = if *size == 0 {
-            (new_address, None)
-        } else {
-            let thunk_address = address + thunk_offset;
-            let bytes = thunk::build(thunk_address, new_address, *extra);
-            image[thunk_offset as usize..thunk_offset as usize + bytes.len()].copy_from_slice(&bytes);
-            thunk_offset += bytes.len() as u64;
-            (thunk_address, Some(extra.names()))
-        };
-        let new = jump(&site.symbol, site.patch_at, jump_to)?;
-        let original = attached.memory().read_vec(site.patch_at, JUMP_LEN as usize)?;
-        functions.push(PatchedFunction {
-            site: site.clone(),
-            with: with.clone(),
-            new_address,
-            write: Write5 {
-                address: site.patch_at,
-                original,
-                new,
-            },
-            preserved,
-        });
-    }
+        span,
+        image,
+        protections,
+        functions,
+    } = plan_load(&prepared, attached.memory())?;
     let record = PatchRecord {
         id: prepared.manifest.id.clone(),
         generation,
@@ -584,31 +534,17 @@ fn load(
     address: u64,
     image: &[u8],
 ) -> Result<u64, PatchError> {
-    let span = image.len() as u64;
-    let pid = attached.pid();
     let mut stopped = attached.stop()?;
     let tid = stopped.borrowable_thread();
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
-    let got = stopped.remote_mmap(tid, address, span, libc::PROT_READ | libc::PROT_WRITE, flags)?;
-    if got != address {
-        // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and map elsewhere.
-        let _ = stopped.remote_munmap(tid, got, span);
-        return Err(PatchError::NoRoom {
-            module: format!("pid {pid} (mmap placed it at {got:#x})"),
-            span,
-        });
-    }
-    let result = (|| {
-        stopped.memory().write(address, image)?;
-        for &(start, end, protection) in protections {
-            stopped.remote_mprotect(tid, address + start, end - start, protection)?;
-        }
-        Ok::<(), PatchError>(())
-    })();
-    if let Err(error) = result {
-        let _ = stopped.remote_munmap(tid, address, span);
-        return Err(error);
-    }
+    map_image(
+        &mut StoppedThread {
+            stopped: &mut stopped,
+            tid,
+        },
+        protections,
+        address,
+        image,
+    )?;
     Ok(stopped.resume()?.pause_us)
 }
 

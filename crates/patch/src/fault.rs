@@ -17,6 +17,10 @@ pub const APPLY_POINTS: &[&str] = &[
 /// The points a rollback passes.
 pub const ROLLBACK_POINTS: &[&str] = &["rollback-begin", "rollback-partial-write", "rollback-written"];
 
+/// The points a simulation's capture passes: probe journaled, breakpoints
+/// written, first live call copied.
+pub const CAPTURE_POINTS: &[&str] = &["capture-begin", "capture-armed", "capture-copied"];
+
 /// Die here if the environment asks for it.
 pub fn point(name: &str) {
     if std::env::var("SHADOWPATCH_FAULT").is_ok_and(|wanted| wanted == name) {

@@ -1,13 +1,189 @@
 //! Loading a patch object into the target: choose an address within
 //! `jmp rel32` reach of the module being patched, relocate the image
-//! ourselves, then (inside a stop) map it with a remote `mmap`, write it and
-//! set each page's protection with remote `mprotect`.
+//! ourselves, lay out register-preserving thunks and each entry's jump
+//! (`plan_load`), then (inside a stop) map it with a remote `mmap`, write it
+//! and set each page's protection with remote `mprotect` (`map_image`).
+//! Both work on any process that can run remote syscalls: the live target
+//! (`apply`) or a copy of it (simulation).
 
+use crate::apply::Prepared;
+use crate::clobber::RegisterSet;
+use crate::journal::{PatchedFunction, Write5};
 use crate::object::{PatchObject, RelocationKind};
 use crate::resolve::resolve_symbol;
+use crate::thunk;
+use crate::trampoline::{jump, JUMP_LEN};
 use crate::PatchError;
+use nix::unistd::Pid;
+use shadowpatch_mirror::PAGE_SIZE;
 use shadowpatch_symbols::Module;
-use shadowpatch_target::{Mapping, TargetMemory};
+use shadowpatch_target::remote::check_result;
+use shadowpatch_target::{Mapping, ProcessCopy, Stopped, TargetMemory};
+
+/// A process stopped under our control that can run syscalls and have its
+/// memory written: a thread of the stopped live target, or a copy.
+pub trait RemoteProcess {
+    fn pid(&self) -> i32;
+    /// Run a syscall; the raw result (negative errno on failure).
+    fn syscall(&mut self, number: i64, args: [u64; 6]) -> Result<i64, PatchError>;
+    fn memory(&mut self) -> &mut TargetMemory;
+}
+
+/// A borrowed thread of the stopped target.
+#[derive(Debug)]
+pub struct StoppedThread<'s, 'a> {
+    pub stopped: &'s mut Stopped<'a>,
+    pub tid: Pid,
+}
+
+impl RemoteProcess for StoppedThread<'_, '_> {
+    fn pid(&self) -> i32 {
+        self.stopped.pid()
+    }
+
+    fn syscall(&mut self, number: i64, args: [u64; 6]) -> Result<i64, PatchError> {
+        Ok(self.stopped.remote_syscall(self.tid, number, args)?)
+    }
+
+    fn memory(&mut self) -> &mut TargetMemory {
+        self.stopped.memory()
+    }
+}
+
+impl RemoteProcess for ProcessCopy {
+    fn pid(&self) -> i32 {
+        ProcessCopy::pid(self).as_raw()
+    }
+
+    fn syscall(&mut self, number: i64, args: [u64; 6]) -> Result<i64, PatchError> {
+        Ok(self.remote_syscall(number, args)?)
+    }
+
+    fn memory(&mut self) -> &mut TargetMemory {
+        ProcessCopy::memory(self)
+    }
+}
+
+/// Where and what to load, and each entry's jump.
+#[derive(Debug, Clone)]
+pub struct LoadPlan {
+    pub address: u64,
+    pub span: u64,
+    /// The relocated object followed by its thunks, `span` bytes.
+    pub image: Vec<u8>,
+    /// `(start, end, prot)` offsets into the image.
+    pub protections: Vec<(u64, u64, i32)>,
+    /// Per replacement: its site, the new code and the entry write.
+    pub functions: Vec<PatchedFunction>,
+}
+
+/// Lay out the patch for `prepared`'s target: an address near the module,
+/// the relocated image, a thunk for each replacement that changes more
+/// registers than the original, and each entry's jump (the entry's current
+/// bytes, read from `memory`, as the write's original).
+pub fn plan_load(prepared: &Prepared, memory: &mut TargetMemory) -> Result<LoadPlan, PatchError> {
+    // Layout: the object's pages, then (if any replacement needs one) a
+    // page-rounded area of register-preserving thunks, mapped r-x.
+    let thunk_sizes: Vec<usize> = prepared
+        .extra
+        .iter()
+        .map(|extra| {
+            if *extra == RegisterSet::default() {
+                0
+            } else {
+                thunk::build(0, 0, *extra).len()
+            }
+        })
+        .collect();
+    let thunk_area = (thunk_sizes.iter().sum::<usize>() as u64).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+    let object_span = prepared.object.span;
+    let span = object_span + thunk_area;
+    let address = choose_address(&prepared.maps, &prepared.module, span, 0)?;
+    let mut image = relocate(&prepared.object, address, &prepared.module, &prepared.modules, memory)?;
+    image.resize(span as usize, 0);
+    let mut protections = prepared.object.page_protections();
+    if thunk_area > 0 {
+        protections.push((object_span, span, libc::PROT_READ | libc::PROT_EXEC));
+    }
+    let mut functions = Vec::new();
+    let mut thunk_offset = object_span;
+    for (((site, with), extra), size) in prepared.sites.iter().zip(&prepared.extra).zip(&thunk_sizes) {
+        let new_address = address + prepared.object.function(with)?.address;
+        let (jump_to, preserved) = if *size == 0 {
+            (new_address, None)
+        } else {
+            let thunk_address = address + thunk_offset;
+            let bytes = thunk::build(thunk_address, new_address, *extra);
+            image[thunk_offset as usize..thunk_offset as usize + bytes.len()].copy_from_slice(&bytes);
+            thunk_offset += bytes.len() as u64;
+            (thunk_address, Some(extra.names()))
+        };
+        let new = jump(&site.symbol, site.patch_at, jump_to)?;
+        let original = memory.read_vec(site.patch_at, JUMP_LEN as usize)?;
+        functions.push(PatchedFunction {
+            site: site.clone(),
+            with: with.clone(),
+            new_address,
+            write: Write5 {
+                address: site.patch_at,
+                original,
+                new,
+            },
+            preserved,
+        });
+    }
+    Ok(LoadPlan {
+        address,
+        span,
+        image,
+        protections,
+        functions,
+    })
+}
+
+/// Map `image` at `address` in `process` (remote `mmap`, fixed, never
+/// replacing anything), write it and set each range's protection. Undoes
+/// the mapping on failure.
+pub fn map_image(
+    process: &mut dyn RemoteProcess,
+    protections: &[(u64, u64, i32)],
+    address: u64,
+    image: &[u8],
+) -> Result<(), PatchError> {
+    let span = image.len() as u64;
+    let pid = process.pid();
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let got = process.syscall(libc::SYS_mmap, [address, span, prot, flags as u64, u64::MAX, 0])?;
+    let got = check_result(pid, "remote mmap in", got)?;
+    let unmap = |process: &mut dyn RemoteProcess, at: u64| {
+        let _ = process.syscall(libc::SYS_munmap, [at, span, 0, 0, 0, 0]);
+    };
+    if got as u64 != address {
+        // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and map elsewhere.
+        unmap(process, got as u64);
+        return Err(PatchError::NoRoom {
+            module: format!("pid {pid} (mmap placed it at {got:#x})"),
+            span,
+        });
+    }
+    let result = (|| {
+        process.memory().write(address, image)?;
+        for &(start, end, protection) in protections {
+            let rc = process.syscall(
+                libc::SYS_mprotect,
+                [address + start, end - start, protection as u64, 0, 0, 0],
+            )?;
+            check_result(pid, "remote mprotect in", rc)?;
+        }
+        Ok::<(), PatchError>(())
+    })();
+    if let Err(error) = result {
+        unmap(process, address);
+        return Err(error);
+    }
+    Ok(())
+}
 
 const PAGE: u64 = 4096;
 /// Everything in the mapping must be reachable from every replaced entry.

@@ -17,7 +17,7 @@ use crate::activate::{switch, Direction, DEFAULT_ATTEMPTS};
 use crate::apply::publish;
 use crate::journal::{OpenTxn, Record, TxnKind, Write5};
 use crate::rollback::{collect_retired, finish_rollback, retire_or_unmap};
-use crate::state::{is_mapped, staged_path, unmap, TargetState};
+use crate::state::{copies_log_path, is_mapped, staged_path, unmap, TargetState};
 use crate::PatchError;
 use shadowpatch_mirror::StateDir;
 use shadowpatch_target::maps::read_maps;
@@ -47,6 +47,8 @@ pub struct RecoverOutcome {
     pub active_patches: Vec<String>,
     /// Patch mappings still left in place because a thread may use them.
     pub retired_left: usize,
+    /// Zombie copies a killed simulation left in the target, reaped.
+    pub copies_reaped: usize,
 }
 
 enum Live {
@@ -94,6 +96,7 @@ fn recover_transaction(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, Pat
         // Nothing interrupted; still unmap what earlier rollbacks retired.
         let txn = target.journal_state.next_txn;
         collect_retired(&mut attached, &mut target, txn);
+        let copies_reaped = reap_logged_copies(&mut attached, &target.dir)?;
         attached.detach()?;
         return Ok(RecoverOutcome {
             pid,
@@ -104,6 +107,7 @@ fn recover_transaction(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, Pat
             total: 0,
             active_patches: target.journal_state.active.iter().map(|p| p.id.clone()).collect(),
             retired_left: crate::journal::Journal::replay(&target.dir)?.retired.len(),
+            copies_reaped,
         });
     };
     let (state_reached, written, total) = match open.kind {
@@ -111,6 +115,7 @@ fn recover_transaction(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, Pat
         TxnKind::Rollback => recover_rollback(&mut attached, &mut target, &open)?,
         TxnKind::Heal | TxnKind::Probe | TxnKind::Repoint => recover_writes(&mut attached, &mut target, &open)?,
     };
+    let copies_reaped = reap_logged_copies(&mut attached, &target.dir)?;
     attached.detach()?;
     let journal_state = crate::journal::Journal::replay(&target.dir)?;
     Ok(RecoverOutcome {
@@ -122,7 +127,46 @@ fn recover_transaction(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, Pat
         total,
         active_patches: journal_state.active.iter().map(|p| p.id.clone()).collect(),
         retired_left: journal_state.retired.len(),
+        copies_reaped,
     })
+}
+
+/// Reap the zombie copies a killed simulation left in the target (listed
+/// in `copies_log_path`), in one stop. Only a listed pid that is a dead
+/// child of the target with exit signal 0, as copies are, is reaped: a
+/// recycled pid now naming one of the service's own children is left to it.
+fn reap_logged_copies(attached: &mut Attached, dir: &Path) -> Result<usize, PatchError> {
+    let log = copies_log_path(dir);
+    let Ok(text) = std::fs::read_to_string(&log) else {
+        return Ok(0);
+    };
+    let target = attached.pid();
+    let zombies: Vec<i64> = text
+        .lines()
+        .filter_map(|line| line.trim().parse::<i64>().ok())
+        .filter(|pid| is_dead_copy(target, *pid))
+        .collect();
+    let mut reaped = Vec::new();
+    if !zombies.is_empty() {
+        let mut stopped = attached.stop()?;
+        reaped = stopped.reap_copies(&zombies)?;
+        stopped.resume()?;
+    }
+    let _ = std::fs::remove_file(&log);
+    Ok(reaped.len())
+}
+
+/// A zombie whose parent is `target` and whose exit signal is 0.
+fn is_dead_copy(target: i32, pid: i64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields from 3 (state): state is [0], ppid [1], exit_signal (38) [35].
+    fields.first() == Some(&"Z") && fields.get(1) == Some(&target.to_string().as_str()) && fields.get(35) == Some(&"0")
 }
 
 fn recover_apply(

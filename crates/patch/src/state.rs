@@ -161,6 +161,13 @@ pub fn ensure_baseline(
     Ok(latest)
 }
 
+/// Copies of the target a simulation made (their pids in the target, one
+/// per line), kept until they are reaped: after a killed simulation,
+/// `recover` reaps the zombies listed here.
+pub fn copies_log_path(dir: &Path) -> PathBuf {
+    dir.join("simulation-copies")
+}
+
 pub fn staged_path(dir: &Path, generation: u32) -> PathBuf {
     dir.join(format!("gen-{generation:06}.mirror.staged"))
 }

@@ -17,6 +17,7 @@ pub mod context;
 pub mod engine;
 pub mod error;
 pub mod finding;
+pub mod simulate;
 pub mod static_analysis;
 
 pub use context::{ContextOptions, ContextReport};

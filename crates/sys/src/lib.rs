@@ -10,6 +10,7 @@ pub mod pidfd;
 pub mod ptrace_ext;
 pub mod sched;
 pub mod scratch;
+pub mod siginfo;
 pub mod uffd;
 
 pub use nix::errno::Errno;

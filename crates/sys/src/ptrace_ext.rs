@@ -1,4 +1,5 @@
-//! ptrace requests missing from `nix`: `PTRACE_LISTEN`.
+//! ptrace requests missing from `nix` (`PTRACE_LISTEN`) or wrongly wrapped
+//! there (`PTRACE_GET_SYSCALL_INFO`).
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
@@ -20,4 +21,41 @@ pub fn listen(tid: Pid) -> Result<(), Errno> {
         )
     };
     Errno::result(rc).map(drop)
+}
+
+/// Where a tracee stopped for a syscall (PTRACE_GET_SYSCALL_INFO's `op`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyscallStop {
+    Entry,
+    Exit,
+    /// Not a syscall stop (or a seccomp stop).
+    Other,
+}
+
+/// `PTRACE_GET_SYSCALL_INFO`: whether a tracee in a syscall stop is at the
+/// entry or the exit. (nix's `syscall_info` passes a zero buffer size, so
+/// the kernel copies nothing and its result is uninitialised memory.)
+pub fn syscall_stop(tid: Pid) -> Result<SyscallStop, Errno> {
+    let mut info = std::mem::MaybeUninit::<libc::ptrace_syscall_info>::zeroed();
+    // SAFETY: the kernel writes at most `size` bytes (the structure's size)
+    // into `info`, which we own and which outlives the call; the structure
+    // is plain data, valid when zeroed, so reading `op` afterwards is sound
+    // however much the kernel filled in.
+    let rc = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GET_SYSCALL_INFO,
+            tid.as_raw(),
+            std::mem::size_of::<libc::ptrace_syscall_info>(),
+            info.as_mut_ptr(),
+        )
+    };
+    Errno::result(rc)?;
+    // SAFETY: zero-initialised above and only ever written by the kernel
+    // with a valid structure: every bit pattern of it is valid plain data.
+    let info = unsafe { info.assume_init() };
+    Ok(match info.op {
+        libc::PTRACE_SYSCALL_INFO_ENTRY => SyscallStop::Entry,
+        libc::PTRACE_SYSCALL_INFO_EXIT => SyscallStop::Exit,
+        _ => SyscallStop::Other,
+    })
 }

@@ -15,12 +15,12 @@
 use crate::memory::TargetMemory;
 use crate::{ProcessIdentity, TargetError};
 use nix::errno::Errno;
-use nix::sys::ptrace::{self, Event};
+use nix::sys::ptrace;
 use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 use shadowpatch_sys::sched::RealtimeGuard;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How many scans of /proc/PID/task may still find new threads before we
@@ -38,13 +38,14 @@ pub enum StopPriority {
 
 /// Per-thread tracer state.
 #[derive(Debug, Clone, Default)]
-struct ThreadState {
-    /// In a ptrace-stop we caused (interrupt or group-stop).
-    stopped: bool,
+pub(crate) struct ThreadState {
+    /// In a ptrace-stop we caused (interrupt or group-stop), or held at an
+    /// event reported by `next_event` until `resume_thread`.
+    pub(crate) stopped: bool,
     /// Stopped in job-control group-stop: resume with PTRACE_LISTEN.
-    group_stop: bool,
+    pub(crate) group_stop: bool,
     /// A signal caught while stopping, to deliver when we resume.
-    pending_signal: Option<Signal>,
+    pub(crate) pending_signal: Option<Signal>,
 }
 
 /// All threads of one target, seized. Dropping it resumes and detaches
@@ -52,11 +53,25 @@ struct ThreadState {
 #[derive(Debug)]
 pub struct Attached {
     identity: ProcessIdentity,
-    threads: BTreeMap<Pid, ThreadState>,
+    pub(crate) threads: BTreeMap<Pid, ThreadState>,
     priority: StopPriority,
     /// Address of a `syscall` instruction in the target, found on first use.
     pub(crate) syscall_instruction: Option<u64>,
+    /// Address of a `syscall; ret` sequence, for remote clones (see `remote`).
+    pub(crate) syscall_return_gadget: Option<Option<u64>>,
     memory: TargetMemory,
+    /// ptrace options every traced thread carries (none outside sessions).
+    pub(crate) options: ptrace::Options,
+    /// Breakpoints (`int3`) the caller placed, with the byte each replaced:
+    /// their traps are recognised, never delivered to the target.
+    pub(crate) breakpoints: BTreeMap<u64, u8>,
+    /// Processes the target created while traced with fork options: kept
+    /// traced only while they may share memory holding our breakpoints.
+    pub(crate) foreign: BTreeMap<Pid, crate::events::ForeignProcess>,
+    /// Events noticed while stopping the world, reported by `next_event`.
+    pub(crate) queued: VecDeque<crate::events::Event>,
+    /// Longest sleep between two polls of `next_event`.
+    pub(crate) poll_interval: Duration,
 }
 
 /// The timings of one stop-the-world window.
@@ -86,7 +101,13 @@ impl Attached {
             threads: BTreeMap::new(),
             priority: StopPriority::RealtimeIfPermitted,
             syscall_instruction: None,
+            syscall_return_gadget: None,
             memory,
+            options: ptrace::Options::empty(),
+            breakpoints: BTreeMap::new(),
+            foreign: BTreeMap::new(),
+            queued: VecDeque::new(),
+            poll_interval: crate::events::DEFAULT_POLL_INTERVAL,
         };
         for _round in 0..MAX_SCAN_ROUNDS {
             if attached.seize_new_threads()? == 0 {
@@ -132,13 +153,20 @@ impl Attached {
             if self.threads.contains_key(&tid) {
                 continue;
             }
-            match ptrace::seize(tid, ptrace::Options::empty()) {
+            match ptrace::seize(tid, self.options) {
                 Ok(()) => {
                     self.threads.insert(tid, ThreadState::default());
                     new += 1;
                 }
                 // The thread exited between the listing and the seize.
                 Err(Errno::ESRCH) => {}
+                // Auto-attached by PTRACE_O_TRACECLONE before its parent's
+                // clone event reached us: already ours, it reports its
+                // initial stop like any running thread.
+                Err(Errno::EPERM) if crate::events::traced_by_us(pid, tid) => {
+                    self.threads.insert(tid, ThreadState::default());
+                    new += 1;
+                }
                 Err(Errno::EPERM) if tid.as_raw() != pid && self.threads.is_empty() => {
                     return Err(TargetError::PermissionDenied {
                         pid,
@@ -212,8 +240,9 @@ impl Attached {
                 });
             }
             // Everything we know is stopped; threads created before their
-            // parent stopped appear now. None new: the world is stopped.
-            if self.seize_new_threads()? == 0 {
+            // parent stopped appear now (or were registered from a clone
+            // event met while waiting). None new: the world is stopped.
+            if self.seize_new_threads()? == 0 && self.threads.values().all(|s| s.stopped) {
                 return Ok(());
             }
         }
@@ -225,7 +254,9 @@ impl Attached {
     }
 
     /// Wait until `tid` reports our interrupt (or a group-stop), passing on
-    /// any signal that arrives first. Removes the thread if it exited.
+    /// any signal that arrives first. Removes the thread if it exited. The
+    /// other stops met on the way are absorbed as `events::absorb` says
+    /// (breakpoint traps rewound and suppressed, clone events registered).
     fn wait_for_stop(&mut self, tid: Pid) -> Result<(), TargetError> {
         loop {
             let status = match waitpid(tid, Some(WaitPidFlag::__WALL)) {
@@ -238,32 +269,10 @@ impl Attached {
                 Err(Errno::EINTR) => continue,
                 Err(errno) => return Err(TargetError::from_errno(self.identity.pid, "waiting for", errno)),
             };
-            match status {
-                WaitStatus::PtraceEvent(_, signal, event) if event == Event::PTRACE_EVENT_STOP as i32 => {
-                    let state = self.threads.entry(tid).or_default();
-                    state.stopped = true;
-                    state.group_stop = is_stop_signal(signal);
-                    return Ok(());
-                }
-                WaitStatus::Stopped(_, signal) => {
-                    // A signal-delivery-stop: someone else's signal reached the
-                    // thread before our interrupt. Deliver it now (the pending
-                    // interrupt traps right after) rather than swallow it.
-                    match ptrace::cont(tid, signal) {
-                        Ok(()) => {}
-                        Err(Errno::ESRCH) => {}
-                        Err(errno) => return Err(TargetError::from_errno(self.identity.pid, "resuming", errno)),
-                    }
-                }
-                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                    self.threads.remove(&tid);
-                    return Ok(());
-                }
-                // We set no ptrace options, so no other event can occur;
-                // resume defensively if one does.
-                _ => {
-                    let _ = ptrace::cont(tid, None);
-                }
+            match self.absorb(tid, status, crate::events::Mode::Stopping)? {
+                crate::events::Absorbed::Stopped | crate::events::Absorbed::Gone => return Ok(()),
+                crate::events::Absorbed::Running(event) => self.queued.extend(event),
+                crate::events::Absorbed::Held(_) => unreachable!("stopping mode never holds a thread"),
             }
         }
     }
@@ -298,7 +307,9 @@ impl Attached {
         }
     }
 
-    pub(crate) fn is_stopped(&self, tid: Pid) -> bool {
+    /// Whether `tid` is in a ptrace-stop we control (stopped by us or held
+    /// at an event), and not in job-control group-stop.
+    pub fn is_stopped(&self, tid: Pid) -> bool {
         self.threads.get(&tid).is_some_and(|s| s.stopped && !s.group_stop)
     }
 
@@ -323,6 +334,8 @@ impl Attached {
             StopPriority::Normal => None,
         };
         let stop_result = self.stop_all_threads();
+        self.disarm_leftover_breakpoints();
+        self.release_foreign();
         let threads = std::mem::take(&mut self.threads);
         for (tid, state) in threads {
             // Detaching a group-stopped thread leaves it in group-stop, as
@@ -392,6 +405,11 @@ impl Stopped<'_> {
         &mut self.attached.memory
     }
 
+    /// The target's pid.
+    pub fn pid(&self) -> i32 {
+        self.attached.pid()
+    }
+
     /// Resume every thread; returns the window's timings.
     pub fn resume(mut self) -> Result<PauseReport, TargetError> {
         self.resume_inner()
@@ -437,7 +455,7 @@ fn is_zombie(pid: i32, tid: Pid) -> bool {
         .unwrap_or(true)
 }
 
-fn is_stop_signal(signal: Signal) -> bool {
+pub(crate) fn is_stop_signal(signal: Signal) -> bool {
     matches!(
         signal,
         Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU

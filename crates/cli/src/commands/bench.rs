@@ -1,6 +1,7 @@
 //! `shadowpatch bench`: stop-the-world latency for 1, 8 and 64 busy threads
 //! (tracer at SCHED_FIFO and at normal priority), static analysis time
-//! against apply's own validation, and mirror / verify
+//! against apply's own validation, the live pause of a simulation's
+//! captures (see `simulation_bench`), and mirror / verify
 //! throughput on a large executable-like region against the raw floor
 //! (`process_vm_readv` + page hash, nothing else) measured on the same
 //! region in the same run, interleaved round by round; the data mirroring
@@ -71,6 +72,7 @@ struct BenchReport {
     patching: Vec<PatchRow>,
     call_cost: CallCost,
     analysis: Vec<AnalysisRow>,
+    simulation: super::simulation_bench::SimulationBench,
     region_bytes: u64,
     rounds: usize,
     throughput: Vec<ThroughputRow>,
@@ -150,6 +152,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     let (patching, call_cost) = patch_pauses(context, quick)?;
     let dirty_tracking = super::bench_dirty::run(context, quick)?;
     let analysis = static_analysis_times(context, quick)?;
+    let simulation = super::simulation_bench::run(context, quick)?;
 
     let mib = region_mib.unwrap_or(if quick { 256 } else { 1024 });
     if !context.json {
@@ -225,6 +228,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         patching,
         call_cost,
         analysis,
+        simulation,
         region_bytes: len,
         rounds,
         throughput: vec![
@@ -285,6 +289,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         "Per call of a patched function (direct jump): {:.3} ns unpatched, {:.3} ns patched, {:+.3} ns extra",
         report.call_cost.unpatched_ns, report.call_cost.patched_ns, report.call_cost.extra_ns
     );
+    super::simulation_bench::print(&report.simulation);
     println!();
     println!(
         "## Static analysis vs apply's own validation, ms (median of {} rounds)",

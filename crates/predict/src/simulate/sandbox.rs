@@ -1,0 +1,469 @@
+//! Running one copy of the target through one call, sandboxed: every
+//! system call stops the copy (`PTRACE_SYSCALL`), the rules of `policy`
+//! decide it, and what was emulated is recorded. The run ends when the
+//! function returns (its `ret` reaches the sentinel address and faults
+//! there), crashes, calls `exit`, or exceeds its time or syscall budget.
+
+use super::policy::{decide, opens_for_writing, After, Decision, Descriptors, EffectKind, SideEffect};
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use shadowpatch_target::{CopyStop, Deadline, ProcessCopy, Resume, TargetError};
+use std::time::{Duration, Instant};
+
+/// Bytes of each write kept for display; the whole write (up to
+/// `DIGEST_LIMIT`) is hashed for comparison.
+const SHOWN_BYTES: usize = 256;
+const DIGEST_LIMIT: u64 = 1 << 20;
+
+/// Budgets of one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    /// Processor time the call may use (a busy loop burns it; a copy
+    /// waiting for a core on a loaded machine does not).
+    pub cpu: Duration,
+    /// Wall-clock time for the call (a copy blocked forever).
+    pub wall: Duration,
+    /// System calls the call may make.
+    pub syscalls: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            cpu: Duration::from_secs(1),
+            wall: Duration::from_secs(10),
+            syscalls: 10_000,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The function returned: rax (the return value), rdx (a second
+    /// integer word, if the function returns one) and xmm0 (a floating-point
+    /// return value, if any), as hex.
+    Returned { value: u64, rdx: u64, xmm0: String },
+    /// A fatal signal.
+    Crashed {
+        signal: String,
+        /// `si_code` and `si_addr` of the signal.
+        code: i32,
+        address: u64,
+        rip: u64,
+    },
+    /// Over budget: "cpu time", "wall time" or "syscalls".
+    Hung { budget: String },
+    /// The function ended the process (`exit`, `exit_group`).
+    Exited { code: i32 },
+    /// The sandbox stopped the function: it wrote to memory shared with the
+    /// service (kept read-only in copies), at `address`.
+    SharedMemoryWrite { address: u64 },
+}
+
+impl Outcome {
+    /// Returned normally.
+    pub fn returned(&self) -> bool {
+        matches!(self, Outcome::Returned { .. })
+    }
+
+    /// Short description for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Returned { value, .. } => format!("returned {}", show_value(*value)),
+            Outcome::Crashed {
+                signal, address, rip, ..
+            } => format!("crashed with {signal} (address {address:#x}, rip {rip:#x})"),
+            Outcome::Hung { budget } => format!("did not return within its {budget} budget"),
+            Outcome::Exited { code } => format!("ended the process with exit code {code}"),
+            Outcome::SharedMemoryWrite { address } => format!("wrote to shared memory at {address:#x}"),
+        }
+    }
+}
+
+/// A 64-bit value as a signed decimal when small, else hex.
+pub fn show_value(value: u64) -> String {
+    let signed = value as i64;
+    if signed.unsigned_abs() < 1 << 32 {
+        signed.to_string()
+    } else {
+        format!("{value:#x}")
+    }
+}
+
+/// One write the function tried to make, not performed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FdWrite {
+    pub fd: i32,
+    pub syscall: String,
+    /// Bytes the function tried to write.
+    pub len: u64,
+    /// The first bytes, as text with escapes.
+    pub shown: String,
+    /// BLAKE3 of the bytes (the first MiB), for comparison.
+    pub digest: String,
+}
+
+/// Everything one run did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunResult {
+    pub outcome: Outcome,
+    pub fd_writes: Vec<FdWrite>,
+    pub side_effects: Vec<SideEffect>,
+    pub syscalls: u32,
+    /// Signals sent to the copy by someone else (suppressed).
+    pub foreign_signals: u32,
+    pub elapsed_us: u64,
+}
+
+/// What to do at the exit of the syscall in progress.
+#[derive(Debug, Clone)]
+enum AtExit {
+    /// It was skipped: set its result.
+    Result(i64),
+    /// It ran: descriptor bookkeeping.
+    After(After),
+    /// A redirected open ran: put the caller's argument registers back.
+    Restore(Box<libc::user_regs_struct>),
+}
+
+/// Run `copy` (registers already at the function's entry, its return
+/// address the `sentinel`) to the end of the call.
+pub fn run(
+    copy: &mut ProcessCopy,
+    sentinel: u64,
+    mut fds: Descriptors,
+    limits: &Limits,
+) -> Result<RunResult, TargetError> {
+    let started = Instant::now();
+    let deadline = Deadline::arm(copy, limits.cpu, started + limits.wall);
+    let mut result = RunResult {
+        outcome: Outcome::Hung {
+            budget: "wall time".into(),
+        },
+        fd_writes: Vec::new(),
+        side_effects: Vec::new(),
+        syscalls: 0,
+        foreign_signals: 0,
+        elapsed_us: 0,
+    };
+    let mut at_exit: Option<AtExit> = None;
+    let mut deliver: Option<Signal> = None;
+    loop {
+        copy.resume(Resume::Syscall, deliver.take())?;
+        let stop = copy.wait()?;
+        if let Some(budget) = deadline.expired() {
+            result.outcome = Outcome::Hung { budget: budget.into() };
+            break;
+        }
+        match stop {
+            CopyStop::Syscall if copy.at_syscall_entry()? => {
+                result.syscalls += 1;
+                if result.syscalls > limits.syscalls {
+                    result.outcome = Outcome::Hung {
+                        budget: "syscalls".into(),
+                    };
+                    break;
+                }
+                match entry(copy, &fds, &mut result)? {
+                    Entry::Continue(next) => at_exit = next,
+                    Entry::End(code) => {
+                        result.outcome = Outcome::Exited { code };
+                        break;
+                    }
+                }
+            }
+            CopyStop::Syscall => {
+                let mut regs = copy.regs()?;
+                match at_exit.take() {
+                    Some(AtExit::Result(value)) => {
+                        regs.rax = value as u64;
+                        copy.set_regs(regs)?;
+                    }
+                    Some(AtExit::After(after)) => fds.after(after, regs.rax as i64),
+                    Some(AtExit::Restore(saved)) => {
+                        let saved = *saved;
+                        regs.rdi = saved.rdi;
+                        regs.rsi = saved.rsi;
+                        regs.rdx = saved.rdx;
+                        regs.r10 = saved.r10;
+                        copy.set_regs(regs)?;
+                    }
+                    None => {}
+                }
+            }
+            CopyStop::Signal { signal, code, address } => {
+                let regs = copy.regs()?;
+                if signal == Signal::SIGSEGV && regs.rip == sentinel {
+                    let fp = copy.fp_regs()?;
+                    let xmm0 = fp.xmm_space[..4]
+                        .iter()
+                        .rev()
+                        .fold(0u128, |acc, word| (acc << 32) | *word as u128);
+                    result.outcome = Outcome::Returned {
+                        value: regs.rax,
+                        rdx: regs.rdx,
+                        xmm0: format!("{xmm0:#034x}"),
+                    };
+                    break;
+                }
+                if matches!(signal, Signal::SIGSEGV | Signal::SIGBUS) && fds_shared(&fds, address) {
+                    result.outcome = Outcome::SharedMemoryWrite { address };
+                    break;
+                }
+                match signal_fate(copy, signal, code, fds.own_pid) {
+                    Fate::Deliver => deliver = Some(signal),
+                    Fate::Suppress => result.foreign_signals += 1,
+                    Fate::Fatal => {
+                        result.outcome = Outcome::Crashed {
+                            signal: signal.as_str().to_string(),
+                            code,
+                            address,
+                            rip: regs.rip,
+                        };
+                        break;
+                    }
+                }
+            }
+            CopyStop::Event(_) => {}
+            CopyStop::Exited(code) => {
+                result.outcome = Outcome::Exited { code };
+                break;
+            }
+            CopyStop::Killed(signal) => {
+                result.outcome = Outcome::Crashed {
+                    signal: signal.as_str().to_string(),
+                    code: 0,
+                    address: 0,
+                    rip: 0,
+                };
+                break;
+            }
+        }
+    }
+    drop(deadline);
+    result.elapsed_us = started.elapsed().as_micros() as u64;
+    Ok(result)
+}
+
+fn fds_shared(fds: &Descriptors, address: u64) -> bool {
+    fds.shared.iter().any(|&(start, end)| (start..end).contains(&address))
+}
+
+enum Entry {
+    Continue(Option<AtExit>),
+    End(i32),
+}
+
+/// Decide and carry out a syscall at its entry stop.
+fn entry(copy: &mut ProcessCopy, fds: &Descriptors, result: &mut RunResult) -> Result<Entry, TargetError> {
+    let mut regs = copy.regs()?;
+    let number = regs.orig_rax as i64;
+    let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
+    let skip = |copy: &mut ProcessCopy, mut regs: libc::user_regs_struct| {
+        // orig_rax = -1: the kernel skips the call (and reports its exit).
+        regs.orig_rax = u64::MAX;
+        copy.set_regs(regs)
+    };
+    match decide(number, args, fds) {
+        Decision::Run(after) => Ok(Entry::Continue(Some(AtExit::After(after)))),
+        Decision::Emulate { result: value, effect } => {
+            result.side_effects.extend(effect);
+            skip(copy, regs)?;
+            Ok(Entry::Continue(Some(AtExit::Result(value))))
+        }
+        Decision::Write {
+            fd,
+            syscall,
+            iov,
+            result: _,
+        } => {
+            let (pieces, value) = gather(copy, number, args, iov)?;
+            result.fd_writes.push(record_write(copy, fd, syscall, &pieces)?);
+            skip(copy, regs)?;
+            Ok(Entry::Continue(Some(AtExit::Result(value))))
+        }
+        Decision::RedirectOpen { path_address, flags } => {
+            let flags = if flags == -1 {
+                // openat2(dirfd, path, struct open_how *how, size): flags first.
+                let how = copy.memory().read_vec(args[2], 8).unwrap_or_else(|_| vec![0; 8]);
+                u64::from_le_bytes(how.try_into().expect("8 bytes")) as i64
+            } else {
+                flags
+            };
+            if !opens_for_writing(flags) {
+                return Ok(Entry::Continue(Some(AtExit::After(After::Nothing))));
+            }
+            let path = read_c_string(copy, path_address);
+            result.side_effects.push(SideEffect {
+                kind: EffectKind::FileChange,
+                syscall: super::policy::syscall_name(number).to_string(),
+                detail: format!("open {path:?} for writing (flags {flags:#o}), redirected to /dev/null"),
+            });
+            // "/dev/null" below the red zone of the copy's stack: dead
+            // memory at a syscall, and excluded from the comparison.
+            let scratch = (regs.rsp - 128 - 64) & !15;
+            copy.memory().write(scratch, b"/dev/null\0")?;
+            let saved = regs;
+            regs.orig_rax = libc::SYS_openat as u64;
+            regs.rdi = libc::AT_FDCWD as i64 as u64;
+            regs.rsi = scratch;
+            regs.rdx = (libc::O_WRONLY | libc::O_CLOEXEC) as u64;
+            regs.r10 = 0;
+            copy.set_regs(regs)?;
+            Ok(Entry::Continue(Some(AtExit::Restore(Box::new(saved)))))
+        }
+        Decision::End(code) => Ok(Entry::End(code)),
+    }
+}
+
+/// The (address, length) pieces of a write, and the result to report.
+fn gather(
+    copy: &mut ProcessCopy,
+    number: i64,
+    args: [u64; 6],
+    simple: Vec<(u64, u64)>,
+) -> Result<(Vec<(u64, u64)>, i64), TargetError> {
+    let iov_array = |copy: &mut ProcessCopy, address: u64, count: u64| -> Vec<(u64, u64)> {
+        let count = count.min(1024) as usize;
+        copy.memory()
+            .read_vec(address, count * 16)
+            .map(|bytes| {
+                bytes
+                    .chunks_exact(16)
+                    .map(|c| {
+                        (
+                            u64::from_le_bytes(c[..8].try_into().expect("8")),
+                            u64::from_le_bytes(c[8..].try_into().expect("8")),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // struct msghdr: name, namelen(+pad), iov at 16, iovlen at 24, ...
+    let msghdr_iov = |copy: &mut ProcessCopy, address: u64| -> Vec<(u64, u64)> {
+        let Ok(header) = copy.memory().read_vec(address, 32) else {
+            return Vec::new();
+        };
+        let iov = u64::from_le_bytes(header[16..24].try_into().expect("8"));
+        let len = u64::from_le_bytes(header[24..32].try_into().expect("8"));
+        iov_array(copy, iov, len)
+    };
+    let total = |pieces: &[(u64, u64)]| pieces.iter().map(|(_, len)| *len).sum::<u64>() as i64;
+    let pieces = match number {
+        libc::SYS_writev | libc::SYS_pwritev | libc::SYS_pwritev2 => iov_array(copy, args[1], args[2]),
+        libc::SYS_sendmsg => msghdr_iov(copy, args[1]),
+        libc::SYS_sendmmsg => {
+            // struct mmsghdr { struct msghdr (56 bytes); unsigned msg_len; } (64).
+            let count = args[2].min(1024);
+            let mut all = Vec::new();
+            for index in 0..count {
+                let message = args[1] + 64 * index;
+                let pieces = msghdr_iov(copy, message);
+                let sent = total(&pieces) as u32;
+                let _ = copy.memory().write(message + 56, &sent.to_le_bytes());
+                all.extend(pieces);
+            }
+            return Ok((all, count as i64));
+        }
+        _ => simple,
+    };
+    let value = total(&pieces);
+    Ok((pieces, value))
+}
+
+fn record_write(copy: &mut ProcessCopy, fd: i32, syscall: &str, pieces: &[(u64, u64)]) -> Result<FdWrite, TargetError> {
+    let mut hasher = blake3::Hasher::new();
+    let mut shown = Vec::new();
+    let mut budget = DIGEST_LIMIT;
+    let mut len = 0;
+    for &(address, piece) in pieces {
+        len += piece;
+        let take = piece.min(budget);
+        budget -= take;
+        if take == 0 {
+            continue;
+        }
+        // Unreadable buffers would make the real call fail with EFAULT;
+        // record what is readable.
+        let mut bytes = vec![0u8; take as usize];
+        let read = copy.memory().read_partial(address, &mut bytes).unwrap_or(0);
+        bytes.truncate(read);
+        hasher.update(&bytes);
+        let room = SHOWN_BYTES.saturating_sub(shown.len());
+        shown.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+    Ok(FdWrite {
+        fd,
+        syscall: syscall.to_string(),
+        len,
+        shown: shown.escape_ascii().to_string(),
+        digest: hasher.finalize().to_hex().to_string(),
+    })
+}
+
+fn read_c_string(copy: &mut ProcessCopy, address: u64) -> String {
+    let mut bytes = vec![0u8; 4096];
+    let read = copy.memory().read_partial(address, &mut bytes).unwrap_or(0);
+    bytes.truncate(read);
+    if let Some(end) = bytes.iter().position(|b| *b == 0) {
+        bytes.truncate(end);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+enum Fate {
+    Deliver,
+    Suppress,
+    Fatal,
+}
+
+/// What to do with a signal stopping the copy: the function's own signals
+/// (faults, signals it sent itself) take their course, as its handlers or
+/// the default action say; signals from others are not its business.
+fn signal_fate(copy: &ProcessCopy, signal: Signal, code: i32, own_pid: i64) -> Fate {
+    if code <= 0 {
+        let sender = ptrace::getsiginfo(copy.pid())
+            .map(|info| shadowpatch_sys::siginfo::sender_pid(&info))
+            .unwrap_or(0);
+        if sender as i64 != own_pid {
+            return Fate::Suppress;
+        }
+    }
+    let (caught, ignored) = dispositions(copy.pid().as_raw());
+    let bit = 1u64 << (signal as i32 - 1);
+    if caught & bit != 0 || ignored & bit != 0 {
+        return Fate::Deliver;
+    }
+    match signal {
+        Signal::SIGCHLD | Signal::SIGCONT | Signal::SIGURG | Signal::SIGWINCH => Fate::Deliver,
+        _ => Fate::Fatal,
+    }
+}
+
+/// (SigCgt, SigIgn) masks of a process.
+fn dispositions(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .and_then(|value| u64::from_str_radix(value.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    (mask("SigCgt:"), mask("SigIgn:"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_show_as_signed_decimal_or_hex() {
+        assert_eq!(show_value(16), "16");
+        assert_eq!(show_value(-5i64 as u64), "-5");
+        assert_eq!(show_value(0x7fff_0000_1234), "0x7fff00001234");
+    }
+}
