@@ -9,6 +9,7 @@ pub mod lookup;
 pub mod mirror;
 pub mod patching;
 pub mod pause;
+pub mod predictor;
 pub mod status;
 pub mod verify;
 
