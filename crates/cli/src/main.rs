@@ -156,6 +156,11 @@ enum Command {
     },
     /// Start a sample service and walk through mirror, verify, tamper, detect, restore.
     Demo,
+    /// The learned risk model: build its corpus, train, evaluate, show.
+    Predictor {
+        #[command(subcommand)]
+        command: commands::predictor::PredictorCommand,
+    },
 }
 
 fn main() {
@@ -259,6 +264,7 @@ fn main() {
             },
         ),
         Command::Demo => commands::demo::run(&context),
+        Command::Predictor { command } => commands::predictor::run(&context, &command),
     };
     match result {
         Ok(code) => std::process::exit(code),

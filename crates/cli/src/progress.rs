@@ -32,6 +32,28 @@ impl Progress {
         }
     }
 
+    /// A bar counting items (variants labelled, samples analysed).
+    pub fn count(message: &str, enabled: bool) -> Self {
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} eta {eta} {prefix}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(message.to_string());
+        Progress {
+            bar,
+            started: Instant::now(),
+            shown: false,
+            enabled,
+        }
+    }
+
+    /// A short note after the bar (the item just finished).
+    pub fn note(&self, note: &str) {
+        self.bar.set_prefix(note.to_string());
+    }
+
     pub fn update(&mut self, done: u64, total: u64) {
         self.bar.set_length(total);
         self.bar.set_position(done);

@@ -94,8 +94,18 @@ fn arguments_read_inner(
         return ArgumentRegisters::default();
     };
     let end = start + bytes.len() as u64;
-    let mut read = ArgumentRegisters::default();
-    let mut written = ArgumentRegisters::default();
+    // Decode once, then follow the control flow: a register counts as an
+    // argument when some path from the entry reads it before writing it.
+    // (Reading in layout order instead takes a loop body placed before its
+    // header for reads of arguments: gcc lays loops out that way.)
+    struct Step {
+        reads: u16,
+        writes: u16,
+        flow: FlowControl,
+        target: u64,
+        next: u64,
+    }
+    let mut steps: HashMap<u64, Step> = HashMap::new();
     let mut info = InstructionInfoFactory::new();
     let mut decoder = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE);
     let mut instruction = Instruction::default();
@@ -105,46 +115,74 @@ fn arguments_read_inner(
             break;
         }
         let zeroing = is_zeroing_idiom(&instruction);
+        let (mut reads, mut writes) = (0u16, 0u16);
         for used in info.info(&instruction).used_registers() {
             let Some(bit) = ArgumentRegisters::bit(used.register()) else {
                 continue;
             };
-            let reads = matches!(
-                used.access(),
-                OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite
-            );
-            if reads && !zeroing && written.0 & (1 << bit) == 0 {
-                read.0 |= 1 << bit;
+            if !zeroing
+                && matches!(
+                    used.access(),
+                    OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+                )
+            {
+                reads |= 1 << bit;
+            }
+            // A conditional write may not happen: only unconditional writes
+            // make later reads non-arguments.
+            if matches!(used.access(), OpAccess::Write | OpAccess::ReadWrite) {
+                writes |= 1 << bit;
             }
         }
-        for used in info.info(&instruction).used_registers() {
-            let writes = matches!(
-                used.access(),
-                OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
-            );
-            if let (true, Some(bit)) = (writes, ArgumentRegisters::bit(used.register())) {
-                // A conditional write may not happen: only unconditional
-                // writes make later reads non-arguments.
-                if !matches!(used.access(), OpAccess::CondWrite | OpAccess::ReadCondWrite) {
-                    written.0 |= 1 << bit;
-                }
-            }
+        steps.insert(
+            instruction.ip(),
+            Step {
+                reads,
+                writes,
+                flow: instruction.flow_control(),
+                target: instruction.near_branch_target(),
+                next: instruction.next_ip(),
+            },
+        );
+    }
+    /// Paths explored at most (ip, registers written so far): a bound for
+    /// pathological code, far above what real functions need.
+    const MAX_STATES: usize = 200_000;
+    let mut read = ArgumentRegisters::default();
+    let mut seen: std::collections::HashSet<(u64, u16)> = std::collections::HashSet::new();
+    let mut work = vec![(entry, 0u16)];
+    while let Some((ip, written)) = work.pop() {
+        if seen.len() >= MAX_STATES || !seen.insert((ip, written)) {
+            continue;
         }
-        match instruction.flow_control() {
+        let Some(step) = steps.get(&ip) else { continue };
+        read.0 |= step.reads & !written;
+        let mut written = written | step.writes;
+        let inside = |target: u64| target != 0 && (start..end).contains(&target);
+        match step.flow {
             FlowControl::Call | FlowControl::UnconditionalBranch => {
-                let target = instruction.near_branch_target();
-                let is_call = instruction.flow_control() == FlowControl::Call;
-                if target != 0 && (is_call || !(start..end).contains(&target)) && depth > 0 {
-                    let callee = arguments_read_inner(spaces, space, target, depth - 1, memo);
-                    read.0 |= callee.minus(written).0;
+                let is_call = step.flow == FlowControl::Call;
+                if step.target != 0 && (is_call || !inside(step.target)) && depth > 0 {
+                    let callee = arguments_read_inner(spaces, space, step.target, depth - 1, memo);
+                    read.0 |= callee.0 & !written;
                 }
                 if is_call {
                     // The callee may change every argument register.
-                    written = ArgumentRegisters::ALL;
+                    written = ArgumentRegisters::ALL.0;
+                    work.push((step.next, written));
+                } else if inside(step.target) {
+                    work.push((step.target, written));
                 }
             }
-            FlowControl::IndirectCall => written = ArgumentRegisters::ALL,
-            _ => {}
+            FlowControl::IndirectCall => work.push((step.next, ArgumentRegisters::ALL.0)),
+            FlowControl::ConditionalBranch => {
+                if inside(step.target) {
+                    work.push((step.target, written));
+                }
+                work.push((step.next, written));
+            }
+            FlowControl::Return | FlowControl::IndirectBranch | FlowControl::Interrupt | FlowControl::Exception => {}
+            _ => work.push((step.next, written)),
         }
     }
     memo.insert((space, entry), read);

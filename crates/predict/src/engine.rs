@@ -4,8 +4,9 @@
 //! Static analysis always runs; system context runs when the request has
 //! context options; further parts (simulation on forked copies, and any
 //! later source) plug in as [`Section`]s, each adding findings, features
-//! and unavailable notes; the risk comes from a [`RiskScorer`] — the
-//! interim formula below until the learned model replaces it.
+//! and unavailable notes; the risk comes from a [`RiskScorer`]: the
+//! learned model ([`crate::model::ModelRisk`]) by default, the interim
+//! formula below when the model cannot be used (said in `unavailable`).
 
 use crate::context::{read_context, ContextOptions};
 use crate::finding::{Analysis, Finding, Severity, VerdictPolicy};
@@ -45,9 +46,20 @@ pub trait Section: std::fmt::Debug {
 /// Turns findings and features into a risk in [0, 1].
 pub trait RiskScorer: std::fmt::Debug {
     fn score(&self, findings: &[Finding], features: &BTreeMap<String, f64>) -> f64;
+    /// What scored, for reports and the event history.
+    fn describe(&self) -> String {
+        format!("{self:?}")
+    }
 }
 
-/// The interim risk, until the learned model exists: a noisy-OR over the
+/// The sections every analysis runs after static analysis and context,
+/// in order: the corpus's feature extraction uses the same list, so a
+/// section added here (simulation) reaches the model by re-training only.
+pub fn standard_sections() -> Vec<Box<dyn Section>> {
+    Vec::new()
+}
+
+/// The fallback risk when the learned model cannot be used: a noisy-OR over the
 /// findings, `risk = 1 − Π (1 − w(f))`, with `w` = 0.9 for a blocking
 /// finding, 0.15 for a warning, 0.01 for an informational one, and 0 for a
 /// note that a source was unavailable (that lowers confidence, not safety).
@@ -74,6 +86,10 @@ impl RiskScorer for InterimRisk {
         let safe: f64 = findings.iter().map(|f| 1.0 - Self::weight(f)).product();
         (1.0 - safe).clamp(0.0, 1.0)
     }
+
+    fn describe(&self) -> String {
+        "interim formula (noisy-OR of the findings)".to_string()
+    }
 }
 
 /// One analysis to run.
@@ -88,7 +104,8 @@ pub struct AnalysisRequest {
     pub policy: VerdictPolicy,
     /// Further parts, run in order after static analysis and context.
     pub sections: Vec<Box<dyn Section>>,
-    /// `None`: [`InterimRisk`].
+    /// `None`: the built-in model ([`crate::model::ModelRisk::embedded`]),
+    /// else [`InterimRisk`] with a note in `unavailable`.
     pub scorer: Option<Box<dyn RiskScorer>>,
 }
 
@@ -114,6 +131,8 @@ pub struct Analyzed {
     pub identity: ProcessIdentity,
     /// Milliseconds per part (`static`, `context`, sections by name).
     pub timings_ms: BTreeMap<String, f64>,
+    /// What scored the risk ([`RiskScorer::describe`]).
+    pub scorer: String,
 }
 
 /// Run the analysis `request` describes.
@@ -168,10 +187,21 @@ pub fn analyze_detailed(mut request: AnalysisRequest) -> Result<Analyzed, Predic
         features.insert(name.into(), count as f64);
     }
     features.insert("analysis.unavailable".into(), unavailable.len() as f64);
-    let risk = match &request.scorer {
-        Some(scorer) => scorer.score(&findings, &features),
-        None => InterimRisk.score(&findings, &features),
+    let default_scorer: Box<dyn RiskScorer>;
+    let scorer: &dyn RiskScorer = match &request.scorer {
+        Some(scorer) => scorer.as_ref(),
+        None => {
+            default_scorer = match crate::model::ModelRisk::embedded() {
+                Ok(model) => Box::new(model),
+                Err(error) => {
+                    unavailable.push(format!("risk model: {error}; the risk is the interim formula"));
+                    Box::new(InterimRisk)
+                }
+            };
+            default_scorer.as_ref()
+        }
     };
+    let risk = scorer.score(&findings, &features);
     let verdict = request.policy.verdict(&findings, risk);
     Ok(Analyzed {
         analysis: Analysis {
@@ -184,6 +214,7 @@ pub fn analyze_detailed(mut request: AnalysisRequest) -> Result<Analyzed, Predic
         patch_id: report.patch_id,
         identity: report.identity,
         timings_ms,
+        scorer: scorer.describe(),
     })
 }
 

@@ -14,16 +14,21 @@ pub mod abi;
 pub mod callgraph;
 pub mod code;
 pub mod context;
+pub mod corpus;
 pub mod engine;
 pub mod error;
 pub mod finding;
+pub mod model;
 pub mod simulate;
 pub mod static_analysis;
+pub mod training;
 
 pub use context::{ContextOptions, ContextReport};
 pub use engine::{
-    analyze, analyze_detailed, AnalysisRequest, Analyzed, Contribution, InterimRisk, RiskScorer, Section,
+    analyze, analyze_detailed, standard_sections, AnalysisRequest, Analyzed, Contribution, InterimRisk, RiskScorer,
+    Section,
 };
 pub use error::PredictError;
 pub use finding::{Analysis, Finding, Severity, Source, Verdict, VerdictPolicy};
+pub use model::{ModelError, ModelFile, ModelRisk};
 pub use static_analysis::{analyze_static, StaticReport};

@@ -368,6 +368,13 @@ pub fn analyze_static(pid: i32, manifest_path: &Path, state_dir: &Path) -> Resul
                 );
                 totals.thunks += 1;
             }
+            if let (Some((_, old_bytes)), Some((_, new_bytes))) = (
+                spaces.function_at(Space::Target, site.entry),
+                spaces.function_at(Space::Patch, new.address),
+            ) {
+                totals.old_bytes += old_bytes.len() as u64;
+                totals.bytes_changed += bytes_changed(old_bytes, new_bytes);
+            }
             let old_facts = walk(&spaces, Space::Target, site.entry, WALK_DEPTH);
             let new_facts = walk(&spaces, Space::Patch, new.address, WALK_DEPTH);
             used_globals.extend(new_facts.imported_data.iter().cloned());
@@ -452,6 +459,8 @@ pub fn analyze_static(pid: i32, manifest_path: &Path, state_dir: &Path) -> Resul
         features.insert("static.abi_dwarf_compared".into(), totals.dwarf_compared as f64);
         features.insert("static.abi_heuristic_compared".into(), totals.heuristic_compared as f64);
         features.insert("static.new_code_bytes".into(), totals.new_bytes as f64);
+        features.insert("static.old_code_bytes".into(), totals.old_bytes as f64);
+        features.insert("static.bytes_changed".into(), totals.bytes_changed as f64);
         features.insert("static.backward_branches_added".into(), totals.loops_added as f64);
         features.insert("static.syscalls_added".into(), totals.syscalls_added as f64);
         features.insert("static.module_functions".into(), graph.functions as f64);
@@ -477,8 +486,19 @@ struct Totals {
     dwarf_compared: usize,
     heuristic_compared: usize,
     new_bytes: u64,
+    old_bytes: u64,
+    bytes_changed: u64,
     loops_added: u32,
     syscalls_added: usize,
+}
+
+/// Bytes changed between the old and the new function's code: the
+/// positions (from the entry) where they differ, plus the difference in
+/// length. Crude on purpose: it is the size-only baseline the model is
+/// compared with.
+pub fn bytes_changed(old: &[u8], new: &[u8]) -> u64 {
+    let differing = old.iter().zip(new).filter(|(a, b)| a != b).count();
+    (differing + old.len().abs_diff(new.len())) as u64
 }
 
 fn describe(module: &shadowpatch_symbols::Module, address: u64) -> String {

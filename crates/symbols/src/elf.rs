@@ -54,9 +54,18 @@ pub struct SymbolTable {
 
 impl SymbolTable {
     pub fn new(mut symbols: Vec<Symbol>) -> Self {
-        // Prefer .symtab's entry when both tables list the same symbol.
+        // Prefer .symtab's entry when both tables list the same symbol, but
+        // keep what .dynsym says of its binding: a distro debug file's
+        // .symtab can list an exported IFUNC (libc's memcpy) as local.
         symbols.sort_by(|a, b| (a.address, &a.name, a.source as u8).cmp(&(b.address, &b.name, b.source as u8)));
-        symbols.dedup_by(|later, earlier| later.address == earlier.address && later.name == earlier.name);
+        symbols.dedup_by(|later, earlier| {
+            let same = later.address == earlier.address && later.name == earlier.name;
+            if same {
+                earlier.global |= later.global;
+                earlier.ifunc |= later.ifunc;
+            }
+            same
+        });
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (index, symbol) in symbols.iter().enumerate() {
             by_name.entry(symbol.name.clone()).or_default().push(index);
@@ -351,6 +360,26 @@ mod tests {
             global: true,
             ifunc: false,
         }
+    }
+
+    #[test]
+    fn a_local_symtab_entry_keeps_the_dynsym_binding_of_the_same_symbol() {
+        // libc's debug file lists memcpy as a local symbol; .dynsym exports
+        // it as a global IFUNC, and patches must still resolve it.
+        let local = Symbol {
+            global: false,
+            ..symbol("memcpy", 0x9be70, 265)
+        };
+        let exported = Symbol {
+            source: SymbolSource::Dynsym,
+            ifunc: true,
+            ..symbol("memcpy", 0x9be70, 265)
+        };
+        let table = SymbolTable::new(vec![exported, local]);
+        assert_eq!(table.len(), 1);
+        let merged = &table.by_address[0];
+        assert_eq!(merged.source, SymbolSource::Symtab);
+        assert!(merged.global && merged.ifunc, "{merged:?}");
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! `apply` runs first, and its record in the event history.
 
 use super::Context;
+use crate::failure::BadInput;
 use crate::output::print_json;
 use shadowpatch_predict::engine::{analyze_detailed, AnalysisRequest, Analyzed};
-use shadowpatch_predict::{Analysis, ContextOptions, Finding, Severity, Source, Verdict};
+use shadowpatch_predict::{Analysis, ContextOptions, Finding, ModelRisk, Severity, Source, Verdict};
 use shadowpatch_store::{EventKind, NewEvent, Store};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,6 +26,9 @@ pub struct AnalysisArgs {
     /// A regular expression matching the error lines of --log.
     #[arg(long, value_name = "REGEX")]
     pub error_pattern: Option<String>,
+    /// The risk model file (default: STATE/risk-model.json if `predictor train` wrote one, else the built-in model).
+    #[arg(long, value_name = "FILE", env = "SHADOWPATCH_MODEL")]
+    pub model: Option<PathBuf>,
 }
 
 /// Run the analysis (static + context) and record it in the history.
@@ -43,6 +47,11 @@ pub fn run_analysis(
     )?;
     let mut request = AnalysisRequest::new(pid, manifest, &context.state_dir);
     request.context = Some(options);
+    request.sections = shadowpatch_predict::standard_sections();
+    if let Some(path) = super::predictor::model_path(context, args.model.as_deref()) {
+        let model = ModelRisk::load(&path).map_err(|e| BadInput(e.to_string()))?;
+        request.scorer = Some(Box::new(model));
+    }
     let started = Instant::now();
     let analyzed = analyze_detailed(request)?;
     let duration_us = started.elapsed().as_micros() as u64;
@@ -66,6 +75,7 @@ fn record(context: &Context, analyzed: &Analyzed, duration_us: u64, cause: &str)
             .details(serde_json::json!({
                 "analysis": analyzed.analysis,
                 "timings_ms": analyzed.timings_ms,
+                "scorer": analyzed.scorer,
             })),
     )?;
     Ok(())
@@ -98,6 +108,7 @@ pub fn run(context: &Context, pid: i32, manifest: &Path, args: &AnalysisArgs) ->
             "features": analyzed.analysis.features,
             "unavailable": analyzed.analysis.unavailable,
             "timings_ms": analyzed.timings_ms,
+            "scorer": analyzed.scorer,
             "duration_us": duration_us,
         }));
     } else {
@@ -139,6 +150,7 @@ pub fn print_report(analyzed: &Analyzed, duration_us: u64) {
     if analysis.findings.is_empty() {
         println!("  no findings");
     }
+    println!("  risk by {}", analyzed.scorer);
     if !analysis.unavailable.is_empty() {
         println!(
             "  lower confidence: {} source{} unavailable:",

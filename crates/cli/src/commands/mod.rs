@@ -10,6 +10,7 @@ pub mod lookup;
 pub mod mirror;
 pub mod patching;
 pub mod pause;
+pub mod predictor;
 pub mod simulation_bench;
 pub mod status;
 pub mod verify;
