@@ -696,7 +696,7 @@ pub fn train(
     options: &TrainOptions,
 ) -> Result<Trained, TrainError> {
     let split = split(corpus, history, options.seed, options.test_fraction);
-    for (name, part) in [("test", &split.test)] {
+    for (name, part) in [("train", &split.train), ("test", &split.test)] {
         if !part.iter().any(|s| s.harmful) {
             return Err(TrainError::OneClass {
                 split: name,
