@@ -251,3 +251,109 @@ fn bad_arguments_are_one_line_errors_and_leave_the_target_untouched() {
     assert_eq!(report["verdict"], "warn", "lower confidence");
     assert_eq!(report["unavailable"].as_array().unwrap().len(), 2, "{report}");
 }
+
+/// sim.c with its log file and UDP peer, and the patch object of sim_patches.c.
+fn sim_target(dir: &Path) -> (Running, std::path::PathBuf, std::net::UdpSocket) {
+    let log = dir.join("service.log");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = udp.local_addr().unwrap().port().to_string();
+    let target = Running::start(Fixture::Sim, &["2", log.to_str().unwrap(), &port]).unwrap();
+    (target, log, udp)
+}
+
+#[test]
+fn analyze_and_apply_simulate_live_calls_and_refuse_a_crashing_patch() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (mut target, log, _udp) = sim_target(dir.path());
+    let pid = target.pid().to_string();
+    let object = build_patch(Patch::SimPatches).unwrap();
+    let build_id = build_id_of(&target.binary());
+    let crash = write_manifest(dir.path(), "crash", &object, &build_id, &[("compute", "compute_crash")]);
+    let same = write_manifest(dir.path(), "same", &object, &build_id, &[("compute", "compute_same")]);
+    let mappings = anonymous_code_mappings(target.pid());
+
+    // Captured live calls: the crashing patch is refused with the call's evidence.
+    let run = shadowpatch(
+        &state,
+        &[
+            "analyze",
+            &pid,
+            crash.to_str().unwrap(),
+            "--capture",
+            "3",
+            "--sim-budget-ms",
+            "300",
+            "--json",
+        ],
+    );
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let report = run.json();
+    assert_eq!(report["verdict"], "refuse", "{report}");
+    let crashes: Vec<&serde_json::Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["code"] == "sim-patched-crashes")
+        .collect();
+    assert_eq!(crashes.len(), 1, "{report}");
+    assert_eq!(crashes[0]["severity"], "blocking");
+    assert!(report["features"]["sim_crashes"].as_f64().unwrap() >= 1.0, "{report}");
+    assert!(report["timings_ms"]["simulation"].as_f64().is_some());
+
+    // Explicit calls: the benign patch agrees with the original.
+    let run = shadowpatch(
+        &state,
+        &[
+            "analyze",
+            &pid,
+            same.to_str().unwrap(),
+            "--call",
+            "compute(5)",
+            "--call",
+            "compute(-7)",
+            "--json",
+        ],
+    );
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let report = run.json();
+    assert_eq!(report["features"]["sim_explicit_calls"], 2.0, "{report}");
+    assert_eq!(report["features"]["sim_divergent_returns"], 0.0, "{report}");
+
+    // apply runs the same simulation first and refuses without touching the target.
+    let run = shadowpatch(
+        &state,
+        &["apply", &pid, crash.to_str().unwrap(), "--call", "compute(5)"],
+    );
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_untouched(target.pid());
+    assert_eq!(anonymous_code_mappings(target.pid()), mappings, "nothing loaded");
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().len(),
+        0,
+        "no write escaped the sandbox"
+    );
+    let check = target.command("check").unwrap();
+    assert!(
+        check.contains("errors=0"),
+        "the live target kept answering right: {check}"
+    );
+
+    // Bad simulation input: one line, exit 2, target untouched.
+    let m = same.to_str().unwrap();
+    let vectors = dir.path().join("vectors.txt");
+    std::fs::write(&vectors, "compute(1)\ncompute(2\n").unwrap();
+    for (args, needle) in [
+        (vec!["analyze", &pid, m, "--call", "compute(1"], "--call"),
+        (vec!["analyze", &pid, m, "--call", "not_replaced(1)"], "not_replaced"),
+        (
+            vec!["analyze", &pid, m, "--vectors", vectors.to_str().unwrap()],
+            "vectors.txt",
+        ),
+        (vec!["analyze", &pid, m, "--capture-for=-1"], "--capture-for"),
+        (vec!["analyze", &pid, m, "--capture", "0"], "--capture"),
+    ] {
+        assert_bad_input(&shadowpatch(&state, &args), needle);
+        assert_untouched(target.pid());
+    }
+}

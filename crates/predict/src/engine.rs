@@ -54,9 +54,14 @@ pub trait RiskScorer: std::fmt::Debug {
 
 /// The sections every analysis runs after static analysis and context,
 /// in order: the corpus's feature extraction uses the same list, so a
-/// section added here (simulation) reaches the model by re-training only.
-pub fn standard_sections() -> Vec<Box<dyn Section>> {
-    Vec::new()
+/// section added here reaches the model by re-training only. Simulation
+/// runs when there is something to simulate (captured or explicit calls).
+pub fn standard_sections(simulation: Option<crate::simulate::SimulationOptions>) -> Vec<Box<dyn Section>> {
+    let mut sections: Vec<Box<dyn Section>> = Vec::new();
+    if let Some(options) = simulation {
+        sections.push(Box::new(crate::simulate::SimulationSection::new(options)));
+    }
+    sections
 }
 
 /// The fallback risk when the learned model cannot be used: a noisy-OR over the

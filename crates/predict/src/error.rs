@@ -12,6 +12,9 @@ pub enum PredictError {
     Target(#[from] shadowpatch_target::TargetError),
     #[error(transparent)]
     Symbols(#[from] shadowpatch_symbols::SymbolsError),
+    /// The simulation could not run (bad calls, a trapped entry, ...).
+    #[error(transparent)]
+    Simulation(Box<crate::simulate::SimulateError>),
     /// An argument of the request is malformed (a regex, a URL, a window).
     #[error("{argument} {value:?}: {message}")]
     BadArgument {
@@ -31,6 +34,7 @@ impl PredictError {
             PredictError::Symbols(shadowpatch_symbols::SymbolsError::Io { .. }) => false,
             PredictError::Symbols(_) => true,
             PredictError::BadArgument { .. } => true,
+            PredictError::Simulation(e) => e.class() == ErrorClass::BadInput,
         }
     }
 }

@@ -6,10 +6,14 @@ use super::Context;
 use crate::failure::BadInput;
 use crate::output::print_json;
 use shadowpatch_predict::engine::{analyze_detailed, AnalysisRequest, Analyzed};
+use shadowpatch_predict::simulate::{
+    parse_call, parse_vectors, CaptureLimit, Limits, Progress as SimProgress, SimulationOptions, SimulationSection,
+};
 use shadowpatch_predict::{Analysis, ContextOptions, Finding, ModelRisk, Severity, Source, Verdict};
 use shadowpatch_store::{EventKind, NewEvent, Store};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The analysis options `analyze` and `apply` share.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,6 +33,66 @@ pub struct AnalysisArgs {
     /// The risk model file (default: STATE/risk-model.json if `predictor train` wrote one, else the built-in model).
     #[arg(long, value_name = "FILE", env = "SHADOWPATCH_MODEL")]
     pub model: Option<PathBuf>,
+    /// Simulate the patch on N live calls of each replaced function, each caught by a breakpoint and run original vs patched in sandboxed copies of the process.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub capture: Option<u32>,
+    /// Capture live calls for at most this long (alone: every call in the window, up to 1000 per function; with --capture: the wait limit, default 60 s).
+    #[arg(long, value_name = "SECONDS")]
+    pub capture_for: Option<f64>,
+    /// Simulate an explicit call of a pure replaced function, e.g. 'compute(5, -1)' (repeatable).
+    #[arg(long = "call", value_name = "EXPR")]
+    pub calls: Vec<String>,
+    /// A file of explicit calls, one `function(arg, ...)` per line (`#` comments).
+    #[arg(long, value_name = "FILE")]
+    pub vectors: Option<PathBuf>,
+    /// Processor time each simulated call may use before it counts as hung, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub sim_budget_ms: u64,
+}
+
+impl AnalysisArgs {
+    /// The simulation these arguments ask for, if any.
+    pub fn simulation(&self) -> anyhow::Result<Option<SimulationOptions>> {
+        let within = match self.capture_for {
+            Some(seconds) if !(seconds > 0.0 && seconds <= 86_400.0) => {
+                return Err(BadInput(format!("--capture-for {seconds}: must be in (0, 86400] seconds")).into())
+            }
+            Some(seconds) => Some(Duration::from_secs_f64(seconds)),
+            None => None,
+        };
+        let capture = match (self.capture, within) {
+            (Some(calls), within) => Some(CaptureLimit {
+                calls,
+                within: Some(within.unwrap_or(Duration::from_secs(60))),
+            }),
+            (None, Some(within)) => Some(CaptureLimit {
+                calls: 1000,
+                within: Some(within),
+            }),
+            (None, None) => None,
+        };
+        let mut calls = Vec::new();
+        for text in &self.calls {
+            calls.push(parse_call(text).map_err(|e| BadInput(e.to_string()))?);
+        }
+        if let Some(path) = &self.vectors {
+            calls.extend(parse_vectors(path).map_err(|e| BadInput(e.to_string()))?);
+        }
+        if capture.is_none() && calls.is_empty() {
+            return Ok(None);
+        }
+        let cpu = Duration::from_millis(self.sim_budget_ms);
+        Ok(Some(SimulationOptions {
+            capture,
+            calls,
+            limits: Limits {
+                cpu,
+                wall: (cpu * 10).max(Duration::from_secs(5)),
+                ..Limits::default()
+            },
+            ..SimulationOptions::default()
+        }))
+    }
 }
 
 /// Run the analysis (static + context) and record it in the history.
@@ -47,7 +111,28 @@ pub fn run_analysis(
     )?;
     let mut request = AnalysisRequest::new(pid, manifest, &context.state_dir);
     request.context = Some(options);
-    request.sections = shadowpatch_predict::standard_sections();
+    request.sections = match args.simulation()? {
+        Some(options) => {
+            let section = SimulationSection::new(options);
+            let enabled = !context.json && std::io::stderr().is_terminal();
+            let section = if enabled {
+                let mut bar = crate::progress::Progress::count("simulating", true);
+                section.with_progress(Box::new(move |step| match step {
+                    SimProgress::Armed { functions } => bar.note(&format!(
+                        "breakpoints on {functions} function(s), waiting for live calls"
+                    )),
+                    SimProgress::Captured { symbol, count, wanted } => {
+                        bar.note(&format!("captured {symbol} call {count}/{wanted}"))
+                    }
+                    SimProgress::Simulated { done, total } => bar.update(done as u64, total as u64),
+                }))
+            } else {
+                section
+            };
+            vec![Box::new(section) as Box<dyn shadowpatch_predict::Section>]
+        }
+        None => shadowpatch_predict::standard_sections(None),
+    };
     if let Some(path) = super::predictor::model_path(context, args.model.as_deref()) {
         let model = ModelRisk::load(&path).map_err(|e| BadInput(e.to_string()))?;
         request.scorer = Some(Box::new(model));

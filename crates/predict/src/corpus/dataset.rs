@@ -8,6 +8,7 @@ use super::variants::{build, Variant};
 use super::CorpusError;
 use crate::engine::{analyze_detailed, standard_sections, AnalysisRequest};
 use crate::finding::{Analysis, Severity, Source};
+use crate::simulate::{CaptureLimit, Limits, SimulationOptions};
 use crate::{ContextOptions, InterimRisk};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -79,9 +80,36 @@ pub fn is_simulation_feature(name: &str) -> bool {
 /// The engine parts whose features the samples hold.
 pub fn section_names() -> Vec<String> {
     let mut names = vec!["static".to_string(), "context".to_string()];
-    names.extend(standard_sections().iter().map(|s| s.name().to_string()));
+    names.extend(
+        standard_sections(Some(corpus_simulation()))
+            .iter()
+            .map(|s| s.name().to_string()),
+    );
     names
 }
+
+/// How the corpus simulates each variant: a few live calls of each
+/// replaced function captured on the corpus target (its workers call all of
+/// them continuously with varying inputs), tight budgets. What `analyze
+/// --capture N` does on a service.
+pub fn corpus_simulation() -> SimulationOptions {
+    SimulationOptions {
+        capture: Some(CaptureLimit {
+            calls: CORPUS_CAPTURED_CALLS,
+            within: Some(Duration::from_secs(10)),
+        }),
+        limits: Limits {
+            cpu: Duration::from_millis(250),
+            wall: Duration::from_secs(5),
+            syscalls: 1000,
+        },
+        stop_after_failures: 2,
+        ..SimulationOptions::default()
+    }
+}
+
+/// Live calls captured per replaced function in the corpus.
+pub const CORPUS_CAPTURED_CALLS: u32 = 8;
 
 /// Analyse every labelled variant (those `apply` accepted) on one live
 /// corpus target. `progress(done, total)` after each.
@@ -118,7 +146,7 @@ pub fn extract(
             samples: 1,
             ..ContextOptions::default()
         });
-        request.sections = standard_sections();
+        request.sections = standard_sections(Some(corpus_simulation()));
         request.scorer = Some(Box::new(InterimRisk));
         let analyzed = analyze_detailed(request)?;
         samples.push(Sample::from_analysis(

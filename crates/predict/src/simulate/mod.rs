@@ -29,12 +29,14 @@ pub mod fork;
 pub mod policy;
 pub mod report;
 pub mod sandbox;
+pub mod section;
 
 pub use call::{parse_call, parse_vectors, CallSpec, CallSyntaxError};
 pub use capture::{CaptureLimit, CaptureStats};
 pub use compare::{CallVerdict, Comparison};
 pub use report::{CallOrigin, SimulatedCall};
 pub use sandbox::{Limits, Outcome, RunResult};
+pub use section::SimulationSection;
 
 use crate::Finding;
 use fork::{explicit_entry, prepare_pair, register_arguments, CallPair, PairSetup};
