@@ -105,7 +105,7 @@ enum Command {
         /// Size of the executable-like region for throughput, in MiB.
         #[arg(long)]
         region_mib: Option<u64>,
-        /// Run one section only (`watch`: continuous verification).
+        /// Run one section only (`watch`: continuous verification; `prediction`: static analysis and simulation).
         #[arg(long, value_parser = ["watch"])]
         only: Option<String>,
     },

@@ -107,9 +107,51 @@ fn run_watch_only(context: &Context, quick: bool, region_mib: Option<u64>) -> an
     Ok(0)
 }
 
+/// The prediction engine's rows: simulation's capture pause and end to
+/// end, static analysis against apply's validation.
+fn print_prediction(simulation: &super::simulation_bench::SimulationBench, analysis: &[AnalysisRow]) {
+    super::simulation_bench::print(simulation);
+    println!();
+    println!(
+        "## Static analysis vs apply's own validation, ms (median of {} rounds)",
+        analysis[0].rounds
+    );
+    println!();
+    println!("Floor: `prepare` (manifest, object, build-id, symbols, entries, register sets) on the same target.");
+    println!();
+    println!("| functions | prepare (floor) | static analysis | analysis / floor |");
+    println!("|---:|---:|---:|---:|");
+    for r in analysis {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2}× |",
+            r.functions,
+            r.prepare_ms,
+            r.static_ms,
+            r.static_ms / r.prepare_ms.max(0.001)
+        );
+    }
+}
+
+/// Only the prediction engine's sections.
+fn run_prediction_only(context: &Context, quick: bool) -> anyhow::Result<i32> {
+    let analysis = static_analysis_times(context, quick)?;
+    let simulation = super::simulation_bench::run(context, quick)?;
+    if context.json {
+        print_json(&serde_json::json!({ "analysis": analysis, "simulation": simulation }));
+    } else {
+        print_prediction(&simulation, &analysis);
+    }
+    Ok(0)
+}
+
 pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option<&str>) -> anyhow::Result<i32> {
-    if only == Some("watch") {
-        return run_watch_only(context, quick, region_mib);
+    match only {
+        Some("watch") => return run_watch_only(context, quick, region_mib),
+        Some("prediction") => return run_prediction_only(context, quick),
+        Some(other) => {
+            return Err(crate::failure::BadInput(format!("--only {other}: unknown section (watch, prediction)")).into())
+        }
+        None => {}
     }
     let rounds_stop = if quick { 50 } else { 300 };
     let mut stop_rows = Vec::new();
@@ -289,26 +331,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         "Per call of a patched function (direct jump): {:.3} ns unpatched, {:.3} ns patched, {:+.3} ns extra",
         report.call_cost.unpatched_ns, report.call_cost.patched_ns, report.call_cost.extra_ns
     );
-    super::simulation_bench::print(&report.simulation);
-    println!();
-    println!(
-        "## Static analysis vs apply's own validation, ms (median of {} rounds)",
-        report.analysis[0].rounds
-    );
-    println!();
-    println!("Floor: `prepare` (manifest, object, build-id, symbols, entries, register sets) on the same target.");
-    println!();
-    println!("| functions | prepare (floor) | static analysis | analysis / floor |");
-    println!("|---:|---:|---:|---:|");
-    for r in &report.analysis {
-        println!(
-            "| {} | {:.2} | {:.2} | {:.2}× |",
-            r.functions,
-            r.prepare_ms,
-            r.static_ms,
-            r.static_ms / r.prepare_ms.max(0.001)
-        );
-    }
+    print_prediction(&report.simulation, &report.analysis);
     println!();
     println!(
         "## Throughput on a {} MiB r-x region, median of {} rounds",
