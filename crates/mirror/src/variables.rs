@@ -446,7 +446,7 @@ pub fn merge(
     Ok(added)
 }
 
-mod optional_hex {
+pub(crate) mod optional_hex {
     pub fn serialize<S: serde::Serializer>(bytes: &Option<Vec<u8>>, serializer: S) -> Result<S::Ok, S::Error> {
         match bytes {
             Some(bytes) => serializer.serialize_some(&shadowpatch_symbols::hex(bytes)),
