@@ -136,9 +136,18 @@ enum Command {
         /// A critical variable that must never change: SYMBOL, MODULE!SYMBOL or 0xADDR:SIZE (repeatable).
         #[arg(long = "guard")]
         guards: Vec<String>,
-        /// A critical variable that changes and is mirrored with history (not yet supported).
+        /// A critical variable that changes: copied each pass (written pages only) with a history (repeatable).
         #[arg(long = "mirror-var")]
         mirror_vars: Vec<String>,
+        /// TOML file of critical variables: [[variable]] name=.. | address=.., size=.., mode="guarded"|"mirrored".
+        #[arg(long)]
+        vars: Option<PathBuf>,
+        /// Snapshots kept per mirrored variable (1 to 1024; default 16).
+        #[arg(long)]
+        history: Option<usize>,
+        /// How written pages of mirrored variables are found: auto, uffd, soft-dirty or sweep.
+        #[arg(long)]
+        dirty_method: Option<String>,
     },
     /// Show the event history: attaches, mirrors, alerts, heals, analyses, applies, rollbacks.
     History {
@@ -229,6 +238,9 @@ fn main() {
             config,
             guards,
             mirror_vars,
+            vars,
+            history,
+            dirty_method,
         } => commands::watch::run(
             &context,
             pid,
@@ -242,6 +254,9 @@ fn main() {
                 config,
                 guards,
                 mirror_vars,
+                vars,
+                history,
+                dirty_method,
             },
         ),
         Command::History {
