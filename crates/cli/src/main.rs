@@ -76,7 +76,20 @@ enum Command {
         analysis: commands::analyze::AnalysisArgs,
     },
     /// Restore the functions of the latest patch (or PATCH_ID, if it is the latest).
-    Rollback { pid: i32, patch_id: Option<String> },
+    Rollback {
+        pid: i32,
+        patch_id: Option<String>,
+        /// Also write back the mirrored variables as they were just before the patch was activated (journaled, one stop).
+        #[arg(long)]
+        restore_state: bool,
+    },
+    /// Copy the registered critical variables now and keep the copy in their history.
+    Snapshot {
+        pid: i32,
+        /// Only this variable (MODULE!SYMBOL, SYMBOL or 0xADDR:SIZE as registered).
+        #[arg(long)]
+        var: Option<String>,
+    },
     /// Finish or undo a patch transaction that was interrupted.
     Recover { pid: i32 },
     /// Show a target's identity, modules and mirror generations.
@@ -149,10 +162,12 @@ enum Command {
         #[arg(long)]
         dirty_method: Option<String>,
     },
-    /// Show the event history: attaches, mirrors, alerts, heals, analyses, applies, rollbacks.
+    /// Show the event history (attaches, mirrors, alerts, heals, analyses, applies, rollbacks), or with VAR the snapshots of one critical variable.
     History {
         /// Only events of this process id.
         pid: Option<i32>,
+        /// The snapshots of this critical variable of PID instead of events.
+        var: Option<String>,
         /// Only events since: a duration (15m, 2h, 3d), an RFC 3339 time, or Unix ms.
         #[arg(long)]
         since: Option<String>,
@@ -213,7 +228,12 @@ fn main() {
             manifest,
             analysis,
         } => commands::analyze::run(&context, pid, &manifest, &analysis),
-        Command::Rollback { pid, patch_id } => commands::patching::run_rollback(&context, pid, patch_id.as_deref()),
+        Command::Rollback {
+            pid,
+            patch_id,
+            restore_state,
+        } => commands::patching::run_rollback(&context, pid, patch_id.as_deref(), restore_state),
+        Command::Snapshot { pid, var } => commands::variables::run_snapshot(&context, pid, var.as_deref()),
         Command::Recover { pid } => commands::patching::run_recover(&context, pid),
         Command::Status { pid } => commands::status::run(&context, pid),
         Command::Pause {
@@ -260,7 +280,13 @@ fn main() {
             },
         ),
         Command::History {
+            pid: Some(pid),
+            var: Some(var),
+            ..
+        } => commands::variables::run_variable_history(&context, pid, &var),
+        Command::History {
             pid,
+            var: _,
             since,
             kinds,
             limit,

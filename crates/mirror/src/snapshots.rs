@@ -276,7 +276,10 @@ mod tests {
         let history = file.history("v1000").unwrap();
         let values: Vec<u64> = history.snapshots.iter().map(|s| s.integer().unwrap()).collect();
         assert_eq!(values, [3, 4, 4]);
-        assert_eq!(history.snapshots[0].hash, blake3::hash(&3u64.to_le_bytes()).to_hex().to_string());
+        assert_eq!(
+            history.snapshots[0].hash,
+            blake3::hash(&3u64.to_le_bytes()).to_hex().to_string()
+        );
         assert!(file.history("m!v1000").is_some());
         assert!(file.history("nothing").is_none());
     }

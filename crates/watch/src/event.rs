@@ -254,9 +254,7 @@ impl WatchEvent {
             WatchEvent::GenerationSwitched { .. }
             | WatchEvent::Pass { .. }
             | WatchEvent::Warning { .. }
-            | WatchEvent::Snapshot { .. } => {
-                return None
-            }
+            | WatchEvent::Snapshot { .. } => return None,
         })
     }
 

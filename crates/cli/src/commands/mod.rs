@@ -11,6 +11,7 @@ pub mod mirror;
 pub mod patching;
 pub mod pause;
 pub mod status;
+pub mod variables;
 pub mod verify;
 pub mod watch;
 

@@ -82,7 +82,12 @@ pub fn run(context: &Context, pid: i32, args: &WatchArgs) -> anyhow::Result<i32>
     let mut requests = config.variables.clone();
     if let Some(path) = &args.vars {
         let vars = WatchConfig::load(path).map_err(WatchError::from)?;
-        if vars != (WatchConfig { variables: vars.variables.clone(), ..WatchConfig::default() }) {
+        if vars
+            != (WatchConfig {
+                variables: vars.variables.clone(),
+                ..WatchConfig::default()
+            })
+        {
             return Err(WatchError::from(shadowpatch_watch::ConfigError::File {
                 path: path.clone(),
                 message: "a --vars file holds [[variable]] tables only (options go in --config)".into(),
