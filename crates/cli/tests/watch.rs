@@ -291,7 +291,10 @@ fn bad_input_exits_2_with_one_line_and_leaves_target_and_mirror_untouched() {
         (vec!["--interval", "soon"], "--interval"),
         (vec!["--cpu-budget", "0"], "--cpu-budget"),
         (vec!["--cpu-budget", "250"], "--cpu-budget"),
-        (vec!["--mirror-var", "scale"], "not yet supported"),
+        (
+            vec!["--mirror-var", "scale", "--dirty-method", "soft-dirty"],
+            "soft_dirty is unavailable",
+        ),
         (vec!["--config", config_text], "line 2"),
         (vec!["--pin-cpu", "4096"], "--pin-cpu 4096"),
     ];
