@@ -12,7 +12,7 @@
 //! [`MAX_KEPT_BYTES`] (larger ones keep their hash only).
 
 use crate::store::write_atomically;
-use crate::variables::CriticalVariable;
+use crate::variables::{load_versioned_json, CriticalVariable};
 use crate::MirrorError;
 use std::path::{Path, PathBuf};
 
@@ -124,26 +124,12 @@ impl SnapshotFile {
 
     /// The snapshots of a target directory; `None` when none were taken.
     pub fn load(target_dir: &Path) -> Result<Option<Self>, MirrorError> {
-        let path = Self::path_in(target_dir);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(MirrorError::Io { path, source }),
-        };
-        let file: SnapshotFile = serde_json::from_slice(&bytes).map_err(|e| MirrorError::Corrupt {
-            path: path.clone(),
-            message: format!("variable snapshots are not valid: {e}"),
-        })?;
-        if file.format != SNAPSHOTS_FORMAT {
-            return Err(MirrorError::Corrupt {
-                path,
-                message: format!(
-                    "variable snapshot format {} is not supported (expected {SNAPSHOTS_FORMAT})",
-                    file.format
-                ),
-            });
-        }
-        Ok(Some(file))
+        load_versioned_json(
+            &Self::path_in(target_dir),
+            "variable snapshot file",
+            SNAPSHOTS_FORMAT,
+            |file: &Self| file.format,
+        )
     }
 
     /// Read, change with `edit` and write back the file of `target_dir`,

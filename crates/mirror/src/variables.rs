@@ -142,26 +142,12 @@ impl VariableRegistry {
 
     /// The registry of a target directory; `None` when none was written.
     pub fn load(target_dir: &Path) -> Result<Option<Self>, MirrorError> {
-        let path = Self::path_in(target_dir);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(MirrorError::Io { path, source }),
-        };
-        let registry: VariableRegistry = serde_json::from_slice(&bytes).map_err(|e| MirrorError::Corrupt {
-            path: path.clone(),
-            message: format!("critical-variable registry is not valid: {e}"),
-        })?;
-        if registry.format != REGISTRY_FORMAT {
-            return Err(MirrorError::Corrupt {
-                path,
-                message: format!(
-                    "critical-variable registry format {} is not supported (expected {REGISTRY_FORMAT})",
-                    registry.format
-                ),
-            });
-        }
-        Ok(Some(registry))
+        load_versioned_json(
+            &Self::path_in(target_dir),
+            "critical-variable registry",
+            REGISTRY_FORMAT,
+            |registry: &Self| registry.format,
+        )
     }
 
     /// Write the registry atomically (the previous file stays whole if this fails).
@@ -174,6 +160,39 @@ impl VariableRegistry {
     pub fn guarded(&self) -> impl Iterator<Item = &CriticalVariable> {
         self.variables.iter().filter(|v| v.mode == VariableMode::Guarded)
     }
+}
+
+/// Read a versioned JSON file of the state directory: `None` when it does
+/// not exist; unparsable or of another format version is refused, naming
+/// the file and `what` it holds.
+pub(crate) fn load_versioned_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+    expected_format: u32,
+    format_of: impl Fn(&T) -> u32,
+) -> Result<Option<T>, MirrorError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(MirrorError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let value: T = serde_json::from_slice(&bytes).map_err(|e| MirrorError::Corrupt {
+        path: path.to_path_buf(),
+        message: format!("{what} is not valid: {e}"),
+    })?;
+    let format = format_of(&value);
+    if format != expected_format {
+        return Err(MirrorError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!("{what} format {format} is not supported (expected {expected_format})"),
+        });
+    }
+    Ok(Some(value))
 }
 
 impl VariableRequest {

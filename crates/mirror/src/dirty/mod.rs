@@ -266,6 +266,12 @@ impl DirtyError {
     }
 }
 
+/// How a collect reaches the target.
+enum Access<'a> {
+    Detached(&'a mut TargetMemory),
+    Attached(&'a mut Attached),
+}
+
 /// The running method's state.
 #[derive(Debug)]
 enum Backend {
@@ -388,32 +394,33 @@ impl DirtyTracker {
     /// [`DirtyTracker::collect_attached`] when the caller already holds an
     /// attach, since a second tracer cannot seize).
     pub fn collect(&mut self, memory: &mut TargetMemory) -> Result<DirtyPages, DirtyError> {
-        self.check_target(memory.pid())?;
+        self.collect_via(Access::Detached(memory))
+    }
+
+    /// [`DirtyTracker::collect`] for a caller that holds the target attached.
+    pub fn collect_attached(&mut self, attached: &mut Attached) -> Result<DirtyPages, DirtyError> {
+        self.collect_via(Access::Attached(attached))
+    }
+
+    fn collect_via(&mut self, access: Access<'_>) -> Result<DirtyPages, DirtyError> {
+        let pid = match &access {
+            Access::Detached(memory) => memory.pid(),
+            Access::Attached(attached) => attached.pid(),
+        };
+        self.check_target(pid)?;
         let started = Instant::now();
-        let mut dirty = match self.backend.as_mut() {
-            None => return Err(DirtyError::Stopped { pid: self.pid }),
-            Some(Backend::Uffd(tracking)) => tracking.collect()?,
-            Some(Backend::SoftDirty(tracking)) => {
+        let mut dirty = match (self.backend.as_mut(), access) {
+            (None, _) => return Err(DirtyError::Stopped { pid: self.pid }),
+            (Some(Backend::Uffd(tracking)), _) => tracking.collect()?,
+            (Some(Backend::SoftDirty(tracking)), Access::Attached(attached)) => tracking.collect(attached)?,
+            (Some(Backend::SoftDirty(tracking)), Access::Detached(_)) => {
                 let mut attached = Attached::seize(&self.identity)?;
                 let dirty = tracking.collect(&mut attached);
                 attached.detach()?;
                 dirty?
             }
-            Some(Backend::Sweep(tracking)) => tracking.collect(memory)?,
-        };
-        dirty.collect_us = started.elapsed().as_micros() as u64;
-        Ok(dirty)
-    }
-
-    /// [`DirtyTracker::collect`] for a caller that holds the target attached.
-    pub fn collect_attached(&mut self, attached: &mut Attached) -> Result<DirtyPages, DirtyError> {
-        self.check_target(attached.pid())?;
-        let started = Instant::now();
-        let mut dirty = match self.backend.as_mut() {
-            None => return Err(DirtyError::Stopped { pid: self.pid }),
-            Some(Backend::Uffd(tracking)) => tracking.collect()?,
-            Some(Backend::SoftDirty(tracking)) => tracking.collect(attached)?,
-            Some(Backend::Sweep(tracking)) => tracking.collect(attached.memory())?,
+            (Some(Backend::Sweep(tracking)), Access::Attached(attached)) => tracking.collect(attached.memory())?,
+            (Some(Backend::Sweep(tracking)), Access::Detached(memory)) => tracking.collect(memory)?,
         };
         dirty.collect_us = started.elapsed().as_micros() as u64;
         Ok(dirty)
