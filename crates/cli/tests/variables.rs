@@ -216,12 +216,21 @@ fn bad_variable_input_exits_2_with_one_line_and_leaves_the_target_untouched() {
         "interval = \"1s\"\n[[variable]]\nname = \"data_table\"\nmode = \"mirrored\"\n",
     );
     let zero = format!("{data:#x}:0");
+    // The ELF header of the program: readable, never writable.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let read_only = maps
+        .lines()
+        .find(|line| line.contains(" r--p ") && line.contains("dirtydata"))
+        .and_then(|line| line.split('-').next())
+        .map(|start| format!("0x{start}:8"))
+        .unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--vars", &unknown], "no symbol no_such_table"),
         (vec!["--vars", &overlap], "overlaps"),
         (vec!["--vars", &bad_mode], "mode.toml"),
         (vec!["--vars", &options], "holds [[variable]] tables only"),
         (vec!["--mirror-var", &zero], "size 0"),
+        (vec!["--mirror-var", &read_only], "is not writable memory"),
         (
             vec!["--mirror-var", "data_table", "--history", "0"],
             "--history: 0 is out of range",

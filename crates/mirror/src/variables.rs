@@ -79,6 +79,11 @@ pub enum VariableError {
     ZeroSize { origin: String, what: String },
     #[error("{origin}: {range} is not mapped readable in pid {pid}")]
     Unmapped { origin: String, range: String, pid: i32 },
+    #[error(
+        "{origin}: {range} is not writable memory in pid {pid}; a mirrored variable is tracked \
+         through its writes (declare it guarded)"
+    )]
+    NotWritable { origin: String, range: String, pid: i32 },
     #[error("{origin}: {range} overlaps {other} ({other_origin})")]
     Overlap {
         origin: String,
@@ -280,10 +285,20 @@ pub fn resolve(
     let mut resolved: Vec<ResolvedVariable> = Vec::new();
     for request in requests {
         let variable = resolve_one(request, pid, modules)?;
-        if !readable(maps, variable.address, variable.size) {
+        let range = format!("{:#x}..{:#x}", variable.address, variable.address + variable.size);
+        if !covered(maps, variable.address, variable.size, |m| m.readable) {
             return Err(VariableError::Unmapped {
                 origin: request.origin.clone(),
-                range: format!("{:#x}..{:#x}", variable.address, variable.address + variable.size),
+                range,
+                pid,
+            });
+        }
+        // Checked here, before anything is registered: a mirrored variable
+        // the dirty tracker cannot track would fail every later watch.
+        if variable.mode == VariableMode::Mirrored && !covered(maps, variable.address, variable.size, |m| m.writable) {
+            return Err(VariableError::NotWritable {
+                origin: request.origin.clone(),
+                range,
                 pid,
             });
         }
@@ -393,12 +408,12 @@ fn described(name: &str, address: u64, size: u64) -> String {
     format!("{name} ({address:#x}, {size} bytes)")
 }
 
-/// Whether `[address, address + size)` lies wholly in readable mappings.
-fn readable(maps: &[Mapping], address: u64, size: u64) -> bool {
+/// Whether `[address, address + size)` lies wholly in mappings that are `wanted`.
+fn covered(maps: &[Mapping], address: u64, size: u64, wanted: impl Fn(&Mapping) -> bool) -> bool {
     let end = address + size;
     let mut at = address;
     while at < end {
-        match maps.iter().find(|m| m.readable && m.contains(at)) {
+        match maps.iter().find(|m| wanted(m) && m.contains(at)) {
             Some(m) => at = m.end,
             None => return false,
         }
