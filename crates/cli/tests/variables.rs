@@ -307,6 +307,15 @@ fn rollback_restore_state_writes_back_the_variables_as_they_were_before_the_appl
     // The journal is settled (nothing for recover to finish).
     let recovered = shadowpatch(&state, &["recover", &pid_text, "--json"]).json();
     assert_eq!(recovered["state"], "consistent");
+    let events = shadowpatch(&state, &["history", &pid_text, "--kind", "snapshot", "--json"]).json();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["cause"] == "restore_state" && e["patch_id"] == "fix1"),
+        "{events:#}"
+    );
 
     // The snapshot before the apply is in the variable's history.
     let history = snapshots_of(&state, pid, "scale");

@@ -394,13 +394,28 @@ pub fn restore(context: &Context, pid: i32, pre: &PreApply, attempts: u32) -> an
             TxnKind::Heal,
             "restore-state",
             writes,
-            Some(&pre.patch_id),
+            // As a heal: the writes change no patch's state.
+            None,
             attempts,
         );
         let detached = attached.detach();
         match result {
             Ok(activation) => {
                 detached?;
+                record_best_effort(
+                    &context.state_dir,
+                    &NewEvent::new(EventKind::Snapshot)
+                        .target(pid, identity.start_time)
+                        .patch(pre.patch_id.clone())
+                        .cause("restore_state")
+                        .outcome("restored")
+                        .duration_us(activation.pause.pause_us)
+                        .details(serde_json::json!({
+                            "summary": format!("wrote back {}", restored.join(", ")),
+                            "txn": txn,
+                            "bytes": bytes,
+                        })),
+                );
                 return Ok(Restored {
                     patch_id: pre.patch_id.clone(),
                     restored,
