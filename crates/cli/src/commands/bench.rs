@@ -109,6 +109,15 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     if only == Some("watch") {
         return run_watch_only(context, quick, region_mib);
     }
+    if only == Some("dirty") {
+        let report = super::bench_dirty::run(context, quick)?;
+        if context.json {
+            print_json(&report);
+        } else {
+            super::bench_dirty::print(&report);
+        }
+        return Ok(0);
+    }
     let rounds_stop = if quick { 50 } else { 300 };
     let mut stop_rows = Vec::new();
     for threads in [1usize, 8, 64] {
