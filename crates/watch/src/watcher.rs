@@ -25,7 +25,7 @@ use crate::watched::{ActiveGeneration, WatchedVariable, CHUNK};
 use crate::WatchError;
 use shadowpatch_mirror::variables::{merge, resolve, VariableRegistry};
 use shadowpatch_mirror::{
-    CriticalVariable, DirtyError, MirrorError, PageHasher, StateDir, VariableMode, VariableRequest, PAGE_SIZE,
+    CriticalVariable, MirrorError, PageHasher, StateDir, VariableMode, VariableRequest, PAGE_SIZE,
 };
 use shadowpatch_patch::state::{ensure_baseline, TargetState};
 use shadowpatch_store::Store;
@@ -369,6 +369,8 @@ impl Watcher {
         let mirrored = self.mirrored.take()?;
         match mirrored.stop() {
             Ok(()) => Some(true),
+            // The process is gone, and its memory with the registration.
+            Err(_) if self.identity.check_alive().is_err_and(|e| gone(&e)) => Some(true),
             Err(error) => {
                 self.warn(format!("dirty-page tracking could not be undone: {error}"));
                 Some(false)
@@ -479,18 +481,21 @@ impl Watcher {
         } else if self.cursor_item < regions + self.variables.len() {
             Item::Variable(self.cursor_item - regions)
         } else {
-            match self.refresh_mirrored() {
-                Ok(()) => {}
-                Err(WatchError::Target(error)) | Err(WatchError::Dirty(DirtyError::Target(error))) if gone(&error) => {
-                    let reason = error.to_string();
-                    self.emit(WatchEvent::TargetExited {
-                        unix_ms: now_ms(),
-                        pid: self.identity.pid,
-                        reason: reason.clone(),
-                    });
-                    return Ok(StepOutcome::TargetExited(reason));
-                }
-                Err(other) => return Err(other),
+            if let Err(error) = self.refresh_mirrored() {
+                // A pagemap or read error may only mean the target just
+                // exited: that ends the watch as an exit, not a failure.
+                return match self.identity.check_alive() {
+                    Err(gone_error) if gone(&gone_error) => {
+                        let reason = gone_error.to_string();
+                        self.emit(WatchEvent::TargetExited {
+                            unix_ms: now_ms(),
+                            pid: self.identity.pid,
+                            reason: reason.clone(),
+                        });
+                        Ok(StepOutcome::TargetExited(reason))
+                    }
+                    _ => Err(error),
+                };
             }
             self.counters.passes += 1;
             self.cursor_item = 0;

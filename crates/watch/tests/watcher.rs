@@ -423,6 +423,25 @@ fn a_mirrored_variable_gets_a_snapshot_per_change_and_tracking_is_undone_on_stop
 }
 
 #[test]
+fn a_target_with_mirrored_variables_that_exits_ends_the_watch() {
+    let setup = Setup::new(Fixture::BusyC);
+    let request = VariableRequest::parse("scale", VariableMode::Mirrored, "--mirror-var scale").unwrap();
+    let (mut watcher, events) = setup.watcher(&[request], WatchOptions::default());
+    cycle(&mut watcher);
+    let Setup { target, .. } = setup;
+    drop(target);
+    match watcher.cycle().unwrap() {
+        StepOutcome::TargetExited(reason) => assert!(reason.contains("pid"), "{reason}"),
+        other => panic!("expected the exit to be seen, got {other:?}"),
+    }
+    assert!(drain(&events)
+        .iter()
+        .any(|e| matches!(e, WatchEvent::TargetExited { .. })));
+    // Nothing is left to undo in a process that is gone.
+    assert_eq!(watcher.stop_dirty_tracking(), Some(true));
+}
+
+#[test]
 fn an_unavailable_dirty_method_is_refused_and_nothing_is_written() {
     let setup = Setup::new(Fixture::BusyC);
     let request = VariableRequest::parse("scale", VariableMode::Mirrored, "--mirror-var scale").unwrap();
