@@ -3,7 +3,10 @@
 //! for) and copied into a `DataMirror` once per pass, re-reading only the
 //! pages written since the previous pass; a variable whose bytes changed
 //! gets a new snapshot (time, blake3 hash, bytes) in the target's bounded
-//! `snapshots.json` (`mirror/src/snapshots.rs`).
+//! `snapshots.json` (`mirror/src/snapshots.rs`). Snapshots are reported
+//! at once but written to the file at most once per [`PERSIST_EVERY`]
+//! (and on stop): a variable that changes every pass would otherwise cost
+//! two fsyncs per pass.
 //!
 //! The target is attached only while the tracker starts (the userfaultfd
 //! is created by a remote system call); collecting works from outside, so
@@ -18,6 +21,10 @@ use shadowpatch_mirror::{
 };
 use shadowpatch_target::{Attached, ProcessIdentity, TargetMemory};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Longest time a snapshot waits before it is written to `snapshots.json`.
+pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
 /// A variable whose bytes changed in a refresh.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +44,11 @@ pub struct MirroredVariables {
     pid: i32,
     start_time: u64,
     keep: usize,
+    /// The newest snapshot's hash per variable (what a change is judged against).
+    newest: Vec<Option<String>>,
+    /// Snapshots not yet written to the file, oldest first.
+    pending: Vec<(usize, Snapshot)>,
+    last_persisted: Option<Instant>,
 }
 
 /// The whole pages covering `variables`, overlapping ones merged (two
@@ -83,7 +95,11 @@ impl MirroredVariables {
             pid: identity.pid,
             start_time: identity.start_time,
             keep,
+            newest: Vec::new(),
+            pending: Vec::new(),
+            last_persisted: None,
         };
+        mirrored.newest = vec![None; mirrored.variables.len()];
         let all: Vec<usize> = (0..mirrored.variables.len()).collect();
         let changed = mirrored.record(&all, "watch")?;
         Ok((mirrored, changed))
@@ -130,40 +146,57 @@ impl MirroredVariables {
         Ok((self.record(&touched, "watch")?, report.pages_copied))
     }
 
-    /// Snapshot the variables `indexes` from the mirror copy; keeps (and
-    /// returns) those whose hash differs from their newest snapshot.
+    /// Snapshot the variables `indexes` from the mirror copy; returns
+    /// those whose hash differs from their newest snapshot (queued for the
+    /// file, written when [`PERSIST_EVERY`] has passed since the last write).
     fn record(&mut self, indexes: &[usize], cause: &str) -> Result<Vec<Changed>, WatchError> {
-        if indexes.is_empty() {
-            return Ok(Vec::new());
-        }
         let now = shadowpatch_store::now_ms();
-        let mut taken = Vec::new();
+        let mut changed = Vec::new();
         for &index in indexes {
             let variable = &self.variables[index];
             let bytes = self
                 .mirror
                 .read(variable.address, variable.size as usize)
                 .expect("a mirrored variable lies in the tracked pages");
-            taken.push((index, Snapshot::of(bytes, now, cause, None)));
+            let snapshot = Snapshot::of(bytes, now, cause, None);
+            if self.newest[index].as_deref() == Some(snapshot.hash.as_str()) {
+                continue;
+            }
+            self.newest[index] = Some(snapshot.hash.clone());
+            changed.push(Changed {
+                name: variable.name.clone(),
+                address: variable.address,
+                snapshot: snapshot.clone(),
+            });
+            self.pending.push((index, snapshot));
         }
-        let keep = self.keep;
-        let variables = &self.variables;
-        let changed = SnapshotFile::update(&self.target_dir, self.pid, self.start_time, |file| {
-            file.set_keep(keep);
-            taken
-                .into_iter()
-                .filter(|(index, snapshot)| file.record(&variables[*index], snapshot.clone(), true))
-                .map(|(index, snapshot)| Changed {
-                    name: variables[index].name.clone(),
-                    address: variables[index].address,
-                    snapshot,
-                })
-                .collect()
-        })?;
+        // Never more queued than the file would keep.
+        let due = self.last_persisted.is_none_or(|at| at.elapsed() >= PERSIST_EVERY);
+        if due || self.pending.len() > self.keep * self.variables.len() {
+            self.persist()?;
+        }
         Ok(changed)
     }
 
-    /// Undo the tracking method in the target.
+    /// Write the queued snapshots to `snapshots.json`.
+    pub fn persist(&mut self) -> Result<(), WatchError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let keep = self.keep;
+        let variables = &self.variables;
+        SnapshotFile::update(&self.target_dir, self.pid, self.start_time, |file| {
+            file.set_keep(keep);
+            for (index, snapshot) in pending {
+                file.record(&variables[index], snapshot, true);
+            }
+        })?;
+        self.last_persisted = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Undo the tracking method in the target (call `persist` first).
     pub fn stop(self) -> Result<(), DirtyError> {
         self.tracker.stop()
     }

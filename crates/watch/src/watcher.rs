@@ -366,7 +366,10 @@ impl Watcher {
     /// Undo the dirty-tracking method in the target; whether it was undone
     /// (None: no mirrored variable). Also done on drop, as a best effort.
     pub fn stop_dirty_tracking(&mut self) -> Option<bool> {
-        let mirrored = self.mirrored.take()?;
+        let mut mirrored = self.mirrored.take()?;
+        if let Err(error) = mirrored.persist() {
+            self.warn(format!("the last variable snapshots could not be written: {error}"));
+        }
         match mirrored.stop() {
             Ok(()) => Some(true),
             // The process is gone, and its memory with the registration.
@@ -732,6 +735,16 @@ impl Watcher {
         {
             Some(region) => Location::in_region(&region.spec.module, region.spec.start, address),
             None => location,
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        // Snapshots still queued reach the file (best effort; `run` and
+        // `stop_dirty_tracking` write them and report failures).
+        if let Some(mirrored) = &mut self.mirrored {
+            let _ = mirrored.persist();
         }
     }
 }
