@@ -282,8 +282,20 @@ fn main() {
         Command::History {
             pid: Some(pid),
             var: Some(var),
-            ..
-        } => commands::variables::run_variable_history(&context, pid, &var),
+            since,
+            kinds,
+            limit,
+        } => commands::variables::run_variable_history(
+            &context,
+            pid,
+            &var,
+            &commands::history::HistoryQuery {
+                pid: Some(pid),
+                since,
+                kinds,
+                limit,
+            },
+        ),
         Command::History {
             pid,
             var: _,

@@ -120,6 +120,17 @@ fn mirrored_changes_are_kept_as_the_last_n_snapshots_and_a_guarded_change_alerts
     assert!(kept
         .windows(2)
         .all(|w| w[0]["unix_ms"].as_u64() <= w[1]["unix_ms"].as_u64()));
+    let newest = shadowpatch(
+        &state,
+        &["history", &pid.to_string(), "data_table", "--limit", "1", "--json"],
+    )
+    .json();
+    assert_eq!(newest["snapshots"].as_array().unwrap().len(), 1);
+    assert_eq!(newest["snapshots"][0]["hash"], kept[2]["hash"]);
+    assert_bad_input(
+        &shadowpatch(&state, &["history", &pid.to_string(), "data_table", "--kind", "alert"]),
+        "kinds select events",
+    );
 
     // `snapshot` takes one now, detached, and keeps it in the history.
     dirty_tables(&mut target, 9);

@@ -5,6 +5,7 @@
 //! before activating a patch, and `rollback --restore-state` writing it
 //! back through a journaled plain-writes transaction.
 
+use super::history::{parse_since, HistoryQuery};
 use super::Context;
 use crate::failure::BadInput;
 use crate::output::{hex_bytes, print_json};
@@ -174,7 +175,15 @@ fn describe(name: &str, address: u64, snapshot: &Snapshot) -> String {
 }
 
 /// `shadowpatch history PID VAR`: the kept snapshots of one variable, oldest first.
-pub fn run_variable_history(context: &Context, pid: i32, var: &str) -> anyhow::Result<i32> {
+/// `--since` and `--limit` (the newest N) apply to the snapshots as to events.
+pub fn run_variable_history(context: &Context, pid: i32, var: &str, query: &HistoryQuery) -> anyhow::Result<i32> {
+    if let Some(kind) = query.kinds.first() {
+        return Err(BadInput(format!(
+            "--kind {kind}: kinds select events; history {pid} {var} lists the snapshots of {var}"
+        ))
+        .into());
+    }
+    let since = query.since.as_deref().map(parse_since).transpose()?;
     // The live incarnation, else the newest one stored (the process may
     // have exited: its history is still worth reading).
     let dir = match ProcessIdentity::of(pid) {
@@ -208,9 +217,17 @@ pub fn run_variable_history(context: &Context, pid: i32, var: &str) -> anyhow::R
         ))
         .into());
     };
+    let mut shown: Vec<&Snapshot> = history
+        .snapshots
+        .iter()
+        .filter(|s| since.is_none_or(|since| s.unix_ms >= since))
+        .collect();
+    if let Some(limit) = query.limit {
+        let excess = shown.len().saturating_sub(limit as usize);
+        shown.drain(..excess);
+    }
     if context.json {
-        let snapshots: Vec<serde_json::Value> = history
-            .snapshots
+        let snapshots: Vec<serde_json::Value> = shown
             .iter()
             .map(|s| {
                 let mut value = serde_json::to_value(s).expect("snapshots serialize");
@@ -227,7 +244,7 @@ pub fn run_variable_history(context: &Context, pid: i32, var: &str) -> anyhow::R
         }));
         return Ok(0);
     }
-    for snapshot in &history.snapshots {
+    for snapshot in shown {
         println!("{}", describe(&history.name, history.address, snapshot));
     }
     Ok(0)
