@@ -348,10 +348,11 @@ fn code_made_writable_and_new_executable_memory_are_reported_once() {
     assert!(alerts(&seen).is_empty(), "the bytes themselves did not change");
 }
 
-#[test]
-fn a_target_that_exits_ends_the_watch() {
-    let setup = Setup::new(Fixture::BusyRust);
-    let (mut watcher, events) = setup.watcher(&[], WatchOptions::default());
+/// Watch `fixture` with `requests` for a pass, end the process, and check
+/// the next pass reports the exit; returns the watcher.
+fn exit_ends_the_watch(fixture: Fixture, requests: &[VariableRequest]) -> Watcher {
+    let setup = Setup::new(fixture);
+    let (mut watcher, events) = setup.watcher(requests, WatchOptions::default());
     cycle(&mut watcher);
     let Setup { target, .. } = setup;
     drop(target);
@@ -362,6 +363,12 @@ fn a_target_that_exits_ends_the_watch() {
     assert!(drain(&events)
         .iter()
         .any(|e| matches!(e, WatchEvent::TargetExited { .. })));
+    watcher
+}
+
+#[test]
+fn a_target_that_exits_ends_the_watch() {
+    exit_ends_the_watch(Fixture::BusyRust, &[]);
 }
 
 #[test]
@@ -424,19 +431,8 @@ fn a_mirrored_variable_gets_a_snapshot_per_change_and_tracking_is_undone_on_stop
 
 #[test]
 fn a_target_with_mirrored_variables_that_exits_ends_the_watch() {
-    let setup = Setup::new(Fixture::BusyC);
     let request = VariableRequest::parse("scale", VariableMode::Mirrored, "--mirror-var scale").unwrap();
-    let (mut watcher, events) = setup.watcher(&[request], WatchOptions::default());
-    cycle(&mut watcher);
-    let Setup { target, .. } = setup;
-    drop(target);
-    match watcher.cycle().unwrap() {
-        StepOutcome::TargetExited(reason) => assert!(reason.contains("pid"), "{reason}"),
-        other => panic!("expected the exit to be seen, got {other:?}"),
-    }
-    assert!(drain(&events)
-        .iter()
-        .any(|e| matches!(e, WatchEvent::TargetExited { .. })));
+    let mut watcher = exit_ends_the_watch(Fixture::BusyC, &[request]);
     // Nothing is left to undo in a process that is gone.
     assert_eq!(watcher.stop_dirty_tracking(), Some(true));
 }
