@@ -76,7 +76,20 @@ enum Command {
         analysis: commands::analyze::AnalysisArgs,
     },
     /// Restore the functions of the latest patch (or PATCH_ID, if it is the latest).
-    Rollback { pid: i32, patch_id: Option<String> },
+    Rollback {
+        pid: i32,
+        patch_id: Option<String>,
+        /// Also write back the mirrored variables as they were just before the patch was activated (journaled, one stop).
+        #[arg(long)]
+        restore_state: bool,
+    },
+    /// Copy the registered critical variables now and keep the copy in their history.
+    Snapshot {
+        pid: i32,
+        /// Only this variable (MODULE!SYMBOL, SYMBOL or 0xADDR:SIZE as registered).
+        #[arg(long)]
+        var: Option<String>,
+    },
     /// Finish or undo a patch transaction that was interrupted.
     Recover { pid: i32 },
     /// Show a target's identity, modules and mirror generations.
@@ -105,8 +118,8 @@ enum Command {
         /// Size of the executable-like region for throughput, in MiB.
         #[arg(long)]
         region_mib: Option<u64>,
-        /// Run one section only (`watch`: continuous verification; `prediction`: static analysis and simulation).
-        #[arg(long, value_parser = ["watch"])]
+        /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation).
+        #[arg(long, value_parser = ["watch", "dirty", "prediction"])]
         only: Option<String>,
     },
     /// Verify a process continuously until SIGINT/SIGTERM: alert (and heal) on any change of its immutable memory.
@@ -136,14 +149,25 @@ enum Command {
         /// A critical variable that must never change: SYMBOL, MODULE!SYMBOL or 0xADDR:SIZE (repeatable).
         #[arg(long = "guard")]
         guards: Vec<String>,
-        /// A critical variable that changes and is mirrored with history (not yet supported).
+        /// A critical variable that changes: copied each pass (written pages only) with a history (repeatable).
         #[arg(long = "mirror-var")]
         mirror_vars: Vec<String>,
+        /// TOML file of critical variables: [[variable]] name=.. | address=.., size=.., mode="guarded"|"mirrored".
+        #[arg(long)]
+        vars: Option<PathBuf>,
+        /// Snapshots kept per mirrored variable (1 to 1024; default 16).
+        #[arg(long)]
+        history: Option<usize>,
+        /// How written pages of mirrored variables are found: auto, uffd, soft-dirty or sweep.
+        #[arg(long)]
+        dirty_method: Option<String>,
     },
-    /// Show the event history: attaches, mirrors, alerts, heals, analyses, applies, rollbacks.
+    /// Show the event history (attaches, mirrors, alerts, heals, analyses, applies, rollbacks), or with VAR the snapshots of one critical variable.
     History {
         /// Only events of this process id.
         pid: Option<i32>,
+        /// The snapshots of this critical variable of PID instead of events.
+        var: Option<String>,
         /// Only events since: a duration (15m, 2h, 3d), an RFC 3339 time, or Unix ms.
         #[arg(long)]
         since: Option<String>,
@@ -209,7 +233,12 @@ fn main() {
             manifest,
             analysis,
         } => commands::analyze::run(&context, pid, &manifest, &analysis),
-        Command::Rollback { pid, patch_id } => commands::patching::run_rollback(&context, pid, patch_id.as_deref()),
+        Command::Rollback {
+            pid,
+            patch_id,
+            restore_state,
+        } => commands::patching::run_rollback(&context, pid, patch_id.as_deref(), restore_state),
+        Command::Snapshot { pid, var } => commands::variables::run_snapshot(&context, pid, var.as_deref()),
         Command::Recover { pid } => commands::patching::run_recover(&context, pid),
         Command::Status { pid } => commands::status::run(&context, pid),
         Command::Pause {
@@ -234,6 +263,9 @@ fn main() {
             config,
             guards,
             mirror_vars,
+            vars,
+            history,
+            dirty_method,
         } => commands::watch::run(
             &context,
             pid,
@@ -247,10 +279,31 @@ fn main() {
                 config,
                 guards,
                 mirror_vars,
+                vars,
+                history,
+                dirty_method,
+            },
+        ),
+        Command::History {
+            pid: Some(pid),
+            var: Some(var),
+            since,
+            kinds,
+            limit,
+        } => commands::variables::run_variable_history(
+            &context,
+            pid,
+            &var,
+            &commands::history::HistoryQuery {
+                pid: Some(pid),
+                since,
+                kinds,
+                limit,
             },
         ),
         Command::History {
             pid,
+            var: _,
             since,
             kinds,
             limit,

@@ -9,7 +9,7 @@
 use crate::dirty::{DirtyError, DirtyMethod, DirtyPages, DirtyTracker, TrackedRange};
 use crate::hash::{PageHasher, PAGE_SIZE};
 use serde::Serialize;
-use shadowpatch_target::{Attached, TargetMemory};
+use shadowpatch_target::TargetMemory;
 use std::time::Instant;
 
 /// Bytes read per `process_vm_readv` before hashing them: small enough to
@@ -46,6 +46,10 @@ pub struct RefreshReport {
     pub copy_us: u64,
     /// collect + copy: the cost of one mirroring cycle.
     pub total_us: u64,
+    /// The pages whose bytes changed, ascending (what a caller re-hashes
+    /// at a finer grain, e.g. the chunks of critical variables).
+    #[serde(skip)]
+    pub changed: Vec<u64>,
 }
 
 /// Copies of the tracked ranges of one target.
@@ -83,10 +87,11 @@ impl DataMirror {
     }
 
     /// Re-copy the pages written since the last refresh (or the capture).
+    /// Needs no attach (see [`DirtyTracker::collect`]).
     pub fn refresh(
         &mut self,
         tracker: &mut DirtyTracker,
-        attached: &mut Attached,
+        memory: &mut TargetMemory,
     ) -> Result<RefreshReport, DirtyError> {
         if tracker.pid() != self.pid {
             return Err(DirtyError::WrongTarget {
@@ -94,8 +99,8 @@ impl DataMirror {
                 pid: self.pid,
             });
         }
-        let dirty = tracker.collect(attached)?;
-        let mut report = self.refresh_pages(&dirty, attached.memory())?;
+        let dirty = tracker.collect(memory)?;
+        let mut report = self.refresh_pages(&dirty, memory)?;
         report.method = Some(tracker.method());
         Ok(report)
     }
@@ -124,7 +129,8 @@ impl DataMirror {
             pages_tracked: self.page_count() as u64,
             pages_dirty: copied,
             pages_copied: copied,
-            pages_changed: changed,
+            pages_changed: changed.len() as u64,
+            changed,
             bytes_copied: copied * PAGE_SIZE as u64,
             method_bytes_read: dirty.bytes_read,
             collect_us: dirty.collect_us,
@@ -152,7 +158,8 @@ impl DataMirror {
             pages_tracked: pages,
             pages_dirty: 0,
             pages_copied: pages,
-            pages_changed: changed,
+            pages_changed: changed.len() as u64,
+            changed,
             bytes_copied: pages * PAGE_SIZE as u64,
             method_bytes_read: 0,
             collect_us: 0,
@@ -162,12 +169,12 @@ impl DataMirror {
     }
 
     /// Read `runs` (ascending, each inside one range) from the target
-    /// straight into the copy and re-hash their pages; returns how many
-    /// pages changed. Works in batches of [`BATCH_BYTES`]: each batch is
+    /// straight into the copy and re-hash their pages; returns the pages
+    /// that changed. Works in batches of [`BATCH_BYTES`]: each batch is
     /// hashed right after its read, while its bytes are still in cache
     /// (hashing 2.6 MB of scattered pages after one big read measured ~15 %
     /// of the cycle, mostly cache misses).
-    fn copy_runs(&mut self, memory: &mut TargetMemory, runs: &[(u64, usize)]) -> Result<u64, DirtyError> {
+    fn copy_runs(&mut self, memory: &mut TargetMemory, runs: &[(u64, usize)]) -> Result<Vec<u64>, DirtyError> {
         let pieces: Vec<(u64, usize)> = runs
             .iter()
             .flat_map(|&(start, len)| {
@@ -176,7 +183,7 @@ impl DataMirror {
                     .map(move |offset| (start + offset as u64, (len - offset).min(BATCH_BYTES)))
             })
             .collect();
-        let mut changed = 0;
+        let mut changed = Vec::new();
         let mut first = 0;
         while first < pieces.len() {
             let mut end = first + 1;
@@ -186,7 +193,7 @@ impl DataMirror {
                 end += 1;
             }
             self.read_in_place(memory, &pieces[first..end])?;
-            changed += self.rehash(&pieces[first..end]);
+            self.rehash(&pieces[first..end], &mut changed);
             first = end;
         }
         Ok(changed)
@@ -216,9 +223,8 @@ impl DataMirror {
         Ok(())
     }
 
-    /// Re-hash the pages of `pieces`; returns how many changed.
-    fn rehash(&mut self, pieces: &[(u64, usize)]) -> u64 {
-        let mut changed = 0;
+    /// Re-hash the pages of `pieces`, appending those that changed.
+    fn rehash(&mut self, pieces: &[(u64, usize)], changed: &mut Vec<u64>) {
         for &(start, len) in pieces {
             let Some(mirrored) = self.ranges.iter_mut().find(|m| m.range.contains(start)) else {
                 continue;
@@ -229,12 +235,11 @@ impl DataMirror {
                 let hash = self.hasher.hash(page);
                 let recorded = &mut mirrored.hashes[first + index];
                 if *recorded != hash {
-                    changed += 1;
+                    changed.push(start + (index * PAGE_SIZE) as u64);
                     *recorded = hash;
                 }
             }
         }
-        changed
     }
 
     pub fn pid(&self) -> i32 {

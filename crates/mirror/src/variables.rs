@@ -79,6 +79,11 @@ pub enum VariableError {
     ZeroSize { origin: String, what: String },
     #[error("{origin}: {range} is not mapped readable in pid {pid}")]
     Unmapped { origin: String, range: String, pid: i32 },
+    #[error(
+        "{origin}: {range} is not writable memory in pid {pid}; a mirrored variable is tracked \
+         through its writes (declare it guarded)"
+    )]
+    NotWritable { origin: String, range: String, pid: i32 },
     #[error("{origin}: {range} overlaps {other} ({other_origin})")]
     Overlap {
         origin: String,
@@ -142,26 +147,12 @@ impl VariableRegistry {
 
     /// The registry of a target directory; `None` when none was written.
     pub fn load(target_dir: &Path) -> Result<Option<Self>, MirrorError> {
-        let path = Self::path_in(target_dir);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(MirrorError::Io { path, source }),
-        };
-        let registry: VariableRegistry = serde_json::from_slice(&bytes).map_err(|e| MirrorError::Corrupt {
-            path: path.clone(),
-            message: format!("critical-variable registry is not valid: {e}"),
-        })?;
-        if registry.format != REGISTRY_FORMAT {
-            return Err(MirrorError::Corrupt {
-                path,
-                message: format!(
-                    "critical-variable registry format {} is not supported (expected {REGISTRY_FORMAT})",
-                    registry.format
-                ),
-            });
-        }
-        Ok(Some(registry))
+        load_versioned_json(
+            &Self::path_in(target_dir),
+            "critical-variable registry",
+            REGISTRY_FORMAT,
+            |registry: &Self| registry.format,
+        )
     }
 
     /// Write the registry atomically (the previous file stays whole if this fails).
@@ -174,6 +165,39 @@ impl VariableRegistry {
     pub fn guarded(&self) -> impl Iterator<Item = &CriticalVariable> {
         self.variables.iter().filter(|v| v.mode == VariableMode::Guarded)
     }
+}
+
+/// Read a versioned JSON file of the state directory: `None` when it does
+/// not exist; unparsable or of another format version is refused, naming
+/// the file and `what` it holds.
+pub(crate) fn load_versioned_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+    expected_format: u32,
+    format_of: impl Fn(&T) -> u32,
+) -> Result<Option<T>, MirrorError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(MirrorError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let value: T = serde_json::from_slice(&bytes).map_err(|e| MirrorError::Corrupt {
+        path: path.to_path_buf(),
+        message: format!("{what} is not valid: {e}"),
+    })?;
+    let format = format_of(&value);
+    if format != expected_format {
+        return Err(MirrorError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!("{what} format {format} is not supported (expected {expected_format})"),
+        });
+    }
+    Ok(Some(value))
 }
 
 impl VariableRequest {
@@ -261,10 +285,20 @@ pub fn resolve(
     let mut resolved: Vec<ResolvedVariable> = Vec::new();
     for request in requests {
         let variable = resolve_one(request, pid, modules)?;
-        if !readable(maps, variable.address, variable.size) {
+        let range = format!("{:#x}..{:#x}", variable.address, variable.address + variable.size);
+        if !covered(maps, variable.address, variable.size, |m| m.readable) {
             return Err(VariableError::Unmapped {
                 origin: request.origin.clone(),
-                range: format!("{:#x}..{:#x}", variable.address, variable.address + variable.size),
+                range,
+                pid,
+            });
+        }
+        // Checked here, before anything is registered: a mirrored variable
+        // the dirty tracker cannot track would fail every later watch.
+        if variable.mode == VariableMode::Mirrored && !covered(maps, variable.address, variable.size, |m| m.writable) {
+            return Err(VariableError::NotWritable {
+                origin: request.origin.clone(),
+                range,
                 pid,
             });
         }
@@ -374,12 +408,12 @@ fn described(name: &str, address: u64, size: u64) -> String {
     format!("{name} ({address:#x}, {size} bytes)")
 }
 
-/// Whether `[address, address + size)` lies wholly in readable mappings.
-fn readable(maps: &[Mapping], address: u64, size: u64) -> bool {
+/// Whether `[address, address + size)` lies wholly in mappings that are `wanted`.
+fn covered(maps: &[Mapping], address: u64, size: u64, wanted: impl Fn(&Mapping) -> bool) -> bool {
     let end = address + size;
     let mut at = address;
     while at < end {
-        match maps.iter().find(|m| m.readable && m.contains(at)) {
+        match maps.iter().find(|m| wanted(m) && m.contains(at)) {
             Some(m) => at = m.end,
             None => return false,
         }
@@ -446,7 +480,7 @@ pub fn merge(
     Ok(added)
 }
 
-mod optional_hex {
+pub(crate) mod optional_hex {
     pub fn serialize<S: serde::Serializer>(bytes: &Option<Vec<u8>>, serializer: S) -> Result<S::Ok, S::Error> {
         match bytes {
             Some(bytes) => serializer.serialize_some(&shadowpatch_symbols::hex(bytes)),

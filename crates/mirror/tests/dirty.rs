@@ -155,24 +155,30 @@ fn every_method_mirrors_under_load_identically_and_reports_every_written_page() 
         "the userfaultfd lives in our process, not the target's"
     );
     assert!(ranges.iter().all(|range| is_registered(pid, range)));
+    // Collecting needs no attach: detach now, as the watcher does, so the
+    // target's signals are never held between cycles.
+    attached.detach().unwrap();
+    assert_eq!(tracer_pid(pid), 0);
+    let mut memory = TargetMemory::open(&ProcessIdentity::of(pid).unwrap()).unwrap();
 
     assert_eq!(fixture.command("spin 2").unwrap(), "spinning threads=2");
     let mut copied = vec![0u64; tracked.len()];
     for _round in 0..8 {
         for (index, (tracker, mirror)) in tracked.iter_mut().enumerate() {
-            let report = mirror.refresh(tracker, &mut attached).unwrap();
+            let report = mirror.refresh(tracker, &mut memory).unwrap();
             assert_eq!(report.method, Some(tracker.method()));
             assert_eq!(report.pages_tracked, tracker.page_count() as u64);
             copied[index] += report.pages_copied;
         }
         assert_eq!(fixture.check().unwrap()["errors"], 0);
+        assert_eq!(tracer_pid(pid), 0, "collecting does not attach");
     }
     assert!(copied.iter().all(|&n| n > 0), "writes under load were seen: {copied:?}");
     assert!(fixture.command("quiet").unwrap().starts_with("quiet writes="));
 
     // Quiescent: one refresh brings every mirror to the live bytes.
     for (tracker, mirror) in tracked.iter_mut() {
-        mirror.refresh(tracker, &mut attached).unwrap();
+        mirror.refresh(tracker, &mut memory).unwrap();
     }
     let live = live_bytes(pid, &ranges);
     for (tracker, mirror) in &tracked {
@@ -193,7 +199,7 @@ fn every_method_mirrors_under_load_identically_and_reports_every_written_page() 
         .iter()
         .any(|&page| page >= untouched_quarter && region.contains(page)));
     for (tracker, mirror) in tracked.iter_mut() {
-        let dirty = tracker.collect(&mut attached).unwrap();
+        let dirty = tracker.collect(&mut memory).unwrap();
         let reported: BTreeSet<u64> = dirty.pages.iter().copied().collect();
         let missed: Vec<_> = written.difference(&reported).collect();
         assert!(missed.is_empty(), "{} missed pages {missed:x?}", tracker.method());
@@ -203,7 +209,7 @@ fn every_method_mirrors_under_load_identically_and_reports_every_written_page() 
             "{} reported unwritten pages {extra:x?}",
             tracker.method()
         );
-        let report = mirror.refresh_pages(&dirty, attached.memory()).unwrap();
+        let report = mirror.refresh_pages(&dirty, &mut memory).unwrap();
         assert_eq!(report.pages_changed, written.len() as u64);
     }
     let live = live_bytes(pid, &ranges);
@@ -217,7 +223,7 @@ fn every_method_mirrors_under_load_identically_and_reports_every_written_page() 
     }
     // A full refresh gives the same bytes whatever the method.
     for (_, mirror) in tracked.iter_mut() {
-        let report = mirror.refresh_all(attached.memory()).unwrap();
+        let report = mirror.refresh_all(&mut memory).unwrap();
         assert_eq!(report.pages_changed, 0);
     }
 
@@ -230,8 +236,7 @@ fn every_method_mirrors_under_load_identically_and_reports_every_written_page() 
         "registration undone by stop"
     );
     assert_eq!(fd_table(pid), fds_before);
-    attached.detach().unwrap();
-    assert_eq!(tracer_pid(pid), 0);
+    assert_eq!(tracer_pid(pid), 0, "never attached after the start");
     assert_target_healthy(&mut fixture);
 }
 
@@ -247,7 +252,7 @@ fn dropping_the_tracker_unregisters_and_the_target_runs_on() {
         assert_eq!(tracker.method(), DirtyMethod::UffdWpAsync, "the best method here");
         assert_eq!(fixture.command("spin 1").unwrap(), "spinning threads=1");
         let mut mirror = DataMirror::capture(&tracker, attached.memory()).unwrap();
-        mirror.refresh(&mut tracker, &mut attached).unwrap();
+        mirror.refresh(&mut tracker, attached.memory()).unwrap();
         for range in &ranges {
             assert!(is_registered(pid, range), "{range:x?} in {:x?}", uffd_wp_mappings(pid));
         }
@@ -279,7 +284,7 @@ fn helper_process_tracks_until_killed() {
         end: range[1],
     }];
     let mut tracker = DirtyTracker::start(&mut attached, &ranges, Some(DirtyMethod::UffdWpAsync)).unwrap();
-    tracker.collect(&mut attached).unwrap();
+    tracker.collect_attached(&mut attached).unwrap();
     // After libtest's "test NAME ... " on the same line.
     println!("tracking");
     // Block until killed.
@@ -352,7 +357,7 @@ fn soft_dirty_is_detected_by_behaviour_and_an_unavailable_method_is_refused_unto
         let mut tracker = DirtyTracker::start(&mut attached, &ranges, Some(DirtyMethod::SoftDirty)).unwrap();
         let mut mirror = DataMirror::capture(&tracker, attached.memory()).unwrap();
         let written = dirty_and_list(&mut fixture, 2.0, 5);
-        let dirty = tracker.collect(&mut attached).unwrap();
+        let dirty = tracker.collect_attached(&mut attached).unwrap();
         assert!(written.iter().all(|page| dirty.pages.contains(page)));
         mirror.refresh_pages(&dirty, attached.memory()).unwrap();
         assert!(mirrored_bytes(&mirror) == live_bytes(pid, &ranges));
@@ -412,7 +417,7 @@ fn a_target_already_using_userfaultfd_falls_back_to_the_sweep_with_the_reason() 
     assert!(tracker.skipped()[0].reason.as_ref().unwrap().contains("EBUSY"));
     let mut mirror = DataMirror::capture(&tracker, attached.memory()).unwrap();
     let written = dirty_and_list(&mut fixture, 3.0, 11);
-    let dirty = tracker.collect(&mut attached).unwrap();
+    let dirty = tracker.collect_attached(&mut attached).unwrap();
     assert_eq!(dirty.pages.iter().copied().collect::<BTreeSet<_>>(), written);
     assert_eq!(dirty.bytes_read, ranges.iter().map(|r| r.len()).sum::<u64>());
     mirror.refresh_pages(&dirty, attached.memory()).unwrap();

@@ -10,7 +10,7 @@
 //! on_alert = "logger -t shadowpatch"
 //!
 //! [[variable]]
-//! symbol = "busy!scale"       # MODULE!SYMBOL or SYMBOL; size from the symbol table
+//! symbol = "busy!scale"       # (or name = ...) MODULE!SYMBOL or SYMBOL; size from the symbol table
 //! mode = "guarded"            # or "mirrored"
 //!
 //! [[variable]]
@@ -59,6 +59,10 @@ pub struct WatchOptions {
     pub heal_attempts: u32,
     /// Record events in the state directory's history.
     pub record_history: bool,
+    /// Snapshots kept per mirrored variable (1 to `MAX_KEEP`).
+    pub history_keep: usize,
+    /// Dirty-page tracking method for mirrored variables (None: the best available).
+    pub dirty_method: Option<shadowpatch_mirror::DirtyMethod>,
 }
 
 impl Default for WatchOptions {
@@ -72,6 +76,8 @@ impl Default for WatchOptions {
             grace: Duration::from_secs(2),
             heal_attempts: shadowpatch_patch::activate::DEFAULT_ATTEMPTS,
             record_history: true,
+            history_keep: shadowpatch_mirror::snapshots::DEFAULT_KEEP,
+            dirty_method: None,
         }
     }
 }
@@ -91,6 +97,16 @@ impl WatchOptions {
                 format!(
                     "{} is out of range ({MIN_BUDGET} to 100 percent of one core)",
                     self.cpu_budget_percent
+                ),
+            ));
+        }
+        if !(1..=shadowpatch_mirror::snapshots::MAX_KEEP).contains(&self.history_keep) {
+            return Err(invalid(
+                "--history",
+                format!(
+                    "{} is out of range (1 to {} snapshots per variable)",
+                    self.history_keep,
+                    shadowpatch_mirror::snapshots::MAX_KEEP
                 ),
             ));
         }
@@ -165,6 +181,7 @@ struct RawConfig {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawVariable {
+    #[serde(alias = "name")]
     symbol: Option<String>,
     module: Option<String>,
     address: Option<toml::Value>,

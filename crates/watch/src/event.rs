@@ -104,6 +104,15 @@ pub enum WatchEvent {
         bytes: u64,
         guarded_variables: Vec<String>,
         guarded_bytes: u64,
+        /// Mirrored variables (copied each pass, with a history).
+        mirrored_variables: Vec<String>,
+        mirrored_bytes: u64,
+        /// How their written pages are found (None: no mirrored variable).
+        dirty_method: Option<shadowpatch_mirror::DirtyMethod>,
+        /// More preferred methods that are unavailable, each with why.
+        dirty_skipped: Vec<String>,
+        /// Snapshots kept per mirrored variable.
+        history: usize,
         classification: Classification,
         interval_ms: u64,
         cpu_budget_percent: f64,
@@ -183,9 +192,21 @@ pub enum WatchEvent {
         reason: String,
     },
     /// The watcher stopped.
+    /// A mirrored variable's bytes changed: a new snapshot was kept.
+    Snapshot {
+        unix_ms: u64,
+        variable: String,
+        address: u64,
+        size: u64,
+        hash: String,
+        /// The value, for variables of at most 8 bytes (little-endian).
+        value: Option<u64>,
+    },
     Stopped {
         unix_ms: u64,
         reason: String,
+        /// The dirty-tracking method was undone in the target (None: none ran).
+        dirty_method_undone: Option<bool>,
         passes: u64,
         alerts: u64,
         heals: u64,
@@ -228,9 +249,12 @@ impl WatchEvent {
                 .at(*unix_ms)
                 .cause(reason.clone())
                 .outcome("stopped"),
-            WatchEvent::GenerationSwitched { .. } | WatchEvent::Pass { .. } | WatchEvent::Warning { .. } => {
-                return None
-            }
+            // Snapshots are kept in the target's snapshots.json, bounded;
+            // a row each would grow the history without bound.
+            WatchEvent::GenerationSwitched { .. }
+            | WatchEvent::Pass { .. }
+            | WatchEvent::Warning { .. }
+            | WatchEvent::Snapshot { .. } => return None,
         })
     }
 
@@ -248,6 +272,7 @@ impl WatchEvent {
             WatchEvent::Pass { .. } => "pass",
             WatchEvent::Warning { .. } => "warning",
             WatchEvent::TargetExited { .. } => "target_exited",
+            WatchEvent::Snapshot { .. } => "snapshot",
             WatchEvent::Stopped { .. } => "stopped",
         }
     }

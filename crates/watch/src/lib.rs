@@ -3,7 +3,8 @@
 //! read-only data, guarded critical variables) on an interval within a CPU
 //! budget, reports every discrepancy as an event (alert, with location,
 //! bytes and detection latency), optionally heals it through a journaled
-//! one-stop write, and tells authorised change (apply, rollback, heals) from
+//! one-stop write, copies mirrored critical variables each pass through a
+//! dirty-page tracker keeping their last snapshots, and tells authorised change (apply, rollback, heals) from
 //! tampering by reading the patch journal and the published generations.
 //!
 //! A `Watcher` holds no process-global state and is `Send`: the agent runs
@@ -17,6 +18,7 @@ pub mod config;
 pub mod event;
 pub mod heal;
 pub mod hook;
+pub mod mirrored;
 pub mod pacing;
 pub mod watched;
 pub mod watcher;
@@ -35,11 +37,10 @@ pub enum WatchError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Variable(#[from] shadowpatch_mirror::VariableError),
-    #[error(
-        "{origin}: mirrored critical variables ({name}) are not yet supported (they need dirty-page mirroring); \
-         declare it guarded if it must never change"
-    )]
-    NotYetSupported { origin: String, name: String },
+    #[error("--dirty-method: {0}")]
+    DirtyMethod(String),
+    #[error(transparent)]
+    Dirty(#[from] shadowpatch_mirror::DirtyError),
     #[error("state directory {path} is not writable: {message}")]
     StateNotWritable { path: PathBuf, message: String },
     #[error("journal {path}: {message}")]
@@ -63,9 +64,10 @@ impl WatchError {
         match self {
             WatchError::Config(_)
             | WatchError::Variable(_)
-            | WatchError::NotYetSupported { .. }
+            | WatchError::DirtyMethod(_)
             | WatchError::StateNotWritable { .. } => true,
             WatchError::Journal { .. } => false,
+            WatchError::Dirty(e) => e.is_bad_input(),
             WatchError::Store(e) => e.is_bad_input(),
             WatchError::Mirror(e) => e.is_bad_input(),
             WatchError::Patch(e) => e.class() == shadowpatch_patch::ErrorClass::BadInput,

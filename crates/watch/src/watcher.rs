@@ -1,6 +1,8 @@
 //! The `Watcher` (judging differences: `watcher/judge.rs`; the memory map:
-//! `watcher/mappings.rs`): start (baseline if needed, register guarded variables,
-//! re-key the active generation), then verify slice by slice. `step`
+//! `watcher/mappings.rs`): start (baseline if needed, register critical variables,
+//! start dirty tracking of mirrored ones, re-key the active generation),
+//! then verify slice by slice; each pass ends by copying the mirrored
+//! variables' written pages (`mirrored.rs`). `step`
 //! verifies one slice, `cycle` one full pass, `run` paces passes to the
 //! interval and CPU budget until a stop flag is set or the target exits.
 //!
@@ -17,11 +19,14 @@ use crate::authority::Authority;
 use crate::classify::classify;
 use crate::config::WatchOptions;
 use crate::event::{Location, WatchEvent};
+use crate::mirrored::{Changed, MirroredVariables};
 use crate::pacing::{sleep_unless_stopped, Pacer};
 use crate::watched::{ActiveGeneration, WatchedVariable, CHUNK};
 use crate::WatchError;
 use shadowpatch_mirror::variables::{merge, resolve, VariableRegistry};
-use shadowpatch_mirror::{MirrorError, PageHasher, StateDir, VariableMode, VariableRequest, PAGE_SIZE};
+use shadowpatch_mirror::{
+    CriticalVariable, MirrorError, PageHasher, StateDir, VariableMode, VariableRequest, PAGE_SIZE,
+};
 use shadowpatch_patch::state::{ensure_baseline, TargetState};
 use shadowpatch_store::Store;
 use shadowpatch_symbols::{modules_of, Module};
@@ -103,6 +108,8 @@ pub struct Watcher {
     generation: ActiveGeneration,
     generation_file: Option<(u64, i64, i64)>,
     variables: Vec<WatchedVariable>,
+    /// Mirrored variables and their dirty-page tracker (None: none declared).
+    mirrored: Option<MirroredVariables>,
     authority: Authority,
     cursor_item: usize,
     cursor_offset: u64,
@@ -146,19 +153,11 @@ impl Watcher {
         sink: EventSink,
     ) -> Result<Watcher, WatchError> {
         options.validate()?;
-        if let Some(mirrored) = requests.iter().find(|r| r.mode == VariableMode::Mirrored) {
-            return Err(WatchError::NotYetSupported {
-                origin: mirrored.origin.clone(),
-                name: match &mirrored.target {
-                    shadowpatch_mirror::variables::VariableTarget::Symbol { module: Some(m), name } => {
-                        format!("{m}!{name}")
-                    }
-                    shadowpatch_mirror::variables::VariableTarget::Symbol { module: None, name } => name.clone(),
-                    shadowpatch_mirror::variables::VariableTarget::Range { address, size } => {
-                        format!("{address:#x}:{size}")
-                    }
-                },
-            });
+        if let Some(method) = options.dirty_method {
+            // Refused before anything is written (the target untouched).
+            method.probe().map_err(|reason| {
+                WatchError::DirtyMethod(format!("{method} is unavailable on this kernel: {reason}"))
+            })?;
         }
         let identity = ProcessIdentity::of(pid)?;
         let maps = read_maps(pid)?;
@@ -208,6 +207,25 @@ impl Watcher {
                 Err(other) => return Err(other),
             }
         };
+        let mirrored_list: Vec<CriticalVariable> = registry
+            .variables
+            .iter()
+            .filter(|v| v.mode == VariableMode::Mirrored)
+            .cloned()
+            .collect();
+        let (mirrored, first_snapshots) = if mirrored_list.is_empty() {
+            (None, Vec::new())
+        } else {
+            let (mirrored, changed) = MirroredVariables::start(
+                &identity,
+                &mut memory,
+                mirrored_list,
+                options.dirty_method,
+                &target_dir,
+                options.history_keep,
+            )?;
+            (Some(mirrored), changed)
+        };
         let variables: Vec<WatchedVariable> = registry
             .guarded()
             .cloned()
@@ -225,6 +243,19 @@ impl Watcher {
             bytes: generation.bytes(),
             guarded_variables: variables.iter().map(|v| v.variable.name.clone()).collect(),
             guarded_bytes: variables.iter().map(|v| v.variable.size).sum(),
+            mirrored_variables: mirrored.as_ref().map(MirroredVariables::names).unwrap_or_default(),
+            mirrored_bytes: mirrored.as_ref().map_or(0, MirroredVariables::bytes),
+            dirty_method: mirrored.as_ref().map(MirroredVariables::method),
+            dirty_skipped: mirrored
+                .as_ref()
+                .map(|m| {
+                    m.skipped()
+                        .iter()
+                        .map(|s| format!("{}: {}", s.method, s.reason.as_deref().unwrap_or("unavailable")))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            history: options.history_keep,
             classification,
             interval_ms: options.interval.as_millis() as u64,
             cpu_budget_percent: options.cpu_budget_percent,
@@ -244,6 +275,7 @@ impl Watcher {
             generation,
             generation_file,
             variables,
+            mirrored,
             authority,
             cursor_item: 0,
             cursor_offset: 0,
@@ -262,6 +294,7 @@ impl Watcher {
             started: started.clone(),
         };
         watcher.emit(started);
+        watcher.emit_snapshots(first_snapshots);
         Ok(watcher)
     }
 
@@ -303,6 +336,49 @@ impl Watcher {
             }
         }
         (self.sink)(&event);
+    }
+
+    fn emit_snapshots(&mut self, changed: Vec<Changed>) {
+        for changed in changed {
+            let event = WatchEvent::Snapshot {
+                unix_ms: changed.snapshot.unix_ms,
+                variable: changed.name,
+                address: changed.address,
+                size: changed.snapshot.size,
+                value: changed.snapshot.integer(),
+                hash: changed.snapshot.hash,
+            };
+            self.emit(event);
+        }
+    }
+
+    /// Copy the mirrored variables' written pages and snapshot those that
+    /// changed (once per pass).
+    fn refresh_mirrored(&mut self) -> Result<(), WatchError> {
+        let Some(mirrored) = &mut self.mirrored else {
+            return Ok(());
+        };
+        let (changed, _pages) = mirrored.refresh(&mut self.memory)?;
+        self.emit_snapshots(changed);
+        Ok(())
+    }
+
+    /// Undo the dirty-tracking method in the target; whether it was undone
+    /// (None: no mirrored variable). Also done on drop, as a best effort.
+    pub fn stop_dirty_tracking(&mut self) -> Option<bool> {
+        let mut mirrored = self.mirrored.take()?;
+        if let Err(error) = mirrored.persist() {
+            self.warn(format!("the last variable snapshots could not be written: {error}"));
+        }
+        match mirrored.stop() {
+            Ok(()) => Some(true),
+            // The process is gone, and its memory with the registration.
+            Err(_) if self.identity.check_alive().is_err_and(|e| gone(&e)) => Some(true),
+            Err(error) => {
+                self.warn(format!("dirty-page tracking could not be undone: {error}"));
+                Some(false)
+            }
+        }
     }
 
     fn warn(&mut self, message: String) {
@@ -362,8 +438,10 @@ impl Watcher {
                 StepOutcome::TargetExited(reason) => break StopReason::TargetExited(reason),
             }
         };
+        let dirty_method_undone = self.stop_dirty_tracking();
         let stopped = WatchEvent::Stopped {
             unix_ms: now_ms(),
+            dirty_method_undone,
             reason: match &reason {
                 StopReason::Requested => "requested".into(),
                 StopReason::TargetExited(_) => "target_exited".into(),
@@ -406,6 +484,22 @@ impl Watcher {
         } else if self.cursor_item < regions + self.variables.len() {
             Item::Variable(self.cursor_item - regions)
         } else {
+            if let Err(error) = self.refresh_mirrored() {
+                // A pagemap or read error may only mean the target just
+                // exited: that ends the watch as an exit, not a failure.
+                return match self.identity.check_alive() {
+                    Err(gone_error) if gone(&gone_error) => {
+                        let reason = gone_error.to_string();
+                        self.emit(WatchEvent::TargetExited {
+                            unix_ms: now_ms(),
+                            pid: self.identity.pid,
+                            reason: reason.clone(),
+                        });
+                        Ok(StepOutcome::TargetExited(reason))
+                    }
+                    _ => Err(error),
+                };
+            }
             self.counters.passes += 1;
             self.cursor_item = 0;
             self.cursor_offset = 0;
@@ -641,6 +735,16 @@ impl Watcher {
         {
             Some(region) => Location::in_region(&region.spec.module, region.spec.start, address),
             None => location,
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        // Snapshots still queued reach the file (best effort; `run` and
+        // `stop_dirty_tracking` write them and report failures).
+        if let Some(mirrored) = &mut self.mirrored {
+            let _ = mirrored.persist();
         }
     }
 }

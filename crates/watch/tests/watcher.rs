@@ -5,7 +5,7 @@
 //! raise no alert, and a target that exits ends the watch.
 
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
-use shadowpatch_mirror::{StateDir, VariableMode, VariableRegistry, VariableRequest};
+use shadowpatch_mirror::{DirtyMethod, StateDir, VariableMode, VariableRegistry, VariableRequest};
 use shadowpatch_patch::journal::{Journal, TxnKind, Write5};
 use shadowpatch_patch::state::TargetState;
 use shadowpatch_patch::writes::PlainWrites;
@@ -348,10 +348,11 @@ fn code_made_writable_and_new_executable_memory_are_reported_once() {
     assert!(alerts(&seen).is_empty(), "the bytes themselves did not change");
 }
 
-#[test]
-fn a_target_that_exits_ends_the_watch() {
-    let setup = Setup::new(Fixture::BusyRust);
-    let (mut watcher, events) = setup.watcher(&[], WatchOptions::default());
+/// Watch `fixture` with `requests` for a pass, end the process, and check
+/// the next pass reports the exit; returns the watcher.
+fn exit_ends_the_watch(fixture: Fixture, requests: &[VariableRequest]) -> Watcher {
+    let setup = Setup::new(fixture);
+    let (mut watcher, events) = setup.watcher(requests, WatchOptions::default());
     cycle(&mut watcher);
     let Setup { target, .. } = setup;
     drop(target);
@@ -362,22 +363,97 @@ fn a_target_that_exits_ends_the_watch() {
     assert!(drain(&events)
         .iter()
         .any(|e| matches!(e, WatchEvent::TargetExited { .. })));
+    watcher
 }
 
 #[test]
-fn mirrored_variables_are_refused_for_now_and_nothing_is_written() {
+fn a_target_that_exits_ends_the_watch() {
+    exit_ends_the_watch(Fixture::BusyRust, &[]);
+}
+
+#[test]
+fn a_mirrored_variable_gets_a_snapshot_per_change_and_tracking_is_undone_on_stop() {
+    let mut setup = Setup::new(Fixture::BusyC);
+    let request = VariableRequest::parse("scale", VariableMode::Mirrored, "--mirror-var scale").unwrap();
+    let (mut watcher, events) = setup.watcher(&[request], WatchOptions::default());
+    let started = drain(&events);
+    match &started[0] {
+        WatchEvent::Started {
+            mirrored_variables,
+            dirty_method,
+            guarded_variables,
+            ..
+        } => {
+            assert_eq!(mirrored_variables.len(), 1);
+            assert!(guarded_variables.is_empty());
+            assert_eq!(*dirty_method, Some(DirtyMethod::UffdWpAsync), "the best method here");
+        }
+        other => panic!("{other:?}"),
+    }
+    let value_of = |events: &[WatchEvent]| -> Vec<Option<u64>> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                WatchEvent::Snapshot { value, .. } => Some(*value),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(value_of(&started), [Some(3)], "the first snapshot is taken at start");
+    let scale = VariableRegistry::load(&setup.target_dir()).unwrap().unwrap().variables[0].clone();
+    // `calls` shares the page and changes all the time: its page is
+    // re-copied, but scale's bytes did not change, so no snapshot.
+    for _ in 0..3 {
+        cycle(&mut watcher);
+    }
+    assert!(value_of(&drain(&events)).is_empty());
+    for value in [5u64, 6] {
+        setup.memory.write(scale.address, &value.to_le_bytes()).unwrap();
+        cycle(&mut watcher);
+        let seen = drain(&events);
+        assert_eq!(value_of(&seen), [Some(value)], "{seen:?}");
+        assert!(alerts(&seen).is_empty(), "a mirrored variable may change");
+    }
+    setup.memory.write(scale.address, &3u64.to_le_bytes()).unwrap();
+    cycle(&mut watcher);
+    assert_eq!(watcher.stop_dirty_tracking(), Some(true));
+    assert_eq!(watcher.stop_dirty_tracking(), None, "undone once");
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", setup.target.pid())).unwrap();
+    assert!(
+        !smaps
+            .lines()
+            .filter_map(|l| l.strip_prefix("VmFlags:"))
+            .any(|flags| flags.split_whitespace().any(|f| f == "uw")),
+        "no write-protected mapping left"
+    );
+    common_untouched(setup.target.pid());
+}
+
+#[test]
+fn a_target_with_mirrored_variables_that_exits_ends_the_watch() {
+    let request = VariableRequest::parse("scale", VariableMode::Mirrored, "--mirror-var scale").unwrap();
+    let mut watcher = exit_ends_the_watch(Fixture::BusyC, &[request]);
+    // Nothing is left to undo in a process that is gone.
+    assert_eq!(watcher.stop_dirty_tracking(), Some(true));
+}
+
+#[test]
+fn an_unavailable_dirty_method_is_refused_and_nothing_is_written() {
     let setup = Setup::new(Fixture::BusyC);
     let request = VariableRequest::parse("scale", VariableMode::Mirrored, "--mirror-var scale").unwrap();
     let error = Watcher::start(
         setup.target.pid(),
         &setup.state,
         &[request],
-        WatchOptions::default(),
+        WatchOptions {
+            dirty_method: Some(DirtyMethod::SoftDirty),
+            ..WatchOptions::default()
+        },
         Box::new(|_| {}),
     )
     .unwrap_err();
     assert!(error.is_bad_input());
-    assert!(error.to_string().contains("not yet supported"), "{error}");
+    assert!(error.to_string().contains("soft_dirty is unavailable"), "{error}");
     assert!(!setup.state.exists(), "nothing written before the input was checked");
 }
 

@@ -148,8 +148,19 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     match only {
         Some("watch") => return run_watch_only(context, quick, region_mib),
         Some("prediction") => return run_prediction_only(context, quick),
+        Some("dirty") => {
+            let report = super::bench_dirty::run(context, quick)?;
+            if context.json {
+                print_json(&report);
+            } else {
+                super::bench_dirty::print(&report);
+            }
+            return Ok(0);
+        }
         Some(other) => {
-            return Err(crate::failure::BadInput(format!("--only {other}: unknown section (watch, prediction)")).into())
+            return Err(
+                crate::failure::BadInput(format!("--only {other}: unknown section (watch, dirty, prediction)")).into(),
+            )
         }
         None => {}
     }

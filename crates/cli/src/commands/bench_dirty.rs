@@ -202,7 +202,7 @@ fn measure_block(
         let Some((tracker, mirror)) = tracking.as_mut() else {
             continue;
         };
-        let dirty = tracker.collect(attached)?;
+        let dirty = tracker.collect_attached(attached)?;
         let report = mirror.refresh_pages(&dirty, attached.memory())?;
         samples.cycle.push(report.total_us);
         samples.collect.push(report.collect_us);

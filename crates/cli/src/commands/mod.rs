@@ -13,6 +13,7 @@ pub mod pause;
 pub mod predictor;
 pub mod simulation_bench;
 pub mod status;
+pub mod variables;
 pub mod verify;
 pub mod watch;
 

@@ -3,6 +3,7 @@
 use super::analyze::{print_report, refusal, run_analysis, AnalysisArgs};
 use super::Context;
 use crate::output::print_json;
+use anyhow::Context as _;
 use shadowpatch_patch::journal::TxnKind;
 use shadowpatch_patch::{apply, recover, rollback, ApplyOptions, Recovered};
 use shadowpatch_predict::Verdict;
@@ -33,14 +34,22 @@ pub fn run_apply(
     if !context.json && (analysis.verdict != Verdict::Proceed || force) {
         print_report(&analyzed, analysis_us);
     }
+    // The mirrored variables as they are just before activation, kept for
+    // `rollback --restore-state` once the patch is active.
+    let before = super::variables::before_apply(context, pid)?;
     let outcome = apply(
         &context.state_dir,
         pid,
         manifest,
         &ApplyOptions { max_attempts: attempts },
     )?;
+    let state_saved = match before {
+        Some(taken) => super::variables::after_apply(context, pid, &outcome.patch_id, taken)?,
+        None => Vec::new(),
+    };
     if context.json {
         let mut value = serde_json::to_value(&outcome)?;
+        value["state_snapshot"] = serde_json::to_value(&state_saved)?;
         value["analysis"] = serde_json::to_value(analysis)?;
         value["analysis_us"] = analysis_us.into();
         value["forced"] = (force && analysis.verdict == Verdict::Refuse).into();
@@ -78,10 +87,28 @@ pub fn run_apply(
     Ok(0)
 }
 
-pub fn run_rollback(context: &Context, pid: i32, patch_id: Option<&str>) -> anyhow::Result<i32> {
+pub fn run_rollback(context: &Context, pid: i32, patch_id: Option<&str>, restore_state: bool) -> anyhow::Result<i32> {
+    // Checked before the rollback: a missing snapshot leaves the target as it is.
+    let pre = if restore_state {
+        Some(super::variables::restorable(context, pid, patch_id)?)
+    } else {
+        None
+    };
     let outcome = rollback(&context.state_dir, pid, patch_id)?;
+    // Right after the rollback's stop, in its own journaled transaction.
+    let restored = match &pre {
+        Some(pre) => Some(
+            super::variables::restore(context, pid, pre, shadowpatch_patch::activate::DEFAULT_ATTEMPTS)
+                .context("rolled back, but restoring the state before the patch failed")?,
+        ),
+        None => None,
+    };
     if context.json {
-        print_json(&outcome);
+        let mut value = serde_json::to_value(&outcome)?;
+        if let Some(restored) = &restored {
+            value["restored_state"] = serde_json::to_value(restored)?;
+        }
+        print_json(&value);
         return Ok(0);
     }
     println!(
@@ -99,6 +126,27 @@ pub fn run_rollback(context: &Context, pid: i32, patch_id: Option<&str>) -> anyh
             outcome.unmap_pause_us
         ),
         Some(reason) => println!("  patch memory left mapped: {reason}"),
+    }
+    if let Some(restored) = &restored {
+        match restored.txn {
+            Some(txn) => println!(
+                "  state before {} restored: {} ({} bytes) in a {} µs stop (journal transaction {txn}){}",
+                restored.patch_id,
+                restored.restored.join(", "),
+                restored.bytes,
+                restored.pause_us,
+                if restored.unchanged.is_empty() {
+                    String::new()
+                } else {
+                    format!("; unchanged: {}", restored.unchanged.join(", "))
+                }
+            ),
+            None => println!(
+                "  state before {}: every variable already holds it ({})",
+                restored.patch_id,
+                restored.unchanged.join(", ")
+            ),
+        }
     }
     Ok(0)
 }

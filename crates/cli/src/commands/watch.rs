@@ -6,7 +6,7 @@
 
 use super::Context;
 use crate::output::human_bytes;
-use shadowpatch_mirror::{VariableMode, VariableRequest};
+use shadowpatch_mirror::{DirtyMethod, VariableMode, VariableRequest};
 use shadowpatch_watch::event::ClassRow;
 use shadowpatch_watch::pacing::pin_current_thread;
 use shadowpatch_watch::{
@@ -32,6 +32,23 @@ pub struct WatchArgs {
     pub config: Option<PathBuf>,
     pub guards: Vec<String>,
     pub mirror_vars: Vec<String>,
+    /// A TOML file of `[[variable]]` tables only (the config file's format).
+    pub vars: Option<PathBuf>,
+    pub history: Option<usize>,
+    pub dirty_method: Option<String>,
+}
+
+/// `--dirty-method` names: `auto` (None) or one method.
+pub fn parse_dirty_method(text: &str) -> Result<Option<DirtyMethod>, WatchError> {
+    match text {
+        "auto" => Ok(None),
+        "uffd" => Ok(Some(DirtyMethod::UffdWpAsync)),
+        "soft-dirty" => Ok(Some(DirtyMethod::SoftDirty)),
+        "sweep" => Ok(Some(DirtyMethod::FullSweep)),
+        other => Err(WatchError::DirtyMethod(format!(
+            "unknown method {other:?} (auto, uffd, soft-dirty or sweep)"
+        ))),
+    }
 }
 
 pub fn run(context: &Context, pid: i32, args: &WatchArgs) -> anyhow::Result<i32> {
@@ -54,9 +71,31 @@ pub fn run(context: &Context, pid: i32, args: &WatchArgs) -> anyhow::Result<i32>
         options.cpu_budget_percent = budget;
     }
     options.heal = args.heal || config.heal.unwrap_or(false);
-    options.validate().map_err(WatchError::from)?;
     let hook_timeout = parse_duration(&args.hook_timeout, "--hook-timeout").map_err(WatchError::from)?;
+    if let Some(keep) = args.history {
+        options.history_keep = keep;
+    }
+    if let Some(method) = &args.dirty_method {
+        options.dirty_method = parse_dirty_method(method)?;
+    }
+    options.validate().map_err(WatchError::from)?;
     let mut requests = config.variables.clone();
+    if let Some(path) = &args.vars {
+        let vars = WatchConfig::load(path).map_err(WatchError::from)?;
+        if vars
+            != (WatchConfig {
+                variables: vars.variables.clone(),
+                ..WatchConfig::default()
+            })
+        {
+            return Err(WatchError::from(shadowpatch_watch::ConfigError::File {
+                path: path.clone(),
+                message: "a --vars file holds [[variable]] tables only (options go in --config)".into(),
+            })
+            .into());
+        }
+        requests.extend(vars.variables);
+    }
     for text in &args.guards {
         requests.push(
             VariableRequest::parse(text, VariableMode::Guarded, &format!("--guard {text}"))
@@ -243,6 +282,11 @@ fn describe(event: &WatchEvent) -> String {
             bytes,
             guarded_variables,
             guarded_bytes,
+            mirrored_variables,
+            mirrored_bytes,
+            dirty_method,
+            dirty_skipped,
+            history,
             classification,
             interval_ms,
             cpu_budget_percent,
@@ -264,6 +308,20 @@ fn describe(event: &WatchEvent) -> String {
                 human_bytes(*guarded_bytes),
                 if *heal { "on" } else { "off" }
             ));
+            if let Some(method) = dirty_method {
+                text.push_str(&format!(
+                    "\n  {} mirrored variable{} ({}): copied each pass, last {history} snapshots kept; \
+                     dirty pages found by {method}{}",
+                    mirrored_variables.len(),
+                    if mirrored_variables.len() == 1 { "" } else { "s" },
+                    human_bytes(*mirrored_bytes),
+                    if dirty_skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", dirty_skipped.join("; "))
+                    }
+                ));
+            }
             let (_, immutable) = shadowpatch_watch::Classification::total(&classification.immutable);
             let (_, mutable) = shadowpatch_watch::Classification::total(&classification.mutable);
             let (_, unverified) = shadowpatch_watch::Classification::total(&classification.unverified);
@@ -350,8 +408,22 @@ fn describe(event: &WatchEvent) -> String {
             human_bytes(*bytes)
         ),
         WatchEvent::TargetExited { pid, reason, .. } => format!("pid {pid} is gone: {reason}"),
+        WatchEvent::Snapshot {
+            variable,
+            address,
+            size,
+            hash,
+            value,
+            ..
+        } => format!(
+            "snapshot {variable} ({address:#x}, {size} byte{}): {}blake3 {}",
+            if *size == 1 { "" } else { "s" },
+            value.map(|v| format!("value {v}, ")).unwrap_or_default(),
+            &hash[..16]
+        ),
         WatchEvent::Stopped {
             reason,
+            dirty_method_undone,
             passes,
             alerts,
             heals,
@@ -361,7 +433,11 @@ fn describe(event: &WatchEvent) -> String {
             "stopped ({reason}): {passes} passes, {alerts} alert{}, {heals} heal{}, watcher CPU {cpu_percent:.1}% of one core",
             if *alerts == 1 { "" } else { "s" },
             if *heals == 1 { "" } else { "s" }
-        ),
+        ) + match dirty_method_undone {
+            Some(true) => "; dirty tracking undone",
+            Some(false) => "; dirty tracking NOT undone",
+            None => "",
+        },
         WatchEvent::Pass { .. } | WatchEvent::Warning { .. } => String::new(),
     }
 }

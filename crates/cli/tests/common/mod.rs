@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod lighttpd;
+pub mod watch;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -29,6 +29,15 @@
 //! Whatever a method sets up in the target is undone by
 //! [`DirtyTracker::stop`], and on drop as a best effort; the uffd method is
 //! also undone by the kernel if shadowpatch dies (see `uffd.rs`).
+//!
+//! Only `start` needs the target attached (the userfaultfd is created by a
+//! remote system call; soft-dirty clears in a stop). Collecting does not:
+//! the uffd method scans /proc/PID/pagemap and the sweep reads with
+//! `process_vm_readv`, both from outside, and soft-dirty attaches itself
+//! for the one short stop each collect needs. A long-running caller (the
+//! watcher) therefore detaches right after `start`: a target attached
+//! between cycles would hold every signal sent to it in a signal-delivery
+//! stop until our next stop.
 
 mod soft_dirty;
 mod sweep;
@@ -36,7 +45,7 @@ mod uffd;
 
 use crate::hash::PAGE_SIZE;
 use serde::{Deserialize, Serialize};
-use shadowpatch_target::{Attached, TargetError};
+use shadowpatch_target::{Attached, ProcessIdentity, TargetError, TargetMemory};
 use std::time::Instant;
 
 /// How dirty pages are found.
@@ -257,6 +266,12 @@ impl DirtyError {
     }
 }
 
+/// How a collect reaches the target.
+enum Access<'a> {
+    Detached(&'a mut TargetMemory),
+    Attached(&'a mut Attached),
+}
+
 /// The running method's state.
 #[derive(Debug)]
 enum Backend {
@@ -269,12 +284,14 @@ enum Backend {
 ///
 /// ```text
 /// let mut tracker = DirtyTracker::start(&mut attached, &ranges, None)?;   // best method
-/// let mut mirror = DataMirror::capture(&tracker, attached.memory())?;     // after start
-/// loop { let report = mirror.refresh(&mut tracker, &mut attached)?; ... }
+/// attached.detach()?;                                                      // not needed any more
+/// let mut mirror = DataMirror::capture(&tracker, &mut memory)?;           // after start
+/// loop { let report = mirror.refresh(&mut tracker, &mut memory)?; ... }
 /// tracker.stop()?;
 /// ```
 #[derive(Debug)]
 pub struct DirtyTracker {
+    identity: ProcessIdentity,
     pid: i32,
     ranges: Vec<TrackedRange>,
     method: DirtyMethod,
@@ -314,6 +331,7 @@ impl DirtyTracker {
                 Ok(backend) => {
                     tracing::debug!(pid, method = %candidate, "dirty tracking started");
                     return Ok(DirtyTracker {
+                        identity: attached.identity().clone(),
                         pid,
                         ranges,
                         method: candidate,
@@ -370,22 +388,52 @@ impl DirtyTracker {
     /// The pages written since the previous collect (or since `start`),
     /// re-arming the tracking for the next one. Every page written before
     /// the collect returns is either in this answer or in the next one.
-    pub fn collect(&mut self, attached: &mut Attached) -> Result<DirtyPages, DirtyError> {
-        if attached.pid() != self.pid {
-            return Err(DirtyError::WrongTarget {
-                tracker_pid: self.pid,
-                pid: attached.pid(),
-            });
-        }
+    ///
+    /// Needs no attach: the uffd method and the sweep work from outside;
+    /// soft-dirty seizes the target for its one stop and detaches (use
+    /// [`DirtyTracker::collect_attached`] when the caller already holds an
+    /// attach, since a second tracer cannot seize).
+    pub fn collect(&mut self, memory: &mut TargetMemory) -> Result<DirtyPages, DirtyError> {
+        self.collect_via(Access::Detached(memory))
+    }
+
+    /// [`DirtyTracker::collect`] for a caller that holds the target attached.
+    pub fn collect_attached(&mut self, attached: &mut Attached) -> Result<DirtyPages, DirtyError> {
+        self.collect_via(Access::Attached(attached))
+    }
+
+    fn collect_via(&mut self, access: Access<'_>) -> Result<DirtyPages, DirtyError> {
+        let pid = match &access {
+            Access::Detached(memory) => memory.pid(),
+            Access::Attached(attached) => attached.pid(),
+        };
+        self.check_target(pid)?;
         let started = Instant::now();
-        let mut dirty = match self.backend.as_mut() {
-            None => return Err(DirtyError::Stopped { pid: self.pid }),
-            Some(Backend::Uffd(tracking)) => tracking.collect()?,
-            Some(Backend::SoftDirty(tracking)) => tracking.collect(attached)?,
-            Some(Backend::Sweep(tracking)) => tracking.collect(attached.memory())?,
+        let mut dirty = match (self.backend.as_mut(), access) {
+            (None, _) => return Err(DirtyError::Stopped { pid: self.pid }),
+            (Some(Backend::Uffd(tracking)), _) => tracking.collect()?,
+            (Some(Backend::SoftDirty(tracking)), Access::Attached(attached)) => tracking.collect(attached)?,
+            (Some(Backend::SoftDirty(tracking)), Access::Detached(_)) => {
+                let mut attached = Attached::seize(&self.identity)?;
+                let dirty = tracking.collect(&mut attached);
+                attached.detach()?;
+                dirty?
+            }
+            (Some(Backend::Sweep(tracking)), Access::Attached(attached)) => tracking.collect(attached.memory())?,
+            (Some(Backend::Sweep(tracking)), Access::Detached(memory)) => tracking.collect(memory)?,
         };
         dirty.collect_us = started.elapsed().as_micros() as u64;
         Ok(dirty)
+    }
+
+    fn check_target(&self, pid: i32) -> Result<(), DirtyError> {
+        if pid != self.pid {
+            return Err(DirtyError::WrongTarget {
+                tracker_pid: self.pid,
+                pid,
+            });
+        }
+        Ok(())
     }
 
     /// Undo what the method set up in the target (unregister and close
