@@ -226,10 +226,26 @@ impl ModelFile {
     }
 
     /// The feature vector of an analysis, in the model's order (missing: 0).
+    /// When the simulation did not run (no `sim_calls`), its features are
+    /// unknown rather than zero: a logistic regression gets their training
+    /// means, so they add nothing either way, and the risk rests on what
+    /// was measured.
     pub fn vector(&self, features: &BTreeMap<String, f64>) -> Vec<f64> {
+        let simulated = features.contains_key("sim_calls");
+        let means = match &self.estimator {
+            Estimator::LogisticRegression { means, .. } => Some(means),
+            Estimator::RandomForest { .. } => None,
+        };
         self.features
             .iter()
-            .map(|name| features.get(name).copied().filter(|v| v.is_finite()).unwrap_or(0.0))
+            .enumerate()
+            .map(|(index, name)| match features.get(name).copied().filter(|v| v.is_finite()) {
+                Some(value) => value,
+                None if !simulated && crate::corpus::dataset::is_simulation_feature(name) => {
+                    means.map_or(0.0, |means| means[index])
+                }
+                None => 0.0,
+            })
             .collect()
     }
 
@@ -310,8 +326,19 @@ impl ModelRisk {
 }
 
 impl RiskScorer for ModelRisk {
-    fn score(&self, _findings: &[Finding], features: &BTreeMap<String, f64>) -> f64 {
-        self.model.probability(features).clamp(0.0, 1.0)
+    /// The model's probability that the patch misbehaves, raised by the
+    /// target's own state: `1 − (1 − p) · Π (1 − w(f))` over the system
+    /// context findings, with the interim weights (a degraded or
+    /// trending-to-failure target makes any change riskier, and the
+    /// corpus cannot teach that: its target is always healthy).
+    fn score(&self, findings: &[Finding], features: &BTreeMap<String, f64>) -> f64 {
+        let patch = self.model.probability(features).clamp(0.0, 1.0);
+        let context_safe: f64 = findings
+            .iter()
+            .filter(|f| f.source == crate::finding::Source::Context)
+            .map(|f| 1.0 - crate::InterimRisk::weight(f))
+            .product();
+        (1.0 - (1.0 - patch) * context_safe).clamp(0.0, 1.0)
     }
 
     fn describe(&self) -> String {

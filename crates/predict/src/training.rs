@@ -33,8 +33,18 @@ pub const EXCLUDED_FEATURES: &[&str] = &[
     "context.metrics_error_total",
     "static.module_functions",
 ];
-/// Families of features the model reads.
-const FEATURE_PREFIXES: &[&str] = &["static.", "context.", "analysis.", "sim_", "simulation.", "history."];
+/// Families of features the model reads. Not `context.`: the corpus target
+/// is always healthy, so weights learned for the target's health would be
+/// noise; a degraded target raises the risk through its context findings
+/// instead ([`crate::model::ModelRisk`]). Not `analysis.`: those counts mix
+/// every source, context included, for the same reason.
+/// Of the simulation, only the rates per call (`sim_rate_*`): the corpus
+/// always captures 8 calls, so raw counts would teach the model the
+/// corpus's call count (fewer calls there means failures stopped it early).
+const FEATURE_PREFIXES: &[&str] = &["static.", "sim_rate_", "history."];
+/// Feature families that measure the machine, not the patch (the live
+/// pause of a capture depends on the load of the moment).
+const EXCLUDED_PREFIXES: &[&str] = &["sim_live_pause_"];
 /// Standardised values beyond ±CLIP are clipped (logistic regression).
 const CLIP: f64 = 5.0;
 
@@ -160,6 +170,7 @@ pub fn select_features(samples: &[Sample], keep: &dyn Fn(&str) -> bool) -> Vec<S
         .into_iter()
         .filter(|name| FEATURE_PREFIXES.iter().any(|p| name.starts_with(p)))
         .filter(|name| !EXCLUDED_FEATURES.contains(&name.as_str()))
+        .filter(|name| !EXCLUDED_PREFIXES.iter().any(|p| name.starts_with(p)))
         .filter(|name| keep(name))
         .filter(|name| {
             let values: Vec<f64> = samples.iter().map(|s| value(s, name)).collect();

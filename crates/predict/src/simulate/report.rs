@@ -388,5 +388,29 @@ pub fn features(calls: &[SimulatedCall], stats: &CaptureStats) -> BTreeMap<Strin
         "sim_live_pause_us_median",
         pauses.get(pauses.len() / 2).copied().unwrap_or(0) as f64,
     );
+    // The same counts per simulated call: what the model reads, so that a
+    // run of 3 calls and one of 100 speak the same language.
+    let calls_made = calls.len().max(1) as f64;
+    for name in RATED {
+        let rate = features.get(*name).copied().unwrap_or(0.0) / calls_made;
+        features.insert(format!("sim_rate_{}", &name["sim_".len()..]), rate);
+    }
+    features.insert(
+        "sim_rate_memory_pages_differing".into(),
+        features.get("sim_memory_pages_differing").copied().unwrap_or(0.0),
+    );
     features
 }
+
+/// The counts that also appear as a rate per simulated call (`sim_rate_*`).
+const RATED: &[&str] = &[
+    "sim_crashes",
+    "sim_hangs",
+    "sim_exits",
+    "sim_divergent_returns",
+    "sim_fd_write_divergences",
+    "sim_side_effect_divergences",
+    "sim_critical_divergences",
+    "sim_unsupported_syscalls",
+    "sim_inconclusive",
+];
