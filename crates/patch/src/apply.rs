@@ -35,12 +35,16 @@ use std::time::Instant;
 pub struct ApplyOptions {
     /// Stops to try before refusing because a thread sits in an entry.
     pub max_attempts: u32,
+    /// Activate while a thread waits at the application's safe point
+    /// (`safepoint.rs`); `None`: activate whenever the entries are free.
+    pub safe_point: Option<crate::safepoint::SafePoint>,
 }
 
 impl Default for ApplyOptions {
     fn default() -> Self {
         ApplyOptions {
             max_attempts: DEFAULT_ATTEMPTS,
+            safe_point: None,
         }
     }
 }
@@ -69,6 +73,9 @@ pub struct ApplyOutcome {
     /// The loading stop (remote mmap + write + mprotect).
     pub load_pause_us: u64,
     pub total_us: u64,
+    /// With `--at-safe-point`: threads parked at activation and the wait.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub safe_point: Option<crate::safepoint::Parked>,
 }
 
 /// The target module's functions, read live, with the entries that active
@@ -495,6 +502,8 @@ fn apply_transaction(
     crate::rollback::collect_retired(&mut attached, &mut target, txn);
     let staged = staged_path(&target.dir, generation);
     let mut mapped = false;
+    let mut held: Vec<Write5> = Vec::new();
+    let mut parked = None;
     let result = (|| {
         target.journal.append(&Record::Map {
             txn,
@@ -521,6 +530,16 @@ fn apply_transaction(
             patch: record.clone(),
         })?;
         fault::point("planned");
+        if let Some(safe_point) = &options.safe_point {
+            // Announce the held write before making it (see safepoint.rs).
+            held = vec![safe_point.pending_write()];
+            target.journal.append(&Record::Writes {
+                txn,
+                writes: held.clone(),
+                patch_id: None,
+            })?;
+            parked = Some(safe_point.hold(pid, attached.memory())?);
+        }
         let writes: Vec<Write5> = record.functions.iter().map(|f| f.write.clone()).collect();
         let activation = switch(
             &mut attached,
@@ -528,7 +547,7 @@ fn apply_transaction(
             Direction::Forward,
             options.max_attempts,
             "",
-            &mut |_| Ok(()),
+            &mut |stopped| crate::safepoint::release_in_stop(stopped, &held),
         )?;
         fault::point("activated");
         Ok::<_, PatchError>((load_pause_us, activation))
@@ -536,6 +555,11 @@ fn apply_transaction(
     let (load_pause_us, activation) = match result {
         Ok(done) => done,
         Err(error) => {
+            for write in &held {
+                if let Err(e) = crate::safepoint::release(attached.memory(), write) {
+                    tracing::error!("could not clear the safe-point request at {:#x}: {e}", write.address);
+                }
+            }
             undo_apply(
                 &mut attached,
                 &mut target.journal,
@@ -574,6 +598,7 @@ fn apply_transaction(
         activation,
         load_pause_us,
         total_us: started.elapsed().as_micros() as u64,
+        safe_point: parked,
     })
 }
 
