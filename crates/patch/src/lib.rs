@@ -20,6 +20,7 @@ pub mod safepoint;
 pub mod state;
 pub mod thunk;
 pub mod trampoline;
+pub mod watchstub;
 pub mod writes;
 
 pub use apply::{apply, ApplyOptions, ApplyOutcome};

@@ -37,7 +37,10 @@ pub fn run_apply(
         &context.state_dir,
         pid,
         manifest,
-        &ApplyOptions { max_attempts: attempts },
+        &ApplyOptions {
+            max_attempts: attempts,
+            ..ApplyOptions::default()
+        },
     )?;
     if context.json {
         let mut value = serde_json::to_value(&outcome)?;
