@@ -38,6 +38,9 @@ pub struct ApplyOptions {
     /// Activate while a thread waits at the application's safe point
     /// (`safepoint.rs`); `None`: activate whenever the entries are free.
     pub safe_point: Option<crate::safepoint::SafePoint>,
+    /// Route each trampoline through a watch-window entry stub
+    /// (`watchstub.rs`), for `apply --watch`'s crash-proof window.
+    pub watch_stubs: bool,
 }
 
 impl Default for ApplyOptions {
@@ -45,6 +48,7 @@ impl Default for ApplyOptions {
         ApplyOptions {
             max_attempts: DEFAULT_ATTEMPTS,
             safe_point: None,
+            watch_stubs: false,
         }
     }
 }
@@ -436,7 +440,12 @@ fn apply_transaction(
         .collect();
     let thunk_area = (thunk_sizes.iter().sum::<usize>() as u64).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
     let object_span = prepared.object.span;
-    let span = object_span + thunk_area;
+    let stub_area = if options.watch_stubs {
+        ((crate::watchstub::stub_len() * prepared.sites.len()) as u64).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64
+    } else {
+        0
+    };
+    let span = object_span + thunk_area + stub_area;
     let address = choose_address(&prepared.maps, &prepared.module, span, 0)?;
     let mut image = relocate(
         &prepared.object,
@@ -448,8 +457,12 @@ fn apply_transaction(
     image.resize(span as usize, 0);
     let mut protections = prepared.object.page_protections();
     if thunk_area > 0 {
-        protections.push((object_span, span, libc::PROT_READ | libc::PROT_EXEC));
+        protections.push((object_span, object_span + thunk_area, libc::PROT_READ | libc::PROT_EXEC));
     }
+    if stub_area > 0 {
+        protections.push((object_span + thunk_area, span, libc::PROT_READ | libc::PROT_EXEC));
+    }
+    let mut stub_offset = object_span + thunk_area;
     let mut functions = Vec::new();
     let mut thunk_offset = object_span;
     for (((site, with), extra), size) in prepared.sites.iter().zip(&prepared.extra).zip(&thunk_sizes) {
@@ -463,7 +476,14 @@ fn apply_transaction(
             thunk_offset += bytes.len() as u64;
             (thunk_address, Some(extra.names()))
         };
-        let new = jump(&site.symbol, site.patch_at, jump_to)?;
+        let watch_stub = options.watch_stubs.then(|| {
+            let stub = address + stub_offset;
+            let bytes = crate::watchstub::build(stub, site.patch_at, jump_to);
+            image[stub_offset as usize..stub_offset as usize + bytes.len()].copy_from_slice(&bytes);
+            stub_offset += bytes.len() as u64;
+            crate::journal::WatchStubSite { stub, direct: jump_to }
+        });
+        let new = jump(&site.symbol, site.patch_at, watch_stub.map_or(jump_to, |w| w.stub))?;
         let original = attached.memory().read_vec(site.patch_at, JUMP_LEN as usize)?;
         functions.push(PatchedFunction {
             site: site.clone(),
@@ -475,6 +495,7 @@ fn apply_transaction(
                 new,
             },
             preserved,
+            watch_stub,
         });
     }
     let record = PatchRecord {

@@ -33,6 +33,18 @@ pub struct PatchedFunction {
     /// function changes registers the original left alone (see `clobber`).
     #[serde(default)]
     pub preserved: Option<String>,
+    /// While watched (`apply --watch`): the entry stub the trampoline goes
+    /// through, and where it will jump straight to after a keep verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_stub: Option<WatchStubSite>,
+}
+
+/// A watched function's entry stub (`watchstub.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WatchStubSite {
+    pub stub: u64,
+    /// The new function, or its thunk: the direct jump's destination.
+    pub direct: u64,
 }
 
 /// Everything known about an applied patch.
@@ -368,6 +380,7 @@ mod tests {
             mapping_address: 0x1000,
             mapping_len: 0x2000,
             functions: vec![PatchedFunction {
+                watch_stub: None,
                 site: FunctionSite {
                     symbol: "f".into(),
                     entry: 0x10,

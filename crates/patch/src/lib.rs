@@ -21,6 +21,7 @@ pub mod state;
 pub mod thunk;
 pub mod trampoline;
 pub mod watchstub;
+pub mod watchwindow;
 pub mod writes;
 
 pub use apply::{apply, ApplyOptions, ApplyOutcome};

@@ -45,6 +45,27 @@ struct ThreadState {
     group_stop: bool,
     /// A signal caught while stopping, to deliver when we resume.
     pending_signal: Option<Signal>,
+    /// Held in a signal-delivery-stop by `poll_signals` until
+    /// `release_held`: resuming the world leaves it stopped.
+    held: bool,
+}
+
+/// What `Attached::poll_signals` saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignalEvent {
+    /// A thread stopped on the way to receiving one of the watched signals;
+    /// it is held (stopped) until `release_held`.
+    Held {
+        tid: Pid,
+        signal: Signal,
+        regs: libc::user_regs_struct,
+    },
+    /// The process is gone (its main thread exited or was killed).
+    Exited {
+        pid: i32,
+        code: Option<i32>,
+        signal: Option<Signal>,
+    },
 }
 
 /// All threads of one target, seized. Dropping it resumes and detaches
@@ -271,7 +292,7 @@ impl Attached {
     fn resume_all_threads(&mut self) -> Result<(), TargetError> {
         let pid = self.identity.pid;
         let mut first_error = None;
-        for (tid, state) in self.threads.iter_mut().filter(|(_, s)| s.stopped) {
+        for (tid, state) in self.threads.iter_mut().filter(|(_, s)| s.stopped && !s.held) {
             let result = if state.group_stop {
                 shadowpatch_sys::ptrace_ext::listen(*tid)
             } else {
@@ -290,6 +311,114 @@ impl Attached {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Without blocking, collect what the running threads reported: a
+    /// signal in `watched` holds its thread in signal-delivery-stop (the
+    /// signal not yet delivered) and is returned; other signals are passed
+    /// on at once; job-control stops are listened through. Threads created
+    /// since the last scan are seized, so a new thread's fault is seen too.
+    pub fn poll_signals(&mut self, watched: &[Signal]) -> Result<Option<SignalEvent>, TargetError> {
+        let pid = self.identity.pid;
+        self.seize_new_threads()?;
+        let running: Vec<Pid> = self
+            .threads
+            .iter()
+            .filter(|(_, s)| !s.stopped)
+            .map(|(tid, _)| *tid)
+            .collect();
+        for tid in running {
+            let status = match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(status) => status,
+                Err(Errno::ECHILD) => {
+                    self.threads.remove(&tid);
+                    continue;
+                }
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(TargetError::from_errno(pid, "waiting for", errno)),
+            };
+            match status {
+                WaitStatus::StillAlive => {}
+                WaitStatus::Stopped(_, signal) if watched.contains(&signal) => {
+                    let regs = ptrace::getregs(tid)
+                        .map_err(|errno| TargetError::from_errno(pid, "reading registers of", errno))?;
+                    let state = self.threads.entry(tid).or_default();
+                    state.stopped = true;
+                    state.held = true;
+                    state.pending_signal = Some(signal);
+                    return Ok(Some(SignalEvent::Held { tid, signal, regs }));
+                }
+                WaitStatus::Stopped(_, signal) => match ptrace::cont(tid, signal) {
+                    Ok(()) | Err(Errno::ESRCH) => {}
+                    Err(errno) => return Err(TargetError::from_errno(pid, "resuming", errno)),
+                },
+                WaitStatus::PtraceEvent(..) => {
+                    // A job-control stop: let it take effect, as untraced.
+                    let _ = shadowpatch_sys::ptrace_ext::listen(tid);
+                }
+                WaitStatus::Exited(_, code) => {
+                    self.threads.remove(&tid);
+                    if tid.as_raw() == pid {
+                        return Ok(Some(SignalEvent::Exited {
+                            pid,
+                            code: Some(code),
+                            signal: None,
+                        }));
+                    }
+                }
+                WaitStatus::Signaled(_, signal, _) => {
+                    self.threads.remove(&tid);
+                    if tid.as_raw() == pid {
+                        return Ok(Some(SignalEvent::Exited {
+                            pid,
+                            code: None,
+                            signal: Some(signal),
+                        }));
+                    }
+                }
+                _ => {
+                    let _ = ptrace::cont(tid, None);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Resume a thread held by `poll_signals`, delivering `signal` (the
+    /// held one, or `None` to suppress it).
+    pub fn release_held(&mut self, tid: Pid, signal: Option<Signal>) -> Result<(), TargetError> {
+        let pid = self.identity.pid;
+        match ptrace::cont(tid, signal) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(errno) => return Err(TargetError::from_errno(pid, "resuming", errno)),
+        }
+        if let Some(state) = self.threads.get_mut(&tid) {
+            state.stopped = false;
+            state.held = false;
+            state.pending_signal = None;
+        }
+        Ok(())
+    }
+
+    /// Set the general registers and the x87/SSE state of a held thread.
+    pub fn set_held_registers(
+        &mut self,
+        tid: Pid,
+        regs: libc::user_regs_struct,
+        xmms: &[[u8; 16]; 8],
+    ) -> Result<(), TargetError> {
+        use nix::sys::ptrace::regset::NT_PRFPREG;
+        let pid = self.identity.pid;
+        let mut fp = ptrace::getregset::<NT_PRFPREG>(tid)
+            .map_err(|errno| TargetError::from_errno(pid, "reading SSE registers of", errno))?;
+        for (k, xmm) in xmms.iter().enumerate() {
+            for word in 0..4 {
+                fp.xmm_space[4 * k + word] = u32::from_le_bytes(xmm[4 * word..4 * word + 4].try_into().expect("4"));
+            }
+        }
+        ptrace::setregset::<NT_PRFPREG>(tid, fp)
+            .map_err(|errno| TargetError::from_errno(pid, "writing SSE registers of", errno))?;
+        ptrace::setregs(tid, regs).map_err(|errno| TargetError::from_errno(pid, "writing registers of", errno))
+    }
+
     /// Record a signal to deliver to `tid` at resume (used by remote syscalls
     /// when a foreign signal interrupts them).
     pub(crate) fn defer_signal(&mut self, tid: Pid, signal: Signal) {
@@ -299,7 +428,9 @@ impl Attached {
     }
 
     pub(crate) fn is_stopped(&self, tid: Pid) -> bool {
-        self.threads.get(&tid).is_some_and(|s| s.stopped && !s.group_stop)
+        self.threads
+            .get(&tid)
+            .is_some_and(|s| s.stopped && !s.group_stop && !s.held)
     }
 
     pub(crate) fn forget_thread(&mut self, tid: Pid) {
@@ -368,7 +499,14 @@ impl Stopped<'_> {
     /// The thread to borrow for remote syscalls: the main thread when it is
     /// stopped like the others, else the first stopped thread.
     pub fn borrowable_thread(&self) -> Pid {
-        let threads = self.threads();
+        // Never a thread held in signal-delivery-stop (`poll_signals`).
+        let threads: Vec<Pid> = self
+            .attached
+            .threads
+            .iter()
+            .filter(|(_, s)| s.stopped && !s.held)
+            .map(|(tid, _)| *tid)
+            .collect();
         let main = Pid::from_raw(self.attached.pid());
         if threads.contains(&main) {
             main

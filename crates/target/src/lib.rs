@@ -14,7 +14,7 @@ pub mod maps;
 pub mod memory;
 pub mod remote;
 
-pub use attach::{Attached, PauseReport, Stopped};
+pub use attach::{Attached, PauseReport, SignalEvent, Stopped};
 pub use error::TargetError;
 pub use identity::ProcessIdentity;
 pub use maps::{Mapping, MappingKind};
