@@ -390,9 +390,34 @@ pub fn apply(
     manifest_path: &Path,
     options: &ApplyOptions,
 ) -> Result<ApplyOutcome, PatchError> {
-    let result = apply_transaction(state_dir, pid, manifest_path, options);
+    let result = apply_transaction(state_dir, pid, manifest_path, options, false).map(|(outcome, _)| outcome);
     crate::history::record_apply(state_dir, pid, manifest_path, &result);
     result
+}
+
+/// Apply through watch stubs and keep the target seized for the watch
+/// window from before activation, so a fault in the first call of the new
+/// code is already caught (`watchwindow.rs`).
+pub fn apply_watched(
+    state_dir: &Path,
+    pid: i32,
+    manifest_path: &Path,
+    options: &ApplyOptions,
+) -> Result<(ApplyOutcome, crate::watchwindow::WatchWindow), PatchError> {
+    let options = ApplyOptions {
+        watch_stubs: true,
+        ..options.clone()
+    };
+    let result = apply_transaction(state_dir, pid, manifest_path, &options, true);
+    let (outcome, attached) = match result {
+        Ok((outcome, attached)) => (Ok(outcome), attached),
+        Err(error) => (Err(error), None),
+    };
+    crate::history::record_apply(state_dir, pid, manifest_path, &outcome);
+    let outcome = outcome?;
+    let attached = attached.expect("kept seized");
+    let window = crate::watchwindow::WatchWindow::from_seized(state_dir, attached, &outcome.patch_id)?;
+    Ok((outcome, window))
 }
 
 fn apply_transaction(
@@ -400,7 +425,8 @@ fn apply_transaction(
     pid: i32,
     manifest_path: &Path,
     options: &ApplyOptions,
-) -> Result<ApplyOutcome, PatchError> {
+    keep_seized: bool,
+) -> Result<(ApplyOutcome, Option<Attached>), PatchError> {
     let started = Instant::now();
     let identity = ProcessIdentity::of(pid)?;
     let state = StateDir::create(state_dir)?;
@@ -562,6 +588,10 @@ fn apply_transaction(
             parked = Some(safe_point.hold(pid, attached.memory())?);
         }
         let writes: Vec<Write5> = record.functions.iter().map(|f| f.write.clone()).collect();
+        if keep_seized {
+            // From activation on, a fatal signal is held for the window.
+            attached.watch_signals(&crate::watchwindow::FATAL_SIGNALS);
+        }
         let activation = switch(
             &mut attached,
             &writes,
@@ -597,8 +627,13 @@ fn apply_transaction(
         pause_us: activation.pause.pause_us,
     })?;
     publish(&staged, &target.dir, generation)?;
-    attached.detach()?;
-    Ok(ApplyOutcome {
+    let kept = if keep_seized {
+        Some(attached)
+    } else {
+        attached.detach()?;
+        None
+    };
+    let outcome = ApplyOutcome {
         patch_id: record.id.clone(),
         pid,
         generation,
@@ -620,7 +655,8 @@ fn apply_transaction(
         load_pause_us,
         total_us: started.elapsed().as_micros() as u64,
         safe_point: parked,
-    })
+    };
+    Ok((outcome, kept))
 }
 
 /// Map, write and protect the image in one stop; returns the pause (µs).

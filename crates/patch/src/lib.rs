@@ -24,7 +24,7 @@ pub mod watchstub;
 pub mod watchwindow;
 pub mod writes;
 
-pub use apply::{apply, ApplyOptions, ApplyOutcome};
+pub use apply::{apply, apply_watched, ApplyOptions, ApplyOutcome};
 pub use manifest::Manifest;
 pub use object::PatchObject;
 pub use recover::{recover, RecoverOutcome, Recovered};

@@ -44,6 +44,9 @@ pub struct WatchWindow {
     target: TargetState,
     state_dir: PathBuf,
     patch: PatchRecord,
+    /// Set once a fault rolled the patch back: later faulting threads
+    /// (held during that rollback's stop) are only rewound.
+    rolled_back: Option<RollbackOutcome>,
 }
 
 /// A fault caught and survived.
@@ -91,6 +94,15 @@ impl WatchWindow {
     /// must have been applied with watch stubs.
     pub fn open(state_dir: &Path, pid: i32, patch_id: &str) -> Result<Self, PatchError> {
         let identity = ProcessIdentity::of(pid)?;
+        let attached = Attached::seize(&identity)?;
+        Self::from_seized(state_dir, attached, patch_id)
+    }
+
+    /// The window over an already seized target (`apply_watched`).
+    pub fn from_seized(state_dir: &Path, mut attached: Attached, patch_id: &str) -> Result<Self, PatchError> {
+        attached.watch_signals(&FATAL_SIGNALS);
+        let identity = attached.identity().clone();
+        let pid = identity.pid;
         let state = StateDir::open(state_dir)?;
         let target = TargetState::open_existing(&state, &identity)?;
         let patch = target
@@ -110,13 +122,18 @@ impl WatchWindow {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
-        let attached = Attached::seize(&identity)?;
         Ok(WatchWindow {
             attached,
             target,
             state_dir: state_dir.to_path_buf(),
             patch,
+            rolled_back: None,
         })
+    }
+
+    /// Whether a fault already rolled the patch back.
+    pub fn is_rolled_back(&self) -> bool {
+        self.rolled_back.is_some()
     }
 
     pub fn patch(&self) -> &PatchRecord {
@@ -149,7 +166,7 @@ impl WatchWindow {
         stack.truncate(read);
         let record = crate::watchstub::find_outermost(regs.rsp, &stack, &entries);
         let Some(record) = record else {
-            let rolled_back = if in_patch_code {
+            let rolled_back = if in_patch_code && self.rolled_back.is_none() {
                 self.rollback_inner("crash", None).is_ok()
             } else {
                 false
@@ -172,14 +189,23 @@ impl WatchWindow {
         rewound.rip = record.entry;
         // Not in a system call: nothing for the kernel to restart.
         rewound.orig_rax = u64::MAX;
-        let rollback = match self.rollback_inner("crash", Some((tid, rewound, record.xmms, seen))) {
-            Ok(rollback) => rollback,
-            Err(error) => {
-                // Could not roll back: the signal goes where it was going.
-                let _ = self.attached.release_held(tid, Some(signal));
-                return Err(error);
+        let rollback = if let Some(done) = &self.rolled_back {
+            // Already rolled back (by another thread's fault): only rewind.
+            let done = done.clone();
+            self.attached.set_held_registers(tid, rewound, &record.xmms)?;
+            self.attached.release_held(tid, None)?;
+            (done, seen.elapsed().as_micros() as u64)
+        } else {
+            match self.rollback_inner("crash", Some((tid, rewound, record.xmms, seen))) {
+                Ok(rollback) => rollback,
+                Err(error) => {
+                    // Could not roll back: the signal goes where it was going.
+                    let _ = self.attached.release_held(tid, Some(signal));
+                    return Err(error);
+                }
             }
         };
+        self.rolled_back = Some(rollback.0.clone());
         let function = self
             .patch
             .functions
@@ -233,6 +259,10 @@ impl WatchWindow {
 
     /// A regression verdict: roll back, then detach.
     pub fn rollback(mut self, cause: &str) -> Result<RollbackOutcome, PatchError> {
+        if let Some(done) = self.rolled_back.take() {
+            self.attached.detach()?;
+            return Ok(done);
+        }
         let (outcome, _) = self.rollback_inner(cause, None)?;
         self.attached.detach()?;
         Ok(outcome)
@@ -241,6 +271,11 @@ impl WatchWindow {
     /// A keep verdict: re-point every trampoline from its stub straight at
     /// the new code (one journaled stop), then detach.
     pub fn keep(mut self) -> Result<Activation, PatchError> {
+        if self.rolled_back.is_some() {
+            return Err(PatchError::NothingToRollback {
+                pid: self.attached.pid(),
+            });
+        }
         let mut writes = Vec::new();
         for function in &self.patch.functions {
             let stub = function.watch_stub.expect("checked at open");

@@ -78,6 +78,10 @@ pub struct Attached {
     /// Address of a `syscall` instruction in the target, found on first use.
     pub(crate) syscall_instruction: Option<u64>,
     memory: TargetMemory,
+    /// Signals `poll_signals` holds; a stop that meets one holds it too
+    /// (queued in `held_queue`) rather than deliver it.
+    watched_signals: Vec<Signal>,
+    held_queue: Vec<SignalEvent>,
 }
 
 /// The timings of one stop-the-world window.
@@ -108,6 +112,8 @@ impl Attached {
             priority: StopPriority::RealtimeIfPermitted,
             syscall_instruction: None,
             memory,
+            watched_signals: Vec::new(),
+            held_queue: Vec::new(),
         };
         for _round in 0..MAX_SCAN_ROUNDS {
             if attached.seize_new_threads()? == 0 {
@@ -266,6 +272,17 @@ impl Attached {
                     state.group_stop = is_stop_signal(signal);
                     return Ok(());
                 }
+                WaitStatus::Stopped(_, signal) if self.watched_signals.contains(&signal) => {
+                    // A watched fatal signal: hold it for `poll_signals`.
+                    let regs = ptrace::getregs(tid)
+                        .map_err(|errno| TargetError::from_errno(self.identity.pid, "reading registers of", errno))?;
+                    let state = self.threads.entry(tid).or_default();
+                    state.stopped = true;
+                    state.held = true;
+                    state.pending_signal = Some(signal);
+                    self.held_queue.push(SignalEvent::Held { tid, signal, regs });
+                    return Ok(());
+                }
                 WaitStatus::Stopped(_, signal) => {
                     // A signal-delivery-stop: someone else's signal reached the
                     // thread before our interrupt. Deliver it now (the pending
@@ -311,6 +328,12 @@ impl Attached {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// From now on, hold these signals (see `poll_signals`) instead of
+    /// delivering them when a stop meets them.
+    pub fn watch_signals(&mut self, signals: &[Signal]) {
+        self.watched_signals = signals.to_vec();
+    }
+
     /// Without blocking, collect what the running threads reported: a
     /// signal in `watched` holds its thread in signal-delivery-stop (the
     /// signal not yet delivered) and is returned; other signals are passed
@@ -318,6 +341,10 @@ impl Attached {
     /// since the last scan are seized, so a new thread's fault is seen too.
     pub fn poll_signals(&mut self, watched: &[Signal]) -> Result<Option<SignalEvent>, TargetError> {
         let pid = self.identity.pid;
+        self.watched_signals = watched.to_vec();
+        if !self.held_queue.is_empty() {
+            return Ok(Some(self.held_queue.remove(0)));
+        }
         self.seize_new_threads()?;
         let running: Vec<Pid> = self
             .threads
@@ -350,9 +377,14 @@ impl Attached {
                     Ok(()) | Err(Errno::ESRCH) => {}
                     Err(errno) => return Err(TargetError::from_errno(pid, "resuming", errno)),
                 },
-                WaitStatus::PtraceEvent(..) => {
+                WaitStatus::PtraceEvent(_, signal, _) if is_stop_signal(signal) => {
                     // A job-control stop: let it take effect, as untraced.
                     let _ = shadowpatch_sys::ptrace_ext::listen(tid);
+                }
+                WaitStatus::PtraceEvent(..) => {
+                    // The interrupt a stop sent to a thread it then held
+                    // (`wait_for_stop`) traps once the thread is released.
+                    let _ = ptrace::cont(tid, None);
                 }
                 WaitStatus::Exited(_, code) => {
                     self.threads.remove(&tid);
