@@ -155,7 +155,7 @@ impl WatchWindow {
                     signal: signal.map(|s| s.as_str().to_string()),
                 })
             }
-            SignalEvent::Held { tid, signal, regs } => (tid, signal, regs),
+            SignalEvent::Held { tid, signal, regs } => (tid, signal, *regs),
         };
         let seen = Instant::now();
         let (start, len) = (self.patch.mapping_address, self.patch.mapping_len);

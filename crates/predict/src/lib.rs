@@ -18,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod finding;
 pub mod static_analysis;
+pub mod watch_metrics;
 
 pub use context::{ContextOptions, ContextReport};
 pub use engine::{

@@ -58,7 +58,7 @@ pub enum SignalEvent {
     Held {
         tid: Pid,
         signal: Signal,
-        regs: libc::user_regs_struct,
+        regs: Box<libc::user_regs_struct>,
     },
     /// The process is gone (its main thread exited or was killed).
     Exited {
@@ -280,7 +280,11 @@ impl Attached {
                     state.stopped = true;
                     state.held = true;
                     state.pending_signal = Some(signal);
-                    self.held_queue.push(SignalEvent::Held { tid, signal, regs });
+                    self.held_queue.push(SignalEvent::Held {
+                        tid,
+                        signal,
+                        regs: Box::new(regs),
+                    });
                     return Ok(());
                 }
                 WaitStatus::Stopped(_, signal) => {
@@ -371,7 +375,11 @@ impl Attached {
                     state.stopped = true;
                     state.held = true;
                     state.pending_signal = Some(signal);
-                    return Ok(Some(SignalEvent::Held { tid, signal, regs }));
+                    return Ok(Some(SignalEvent::Held {
+                        tid,
+                        signal,
+                        regs: Box::new(regs),
+                    }));
                 }
                 WaitStatus::Stopped(_, signal) => match ptrace::cont(tid, signal) {
                     Ok(()) | Err(Errno::ESRCH) => {}

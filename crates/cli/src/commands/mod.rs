@@ -1,6 +1,7 @@
 //! The subcommands, one file each, and what they share.
 
 pub mod analyze;
+pub mod apply_watch;
 pub mod bench;
 pub mod bench_dirty;
 pub mod bench_watch;
