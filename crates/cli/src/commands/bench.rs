@@ -109,6 +109,9 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     if only == Some("watch") {
         return run_watch_only(context, quick, region_mib);
     }
+    if only == Some("watch-window") {
+        return super::bench_watch_window::run(context, quick);
+    }
     let rounds_stop = if quick { 50 } else { 300 };
     let mut stop_rows = Vec::new();
     for threads in [1usize, 8, 64] {

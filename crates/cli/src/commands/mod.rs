@@ -5,6 +5,7 @@ pub mod apply_watch;
 pub mod bench;
 pub mod bench_dirty;
 pub mod bench_watch;
+pub mod bench_watch_window;
 pub mod demo;
 pub mod history;
 pub mod lookup;
