@@ -418,6 +418,22 @@ fn static_analysis_times(context: &Context, quick: bool) -> anyhow::Result<Vec<A
     Ok(rows)
 }
 
+/// Nanoseconds per call of the many-functions program's `f0`, called
+/// `calls` times on its main thread (`time N`), best of five runs.
+pub(super) fn time_calls(target: &mut Running, calls: u64) -> anyhow::Result<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let answer = target.command(&format!("time {calls}"))?;
+        let ns: f64 = answer
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("ns="))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("unexpected answer {answer:?}"))?;
+        best = best.min(ns);
+    }
+    Ok(best)
+}
+
 /// Activation and rollback pauses for 1/8/64 threads × 1/10/100 functions,
 /// each round beside the floor (stop + one write + resume) on the same
 /// target; and the per-call cost of a patched function.
@@ -490,19 +506,7 @@ fn patch_pauses(context: &Context, quick: bool) -> anyhow::Result<(Vec<PatchRow>
     let mut target = Running::start_binary(&binary, &["1"])?;
     let state = tempfile::tempdir()?;
     let calls: u64 = if quick { 20_000_000 } else { 200_000_000 };
-    let time = |target: &mut Running| -> anyhow::Result<f64> {
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            let answer = target.command(&format!("time {calls}"))?;
-            let ns: f64 = answer
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix("ns="))
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| anyhow::anyhow!("unexpected answer {answer:?}"))?;
-            best = best.min(ns);
-        }
-        Ok(best)
-    };
+    let time = |target: &mut Running| time_calls(target, calls);
     let unpatched_ns = time(&mut target)?;
     let options = shadowpatch_patch::ApplyOptions::default();
     shadowpatch_patch::apply(state.path(), target.pid(), &manifest_for(1)?, &options)?;

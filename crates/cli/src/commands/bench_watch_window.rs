@@ -120,19 +120,7 @@ pub fn measure(context: &Context, quick: bool) -> anyhow::Result<WatchWindowBenc
     let mut target = Running::start_binary(&binary, &["1"])?;
     let state = dir.path().join("state-cost");
     let calls: u64 = if quick { 20_000_000 } else { 200_000_000 };
-    let time = |target: &mut Running| -> anyhow::Result<f64> {
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            let answer = target.command(&format!("time {calls}"))?;
-            let ns: f64 = answer
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix("ns="))
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| anyhow::anyhow!("unexpected answer {answer:?}"))?;
-            best = best.min(ns);
-        }
-        Ok(best)
-    };
+    let time = |target: &mut Running| super::bench::time_calls(target, calls);
     let unpatched_ns = time(&mut target)?;
     let direct = manifest(dir.path(), "direct", &object, &binary, &[("f0", "f0_v2")])?;
     apply(&state, target.pid(), &direct, &ApplyOptions::default())?;
