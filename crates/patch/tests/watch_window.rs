@@ -23,6 +23,19 @@ fn manifest(dir: &Path, id: &str, object: &Path, binary: &Path, symbol: &str, wi
     path
 }
 
+/// Where the `jmp rel32` at a patched entry (after an endbr64, if any) goes.
+fn jump_target(pid: i32, entry: u64) -> u64 {
+    let identity = shadowpatch_target::ProcessIdentity::of(pid).unwrap();
+    let bytes = shadowpatch_target::TargetMemory::open(&identity)
+        .unwrap()
+        .read_vec(entry, 9)
+        .unwrap();
+    let at = if bytes[0] == 0xe9 { 0 } else { 4 };
+    assert_eq!(bytes[at], 0xe9, "a jmp rel32 at the entry: {bytes:02x?}");
+    let rel = i32::from_le_bytes(bytes[at + 1..at + 5].try_into().unwrap());
+    (entry as i64 + at as i64 + 5 + rel as i64) as u64
+}
+
 fn watched() -> ApplyOptions {
     ApplyOptions {
         watch_stubs: true,
@@ -101,6 +114,11 @@ fn a_null_dereference_in_a_c_patch_is_survived_with_worker_threads() {
 }
 
 #[test]
+fn a_null_dereference_in_a_rust_patch_is_survived_single_threaded() {
+    null_patch_is_survived(Fixture::BusyRust, Patch::RustFix, "0", "rust_work", "rust_work_null");
+}
+
+#[test]
 fn a_null_dereference_in_a_rust_patch_is_survived_with_worker_threads() {
     null_patch_is_survived(Fixture::BusyRust, Patch::RustFix, "2", "rust_work", "rust_work_null");
 }
@@ -112,24 +130,42 @@ fn a_harmless_patch_survives_its_windows_and_is_repointed() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let object = build_patch(Patch::BusyWatch).unwrap();
-    // Several apply/watch/rollback rounds: no false rollback in any.
-    for round in 0..5 {
+    // Many apply/watch/keep/rollback rounds (short windows, to stay
+    // cheap): no false rollback in any.
+    for round in 0..20 {
         let id = format!("fine{round}");
         let manifest = manifest(dir.path(), &id, &object, &target.binary(), "work_fn", "work_fn_fine");
-        let applied = apply(&state, pid, &manifest, &watched()).unwrap();
-        let stub = applied.functions[0].new_address;
-        let mut window = WatchWindow::open(&state, pid, &id).unwrap();
+        // Every other round through apply_watched (seized from
+        // activation), the others through apply + WatchWindow::open.
+        let (applied, mut window) = if round % 2 == 0 {
+            apply_watched(&state, pid, &manifest, &ApplyOptions::default()).unwrap()
+        } else {
+            let applied = apply(&state, pid, &manifest, &watched()).unwrap();
+            (applied, WatchWindow::open(&state, pid, &id).unwrap())
+        };
+        let function = &applied.functions[0];
+        assert_ne!(
+            jump_target(pid, function.entry),
+            function.new_address,
+            "through the stub"
+        );
         let started = Instant::now();
-        while started.elapsed() < Duration::from_millis(100) {
+        while started.elapsed() < Duration::from_millis(30) {
             assert!(matches!(window.poll().unwrap(), WindowEvent::Quiet));
             std::thread::sleep(Duration::from_millis(1));
         }
         window.keep().unwrap();
+        if function.preserved.is_none() {
+            assert_eq!(
+                jump_target(pid, function.entry),
+                function.new_address,
+                "re-pointed straight at the new code"
+            );
+        }
         assert_eq!(target.command("ask 5").unwrap(), "1000016", "the patch runs");
         let check = target.check().unwrap();
         assert_eq!(check["errors"], 0, "{check:?}");
         assert!(check["patched"] > 0);
-        let _ = stub;
         shadowpatch_patch::rollback(&state, pid, None).unwrap();
     }
 }
