@@ -158,6 +158,27 @@ fn a_hanging_health_command_times_out_and_rolls_back() {
 }
 
 #[test]
+fn the_process_exiting_during_the_watch_is_reported() {
+    let s = setup(&["1"]);
+    // Passes once (the check before applying), then kills the target.
+    let flag = s.dir.path().join("checked-once");
+    let command = format!(
+        "if [ -e {0} ]; then kill -9 $SHADOWPATCH_PID; else touch {0}; fi",
+        flag.display()
+    );
+    let run = s.apply(
+        "exit",
+        "work_fn_fine",
+        &["--watch", "10", "--baseline", "0.3", "--health-cmd", &command],
+    );
+    assert_eq!(run.code, 4, "{}{}", run.stdout, run.stderr);
+    let watch = &run.json()["watch"];
+    assert_eq!(watch["cause"], "exit", "{watch}");
+    assert_eq!(watch["exit"]["event"], "exited", "{watch}");
+    assert_eq!(watch["exit"]["signal"], "SIGKILL", "{watch}");
+}
+
+#[test]
 fn bad_watch_flags_are_refused_with_the_target_untouched() {
     let s = setup(&["1"]);
     let pid = s.target.pid();

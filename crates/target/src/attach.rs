@@ -349,7 +349,9 @@ impl Attached {
         if !self.held_queue.is_empty() {
             return Ok(Some(self.held_queue.remove(0)));
         }
-        self.seize_new_threads()?;
+        // A process that is exiting cannot be listed; waitpid below says how
+        // it ended, so a failed scan is not an error here.
+        let _ = self.seize_new_threads();
         let running: Vec<Pid> = self
             .threads
             .iter()
