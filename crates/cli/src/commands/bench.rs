@@ -76,6 +76,7 @@ struct BenchReport {
     throughput: Vec<ThroughputRow>,
     dirty_tracking: super::bench_dirty::DirtyBenchReport,
     watch: super::bench_watch::WatchBench,
+    watch_window: super::bench_watch_window::WatchWindowBench,
 }
 
 /// Only the continuous-verification section, with the read + hash floor it
@@ -214,6 +215,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     let median = |v: &Vec<u64>| Percentiles::of(v.clone()).median;
     let floor = median(&samples[1]);
     let watch = super::bench_watch::run(context.json, quick, mib, len as f64 / floor.max(1) as f64)?;
+    let watch_window = super::bench_watch_window::measure(context, quick)?;
     let row = |what, index: usize| {
         let us = median(&samples[index]);
         ThroughputRow {
@@ -238,6 +240,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         ],
         dirty_tracking,
         watch,
+        watch_window,
     };
     if context.json {
         print_json(&report);
@@ -328,6 +331,8 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     println!();
     super::bench_dirty::print(&report.dirty_tracking);
     super::bench_watch::print(&report.watch);
+    println!();
+    super::bench_watch_window::print(&report.watch_window);
     Ok(0)
 }
 
