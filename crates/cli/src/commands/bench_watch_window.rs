@@ -153,7 +153,7 @@ pub fn print(bench: &WatchWindowBench) {
     println!("|---|---:|---:|---:|---:|");
     let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
     println!(
-        "| fatal signal in patch code → call resumed in the original | {} µs | {} µs | {} µs rollback stop | {:.1}× |",
+        "| fatal signal in patch code (seen in its signal-delivery stop) → call resumed in the original | {} µs | {} µs | {} µs rollback stop | {:.1}× |",
         bench.fault_to_resumed_us.median,
         bench.fault_to_resumed_us.p99,
         bench.rollback_pause_us.median,
