@@ -66,6 +66,8 @@ enum Command {
         force: bool,
         #[command(flatten)]
         analysis: commands::analyze::AnalysisArgs,
+        #[command(flatten)]
+        watch: WatchFlags,
     },
     /// Predict whether a patch will misbehave in a running process, and why (writes nothing to it).
     Analyze {
@@ -118,8 +120,8 @@ enum Command {
         /// Size of the executable-like region for throughput, in MiB.
         #[arg(long)]
         region_mib: Option<u64>,
-        /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation).
-        #[arg(long, value_parser = ["watch", "dirty", "prediction"])]
+        /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch).
+        #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window"])]
         only: Option<String>,
     },
     /// Verify a process continuously until SIGINT/SIGTERM: alert (and heal) on any change of its immutable memory.
@@ -187,6 +189,54 @@ enum Command {
     },
 }
 
+/// `apply`'s watch flags (see `commands::apply_watch`).
+#[derive(Debug, Clone, clap::Args)]
+struct WatchFlags {
+    /// Watch the patched process for SECS after activation (faults in patch code are survived; a regression rolls back).
+    #[arg(long, value_name = "SECS")]
+    watch: Option<f64>,
+    /// Seconds of metric samples taken before activation, the control (default: min(--watch, 3)).
+    #[arg(long, value_name = "SECS")]
+    baseline: Option<f64>,
+    /// Interval between metric samples (and health command runs), in milliseconds.
+    #[arg(long, default_value_t = 200, value_name = "MS")]
+    sample_ms: u64,
+    /// A shell command that exits 0 while the service is healthy (run before the patch and during the watch).
+    #[arg(long, value_name = "CMD")]
+    health_cmd: Option<String>,
+    /// Seconds a health command may take; longer is a failure.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    health_timeout: f64,
+}
+
+fn run_apply_command(
+    context: &commands::Context,
+    pid: i32,
+    manifest: &std::path::Path,
+    attempts: u32,
+    force: bool,
+    analysis: &commands::analyze::AnalysisArgs,
+    watch: WatchFlags,
+) -> anyhow::Result<i32> {
+    let watch_args = match watch.watch {
+        None => {
+            if watch.health_cmd.is_some() || watch.baseline.is_some() {
+                return Err(failure::BadInput("--health-cmd and --baseline need --watch SECS".into()).into());
+            }
+            None
+        }
+        Some(secs) => Some(commands::apply_watch::WatchArgs::check(
+            secs,
+            watch.baseline.unwrap_or(secs.min(3.0)),
+            watch.sample_ms,
+            watch.health_cmd,
+            watch.health_timeout,
+            analysis.metrics_url.clone(),
+        )?),
+    };
+    commands::patching::run_apply(context, pid, manifest, attempts, force, analysis, watch_args.as_ref())
+}
+
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -227,7 +277,8 @@ fn main() {
             attempts,
             force,
             analysis,
-        } => commands::patching::run_apply(&context, pid, &manifest, attempts, force, &analysis),
+            watch,
+        } => run_apply_command(&context, pid, &manifest, attempts, force, &analysis, watch),
         Command::Analyze {
             pid,
             manifest,

@@ -34,12 +34,20 @@ use std::time::Instant;
 pub struct ApplyOptions {
     /// Stops to try before refusing because a thread sits in an entry.
     pub max_attempts: u32,
+    /// Activate while a thread waits at the application's safe point
+    /// (`safepoint.rs`); `None`: activate whenever the entries are free.
+    pub safe_point: Option<crate::safepoint::SafePoint>,
+    /// Route each trampoline through a watch-window entry stub
+    /// (`watchstub.rs`), for `apply --watch`'s crash-proof window.
+    pub watch_stubs: bool,
 }
 
 impl Default for ApplyOptions {
     fn default() -> Self {
         ApplyOptions {
             max_attempts: DEFAULT_ATTEMPTS,
+            safe_point: None,
+            watch_stubs: false,
         }
     }
 }
@@ -68,6 +76,9 @@ pub struct ApplyOutcome {
     /// The loading stop (remote mmap + write + mprotect).
     pub load_pause_us: u64,
     pub total_us: u64,
+    /// With `--at-safe-point`: threads parked at activation and the wait.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub safe_point: Option<crate::safepoint::Parked>,
 }
 
 /// The target module's functions, read live, with the entries that active
@@ -378,9 +389,34 @@ pub fn apply(
     manifest_path: &Path,
     options: &ApplyOptions,
 ) -> Result<ApplyOutcome, PatchError> {
-    let result = apply_transaction(state_dir, pid, manifest_path, options);
+    let result = apply_transaction(state_dir, pid, manifest_path, options, false).map(|(outcome, _)| outcome);
     crate::history::record_apply(state_dir, pid, manifest_path, &result);
     result
+}
+
+/// Apply through watch stubs and keep the target seized for the watch
+/// window from before activation, so a fault in the first call of the new
+/// code is already caught (`watchwindow.rs`).
+pub fn apply_watched(
+    state_dir: &Path,
+    pid: i32,
+    manifest_path: &Path,
+    options: &ApplyOptions,
+) -> Result<(ApplyOutcome, crate::watchwindow::WatchWindow), PatchError> {
+    let options = ApplyOptions {
+        watch_stubs: true,
+        ..options.clone()
+    };
+    let result = apply_transaction(state_dir, pid, manifest_path, &options, true);
+    let (outcome, attached) = match result {
+        Ok((outcome, attached)) => (Ok(outcome), attached),
+        Err(error) => (Err(error), None),
+    };
+    crate::history::record_apply(state_dir, pid, manifest_path, &outcome);
+    let outcome = outcome?;
+    let attached = attached.expect("kept seized");
+    let window = crate::watchwindow::WatchWindow::from_seized(state_dir, attached, &outcome.patch_id)?;
+    Ok((outcome, window))
 }
 
 fn apply_transaction(
@@ -388,7 +424,8 @@ fn apply_transaction(
     pid: i32,
     manifest_path: &Path,
     options: &ApplyOptions,
-) -> Result<ApplyOutcome, PatchError> {
+    keep_seized: bool,
+) -> Result<(ApplyOutcome, Option<Attached>), PatchError> {
     let started = Instant::now();
     let identity = ProcessIdentity::of(pid)?;
     let state = StateDir::create(state_dir)?;
@@ -419,7 +456,7 @@ fn apply_transaction(
         image,
         protections,
         functions,
-    } = plan_load(&prepared, attached.memory())?;
+    } = plan_load(&prepared, attached.memory(), options.watch_stubs)?;
     let record = PatchRecord {
         id: prepared.manifest.id.clone(),
         generation,
@@ -445,6 +482,8 @@ fn apply_transaction(
     crate::rollback::collect_retired(&mut attached, &mut target, txn);
     let staged = staged_path(&target.dir, generation);
     let mut mapped = false;
+    let mut held: Vec<Write5> = Vec::new();
+    let mut parked = None;
     let result = (|| {
         target.journal.append(&Record::Map {
             txn,
@@ -471,14 +510,28 @@ fn apply_transaction(
             patch: record.clone(),
         })?;
         fault::point("planned");
+        if let Some(safe_point) = &options.safe_point {
+            // Announce the held write before making it (see safepoint.rs).
+            held = vec![safe_point.pending_write()];
+            target.journal.append(&Record::Writes {
+                txn,
+                writes: held.clone(),
+                patch_id: None,
+            })?;
+            parked = Some(safe_point.hold(pid, attached.memory())?);
+        }
         let writes: Vec<Write5> = record.functions.iter().map(|f| f.write.clone()).collect();
+        if keep_seized {
+            // From activation on, a fatal signal is held for the window.
+            attached.watch_signals(&crate::watchwindow::FATAL_SIGNALS);
+        }
         let activation = switch(
             &mut attached,
             &writes,
             Direction::Forward,
             options.max_attempts,
             "",
-            &mut |_| Ok(()),
+            &mut |stopped| crate::safepoint::release_in_stop(stopped, &held),
         )?;
         fault::point("activated");
         Ok::<_, PatchError>((load_pause_us, activation))
@@ -486,6 +539,11 @@ fn apply_transaction(
     let (load_pause_us, activation) = match result {
         Ok(done) => done,
         Err(error) => {
+            for write in &held {
+                if let Err(e) = crate::safepoint::release(attached.memory(), write) {
+                    tracing::error!("could not clear the safe-point request at {:#x}: {e}", write.address);
+                }
+            }
             undo_apply(
                 &mut attached,
                 &mut target.journal,
@@ -502,8 +560,13 @@ fn apply_transaction(
         pause_us: activation.pause.pause_us,
     })?;
     publish(&staged, &target.dir, generation)?;
-    attached.detach()?;
-    Ok(ApplyOutcome {
+    let kept = if keep_seized {
+        Some(attached)
+    } else {
+        attached.detach()?;
+        None
+    };
+    let outcome = ApplyOutcome {
         patch_id: record.id.clone(),
         pid,
         generation,
@@ -524,7 +587,9 @@ fn apply_transaction(
         activation,
         load_pause_us,
         total_us: started.elapsed().as_micros() as u64,
-    })
+        safe_point: parked,
+    };
+    Ok((outcome, kept))
 }
 
 /// Map, write and protect the image in one stop; returns the pause (µs).

@@ -14,6 +14,9 @@ pub const APPLY_POINTS: &[&str] = &[
     "written",
     "activated",
 ];
+/// The point an apply `--at-safe-point` passes once the application's
+/// pending word is set, before a thread has parked (`safepoint.rs`).
+pub const SAFE_POINT_POINTS: &[&str] = &["safe-point-held"];
 /// The points a rollback passes.
 pub const ROLLBACK_POINTS: &[&str] = &["rollback-begin", "rollback-partial-write", "rollback-written"];
 

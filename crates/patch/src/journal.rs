@@ -33,6 +33,18 @@ pub struct PatchedFunction {
     /// function changes registers the original left alone (see `clobber`).
     #[serde(default)]
     pub preserved: Option<String>,
+    /// While watched (`apply --watch`): the entry stub the trampoline goes
+    /// through, and where it will jump straight to after a keep verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_stub: Option<WatchStubSite>,
+}
+
+/// A watched function's entry stub (`watchstub.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WatchStubSite {
+    pub stub: u64,
+    /// The new function, or its thunk: the direct jump's destination.
+    pub direct: u64,
 }
 
 /// Everything known about an applied patch.
@@ -95,7 +107,8 @@ pub enum Record {
     /// About to write these trampolines (written before the first write).
     Plan { txn: u64, patch: PatchRecord },
     /// About to make these writes (heal, probe, repoint), before the first.
-    /// For a repoint, `patch_id` names the active patch whose entries get
+    /// Inside an apply: writes held only while it runs (the safe-point
+    /// request word), undone before its commit or abort. For a repoint, `patch_id` names the active patch whose entries get
     /// the new bytes at commit (their `original` stays the function's own).
     Writes {
         txn: u64,
@@ -141,7 +154,8 @@ pub struct OpenTxn {
     pub patch_id: String,
     pub mapping: Option<(u64, u64)>,
     pub plan: Option<PatchRecord>,
-    /// The announced writes of a heal, probe or repoint.
+    /// The announced writes of a heal, probe or repoint, or the writes an
+    /// apply holds while it runs.
     pub writes: Option<Vec<Write5>>,
     /// The patch a repoint changes.
     pub writes_patch: Option<String>,
@@ -270,8 +284,10 @@ pub fn replay_bytes(path: &Path, bytes: &[u8]) -> Result<JournalState, PatchErro
             Record::Plan { txn, patch } => open_txn(&mut state, txn, &corrupt)?.plan = Some(patch),
             Record::Writes { txn, writes, patch_id } => {
                 let open = open_txn(&mut state, txn, &corrupt)?;
-                if !open.kind.is_plain_writes() {
-                    return Err(corrupt("plain writes in a patch transaction"));
+                // An apply may hold writes for its duration (the safe-point
+                // request, `safepoint.rs`); a rollback never writes any.
+                if !open.kind.is_plain_writes() && open.kind != TxnKind::Apply {
+                    return Err(corrupt("plain writes in a rollback transaction"));
                 }
                 open.writes = Some(writes);
                 open.writes_patch = patch_id;
@@ -364,6 +380,7 @@ mod tests {
             mapping_address: 0x1000,
             mapping_len: 0x2000,
             functions: vec![PatchedFunction {
+                watch_stub: None,
                 site: FunctionSite {
                     symbol: "f".into(),
                     entry: 0x10,
@@ -508,9 +525,9 @@ mod tests {
             "the function's own bytes are kept"
         );
 
-        // Plain writes inside a patch transaction are corruption.
+        // Plain writes inside a rollback transaction are corruption.
         let bad = vec![
-            begin(0, TxnKind::Apply, "a"),
+            begin(0, TxnKind::Rollback, "a"),
             Record::Writes {
                 txn: 0,
                 writes: vec![stub_jump],

@@ -16,12 +16,15 @@ pub mod object;
 pub mod recover;
 pub mod resolve;
 pub mod rollback;
+pub mod safepoint;
 pub mod state;
 pub mod thunk;
 pub mod trampoline;
+pub mod watchstub;
+pub mod watchwindow;
 pub mod writes;
 
-pub use apply::{apply, ApplyOptions, ApplyOutcome};
+pub use apply::{apply, apply_watched, ApplyOptions, ApplyOutcome};
 pub use manifest::Manifest;
 pub use object::PatchObject;
 pub use recover::{recover, RecoverOutcome, Recovered};
@@ -104,6 +107,8 @@ pub enum PatchError {
     },
     #[error("refusing: a thread was inside the bytes to rewrite at {address:#x} in each of {attempts} stops")]
     Busy { address: u64, attempts: u32 },
+    #[error("pid {pid}: cannot activate at a safe point: {message}")]
+    SafePoint { pid: i32, message: String },
     #[error("staging check failed: the bytes loaded at {address:#x} differ from the staged generation")]
     StagingMismatch { address: u64 },
     #[error(transparent)]
@@ -152,7 +157,8 @@ impl PatchError {
             | Locked { .. }
             | RelocationOverflow { .. }
             | NoRoom { .. }
-            | StagingMismatch { .. } => ErrorClass::Refused,
+            | StagingMismatch { .. }
+            | SafePoint { .. } => ErrorClass::Refused,
             Target(e) if e.is_bad_input() => ErrorClass::BadInput,
             Mirror(e) if e.is_bad_input() => ErrorClass::BadInput,
             Journal { .. } | Target(_) | Mirror(_) | Symbols(_) => ErrorClass::Failed,

@@ -80,8 +80,10 @@ pub struct LoadPlan {
 /// Lay out the patch for `prepared`'s target: an address near the module,
 /// the relocated image, a thunk for each replacement that changes more
 /// registers than the original, and each entry's jump (the entry's current
-/// bytes, read from `memory`, as the write's original).
-pub fn plan_load(prepared: &Prepared, memory: &mut TargetMemory) -> Result<LoadPlan, PatchError> {
+/// bytes, read from `memory`, as the write's original). With `watch_stubs`,
+/// each entry jumps to a watch-window entry stub (`watchstub.rs`) placed
+/// after the thunks, which calls the new code.
+pub fn plan_load(prepared: &Prepared, memory: &mut TargetMemory, watch_stubs: bool) -> Result<LoadPlan, PatchError> {
     // Layout: the object's pages, then (if any replacement needs one) a
     // page-rounded area of register-preserving thunks, mapped r-x.
     let thunk_sizes: Vec<usize> = prepared
@@ -97,14 +99,23 @@ pub fn plan_load(prepared: &Prepared, memory: &mut TargetMemory) -> Result<LoadP
         .collect();
     let thunk_area = (thunk_sizes.iter().sum::<usize>() as u64).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
     let object_span = prepared.object.span;
-    let span = object_span + thunk_area;
+    let stub_area = if watch_stubs {
+        ((crate::watchstub::stub_len() * prepared.sites.len()) as u64).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64
+    } else {
+        0
+    };
+    let span = object_span + thunk_area + stub_area;
     let address = choose_address(&prepared.maps, &prepared.module, span, 0)?;
     let mut image = relocate(&prepared.object, address, &prepared.module, &prepared.modules, memory)?;
     image.resize(span as usize, 0);
     let mut protections = prepared.object.page_protections();
     if thunk_area > 0 {
-        protections.push((object_span, span, libc::PROT_READ | libc::PROT_EXEC));
+        protections.push((object_span, object_span + thunk_area, libc::PROT_READ | libc::PROT_EXEC));
     }
+    if stub_area > 0 {
+        protections.push((object_span + thunk_area, span, libc::PROT_READ | libc::PROT_EXEC));
+    }
+    let mut stub_offset = object_span + thunk_area;
     let mut functions = Vec::new();
     let mut thunk_offset = object_span;
     for (((site, with), extra), size) in prepared.sites.iter().zip(&prepared.extra).zip(&thunk_sizes) {
@@ -118,7 +129,14 @@ pub fn plan_load(prepared: &Prepared, memory: &mut TargetMemory) -> Result<LoadP
             thunk_offset += bytes.len() as u64;
             (thunk_address, Some(extra.names()))
         };
-        let new = jump(&site.symbol, site.patch_at, jump_to)?;
+        let watch_stub = watch_stubs.then(|| {
+            let stub = address + stub_offset;
+            let bytes = crate::watchstub::build(stub, site.patch_at, jump_to);
+            image[stub_offset as usize..stub_offset as usize + bytes.len()].copy_from_slice(&bytes);
+            stub_offset += bytes.len() as u64;
+            crate::journal::WatchStubSite { stub, direct: jump_to }
+        });
+        let new = jump(&site.symbol, site.patch_at, watch_stub.map_or(jump_to, |w| w.stub))?;
         let original = memory.read_vec(site.patch_at, JUMP_LEN as usize)?;
         functions.push(PatchedFunction {
             site: site.clone(),
@@ -130,6 +148,7 @@ pub fn plan_load(prepared: &Prepared, memory: &mut TargetMemory) -> Result<LoadP
                 new,
             },
             preserved,
+            watch_stub,
         });
     }
     Ok(LoadPlan {

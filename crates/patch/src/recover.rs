@@ -5,7 +5,7 @@
 //!   mapping: unmap it → rolled back.
 //! - An apply with a `Plan`: if every trampoline holds the new bytes it had
 //!   finished → commit (fully applied); otherwise restore the ones written →
-//!   rolled back.
+//!   rolled back. Writes it held (a safe-point request) are undone first.
 //! - A rollback: finish restoring → rolled back.
 //! - Plain writes (heal, repoint): finish them → fully applied; a probe's
 //!   breakpoints: remove them → rolled back.
@@ -175,6 +175,12 @@ fn recover_apply(
     open: &OpenTxn,
 ) -> Result<(Recovered, usize, usize), PatchError> {
     let txn = open.txn;
+    // Release what the apply held (the safe-point request) whatever else
+    // happens: its parked threads go on in the old or the new code, both
+    // consistent once the trampolines below are all-or-nothing again.
+    for write in open.writes.iter().flatten() {
+        crate::safepoint::release(attached.memory(), write)?;
+    }
     let Some(plan) = &open.plan else {
         // Nothing was written to any function: undo the mapping, if made.
         if let Some((address, len)) = open.mapping {

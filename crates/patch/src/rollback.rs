@@ -92,6 +92,24 @@ fn rollback_transaction(state_dir: &Path, pid: i32, patch_id: Option<&str>) -> R
         }
     };
     let mut attached = Attached::seize(&identity)?;
+    let outcome = rollback_seized(&mut attached, &mut target, &patch, &mut |_| Ok(()), &mut |_| Ok(()))?;
+    attached.detach()?;
+    Ok(outcome)
+}
+
+/// The rollback transaction on an already seized target: `in_stop` runs
+/// inside the switching stop (after the entries are restored), `switched`
+/// right after it, before the mapping is retired or unmapped (the watch
+/// window resumes a rewound thread there).
+pub(crate) fn rollback_seized(
+    attached: &mut Attached,
+    target: &mut TargetState,
+    patch: &PatchRecord,
+    in_stop: &mut dyn FnMut(&mut Stopped) -> Result<(), PatchError>,
+    switched: &mut dyn FnMut(&mut Attached) -> Result<(), PatchError>,
+) -> Result<RollbackOutcome, PatchError> {
+    let pid = attached.pid();
+    let identity = attached.identity().clone();
     let txn = target.journal_state.next_txn;
     target.journal.append(&Record::Begin {
         txn,
@@ -102,15 +120,15 @@ fn rollback_transaction(state_dir: &Path, pid: i32, patch_id: Option<&str>) -> R
         unix_ms: now_ms(),
     })?;
     fault::point("rollback-begin");
-    collect_retired(&mut attached, &mut target, txn);
+    collect_retired(attached, target, txn);
     let writes: Vec<Write5> = patch.functions.iter().map(|f| f.write.clone()).collect();
     let result = switch(
-        &mut attached,
+        attached,
         &writes,
         Direction::Backward,
         DEFAULT_ATTEMPTS,
         "rollback-",
-        &mut |_| Ok(()),
+        in_stop,
     );
     let activation = match result {
         Ok(activation) => activation,
@@ -123,15 +141,10 @@ fn rollback_transaction(state_dir: &Path, pid: i32, patch_id: Option<&str>) -> R
             return Err(error);
         }
     };
-    let (retired_reason, unmap_pause_us) = retire_or_unmap(&mut attached, &patch)?;
-    finish_rollback(
-        &mut target,
-        txn,
-        &patch,
-        retired_reason.clone(),
-        activation.pause.pause_us,
-    )?;
-    attached.detach()?;
+    switched(attached)?;
+    let (retired_reason, unmap_pause_us) = retire_or_unmap(attached, patch)?;
+    finish_rollback(target, txn, patch, retired_reason.clone(), activation.pause.pause_us)?;
+    target.journal_state = crate::journal::Journal::replay(&target.dir)?;
     Ok(RollbackOutcome {
         patch_id: patch.id.clone(),
         pid,

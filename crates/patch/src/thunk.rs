@@ -31,7 +31,7 @@ fn gpr_number(index: usize) -> u8 {
 }
 
 /// `mov [rsp+disp32], reg` (store) or `mov reg, [rsp+disp32]` (load).
-fn mov_rsp(out: &mut Vec<u8>, register: u8, displacement: u32, store: bool) {
+pub(crate) fn mov_rsp(out: &mut Vec<u8>, register: u8, displacement: u32, store: bool) {
     out.push(0x48 | if register >= 8 { 0x04 } else { 0 });
     out.push(if store { 0x89 } else { 0x8b });
     out.push(0x84 | ((register & 7) << 3));
@@ -40,7 +40,7 @@ fn mov_rsp(out: &mut Vec<u8>, register: u8, displacement: u32, store: bool) {
 }
 
 /// `movdqu [rsp+disp32], xmm` (store) or `movdqu xmm, [rsp+disp32]`.
-fn movdqu_rsp(out: &mut Vec<u8>, xmm: u8, displacement: u32, store: bool) {
+pub(crate) fn movdqu_rsp(out: &mut Vec<u8>, xmm: u8, displacement: u32, store: bool) {
     out.push(0xf3);
     if xmm >= 8 {
         out.push(0x44);

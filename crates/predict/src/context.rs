@@ -392,7 +392,7 @@ fn mib(bytes: u64) -> String {
 }
 
 /// Fetch and parse a Prometheus text exposition.
-fn scrape(url: &str) -> Result<prometheus_parse::Scrape, String> {
+pub(crate) fn scrape(url: &str) -> Result<prometheus_parse::Scrape, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(SCRAPE_TIMEOUT))
         .build()
@@ -409,7 +409,7 @@ fn scrape(url: &str) -> Result<prometheus_parse::Scrape, String> {
 
 /// Error counters: names saying error/fail/exception, and request counters
 /// labelled with a 5xx status.
-fn error_total(scrape: &prometheus_parse::Scrape) -> (f64, usize) {
+pub(crate) fn error_total(scrape: &prometheus_parse::Scrape) -> (f64, usize) {
     let mut total = 0.0;
     let mut series = 0;
     for sample in &scrape.samples {

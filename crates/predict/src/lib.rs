@@ -22,6 +22,7 @@ pub mod model;
 pub mod simulate;
 pub mod static_analysis;
 pub mod training;
+pub mod watch_metrics;
 
 pub use context::{ContextOptions, ContextReport};
 pub use engine::{

@@ -239,13 +239,15 @@ impl ModelFile {
         self.features
             .iter()
             .enumerate()
-            .map(|(index, name)| match features.get(name).copied().filter(|v| v.is_finite()) {
-                Some(value) => value,
-                None if !simulated && crate::corpus::dataset::is_simulation_feature(name) => {
-                    means.map_or(0.0, |means| means[index])
-                }
-                None => 0.0,
-            })
+            .map(
+                |(index, name)| match features.get(name).copied().filter(|v| v.is_finite()) {
+                    Some(value) => value,
+                    None if !simulated && crate::corpus::dataset::is_simulation_feature(name) => {
+                        means.map_or(0.0, |means| means[index])
+                    }
+                    None => 0.0,
+                },
+            )
             .collect()
     }
 

@@ -39,16 +39,40 @@ pub const DEFAULT_APP_SOCKET: &str = "/run/shadowpatch/app.sock";
 /// milliseconds; the agent may be busy with other targets).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, thiserror::Error)]
+/// What went wrong talking to the agent. (`Display` and `Error` by hand:
+/// this crate has no dependencies, see Cargo.toml.)
+#[derive(Debug)]
 pub enum RuntimeError {
-    #[error("cannot reach the shadowpatch agent at {path}: {source}")]
     Connect { path: PathBuf, source: std::io::Error },
-    #[error("talking to the shadowpatch agent at {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("the shadowpatch agent refused: {0}")]
     Refused(String),
-    #[error("the shadowpatch agent answered something unreadable: {0}")]
     Protocol(String),
+}
+
+impl std::fmt::Display for RuntimeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RuntimeError::Connect { path, source } => {
+                write!(f, "cannot reach the shadowpatch agent at {}: {source}", path.display())
+            }
+            RuntimeError::Io { path, source } => {
+                write!(f, "talking to the shadowpatch agent at {}: {source}", path.display())
+            }
+            RuntimeError::Refused(message) => write!(f, "the shadowpatch agent refused: {message}"),
+            RuntimeError::Protocol(message) => {
+                write!(f, "the shadowpatch agent answered something unreadable: {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RuntimeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RuntimeError::Connect { source, .. } | RuntimeError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
 }
 
 /// The safe-point mailbox the agent reads and writes in this process's
@@ -117,7 +141,7 @@ impl Connection {
             path: self.path.clone(),
             source,
         };
-        let mut line = serde_json::to_vec(request).expect("requests serialize");
+        let mut line = request.to_json().into_bytes();
         line.push(b'\n');
         self.writer.write_all(&line).map_err(io)?;
         let mut answer = String::new();
@@ -127,8 +151,7 @@ impl Connection {
                 source: std::io::ErrorKind::UnexpectedEof.into(),
             });
         }
-        let reply: AppReply =
-            serde_json::from_str(&answer).map_err(|e| RuntimeError::Protocol(format!("{e}: {}", answer.trim())))?;
+        let reply = AppReply::parse(&answer).map_err(|e| RuntimeError::Protocol(format!("{e}: {}", answer.trim())))?;
         match &reply.error {
             Some(error) if !reply.ok => Err(RuntimeError::Refused(error.clone())),
             _ => Ok(reply),

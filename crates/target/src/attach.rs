@@ -17,7 +17,7 @@ use crate::{ProcessIdentity, TargetError};
 use nix::errno::Errno;
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use shadowpatch_sys::sched::RealtimeGuard;
 use std::collections::{BTreeMap, VecDeque};
@@ -46,6 +46,27 @@ pub(crate) struct ThreadState {
     pub(crate) group_stop: bool,
     /// A signal caught while stopping, to deliver when we resume.
     pub(crate) pending_signal: Option<Signal>,
+    /// Held in a signal-delivery-stop by `poll_signals` until
+    /// `release_held`: resuming the world leaves it stopped.
+    held: bool,
+}
+
+/// What `Attached::poll_signals` saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignalEvent {
+    /// A thread stopped on the way to receiving one of the watched signals;
+    /// it is held (stopped) until `release_held`.
+    Held {
+        tid: Pid,
+        signal: Signal,
+        regs: Box<libc::user_regs_struct>,
+    },
+    /// The process is gone (its main thread exited or was killed).
+    Exited {
+        pid: i32,
+        code: Option<i32>,
+        signal: Option<Signal>,
+    },
 }
 
 /// All threads of one target, seized. Dropping it resumes and detaches
@@ -72,6 +93,10 @@ pub struct Attached {
     pub(crate) queued: VecDeque<crate::events::Event>,
     /// Longest sleep between two polls of `next_event`.
     pub(crate) poll_interval: Duration,
+    /// Signals `poll_signals` holds; a stop that meets one holds it too
+    /// (queued in `held_queue`) rather than deliver it.
+    watched_signals: Vec<Signal>,
+    held_queue: Vec<SignalEvent>,
 }
 
 /// The timings of one stop-the-world window.
@@ -108,6 +133,8 @@ impl Attached {
             foreign: BTreeMap::new(),
             queued: VecDeque::new(),
             poll_interval: crate::events::DEFAULT_POLL_INTERVAL,
+            watched_signals: Vec::new(),
+            held_queue: Vec::new(),
         };
         for _round in 0..MAX_SCAN_ROUNDS {
             if attached.seize_new_threads()? == 0 {
@@ -269,6 +296,23 @@ impl Attached {
                 Err(Errno::EINTR) => continue,
                 Err(errno) => return Err(TargetError::from_errno(self.identity.pid, "waiting for", errno)),
             };
+            if let WaitStatus::Stopped(_, signal) = status {
+                if self.watched_signals.contains(&signal) {
+                    // A watched fatal signal: hold it for `poll_signals`.
+                    let regs = ptrace::getregs(tid)
+                        .map_err(|errno| TargetError::from_errno(self.identity.pid, "reading registers of", errno))?;
+                    let state = self.threads.entry(tid).or_default();
+                    state.stopped = true;
+                    state.held = true;
+                    state.pending_signal = Some(signal);
+                    self.held_queue.push(SignalEvent::Held {
+                        tid,
+                        signal,
+                        regs: Box::new(regs),
+                    });
+                    return Ok(());
+                }
+            }
             match self.absorb(tid, status, crate::events::Mode::Stopping)? {
                 crate::events::Absorbed::Stopped | crate::events::Absorbed::Gone => return Ok(()),
                 crate::events::Absorbed::Running(event) => self.queued.extend(event),
@@ -280,7 +324,7 @@ impl Attached {
     fn resume_all_threads(&mut self) -> Result<(), TargetError> {
         let pid = self.identity.pid;
         let mut first_error = None;
-        for (tid, state) in self.threads.iter_mut().filter(|(_, s)| s.stopped) {
+        for (tid, state) in self.threads.iter_mut().filter(|(_, s)| s.stopped && !s.held) {
             let result = if state.group_stop {
                 shadowpatch_sys::ptrace_ext::listen(*tid)
             } else {
@@ -299,6 +343,135 @@ impl Attached {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// From now on, hold these signals (see `poll_signals`) instead of
+    /// delivering them when a stop meets them.
+    pub fn watch_signals(&mut self, signals: &[Signal]) {
+        self.watched_signals = signals.to_vec();
+    }
+
+    /// Without blocking, collect what the running threads reported: a
+    /// signal in `watched` holds its thread in signal-delivery-stop (the
+    /// signal not yet delivered) and is returned; other signals are passed
+    /// on at once; job-control stops are listened through. Threads created
+    /// since the last scan are seized, so a new thread's fault is seen too.
+    pub fn poll_signals(&mut self, watched: &[Signal]) -> Result<Option<SignalEvent>, TargetError> {
+        let pid = self.identity.pid;
+        self.watched_signals = watched.to_vec();
+        if !self.held_queue.is_empty() {
+            return Ok(Some(self.held_queue.remove(0)));
+        }
+        // A process that is exiting cannot be listed; waitpid below says how
+        // it ended, so a failed scan is not an error here.
+        let _ = self.seize_new_threads();
+        let running: Vec<Pid> = self
+            .threads
+            .iter()
+            .filter(|(_, s)| !s.stopped)
+            .map(|(tid, _)| *tid)
+            .collect();
+        for tid in running {
+            let status = match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(status) => status,
+                Err(Errno::ECHILD) => {
+                    self.threads.remove(&tid);
+                    continue;
+                }
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(TargetError::from_errno(pid, "waiting for", errno)),
+            };
+            match status {
+                WaitStatus::StillAlive => {}
+                WaitStatus::Stopped(_, signal) if watched.contains(&signal) => {
+                    let regs = ptrace::getregs(tid)
+                        .map_err(|errno| TargetError::from_errno(pid, "reading registers of", errno))?;
+                    let state = self.threads.entry(tid).or_default();
+                    state.stopped = true;
+                    state.held = true;
+                    state.pending_signal = Some(signal);
+                    return Ok(Some(SignalEvent::Held {
+                        tid,
+                        signal,
+                        regs: Box::new(regs),
+                    }));
+                }
+                WaitStatus::Stopped(_, signal) => match ptrace::cont(tid, signal) {
+                    Ok(()) | Err(Errno::ESRCH) => {}
+                    Err(errno) => return Err(TargetError::from_errno(pid, "resuming", errno)),
+                },
+                WaitStatus::PtraceEvent(_, signal, _) if is_stop_signal(signal) => {
+                    // A job-control stop: let it take effect, as untraced.
+                    let _ = shadowpatch_sys::ptrace_ext::listen(tid);
+                }
+                WaitStatus::PtraceEvent(..) => {
+                    // The interrupt a stop sent to a thread it then held
+                    // (`wait_for_stop`) traps once the thread is released.
+                    let _ = ptrace::cont(tid, None);
+                }
+                WaitStatus::Exited(_, code) => {
+                    self.threads.remove(&tid);
+                    if tid.as_raw() == pid {
+                        return Ok(Some(SignalEvent::Exited {
+                            pid,
+                            code: Some(code),
+                            signal: None,
+                        }));
+                    }
+                }
+                WaitStatus::Signaled(_, signal, _) => {
+                    self.threads.remove(&tid);
+                    if tid.as_raw() == pid {
+                        return Ok(Some(SignalEvent::Exited {
+                            pid,
+                            code: None,
+                            signal: Some(signal),
+                        }));
+                    }
+                }
+                _ => {
+                    let _ = ptrace::cont(tid, None);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Resume a thread held by `poll_signals`, delivering `signal` (the
+    /// held one, or `None` to suppress it).
+    pub fn release_held(&mut self, tid: Pid, signal: Option<Signal>) -> Result<(), TargetError> {
+        let pid = self.identity.pid;
+        match ptrace::cont(tid, signal) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(errno) => return Err(TargetError::from_errno(pid, "resuming", errno)),
+        }
+        if let Some(state) = self.threads.get_mut(&tid) {
+            state.stopped = false;
+            state.held = false;
+            state.pending_signal = None;
+        }
+        Ok(())
+    }
+
+    /// Set the general registers and the x87/SSE state of a held thread.
+    pub fn set_held_registers(
+        &mut self,
+        tid: Pid,
+        regs: libc::user_regs_struct,
+        xmms: &[[u8; 16]; 8],
+    ) -> Result<(), TargetError> {
+        use nix::sys::ptrace::regset::NT_PRFPREG;
+        let pid = self.identity.pid;
+        let mut fp = ptrace::getregset::<NT_PRFPREG>(tid)
+            .map_err(|errno| TargetError::from_errno(pid, "reading SSE registers of", errno))?;
+        for (k, xmm) in xmms.iter().enumerate() {
+            for word in 0..4 {
+                fp.xmm_space[4 * k + word] = u32::from_le_bytes(xmm[4 * word..4 * word + 4].try_into().expect("4"));
+            }
+        }
+        ptrace::setregset::<NT_PRFPREG>(tid, fp)
+            .map_err(|errno| TargetError::from_errno(pid, "writing SSE registers of", errno))?;
+        ptrace::setregs(tid, regs).map_err(|errno| TargetError::from_errno(pid, "writing registers of", errno))
+    }
+
     /// Record a signal to deliver to `tid` at resume (used by remote syscalls
     /// when a foreign signal interrupts them).
     pub(crate) fn defer_signal(&mut self, tid: Pid, signal: Signal) {
@@ -308,9 +481,12 @@ impl Attached {
     }
 
     /// Whether `tid` is in a ptrace-stop we control (stopped by us or held
-    /// at an event), and not in job-control group-stop.
+    /// at an event), not in job-control group-stop, and not held for the
+    /// watch window (`poll_signals`).
     pub fn is_stopped(&self, tid: Pid) -> bool {
-        self.threads.get(&tid).is_some_and(|s| s.stopped && !s.group_stop)
+        self.threads
+            .get(&tid)
+            .is_some_and(|s| s.stopped && !s.group_stop && !s.held)
     }
 
     pub(crate) fn forget_thread(&mut self, tid: Pid) {
@@ -381,7 +557,14 @@ impl Stopped<'_> {
     /// The thread to borrow for remote syscalls: the main thread when it is
     /// stopped like the others, else the first stopped thread.
     pub fn borrowable_thread(&self) -> Pid {
-        let threads = self.threads();
+        // Never a thread held in signal-delivery-stop (`poll_signals`).
+        let threads: Vec<Pid> = self
+            .attached
+            .threads
+            .iter()
+            .filter(|(_, s)| s.stopped && !s.held)
+            .map(|(tid, _)| *tid)
+            .collect();
         let main = Pid::from_raw(self.attached.pid());
         if threads.contains(&main) {
             main

@@ -18,7 +18,7 @@ pub mod maps;
 pub mod memory;
 pub mod remote;
 
-pub use attach::{Attached, PauseReport, Stopped};
+pub use attach::{Attached, PauseReport, SignalEvent, Stopped};
 pub use copy::{CopyStop, Deadline, ProcessCopy, Resume};
 pub use error::TargetError;
 pub use events::Event;

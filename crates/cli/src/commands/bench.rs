@@ -78,6 +78,7 @@ struct BenchReport {
     throughput: Vec<ThroughputRow>,
     dirty_tracking: super::bench_dirty::DirtyBenchReport,
     watch: super::bench_watch::WatchBench,
+    watch_window: super::bench_watch_window::WatchWindowBench,
 }
 
 /// Only the continuous-verification section, with the read + hash floor it
@@ -148,6 +149,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     match only {
         Some("watch") => return run_watch_only(context, quick, region_mib),
         Some("prediction") => return run_prediction_only(context, quick),
+        Some("watch-window") => return super::bench_watch_window::run(context, quick),
         Some("dirty") => {
             let report = super::bench_dirty::run(context, quick)?;
             if context.json {
@@ -158,9 +160,10 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
             return Ok(0);
         }
         Some(other) => {
-            return Err(
-                crate::failure::BadInput(format!("--only {other}: unknown section (watch, dirty, prediction)")).into(),
-            )
+            return Err(crate::failure::BadInput(format!(
+                "--only {other}: unknown section (watch, dirty, prediction, watch-window)"
+            ))
+            .into())
         }
         None => {}
     }
@@ -267,6 +270,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     let median = |v: &Vec<u64>| Percentiles::of(v.clone()).median;
     let floor = median(&samples[1]);
     let watch = super::bench_watch::run(context.json, quick, mib, len as f64 / floor.max(1) as f64)?;
+    let watch_window = super::bench_watch_window::measure(context, quick)?;
     let row = |what, index: usize| {
         let us = median(&samples[index]);
         ThroughputRow {
@@ -292,6 +296,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         ],
         dirty_tracking,
         watch,
+        watch_window,
     };
     if context.json {
         print_json(&report);
@@ -364,6 +369,8 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     println!();
     super::bench_dirty::print(&report.dirty_tracking);
     super::bench_watch::print(&report.watch);
+    println!();
+    super::bench_watch_window::print(&report.watch_window);
     Ok(0)
 }
 
@@ -454,6 +461,22 @@ fn static_analysis_times(context: &Context, quick: bool) -> anyhow::Result<Vec<A
     Ok(rows)
 }
 
+/// Nanoseconds per call of the many-functions program's `f0`, called
+/// `calls` times on its main thread (`time N`), best of five runs.
+pub(super) fn time_calls(target: &mut Running, calls: u64) -> anyhow::Result<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let answer = target.command(&format!("time {calls}"))?;
+        let ns: f64 = answer
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("ns="))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("unexpected answer {answer:?}"))?;
+        best = best.min(ns);
+    }
+    Ok(best)
+}
+
 /// Activation and rollback pauses for 1/8/64 threads × 1/10/100 functions,
 /// each round beside the floor (stop + one write + resume) on the same
 /// target; and the per-call cost of a patched function.
@@ -526,19 +549,7 @@ fn patch_pauses(context: &Context, quick: bool) -> anyhow::Result<(Vec<PatchRow>
     let mut target = Running::start_binary(&binary, &["1"])?;
     let state = tempfile::tempdir()?;
     let calls: u64 = if quick { 20_000_000 } else { 200_000_000 };
-    let time = |target: &mut Running| -> anyhow::Result<f64> {
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            let answer = target.command(&format!("time {calls}"))?;
-            let ns: f64 = answer
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix("ns="))
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| anyhow::anyhow!("unexpected answer {answer:?}"))?;
-            best = best.min(ns);
-        }
-        Ok(best)
-    };
+    let time = |target: &mut Running| time_calls(target, calls);
     let unpatched_ns = time(&mut target)?;
     let options = shadowpatch_patch::ApplyOptions::default();
     shadowpatch_patch::apply(state.path(), target.pid(), &manifest_for(1)?, &options)?;

@@ -1,9 +1,11 @@
 //! The subcommands, one file each, and what they share.
 
 pub mod analyze;
+pub mod apply_watch;
 pub mod bench;
 pub mod bench_dirty;
 pub mod bench_watch;
+pub mod bench_watch_window;
 pub mod demo;
 pub mod history;
 pub mod lookup;

@@ -18,6 +18,7 @@ pub fn run_apply(
     attempts: u32,
     force: bool,
     analysis_args: &AnalysisArgs,
+    watch: Option<&super::apply_watch::WatchArgs>,
 ) -> anyhow::Result<i32> {
     let (analyzed, analysis_us) = run_analysis(context, pid, manifest, analysis_args, "apply")?;
     let analysis = &analyzed.analysis;
@@ -34,15 +35,24 @@ pub fn run_apply(
     if !context.json && (analysis.verdict != Verdict::Proceed || force) {
         print_report(&analyzed, analysis_us);
     }
+    let options = ApplyOptions {
+        max_attempts: attempts,
+        ..ApplyOptions::default()
+    };
     // The mirrored variables as they are just before activation, kept for
     // `rollback --restore-state` once the patch is active.
     let before = super::variables::before_apply(context, pid)?;
-    let outcome = apply(
-        &context.state_dir,
-        pid,
-        manifest,
-        &ApplyOptions { max_attempts: attempts },
-    )?;
+    if let Some(watch) = watch {
+        let watched = WatchedApply {
+            options: &options,
+            watch,
+            analysis,
+            analysis_us,
+            force,
+        };
+        return run_apply_watched(context, pid, manifest, watched, before);
+    }
+    let outcome = apply(&context.state_dir, pid, manifest, &options)?;
     let state_saved = match before {
         Some(taken) => super::variables::after_apply(context, pid, &outcome.patch_id, taken)?,
         None => Vec::new(),
@@ -85,6 +95,83 @@ pub fn run_apply(
         outcome.mapping_address, outcome.mapping_len, outcome.load_pause_us
     );
     Ok(0)
+}
+
+/// What `apply --watch` carries from the analysis into the watched apply.
+struct WatchedApply<'a> {
+    options: &'a ApplyOptions,
+    watch: &'a super::apply_watch::WatchArgs,
+    analysis: &'a shadowpatch_predict::Analysis,
+    analysis_us: u64,
+    force: bool,
+}
+
+fn run_apply_watched(
+    context: &Context,
+    pid: i32,
+    manifest: &Path,
+    watched: WatchedApply,
+    before: Option<Vec<(shadowpatch_mirror::CriticalVariable, shadowpatch_mirror::Snapshot)>>,
+) -> anyhow::Result<i32> {
+    let WatchedApply {
+        options,
+        watch,
+        analysis,
+        analysis_us,
+        force,
+    } = watched;
+    let (outcome, report) = super::apply_watch::apply_and_watch(&context.state_dir, pid, manifest, options, watch)?;
+    // Kept: the pre-activation variables become restorable like any apply's.
+    if let (Some(taken), shadowpatch_health::Decision::Keep) = (before, report.decision) {
+        super::variables::after_apply(context, pid, &outcome.patch_id, taken)?;
+    }
+    for warning in &report.warnings {
+        eprintln!("shadowpatch: warning: {warning}");
+    }
+    let code = match report.decision {
+        shadowpatch_health::Decision::Keep => 0,
+        shadowpatch_health::Decision::Rollback => super::apply_watch::ROLLED_BACK,
+    };
+    if context.json {
+        let mut value = serde_json::to_value(&outcome)?;
+        value["analysis"] = serde_json::to_value(analysis)?;
+        value["analysis_us"] = analysis_us.into();
+        value["forced"] = (force && analysis.verdict == Verdict::Refuse).into();
+        value["watch"] = serde_json::to_value(&report)?;
+        print_json(&value);
+        return Ok(code);
+    }
+    println!(
+        "applied {} to pid {} (through watch stubs), pause {} µs; watched {:.1} s",
+        outcome.patch_id,
+        pid,
+        outcome.pause_us,
+        report.watched_ms as f64 / 1000.0
+    );
+    match report.decision {
+        shadowpatch_health::Decision::Keep => println!(
+            "  kept: {}; trampolines re-pointed straight at the new code ({} µs stop)",
+            if report.reason.is_empty() {
+                "no regression"
+            } else {
+                &report.reason
+            },
+            report.keep_pause_us.unwrap_or(0)
+        ),
+        shadowpatch_health::Decision::Rollback => {
+            println!("  rolled back ({}): {}", report.cause, report.reason);
+            if let Some(recovery) = &report.recovery {
+                println!(
+                    "  fault at {:#x} survived: thread {} resumed in the original {} {} µs after the fault was seen",
+                    recovery.fault_address, recovery.tid, recovery.function, recovery.resumed_us
+                );
+            }
+            if let Some(us) = report.decision_to_rollback_us {
+                println!("  decision to rollback complete: {us} µs");
+            }
+        }
+    }
+    Ok(code)
 }
 
 pub fn run_rollback(context: &Context, pid: i32, patch_id: Option<&str>, restore_state: bool) -> anyhow::Result<i32> {

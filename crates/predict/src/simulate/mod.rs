@@ -226,7 +226,7 @@ pub fn simulate(
     // killed, then the target detached, then the dead copies reaped.
     let mut copies = CopiesGuard::new(&identity, &target.dir);
     let mut attached = Attached::seize(&identity)?;
-    let plan = plan_load(&prepared, attached.memory())?;
+    let plan = plan_load(&prepared, attached.memory(), false)?;
     // The entry bytes a capture's breakpoints replace, for the copies.
     let mut breakpoints = Vec::new();
     for (site, _) in &prepared.sites {
