@@ -46,11 +46,13 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
         &build_id,
         &[("add_values", "add_values_ok")],
     );
+    // Static analysis alone cannot tell a correct rewrite from a wrong one
+    // (PREDICTION.md): the model's risk stays near the corpus base rate, so
+    // not a refusal, but not a clean bill either.
     let run = shadowpatch(&state, &["analyze", &pid, benign.to_str().unwrap(), "--json"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_ne!(run.json()["verdict"], "refuse");
     let report = run.json();
-    assert_eq!(report["verdict"], "proceed", "{report}");
-    assert!(report["risk"].as_f64().unwrap() < 0.3);
     assert!(report["features"]["static.abi-parameter-count"] == 0.0);
     assert!(report["features"]["context.rss_bytes"].as_f64().unwrap() > 0.0);
 
@@ -62,9 +64,14 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
         &[("plain_compute", "plain_compute_alloc")],
     );
     let run = shadowpatch(&state, &["analyze", &pid, leaky.to_str().unwrap(), "--json"]);
-    assert_eq!(run.code, 0, "warn still exits 0: {}", run.stderr);
+    // Warnings only (no blocking finding): the model decides. In the corpus
+    // every unbalanced allocation leaked, so it refuses on risk alone, and
+    // the exit code follows the verdict.
     let report = run.json();
-    assert_eq!(report["verdict"], "warn");
+    assert_ne!(report["verdict"], "proceed", "{report}");
+    let expected_code = if report["verdict"] == "refuse" { 1 } else { 0 };
+    assert_eq!(run.code, expected_code, "{}", run.stderr);
+    assert_eq!(report["features"]["analysis.blocking"], 0.0, "{report}");
     let codes: Vec<&str> = report["findings"]
         .as_array()
         .unwrap()
@@ -102,6 +109,27 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
     assert_untouched(target.pid());
     assert_eq!(target.check().unwrap()["errors"], 0);
 
+    // With the functions simulated on explicit inputs, the evidence clears it
+    // (simulation logs its copies in the state directory, hence after the
+    // byte-for-byte check above).
+    let run = shadowpatch(
+        &state,
+        &[
+            "analyze",
+            &pid,
+            benign.to_str().unwrap(),
+            "--call",
+            "add_values(1, 2)",
+            "--call",
+            "add_values(-5, 7)",
+            "--json",
+        ],
+    );
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let report = run.json();
+    assert_eq!(report["verdict"], "proceed", "{report}");
+    assert!(report["risk"].as_f64().unwrap() < 0.3, "{report}");
+
     // Each analysis is in the event history, with its verdict.
     let store = shadowpatch_store::Store::open_read_only(&state)
         .unwrap()
@@ -113,7 +141,8 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
         })
         .unwrap();
     let outcomes: Vec<&str> = events.iter().map(|e| e.outcome.as_deref().unwrap()).collect();
-    assert_eq!(outcomes, ["proceed", "warn", "refuse"]);
+    assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+    assert_eq!(outcomes[3], "proceed", "the simulated benign patch: {outcomes:?}");
     assert_eq!(events[2].patch_id.as_deref(), Some("recursive"));
     assert_eq!(events[2].details["analysis"]["verdict"], "refuse");
 }
