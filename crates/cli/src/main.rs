@@ -33,6 +33,18 @@ struct Cli {
     /// Machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// The agent's control socket: commands go through a running agent
+    /// serving the same state directory, else act directly.
+    #[arg(
+        long,
+        global = true,
+        env = "SHADOWPATCH_AGENT_SOCKET",
+        default_value = shadowpatch_agent::DEFAULT_CONTROL_SOCKET
+    )]
+    agent_socket: PathBuf,
+    /// Act directly even if an agent runs.
+    #[arg(long, global = true)]
+    no_agent: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -139,6 +151,16 @@ enum Command {
         /// A critical variable that changes and is mirrored with history (not yet supported).
         #[arg(long = "mirror-var")]
         mirror_vars: Vec<String>,
+        /// Hand the watch to the running agent (returns at once; `unwatch` ends it).
+        #[arg(long)]
+        agent: bool,
+    },
+    /// Stop the agent's watcher of a process.
+    Unwatch { pid: i32 },
+    /// Run the agent: a daemon that recovers, watches and patches many targets, serves the CLI, applications and metrics.
+    Agent {
+        #[command(flatten)]
+        args: commands::agent::AgentArgs,
     },
     /// Show the event history: attaches, mirrors, alerts, heals, analyses, applies, rollbacks.
     History {
@@ -188,6 +210,7 @@ fn main() {
     let context = commands::Context {
         state_dir: cli.state_dir.clone(),
         json: cli.json,
+        agent_socket: (!cli.no_agent).then(|| cli.agent_socket.clone()),
     };
     let result = match cli.command {
         Command::Mirror { pid, module } => commands::mirror::run(&context, pid, module.as_deref()),
@@ -229,6 +252,26 @@ fn main() {
             config,
             guards,
             mirror_vars,
+            agent: true,
+        } if guards.is_empty() && mirror_vars.is_empty() && config.is_none() && on_alert.is_none() => {
+            let _ = (interval, cpu_budget, pin_cpu, hook_timeout);
+            commands::agent::run_watch(&context, pid, heal)
+        }
+        Command::Watch { agent: true, .. } => Err(anyhow::Error::new(failure::BadInput(
+            "watch --agent takes only --heal (the agent uses its own options; critical variables: watch --guard first, or the runtime library)".into(),
+        ))),
+        Command::Watch {
+            pid,
+            interval,
+            cpu_budget,
+            pin_cpu,
+            heal,
+            on_alert,
+            hook_timeout,
+            config,
+            guards,
+            mirror_vars,
+            agent: false,
         } => commands::watch::run(
             &context,
             pid,
@@ -259,6 +302,8 @@ fn main() {
             },
         ),
         Command::Demo => commands::demo::run(&context),
+        Command::Unwatch { pid } => commands::agent::run_unwatch(&context, pid),
+        Command::Agent { args } => commands::agent::run(&context, &args),
     };
     match result {
         Ok(code) => std::process::exit(code),
