@@ -33,12 +33,14 @@ pub fn request(socket: &Path, request: &ControlRequest) -> Result<Option<serde_j
             })
         }
     };
-    let broken = |e: std::io::Error| RemoteError {
+    let broken = |e: std::io::Error| {
+        RemoteError {
         kind: FailureKind::Failed,
         message: format!(
             "the agent at {} did not answer ({e}); it may have died mid-operation: it recovers the target when restarted, or run `shadowpatch recover PID --no-agent`",
             socket.display()
         ),
+    }
     };
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
@@ -59,7 +61,9 @@ pub fn request(socket: &Path, request: &ControlRequest) -> Result<Option<serde_j
         }
         (false, kind) => Err(RemoteError {
             kind: kind.unwrap_or(FailureKind::Failed),
-            message: reply.error.unwrap_or_else(|| "the agent refused without saying why".into()),
+            message: reply
+                .error
+                .unwrap_or_else(|| "the agent refused without saying why".into()),
         }),
     }
 }

@@ -34,7 +34,9 @@ pub enum AgentError {
     PeerCredentials { source: std::io::Error },
     #[error("no process with pid {pid}")]
     NoSuchProcess { pid: i32 },
-    #[error("uid {peer_uid} (pid {peer_pid}) may not act on pid {pid}, owned by uid {owner}: only root or the owner may")]
+    #[error(
+        "uid {peer_uid} (pid {peer_pid}) may not act on pid {pid}, owned by uid {owner}: only root or the owner may"
+    )]
     Unauthorised {
         peer_uid: u32,
         peer_pid: i32,

@@ -135,7 +135,12 @@ impl Metrics {
             "Alerts raised (tampered memory, map changes).",
             load(&self.alerts),
         );
-        gauge("shadowpatch_heals_total", "counter", "Heals written.", load(&self.heals));
+        gauge(
+            "shadowpatch_heals_total",
+            "counter",
+            "Heals written.",
+            load(&self.heals),
+        );
         gauge(
             "shadowpatch_applies_total",
             "counter",
@@ -175,7 +180,9 @@ impl Metrics {
             "Pause of the target while a patch was rolled back.",
             &mut out,
         );
-        out.push_str("# HELP shadowpatch_rollbacks_total Rollbacks by cause.\n# TYPE shadowpatch_rollbacks_total counter\n");
+        out.push_str(
+            "# HELP shadowpatch_rollbacks_total Rollbacks by cause.\n# TYPE shadowpatch_rollbacks_total counter\n",
+        );
         for (cause, count) in self.rollbacks_by_cause.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             out.push_str(&format!("shadowpatch_rollbacks_total{{cause=\"{cause}\"}} {count}\n"));
         }
@@ -236,11 +243,26 @@ mod tests {
         metrics.rolled_back("request", 400);
         metrics.rolled_back("command", 4000);
         let text = metrics.render(3);
-        assert!(text.contains("shadowpatch_rollbacks_total{cause=\"request\"} 2\n"), "{text}");
-        assert!(text.contains("shadowpatch_rollbacks_total{cause=\"command\"} 1\n"), "{text}");
-        assert!(text.contains("shadowpatch_rollback_pause_seconds_bucket{le=\"0.00005\"} 1\n"), "{text}");
-        assert!(text.contains("shadowpatch_rollback_pause_seconds_bucket{le=\"0.0005\"} 2\n"), "{text}");
-        assert!(text.contains("shadowpatch_rollback_pause_seconds_bucket{le=\"+Inf\"} 3\n"), "{text}");
+        assert!(
+            text.contains("shadowpatch_rollbacks_total{cause=\"request\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shadowpatch_rollbacks_total{cause=\"command\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shadowpatch_rollback_pause_seconds_bucket{le=\"0.00005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shadowpatch_rollback_pause_seconds_bucket{le=\"0.0005\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shadowpatch_rollback_pause_seconds_bucket{le=\"+Inf\"} 3\n"),
+            "{text}"
+        );
         assert!(text.contains("shadowpatch_patches_active 3\n"), "{text}");
     }
 }

@@ -15,7 +15,10 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlRequest {
     /// What the agent knows of a target: watched or not, its counters.
-    Status { state_dir: PathBuf, pid: i32 },
+    Status {
+        state_dir: PathBuf,
+        pid: i32,
+    },
     /// Apply a patch (the CLI ran the analysis already).
     Apply {
         state_dir: PathBuf,
@@ -28,10 +31,20 @@ pub enum ControlRequest {
         pid: i32,
         patch_id: Option<String>,
     },
-    Recover { state_dir: PathBuf, pid: i32 },
+    Recover {
+        state_dir: PathBuf,
+        pid: i32,
+    },
     /// Keep verifying a target continuously from the agent.
-    Watch { state_dir: PathBuf, pid: i32, heal: bool },
-    Unwatch { state_dir: PathBuf, pid: i32 },
+    Watch {
+        state_dir: PathBuf,
+        pid: i32,
+        heal: bool,
+    },
+    Unwatch {
+        state_dir: PathBuf,
+        pid: i32,
+    },
 }
 
 impl ControlRequest {

@@ -78,13 +78,10 @@ impl Agent {
     /// sockets and the metrics port, and start serving on threads.
     pub fn start(config: AgentConfig) -> Result<(Arc<Agent>, StartReport), AgentError> {
         StateDir::create(&config.state_dir)?;
-        let state_dir_canonical = config
-            .state_dir
-            .canonicalize()
-            .map_err(|source| AgentError::File {
-                path: config.state_dir.clone(),
-                source,
-            })?;
+        let state_dir_canonical = config.state_dir.canonicalize().map_err(|source| AgentError::File {
+            path: config.state_dir.clone(),
+            source,
+        })?;
         let metrics = Arc::new(Metrics::default());
         let targets = Targets::new(&config.state_dir, Arc::clone(&metrics));
         let agent = Arc::new(Agent {
@@ -175,10 +172,7 @@ impl Agent {
                     }
                 },
             }
-            if let Some(watched) = persisted
-                .iter()
-                .find(|w| w.pid == pid && w.start_time == start_time)
-            {
+            if let Some(watched) = persisted.iter().find(|w| w.pid == pid && w.start_time == start_time) {
                 match self.targets.watch(pid, watched.heal, &[]) {
                     Ok(_) => entry.watching = true,
                     Err(error) => {
@@ -240,7 +234,10 @@ impl Agent {
     }
 
     fn handle(&self, request: &ControlRequest, peer: &Peer) -> ControlReply {
-        let asked = request.state_dir().canonicalize().unwrap_or_else(|_| request.state_dir().into());
+        let asked = request
+            .state_dir()
+            .canonicalize()
+            .unwrap_or_else(|_| request.state_dir().into());
         if asked != self.state_dir_canonical {
             return ControlReply::failure(
                 FailureKind::WrongStateDir,
@@ -289,9 +286,7 @@ impl Agent {
                     },
                 )?;
                 self.metrics.applies.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .apply_pause_seconds
-                    .observe(outcome.pause_us as f64 / 1e6);
+                self.metrics.apply_pause_seconds.observe(outcome.pause_us as f64 / 1e6);
                 Ok(to_json(&outcome))
             }
             ControlRequest::Rollback { pid, patch_id, .. } => {
@@ -344,10 +339,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
 
 fn bad(metrics: &Metrics, reason: String) -> ControlReply {
     metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-    ControlReply::failure(
-        FailureKind::BadInput,
-        AgentError::Malformed { reason }.to_string(),
-    )
+    ControlReply::failure(FailureKind::BadInput, AgentError::Malformed { reason }.to_string())
 }
 
 fn write_reply(writer: &mut UnixStream, reply: &ControlReply) -> std::io::Result<()> {

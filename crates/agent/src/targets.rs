@@ -140,7 +140,9 @@ impl Targets {
             Box::new(move |event: &WatchEvent| {
                 let mut stats = sink_stats.lock().unwrap_or_else(|p| p.into_inner());
                 match event {
-                    WatchEvent::Pass { pass_us, generation, .. } => {
+                    WatchEvent::Pass {
+                        pass_us, generation, ..
+                    } => {
                         metrics.sweeps.fetch_add(1, Ordering::Relaxed);
                         metrics.sweep_seconds.observe(*pass_us as f64 / 1e6);
                         stats.passes += 1;
@@ -204,7 +206,9 @@ impl Targets {
                 thread: Some(thread),
             },
         );
-        self.metrics.targets_watched.store(running.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .targets_watched
+            .store(running.len() as u64, Ordering::Relaxed);
         self.persist(&running);
         drop(running);
         Ok(self.status(pid).expect("inserted above"))
@@ -215,7 +219,9 @@ impl Targets {
         let mut running = self.lock();
         if running.get(&pid).is_some_and(|r| Arc::ptr_eq(&r.stop, stop)) {
             running.remove(&pid);
-            self.metrics.targets_watched.store(running.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .targets_watched
+                .store(running.len() as u64, Ordering::Relaxed);
             self.persist(&running);
         }
     }
@@ -233,7 +239,9 @@ impl Targets {
         let removed = {
             let mut running = self.lock();
             let removed = running.remove(&pid);
-            self.metrics.targets_watched.store(running.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .targets_watched
+                .store(running.len() as u64, Ordering::Relaxed);
             if removed.is_some() {
                 self.persist(&running);
             }

@@ -39,7 +39,12 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
     let control_socket_mode = u32::from_str_radix(&args.socket_mode, 8)
         .ok()
         .filter(|mode| *mode <= 0o777)
-        .ok_or_else(|| BadInput(format!("--socket-mode {}: want octal permissions such as 600", args.socket_mode)))?;
+        .ok_or_else(|| {
+            BadInput(format!(
+                "--socket-mode {}: want octal permissions such as 600",
+                args.socket_mode
+            ))
+        })?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
@@ -55,9 +60,9 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
         shadowpatch_agent::FailureKind::BadInput => anyhow::Error::new(BadInput(e.to_string())),
         _ => anyhow::Error::new(e),
     })?;
-    // The ready line: JSON always (tests and supervisors read it), one
-    // line per target that needed attention on a terminal too.
-    print_json(&report);
+    // The ready line: one line of JSON always (tests and supervisors read
+    // it), one line per target that needed attention on a terminal too.
+    println!("{}", serde_json::to_string(&report)?);
     if !context.json {
         for target in report.targets.iter().filter(|t| t.message.is_some()) {
             eprintln!(
@@ -86,9 +91,12 @@ pub fn run_watch(context: &Context, pid: i32, heal: bool) -> anyhow::Result<i32>
         pid,
         heal,
     };
-    let watched = context
-        .through_agent(&request)?
-        .ok_or_else(|| BadInput(format!("watch --agent: no agent serves {}", context.state_dir.display())))?;
+    let watched = context.through_agent(&request)?.ok_or_else(|| {
+        BadInput(format!(
+            "watch --agent: no agent serves {}",
+            context.state_dir.display()
+        ))
+    })?;
     if context.json {
         print_json(&watched);
     } else {

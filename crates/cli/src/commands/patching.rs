@@ -127,7 +127,10 @@ pub fn run_rollback(context: &Context, pid: i32, patch_id: Option<&str>) -> anyh
     };
     let (outcome, by_agent) = match context.through_agent(&request)? {
         Some(outcome) => (outcome, true),
-        None => (serde_json::to_value(rollback(&context.state_dir, pid, patch_id)?)?, false),
+        None => (
+            serde_json::to_value(rollback(&context.state_dir, pid, patch_id)?)?,
+            false,
+        ),
     };
     if context.json {
         print_json(&outcome);

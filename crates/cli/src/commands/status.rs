@@ -250,7 +250,11 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
             );
         }
     }
-    match status.agent.as_ref().map(|agent| (agent["agent_pid"].clone(), &agent["watched"])) {
+    match status
+        .agent
+        .as_ref()
+        .map(|agent| (agent["agent_pid"].clone(), &agent["watched"]))
+    {
         None => {}
         Some((agent_pid, serde_json::Value::Null)) => println!("agent (pid {agent_pid}): not watching"),
         Some((agent_pid, watched)) => println!(
