@@ -4,7 +4,7 @@
 //! global state for the dozen series here.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -229,8 +229,6 @@ fn answer(stream: TcpStream, render: &impl Fn() -> String) -> std::io::Result<()
         body.len()
     )
 }
-
-use std::io::Read as _;
 
 #[cfg(test)]
 mod tests {

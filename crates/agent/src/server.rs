@@ -39,6 +39,8 @@ pub struct AgentConfig {
     /// targets). The application socket is always 0666: any process may
     /// act on itself.
     pub control_socket_mode: u32,
+    /// How the agent's watchers run (`heal` is set per target).
+    pub watch: shadowpatch_watch::WatchOptions,
 }
 
 /// What happened to one target at start-up.
@@ -83,7 +85,7 @@ impl Agent {
             source,
         })?;
         let metrics = Arc::new(Metrics::default());
-        let targets = Targets::new(&config.state_dir, Arc::clone(&metrics));
+        let targets = Targets::new(&config.state_dir, Arc::clone(&metrics), config.watch.clone());
         let agent = Arc::new(Agent {
             state_dir_canonical,
             metrics,

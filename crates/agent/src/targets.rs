@@ -5,7 +5,7 @@
 use crate::metrics::Metrics;
 use crate::AgentError;
 use shadowpatch_mirror::variables::VariableRequest;
-use shadowpatch_watch::{WatchEvent, WatchOptions, WatchStats, Watcher};
+use shadowpatch_watch::{EventSink, WatchError, WatchEvent, WatchOptions, WatchStats, Watcher};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,16 +45,19 @@ pub struct WatchedStatus {
 pub struct Targets {
     state_dir: PathBuf,
     metrics: Arc<Metrics>,
+    /// How every watcher runs (interval, CPU budget; heal is per target).
+    options: WatchOptions,
     running: Mutex<BTreeMap<i32, Running>>,
     /// Watchers remove themselves when their target exits.
     myself: Mutex<Option<std::sync::Weak<Targets>>>,
 }
 
 impl Targets {
-    pub fn new(state_dir: &Path, metrics: Arc<Metrics>) -> Arc<Targets> {
+    pub fn new(state_dir: &Path, metrics: Arc<Metrics>, options: WatchOptions) -> Arc<Targets> {
         let targets = Arc::new(Targets {
             state_dir: state_dir.to_path_buf(),
             metrics,
+            options,
             running: Mutex::new(BTreeMap::new()),
             myself: Mutex::new(None),
         });
@@ -126,46 +129,25 @@ impl Targets {
     pub fn watch(&self, pid: i32, heal: bool, requests: &[VariableRequest]) -> Result<WatchedStatus, AgentError> {
         self.unwatch_quietly(pid);
         let stats = Arc::new(Mutex::new(WatchStats::default()));
-        let metrics = Arc::clone(&self.metrics);
-        let sink_stats = Arc::clone(&stats);
         let options = WatchOptions {
             heal,
-            ..WatchOptions::default()
+            ..self.options.clone()
         };
-        let mut watcher = Watcher::start(
-            pid,
-            &self.state_dir,
-            requests,
-            options,
-            Box::new(move |event: &WatchEvent| {
-                let mut stats = sink_stats.lock().unwrap_or_else(|p| p.into_inner());
-                match event {
-                    WatchEvent::Pass {
-                        pass_us, generation, ..
-                    } => {
-                        metrics.sweeps.fetch_add(1, Ordering::Relaxed);
-                        metrics.sweep_seconds.observe(*pass_us as f64 / 1e6);
-                        stats.passes += 1;
-                        stats.generation = *generation;
-                    }
-                    WatchEvent::Alert(_)
-                    | WatchEvent::PermissionsChanged { .. }
-                    | WatchEvent::NewExecutableMapping { .. }
-                    | WatchEvent::RegionUnmapped { .. } => {
-                        metrics.alerts.fetch_add(1, Ordering::Relaxed);
-                        stats.alerts += 1;
-                    }
-                    WatchEvent::Heal(_) => {
-                        metrics.heals.fetch_add(1, Ordering::Relaxed);
-                        stats.heals += 1;
-                    }
-                    WatchEvent::Started { generation, .. } | WatchEvent::GenerationSwitched { to: generation, .. } => {
-                        stats.generation = *generation
-                    }
-                    _ => {}
-                }
-            }),
-        )?;
+        let sink = || counting_sink(Arc::clone(&self.metrics), Arc::clone(&stats));
+        let mut watcher = match Watcher::start(pid, &self.state_dir, requests, options.clone(), sink()) {
+            // An unusable event history (corrupt, or written by a newer
+            // shadowpatch) must not leave the target unwatched: watch on
+            // without recording, and say so.
+            Err(WatchError::Store(error)) => {
+                tracing::warn!(pid, %error, "event history unusable: watching without recording events");
+                let options = WatchOptions {
+                    record_history: false,
+                    ..options
+                };
+                Watcher::start(pid, &self.state_dir, requests, options, sink())?
+            }
+            other => other?,
+        };
         let entry = WatchedEntry {
             pid,
             start_time: watcher.identity().start_time,
@@ -270,4 +252,37 @@ impl Targets {
             }
         }
     }
+}
+
+/// The watcher's event sink: counts passes, alerts and heals into the
+/// agent's metrics and the target's own counters.
+fn counting_sink(metrics: Arc<Metrics>, stats: Arc<Mutex<WatchStats>>) -> EventSink {
+    Box::new(move |event: &WatchEvent| {
+        let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            WatchEvent::Pass {
+                pass_us, generation, ..
+            } => {
+                metrics.sweeps.fetch_add(1, Ordering::Relaxed);
+                metrics.sweep_seconds.observe(*pass_us as f64 / 1e6);
+                stats.passes += 1;
+                stats.generation = *generation;
+            }
+            WatchEvent::Alert(_)
+            | WatchEvent::PermissionsChanged { .. }
+            | WatchEvent::NewExecutableMapping { .. }
+            | WatchEvent::RegionUnmapped { .. } => {
+                metrics.alerts.fetch_add(1, Ordering::Relaxed);
+                stats.alerts += 1;
+            }
+            WatchEvent::Heal(_) => {
+                metrics.heals.fetch_add(1, Ordering::Relaxed);
+                stats.heals += 1;
+            }
+            WatchEvent::Started { generation, .. } | WatchEvent::GenerationSwitched { to: generation, .. } => {
+                stats.generation = *generation
+            }
+            _ => {}
+        }
+    })
 }

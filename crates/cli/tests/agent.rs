@@ -296,6 +296,12 @@ fn malformed_oversized_and_damaged_input_is_refused_and_the_agent_keeps_serving(
         })
         .unwrap();
     std::fs::write(target_dir.join("journal"), "{not a record}\n{\"op\":\"commit\"}\n").unwrap();
+    // And a corrupt event history: the agent must serve on without it.
+    std::fs::write(
+        state.join("history.db"),
+        b"this is not an SQLite database, it is damage",
+    )
+    .unwrap();
 
     let agent = AgentProcess::start(dir.path(), &[], &[]);
     let report = agent.target(damaged.pid());
@@ -351,7 +357,11 @@ fn malformed_oversized_and_damaged_input_is_refused_and_the_agent_keeps_serving(
     assert_eq!(status.code, 0, "{}", status.stderr);
     assert_eq!(status.json()["agent"]["agent_pid"], agent.ready["pid"]);
     let watched = cli(dir.path(), &["watch", &pid_text, "--agent"]);
-    assert_eq!(watched.code, 0, "{}", watched.stderr);
+    assert_eq!(
+        watched.code, 0,
+        "watching despite the corrupt history: {}",
+        watched.stderr
+    );
     let damaged_status = cli(dir.path(), &["rollback", &damaged.pid().to_string()]);
     assert_ne!(damaged_status.code, 0);
     assert!(damaged_status.stderr.contains("journal"), "{}", damaged_status.stderr);

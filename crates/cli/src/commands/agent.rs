@@ -22,6 +22,12 @@ pub struct AgentArgs {
     /// Permissions of the control socket, octal: 600 lets only root in; 666 lets users act on their own processes.
     #[arg(long, default_value = "600")]
     pub socket_mode: String,
+    /// Time between two verification passes of each watched target.
+    #[arg(long, default_value = "1s")]
+    pub watch_interval: String,
+    /// CPU each watcher may use, in percent of one core.
+    #[arg(long, default_value_t = 20.0)]
+    pub watch_cpu_budget: f64,
 }
 
 pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
@@ -45,6 +51,13 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
                 args.socket_mode
             ))
         })?;
+    let watch = shadowpatch_watch::WatchOptions {
+        interval: shadowpatch_watch::parse_duration(&args.watch_interval, "--watch-interval")
+            .map_err(|e| BadInput(e.to_string()))?,
+        cpu_budget_percent: args.watch_cpu_budget,
+        ..shadowpatch_watch::WatchOptions::default()
+    };
+    watch.validate().map_err(|e| BadInput(e.to_string()))?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
@@ -55,6 +68,7 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
         app_socket: args.app_socket.clone(),
         metrics_listen,
         control_socket_mode,
+        watch,
     })
     .map_err(|e| match e.failure_kind() {
         shadowpatch_agent::FailureKind::BadInput => anyhow::Error::new(BadInput(e.to_string())),
