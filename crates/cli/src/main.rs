@@ -117,8 +117,8 @@ enum Command {
         /// Size of the executable-like region for throughput, in MiB.
         #[arg(long)]
         region_mib: Option<u64>,
-        /// Run one section only (`watch`: continuous verification).
-        #[arg(long, value_parser = ["watch"])]
+        /// Run one section only (`watch`: continuous verification; `agent`: the agent's overhead with many idle targets).
+        #[arg(long, value_parser = ["watch", "agent"])]
         only: Option<String>,
     },
     /// Verify a process continuously until SIGINT/SIGTERM: alert (and heal) on any change of its immutable memory.

@@ -109,6 +109,15 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     if only == Some("watch") {
         return run_watch_only(context, quick, region_mib);
     }
+    if only == Some("agent") {
+        let bench = super::bench_agent::run(context.json, quick)?;
+        if context.json {
+            print_json(&bench);
+        } else {
+            super::bench_agent::print(&bench);
+        }
+        return Ok(0);
+    }
     let rounds_stop = if quick { 50 } else { 300 };
     let mut stop_rows = Vec::new();
     for threads in [1usize, 8, 64] {

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod analyze;
 pub mod bench;
+pub mod bench_agent;
 pub mod bench_dirty;
 pub mod bench_watch;
 pub mod demo;
