@@ -5,52 +5,19 @@
 //! the message, so an application can only act on itself.
 
 use crate::peer::Peer;
-use crate::protocol::{read_line_capped, Line, MAX_LINE_BYTES};
+use crate::protocol::serve_lines;
 use crate::server::Agent;
 use shadowpatch_mirror::variables::{VariableRequest, VariableTarget};
 use shadowpatch_runtime::{AppReply, AppRequest, VariableMode, PROTOCOL_VERSION};
 use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
-use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Serve one application connection until it closes.
 pub fn serve_app(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
-    loop {
-        let reply = match read_line_capped(&mut reader, MAX_LINE_BYTES)? {
-            Line::End => return Ok(()),
-            Line::TooLong => {
-                agent.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-                return write(
-                    &mut writer,
-                    &AppReply::error(format!("malformed request: longer than {MAX_LINE_BYTES} bytes")),
-                );
-            }
-            Line::NotUtf8 => malformed(agent, "not UTF-8"),
-            Line::Text(text) => match serde_json::from_str::<AppRequest>(&text) {
-                Err(error) => malformed(agent, &error.to_string()),
-                Ok(request) => {
-                    agent.metrics.requests.fetch_add(1, Ordering::Relaxed);
-                    handle(agent, &peer, request)
-                }
-            },
-        };
-        write(&mut writer, &reply)?;
-    }
-}
-
-fn malformed(agent: &Agent, reason: &str) -> AppReply {
-    agent.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-    AppReply::error(format!("malformed request: {reason}"))
-}
-
-fn write(writer: &mut UnixStream, reply: &AppReply) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(reply).expect("replies serialize");
-    line.push(b'\n');
-    writer.write_all(&line)
+    serve_lines(stream, &agent.metrics, AppReply::error, |request: AppRequest| {
+        handle(agent, &peer, request)
+    })
 }
 
 fn handle(agent: &Agent, peer: &Peer, request: AppRequest) -> AppReply {

@@ -53,8 +53,6 @@ pub enum AgentError {
     AlreadyRunning { path: PathBuf },
     #[error("metrics address {address}: {source}")]
     Metrics { address: String, source: std::io::Error },
-    #[error("malformed request: {reason}")]
-    Malformed { reason: String },
     #[error("pid {pid} is not watched by the agent")]
     NotWatched { pid: i32 },
     #[error(transparent)]

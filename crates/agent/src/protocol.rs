@@ -118,6 +118,50 @@ impl ControlReply {
     }
 }
 
+/// Serve one connection: read request lines, answer each with one reply
+/// line, until the peer closes. A malformed line (not UTF-8, not a
+/// `Request`) is answered with `malformed(reason)` and the next is read;
+/// a line over the cap is answered and ends the connection (the rest of
+/// it is never read).
+pub fn serve_lines<Request, Reply>(
+    stream: std::os::unix::net::UnixStream,
+    metrics: &crate::metrics::Metrics,
+    malformed: impl Fn(String) -> Reply,
+    mut handle: impl FnMut(Request) -> Reply,
+) -> std::io::Result<()>
+where
+    Request: serde::de::DeserializeOwned,
+    Reply: serde::Serialize,
+{
+    use std::sync::atomic::Ordering;
+    let mut reader = std::io::BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let refuse = |reason: String| {
+        metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
+        malformed(format!("malformed request: {reason}"))
+    };
+    loop {
+        let (reply, last) = match read_line_capped(&mut reader, MAX_LINE_BYTES)? {
+            Line::End => return Ok(()),
+            Line::TooLong => (refuse(format!("longer than {MAX_LINE_BYTES} bytes")), true),
+            Line::NotUtf8 => (refuse("not UTF-8".into()), false),
+            Line::Text(text) => match serde_json::from_str::<Request>(&text) {
+                Err(error) => (refuse(error.to_string()), false),
+                Ok(request) => {
+                    metrics.requests.fetch_add(1, Ordering::Relaxed);
+                    (handle(request), false)
+                }
+            },
+        };
+        let mut line = serde_json::to_vec(&reply).expect("replies serialize");
+        line.push(b'\n');
+        std::io::Write::write_all(&mut writer, &line)?;
+        if last {
+            return Ok(());
+        }
+    }
+}
+
 /// One line read with a cap.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line {

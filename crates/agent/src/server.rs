@@ -4,7 +4,7 @@
 
 use crate::metrics::Metrics;
 use crate::peer::{authorize, may_read, peer_of, Peer};
-use crate::protocol::{read_line_capped, ControlReply, ControlRequest, FailureKind, Line, MAX_LINE_BYTES};
+use crate::protocol::{serve_lines, ControlReply, ControlRequest, FailureKind};
 use crate::targets::Targets;
 use crate::AgentError;
 use shadowpatch_mirror::StateDir;
@@ -12,7 +12,7 @@ use shadowpatch_patch::journal::Journal;
 use shadowpatch_patch::{ApplyOptions, Manifest};
 use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
 use shadowpatch_target::ProcessIdentity;
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -205,34 +205,15 @@ impl Agent {
             .sum()
     }
 
-    /// Serve one CLI connection: one request line, one reply line, until
-    /// the client closes. An oversized line ends the connection (after a
-    /// reply); a malformed one is answered and the next is read.
+    /// Serve one CLI connection: one reply line per request line, until
+    /// the client closes.
     fn serve_control(self: &Arc<Self>, stream: UnixStream, peer: Peer) -> std::io::Result<()> {
-        let mut reader = BufReader::new(stream.try_clone()?);
-        let mut writer = stream;
-        loop {
-            let reply = match read_line_capped(&mut reader, MAX_LINE_BYTES)? {
-                Line::End => return Ok(()),
-                Line::TooLong => {
-                    self.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-                    let reply = ControlReply::failure(
-                        FailureKind::BadInput,
-                        format!("malformed request: longer than {MAX_LINE_BYTES} bytes"),
-                    );
-                    return write_reply(&mut writer, &reply);
-                }
-                Line::NotUtf8 => bad(&self.metrics, "not UTF-8".into()),
-                Line::Text(text) => match serde_json::from_str::<ControlRequest>(&text) {
-                    Err(error) => bad(&self.metrics, error.to_string()),
-                    Ok(request) => {
-                        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
-                        self.handle(&request, &peer)
-                    }
-                },
-            };
-            write_reply(&mut writer, &reply)?;
-        }
+        serve_lines(
+            stream,
+            &self.metrics,
+            |reason| ControlReply::failure(FailureKind::BadInput, reason),
+            |request: ControlRequest| self.handle(&request, &peer),
+        )
     }
 
     fn handle(&self, request: &ControlRequest, peer: &Peer) -> ControlReply {
@@ -337,11 +318,6 @@ impl Agent {
 
 fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).expect("outcomes serialize")
-}
-
-fn bad(metrics: &Metrics, reason: String) -> ControlReply {
-    metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-    ControlReply::failure(FailureKind::BadInput, AgentError::Malformed { reason }.to_string())
 }
 
 fn write_reply(writer: &mut UnixStream, reply: &ControlReply) -> std::io::Result<()> {

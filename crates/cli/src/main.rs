@@ -151,8 +151,8 @@ enum Command {
         /// A critical variable that changes and is mirrored with history (not yet supported).
         #[arg(long = "mirror-var")]
         mirror_vars: Vec<String>,
-        /// Hand the watch to the running agent (returns at once; `unwatch` ends it).
-        #[arg(long)]
+        /// Hand the watch to the running agent (returns at once; `unwatch` ends it; the agent's own interval and budget apply).
+        #[arg(long, conflicts_with_all = ["interval", "cpu_budget", "pin_cpu", "on_alert", "config", "guards", "mirror_vars"])]
         agent: bool,
     },
     /// Stop the agent's watcher of a process.
@@ -242,24 +242,8 @@ fn main() {
             only,
         } => commands::bench::run(&context, quick, region_mib, only.as_deref()),
         Command::Watch {
-            pid,
-            interval,
-            cpu_budget,
-            pin_cpu,
-            heal,
-            on_alert,
-            hook_timeout,
-            config,
-            guards,
-            mirror_vars,
-            agent: true,
-        } if guards.is_empty() && mirror_vars.is_empty() && config.is_none() && on_alert.is_none() => {
-            let _ = (interval, cpu_budget, pin_cpu, hook_timeout);
-            commands::agent::run_watch(&context, pid, heal)
-        }
-        Command::Watch { agent: true, .. } => Err(anyhow::Error::new(failure::BadInput(
-            "watch --agent takes only --heal (the agent uses its own options; critical variables: watch --guard first, or the runtime library)".into(),
-        ))),
+            pid, heal, agent: true, ..
+        } => commands::agent::run_watch(&context, pid, heal),
         Command::Watch {
             pid,
             interval,

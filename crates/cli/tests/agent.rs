@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{assert_untouched, build_id_of, shadowpatch_env, write_manifest, Run};
+use common::{assert_untouched, build_id_of, shadowpatch_env, wait_for_patched, write_manifest, Run};
 use shadowpatch_fixtures::{build_c_patch, build_c_source, build_patch, Fixture, Patch, Running};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -16,7 +16,6 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// A running agent, killed (SIGKILL) on drop.
 struct AgentProcess {
@@ -111,21 +110,6 @@ fn busy_patch(dir: &Path, target: &Running, id: &str) -> String {
         &[("work_fn", "work_fn_v2")],
     );
     manifest.to_str().unwrap().to_string()
-}
-
-/// Wait until the workers produce patched results (or stop producing them).
-fn wait_for_patched(target: &mut Running, want_patched: bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let before = target.check().unwrap()["patched"];
-    loop {
-        let check = target.check().unwrap();
-        assert_eq!(check["errors"], 0, "no wrong result: {check:?}");
-        if (check["patched"] > before) == want_patched {
-            return;
-        }
-        assert!(Instant::now() < deadline, "patched results never changed as expected");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn send_raw(stream: &mut UnixStream, bytes: &[u8]) -> serde_json::Value {
