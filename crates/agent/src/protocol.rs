@@ -240,4 +240,33 @@ mod tests {
         assert!(serde_json::from_str::<ControlRequest>(r#"{"op":"status","state_dir":"/s","pid":1,"x":1}"#).is_err());
         assert!(serde_json::from_str::<ControlRequest>(r#"{"op":"format_disk"}"#).is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any bytes: lines come back whole up to the cap, never longer,
+        /// and parsing them as requests fails cleanly or succeeds.
+        #[test]
+        fn arbitrary_input_never_yields_a_line_over_the_cap(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            cap in 1usize..512,
+        ) {
+            let mut input = std::io::Cursor::new(bytes.clone());
+            let mut consumed_lines = 0;
+            loop {
+                match read_line_capped(&mut input, cap).unwrap() {
+                    Line::End | Line::TooLong => break,
+                    Line::NotUtf8 => consumed_lines += 1,
+                    Line::Text(text) => {
+                        proptest::prop_assert!(text.len() <= cap);
+                        proptest::prop_assert!(!text.contains('\n'));
+                        let _ = serde_json::from_str::<ControlRequest>(&text);
+                        let _ = serde_json::from_str::<shadowpatch_runtime::AppRequest>(&text);
+                        consumed_lines += 1;
+                    }
+                }
+                proptest::prop_assert!(consumed_lines <= bytes.len() + 1);
+            }
+        }
+    }
 }

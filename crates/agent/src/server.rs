@@ -21,9 +21,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Connections served at once per socket; more are answered "busy" and
-/// closed, so a flood cannot exhaust the agent's threads.
-const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once on the control socket (CLI commands are
+/// short); more are answered "busy" and closed, so a flood cannot exhaust
+/// the agent's threads.
+const MAX_CONTROL_CONNECTIONS: usize = 64;
+/// On the application socket, where each cooperating process keeps one
+/// connection open (closed after `IDLE_TIMEOUT`, reopened on next use).
+const MAX_APP_CONNECTIONS: usize = 1024;
 /// An idle connection is closed after this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -120,9 +124,13 @@ impl Agent {
             }
         };
         let served = Arc::clone(&agent);
-        spawn("control", move || accept_loop(control, &served, Agent::serve_control))?;
+        spawn("control", move || {
+            accept_loop(control, &served, MAX_CONTROL_CONNECTIONS, Agent::serve_control)
+        })?;
         let served = Arc::clone(&agent);
-        spawn("app", move || accept_loop(app, &served, crate::app::serve_app))?;
+        spawn("app", move || {
+            accept_loop(app, &served, MAX_APP_CONNECTIONS, crate::app::serve_app)
+        })?;
         let report = StartReport {
             event: "ready",
             pid: std::process::id(),
@@ -385,10 +393,11 @@ fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> Result<(), AgentEr
 }
 
 /// Accept connections, each served on its own thread with its peer's
-/// credentials, at most `MAX_CONNECTIONS` at once.
+/// credentials, at most `limit` at once.
 fn accept_loop(
     listener: UnixListener,
     agent: &Arc<Agent>,
+    limit: usize,
     serve: fn(&Arc<Agent>, UnixStream, Peer) -> std::io::Result<()>,
 ) {
     let open = Arc::new(AtomicUsize::new(0));
@@ -401,7 +410,7 @@ fn accept_loop(
                 continue;
             }
         };
-        if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        if open.fetch_add(1, Ordering::AcqRel) >= limit {
             open.fetch_sub(1, Ordering::AcqRel);
             let _ = write_reply(
                 &mut stream,
