@@ -317,7 +317,7 @@ fn malformed_oversized_and_damaged_input_is_refused_and_the_agent_keeps_serving(
     let reply = send_raw(&mut stream, gone.as_bytes());
     assert_eq!(reply["failure"], "bad_input", "{reply}");
 
-    let mut oversized = vec![b'x'; 200 * 1024];
+    let mut oversized = vec![b'x'; 100 * 1024];
     oversized.push(b'\n');
     let mut stream = UnixStream::connect(&agent.socket).unwrap();
     let reply = send_raw(&mut stream, &oversized);
