@@ -38,8 +38,8 @@ impl AgentProcess {
             .arg(dir.join("app.sock"))
             .args(["--metrics-listen", "127.0.0.1:0"])
             .args(extra)
-            .envs(env.iter().copied())
             .env_remove("NOTIFY_SOCKET")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .expect("the agent starts");
@@ -510,4 +510,51 @@ fn request_rollback_from_c_and_rust_applications_rolls_their_patch_back() {
         metrics.contains("shadowpatch_rollbacks_total{cause=\"request\"} 2\n"),
         "{metrics}"
     );
+}
+
+#[test]
+fn the_agent_notifies_systemd_and_refuses_a_second_agent_and_bad_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    // A failure to notify fails the test instead of hanging it.
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let notify_text = notify_path.to_str().unwrap().to_string();
+    let _agent = AgentProcess::start(dir.path(), &[], &[("NOTIFY_SOCKET", &notify_text)]);
+    let mut buffer = [0u8; 64];
+    let read = notify.recv(&mut buffer).unwrap();
+    assert_eq!(&buffer[..read], b"READY=1\n");
+
+    let socket = dir.path().join("agent.sock");
+    for (args, needle) in [
+        (
+            vec!["--agent-socket", socket.to_str().unwrap(), "--metrics-listen", "off"],
+            "another agent is already listening",
+        ),
+        (
+            vec![
+                "--agent-socket",
+                "/nonexistent-dir/x.sock",
+                "--metrics-listen",
+                "nowhere",
+            ],
+            "--metrics-listen nowhere",
+        ),
+        (
+            vec!["--agent-socket", "/nonexistent-dir/x.sock", "--socket-mode", "999"],
+            "--socket-mode 999",
+        ),
+    ] {
+        let state = dir.path().join("state");
+        let mut all = vec!["agent", "--app-socket"];
+        let app = dir.path().join("app2.sock");
+        all.push(app.to_str().unwrap());
+        all.extend(args);
+        let run = shadowpatch_env(&state, &all, &[]);
+        assert_eq!(run.code, 2, "{all:?}: {}", run.stderr);
+        assert!(run.stderr.contains(needle), "{all:?}: {}", run.stderr);
+        assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    }
 }
