@@ -96,6 +96,11 @@ impl Agent {
             targets,
             config: config.clone(),
         });
+        // Bind first: a second agent is refused before it touches any
+        // target. Connections wait in the backlog until recovery is done
+        // and the accept threads start.
+        let control = bind(&config.control_socket, config.control_socket_mode)?;
+        let app = bind(&config.app_socket, 0o666)?;
         let recoveries = agent.recover_all();
         record_best_effort(
             &config.state_dir,
@@ -103,8 +108,6 @@ impl Agent {
                 .outcome("started")
                 .details(serde_json::json!({ "pid": std::process::id(), "targets": recoveries })),
         );
-        let control = bind(&config.control_socket, config.control_socket_mode)?;
-        let app = bind(&config.app_socket, 0o666)?;
         let metrics_address = match config.metrics_listen {
             None => None,
             Some(address) => {
