@@ -21,6 +21,13 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
         if cause.downcast_ref::<BadInput>().is_some() {
             return BAD_INPUT;
         }
+        if let Some(e) = cause.downcast_ref::<shadowpatch_agent::RemoteError>() {
+            return match e.kind {
+                shadowpatch_agent::FailureKind::BadInput | shadowpatch_agent::FailureKind::WrongStateDir => BAD_INPUT,
+                shadowpatch_agent::FailureKind::Refused => REFUSED,
+                shadowpatch_agent::FailureKind::Failed => FAILED,
+            };
+        }
         if let Some(e) = cause.downcast_ref::<shadowpatch_watch::WatchError>() {
             return if e.is_bad_input() { BAD_INPUT } else { FAILED };
         }

@@ -33,6 +33,18 @@ struct Cli {
     /// Machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// The agent's control socket: commands go through a running agent
+    /// serving the same state directory, else act directly.
+    #[arg(
+        long,
+        global = true,
+        env = "SHADOWPATCH_AGENT_SOCKET",
+        default_value = shadowpatch_agent::DEFAULT_CONTROL_SOCKET
+    )]
+    agent_socket: PathBuf,
+    /// Act directly even if an agent runs.
+    #[arg(long, global = true)]
+    no_agent: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -120,8 +132,8 @@ enum Command {
         /// Size of the executable-like region for throughput, in MiB.
         #[arg(long)]
         region_mib: Option<u64>,
-        /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch).
-        #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window"])]
+        /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets).
+        #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent"])]
         only: Option<String>,
     },
     /// Verify a process continuously until SIGINT/SIGTERM: alert (and heal) on any change of its immutable memory.
@@ -163,6 +175,16 @@ enum Command {
         /// How written pages of mirrored variables are found: auto, uffd, soft-dirty or sweep.
         #[arg(long)]
         dirty_method: Option<String>,
+        /// Hand the watch to the running agent (returns at once; `unwatch` ends it; the agent's own interval and budget apply).
+        #[arg(long, conflicts_with_all = ["interval", "cpu_budget", "pin_cpu", "on_alert", "config", "guards", "mirror_vars", "vars", "history", "dirty_method"])]
+        agent: bool,
+    },
+    /// Stop the agent's watcher of a process.
+    Unwatch { pid: i32 },
+    /// Run the agent: a daemon that recovers, watches and patches many targets, serves the CLI, applications and metrics.
+    Agent {
+        #[command(flatten)]
+        args: commands::agent::AgentArgs,
     },
     /// Show the event history (attaches, mirrors, alerts, heals, analyses, applies, rollbacks), or with VAR the snapshots of one critical variable.
     History {
@@ -267,6 +289,7 @@ fn main() {
     let context = commands::Context {
         state_dir: cli.state_dir.clone(),
         json: cli.json,
+        agent_socket: (!cli.no_agent).then(|| cli.agent_socket.clone()),
     };
     let result = match cli.command {
         Command::Mirror { pid, module } => commands::mirror::run(&context, pid, module.as_deref()),
@@ -304,6 +327,9 @@ fn main() {
             only,
         } => commands::bench::run(&context, quick, region_mib, only.as_deref()),
         Command::Watch {
+            pid, heal, agent: true, ..
+        } => commands::agent::run_watch(&context, pid, heal),
+        Command::Watch {
             pid,
             interval,
             cpu_budget,
@@ -317,6 +343,7 @@ fn main() {
             vars,
             history,
             dirty_method,
+            agent: false,
         } => commands::watch::run(
             &context,
             pid,
@@ -369,6 +396,8 @@ fn main() {
         ),
         Command::Demo => commands::demo::run(&context),
         Command::Predictor { command } => commands::predictor::run(&context, &command),
+        Command::Unwatch { pid } => commands::agent::run_unwatch(&context, pid),
+        Command::Agent { args } => commands::agent::run(&context, &args),
     };
     match result {
         Ok(code) => std::process::exit(code),

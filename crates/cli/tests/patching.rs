@@ -4,29 +4,9 @@
 
 mod common;
 
-use common::{anonymous_code_mappings, assert_untouched, build_id_of, shadowpatch, write_manifest};
+use common::{anonymous_code_mappings, assert_untouched, build_id_of, shadowpatch, wait_for_patched, write_manifest};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use std::time::{Duration, Instant};
-
-/// Wait until the workers have produced patched (or only unpatched) results.
-fn wait_for_patched(target: &mut Running, want_patched: bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let before = target.check().unwrap()["patched"];
-    loop {
-        let check = target.check().unwrap();
-        assert_eq!(check["errors"], 0, "no wrong result: {check:?}");
-        let moving = check["patched"] > before;
-        if moving == want_patched {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "patched results never {}",
-            if want_patched { "appeared" } else { "stopped" }
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn c_patch_changes_answers_and_rollback_restores_them() {

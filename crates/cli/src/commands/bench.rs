@@ -159,9 +159,18 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
             }
             return Ok(0);
         }
+        Some("agent") => {
+            let bench = super::bench_agent::run(context.json, quick)?;
+            if context.json {
+                print_json(&bench);
+            } else {
+                super::bench_agent::print(&bench);
+            }
+            return Ok(0);
+        }
         Some(other) => {
             return Err(crate::failure::BadInput(format!(
-                "--only {other}: unknown section (watch, dirty, prediction, watch-window)"
+                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent)"
             ))
             .into())
         }

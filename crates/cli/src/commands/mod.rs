@@ -1,8 +1,10 @@
 //! The subcommands, one file each, and what they share.
 
+pub mod agent;
 pub mod analyze;
 pub mod apply_watch;
 pub mod bench;
+pub mod bench_agent;
 pub mod bench_dirty;
 pub mod bench_watch;
 pub mod bench_watch_window;
@@ -26,6 +28,22 @@ use std::path::PathBuf;
 pub struct Context {
     pub state_dir: PathBuf,
     pub json: bool,
+    /// The agent's control socket, or None (`--no-agent`): act directly.
+    pub agent_socket: Option<PathBuf>,
+}
+
+impl Context {
+    /// Send `request` to a running agent serving this state directory;
+    /// `Ok(None)` when there is none (the caller acts directly).
+    pub fn through_agent(
+        &self,
+        request: &shadowpatch_agent::ControlRequest,
+    ) -> Result<Option<serde_json::Value>, shadowpatch_agent::RemoteError> {
+        match &self.agent_socket {
+            None => Ok(None),
+            Some(socket) => shadowpatch_agent::request(socket, request),
+        }
+    }
 }
 
 /// Where an address lies: module, symbol and offset (`module!symbol+0x12`).

@@ -1,11 +1,13 @@
-//! `shadowpatch apply`, `rollback` and `recover`.
+//! `shadowpatch apply`, `rollback` and `recover`: through a running agent
+//! when one serves this state directory, else directly. Both paths print
+//! from the same JSON outcome.
 
 use super::analyze::{print_report, refusal, run_analysis, AnalysisArgs};
 use super::Context;
 use crate::output::print_json;
 use anyhow::Context as _;
-use shadowpatch_patch::journal::TxnKind;
-use shadowpatch_patch::{apply, recover, rollback, ApplyOptions, Recovered};
+use shadowpatch_agent::ControlRequest;
+use shadowpatch_patch::{apply, recover, rollback, ApplyOptions};
 use shadowpatch_predict::Verdict;
 use std::path::Path;
 
@@ -43,6 +45,8 @@ pub fn run_apply(
     // `rollback --restore-state` once the patch is active.
     let before = super::variables::before_apply(context, pid)?;
     if let Some(watch) = watch {
+        // The watch window needs the target seized from activation on: this
+        // process does it, never the agent.
         let watched = WatchedApply {
             options: &options,
             watch,
@@ -52,13 +56,26 @@ pub fn run_apply(
         };
         return run_apply_watched(context, pid, manifest, watched, before);
     }
-    let outcome = apply(&context.state_dir, pid, manifest, &options)?;
+    let request = ControlRequest::Apply {
+        state_dir: context.state_dir.clone(),
+        pid,
+        // The agent's working directory is not ours.
+        manifest: std::path::absolute(manifest)?,
+        attempts,
+    };
+    let (outcome, by_agent) = match context.through_agent(&request)? {
+        Some(outcome) => (outcome, true),
+        None => (
+            serde_json::to_value(apply(&context.state_dir, pid, manifest, &options)?)?,
+            false,
+        ),
+    };
     let state_saved = match before {
-        Some(taken) => super::variables::after_apply(context, pid, &outcome.patch_id, taken)?,
+        Some(taken) => super::variables::after_apply(context, pid, text(&outcome["patch_id"]), taken)?,
         None => Vec::new(),
     };
     if context.json {
-        let mut value = serde_json::to_value(&outcome)?;
+        let mut value = outcome;
         value["state_snapshot"] = serde_json::to_value(&state_saved)?;
         value["analysis"] = serde_json::to_value(analysis)?;
         value["analysis_us"] = analysis_us.into();
@@ -66,33 +83,42 @@ pub fn run_apply(
         print_json(&value);
         return Ok(0);
     }
+    let functions = outcome["functions"].as_array().cloned().unwrap_or_default();
+    let threads = number(&outcome["activation"]["pause"]["threads"]);
+    let attempts = number(&outcome["activation"]["attempts"]);
     println!(
-        "applied {} to pid {}: generation {}, {} function{}, pause {} µs ({} thread{}, {} attempt{}), total {:.1} ms",
-        outcome.patch_id,
-        outcome.pid,
-        outcome.generation,
-        outcome.functions.len(),
-        plural(outcome.functions.len()),
-        outcome.pause_us,
-        outcome.activation.pause.threads,
-        plural(outcome.activation.pause.threads),
-        outcome.activation.attempts,
-        plural(outcome.activation.attempts as usize),
-        outcome.total_us as f64 / 1000.0
+        "applied {} to pid {}: generation {}, {} function{}, pause {} µs ({} thread{}, {} attempt{}), total {:.1} ms{}",
+        text(&outcome["patch_id"]),
+        outcome["pid"],
+        outcome["generation"],
+        functions.len(),
+        plural(functions.len()),
+        outcome["pause_us"],
+        threads,
+        plural(threads as usize),
+        attempts,
+        plural(attempts as usize),
+        number(&outcome["total_us"]) as f64 / 1000.0,
+        via_agent(by_agent)
     );
-    for f in &outcome.functions {
-        let via = match &f.preserved {
+    for f in &functions {
+        let via = match f["preserved"].as_str() {
             None => "direct jump".to_string(),
             Some(registers) => format!("via a thunk preserving {registers}"),
         };
         println!(
             "  {} ({:#x}) → {} ({:#x}), {via}",
-            f.symbol, f.entry, f.with, f.new_address
+            text(&f["symbol"]),
+            number(&f["entry"]),
+            text(&f["with"]),
+            number(&f["new_address"])
         );
     }
     println!(
         "  loaded at {:#x} ({} bytes) in a {} µs stop",
-        outcome.mapping_address, outcome.mapping_len, outcome.load_pause_us
+        number(&outcome["mapping_address"]),
+        outcome["mapping_len"],
+        outcome["load_pause_us"]
     );
     Ok(0)
 }
@@ -174,6 +200,23 @@ fn run_apply_watched(
     Ok(code)
 }
 
+fn number(value: &serde_json::Value) -> u64 {
+    value.as_u64().unwrap_or(0)
+}
+
+fn text(value: &serde_json::Value) -> &str {
+    value.as_str().unwrap_or("?")
+}
+
+/// Said after a result when an agent did the work.
+fn via_agent(by_agent: bool) -> &'static str {
+    if by_agent {
+        " (by the agent)"
+    } else {
+        ""
+    }
+}
+
 pub fn run_rollback(context: &Context, pid: i32, patch_id: Option<&str>, restore_state: bool) -> anyhow::Result<i32> {
     // Checked before the rollback: a missing snapshot leaves the target as it is.
     let pre = if restore_state {
@@ -181,7 +224,24 @@ pub fn run_rollback(context: &Context, pid: i32, patch_id: Option<&str>, restore
     } else {
         None
     };
-    let outcome = rollback(&context.state_dir, pid, patch_id)?;
+    let request = ControlRequest::Rollback {
+        state_dir: context.state_dir.clone(),
+        pid,
+        patch_id: patch_id.map(str::to_string),
+    };
+    // A state restore follows the rollback in this process, so it acts directly.
+    let through_agent = if pre.is_none() {
+        context.through_agent(&request)?
+    } else {
+        None
+    };
+    let (outcome, by_agent) = match through_agent {
+        Some(outcome) => (outcome, true),
+        None => (
+            serde_json::to_value(rollback(&context.state_dir, pid, patch_id)?)?,
+            false,
+        ),
+    };
     // Right after the rollback's stop, in its own journaled transaction.
     let restored = match &pre {
         Some(pre) => Some(
@@ -191,26 +251,28 @@ pub fn run_rollback(context: &Context, pid: i32, patch_id: Option<&str>, restore
         None => None,
     };
     if context.json {
-        let mut value = serde_json::to_value(&outcome)?;
+        let mut value = outcome;
         if let Some(restored) = &restored {
             value["restored_state"] = serde_json::to_value(restored)?;
         }
         print_json(&value);
         return Ok(0);
     }
+    let functions = outcome["functions"].as_array().map_or(0, Vec::len);
     println!(
-        "rolled back {} in pid {}: generation {} active, {} function{} restored, pause {} µs",
-        outcome.patch_id,
-        outcome.pid,
-        outcome.generation,
-        outcome.functions.len(),
-        plural(outcome.functions.len()),
-        outcome.pause_us
+        "rolled back {} in pid {}: generation {} active, {} function{} restored, pause {} µs{}",
+        text(&outcome["patch_id"]),
+        outcome["pid"],
+        outcome["generation"],
+        functions,
+        plural(functions),
+        outcome["pause_us"],
+        via_agent(by_agent)
     );
-    match &outcome.retired_reason {
+    match outcome["retired_reason"].as_str() {
         None => println!(
             "  patch memory unmapped (in a separate {} µs stop)",
-            outcome.unmap_pause_us
+            outcome["unmap_pause_us"]
         ),
         Some(reason) => println!("  patch memory left mapped: {reason}"),
     }
@@ -239,43 +301,36 @@ pub fn run_rollback(context: &Context, pid: i32, patch_id: Option<&str>, restore
 }
 
 pub fn run_recover(context: &Context, pid: i32) -> anyhow::Result<i32> {
-    let outcome = recover(&context.state_dir, pid)?;
+    let request = ControlRequest::Recover {
+        state_dir: context.state_dir.clone(),
+        pid,
+    };
+    let outcome = match context.through_agent(&request)? {
+        Some(outcome) => outcome,
+        None => serde_json::to_value(recover(&context.state_dir, pid)?)?,
+    };
     if context.json {
         print_json(&outcome);
         return Ok(0);
     }
-    match outcome.state {
-        Recovered::Consistent => println!(
-            "pid {pid}: consistent, no interrupted transaction ({} active patch{})",
-            outcome.active_patches.len(),
-            if outcome.active_patches.len() == 1 { "" } else { "es" }
+    let active = outcome["active_patches"].as_array().map_or(0, Vec::len);
+    let interrupted = outcome["interrupted"].as_str().unwrap_or("apply");
+    let patch_id = outcome["patch_id"].as_str().unwrap_or("?");
+    match outcome["state"].as_str() {
+        Some("fully_applied") => println!(
+            "pid {pid}: interrupted {interrupted} of {patch_id} completed: fully applied ({}/{} writes had been made)",
+            outcome["written"], outcome["total"]
         ),
-        Recovered::FullyApplied => println!(
-            "pid {pid}: interrupted {} of {} completed: fully applied ({}/{} writes had been made)",
-            kind_name(outcome.interrupted),
-            outcome.patch_id.as_deref().unwrap_or("?"),
-            outcome.written,
-            outcome.total
+        Some("fully_rolled_back") => println!(
+            "pid {pid}: interrupted {interrupted} of {patch_id} undone: fully rolled back ({}/{} writes had been made)",
+            outcome["written"], outcome["total"]
         ),
-        Recovered::FullyRolledBack => println!(
-            "pid {pid}: interrupted {} of {} undone: fully rolled back ({}/{} writes had been made)",
-            kind_name(outcome.interrupted),
-            outcome.patch_id.as_deref().unwrap_or("?"),
-            outcome.written,
-            outcome.total
+        _ => println!(
+            "pid {pid}: consistent, no interrupted transaction ({active} active patch{})",
+            if active == 1 { "" } else { "es" }
         ),
     }
     Ok(0)
-}
-
-fn kind_name(kind: Option<TxnKind>) -> &'static str {
-    match kind {
-        Some(TxnKind::Apply) | None => "apply",
-        Some(TxnKind::Rollback) => "rollback",
-        Some(TxnKind::Heal) => "heal",
-        Some(TxnKind::Probe) => "probe",
-        Some(TxnKind::Repoint) => "repoint",
-    }
 }
 
 fn plural(n: usize) -> &'static str {

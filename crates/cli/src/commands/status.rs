@@ -32,6 +32,8 @@ struct Status {
     retired: Vec<String>,
     /// Critical variables registered (by `watch --guard`, config files).
     variables: Vec<VariableStatus>,
+    /// What a running agent knows of the target (None: no agent).
+    agent: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -105,6 +107,10 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
         interrupted: None,
         retired: Vec::new(),
         variables: Vec::new(),
+        agent: context.through_agent(&shadowpatch_agent::ControlRequest::Status {
+            state_dir: context.state_dir.clone(),
+            pid,
+        })?,
     };
     // A missing state directory just means nothing was mirrored yet; a
     // foreign or corrupt one is an error worth reporting.
@@ -243,6 +249,22 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
                 v.origin
             );
         }
+    }
+    match status
+        .agent
+        .as_ref()
+        .map(|agent| (agent["agent_pid"].clone(), &agent["watched"]))
+    {
+        None => {}
+        Some((agent_pid, serde_json::Value::Null)) => println!("agent (pid {agent_pid}): not watching"),
+        Some((agent_pid, watched)) => println!(
+            "agent (pid {agent_pid}): watching generation {}, {} passes, {} alerts, {} heals{}",
+            watched["generation"],
+            watched["passes"],
+            watched["alerts"],
+            watched["heals"],
+            if watched["heal"] == true { ", heal on" } else { "" }
+        ),
     }
     if let Some(interrupted) = &status.interrupted {
         println!("INTERRUPTED transaction: {interrupted}; run `shadowpatch recover {pid}`");

@@ -131,3 +131,24 @@ pub fn assert_patch_memory_released(state: &Path, pid: i32, before: usize) {
         "patch memory not released (retired: {retired}): {status}"
     );
 }
+
+/// Wait until busy.c's workers produce patched results (or, with
+/// `want_patched` false, stop producing them), checking no result is wrong.
+pub fn wait_for_patched(target: &mut shadowpatch_fixtures::Running, want_patched: bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let before = target.check().unwrap()["patched"];
+    loop {
+        let check = target.check().unwrap();
+        assert_eq!(check["errors"], 0, "no wrong result: {check:?}");
+        let moving = check["patched"] > before;
+        if moving == want_patched {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "patched results never {}",
+            if want_patched { "appeared" } else { "stopped" }
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,438 @@
+//! The agent itself: start-up recovery of every target, the control socket
+//! serving the CLI, and the threads behind the application socket and the
+//! metrics endpoint.
+
+use crate::metrics::Metrics;
+use crate::peer::{authorize, may_read, peer_of, Peer};
+use crate::protocol::{serve_lines, ControlReply, ControlRequest, FailureKind};
+use crate::targets::Targets;
+use crate::AgentError;
+use shadowpatch_mirror::StateDir;
+use shadowpatch_patch::journal::Journal;
+use shadowpatch_patch::{ApplyOptions, Manifest};
+use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
+use shadowpatch_target::ProcessIdentity;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Connections served at once on the control socket (CLI commands are
+/// short); more are answered "busy" and closed, so a flood cannot exhaust
+/// the agent's threads.
+const MAX_CONTROL_CONNECTIONS: usize = 64;
+/// On the application socket, where each cooperating process keeps one
+/// connection open (closed after `IDLE_TIMEOUT`, reopened on next use).
+const MAX_APP_CONNECTIONS: usize = 1024;
+/// An idle connection is closed after this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub app_socket: PathBuf,
+    /// None: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Permissions of the control socket (0600: root only; 0666 lets
+    /// users reach it, and peer credentials then limit each to their own
+    /// targets). The application socket is always 0666: any process may
+    /// act on itself.
+    pub control_socket_mode: u32,
+    /// How the agent's watchers run (`heal` is set per target).
+    pub watch: shadowpatch_watch::WatchOptions,
+}
+
+/// What happened to one target at start-up.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TargetRecovery {
+    pub pid: i32,
+    pub start_time: u64,
+    /// consistent, fully_applied, fully_rolled_back, error, exited
+    pub outcome: String,
+    pub message: Option<String>,
+    pub watching: bool,
+}
+
+/// The start-up report, printed as the agent's ready line.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StartReport {
+    pub event: &'static str,
+    pub pid: u32,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub app_socket: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub targets: Vec<TargetRecovery>,
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    pub config: AgentConfig,
+    /// The state directory, canonical, to compare with the CLI's.
+    state_dir_canonical: PathBuf,
+    pub metrics: Arc<Metrics>,
+    pub targets: Arc<Targets>,
+}
+
+impl Agent {
+    /// Recover every target, resume the persisted watchers, bind the
+    /// sockets and the metrics port, and start serving on threads.
+    pub fn start(config: AgentConfig) -> Result<(Arc<Agent>, StartReport), AgentError> {
+        StateDir::create(&config.state_dir)?;
+        let state_dir_canonical = config.state_dir.canonicalize().map_err(|source| AgentError::File {
+            path: config.state_dir.clone(),
+            source,
+        })?;
+        let metrics = Arc::new(Metrics::default());
+        let targets = Targets::new(&config.state_dir, Arc::clone(&metrics), config.watch.clone());
+        let agent = Arc::new(Agent {
+            state_dir_canonical,
+            metrics,
+            targets,
+            config: config.clone(),
+        });
+        // Bind first: a second agent is refused before it touches any
+        // target. Connections wait in the backlog until recovery is done
+        // and the accept threads start.
+        let control = bind(&config.control_socket, config.control_socket_mode)?;
+        let app = bind(&config.app_socket, 0o666)?;
+        let recoveries = agent.recover_all();
+        record_best_effort(
+            &config.state_dir,
+            &NewEvent::new(EventKind::Agent)
+                .outcome("started")
+                .details(serde_json::json!({ "pid": std::process::id(), "targets": recoveries })),
+        );
+        let metrics_address = match config.metrics_listen {
+            None => None,
+            Some(address) => {
+                let listener = TcpListener::bind(address).map_err(|source| AgentError::Metrics {
+                    address: address.to_string(),
+                    source,
+                })?;
+                let bound = listener.local_addr().map_err(|source| AgentError::Metrics {
+                    address: address.to_string(),
+                    source,
+                })?;
+                let scraped = Arc::clone(&agent);
+                spawn("metrics", move || {
+                    crate::metrics::serve(listener, move || scraped.metrics.render(scraped.patches_active()))
+                })?;
+                Some(bound)
+            }
+        };
+        let served = Arc::clone(&agent);
+        spawn("control", move || {
+            accept_loop(control, &served, MAX_CONTROL_CONNECTIONS, Agent::serve_control)
+        })?;
+        let served = Arc::clone(&agent);
+        spawn("app", move || {
+            accept_loop(app, &served, MAX_APP_CONNECTIONS, crate::app::serve_app)
+        })?;
+        let report = StartReport {
+            event: "ready",
+            pid: std::process::id(),
+            state_dir: config.state_dir.clone(),
+            control_socket: config.control_socket.clone(),
+            app_socket: config.app_socket.clone(),
+            metrics: metrics_address,
+            targets: recoveries,
+        };
+        Ok((agent, report))
+    }
+
+    /// Every live target with state here: finish or undo its interrupted
+    /// transaction (`recover`), then resume its watcher if the last agent
+    /// ran one. One target's damage (a corrupt journal) is reported and
+    /// the others are still served.
+    fn recover_all(&self) -> Vec<TargetRecovery> {
+        let persisted = Targets::load_persisted(&self.config.state_dir);
+        let mut report = Vec::new();
+        for (pid, start_time, dir) in target_dirs(&self.config.state_dir) {
+            let alive = ProcessIdentity::of(pid).is_ok_and(|identity| identity.start_time == start_time);
+            if !alive {
+                continue;
+            }
+            let mut entry = TargetRecovery {
+                pid,
+                start_time,
+                outcome: "consistent".into(),
+                message: None,
+                watching: false,
+            };
+            match Journal::replay(&dir) {
+                Err(error) => {
+                    entry.outcome = "error".into();
+                    entry.message = Some(error.to_string());
+                }
+                Ok(journal) if journal.open.is_none() && journal.retired.is_empty() => {}
+                Ok(_) => match shadowpatch_patch::recover(&self.config.state_dir, pid) {
+                    Ok(outcome) => {
+                        self.metrics.recoveries.fetch_add(1, Ordering::Relaxed);
+                        entry.outcome = serde_json::to_value(outcome.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default();
+                    }
+                    Err(error) => {
+                        entry.outcome = "error".into();
+                        entry.message = Some(error.to_string());
+                    }
+                },
+            }
+            if let Some(watched) = persisted.iter().find(|w| w.pid == pid && w.start_time == start_time) {
+                match self.targets.watch(pid, watched.heal, &[]) {
+                    Ok(_) => entry.watching = true,
+                    Err(error) => {
+                        entry.message = Some(match entry.message.take() {
+                            Some(previous) => format!("{previous}; watch: {error}"),
+                            None => format!("watch: {error}"),
+                        })
+                    }
+                }
+            }
+            if let Some(message) = &entry.message {
+                tracing::warn!(pid, %message, "target needs attention");
+            }
+            report.push(entry);
+        }
+        report
+    }
+
+    /// Active patches over every live target, read from the journals.
+    pub fn patches_active(&self) -> u64 {
+        target_dirs(&self.config.state_dir)
+            .into_iter()
+            .filter(|(pid, start_time, _)| {
+                ProcessIdentity::of(*pid).is_ok_and(|identity| identity.start_time == *start_time)
+            })
+            .filter_map(|(_, _, dir)| Journal::replay(&dir).ok())
+            .map(|journal| journal.active.len() as u64)
+            .sum()
+    }
+
+    /// Serve one CLI connection: one reply line per request line, until
+    /// the client closes.
+    fn serve_control(self: &Arc<Self>, stream: UnixStream, peer: Peer) -> std::io::Result<()> {
+        serve_lines(
+            stream,
+            &self.metrics,
+            |reason| ControlReply::failure(FailureKind::BadInput, reason),
+            |request: ControlRequest| self.handle(&request, &peer),
+        )
+    }
+
+    fn handle(&self, request: &ControlRequest, peer: &Peer) -> ControlReply {
+        let asked = request
+            .state_dir()
+            .canonicalize()
+            .unwrap_or_else(|_| request.state_dir().into());
+        if asked != self.state_dir_canonical {
+            return ControlReply::failure(
+                FailureKind::WrongStateDir,
+                format!(
+                    "the agent serves state directory {}, not {}",
+                    self.config.state_dir.display(),
+                    request.state_dir().display()
+                ),
+            );
+        }
+        let result = authorize(peer, request.pid()).and_then(|()| self.perform(request, peer));
+        match result {
+            Ok(value) => ControlReply::success(value),
+            Err(error) => {
+                if matches!(error, AgentError::Unauthorised { .. }) {
+                    self.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(uid = peer.uid, peer_pid = peer.pid, %error, "refused");
+                }
+                ControlReply::failure(error.failure_kind(), error.to_string())
+            }
+        }
+    }
+
+    fn perform(&self, request: &ControlRequest, peer: &Peer) -> Result<serde_json::Value, AgentError> {
+        let state_dir = &self.config.state_dir;
+        match request {
+            ControlRequest::Status { pid, .. } => Ok(serde_json::json!({
+                "agent_pid": std::process::id(),
+                "watched": self.targets.status(*pid),
+            })),
+            ControlRequest::Apply {
+                pid,
+                manifest,
+                attempts,
+                ..
+            } => {
+                may_read(peer.uid, manifest)?;
+                let (_, object) = Manifest::load(manifest)?;
+                may_read(peer.uid, &object)?;
+                let outcome = shadowpatch_patch::apply(
+                    state_dir,
+                    *pid,
+                    manifest,
+                    &ApplyOptions {
+                        max_attempts: *attempts,
+                        ..ApplyOptions::default()
+                    },
+                )?;
+                self.metrics.applies.fetch_add(1, Ordering::Relaxed);
+                self.metrics.apply_pause_seconds.observe(outcome.pause_us as f64 / 1e6);
+                Ok(to_json(&outcome))
+            }
+            ControlRequest::Rollback { pid, patch_id, .. } => {
+                let outcome = self.rollback(*pid, patch_id.as_deref(), "command")?;
+                Ok(to_json(&outcome))
+            }
+            ControlRequest::Recover { pid, .. } => {
+                let outcome = shadowpatch_patch::recover(state_dir, *pid)?;
+                self.metrics.recoveries.fetch_add(1, Ordering::Relaxed);
+                Ok(to_json(&outcome))
+            }
+            ControlRequest::Watch { pid, heal, .. } => Ok(to_json(&self.targets.watch(*pid, *heal, &[])?)),
+            ControlRequest::Unwatch { pid, .. } => {
+                self.targets.unwatch(*pid)?;
+                Ok(serde_json::json!({ "pid": pid, "watched": false }))
+            }
+        }
+    }
+
+    /// Roll back and count it by cause.
+    pub fn rollback(
+        &self,
+        pid: i32,
+        patch_id: Option<&str>,
+        cause: &str,
+    ) -> Result<shadowpatch_patch::RollbackOutcome, AgentError> {
+        let outcome = shadowpatch_patch::rollback_with_cause(&self.config.state_dir, pid, patch_id, cause)?;
+        self.metrics.rolled_back(cause, outcome.pause_us);
+        Ok(outcome)
+    }
+
+    /// Stop the watchers (their list stays persisted) and remove the
+    /// sockets, at an orderly shutdown.
+    pub fn shutdown(&self) {
+        self.targets.stop_all();
+        let _ = std::fs::remove_file(&self.config.control_socket);
+        let _ = std::fs::remove_file(&self.config.app_socket);
+        record_best_effort(
+            &self.config.state_dir,
+            &NewEvent::new(EventKind::Agent)
+                .outcome("stopped")
+                .details(serde_json::json!({ "pid": std::process::id() })),
+        );
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect("outcomes serialize")
+}
+
+fn write_reply(writer: &mut UnixStream, reply: &ControlReply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(reply).expect("replies serialize");
+    line.push(b'\n');
+    writer.write_all(&line)
+}
+
+/// Every `targets/<pid>-<start_time>` directory under the state directory.
+pub fn target_dirs(state_dir: &Path) -> Vec<(i32, u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("targets")) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(i32, u64, PathBuf)> = entries
+        .filter_map(|e| {
+            let entry = e.ok()?;
+            let name = entry.file_name().into_string().ok()?;
+            let (pid, start) = name.split_once('-')?;
+            Some((pid.parse().ok()?, start.parse().ok()?, entry.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Bind a Unix socket at `path` with `mode`, replacing a stale socket file
+/// (left by an agent that was killed) but refusing when an agent answers.
+fn bind(path: &Path, mode: u32) -> Result<UnixListener, AgentError> {
+    let socket_error = |source| AgentError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(socket_error)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(AgentError::AlreadyRunning {
+                path: path.to_path_buf(),
+            });
+        }
+        std::fs::remove_file(path).map_err(socket_error)?;
+    }
+    // The socket is created with the umask's permissions and then
+    // narrowed; a restrictive umask meanwhile closes the window in which
+    // another user could connect. Start-up is single-threaded here, so the
+    // process-wide umask is not raced.
+    let previous = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(previous);
+    let listener = bound.map_err(socket_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(socket_error)?;
+    Ok(listener)
+}
+
+fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> Result<(), AgentError> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(work)
+        .map(drop)
+        .map_err(|source| AgentError::File {
+            path: PathBuf::from(format!("{name} thread")),
+            source,
+        })
+}
+
+/// Accept connections, each served on its own thread with its peer's
+/// credentials, at most `limit` at once.
+fn accept_loop(
+    listener: UnixListener,
+    agent: &Arc<Agent>,
+    limit: usize,
+    serve: fn(&Arc<Agent>, UnixStream, Peer) -> std::io::Result<()>,
+) {
+    let open = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let peer = match peer_of(&stream) {
+            Ok(peer) => peer,
+            Err(error) => {
+                tracing::warn!(%error, "dropping a connection");
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::AcqRel) >= limit {
+            open.fetch_sub(1, Ordering::AcqRel);
+            let _ = write_reply(
+                &mut stream,
+                &ControlReply::failure(FailureKind::Failed, "the agent is busy: too many connections"),
+            );
+            continue;
+        }
+        let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+        let agent = Arc::clone(agent);
+        let open = Arc::clone(&open);
+        let spawned = std::thread::Builder::new().name("connection".into()).spawn(move || {
+            if let Err(error) = serve(&agent, stream, peer) {
+                tracing::debug!(%error, peer_pid = peer.pid, "connection ended");
+            }
+            open.fetch_sub(1, Ordering::AcqRel);
+        });
+        if spawned.is_err() {
+            tracing::warn!("cannot start a connection thread");
+        }
+    }
+}
