@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod client;
+pub mod health_watch;
 pub mod metrics;
 pub mod notify;
 pub mod peer;
@@ -63,6 +64,9 @@ pub enum AgentError {
     Mirror(#[from] shadowpatch_mirror::MirrorError),
     #[error(transparent)]
     Target(#[from] shadowpatch_target::TargetError),
+    /// The health watch after an apply could not run.
+    #[error(transparent)]
+    HealthWatch(#[from] health_watch::HealthWatchError),
 }
 
 impl AgentError {
@@ -78,6 +82,12 @@ impl AgentError {
             AgentError::Watch(e) if !e.is_bad_input() => FailureKind::Failed,
             AgentError::Mirror(e) if !e.is_bad_input() => FailureKind::Failed,
             AgentError::Target(e) if !e.is_bad_input() => FailureKind::Failed,
+            AgentError::HealthWatch(health_watch::HealthWatchError::Patch(e)) => match e.class() {
+                ErrorClass::BadInput => FailureKind::BadInput,
+                ErrorClass::Refused => FailureKind::Refused,
+                ErrorClass::Failed => FailureKind::Failed,
+            },
+            AgentError::HealthWatch(health_watch::HealthWatchError::Sample(_)) => FailureKind::Failed,
             AgentError::Socket { .. } | AgentError::Metrics { .. } | AgentError::PeerCredentials { .. } => {
                 FailureKind::Failed
             }

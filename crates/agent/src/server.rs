@@ -45,6 +45,10 @@ pub struct AgentConfig {
     pub control_socket_mode: u32,
     /// How the agent's watchers run (`heal` is set per target).
     pub watch: shadowpatch_watch::WatchOptions,
+    /// The agent's default policy after each apply it makes: apply through
+    /// watch stubs and watch the service this long (faults survived and
+    /// rolled back, metrics judged; `health_watch`). `None`: plain apply.
+    pub watch_after_apply: Option<crate::health_watch::WatchArgs>,
 }
 
 /// What happened to one target at start-up.
@@ -271,18 +275,29 @@ impl Agent {
                 may_read(peer.uid, manifest)?;
                 let (_, object) = Manifest::load(manifest)?;
                 may_read(peer.uid, &object)?;
-                let outcome = shadowpatch_patch::apply(
-                    state_dir,
-                    *pid,
-                    manifest,
-                    &ApplyOptions {
-                        max_attempts: *attempts,
-                        ..ApplyOptions::default()
-                    },
-                )?;
+                let options = ApplyOptions {
+                    max_attempts: *attempts,
+                    ..ApplyOptions::default()
+                };
+                let Some(policy) = &self.config.watch_after_apply else {
+                    let outcome = shadowpatch_patch::apply(state_dir, *pid, manifest, &options)?;
+                    self.metrics.applies.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.apply_pause_seconds.observe(outcome.pause_us as f64 / 1e6);
+                    return Ok(to_json(&outcome));
+                };
+                // The connection's thread is the tracer for the window: the
+                // reply comes once the verdict is in.
+                let (outcome, report) =
+                    crate::health_watch::apply_and_watch(state_dir, *pid, manifest, &options, policy)?;
                 self.metrics.applies.fetch_add(1, Ordering::Relaxed);
                 self.metrics.apply_pause_seconds.observe(outcome.pause_us as f64 / 1e6);
-                Ok(to_json(&outcome))
+                if report.decision == shadowpatch_health::Decision::Rollback {
+                    self.metrics
+                        .rolled_back(&report.cause, report.rollback.as_ref().map_or(0, |r| r.pause_us));
+                }
+                let mut value = to_json(&outcome);
+                value["watch"] = to_json(&report);
+                Ok(value)
             }
             ControlRequest::Rollback { pid, patch_id, .. } => {
                 let outcome = self.rollback(*pid, patch_id.as_deref(), "command")?;

@@ -247,7 +247,7 @@ fn run_apply_command(
             }
             None
         }
-        Some(secs) => Some(commands::apply_watch::WatchArgs::check(
+        Some(secs) => Some(commands::apply_watch::check_args(
             secs,
             watch.baseline.unwrap_or(secs.min(3.0)),
             watch.sample_ms,

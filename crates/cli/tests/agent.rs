@@ -37,6 +37,12 @@ impl AgentProcess {
             .arg("--app-socket")
             .arg(dir.join("app.sock"))
             .args(["--metrics-listen", "127.0.0.1:0"])
+            // Plain applies unless a test asks for the watch policy.
+            .args(if extra.contains(&"--watch-after-apply") {
+                &[][..]
+            } else {
+                &["--watch-after-apply", "0"][..]
+            })
             .args(extra)
             .env_remove("NOTIFY_SOCKET")
             .envs(env.iter().copied())
@@ -557,4 +563,51 @@ fn the_agent_notifies_systemd_and_refuses_a_second_agent_and_bad_options() {
         assert!(run.stderr.contains(needle), "{all:?}: {}", run.stderr);
         assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
     }
+}
+
+#[test]
+fn the_agent_watches_its_applies_and_survives_a_crashing_patch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut target = Running::start(Fixture::BusyC, &["2"]).unwrap();
+    let pid_text = target.pid().to_string();
+    let object = build_patch(Patch::BusyWatch).unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        "null",
+        &object,
+        &build_id_of(&target.binary()),
+        &[("work_fn", "work_fn_null")],
+    );
+    let agent = AgentProcess::start(dir.path(), &["--watch-after-apply", "5s"], &[]);
+    let applied = cli(
+        dir.path(),
+        &[
+            "apply",
+            &pid_text,
+            manifest.to_str().unwrap(),
+            "--force",
+            "--context-secs",
+            "0",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        applied.code, 4,
+        "rolled back by the agent's watch: {}{}",
+        applied.stdout, applied.stderr
+    );
+    let watch = &applied.json()["watch"];
+    assert_eq!(watch["decision"], "rollback", "{watch}");
+    assert_eq!(watch["cause"], "crash", "{watch}");
+    assert_eq!(watch["recovery"]["function"], "work_fn", "{watch}");
+    assert_eq!(target.command("ask 7").unwrap(), "22", "the original answers");
+    let check = target.check().unwrap();
+    assert_eq!(check["errors"], 0, "every call answered correctly: {check:?}");
+    let status = cli(dir.path(), &["status", &pid_text, "--json"]).json();
+    assert_eq!(status["patches"].as_array().map_or(0, Vec::len), 0, "{status}");
+    let metrics = agent.metrics();
+    assert!(
+        metrics.contains("shadowpatch_rollbacks_total{cause=\"crash\"} 1\n"),
+        "{metrics}"
+    );
 }

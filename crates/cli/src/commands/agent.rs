@@ -28,6 +28,12 @@ pub struct AgentArgs {
     /// CPU each watcher may use, in percent of one core.
     #[arg(long, default_value_t = 20.0)]
     pub watch_cpu_budget: f64,
+    /// The default policy after each apply the agent makes: watch the service this long (a fault in patch code is survived and rolled back, CPU/RSS and --apply-metrics-url judged before vs after); 0 for a plain apply.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub watch_after_apply: String,
+    /// A Prometheus endpoint of the targets the agent patches, judged by the watch after apply.
+    #[arg(long, value_name = "URL")]
+    pub apply_metrics_url: Option<String>,
 }
 
 pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
@@ -58,6 +64,21 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
         ..shadowpatch_watch::WatchOptions::default()
     };
     watch.validate().map_err(|e| BadInput(e.to_string()))?;
+    let after = humantime::parse_duration(&args.watch_after_apply)
+        .map_err(|e| BadInput(format!("--watch-after-apply {}: {e}", args.watch_after_apply)))?;
+    let watch_after_apply = if after.is_zero() {
+        None
+    } else {
+        let secs = after.as_secs_f64();
+        Some(super::apply_watch::check_args(
+            secs,
+            secs.min(1.0),
+            100,
+            None,
+            5.0,
+            args.apply_metrics_url.clone(),
+        )?)
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
@@ -69,6 +90,7 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
         metrics_listen,
         control_socket_mode,
         watch,
+        watch_after_apply,
     })
     .map_err(|e| match e.failure_kind() {
         shadowpatch_agent::FailureKind::BadInput => anyhow::Error::new(BadInput(e.to_string())),

@@ -74,6 +74,13 @@ pub fn run_apply(
         Some(taken) => super::variables::after_apply(context, pid, text(&outcome["patch_id"]), taken)?,
         None => Vec::new(),
     };
+    // The agent's policy may have watched the patch and rolled it back.
+    let rolled_back_by_watch = outcome["watch"]["decision"] == "rollback";
+    let code = if rolled_back_by_watch {
+        super::apply_watch::ROLLED_BACK
+    } else {
+        0
+    };
     if context.json {
         let mut value = outcome;
         value["state_snapshot"] = serde_json::to_value(&state_saved)?;
@@ -81,7 +88,7 @@ pub fn run_apply(
         value["analysis_us"] = analysis_us.into();
         value["forced"] = (force && analysis.verdict == Verdict::Refuse).into();
         print_json(&value);
-        return Ok(0);
+        return Ok(code);
     }
     let functions = outcome["functions"].as_array().cloned().unwrap_or_default();
     let threads = number(&outcome["activation"]["pause"]["threads"]);
@@ -120,7 +127,19 @@ pub fn run_apply(
         outcome["mapping_len"],
         outcome["load_pause_us"]
     );
-    Ok(0)
+    if let Some(watch) = outcome.get("watch").filter(|w| !w.is_null()) {
+        println!(
+            "  watched by the agent for {:.1} s: {} ({}){}",
+            number(&watch["watched_ms"]) as f64 / 1000.0,
+            text(&watch["decision"]),
+            text(&watch["cause"]),
+            watch["reason"]
+                .as_str()
+                .filter(|r| !r.is_empty())
+                .map_or(String::new(), |r| format!(": {r}"))
+        );
+    }
+    Ok(code)
 }
 
 /// What `apply --watch` carries from the analysis into the watched apply.
