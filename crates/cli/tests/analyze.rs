@@ -64,13 +64,13 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
         &[("plain_compute", "plain_compute_alloc")],
     );
     let run = shadowpatch(&state, &["analyze", &pid, leaky.to_str().unwrap(), "--json"]);
-    // Warnings only (no blocking finding): the model decides. In the corpus
-    // every unbalanced allocation leaked, so it refuses on risk alone, and
-    // the exit code follows the verdict.
+    // Warnings only (no blocking finding) and no simulation: however high
+    // the model puts the risk (in the corpus every unbalanced allocation
+    // leaked), a refusal on risk alone needs simulation evidence, so it
+    // warns (exit 0) and says how to confirm.
+    assert_eq!(run.code, 0, "warn still exits 0: {}", run.stderr);
     let report = run.json();
-    assert_ne!(report["verdict"], "proceed", "{report}");
-    let expected_code = if report["verdict"] == "refuse" { 1 } else { 0 };
-    assert_eq!(run.code, expected_code, "{}", run.stderr);
+    assert_eq!(report["verdict"], "warn", "{report}");
     assert_eq!(report["features"]["analysis.blocking"], 0.0, "{report}");
     let codes: Vec<&str> = report["findings"]
         .as_array()

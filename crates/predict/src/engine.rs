@@ -9,7 +9,7 @@
 //! formula below when the model cannot be used (said in `unavailable`).
 
 use crate::context::{read_context, ContextOptions};
-use crate::finding::{Analysis, Finding, Severity, VerdictPolicy};
+use crate::finding::{Analysis, Finding, Severity, Source, Verdict, VerdictPolicy};
 use crate::static_analysis::analyze_static;
 use crate::PredictError;
 use shadowpatch_target::ProcessIdentity;
@@ -207,7 +207,28 @@ pub fn analyze_detailed(mut request: AnalysisRequest) -> Result<Analyzed, Predic
         }
     };
     let risk = scorer.score(&findings, &features);
-    let verdict = request.policy.verdict(&findings, risk);
+    let mut verdict = request.policy.verdict(&findings, risk);
+    // A refusal on risk alone needs the simulation's evidence: on static
+    // evidence only the model barely beats chance (held-out AUC 0.70,
+    // PREDICTION.md) and extrapolates on patches unlike its corpus (a
+    // rewrite of a 400-byte function), so it warns and says how to confirm.
+    let blocking = findings.iter().any(|f| f.severity == Severity::Blocking);
+    if verdict == Verdict::Refuse && !blocking && !features.contains_key("sim_calls") {
+        findings.push(
+            Finding::new(
+                "risk-unconfirmed",
+                Severity::Warning,
+                Source::Model,
+                format!(
+                    "the risk is {risk:.2} (refuse at {:.2}) on static evidence alone: simulate the patch \
+                     (--capture N or --call) to confirm it before a refusal",
+                    request.policy.refuse_at
+                ),
+            )
+            .evidence(serde_json::json!({ "risk": risk, "refuse_at": request.policy.refuse_at })),
+        );
+        verdict = Verdict::Warn;
+    }
     Ok(Analyzed {
         analysis: Analysis {
             verdict,
