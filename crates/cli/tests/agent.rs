@@ -552,6 +552,19 @@ fn the_agent_notifies_systemd_and_refuses_a_second_agent_and_bad_options() {
             vec!["--agent-socket", "/nonexistent-dir/x.sock", "--socket-mode", "999"],
             "--socket-mode 999",
         ),
+        (
+            vec![
+                "--agent-socket",
+                "/nonexistent-dir/x.sock",
+                "--watch-after-apply",
+                "soon",
+            ],
+            "--watch-after-apply soon",
+        ),
+        (
+            vec!["--agent-socket", "/nonexistent-dir/x.sock", "--watch-after-apply", "3h"],
+            "--watch",
+        ),
     ] {
         let state = dir.path().join("state");
         let mut all = vec!["agent", "--app-socket"];

@@ -238,7 +238,24 @@ fn bad_arguments_are_one_line_errors_and_leave_the_target_untouched() {
     let l = log.to_str().unwrap();
     let broken = dir.path().join("broken.toml");
     std::fs::write(&broken, "id = \"x\"\n").unwrap();
+    // A truncated model file and one from a newer shadowpatch.
+    let corrupt_model = dir.path().join("corrupt-model.json");
+    std::fs::write(&corrupt_model, "{\"format\": \"shadowpatch-risk-model\", \"format_ver").unwrap();
+    let future_model = dir.path().join("future-model.json");
+    std::fs::write(
+        &future_model,
+        "{\"format\": \"shadowpatch-risk-model\", \"format_version\": 99}",
+    )
+    .unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["analyze", &pid, m, "--model", corrupt_model.to_str().unwrap()],
+            "corrupt-model.json",
+        ),
+        (
+            vec!["analyze", &pid, m, "--model", future_model.to_str().unwrap()],
+            "format version 99",
+        ),
         (
             vec!["analyze", &pid, m, "--log", l, "--error-pattern", "(unclosed"],
             "--error-pattern",
