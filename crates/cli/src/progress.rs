@@ -17,26 +17,22 @@ pub struct Progress {
 
 impl Progress {
     pub fn bytes(message: &str, enabled: bool) -> Self {
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
-        bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_message(message.to_string());
-        Progress {
-            bar,
-            started: Instant::now(),
-            shown: false,
+        Self::styled(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            message,
             enabled,
-        }
+        )
     }
 
     /// A bar counting items (variants labelled, samples analysed).
     pub fn count(message: &str, enabled: bool) -> Self {
+        Self::styled("{msg} [{bar:30}] {pos}/{len} eta {eta} {prefix}", message, enabled)
+    }
+
+    fn styled(template: &str, message: &str, enabled: bool) -> Self {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
         bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} eta {eta} {prefix}")
+            ProgressStyle::with_template(template)
                 .expect("valid template")
                 .progress_chars("=> "),
         );
