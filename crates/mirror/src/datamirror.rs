@@ -121,7 +121,8 @@ impl DataMirror {
                 problem: "reported dirty but not mirrored",
             });
         }
-        let changed = self.copy_runs(memory, &dirty.runs())?;
+        let runs = self.runs_within_ranges(&dirty.pages);
+        let changed = self.copy_runs(memory, &runs)?;
         let copied = dirty.pages.len() as u64;
         let copy_us = started.elapsed().as_micros() as u64;
         Ok(RefreshReport {
@@ -137,6 +138,31 @@ impl DataMirror {
             copy_us,
             total_us: dirty.collect_us + copy_us,
         })
+    }
+
+    /// Runs of contiguous dirty pages, ascending, each inside one mirrored
+    /// range: two tracked ranges may touch (`.data` then `.bss`), and a run
+    /// crossing from one into the next would not fit either copy.
+    fn runs_within_ranges(&self, pages: &[u64]) -> Vec<(u64, usize)> {
+        let mut pages = pages.to_vec();
+        pages.sort_unstable();
+        pages.dedup();
+        let range_end = |address: u64| {
+            self.ranges
+                .iter()
+                .find(|m| m.range.contains(address))
+                .map(|m| m.range.end)
+        };
+        let mut runs: Vec<(u64, usize)> = Vec::new();
+        for page in pages {
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len as u64 == page && range_end(*start) > Some(page) => {
+                    *len += PAGE_SIZE
+                }
+                _ => runs.push((page, PAGE_SIZE)),
+            }
+        }
+        runs
     }
 
     fn contains(&self, address: u64) -> bool {
