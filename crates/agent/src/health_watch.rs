@@ -365,7 +365,7 @@ pub fn apply_and_watch(
         &NewEvent::new(EventKind::WatchVerdict)
             .target(
                 pid,
-                shadowpatch_target::ProcessIdentity::of(pid)
+                shadowpatch_process::ProcessIdentity::of(pid)
                     .map(|i| i.start_time)
                     .unwrap_or(0),
             )

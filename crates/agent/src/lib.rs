@@ -63,7 +63,7 @@ pub enum AgentError {
     #[error(transparent)]
     Mirror(#[from] shadowpatch_mirror::MirrorError),
     #[error(transparent)]
-    Target(#[from] shadowpatch_target::TargetError),
+    Target(#[from] shadowpatch_process::TargetError),
     /// The health watch after an apply could not run.
     #[error(transparent)]
     HealthWatch(#[from] health_watch::HealthWatchError),

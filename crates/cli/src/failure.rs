@@ -1,8 +1,8 @@
 //! Error → exit code and one-line message.
 
 use shadowpatch_mirror::MirrorError;
+use shadowpatch_process::TargetError;
 use shadowpatch_symbols::SymbolsError;
-use shadowpatch_target::TargetError;
 
 /// Exit code for input the user can fix (bad pid, missing mirror, ...).
 pub const BAD_INPUT: i32 = 2;

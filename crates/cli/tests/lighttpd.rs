@@ -11,7 +11,7 @@ mod common;
 use common::lighttpd::{get, start_lighttpd, start_lighttpd_with, LIGHTTPD};
 use common::{assert_untouched, build_id_of, shadowpatch, write_manifest};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
-use shadowpatch_target::{ProcessIdentity, TargetMemory};
+use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;

@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_bad_input, assert_untouched, shadowpatch};
 use shadowpatch_fixtures::{Fixture, Running};
-use shadowpatch_target::{ProcessIdentity, TargetMemory};
+use shadowpatch_process::{ProcessIdentity, TargetMemory};
 
 fn tamper_detect_restore(fixture: Fixture, cold_symbol: &str) {
     let mut target = Running::start(fixture, &["4"]).unwrap();

@@ -144,8 +144,8 @@ fn rollback_refuses_to_overwrite_someone_elses_change() {
     let applied = shadowpatch(&state, &["apply", &pid, setup.manifest.to_str().unwrap(), "--json"]).json();
     // Someone else rewrites our jump at banner's entry.
     let entry = applied["functions"][1]["entry"].as_u64().unwrap();
-    let identity = shadowpatch_target::ProcessIdentity::of(setup.target.pid()).unwrap();
-    let mut memory = shadowpatch_target::TargetMemory::open(&identity).unwrap();
+    let identity = shadowpatch_process::ProcessIdentity::of(setup.target.pid()).unwrap();
+    let mut memory = shadowpatch_process::TargetMemory::open(&identity).unwrap();
     let ours = memory.read_vec(entry, 5).unwrap();
     memory.write(entry + 1, &[0xcc]).unwrap();
     let refused = shadowpatch(&state, &["rollback", &pid]);

@@ -12,7 +12,7 @@ use common::watch::WatchProcess;
 use common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
 use serde_json::Value;
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
-use shadowpatch_target::{ProcessIdentity, TargetMemory};
+use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use std::path::Path;
 
 fn memory_of(pid: i32) -> TargetMemory {

@@ -12,7 +12,7 @@ use common::watch::{WatchProcess, PATIENCE};
 use common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
 use serde_json::Value;
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
-use shadowpatch_target::{ProcessIdentity, TargetMemory};
+use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -273,7 +273,7 @@ fn bad_input_exits_2_with_one_line_and_leaves_target_and_mirror_untouched() {
         .join("gen-000000.mirror");
     let mirrored = std::fs::read(&generation).unwrap();
     let scale = {
-        let maps = shadowpatch_target::maps::read_maps(pid).unwrap();
+        let maps = shadowpatch_process::maps::read_maps(pid).unwrap();
         let modules = shadowpatch_symbols::modules_of(pid, &maps).unwrap();
         modules.iter().find(|m| m.main).unwrap().symbol_addresses("scale")[0].0
     };

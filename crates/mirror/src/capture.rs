@@ -5,7 +5,7 @@ use crate::hash::{merkle_root, PageHasher, PAGE_SIZE};
 use crate::region::RegionSpec;
 use crate::store::{encode_secret, hex32, GenerationHeader, MirrorWriter, RegionRecord, TargetRecord, FORMAT_VERSION};
 use crate::MirrorError;
-use shadowpatch_target::{ProcessIdentity, TargetMemory};
+use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use std::path::Path;
 use std::time::Instant;
 

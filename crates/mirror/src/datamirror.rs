@@ -9,7 +9,7 @@
 use crate::dirty::{DirtyError, DirtyMethod, DirtyPages, DirtyTracker, TrackedRange};
 use crate::hash::{PageHasher, PAGE_SIZE};
 use serde::Serialize;
-use shadowpatch_target::TargetMemory;
+use shadowpatch_process::TargetMemory;
 use std::time::Instant;
 
 /// Bytes read per `process_vm_readv` before hashing them: small enough to

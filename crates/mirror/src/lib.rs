@@ -69,7 +69,7 @@ pub enum MirrorError {
     #[error(transparent)]
     Variable(#[from] VariableError),
     #[error(transparent)]
-    Target(#[from] shadowpatch_target::TargetError),
+    Target(#[from] shadowpatch_process::TargetError),
     #[error(transparent)]
     Symbols(#[from] shadowpatch_symbols::SymbolsError),
 }

@@ -4,8 +4,8 @@
 //! critical-variable mirror.
 
 use crate::MirrorError;
+use shadowpatch_process::{Mapping, MappingKind};
 use shadowpatch_symbols::Module;
-use shadowpatch_target::{Mapping, MappingKind};
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

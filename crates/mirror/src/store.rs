@@ -18,8 +18,8 @@
 use crate::hash::{merkle_root, PageHasher, PAGE_SIZE, SECRET_LEN};
 use crate::region::RegionSpec;
 use crate::MirrorError;
+use shadowpatch_process::ProcessIdentity;
 use shadowpatch_symbols::Module;
-use shadowpatch_target::ProcessIdentity;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};

@@ -12,8 +12,8 @@
 
 use crate::store::write_atomically;
 use crate::MirrorError;
+use shadowpatch_process::Mapping;
 use shadowpatch_symbols::Module;
-use shadowpatch_target::Mapping;
 use std::path::{Path, PathBuf};
 
 /// File name of the registry inside a target directory.

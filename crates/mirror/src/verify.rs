@@ -6,7 +6,7 @@ use crate::capture::READ_CHUNK;
 use crate::hash::PAGE_SIZE;
 use crate::store::MirrorFile;
 use crate::MirrorError;
-use shadowpatch_target::TargetMemory;
+use shadowpatch_process::TargetMemory;
 use std::time::Instant;
 
 /// At most this many differences are reported in detail (the count of
@@ -84,7 +84,7 @@ pub fn verify(
             let len = ((end - address) as usize).min(READ_CHUNK);
             let read = match memory.read_partial(address, &mut buffer[..len]) {
                 Ok(n) => n,
-                Err(shadowpatch_target::TargetError::Read { .. }) => 0,
+                Err(shadowpatch_process::TargetError::Read { .. }) => 0,
                 Err(other) => return Err(other.into()),
             };
             let first_page = (address - region.spec.start) / PAGE_SIZE as u64;

@@ -4,7 +4,7 @@
 
 use shadowpatch_fixtures::{Fixture, Running};
 use shadowpatch_mirror::{detect, DataMirror, DirtyError, DirtyMethod, DirtyTracker, TrackedRange};
-use shadowpatch_target::{Attached, ProcessIdentity, TargetMemory};
+use shadowpatch_process::{Attached, ProcessIdentity, TargetMemory};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 
@@ -435,7 +435,7 @@ fn bad_ranges_are_refused_with_one_line_and_the_target_untouched() {
     let pid = fixture.pid();
     let region = fixture_region(&fixture);
     let fds_before = fd_table(pid);
-    let text = shadowpatch_target::maps::read_maps(pid)
+    let text = shadowpatch_process::maps::read_maps(pid)
         .unwrap()
         .into_iter()
         .find(|m| m.executable && m.file().is_some())

@@ -7,7 +7,7 @@
 use crate::fault;
 use crate::journal::Write5;
 use crate::PatchError;
-use shadowpatch_target::{Attached, PauseReport, Stopped};
+use shadowpatch_process::{Attached, PauseReport, Stopped};
 
 /// Picks the expected or the new bytes of a write.
 type BytesOf = fn(&Write5) -> &[u8];

@@ -24,9 +24,9 @@ use crate::state::{ensure_baseline, now_ms, staged_path, TargetState};
 use crate::trampoline::{examine_site, EntryProblem, FunctionSite};
 use crate::{Manifest, PatchError};
 use shadowpatch_mirror::{derive, AddedRegion, Edit, MirrorFile, RegionKind, RegionSpec, StateDir, PAGE_SIZE};
+use shadowpatch_process::maps::read_maps;
+use shadowpatch_process::{Attached, ProcessIdentity};
 use shadowpatch_symbols::{modules_of, Module};
-use shadowpatch_target::maps::read_maps;
-use shadowpatch_target::{Attached, ProcessIdentity};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -86,7 +86,7 @@ pub struct ApplyOutcome {
 /// against the original code, so that is what the analysis must see).
 pub struct ModuleCode<'a> {
     pub module: &'a Module,
-    pub memory: &'a mut shadowpatch_target::TargetMemory,
+    pub memory: &'a mut shadowpatch_process::TargetMemory,
     pub originals: &'a [(u64, Vec<u8>)],
 }
 
@@ -177,7 +177,7 @@ pub struct Prepared {
     pub identity: ProcessIdentity,
     pub module: Module,
     pub modules: Vec<Module>,
-    pub maps: Vec<shadowpatch_target::Mapping>,
+    pub maps: Vec<shadowpatch_process::Mapping>,
     /// Per replacement: where the jump goes, and the new function's name.
     pub sites: Vec<(FunctionSite, String)>,
     /// Per replacement: registers the new function changes that the
@@ -209,7 +209,7 @@ pub struct Survey {
     pub manifest: Manifest,
     pub manifest_path: PathBuf,
     pub identity: ProcessIdentity,
-    pub maps: Vec<shadowpatch_target::Mapping>,
+    pub maps: Vec<shadowpatch_process::Mapping>,
     pub modules: Vec<Module>,
     /// `None` when the object uses an unsupported feature (see `problems`).
     pub object: Option<PatchObject>,
@@ -265,7 +265,7 @@ pub fn survey(pid: i32, manifest_path: &Path, originals: &[(u64, Vec<u8>)]) -> R
         }
     };
     if let Some(module) = &module {
-        let mut memory = shadowpatch_target::TargetMemory::open(&identity)?;
+        let mut memory = shadowpatch_process::TargetMemory::open(&identity)?;
         for replacement in &mut replacements {
             let mut read = |address: u64, len: usize| memory.read_vec(address, len).map_err(PatchError::from);
             match examine_site(module, &replacement.symbol, &mut read) {
@@ -701,8 +701,8 @@ fn undo_apply(
 ) {
     if matches!(
         error,
-        PatchError::Target(shadowpatch_target::TargetError::Exited { .. })
-    ) || shadowpatch_target::ProcessIdentity::of(attached.pid()).is_err()
+        PatchError::Target(shadowpatch_process::TargetError::Exited { .. })
+    ) || shadowpatch_process::ProcessIdentity::of(attached.pid()).is_err()
     {
         // The target is gone: nothing left to undo in it.
         let _ = std::fs::remove_file(staged);

@@ -17,7 +17,7 @@ fn outcome_of(error: &PatchError) -> &'static str {
 
 fn event(kind: EventKind, pid: i32) -> NewEvent {
     let event = NewEvent::new(kind);
-    match shadowpatch_target::ProcessIdentity::of(pid) {
+    match shadowpatch_process::ProcessIdentity::of(pid) {
         Ok(identity) => event.target(identity.pid, identity.start_time),
         Err(_) => NewEvent {
             pid: Some(pid),

@@ -118,7 +118,7 @@ pub enum PatchError {
     #[error("journal {path}: {message}")]
     Journal { path: PathBuf, message: String },
     #[error(transparent)]
-    Target(#[from] shadowpatch_target::TargetError),
+    Target(#[from] shadowpatch_process::TargetError),
 }
 
 /// How the CLI should exit for an error.

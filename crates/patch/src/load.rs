@@ -16,9 +16,9 @@ use crate::trampoline::{jump, JUMP_LEN};
 use crate::PatchError;
 use nix::unistd::Pid;
 use shadowpatch_mirror::PAGE_SIZE;
+use shadowpatch_process::remote::check_result;
+use shadowpatch_process::{Mapping, ProcessCopy, Stopped, TargetMemory};
 use shadowpatch_symbols::Module;
-use shadowpatch_target::remote::check_result;
-use shadowpatch_target::{Mapping, ProcessCopy, Stopped, TargetMemory};
 
 /// A process stopped under our control that can run syscalls and have its
 /// memory written: a thread of the stopped live target, or a copy.

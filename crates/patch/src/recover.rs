@@ -20,8 +20,8 @@ use crate::rollback::{collect_retired, finish_rollback, retire_or_unmap};
 use crate::state::{copies_log_path, is_mapped, staged_path, unmap, TargetState};
 use crate::PatchError;
 use shadowpatch_mirror::StateDir;
-use shadowpatch_target::maps::read_maps;
-use shadowpatch_target::{Attached, ProcessIdentity};
+use shadowpatch_process::maps::read_maps;
+use shadowpatch_process::{Attached, ProcessIdentity};
 use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

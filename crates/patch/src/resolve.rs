@@ -7,8 +7,8 @@
 //! An unresolved weak symbol is 0; an unresolved strong one is an error.
 
 use crate::PatchError;
+use shadowpatch_process::TargetMemory;
 use shadowpatch_symbols::{Module, Symbol};
-use shadowpatch_target::TargetMemory;
 
 /// Resolve `name` (a symbol the patch object leaves undefined).
 pub fn resolve_symbol(

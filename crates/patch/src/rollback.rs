@@ -13,7 +13,7 @@ use crate::journal::{PatchRecord, Record, TxnKind, Write5};
 use crate::state::{now_ms, TargetState};
 use crate::PatchError;
 use shadowpatch_mirror::StateDir;
-use shadowpatch_target::{Attached, ProcessIdentity, Stopped};
+use shadowpatch_process::{Attached, ProcessIdentity, Stopped};
 use std::path::Path;
 
 /// How much of each thread's stack is scanned for return addresses into
@@ -229,7 +229,7 @@ type Range = (u64, u64);
 /// threads' stack pointers may lie in), to bound each thread's stack scan
 /// by the end of the mapping holding its stack pointer.
 fn stack_ranges(pid: i32) -> Result<Vec<(u64, u64)>, PatchError> {
-    Ok(shadowpatch_target::maps::read_maps(pid)?
+    Ok(shadowpatch_process::maps::read_maps(pid)?
         .into_iter()
         .filter(|m| m.readable && m.writable && !m.executable)
         .map(|m| (m.start, m.end))
@@ -289,7 +289,7 @@ pub(crate) fn collect_retired(attached: &mut Attached, target: &mut TargetState,
     if retired.is_empty() {
         return;
     }
-    let Ok(maps) = shadowpatch_target::maps::read_maps(attached.pid()) else {
+    let Ok(maps) = shadowpatch_process::maps::read_maps(attached.pid()) else {
         return;
     };
     let mut candidates = Vec::new();
@@ -299,7 +299,7 @@ pub(crate) fn collect_retired(attached: &mut Attached, target: &mut TargetState,
             .iter()
             .filter(|m| m.start < address + len && address < m.end)
             .all(|m| {
-                m.kind == shadowpatch_target::MappingKind::Anonymous && m.start >= address && m.end <= address + len
+                m.kind == shadowpatch_process::MappingKind::Anonymous && m.start >= address && m.end <= address + len
             });
         if !ours || !crate::state::is_mapped(&maps, address, len) {
             // Gone (the program unmapped it) or reused: forget it, touch nothing.

@@ -17,7 +17,7 @@
 
 use crate::journal::Write5;
 use crate::PatchError;
-use shadowpatch_target::{Stopped, TargetMemory};
+use shadowpatch_process::{Stopped, TargetMemory};
 use std::time::{Duration, Instant};
 
 /// Where an application's safe-point mailbox is, and how long to wait.

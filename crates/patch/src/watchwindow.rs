@@ -21,7 +21,7 @@ use crate::PatchError;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use shadowpatch_mirror::StateDir;
-use shadowpatch_target::{Attached, ProcessIdentity, SignalEvent};
+use shadowpatch_process::{Attached, ProcessIdentity, SignalEvent};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

@@ -9,7 +9,7 @@ use crate::activate::{switch, Activation, Direction};
 use crate::journal::{Record, TxnKind, Write5};
 use crate::state::{now_ms, TargetState};
 use crate::PatchError;
-use shadowpatch_target::{Attached, ProcessIdentity};
+use shadowpatch_process::{Attached, ProcessIdentity};
 
 /// An announced, not yet finished, plain-writes transaction.
 #[derive(Debug)]

@@ -9,7 +9,7 @@ use shadowpatch_patch::journal::{Journal, TxnKind, Write5};
 use shadowpatch_patch::state::TargetState;
 use shadowpatch_patch::writes::{write_in_one_stop, PlainWrites};
 use shadowpatch_patch::{recover, PatchError, Recovered};
-use shadowpatch_target::{Attached, ProcessIdentity, TargetMemory};
+use shadowpatch_process::{Attached, ProcessIdentity, TargetMemory};
 
 struct Setup {
     target: Running,

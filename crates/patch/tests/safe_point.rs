@@ -8,7 +8,7 @@
 use shadowpatch_fixtures::{build_c_patch, build_c_source, Running};
 use shadowpatch_patch::safepoint::SafePoint;
 use shadowpatch_patch::{apply, ApplyOptions, PatchError};
-use shadowpatch_target::{ProcessIdentity, TargetMemory};
+use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use std::time::Duration;
 
 /// The mailbox as `crates/runtime` lays it out, and workers that pass a

@@ -25,8 +25,8 @@ fn manifest(dir: &Path, id: &str, object: &Path, binary: &Path, symbol: &str, wi
 
 /// Where the `jmp rel32` at a patched entry (after an endbr64, if any) goes.
 fn jump_target(pid: i32, entry: u64) -> u64 {
-    let identity = shadowpatch_target::ProcessIdentity::of(pid).unwrap();
-    let bytes = shadowpatch_target::TargetMemory::open(&identity)
+    let identity = shadowpatch_process::ProcessIdentity::of(pid).unwrap();
+    let bytes = shadowpatch_process::TargetMemory::open(&identity)
         .unwrap()
         .read_vec(entry, 9)
         .unwrap();

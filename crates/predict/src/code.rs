@@ -13,8 +13,8 @@ use iced_x86::{
 };
 use serde::Serialize;
 use shadowpatch_patch::object::{PatchObject, RelocationKind};
+use shadowpatch_process::{Mapping, TargetError, TargetMemory};
 use shadowpatch_symbols::{Module, SymbolKind};
-use shadowpatch_target::{Mapping, TargetError, TargetMemory};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// Which code an address belongs to.

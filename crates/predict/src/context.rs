@@ -11,7 +11,7 @@ use crate::finding::{Finding, Severity, Source};
 use crate::PredictError;
 use procfs::Current;
 use serde_json::json;
-use shadowpatch_target::ProcessIdentity;
+use shadowpatch_process::ProcessIdentity;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -149,7 +149,7 @@ fn sample(pid: i32, started: Instant) -> Result<Sample, PredictError> {
     let gone = |e: procfs::ProcError| -> PredictError {
         match e {
             procfs::ProcError::NotFound(_) => {
-                PredictError::Target(shadowpatch_target::TargetError::NoSuchProcess { pid })
+                PredictError::Target(shadowpatch_process::TargetError::NoSuchProcess { pid })
             }
             other => PredictError::BadArgument {
                 argument: "pid",

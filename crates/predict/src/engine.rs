@@ -12,7 +12,7 @@ use crate::context::{read_context, ContextOptions};
 use crate::finding::{Analysis, Finding, Severity, Source, Verdict, VerdictPolicy};
 use crate::static_analysis::analyze_static;
 use crate::PredictError;
-use shadowpatch_target::ProcessIdentity;
+use shadowpatch_process::ProcessIdentity;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

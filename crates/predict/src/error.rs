@@ -9,7 +9,7 @@ pub enum PredictError {
     #[error(transparent)]
     Patch(#[from] PatchError),
     #[error(transparent)]
-    Target(#[from] shadowpatch_target::TargetError),
+    Target(#[from] shadowpatch_process::TargetError),
     #[error(transparent)]
     Symbols(#[from] shadowpatch_symbols::SymbolsError),
     /// The simulation could not run (bad calls, a trapped entry, ...).

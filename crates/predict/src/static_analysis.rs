@@ -18,8 +18,8 @@ use shadowpatch_patch::apply::{originals_of, survey, Survey};
 use shadowpatch_patch::journal::{Journal, JournalState};
 use shadowpatch_patch::resolve::resolve_symbol;
 use shadowpatch_patch::{ErrorClass, PatchError};
+use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use shadowpatch_symbols::dwarf::{module_debug_info, DebugInfo, DebugSource};
-use shadowpatch_target::{ProcessIdentity, TargetMemory};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 

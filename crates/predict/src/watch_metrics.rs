@@ -51,7 +51,7 @@ impl WatchSampler {
     /// Read the sources now; `None` on the first call (no interval yet).
     pub fn sample(&mut self) -> Result<Option<BTreeMap<String, f64>>, PredictError> {
         let pid = self.pid;
-        let gone = |_| PredictError::Target(shadowpatch_target::TargetError::NoSuchProcess { pid });
+        let gone = |_| PredictError::Target(shadowpatch_process::TargetError::NoSuchProcess { pid });
         let stat = procfs::process::Process::new(pid)
             .and_then(|p| p.stat())
             .map_err(gone)?;

@@ -4,7 +4,7 @@
 use shadowpatch_fixtures::{Fixture, Running};
 use shadowpatch_predict::context::{read_context, ContextOptions, LogSource};
 use shadowpatch_predict::Severity;
-use shadowpatch_target::ProcessIdentity;
+use shadowpatch_process::ProcessIdentity;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -26,7 +26,7 @@ pub enum SymbolsError {
     #[error("{path}: ELF for {found}, but only x86_64 is supported")]
     WrongArchitecture { path: std::path::PathBuf, found: String },
     #[error(transparent)]
-    Target(#[from] shadowpatch_target::TargetError),
+    Target(#[from] shadowpatch_process::TargetError),
 }
 
 /// Hex form of a build-id, as `file(1)` and `readelf -n` print it.

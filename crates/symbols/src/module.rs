@@ -2,7 +2,7 @@
 //! later mapping of the same file, its load bias and its parsed image.
 
 use crate::{hex, ElfImage, Symbol, SymbolsError};
-use shadowpatch_target::{Mapping, MappingKind};
+use shadowpatch_process::{Mapping, MappingKind};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

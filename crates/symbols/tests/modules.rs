@@ -1,8 +1,8 @@
 //! Module discovery and symbol lookup on live fixture processes.
 
 use shadowpatch_fixtures::{Fixture, Running};
+use shadowpatch_process::maps::read_maps;
 use shadowpatch_symbols::{modules_of, SymbolKind, SymbolSource};
-use shadowpatch_target::maps::read_maps;
 
 #[test]
 fn c_fixture_modules_symbols_and_bias() {

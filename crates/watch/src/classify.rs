@@ -5,8 +5,8 @@
 use crate::event::{ClassRow, Classification};
 use crate::watched::{ActiveGeneration, WatchedVariable};
 use shadowpatch_mirror::RegionKind;
+use shadowpatch_process::{Mapping, MappingKind};
 use shadowpatch_symbols::Module;
-use shadowpatch_target::{Mapping, MappingKind};
 
 fn add(rows: &mut Vec<ClassRow>, reason: &str, bytes: u64) {
     match rows.iter_mut().find(|r| r.reason == reason) {

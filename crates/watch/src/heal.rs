@@ -10,7 +10,7 @@ use shadowpatch_mirror::StateDir;
 use shadowpatch_patch::journal::{TxnKind, Write5};
 use shadowpatch_patch::state::TargetState;
 use shadowpatch_patch::writes::write_in_one_stop;
-use shadowpatch_target::{Attached, ProcessIdentity};
+use shadowpatch_process::{Attached, ProcessIdentity};
 use std::path::Path;
 
 /// One run to write back: where, the tampered bytes seen, the mirrored bytes.

@@ -52,7 +52,7 @@ pub enum WatchError {
     #[error(transparent)]
     Patch(#[from] shadowpatch_patch::PatchError),
     #[error(transparent)]
-    Target(#[from] shadowpatch_target::TargetError),
+    Target(#[from] shadowpatch_process::TargetError),
     #[error(transparent)]
     Symbols(#[from] shadowpatch_symbols::SymbolsError),
 }

@@ -19,7 +19,7 @@ use shadowpatch_mirror::{
     CriticalVariable, DataMirror, DirtyError, DirtyMethod, DirtyTracker, Snapshot, SnapshotFile, TrackedRange,
     PAGE_SIZE,
 };
-use shadowpatch_target::{Attached, ProcessIdentity, TargetMemory};
+use shadowpatch_process::{Attached, ProcessIdentity, TargetMemory};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -12,8 +12,8 @@
 
 use crate::WatchError;
 use shadowpatch_mirror::{CriticalVariable, MirrorError, MirrorFile, PageHasher, RegionSpec, StateDir, PAGE_SIZE};
+use shadowpatch_process::ProcessIdentity;
 use shadowpatch_symbols::Module;
-use shadowpatch_target::ProcessIdentity;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;

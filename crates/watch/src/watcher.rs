@@ -28,10 +28,10 @@ use shadowpatch_mirror::{
     CriticalVariable, MirrorError, PageHasher, StateDir, VariableMode, VariableRequest, PAGE_SIZE,
 };
 use shadowpatch_patch::state::{ensure_baseline, TargetState};
+use shadowpatch_process::maps::read_maps;
+use shadowpatch_process::{ProcessIdentity, TargetError, TargetMemory};
 use shadowpatch_store::Store;
 use shadowpatch_symbols::{modules_of, Module};
-use shadowpatch_target::maps::read_maps;
-use shadowpatch_target::{ProcessIdentity, TargetError, TargetMemory};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

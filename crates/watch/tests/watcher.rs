@@ -9,7 +9,7 @@ use shadowpatch_mirror::{DirtyMethod, StateDir, VariableMode, VariableRegistry, 
 use shadowpatch_patch::journal::{Journal, TxnKind, Write5};
 use shadowpatch_patch::state::TargetState;
 use shadowpatch_patch::writes::PlainWrites;
-use shadowpatch_target::{ProcessIdentity, TargetMemory};
+use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use shadowpatch_watch::{StepOutcome, WatchEvent, WatchOptions, Watcher};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver};
@@ -314,7 +314,7 @@ fn code_made_writable_and_new_executable_memory_are_reported_once() {
     drain(&events);
     let cold_page = setup.target.number("cold") & !0xfff;
     let identity = ProcessIdentity::of(setup.target.pid()).unwrap();
-    let mut attached = shadowpatch_target::Attached::seize(&identity).unwrap();
+    let mut attached = shadowpatch_process::Attached::seize(&identity).unwrap();
     let mut stopped = attached.stop().unwrap();
     let tid = stopped.borrowable_thread();
     stopped

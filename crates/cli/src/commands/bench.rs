@@ -16,8 +16,8 @@ use nix::unistd::Pid;
 use serde::Serialize;
 use shadowpatch_fixtures::{Fixture, Running};
 use shadowpatch_mirror::{capture, verify, CaptureOptions, MirrorFile, PageHasher, RegionKind, RegionSpec, PAGE_SIZE};
-use shadowpatch_target::attach::StopPriority;
-use shadowpatch_target::{Attached, ProcessIdentity, TargetMemory};
+use shadowpatch_process::attach::StopPriority;
+use shadowpatch_process::{Attached, ProcessIdentity, TargetMemory};
 use std::io::IoSliceMut;
 use std::time::Instant;
 
@@ -518,7 +518,7 @@ fn patch_pauses(context: &Context, quick: bool) -> anyhow::Result<(Vec<PatchRow>
         let mut target = Running::start_binary(&binary, &[&threads.to_string()])?;
         let state = tempfile::tempdir()?;
         let identity = ProcessIdentity::of(target.pid())?;
-        let maps = shadowpatch_target::maps::read_maps(target.pid())?;
+        let maps = shadowpatch_process::maps::read_maps(target.pid())?;
         let f0 = shadowpatch_symbols::modules_of(target.pid(), &maps)?
             .into_iter()
             .find(|m| m.main)

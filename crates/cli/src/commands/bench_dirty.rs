@@ -10,7 +10,7 @@ use super::Context;
 use serde::Serialize;
 use shadowpatch_fixtures::{Fixture, Running};
 use shadowpatch_mirror::{detect, DataMirror, Detection, DirtyMethod, DirtyTracker, TrackedRange, PAGE_SIZE};
-use shadowpatch_target::{Attached, ProcessIdentity};
+use shadowpatch_process::{Attached, ProcessIdentity};
 use std::collections::BTreeSet;
 use std::time::Instant;
 

@@ -9,7 +9,7 @@ use super::pause::Percentiles;
 use serde::Serialize;
 use shadowpatch_fixtures::{Fixture, Running};
 use shadowpatch_mirror::{VariableMode, VariableRequest};
-use shadowpatch_target::{ProcessIdentity, TargetMemory};
+use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use shadowpatch_watch::{WatchEvent, WatchOptions, Watcher};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -10,7 +10,7 @@ use super::verify::verify_process;
 use super::Context;
 use crate::output::{gb_per_s, human_bytes, print_json};
 use shadowpatch_fixtures::{Fixture, Running};
-use shadowpatch_target::{Attached, ProcessIdentity, TargetMemory};
+use shadowpatch_process::{Attached, ProcessIdentity, TargetMemory};
 use std::time::Instant;
 
 /// Prints the narration, or with `--json` collects it into one document.

@@ -4,9 +4,9 @@ use super::{Context, Location};
 use crate::failure::BadInput;
 use crate::output::print_json;
 use serde::Serialize;
+use shadowpatch_process::maps::read_maps;
+use shadowpatch_process::ProcessIdentity;
 use shadowpatch_symbols::{modules_of, SymbolKind, SymbolSource};
-use shadowpatch_target::maps::read_maps;
-use shadowpatch_target::ProcessIdentity;
 
 #[derive(Debug, Serialize)]
 struct Found {

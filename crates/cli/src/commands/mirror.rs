@@ -7,9 +7,9 @@ use crate::progress::Progress;
 use anyhow::Context as _;
 use serde::Serialize;
 use shadowpatch_mirror::{capture, select_regions, CaptureOptions, GenerationHeader, StateDir};
+use shadowpatch_process::maps::read_maps;
+use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use shadowpatch_symbols::modules_of;
-use shadowpatch_target::maps::read_maps;
-use shadowpatch_target::{ProcessIdentity, TargetMemory};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 

@@ -3,8 +3,8 @@
 use super::Context;
 use crate::output::print_json;
 use serde::Serialize;
-use shadowpatch_target::attach::StopPriority;
-use shadowpatch_target::{Attached, PauseReport, ProcessIdentity};
+use shadowpatch_process::attach::StopPriority;
+use shadowpatch_process::{Attached, PauseReport, ProcessIdentity};
 
 #[derive(Debug, Serialize)]
 pub struct PauseSummary {

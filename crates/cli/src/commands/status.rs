@@ -4,10 +4,10 @@ use super::Context;
 use crate::output::{human_bytes, print_json};
 use serde::Serialize;
 use shadowpatch_mirror::{MirrorFile, StateDir, VariableMode, VariableRegistry};
+use shadowpatch_process::attach::list_threads;
+use shadowpatch_process::maps::read_maps;
+use shadowpatch_process::ProcessIdentity;
 use shadowpatch_symbols::modules_of;
-use shadowpatch_target::attach::list_threads;
-use shadowpatch_target::maps::read_maps;
-use shadowpatch_target::ProcessIdentity;
 use std::path::PathBuf;
 
 #[derive(Debug, Serialize)]

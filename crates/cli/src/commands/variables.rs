@@ -16,8 +16,8 @@ use shadowpatch_mirror::{
 use shadowpatch_patch::journal::{Journal, TxnKind, Write5};
 use shadowpatch_patch::state::TargetState;
 use shadowpatch_patch::writes::write_in_one_stop;
+use shadowpatch_process::{Attached, ProcessIdentity, TargetMemory};
 use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
-use shadowpatch_target::{Attached, ProcessIdentity, TargetMemory};
 use std::path::PathBuf;
 
 /// Bytes of a snapshot shown in text output.

@@ -6,9 +6,9 @@ use crate::output::{gb_per_s, hex_bytes, human_bytes, print_json};
 use crate::progress::Progress;
 use serde::Serialize;
 use shadowpatch_mirror::{verify, DifferenceKind, MirrorError, MirrorFile, StateDir};
+use shadowpatch_process::maps::read_maps;
+use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use shadowpatch_symbols::{modules_of, Module};
-use shadowpatch_target::maps::read_maps;
-use shadowpatch_target::{ProcessIdentity, TargetMemory};
 use std::path::PathBuf;
 
 #[derive(Debug, Serialize)]

@@ -45,7 +45,7 @@ mod uffd;
 
 use crate::hash::PAGE_SIZE;
 use serde::{Deserialize, Serialize};
-use shadowpatch_target::{Attached, ProcessIdentity, TargetError, TargetMemory};
+use shadowpatch_process::{Attached, ProcessIdentity, TargetError, TargetMemory};
 use std::time::Instant;
 
 /// How dirty pages are found.
@@ -507,7 +507,7 @@ fn normalize(pid: i32, ranges: &[TrackedRange]) -> Result<Vec<TrackedRange>, Dir
 /// read-only memory is the immutable mirror's job, and registering a
 /// userfaultfd over a hole fails half-way.
 fn check_writable(pid: i32, ranges: &[TrackedRange]) -> Result<(), DirtyError> {
-    let maps = shadowpatch_target::maps::read_maps(pid)?;
+    let maps = shadowpatch_process::maps::read_maps(pid)?;
     for range in ranges {
         let mut address = range.start;
         while address < range.end {

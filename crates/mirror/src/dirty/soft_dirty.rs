@@ -16,9 +16,9 @@
 
 use super::{DirtyError, DirtyMethod, DirtyPages, TrackedRange};
 use crate::hash::PAGE_SIZE;
+use shadowpatch_process::Attached;
 use shadowpatch_sys::pagemap::{Pagemap, PAGEMAP_ENTRY_SOFT_DIRTY};
 use shadowpatch_sys::scratch::ScratchMapping;
-use shadowpatch_target::Attached;
 
 /// Pagemap entries read per `pread` (64 KiB of entries, 32 MiB of memory).
 const ENTRIES_PER_READ: usize = 8192;

@@ -8,7 +8,7 @@
 
 use super::{DirtyError, DirtyPages, TrackedRange};
 use crate::hash::{PageHasher, PAGE_SIZE};
-use shadowpatch_target::TargetMemory;
+use shadowpatch_process::TargetMemory;
 
 /// Bytes read per `process_vm_readv`.
 const CHUNK: usize = 4 << 20;

@@ -33,6 +33,7 @@
 use super::{DirtyError, DirtyPages, TrackedRange};
 use crate::hash::PAGE_SIZE;
 use nix::errno::Errno;
+use shadowpatch_process::{Attached, TargetError};
 use shadowpatch_sys::pagemap::{
     PageRegion, Pagemap, ScanRequest, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
 };
@@ -40,7 +41,6 @@ use shadowpatch_sys::scratch::ScratchMapping;
 use shadowpatch_sys::uffd::{
     Userfaultfd, UFFDIO_WRITEPROTECT_BIT, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY,
 };
-use shadowpatch_target::{Attached, TargetError};
 
 /// The features we need, both.
 const FEATURES: u64 = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;

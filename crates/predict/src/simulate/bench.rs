@@ -10,9 +10,9 @@ use super::capture::Probe;
 use super::{CopiesGuard, SimulateError};
 use shadowpatch_mirror::StateDir;
 use shadowpatch_patch::state::TargetState;
-use shadowpatch_target::events::Event;
-use shadowpatch_target::maps::read_maps;
-use shadowpatch_target::{Attached, ProcessIdentity};
+use shadowpatch_process::events::Event;
+use shadowpatch_process::maps::read_maps;
+use shadowpatch_process::{Attached, ProcessIdentity};
 use std::path::Path;
 use std::time::{Duration, Instant};
 

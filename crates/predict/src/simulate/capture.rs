@@ -19,8 +19,8 @@ use shadowpatch_patch::journal::{TxnKind, Write5};
 use shadowpatch_patch::state::TargetState;
 use shadowpatch_patch::trampoline::FunctionSite;
 use shadowpatch_patch::writes::PlainWrites;
-use shadowpatch_target::events::{Event, INT3, SESSION_OPTIONS};
-use shadowpatch_target::{Attached, ProcessCopy};
+use shadowpatch_process::events::{Event, INT3, SESSION_OPTIONS};
+use shadowpatch_process::{Attached, ProcessCopy};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -320,7 +320,7 @@ fn run_loop(
             Event::NewThread { .. } => stats.new_threads += 1,
             Event::NewProcess { .. } => stats.new_processes += 1,
             Event::Exited { process: true, .. } => {
-                return Err(SimulateError::Target(shadowpatch_target::TargetError::Exited {
+                return Err(SimulateError::Target(shadowpatch_process::TargetError::Exited {
                     pid,
                     during: "capturing calls",
                 }))

@@ -14,8 +14,8 @@
 
 use super::sandbox::{Outcome, RunResult};
 use super::SimulateError;
-use shadowpatch_target::maps::read_maps;
-use shadowpatch_target::{Mapping, ProcessCopy};
+use shadowpatch_process::maps::read_maps;
+use shadowpatch_process::{Mapping, ProcessCopy};
 use std::os::unix::fs::FileExt;
 
 const PAGE: u64 = 4096;

@@ -13,8 +13,8 @@
 use super::SimulateError;
 use nix::unistd::Pid;
 use shadowpatch_patch::load::{map_image, LoadPlan};
-use shadowpatch_target::maps::read_maps;
-use shadowpatch_target::ProcessCopy;
+use shadowpatch_process::maps::read_maps;
+use shadowpatch_process::ProcessCopy;
 use std::collections::BTreeSet;
 
 /// The two copies of one call, ready at the function's entry.

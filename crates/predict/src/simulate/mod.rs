@@ -46,7 +46,7 @@ use shadowpatch_patch::apply::prepare;
 use shadowpatch_patch::load::{plan_load, LoadPlan};
 use shadowpatch_patch::state::{copies_log_path, TargetState};
 use shadowpatch_patch::{ErrorClass, PatchError};
-use shadowpatch_target::{Attached, ProcessCopy, ProcessIdentity, TargetError};
+use shadowpatch_process::{Attached, ProcessCopy, ProcessIdentity, TargetError};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -386,7 +386,7 @@ fn run_pair(
     let fds = descriptors(&pair.patched, &pair);
     let patched = sandbox::run(&mut pair.patched, sentinel, fds, &options.limits)?;
     // Dead memory: the stack below the call's entry, and the patch itself.
-    let maps = shadowpatch_target::maps::read_maps(pair.original.pid().as_raw())?;
+    let maps = shadowpatch_process::maps::read_maps(pair.original.pid().as_raw())?;
     let stack_start = maps
         .iter()
         .find(|m| m.contains(entry.rsp))
@@ -411,7 +411,7 @@ fn run_pair(
 /// An address for the return sentinel: low (below vm.mmap_min_addr where
 /// possible), canonical, and not mapped in the target, so that the
 /// function's `ret` faults there and nowhere else.
-fn choose_sentinel(pid: i32, maps: &[shadowpatch_target::Mapping]) -> Result<u64, SimulateError> {
+fn choose_sentinel(pid: i32, maps: &[shadowpatch_process::Mapping]) -> Result<u64, SimulateError> {
     let minimum = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
         .ok()
         .and_then(|text| text.trim().parse::<u64>().ok())
@@ -421,7 +421,7 @@ fn choose_sentinel(pid: i32, maps: &[shadowpatch_target::Mapping]) -> Result<u64
     candidates.sort_by_key(|c| (*c + 0x1000 > minimum, *c));
     candidates
         .into_iter()
-        .find(|c| !maps.iter().any(|m| m.contains(*c)) && *c != shadowpatch_target::remote::CLONE_STACK_TRAP)
+        .find(|c| !maps.iter().any(|m| m.contains(*c)) && *c != shadowpatch_process::remote::CLONE_STACK_TRAP)
         .ok_or(SimulateError::NoSentinel { pid })
 }
 

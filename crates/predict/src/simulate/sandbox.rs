@@ -7,7 +7,7 @@
 use super::policy::{decide, opens_for_writing, After, Decision, Descriptors, EffectKind, SideEffect};
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
-use shadowpatch_target::{CopyStop, Deadline, ProcessCopy, Resume, TargetError};
+use shadowpatch_process::{CopyStop, Deadline, ProcessCopy, Resume, TargetError};
 use std::time::{Duration, Instant};
 
 /// Bytes of each write kept for display; the whole write (up to

@@ -113,8 +113,8 @@ impl Live {
             children.is_empty(),
             "children left behind (not even a zombie may stay): {children:?}"
         );
-        let identity = shadowpatch_target::ProcessIdentity::of(pid).unwrap();
-        let mut live = shadowpatch_target::TargetMemory::open(&identity).unwrap();
+        let identity = shadowpatch_process::ProcessIdentity::of(pid).unwrap();
+        let mut live = shadowpatch_process::TargetMemory::open(&identity).unwrap();
         for &(address, original) in functions {
             assert_eq!(
                 live.read_vec(address, 1).unwrap()[0],
@@ -138,8 +138,8 @@ impl Live {
 
     /// The first byte of the function at `address`, read live.
     pub fn byte_at(&self, address: u64) -> u8 {
-        let identity = shadowpatch_target::ProcessIdentity::of(self.pid()).unwrap();
-        shadowpatch_target::TargetMemory::open(&identity)
+        let identity = shadowpatch_process::ProcessIdentity::of(self.pid()).unwrap();
+        shadowpatch_process::TargetMemory::open(&identity)
             .unwrap()
             .read_vec(address, 1)
             .unwrap()[0]

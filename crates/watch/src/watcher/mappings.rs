@@ -5,8 +5,8 @@
 use super::{now_ms, Watcher};
 use crate::event::WatchEvent;
 use crate::WatchError;
+use shadowpatch_process::{Mapping, MappingKind};
 use shadowpatch_symbols::modules_of;
-use shadowpatch_target::{Mapping, MappingKind};
 
 impl Watcher {
     /// Compare the memory map with the mirror: mirrored regions unmapped or

@@ -3,7 +3,7 @@
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use shadowpatch_fixtures::{Fixture, Running};
-use shadowpatch_target::{Attached, ProcessIdentity, TargetError};
+use shadowpatch_process::{Attached, ProcessIdentity, TargetError};
 
 fn thread_states(pid: i32) -> Vec<char> {
     std::fs::read_dir(format!("/proc/{pid}/task"))

@@ -4,8 +4,8 @@
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use shadowpatch_fixtures::{Fixture, Running};
-use shadowpatch_target::events::{Event, INT3, SESSION_OPTIONS};
-use shadowpatch_target::{Attached, ProcessIdentity};
+use shadowpatch_process::events::{Event, INT3, SESSION_OPTIONS};
+use shadowpatch_process::{Attached, ProcessIdentity};
 use std::time::{Duration, Instant};
 
 /// Field `index` (1-based, as in proc(5)) of /proc/PID/stat.
@@ -212,7 +212,7 @@ fn detaching_removes_a_breakpoint_left_armed() {
     let _ = attached.next_event(Duration::from_millis(20)).unwrap();
     drop(attached);
     let identity = ProcessIdentity::of(pid).unwrap();
-    let byte = shadowpatch_target::TargetMemory::open(&identity)
+    let byte = shadowpatch_process::TargetMemory::open(&identity)
         .unwrap()
         .read_vec(work, 1)
         .unwrap()[0];
