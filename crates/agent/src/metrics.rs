@@ -112,7 +112,7 @@ impl Metrics {
         };
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         gauge(
-            "shadowpatch_processs_watched",
+            "shadowpatch_targets_watched",
             "gauge",
             "Targets the agent verifies continuously.",
             load(&self.targets_watched),

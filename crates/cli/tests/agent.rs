@@ -156,7 +156,7 @@ fn the_cli_goes_through_a_running_agent_and_acts_directly_without_one() {
 
     let metrics = agent.metrics();
     for line in [
-        "shadowpatch_processs_watched 1\n",
+        "shadowpatch_targets_watched 1\n",
         "shadowpatch_applies_total 1\n",
         "shadowpatch_rollbacks_total{cause=\"command\"} 1\n",
         "shadowpatch_patches_active 0\n",
