@@ -14,7 +14,7 @@ pub const APPLY_POINTS: &[&str] = &[
     "written",
     "activated",
 ];
-/// The point an apply `--at-safe-point` passes once the application's
+/// The point a safe-point apply (`ApplyOptions::safe_point`) passes once the application's
 /// pending word is set, before a thread has parked (`safepoint.rs`).
 pub const SAFE_POINT_POINTS: &[&str] = &["safe-point-held"];
 /// The points a rollback passes.

@@ -1,5 +1,5 @@
-//! Activating a patch at the application's safe points (`apply
-//! --at-safe-point`): an application linked with the runtime library
+//! Activating a patch at the application's safe points (`ApplyOptions::
+//! safe_point`; no CLI flag exposes it yet): an application linked with the runtime library
 //! (`crates/runtime`) exposes a mailbox of three words: `pending`, which we
 //! set to ask its threads to wait at their next safe point, `parked`, which
 //! counts threads waiting there, and `passed`, which counts safe points
