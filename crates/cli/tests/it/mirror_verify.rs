@@ -1,9 +1,7 @@
 //! End to end: mirror and verify real C and Rust processes, detect a
 //! tampered byte exactly, and refuse every kind of bad input cleanly.
 
-mod common;
-
-use common::{assert_bad_input, assert_untouched, shadowpatch};
+use crate::common::{assert_bad_input, assert_untouched, shadowpatch};
 use shadowpatch_fixtures::{Fixture, Running};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};
 
@@ -234,7 +232,7 @@ fn an_unprivileged_caller_gets_the_ptrace_hint_and_the_target_is_untouched() {
             .gid(65534)
             .output()
             .unwrap();
-        let run = common::from_output(output);
+        let run = crate::common::from_output(output);
         assert_bad_input(&run, "CAP_SYS_PTRACE");
     }
     assert_untouched(target.pid());
