@@ -240,10 +240,14 @@ fn another_user_cannot_act_on_a_target_through_the_agent() {
     let agent = AgentProcess::start(dir.path(), &["--socket-mode", "666"], &[]);
     assert_eq!(cli(dir.path(), &["apply", &pid_text, &manifest]).code, 0);
 
-    let output = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
+    // The build directory may sit under a directory only root can enter
+    // (a clone in `mktemp -d`): run a copy from a world-readable place.
+    let (_bin_dir, binary) = crate::common::binary_runnable_by_anyone();
+    let output = Command::new(&binary)
         .args(["rollback", &pid_text])
         .env("SHADOWPATCH_STATE_DIR", dir.path().join("state"))
         .env("SHADOWPATCH_AGENT_SOCKET", &agent.socket)
+        .current_dir("/")
         .uid(65534)
         .gid(65534)
         .output()
