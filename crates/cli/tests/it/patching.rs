@@ -26,17 +26,7 @@ fn c_patch_changes_answers_and_rollback_restores_them() {
     let mappings_before = anonymous_code_mappings(target.pid());
     assert_eq!(target.command("banner").unwrap(), "sample service v1");
 
-    let applied = shadowpatch(
-        &state,
-        &[
-            "apply",
-            &pid,
-            manifest.to_str().unwrap(),
-            "--context-secs",
-            "0",
-            "--json",
-        ],
-    );
+    let applied = shadowpatch(&state, &["apply", &pid, manifest.to_str().unwrap(), "--json"]);
     assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
     let applied = applied.json();
     assert_eq!(applied["patch_id"], "fix1");
@@ -92,22 +82,15 @@ fn patches_stack_and_roll_back_last_in_first_out() {
     let first = write_manifest(dir.path(), "first", &object, &build_id, &[("work_fn", "work_fn_v2")]);
     // The second replaces the same function again, calling the target's static scaled().
     let second = write_manifest(dir.path(), "second", &object, &build_id, &[("work_fn", "work_fn_v3")]);
-    assert_eq!(
-        shadowpatch(&state, &["apply", &pid, first.to_str().unwrap(), "--context-secs", "0"]).code,
-        0
-    );
-    let applied = shadowpatch(
-        &state,
-        &["apply", &pid, second.to_str().unwrap(), "--context-secs", "0", "--json"],
-    )
-    .json();
+    assert_eq!(shadowpatch(&state, &["apply", &pid, first.to_str().unwrap()]).code, 0);
+    let applied = shadowpatch(&state, &["apply", &pid, second.to_str().unwrap(), "--json"]).json();
     assert_eq!(applied["generation"], 2);
     assert_eq!(target.command("ask 5").unwrap(), "1000016");
     wait_for_patched(&mut target, true);
     assert_eq!(shadowpatch(&state, &["verify", &pid]).code, 0);
 
     // Duplicate ids are refused.
-    let again = shadowpatch(&state, &["apply", &pid, first.to_str().unwrap(), "--context-secs", "0"]);
+    let again = shadowpatch(&state, &["apply", &pid, first.to_str().unwrap()]);
     crate::common::assert_bad_input(&again, "already active");
 
     // The first lies under the second: refused, exit 1, nothing changes.
@@ -153,17 +136,7 @@ fn rust_cdylib_patch_replaces_a_rust_function() {
         &build_id_of(&target.binary()),
         &[("rust_work", "rust_work_v2")],
     );
-    let applied = shadowpatch(
-        &state,
-        &[
-            "apply",
-            &pid,
-            manifest.to_str().unwrap(),
-            "--context-secs",
-            "0",
-            "--json",
-        ],
-    );
+    let applied = shadowpatch(&state, &["apply", &pid, manifest.to_str().unwrap(), "--json"]);
     assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
     assert_eq!(target.command("ask 5").unwrap(), "1000016");
     wait_for_patched(&mut target, true);

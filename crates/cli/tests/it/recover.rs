@@ -70,7 +70,7 @@ fn killed_at_every_apply_step_recover_reaches_a_consistent_state() {
         let mappings = anonymous_code_mappings(setup.target.pid());
         let killed = shadowpatch_env(
             &state,
-            &["apply", &pid, setup.manifest.to_str().unwrap(), "--context-secs", "0"],
+            &["apply", &pid, setup.manifest.to_str().unwrap()],
             &[("SHADOWPATCH_FAULT", point)],
         );
         assert_eq!(
@@ -79,10 +79,7 @@ fn killed_at_every_apply_step_recover_reaches_a_consistent_state() {
             killed.code, killed.stderr
         );
         // Until recovered, new transactions are refused.
-        let blocked = shadowpatch(
-            &state,
-            &["apply", &pid, setup.manifest.to_str().unwrap(), "--context-secs", "0"],
-        );
+        let blocked = shadowpatch(&state, &["apply", &pid, setup.manifest.to_str().unwrap()]);
         assert_eq!(blocked.code, 1, "{point}: {}", blocked.stderr);
         assert!(
             blocked.stderr.contains("shadowpatch recover"),
@@ -111,11 +108,7 @@ fn killed_at_every_apply_step_recover_reaches_a_consistent_state() {
             setup.assert_consistent(false, mappings);
         } else {
             assert_eq!(
-                shadowpatch(
-                    &state,
-                    &["apply", &pid, setup.manifest.to_str().unwrap(), "--context-secs", "0"]
-                )
-                .code,
+                shadowpatch(&state, &["apply", &pid, setup.manifest.to_str().unwrap()]).code,
                 0,
                 "{point}"
             );
@@ -132,11 +125,7 @@ fn killed_at_every_rollback_step_recover_finishes_the_rollback() {
         assert_eq!(shadowpatch(&state, &["mirror", &pid]).code, 0);
         let mappings = anonymous_code_mappings(setup.target.pid());
         assert_eq!(
-            shadowpatch(
-                &state,
-                &["apply", &pid, setup.manifest.to_str().unwrap(), "--context-secs", "0"]
-            )
-            .code,
+            shadowpatch(&state, &["apply", &pid, setup.manifest.to_str().unwrap()]).code,
             0
         );
         let killed = shadowpatch_env(&state, &["rollback", &pid], &[("SHADOWPATCH_FAULT", point)]);
@@ -152,18 +141,7 @@ fn killed_at_every_rollback_step_recover_finishes_the_rollback() {
 fn rollback_refuses_to_overwrite_someone_elses_change() {
     let mut setup = Setup::new();
     let (state, pid) = (setup.state(), setup.pid());
-    let applied = shadowpatch(
-        &state,
-        &[
-            "apply",
-            &pid,
-            setup.manifest.to_str().unwrap(),
-            "--context-secs",
-            "0",
-            "--json",
-        ],
-    )
-    .json();
+    let applied = shadowpatch(&state, &["apply", &pid, setup.manifest.to_str().unwrap(), "--json"]).json();
     // Someone else rewrites our jump at banner's entry.
     let entry = applied["functions"][1]["entry"].as_u64().unwrap();
     let identity = shadowpatch_process::ProcessIdentity::of(setup.target.pid()).unwrap();
