@@ -12,7 +12,7 @@ use std::path::Path;
 
 /// Cycles per configuration in the suite: every cycle stops all threads
 /// twice, so a few dozen already cross thousands of hot calls mid-flight.
-const CYCLES: usize = 25;
+const CYCLES: usize = 20;
 
 /// Cycles per configuration of the long, ignored run.
 const LONG_CYCLES: usize = 1000;
