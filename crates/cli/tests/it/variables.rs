@@ -6,10 +6,8 @@
 //! --restore-state` writes it back; bad input exits 2 with one line and
 //! the target untouched.
 
-mod common;
-
-use common::watch::WatchProcess;
-use common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
+use crate::common::watch::WatchProcess;
+use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
 use serde_json::Value;
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};

@@ -303,7 +303,8 @@ fn a_dying_tracer_leaves_the_target_working_and_unregistered() {
     let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "helper_process_tracks_until_killed",
+            // Its name in the crate's one test binary (tests/it/main.rs).
+            "dirty::helper_process_tracks_until_killed",
             "--nocapture",
             "--test-threads=1",
         ])

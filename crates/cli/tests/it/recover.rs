@@ -3,9 +3,9 @@
 //! `recover` brings the target to a consistent state, fully applied or
 //! fully rolled back, says which, and that everything agrees afterwards.
 
-mod common;
-
-use common::{anonymous_code_mappings, assert_untouched, build_id_of, shadowpatch, shadowpatch_env, write_manifest};
+use crate::common::{
+    anonymous_code_mappings, assert_untouched, build_id_of, shadowpatch, shadowpatch_env, write_manifest,
+};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use shadowpatch_patch::fault::{APPLY_POINTS, ROLLBACK_POINTS};
 
@@ -54,7 +54,7 @@ impl Setup {
         assert!(status["interrupted"].is_null(), "{status}");
         assert_eq!(status["patches"].as_array().unwrap().len(), usize::from(applied));
         if !applied {
-            common::assert_patch_memory_released(&self.state(), self.target.pid(), mappings_unpatched);
+            crate::common::assert_patch_memory_released(&self.state(), self.target.pid(), mappings_unpatched);
         }
         assert_eq!(self.target.check().unwrap()["errors"], 0);
         assert_untouched(self.target.pid());

@@ -2,9 +2,9 @@
 //! exit codes, the event history, nothing written to the target) and
 //! `apply` running the analysis first (refusing, or `--force`).
 
-mod common;
-
-use common::{anonymous_code_mappings, assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
+use crate::common::{
+    anonymous_code_mappings, assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest,
+};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -6,7 +6,7 @@
 pub mod lighttpd;
 pub mod watch;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 #[derive(Debug)]
@@ -36,6 +36,20 @@ pub fn shadowpatch_env(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Run
         .output()
         .expect("shadowpatch runs");
     from_output(output)
+}
+
+/// A copy of the `shadowpatch` binary that any user can run, for tests
+/// that drop to another uid: the build directory may sit under a directory
+/// only root can enter (a clone in `mktemp -d`, a 0700 home directory).
+/// Returns the copy's path and the temporary directory holding it.
+pub fn binary_runnable_by_anyone() -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let binary = dir.path().join("shadowpatch");
+    std::fs::copy(env!("CARGO_BIN_EXE_shadowpatch"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (dir, binary)
 }
 
 pub fn from_output(output: Output) -> Run {

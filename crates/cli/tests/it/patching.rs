@@ -2,9 +2,9 @@
 //! Rust fixtures through the real binary, and refuse every bad patch with
 //! the target untouched.
 
-mod common;
-
-use common::{anonymous_code_mappings, assert_untouched, build_id_of, shadowpatch, wait_for_patched, write_manifest};
+use crate::common::{
+    anonymous_code_mappings, assert_untouched, build_id_of, shadowpatch, wait_for_patched, write_manifest,
+};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use std::time::{Duration, Instant};
 
@@ -67,7 +67,7 @@ fn c_patch_changes_answers_and_rollback_restores_them() {
         0,
         "generation 0 verifies clean"
     );
-    common::assert_patch_memory_released(&state, target.pid(), mappings_before);
+    crate::common::assert_patch_memory_released(&state, target.pid(), mappings_before);
     assert_untouched(target.pid());
 }
 
@@ -91,7 +91,7 @@ fn patches_stack_and_roll_back_last_in_first_out() {
 
     // Duplicate ids are refused.
     let again = shadowpatch(&state, &["apply", &pid, first.to_str().unwrap()]);
-    common::assert_bad_input(&again, "already active");
+    crate::common::assert_bad_input(&again, "already active");
 
     // The first lies under the second: refused, exit 1, nothing changes.
     let refused = shadowpatch(&state, &["rollback", &pid, "first"]);
@@ -118,7 +118,7 @@ fn patches_stack_and_roll_back_last_in_first_out() {
     assert_eq!(rolled["generation"], 0);
     assert_eq!(target.command("ask 5").unwrap(), "16");
     assert_eq!(shadowpatch(&state, &["verify", &pid]).code, 0);
-    common::assert_bad_input(&shadowpatch(&state, &["rollback", &pid]), "no active patch");
+    crate::common::assert_bad_input(&shadowpatch(&state, &["rollback", &pid]), "no active patch");
     assert_eq!(target.check().unwrap()["errors"], 0);
 }
 
@@ -279,20 +279,20 @@ fn bad_patches_are_refused_and_the_target_is_untouched() {
         "id = \"x\"\nobject = \"a.so\"\n[target]\nbuild_id = \"abcd\"\nmodule = \"m\"\ncolour = 1\n",
     )
     .unwrap();
-    common::assert_bad_input(
+    crate::common::assert_bad_input(
         &shadowpatch(&state, &["apply", &pid, broken.to_str().unwrap()]),
         "unknown field `colour`",
     );
     std::fs::write(&broken, "id = \"x\"\n").unwrap();
-    common::assert_bad_input(
+    crate::common::assert_bad_input(
         &shadowpatch(&state, &["apply", &pid, broken.to_str().unwrap()]),
         "missing field",
     );
-    common::assert_bad_input(
+    crate::common::assert_bad_input(
         &shadowpatch(&state, &["apply", &pid, "/nonexistent/m.toml"]),
         "/nonexistent/m.toml",
     );
-    common::assert_bad_input(
+    crate::common::assert_bad_input(
         &shadowpatch(&state, &["apply", "2147483646", broken.to_str().unwrap()]),
         "no process",
     );
@@ -317,7 +317,7 @@ fn a_target_exiting_mid_apply_is_a_one_line_error() {
         &build_id_of(&target.binary()),
         &[("work_fn", "work_fn_v2")],
     );
-    let run = common::shadowpatch_env(
+    let run = crate::common::shadowpatch_env(
         &state,
         &["apply", &pid, manifest.to_str().unwrap()],
         &[("SHADOWPATCH_FAULT_TARGET", "loaded")],

@@ -6,10 +6,8 @@
 //! Needs /usr/sbin/lighttpd (`.ci/run` installs it). Without it the test
 //! fails, naming the package, so a missing server is never a silent pass.
 
-mod common;
-
-use common::lighttpd::{get, start_lighttpd, start_lighttpd_with, LIGHTTPD};
-use common::{assert_untouched, build_id_of, shadowpatch, write_manifest};
+use crate::common::lighttpd::{get, start_lighttpd, start_lighttpd_with, LIGHTTPD};
+use crate::common::{assert_untouched, build_id_of, shadowpatch, write_manifest};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use std::io::{Read, Write};

@@ -1,11 +1,9 @@
 //! The README's first command must work: the demo runs end to end.
 
-mod common;
-
 #[test]
 fn demo_runs_every_step_and_succeeds() {
     let state = tempfile::tempdir().unwrap();
-    let run = common::shadowpatch(state.path(), &["demo", "--json"]);
+    let run = crate::common::shadowpatch(state.path(), &["demo", "--json"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let report = run.json();
     assert_eq!(report["ok"], true);

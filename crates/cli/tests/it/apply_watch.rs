@@ -6,9 +6,7 @@
 //! hangs times out and counts as a failure; bad flags are refused with the
 //! target untouched.
 
-mod common;
-
-use common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
+use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 
 struct Setup {
@@ -33,7 +31,7 @@ impl Setup {
             .into_owned()
     }
 
-    fn apply(&self, id: &str, with: &str, extra: &[&str]) -> common::Run {
+    fn apply(&self, id: &str, with: &str, extra: &[&str]) -> crate::common::Run {
         let pid = self.target.pid().to_string();
         let manifest = self.manifest(id, with);
         let mut args = vec!["apply", &pid, &manifest, "--json", "--force", "--context-secs", "0"];

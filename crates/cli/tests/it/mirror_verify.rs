@@ -1,9 +1,7 @@
 //! End to end: mirror and verify real C and Rust processes, detect a
 //! tampered byte exactly, and refuse every kind of bad input cleanly.
 
-mod common;
-
-use common::{assert_bad_input, assert_untouched, shadowpatch};
+use crate::common::{assert_bad_input, assert_untouched, shadowpatch};
 use shadowpatch_fixtures::{Fixture, Running};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};
 
@@ -214,17 +212,12 @@ fn a_thread_id_is_refused_naming_its_process() {
 
 #[test]
 fn an_unprivileged_caller_gets_the_ptrace_hint_and_the_target_is_untouched() {
-    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     let target = Running::start(Fixture::BusyC, &["1"]).unwrap();
     let state = tempfile::tempdir().unwrap();
     // The build directory may sit under a directory only root can enter
     // (CI clones anywhere): run a copy from a world-readable place.
-    let bin_dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let binary = bin_dir.path().join("shadowpatch");
-    std::fs::copy(env!("CARGO_BIN_EXE_shadowpatch"), &binary).unwrap();
-    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_bin_dir, binary) = crate::common::binary_runnable_by_anyone();
     for command in ["pause", "mirror"] {
         let output = std::process::Command::new(&binary)
             .args([command, &target.pid().to_string()])
@@ -234,7 +227,7 @@ fn an_unprivileged_caller_gets_the_ptrace_hint_and_the_target_is_untouched() {
             .gid(65534)
             .output()
             .unwrap();
-        let run = common::from_output(output);
+        let run = crate::common::from_output(output);
         assert_bad_input(&run, "CAP_SYS_PTRACE");
     }
     assert_untouched(target.pid());

@@ -5,11 +5,9 @@
 //! is still caught), SIGTERM leaves the target untouched, a target that
 //! exits ends the watch with exit 4, and bad input exits 2 with one line.
 
-mod common;
-
-use common::lighttpd::{get, start_lighttpd};
-use common::watch::{WatchProcess, PATIENCE};
-use common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
+use crate::common::lighttpd::{get, start_lighttpd};
+use crate::common::watch::{WatchProcess, PATIENCE};
+use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
 use serde_json::Value;
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};

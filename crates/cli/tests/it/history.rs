@@ -2,9 +2,7 @@
 //! lands in the SQLite event history and can be filtered; bad input and a
 //! database from a newer shadowpatch are one-line errors.
 
-mod common;
-
-use common::{assert_bad_input, build_id_of, shadowpatch, write_manifest};
+use crate::common::{assert_bad_input, build_id_of, shadowpatch, write_manifest};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 
 #[test]

@@ -3,9 +3,7 @@
 //! behave, side effects the sandbox stops, and the live process served
 //! correctly and left untouched throughout.
 
-mod common;
-
-use common::{blocking, capturing, codes, finding, Live};
+use crate::common::{blocking, capturing, codes, finding, Live};
 use shadowpatch_predict::simulate::{
     parse_call, parse_vectors, CallOrigin, CallVerdict, Outcome, SimulateError, SimulationOptions,
 };

@@ -6,9 +6,7 @@
 //! serving; C and Rust applications linking the runtime library ask it to
 //! roll back their patch.
 
-mod common;
-
-use common::{assert_untouched, build_id_of, shadowpatch_env, wait_for_patched, write_manifest, Run};
+use crate::common::{assert_untouched, build_id_of, shadowpatch_env, wait_for_patched, write_manifest, Run};
 use shadowpatch_fixtures::{build_c_patch, build_c_source, build_patch, Fixture, Patch, Running};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -242,15 +240,19 @@ fn another_user_cannot_act_on_a_target_through_the_agent() {
     let agent = AgentProcess::start(dir.path(), &["--socket-mode", "666"], &[]);
     assert_eq!(cli(dir.path(), &["apply", &pid_text, &manifest]).code, 0);
 
-    let output = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
+    // The build directory may sit under a directory only root can enter
+    // (a clone in `mktemp -d`): run a copy from a world-readable place.
+    let (_bin_dir, binary) = crate::common::binary_runnable_by_anyone();
+    let output = Command::new(&binary)
         .args(["rollback", &pid_text])
         .env("SHADOWPATCH_STATE_DIR", dir.path().join("state"))
         .env("SHADOWPATCH_AGENT_SOCKET", &agent.socket)
+        .current_dir("/")
         .uid(65534)
         .gid(65534)
         .output()
         .unwrap();
-    let run = common::from_output(output);
+    let run = crate::common::from_output(output);
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(
         run.stderr.contains("uid 65534") && run.stderr.contains(&format!("may not act on pid {pid}")),
@@ -418,8 +420,8 @@ unsigned long rust_answer_v2(void) { return 2; }
 "#;
 
 fn c_application() -> PathBuf {
-    let header = include_str!("../../runtime/c/shadowpatch.h");
-    let library = include_str!("../../runtime/c/shadowpatch.c").replace("#include \"shadowpatch.h\"", "");
+    let header = include_str!("../../../runtime/c/shadowpatch.h");
+    let library = include_str!("../../../runtime/c/shadowpatch.c").replace("#include \"shadowpatch.h\"", "");
     let source = format!("#define _GNU_SOURCE\n{header}\n{library}\n{C_APPLICATION}");
     build_c_source("runtime-app-c", &source).unwrap()
 }

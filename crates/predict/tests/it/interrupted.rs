@@ -3,9 +3,7 @@
 //! ever runs free, and `recover` removes the breakpoints and reaps the
 //! copies the kernel killed with the tool.
 
-mod common;
-
-use common::{capturing, Live};
+use crate::common::{capturing, Live};
 use shadowpatch_patch::fault::CAPTURE_POINTS;
 use shadowpatch_patch::journal::TxnKind;
 use shadowpatch_patch::{recover, Recovered};
@@ -55,7 +53,13 @@ fn killed_at_every_capture_step_recover_removes_the_breakpoints() {
         let original = live.byte_at(compute);
         let manifest = live.manifest("same", &[("compute", "compute_same")]);
         let mut helper = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "capture_session_helper", "--ignored", "--nocapture"])
+            // Its name in the crate's one test binary (tests/it/main.rs).
+            .args([
+                "--exact",
+                "interrupted::capture_session_helper",
+                "--ignored",
+                "--nocapture",
+            ])
             .env("SIM_HELPER_PID", pid.to_string())
             .env("SIM_HELPER_MANIFEST", &manifest)
             .env("SIM_HELPER_STATE", live.state())

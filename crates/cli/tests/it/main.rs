@@ -1,0 +1,18 @@
+//! The `shadowpatch` binary's end-to-end tests, as one test binary: each file
+//! here is a module, so the dependency tree is linked once for the crate
+//! rather than once per file. A new test file `foo.rs` goes beside this
+//! one with a `mod foo;` line below (see docs/testing.md).
+
+mod common;
+
+mod agent;
+mod analyze;
+mod apply_watch;
+mod demo;
+mod history;
+mod lighttpd;
+mod mirror_verify;
+mod patching;
+mod recover;
+mod variables;
+mod watch;
