@@ -204,10 +204,12 @@ enum Command {
     },
     /// Start a sample service and walk through mirror, verify, tamper, detect, restore.
     Demo,
-    /// The learned risk model: build its corpus, train, evaluate, show.
+    /// The learned risk model: build its corpus, train, evaluate, show (runs `shadowpatch-train ARGS`).
+    #[command(disable_help_flag = true)]
     Predictor {
-        #[command(subcommand)]
-        command: commands::predictor::PredictorCommand,
+        /// corpus | train | evaluate | show, and their flags (see `shadowpatch-train --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -395,7 +397,7 @@ fn main() {
             },
         ),
         Command::Demo => commands::demo::run(&context),
-        Command::Predictor { command } => commands::predictor::run(&context, &command),
+        Command::Predictor { args } => commands::external::run_trainer(&context, &args),
         Command::Unwatch { pid } => commands::agent::run_unwatch(&context, pid),
         Command::Agent { args } => commands::agent::run(&context, &args),
     };

@@ -6,7 +6,7 @@
 //! apply; patches without one, or whose fate is not known yet, are left out.
 
 use super::dataset::Sample;
-use crate::finding::Analysis;
+use shadowpatch_predict::finding::Analysis;
 use shadowpatch_store::{Event, EventFilter, EventKind, Store, StoreError};
 use std::path::Path;
 
@@ -91,7 +91,7 @@ pub fn read_history(state_dir: &Path, now_ms: u64, benign_after_ms: u64) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::finding::{Finding, Severity, Source, Verdict};
+    use shadowpatch_predict::finding::{Finding, Severity, Source, Verdict};
     use std::collections::BTreeMap;
 
     fn event(id: i64, unix_ms: u64, kind: EventKind, patch: &str) -> Event {

@@ -1,5 +1,9 @@
 //! What an analysis reports: findings with their evidence, the features the
-//! risk model reads, and the verdict derived from both.
+//! risk model reads, and the verdict derived from both. Shared by the
+//! analysis engine (`shadowpatch-predict`) and the simulation
+//! (`shadowpatch-simulate`), which the engine runs.
+
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 

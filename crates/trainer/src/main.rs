@@ -1,31 +1,153 @@
-//! `shadowpatch predictor`: the learned risk model's corpus (generate and
+//! `shadowpatch-train`: the learned risk model's corpus (generate and
 //! label patch variants on live corpus targets), training (features,
 //! selection, calibration, evaluation, the model file), evaluation of a
-//! model on the held-out split, and its metadata.
+//! model on the held-out split, and its metadata. A binary of its own so
+//! that the shipped `shadowpatch` links neither the corpus (test fixtures,
+//! gcc at run time) nor the fitting; `shadowpatch predictor ARGS` runs it.
+//! Exit codes as `shadowpatch`'s: 0 success, 1 `corpus` found labels that
+//! changed, 2 bad input, 3 failure.
 
-use super::Context;
-use crate::failure::BadInput;
-use crate::output::print_json;
-use crate::progress::Progress;
+#![forbid(unsafe_code)]
+
+mod progress;
+
 use anyhow::Context as _;
-use shadowpatch_predict::corpus::dataset::{extract, section_names, Sample};
-use shadowpatch_predict::corpus::history::read_history;
-use shadowpatch_predict::corpus::label::{
+use clap::Parser;
+use progress::Progress;
+use shadowpatch_predict::model::{ModelFile, EMBEDDED_MODEL};
+use shadowpatch_trainer::corpus::dataset::{extract, section_names, Sample};
+use shadowpatch_trainer::corpus::history::read_history;
+use shadowpatch_trainer::corpus::label::{
     label_all, parse_labels, read_labels, write_labels, LabelOptions, LabelRecord,
 };
-use shadowpatch_predict::corpus::template::Templates;
-use shadowpatch_predict::corpus::variants::{generate, limit, Variant};
-use shadowpatch_predict::corpus::{corpus_hash, VariantKind, EMBEDDED_LABELS};
-use shadowpatch_predict::model::{ModelFile, EMBEDDED_MODEL};
-use shadowpatch_predict::training::{evaluate, split_by_groups, train, Evaluation, TrainOptions, DEFAULT_SEED};
+use shadowpatch_trainer::corpus::template::Templates;
+use shadowpatch_trainer::corpus::variants::{generate, limit, Variant};
+use shadowpatch_trainer::corpus::{corpus_hash, VariantKind, EMBEDDED_LABELS};
+use shadowpatch_trainer::training::{evaluate, split_by_groups, train, Evaluation, TrainOptions, DEFAULT_SEED};
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// The `predictor` subcommands.
+/// Exit code for input the user can fix.
+const BAD_INPUT: i32 = 2;
+/// Exit code for a step that failed.
+const FAILED: i32 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shadowpatch-train",
+    version,
+    about = "Build the risk model's corpus, train, evaluate and show shadowpatch's risk model"
+)]
+struct Cli {
+    /// Where the corpus labels, the trained model and the event history are kept.
+    #[arg(
+        long,
+        global = true,
+        env = "SHADOWPATCH_STATE_DIR",
+        default_value = "/var/lib/shadowpatch"
+    )]
+    state_dir: PathBuf,
+    /// Machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: PredictorCommand,
+}
+
+/// Options every subcommand receives.
+#[derive(Debug, Clone)]
+struct Context {
+    state_dir: PathBuf,
+    json: bool,
+}
+
+/// Marks an error as caused by the user's input.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadInput(String);
+
+fn exit_code(error: &anyhow::Error) -> i32 {
+    for cause in error.chain() {
+        if cause.downcast_ref::<BadInput>().is_some() {
+            return BAD_INPUT;
+        }
+        if let Some(e) = cause.downcast_ref::<shadowpatch_trainer::corpus::CorpusError>() {
+            if e.is_bad_input() {
+                return BAD_INPUT;
+            }
+        }
+        if let Some(e) = cause.downcast_ref::<shadowpatch_predict::PredictError>() {
+            return if e.is_bad_input() { BAD_INPUT } else { FAILED };
+        }
+    }
+    FAILED
+}
+
+/// The error and its causes on one line.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(value).expect("serializable"));
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            use clap::error::ErrorKind;
+            if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                error.exit();
+            }
+            if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = error.print();
+                std::process::exit(BAD_INPUT);
+            }
+            let text = error.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("shadowpatch-train: error: {first} (see shadowpatch-train --help)");
+            std::process::exit(BAD_INPUT);
+        }
+    };
+    let context = Context {
+        state_dir: cli.state_dir,
+        json: cli.json,
+    };
+    match run(&context, &cli.command) {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            let code = exit_code(&error);
+            let message = one_line(&error);
+            if context.json {
+                println!("{}", serde_json::json!({ "error": message, "exit_code": code }));
+            }
+            eprintln!("shadowpatch-train: error: {message}");
+            std::process::exit(code);
+        }
+    }
+}
+
+/// The subcommands (`shadowpatch predictor ...` before the trainer had a binary of its own).
 #[derive(Debug, clap::Subcommand)]
-pub enum PredictorCommand {
+enum PredictorCommand {
     /// Generate the corpus's patch variants and label each by running it on a live corpus target.
     Corpus {
         #[command(flatten)]
@@ -72,19 +194,19 @@ pub enum PredictorCommand {
 
 /// Where the corpus is.
 #[derive(Debug, Clone, clap::Args)]
-pub struct CorpusArgs {
-    /// The labels file (JSON lines). Default: STATE/corpus/labels.jsonl if present, else the labels built into shadowpatch.
+struct CorpusArgs {
+    /// The labels file (JSON lines). Default: STATE/corpus/labels.jsonl if present, else the labels built into the trainer.
     #[arg(long, value_name = "FILE")]
-    pub labels: Option<PathBuf>,
+    labels: Option<PathBuf>,
     /// Where variants are compiled (never committed). Default: a folder under the fixture cache.
     #[arg(long, value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
     /// Only this many variants (a seeded pick across functions and kinds).
     #[arg(long)]
-    pub limit: Option<usize>,
+    limit: Option<usize>,
     /// Seed of the variant choices, the split and the cross-validation.
     #[arg(long, default_value_t = DEFAULT_SEED)]
-    pub seed: u64,
+    seed: u64,
 }
 
 impl CorpusArgs {
@@ -131,7 +253,7 @@ fn default_model(context: &Context) -> PathBuf {
 /// The model `analyze` and `apply` use: `explicit`, else the state
 /// directory's trained model, else none (the built-in one). A file that
 /// cannot be used is bad input.
-pub fn model_path(context: &Context, explicit: Option<&Path>) -> Option<PathBuf> {
+fn model_path(context: &Context, explicit: Option<&Path>) -> Option<PathBuf> {
     explicit
         .map(Path::to_path_buf)
         .or_else(|| Some(default_model(context)).filter(|p| p.exists()))
@@ -150,7 +272,7 @@ fn read_model(context: &Context, explicit: Option<&Path>) -> anyhow::Result<(Mod
     }
 }
 
-pub fn run(context: &Context, command: &PredictorCommand) -> anyhow::Result<i32> {
+fn run(context: &Context, command: &PredictorCommand) -> anyhow::Result<i32> {
     match command {
         PredictorCommand::Corpus {
             corpus,

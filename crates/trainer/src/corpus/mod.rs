@@ -4,7 +4,7 @@
 //! test oracle (`label`), and the engine's analysis of each (`dataset`),
 //! plus the local history of real outcomes (`history`).
 //!
-//! The labeller is the one place in `predict` that writes to a process:
+//! The labeller is the one place of the risk model's code that writes to a process:
 //! it applies variants, through the journaled `shadowpatch_patch::apply`,
 //! only to corpus target fixtures it started itself.
 
@@ -100,7 +100,7 @@ pub enum CorpusError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Predict(#[from] crate::PredictError),
+    Predict(#[from] shadowpatch_predict::PredictError),
     #[error(transparent)]
     Symbols(#[from] shadowpatch_symbols::SymbolsError),
 }
@@ -112,8 +112,8 @@ impl CorpusError {
     }
 }
 
-/// The labels compiled into shadowpatch (`crates/predict/model/corpus-labels.jsonl`).
-pub const EMBEDDED_LABELS: &str = include_str!("../../model/corpus-labels.jsonl");
+/// The labels compiled into the trainer (`crates/trainer/corpus-labels.jsonl`).
+pub const EMBEDDED_LABELS: &str = include_str!("../../corpus-labels.jsonl");
 
 /// What identifies a corpus: its labels (id, variant hash, outcome) and
 /// the target and rewrite sources they were made from.

@@ -6,11 +6,12 @@
 use super::label::{corpus_target_build_id, CorpusTarget, LabelRecord};
 use super::variants::{build, Variant};
 use super::CorpusError;
-use crate::engine::{analyze_detailed, standard_sections, AnalysisRequest};
-use crate::finding::{Analysis, Severity, Source};
-use crate::simulate::{CaptureLimit, Limits, SimulationOptions};
-use crate::{ContextOptions, InterimRisk};
 use serde::{Deserialize, Serialize};
+use shadowpatch_predict::engine::{analyze_detailed, standard_sections, AnalysisRequest};
+use shadowpatch_predict::finding::{Analysis, Severity, Source};
+pub use shadowpatch_predict::model::is_simulation_feature;
+use shadowpatch_predict::simulate::{CaptureLimit, Limits, SimulationOptions};
+use shadowpatch_predict::{ContextOptions, InterimRisk};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -70,11 +71,6 @@ impl Sample {
             simulation_failed: simulated.then_some(failed),
         }
     }
-}
-
-/// Features that come from the simulation section.
-pub fn is_simulation_feature(name: &str) -> bool {
-    name.starts_with("sim_") || name.starts_with("simulation.")
 }
 
 /// The engine parts whose features the samples hold.

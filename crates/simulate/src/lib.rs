@@ -21,6 +21,8 @@
 //! target is never left stopped, traced or with a breakpoint in it, and the
 //! only bytes written into it are the journaled probe breakpoints.
 
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod call;
 pub mod capture;
@@ -29,18 +31,16 @@ pub mod fork;
 pub mod policy;
 pub mod report;
 pub mod sandbox;
-pub mod section;
 
 pub use call::{parse_call, parse_vectors, CallSpec, CallSyntaxError};
 pub use capture::{CaptureLimit, CaptureStats};
 pub use compare::{CallVerdict, Comparison};
 pub use report::{CallOrigin, SimulatedCall};
 pub use sandbox::{Limits, Outcome, RunResult};
-pub use section::SimulationSection;
 
-use crate::Finding;
 use fork::{explicit_entry, prepare_pair, register_arguments, CallPair, PairSetup};
 use policy::Descriptors;
+use shadowpatch_finding::Finding;
 use shadowpatch_mirror::StateDir;
 use shadowpatch_patch::apply::prepare;
 use shadowpatch_patch::load::{plan_load, LoadPlan};

@@ -13,7 +13,7 @@
 use super::capture::CaptureStats;
 use super::compare::{CallVerdict, Comparison};
 use super::sandbox::{show_value, Outcome, RunResult};
-use crate::{Finding, Severity, Source};
+use shadowpatch_finding::{Finding, Severity, Source};
 use std::collections::BTreeMap;
 
 /// Example calls kept as evidence per finding.

@@ -1,10 +1,11 @@
 //! The simulation as a part of the analysis engine: a [`Section`] that runs
-//! [`simulate`](super::simulate) on the request's target and hands its
-//! findings and `sim_*` features to the verdict and the risk model.
+//! [`simulate`] (the `shadowpatch-simulate` crate, re-exported here whole so
+//! `shadowpatch_predict::simulate::...` names it) on the request's target and
+//! hands its findings and `sim_*` features to the verdict and the risk model.
 
-use super::{simulate, Progress, SimulateError, SimulationOptions};
 use crate::engine::{Contribution, Section, SectionInput};
 use crate::PredictError;
+pub use shadowpatch_simulate::*;
 
 /// Simulation with fixed options (what to capture or call, budgets).
 pub struct SimulationSection {
