@@ -5,11 +5,13 @@
 //! clean; then live-patch it so its answers change, verify the new
 //! generation, roll back, and show the service never missed a beat.
 
+mod sample_service;
+
 use super::pause::measure;
 use super::verify::verify_process;
 use super::Context;
 use crate::output::{gb_per_s, human_bytes, print_json};
-use shadowpatch_fixtures::{Fixture, Running};
+use sample_service::SampleService;
 use shadowpatch_process::{Attached, ProcessIdentity, TargetMemory};
 use std::time::Instant;
 
@@ -55,7 +57,8 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
 
     n.step("Build and start a sample service: 8 worker threads calling work_fn() in a loop.");
     let started = Instant::now();
-    let mut service = Running::start(Fixture::BusyC, &["8", "--blockers"])?;
+    let binary = sample_service::build_service(state.path())?;
+    let mut service = SampleService::start(&binary, &["8", "--blockers"])?;
     let pid = service.pid();
     n.say(format!(
         "    pid {pid} ready in {:.0} ms (built with gcc, started, ready line read from its pipe)",
@@ -81,7 +84,7 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
     ));
 
     n.step("Borrow a thread blocked in read() to run mmap/munmap inside the service.");
-    let blocked = nix::unistd::Pid::from_raw(service.number("tid_read") as i32);
+    let blocked = nix::unistd::Pid::from_raw(service.number("tid_read")? as i32);
     let started = Instant::now();
     let mut stopped = attached.stop()?;
     let page = stopped.remote_mmap(
@@ -130,7 +133,7 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
     ));
 
     n.step("Tamper: flip one byte of cold_path()'s code through /proc/PID/mem, as an attacker could.");
-    let target = service.number("cold") + 5;
+    let target = service.number("cold")? + 5;
     let mut memory = TargetMemory::open(&identity)?;
     let original = memory.read_vec(target, 1)?[0];
     memory.write(target, &[original ^ 0xff])?;
@@ -151,11 +154,11 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
     n.say(format!("    {}", if restored.clean { "clean" } else { "DIFFERS" }));
 
     n.step("Live-patch the service: banner() and work_fn() replaced from a patch object, in one stop.");
-    let object = shadowpatch_fixtures::build_patch(shadowpatch_fixtures::Patch::BusyFix)?;
+    let object = sample_service::build_fix(state.path())?;
     let build_id = outcome
         .modules
         .iter()
-        .find(|m| m.name.starts_with("busy"))
+        .find(|m| m.name == sample_service::SERVICE_NAME)
         .and_then(|m| m.build_id.clone());
     let manifest = state.path().join("demo-fix.toml");
     std::fs::write(
