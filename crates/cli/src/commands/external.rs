@@ -1,5 +1,6 @@
 //! Commands served by a binary of their own, installed next to
-//! `shadowpatch`: `predictor` runs `shadowpatch-train`. They live apart so
+//! `shadowpatch`: `bench` runs `shadowpatch-bench`, `predictor` runs
+//! `shadowpatch-train`. They live apart so
 //! that the shipped binary links neither the risk model's corpus and
 //! fitting nor the test fixtures they build with gcc; the user keeps one
 //! command name. The sibling replaces this process (exec), so its output
@@ -9,6 +10,16 @@ use super::Context;
 use crate::failure::BadInput;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
+
+/// `shadowpatch bench ARGS`: `shadowpatch-bench [--json] ARGS`.
+pub fn run_bench(context: &Context, args: &[String]) -> anyhow::Result<i32> {
+    let mut forwarded: Vec<String> = Vec::new();
+    if context.json {
+        forwarded.push("--json".into());
+    }
+    forwarded.extend(args.iter().cloned());
+    exec_sibling("shadowpatch-bench", "shadowpatch-bench", &forwarded)
+}
 
 /// `shadowpatch predictor ARGS`: `shadowpatch-train --state-dir STATE [--json] ARGS`.
 pub fn run_trainer(context: &Context, args: &[String]) -> anyhow::Result<i32> {

@@ -1,16 +1,18 @@
-//! `shadowpatch bench`: stop-the-world latency for 1, 8 and 64 busy threads
-//! (tracer at SCHED_FIFO and at normal priority), static analysis time
-//! against apply's own validation, the live pause of a simulation's
-//! captures (see `simulation_bench`), and mirror / verify
-//! throughput on a large executable-like region against the raw floor
-//! (`process_vm_readv` + page hash, nothing else) measured on the same
-//! region in the same run, interleaved round by round; the data mirroring
-//! cycle per dirty-tracking method is in `bench_dirty.rs`, continuous
-//! verification (detection latency and target slowdown) in `bench_watch.rs`.
+//! The sections of `shadowpatch bench` and the run of all of them:
+//! stop-the-world latency for 1, 8 and 64 busy threads (tracer at
+//! SCHED_FIFO and at normal priority), static analysis time against
+//! apply's own validation, the live pause of a simulation's captures (see
+//! `simulation.rs`), and mirror / verify throughput on a large
+//! executable-like region against the raw floor (`process_vm_readv` + page
+//! hash, nothing else) measured on the same region in the same run,
+//! interleaved round by round; the data mirroring cycle per dirty-tracking
+//! method is in `dirty.rs`, continuous verification (detection latency and
+//! target slowdown) in `watch.rs`, `apply --watch` in `watch_window.rs`,
+//! the agent in `agent.rs`.
 
-use super::pause::{collect, Percentiles};
-use super::Context;
-use crate::output::{gb_per_s, print_json};
+use crate::support::Context;
+use crate::support::{collect, Percentiles};
+use crate::support::{gb_per_s, print_json};
 use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -72,13 +74,13 @@ struct BenchReport {
     patching: Vec<PatchRow>,
     call_cost: CallCost,
     analysis: Vec<AnalysisRow>,
-    simulation: super::simulation_bench::SimulationBench,
+    simulation: crate::simulation::SimulationBench,
     region_bytes: u64,
     rounds: usize,
     throughput: Vec<ThroughputRow>,
-    dirty_tracking: super::bench_dirty::DirtyBenchReport,
-    watch: super::bench_watch::WatchBench,
-    watch_window: super::bench_watch_window::WatchWindowBench,
+    dirty_tracking: crate::dirty::DirtyBenchReport,
+    watch: crate::watch::WatchBench,
+    watch_window: crate::watch_window::WatchWindowBench,
 }
 
 /// Only the continuous-verification section, with the read + hash floor it
@@ -94,7 +96,7 @@ fn run_watch_only(context: &Context, quick: bool, region_mib: Option<u64>) -> an
     }
     drop(fixture);
     let floor_us = Percentiles::of(floor).median.max(1);
-    let watch = super::bench_watch::run(context.json, quick, mib, len as f64 / floor_us as f64)?;
+    let watch = crate::watch::run(context.json, quick, mib, len as f64 / floor_us as f64)?;
     if context.json {
         print_json(&watch);
     } else {
@@ -103,15 +105,15 @@ fn run_watch_only(context: &Context, quick: bool, region_mib: Option<u64>) -> an
             floor_us as f64 / 1000.0,
             gb_per_s(len, floor_us)
         );
-        super::bench_watch::print(&watch);
+        crate::watch::print(&watch);
     }
     Ok(0)
 }
 
 /// The prediction engine's rows: simulation's capture pause and end to
 /// end, static analysis against apply's validation.
-fn print_prediction(simulation: &super::simulation_bench::SimulationBench, analysis: &[AnalysisRow]) {
-    super::simulation_bench::print(simulation);
+fn print_prediction(simulation: &crate::simulation::SimulationBench, analysis: &[AnalysisRow]) {
+    crate::simulation::print(simulation);
     println!();
     println!(
         "## Static analysis vs apply's own validation, ms (median of {} rounds)",
@@ -136,7 +138,7 @@ fn print_prediction(simulation: &super::simulation_bench::SimulationBench, analy
 /// Only the prediction engine's sections.
 fn run_prediction_only(context: &Context, quick: bool) -> anyhow::Result<i32> {
     let analysis = static_analysis_times(context, quick)?;
-    let simulation = super::simulation_bench::run(context, quick)?;
+    let simulation = crate::simulation::run(context, quick)?;
     if context.json {
         print_json(&serde_json::json!({ "analysis": analysis, "simulation": simulation }));
     } else {
@@ -149,27 +151,27 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     match only {
         Some("watch") => return run_watch_only(context, quick, region_mib),
         Some("prediction") => return run_prediction_only(context, quick),
-        Some("watch-window") => return super::bench_watch_window::run(context, quick),
+        Some("watch-window") => return crate::watch_window::run(context, quick),
         Some("dirty") => {
-            let report = super::bench_dirty::run(context, quick)?;
+            let report = crate::dirty::run(context, quick)?;
             if context.json {
                 print_json(&report);
             } else {
-                super::bench_dirty::print(&report);
+                crate::dirty::print(&report);
             }
             return Ok(0);
         }
         Some("agent") => {
-            let bench = super::bench_agent::run(context.json, quick)?;
+            let bench = crate::agent::run(context.json, quick)?;
             if context.json {
                 print_json(&bench);
             } else {
-                super::bench_agent::print(&bench);
+                crate::agent::print(&bench);
             }
             return Ok(0);
         }
         Some(other) => {
-            return Err(crate::failure::BadInput(format!(
+            return Err(crate::support::BadInput(format!(
                 "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent)"
             ))
             .into())
@@ -215,9 +217,9 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     }
 
     let (patching, call_cost) = patch_pauses(context, quick)?;
-    let dirty_tracking = super::bench_dirty::run(context, quick)?;
+    let dirty_tracking = crate::dirty::run(context, quick)?;
     let analysis = static_analysis_times(context, quick)?;
-    let simulation = super::simulation_bench::run(context, quick)?;
+    let simulation = crate::simulation::run(context, quick)?;
 
     let mib = region_mib.unwrap_or(if quick { 256 } else { 1024 });
     if !context.json {
@@ -278,8 +280,8 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
     drop(state);
     let median = |v: &Vec<u64>| Percentiles::of(v.clone()).median;
     let floor = median(&samples[1]);
-    let watch = super::bench_watch::run(context.json, quick, mib, len as f64 / floor.max(1) as f64)?;
-    let watch_window = super::bench_watch_window::measure(context, quick)?;
+    let watch = crate::watch::run(context.json, quick, mib, len as f64 / floor.max(1) as f64)?;
+    let watch_window = crate::watch_window::measure(context, quick)?;
     let row = |what, index: usize| {
         let us = median(&samples[index]);
         ThroughputRow {
@@ -376,10 +378,10 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         );
     }
     println!();
-    super::bench_dirty::print(&report.dirty_tracking);
-    super::bench_watch::print(&report.watch);
+    crate::dirty::print(&report.dirty_tracking);
+    crate::watch::print(&report.watch);
     println!();
-    super::bench_watch_window::print(&report.watch_window);
+    crate::watch_window::print(&report.watch_window);
     Ok(0)
 }
 

@@ -5,9 +5,9 @@
 //! direct jump), and regression decision → rollback complete (floor: the
 //! rollback's stop).
 
-use super::pause::Percentiles;
-use super::Context;
-use crate::output::print_json;
+use crate::support::print_json;
+use crate::support::Context;
+use crate::support::Percentiles;
 use serde::Serialize;
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use shadowpatch_patch::watchwindow::WindowEvent;
@@ -120,7 +120,7 @@ pub fn measure(context: &Context, quick: bool) -> anyhow::Result<WatchWindowBenc
     let mut target = Running::start_binary(&binary, &["1"])?;
     let state = dir.path().join("state-cost");
     let calls: u64 = if quick { 20_000_000 } else { 200_000_000 };
-    let time = |target: &mut Running| super::bench::time_calls(target, calls);
+    let time = |target: &mut Running| crate::sections::time_calls(target, calls);
     let unpatched_ns = time(&mut target)?;
     let direct = manifest(dir.path(), "direct", &object, &binary, &[("f0", "f0_v2")])?;
     apply(&state, target.pid(), &direct, &ApplyOptions::default())?;

@@ -5,8 +5,8 @@
 //! untracked and under each method), all measured in one run, interleaved
 //! block by block on the same fixture.
 
-use super::pause::Percentiles;
-use super::Context;
+use crate::support::Context;
+use crate::support::Percentiles;
 use serde::Serialize;
 use shadowpatch_fixtures::{Fixture, Running};
 use shadowpatch_mirror::{detect, DataMirror, Detection, DirtyMethod, DirtyTracker, TrackedRange, PAGE_SIZE};

@@ -64,7 +64,7 @@ impl Drop for Spawned {
 
 /// Start a `shadowpatch` subprocess and wait for its first stdout line.
 fn spawn_ready(state_dir: &Path, args: &[&str]) -> anyhow::Result<Spawned> {
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = Command::new(crate::support::shadowpatch_binary()?)
         .args(args)
         .arg("--state-dir")
         .arg(state_dir)

@@ -8,8 +8,8 @@
 //! call is found by its argument). Then a whole simulation of N captured
 //! calls.
 
-use super::pause::Percentiles;
-use super::Context;
+use crate::support::Context;
+use crate::support::Percentiles;
 use serde::Serialize;
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use shadowpatch_predict::simulate::bench::{HitBench, HitHandling};

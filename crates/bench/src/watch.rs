@@ -5,7 +5,7 @@
 //! target's slowdown under watch (busy.c calls per second with and without
 //! a watcher, interleaved block by block in one run).
 
-use super::pause::Percentiles;
+use crate::support::Percentiles;
 use serde::Serialize;
 use shadowpatch_fixtures::{Fixture, Running};
 use shadowpatch_mirror::{VariableMode, VariableRequest};
@@ -379,7 +379,7 @@ pub fn print(bench: &WatchBench) {
         println!(
             "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.2} | {:.1} |",
             r.what,
-            crate::output::human_bytes(r.bytes_per_pass),
+            crate::support::human_bytes(r.bytes_per_pass),
             r.trials,
             r.median_ms,
             r.worst_ms,
