@@ -51,13 +51,16 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
         steps: Vec::new(),
     };
     let state = tempfile::Builder::new().prefix("shadowpatch-demo-").tempdir()?;
+    // The sample service is compiled beside the state directory, never in
+    // it: a state directory holds only what shadowpatch writes.
+    let build = tempfile::Builder::new().prefix("shadowpatch-demo-build-").tempdir()?;
     if !context.json {
         println!("shadowpatch demo — state directory {}", state.path().display());
     }
 
     n.step("Build and start a sample service: 8 worker threads calling work_fn() in a loop.");
     let started = Instant::now();
-    let binary = sample_service::build_service(state.path())?;
+    let binary = sample_service::build_service(build.path())?;
     let mut service = SampleService::start(&binary, &["8", "--blockers"])?;
     let pid = service.pid();
     n.say(format!(
@@ -154,7 +157,7 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
     n.say(format!("    {}", if restored.clean { "clean" } else { "DIFFERS" }));
 
     n.step("Live-patch the service: banner() and work_fn() replaced from a patch object, in one stop.");
-    let object = sample_service::build_fix(state.path())?;
+    let object = sample_service::build_fix(build.path())?;
     let build_id = outcome
         .modules
         .iter()

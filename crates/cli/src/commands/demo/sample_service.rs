@@ -1,6 +1,6 @@
 //! The demo's sample service and its patch: C sources embedded in the
-//! binary, compiled with the machine's gcc into the demo's state directory
-//! when the demo runs, and the running service driven through its pipes
+//! binary, compiled with the machine's gcc into a temporary folder when
+//! the demo runs, and the running service driven through its pipes
 //! (one `ready key=value ...` line, then one answer per command line).
 //! Kept apart from the test fixtures so the shipped binary does not link
 //! them.
