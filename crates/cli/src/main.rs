@@ -124,17 +124,12 @@ enum Command {
         /// A symbol name, or an address (0x...).
         what: String,
     },
-    /// Measure stop-the-world latency and mirror/verify throughput.
+    /// Measure stop-the-world latency, mirror/verify throughput and more (runs `shadowpatch-bench ARGS`).
+    #[command(disable_help_flag = true)]
     Bench {
-        /// Smaller sizes and fewer rounds (seconds instead of a minute).
-        #[arg(long)]
-        quick: bool,
-        /// Size of the executable-like region for throughput, in MiB.
-        #[arg(long)]
-        region_mib: Option<u64>,
-        /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets).
-        #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent"])]
-        only: Option<String>,
+        /// --quick, --region-mib MIB, --only SECTION (see `shadowpatch-bench --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Verify a process continuously until SIGINT/SIGTERM: alert (and heal) on any change of its immutable memory.
     Watch {
@@ -204,10 +199,12 @@ enum Command {
     },
     /// Start a sample service and walk through mirror, verify, tamper, detect, restore.
     Demo,
-    /// The learned risk model: build its corpus, train, evaluate, show.
+    /// The learned risk model: build its corpus, train, evaluate, show (runs `shadowpatch-train ARGS`).
+    #[command(disable_help_flag = true)]
     Predictor {
-        #[command(subcommand)]
-        command: commands::predictor::PredictorCommand,
+        /// corpus | train | evaluate | show, and their flags (see `shadowpatch-train --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -321,11 +318,7 @@ fn main() {
             normal_priority,
         } => commands::pause::run(&context, pid, rounds, normal_priority),
         Command::Lookup { pid, what } => commands::lookup::run(&context, pid, &what),
-        Command::Bench {
-            quick,
-            region_mib,
-            only,
-        } => commands::bench::run(&context, quick, region_mib, only.as_deref()),
+        Command::Bench { args } => commands::external::run_bench(&context, &args),
         Command::Watch {
             pid, heal, agent: true, ..
         } => commands::agent::run_watch(&context, pid, heal),
@@ -395,7 +388,7 @@ fn main() {
             },
         ),
         Command::Demo => commands::demo::run(&context),
-        Command::Predictor { command } => commands::predictor::run(&context, &command),
+        Command::Predictor { args } => commands::external::run_trainer(&context, &args),
         Command::Unwatch { pid } => commands::agent::run_unwatch(&context, pid),
         Command::Agent { args } => commands::agent::run(&context, &args),
     };

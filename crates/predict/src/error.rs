@@ -14,7 +14,7 @@ pub enum PredictError {
     Symbols(#[from] shadowpatch_symbols::SymbolsError),
     /// The simulation could not run (bad calls, a trapped entry, ...).
     #[error(transparent)]
-    Simulation(Box<crate::simulate::SimulateError>),
+    Simulation(Box<shadowpatch_simulate::SimulateError>),
     /// An argument of the request is malformed (a regex, a URL, a window).
     #[error("{argument} {value:?}: {message}")]
     BadArgument {

@@ -14,14 +14,13 @@ pub mod abi;
 pub mod callgraph;
 pub mod code;
 pub mod context;
-pub mod corpus;
 pub mod engine;
 pub mod error;
-pub mod finding;
+/// Findings, verdicts and the analysis record (`shadowpatch-finding`).
+pub use shadowpatch_finding as finding;
 pub mod model;
 pub mod simulate;
 pub mod static_analysis;
-pub mod training;
 pub mod watch_metrics;
 
 pub use context::{ContextOptions, ContextReport};

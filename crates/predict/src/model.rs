@@ -115,7 +115,7 @@ pub struct TrainingMetadata {
     /// The engine sections whose features the model saw.
     pub sections: Vec<String>,
     pub compiler: String,
-    /// The evaluation on the held-out split (as `predictor evaluate` prints it).
+    /// The evaluation on the held-out split (as `shadowpatch-train evaluate` prints it).
     pub evaluation: serde_json::Value,
 }
 
@@ -242,9 +242,7 @@ impl ModelFile {
             .map(
                 |(index, name)| match features.get(name).copied().filter(|v| v.is_finite()) {
                     Some(value) => value,
-                    None if !simulated && crate::corpus::dataset::is_simulation_feature(name) => {
-                        means.map_or(0.0, |means| means[index])
-                    }
+                    None if !simulated && is_simulation_feature(name) => means.map_or(0.0, |means| means[index]),
                     None => 0.0,
                 },
             )
@@ -295,6 +293,12 @@ impl ModelFile {
             self.training.trained_at
         )
     }
+}
+
+/// Features that come from the simulation section: unknown (not zero)
+/// when the simulation did not run.
+pub fn is_simulation_feature(name: &str) -> bool {
+    name.starts_with("sim_") || name.starts_with("simulation.")
 }
 
 /// The learned risk: the calibrated model probability.

@@ -30,7 +30,7 @@ pub struct AnalysisArgs {
     /// A regular expression matching the error lines of --log.
     #[arg(long, value_name = "REGEX")]
     pub error_pattern: Option<String>,
-    /// The risk model file (default: STATE/risk-model.json if `predictor train` wrote one, else the built-in model).
+    /// The risk model file (default: STATE/risk-model.json if `shadowpatch-train train` wrote one, else the built-in model).
     #[arg(long, value_name = "FILE", env = "SHADOWPATCH_MODEL")]
     pub model: Option<PathBuf>,
     /// Simulate the patch on N live calls of each replaced function, each caught by a breakpoint and run original vs patched in sandboxed copies of the process.
@@ -133,7 +133,7 @@ pub fn run_analysis(
         }
         None => shadowpatch_predict::standard_sections(None),
     };
-    if let Some(path) = super::predictor::model_path(context, args.model.as_deref()) {
+    if let Some(path) = model_path(context, args.model.as_deref()) {
         let model = ModelRisk::load(&path).map_err(|e| BadInput(e.to_string()))?;
         request.scorer = Some(Box::new(model));
     }
@@ -294,4 +294,14 @@ pub fn refusal(analysis: &Analysis) -> (String, i32) {
         ),
     };
     (message, code)
+}
+
+/// The model `analyze` and `apply` use: `explicit`, else the state
+/// directory's trained model (what `shadowpatch-train train` writes by
+/// default), else none (the built-in one). A file that cannot be used is
+/// bad input.
+pub fn model_path(context: &Context, explicit: Option<&Path>) -> Option<PathBuf> {
+    explicit
+        .map(Path::to_path_buf)
+        .or_else(|| Some(context.state_dir.join("risk-model.json")).filter(|p| p.exists()))
 }
