@@ -1,0 +1,496 @@
+//! The apply transaction: stage → verify → activate, journaled.
+//!
+//! 1. Act on a [`Prepared`] survey (`survey.rs`: every check that needs no
+//!    write), re-surveyed only if the active patches changed since.
+//! 2. Journal `Begin` and `Map` (fsync'd), then in one short stop map the
+//!    object near the module with a remote `mmap`, write the relocated image
+//!    and set page protections.
+//! 3. Stage: derive the next mirror generation (trampolines edited in, the
+//!    patch's immutable pages added) and check the bytes now in the target's
+//!    new mapping equal it.
+//! 4. Journal `Plan` with every address, original and new byte, then switch
+//!    all entries in one stop; journal `Commit`; publish the generation.
+//!
+//! Any failure before the commit undoes what was done (unmap, drop the
+//! staged generation, journal `Abort`): the target ends as it began.
+
+use crate::activate::{switch, Activation, Direction, DEFAULT_ATTEMPTS};
+use crate::fault;
+use crate::journal::{Journal, PatchRecord, Record, TxnKind, Write5};
+use crate::load::{map_image, plan_load, LoadPlan, StoppedThread};
+use crate::state::{ensure_baseline, now_ms, staged_path, TargetState};
+use crate::survey::{originals_of, prepare, prepare_survey, survey_manifest, Prepared};
+use crate::PatchError;
+use shadowpatch_mirror::{derive, AddedRegion, Edit, MirrorFile, RegionKind, RegionSpec, StateDir, PAGE_SIZE};
+use shadowpatch_process::{Attached, ProcessIdentity};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Stops to try before refusing because a thread sits in an entry.
+    pub max_attempts: u32,
+    /// Activate while a thread waits at the application's safe point
+    /// (`safepoint.rs`); `None`: activate whenever the entries are free.
+    pub safe_point: Option<crate::safepoint::SafePoint>,
+    /// Route each trampoline through a watch-window entry stub
+    /// (`watchstub.rs`), for `apply --watch`'s crash-proof window.
+    pub watch_stubs: bool,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            max_attempts: DEFAULT_ATTEMPTS,
+            safe_point: None,
+            watch_stubs: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FunctionOutcome {
+    pub symbol: String,
+    pub with: String,
+    pub entry: u64,
+    pub new_address: u64,
+    /// Registers preserved by a thunk (None: a direct jump).
+    pub preserved: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ApplyOutcome {
+    pub patch_id: String,
+    pub pid: i32,
+    pub generation: u32,
+    pub functions: Vec<FunctionOutcome>,
+    pub mapping_address: u64,
+    pub mapping_len: u64,
+    /// The activation stop: first thread stopped → last resumed.
+    pub pause_us: u64,
+    pub activation: Activation,
+    /// The loading stop (remote mmap + write + mprotect).
+    pub load_pause_us: u64,
+    pub total_us: u64,
+    /// With `--at-safe-point`: threads parked at activation and the wait.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub safe_point: Option<crate::safepoint::Parked>,
+}
+
+/// Apply the patch described by `manifest_path` to process `pid`, and
+/// record the outcome in the event history.
+pub fn apply(
+    state_dir: &Path,
+    pid: i32,
+    manifest_path: &Path,
+    options: &ApplyOptions,
+) -> Result<ApplyOutcome, PatchError> {
+    let result =
+        apply_transaction(state_dir, pid, Source::Path(manifest_path), options, false).map(|(outcome, _)| outcome);
+    crate::history::record_apply(state_dir, pid, manifest_path, &result);
+    result
+}
+
+/// What the transaction acts on: a manifest to survey under the target's
+/// lock, or a survey already made (the operations layer's, made once).
+#[derive(Debug)]
+pub enum Source<'a> {
+    Path(&'a Path),
+    Prepared(Box<Prepared>),
+}
+
+/// Apply a patch surveyed already (`survey::prepare_survey`); the
+/// caller records the outcome in the history. The survey is re-made from
+/// its parsed manifest only if the active patches changed since it was
+/// made (what it read of their entries would be stale).
+pub fn apply_prepared(
+    state_dir: &Path,
+    prepared: Prepared,
+    options: &ApplyOptions,
+) -> Result<ApplyOutcome, PatchError> {
+    let pid = prepared.identity.pid;
+    apply_transaction(state_dir, pid, Source::Prepared(Box::new(prepared)), options, false).map(|(outcome, _)| outcome)
+}
+
+/// [`apply_watched`] of a patch surveyed already; the caller records the
+/// outcome in the history.
+pub fn apply_prepared_watched(
+    state_dir: &Path,
+    prepared: Prepared,
+    options: &ApplyOptions,
+) -> Result<(ApplyOutcome, crate::watchwindow::WatchWindow), PatchError> {
+    let pid = prepared.identity.pid;
+    let options = ApplyOptions {
+        watch_stubs: true,
+        ..options.clone()
+    };
+    let (outcome, attached) = apply_transaction(state_dir, pid, Source::Prepared(Box::new(prepared)), &options, true)?;
+    let attached = attached.expect("kept seized");
+    let window = crate::watchwindow::WatchWindow::from_seized(state_dir, attached, &outcome.patch_id)?;
+    Ok((outcome, window))
+}
+
+/// Apply through watch stubs and keep the target seized for the watch
+/// window from before activation, so a fault in the first call of the new
+/// code is already caught (`watchwindow.rs`).
+pub fn apply_watched(
+    state_dir: &Path,
+    pid: i32,
+    manifest_path: &Path,
+    options: &ApplyOptions,
+) -> Result<(ApplyOutcome, crate::watchwindow::WatchWindow), PatchError> {
+    let options = ApplyOptions {
+        watch_stubs: true,
+        ..options.clone()
+    };
+    let result = apply_transaction(state_dir, pid, Source::Path(manifest_path), &options, true);
+    let (outcome, attached) = match result {
+        Ok((outcome, attached)) => (Ok(outcome), attached),
+        Err(error) => (Err(error), None),
+    };
+    crate::history::record_apply(state_dir, pid, manifest_path, &outcome);
+    let outcome = outcome?;
+    let attached = attached.expect("kept seized");
+    let window = crate::watchwindow::WatchWindow::from_seized(state_dir, attached, &outcome.patch_id)?;
+    Ok((outcome, window))
+}
+
+fn apply_transaction(
+    state_dir: &Path,
+    pid: i32,
+    source: Source,
+    options: &ApplyOptions,
+    keep_seized: bool,
+) -> Result<(ApplyOutcome, Option<Attached>), PatchError> {
+    let started = Instant::now();
+    let identity = ProcessIdentity::of(pid)?;
+    let state = StateDir::create(state_dir)?;
+    let mut target = TargetState::open(&state, &identity)?;
+    // Entries rewritten by active patches, as they were before the first.
+    let originals = originals_of(&target.journal_state);
+    let prepared = match source {
+        Source::Path(manifest_path) => prepare(pid, manifest_path, &originals)?,
+        Source::Prepared(prepared) if prepared.originals == originals => *prepared,
+        // Another patch came or went since the survey: survey again, from
+        // the manifest already parsed.
+        Source::Prepared(stale) => {
+            let object_path = stale.object.path.clone();
+            prepare_survey(survey_manifest(
+                pid,
+                stale.manifest,
+                &stale.manifest_path,
+                &object_path,
+                &originals,
+            )?)?
+        }
+    };
+    prepared.identity.check_same(&identity)?;
+    if let Some(open) = &target.journal_state.open {
+        return Err(PatchError::OpenTransaction {
+            pid,
+            patch_id: open.patch_id.clone(),
+        });
+    }
+    if target.journal_state.active.iter().any(|p| p.id == prepared.manifest.id) {
+        return Err(PatchError::DuplicateId {
+            pid,
+            id: prepared.manifest.id.clone(),
+        });
+    }
+    let previous_generation = ensure_baseline(&state, &target, &prepared.identity, &prepared.maps, &prepared.modules)?;
+    let generation = previous_generation + 1;
+
+    let mut attached = Attached::seize(&prepared.identity)?;
+    let LoadPlan {
+        address,
+        span,
+        image,
+        protections,
+        functions,
+    } = plan_load(&prepared, attached.memory(), options.watch_stubs)?;
+    let record = PatchRecord {
+        id: prepared.manifest.id.clone(),
+        generation,
+        manifest: absolute(&prepared.manifest_path),
+        object: absolute(&prepared.object.path),
+        module: prepared.module.name.clone(),
+        build_id: prepared.manifest.build_id_lowercase(),
+        mapping_address: address,
+        mapping_len: span,
+        functions,
+    };
+
+    let txn = target.journal_state.next_txn;
+    target.journal.append(&Record::Begin {
+        txn,
+        kind: TxnKind::Apply,
+        patch_id: record.id.clone(),
+        pid,
+        start_time: prepared.identity.start_time,
+        unix_ms: now_ms(),
+    })?;
+    fault::point("begin");
+    crate::rollback::collect_retired(&mut attached, &mut target, txn);
+    let staged = staged_path(&target.dir, generation);
+    let mut mapped = false;
+    let mut held: Vec<Write5> = Vec::new();
+    let mut parked = None;
+    let result = (|| {
+        target.journal.append(&Record::Map {
+            txn,
+            address,
+            len: span,
+        })?;
+        fault::point("map");
+        let load_pause_us = load(&mut attached, &protections, address, &image)?;
+        mapped = true;
+        fault::point("loaded");
+        fault::target_point("loaded", pid);
+        stage(
+            &mut attached,
+            &target,
+            &protections,
+            &record,
+            previous_generation,
+            &image,
+            &staged,
+        )?;
+        fault::point("staged");
+        target.journal.append(&Record::Plan {
+            txn,
+            patch: record.clone(),
+        })?;
+        fault::point("planned");
+        if let Some(safe_point) = &options.safe_point {
+            // Announce the held write before making it (see safepoint.rs).
+            held = vec![safe_point.pending_write()];
+            target.journal.append(&Record::Writes {
+                txn,
+                writes: held.clone(),
+                patch_id: None,
+            })?;
+            parked = Some(safe_point.hold(pid, attached.memory())?);
+        }
+        let writes: Vec<Write5> = record.functions.iter().map(|f| f.write.clone()).collect();
+        if keep_seized {
+            // From activation on, a fatal signal is held for the window.
+            attached.watch_signals(&crate::watchwindow::FATAL_SIGNALS);
+        }
+        let activation = switch(
+            &mut attached,
+            &writes,
+            Direction::Forward,
+            options.max_attempts,
+            "",
+            &mut |stopped| crate::safepoint::release_in_stop(stopped, &held),
+        )?;
+        fault::point("activated");
+        Ok::<_, PatchError>((load_pause_us, activation))
+    })();
+    let (load_pause_us, activation) = match result {
+        Ok(done) => done,
+        Err(error) => {
+            for write in &held {
+                if let Err(e) = crate::safepoint::release(attached.memory(), write) {
+                    tracing::error!("could not clear the safe-point request at {:#x}: {e}", write.address);
+                }
+            }
+            undo_apply(
+                &mut attached,
+                &mut target.journal,
+                txn,
+                mapped.then_some((address, span)),
+                &staged,
+                &error,
+            );
+            return Err(error);
+        }
+    };
+    target.journal.append(&Record::Commit {
+        txn,
+        pause_us: activation.pause.pause_us,
+    })?;
+    publish(&staged, &target.dir, generation)?;
+    let kept = if keep_seized {
+        Some(attached)
+    } else {
+        attached.detach()?;
+        None
+    };
+    let outcome = ApplyOutcome {
+        patch_id: record.id.clone(),
+        pid,
+        generation,
+        functions: record
+            .functions
+            .iter()
+            .map(|f| FunctionOutcome {
+                symbol: f.site.symbol.clone(),
+                with: f.with.clone(),
+                entry: f.site.entry,
+                new_address: f.new_address,
+                preserved: f.preserved.clone(),
+            })
+            .collect(),
+        mapping_address: address,
+        mapping_len: span,
+        pause_us: activation.pause.pause_us,
+        activation,
+        load_pause_us,
+        total_us: started.elapsed().as_micros() as u64,
+        safe_point: parked,
+    };
+    Ok((outcome, kept))
+}
+
+/// Map, write and protect the image in one stop; returns the pause (µs).
+fn load(
+    attached: &mut Attached,
+    protections: &[(u64, u64, i32)],
+    address: u64,
+    image: &[u8],
+) -> Result<u64, PatchError> {
+    let mut stopped = attached.stop()?;
+    let tid = stopped.borrowable_thread();
+    map_image(
+        &mut StoppedThread {
+            stopped: &mut stopped,
+            tid,
+        },
+        protections,
+        address,
+        image,
+    )?;
+    Ok(stopped.resume()?.pause_us)
+}
+
+/// Derive the next generation and check the loaded bytes against it.
+fn stage(
+    attached: &mut Attached,
+    target: &TargetState,
+    protections: &[(u64, u64, i32)],
+    record: &PatchRecord,
+    previous_generation: u32,
+    image: &[u8],
+    staged: &Path,
+) -> Result<(), PatchError> {
+    let live = attached.memory().read_vec(record.mapping_address, image.len())?;
+    if live != image {
+        let offset = live.iter().zip(image).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(PatchError::StagingMismatch {
+            address: record.mapping_address + offset as u64,
+        });
+    }
+    let previous = MirrorFile::open(&StateDir::generation_path(&target.dir, previous_generation))?;
+    let edits: Vec<Edit> = record
+        .functions
+        .iter()
+        .map(|f| Edit {
+            address: f.write.address,
+            bytes: f.write.new.clone(),
+        })
+        .collect();
+    let mut added = Vec::new();
+    for &(start, end, protection) in protections {
+        // Writable pages are the patch's mutable data: not mirrored.
+        if protection & libc::PROT_WRITE != 0 || protection & libc::PROT_READ == 0 {
+            continue;
+        }
+        let executable = protection & libc::PROT_EXEC != 0;
+        added.push(AddedRegion {
+            spec: RegionSpec {
+                start: record.mapping_address + start,
+                end: record.mapping_address + end,
+                kind: if executable {
+                    RegionKind::Code
+                } else {
+                    RegionKind::ReadOnlyData
+                },
+                perms: format!("r-{}p", if executable { 'x' } else { '-' }),
+                module: format!("patch:{}", record.id),
+                path: Some(record.object.clone()),
+                build_id: None,
+                file_offset: start,
+            },
+            bytes: image[start as usize..end as usize].to_vec(),
+        });
+    }
+    derive(&previous, record.generation, &edits, &added, staged)?;
+    // The staged generation must describe exactly what is in the target.
+    let generation = MirrorFile::open(staged)?;
+    for (index, region) in generation
+        .header
+        .regions
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.spec.module.starts_with("patch:"))
+    {
+        let bytes = attached
+            .memory()
+            .read_vec(region.spec.start, region.spec.len() as usize)?;
+        for (page, page_bytes) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+            if generation.hasher.hash(page_bytes) != generation.region_hashes(index)[page] {
+                return Err(PatchError::StagingMismatch {
+                    address: region.spec.start + (page * PAGE_SIZE) as u64,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Undo a failed apply: unmap, drop the staged generation, journal Abort.
+/// Best effort: each step's failure is logged and the next still runs, and
+/// a leftover is visible to `recover` through the journal.
+fn undo_apply(
+    attached: &mut Attached,
+    journal: &mut Journal,
+    txn: u64,
+    mapping: Option<(u64, u64)>,
+    staged: &Path,
+    error: &PatchError,
+) {
+    if matches!(
+        error,
+        PatchError::Target(shadowpatch_process::TargetError::Exited { .. })
+    ) || shadowpatch_process::ProcessIdentity::of(attached.pid()).is_err()
+    {
+        // The target is gone: nothing left to undo in it.
+        let _ = std::fs::remove_file(staged);
+        let _ = journal.append(&Record::Abort {
+            txn,
+            reason: format!("target exited: {error}"),
+        });
+        return;
+    }
+    let mut unmapped = true;
+    if let Some((address, len)) = mapping {
+        unmapped = crate::state::unmap(attached, address, len).is_ok();
+    }
+    let _ = std::fs::remove_file(staged);
+    if unmapped {
+        if let Err(e) = journal.append(&Record::Abort {
+            txn,
+            reason: error.to_string(),
+        }) {
+            tracing::error!("could not journal the abort: {e}; run `shadowpatch recover`");
+        }
+    } else {
+        tracing::error!("could not unmap the patch after: {error}; run `shadowpatch recover`");
+    }
+}
+
+/// Move a staged generation into place.
+pub(crate) fn publish(staged: &Path, dir: &Path, generation: u32) -> Result<(), PatchError> {
+    let final_path = StateDir::generation_path(dir, generation);
+    std::fs::rename(staged, &final_path)
+        .and_then(|_| std::fs::File::open(dir)?.sync_all())
+        .map_err(|e| PatchError::Journal {
+            path: final_path,
+            message: format!("publishing generation: {e}"),
+        })
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
