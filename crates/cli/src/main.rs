@@ -121,7 +121,7 @@ enum Command {
     /// Resolve a symbol name to addresses, or an address to symbol+offset.
     Lookup {
         pid: i32,
-        /// A symbol name, or an address (0x...).
+        /// A symbol name (MODULE!NAME for one module), or an address (0x...).
         what: String,
     },
     /// Measure stop-the-world latency and mirror/verify throughput.
@@ -256,7 +256,51 @@ fn run_apply_command(
             analysis.metrics_url.clone(),
         )?),
     };
-    commands::patching::run_apply(context, pid, manifest, attempts, force, analysis, watch_args.as_ref())
+    commands::patching::run_apply(
+        context,
+        commands::patching::ApplyArgs {
+            pid,
+            manifest,
+            attempts,
+            force,
+            analysis,
+            watch: watch_args,
+        },
+    )
+}
+
+/// A missing-argument error on one line that names the arguments and the
+/// subcommand (clap puts the names on the lines after its first).
+fn missing_arguments(error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() != ErrorKind::MissingRequiredArgument {
+        return None;
+    }
+    let names = match error.get(ContextKind::InvalidArg) {
+        Some(ContextValue::Strings(names)) => names.join(", "),
+        Some(ContextValue::String(name)) => name.clone(),
+        _ => return None,
+    };
+    let usage = match error.get(ContextKind::Usage) {
+        Some(ContextValue::StyledStr(usage)) => usage.to_string(),
+        _ => String::new(),
+    };
+    // "Usage: shadowpatch status <PID>" → "shadowpatch status".
+    let command: Vec<&str> = usage
+        .trim()
+        .trim_start_matches("Usage:")
+        .split_whitespace()
+        .take_while(|word| !word.starts_with('<') && !word.starts_with('[') && !word.starts_with('-'))
+        .collect();
+    let command = if command.is_empty() {
+        "shadowpatch".to_string()
+    } else {
+        command.join(" ")
+    };
+    Some(format!(
+        "missing required argument{} {names} (see {command} --help)",
+        if names.contains(',') { "s" } else { "" }
+    ))
 }
 
 fn main() {
@@ -269,9 +313,13 @@ fn main() {
             }
             if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 let _ = error.print();
-                std::process::exit(failure::BAD_INPUT);
+                std::process::exit(failure::Exit::BadInput.code());
             }
             // Usage errors on one line, like every other bad input.
+            if let Some(line) = missing_arguments(&error) {
+                eprintln!("shadowpatch: error: {line}");
+                std::process::exit(failure::Exit::BadInput.code());
+            }
             let text = error.to_string();
             let first = text
                 .lines()
@@ -279,7 +327,7 @@ fn main() {
                 .unwrap_or("invalid arguments")
                 .trim_start_matches("error: ");
             eprintln!("shadowpatch: error: {first} (see shadowpatch --help)");
-            std::process::exit(failure::BAD_INPUT);
+            std::process::exit(failure::Exit::BadInput.code());
         }
     };
     tracing_subscriber::fmt()
