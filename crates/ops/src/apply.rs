@@ -90,6 +90,8 @@ pub fn apply(
     progress: Option<ProgressSink>,
 ) -> Result<ApplyResult, OpsError> {
     let pid = request.pid;
+    // The target first (the first argument): a wrong pid is named as such.
+    ProcessIdentity::of(pid)?;
     // Parsed once: what the survey and the transaction act on.
     let (manifest, object_path) = Manifest::load(&request.manifest)?;
     let analysis = analyze(state_dir, pid, &request.manifest, &request.analysis, "apply", progress)?;

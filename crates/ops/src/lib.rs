@@ -1,7 +1,7 @@
 //! The operations layer: every state-changing operation of shadowpatch,
 //! whole, in one place — `apply` (analysis gate → snapshot of the mirrored
 //! variables → transaction → optional watch window → history event),
-//! `rollback` (with `--restore-state`), `recover` and `snapshot`. The CLI
+//! `rollback` (with `--restore-state`), `recover`, `snapshot` and `mirror`. The CLI
 //! and the agent both call these functions and nothing below them for a
 //! change of state: the CLI parses arguments and renders the typed
 //! outcomes; the agent authenticates, queues and calls. Outcomes derive
@@ -13,11 +13,13 @@
 pub mod analysis;
 pub mod apply;
 pub mod health_watch;
+pub mod mirror;
 pub mod rollback;
 pub mod variables;
 
 pub use analysis::{AnalysisReport, AnalysisSettings};
 pub use apply::{apply, Applied, ApplyRequest, ApplyResult, Refused};
+pub use mirror::{mirror, MirrorOutcome};
 pub use rollback::{recover, rollback, RollbackRequest, RolledBack};
 pub use shadowpatch_failure::{Classify, FailureClass};
 pub use variables::{snapshot, Restored, SnapshotOutcome};
