@@ -1,9 +1,10 @@
 //! `shadowpatch`: live-patch running Linux processes safely. This file holds
-//! the command line (clap) and maps errors to exit codes:
-//! 0 success, 1 verification found differences or a patch operation was
-//! refused on safety grounds (or `watch` raised alerts), 2 bad input
-//! (target untouched), 3 an operation failed midway, 4 the watched process
-//! exited.
+//! the command line (clap); commands parse their arguments and render the
+//! typed outcomes of the operations layer (`shadowpatch_ops`). Exit codes
+//! are decided by `failure::Exit` alone (docs/exit-codes.md): 0 success,
+//! 1 differences found or refused for safety, 2 bad input (target
+//! untouched), 3 failed midway, 4 rolled back by the watch or the watched
+//! process exited.
 
 #![forbid(unsafe_code)]
 
