@@ -12,6 +12,17 @@ use std::path::Path;
 pub struct RemoteError {
     pub kind: FailureKind,
     pub message: String,
+    /// What the agent sent with the failure (a refused apply's refusal
+    /// and analysis), else null.
+    pub result: serde_json::Value,
+}
+
+impl shadowpatch_failure::Classify for RemoteError {
+    /// As the agent classed it (a wrong state directory never reaches a
+    /// caller: the CLI acts directly then).
+    fn class(&self) -> shadowpatch_failure::FailureClass {
+        self.kind.class().unwrap_or(shadowpatch_failure::FailureClass::BadInput)
+    }
 }
 
 /// Send `request` to the agent at `socket`. `Ok(None)` when no agent
@@ -30,6 +41,7 @@ pub fn request(socket: &Path, request: &ControlRequest) -> Result<Option<serde_j
             return Err(RemoteError {
                 kind: FailureKind::Failed,
                 message: format!("agent socket {}: {e}", socket.display()),
+                result: serde_json::Value::Null,
             })
         }
     };
@@ -40,6 +52,7 @@ pub fn request(socket: &Path, request: &ControlRequest) -> Result<Option<serde_j
             "the agent at {} did not answer ({e}); it may have died mid-operation: it recovers the target when restarted, or run `shadowpatch recover PID --no-agent`",
             socket.display()
         ),
+        result: serde_json::Value::Null,
     }
     };
     let mut line = serde_json::to_vec(request).expect("requests serialize");
@@ -52,6 +65,7 @@ pub fn request(socket: &Path, request: &ControlRequest) -> Result<Option<serde_j
     let reply: ControlReply = serde_json::from_str(&answer).map_err(|e| RemoteError {
         kind: FailureKind::Failed,
         message: format!("the agent at {} answered something unreadable: {e}", socket.display()),
+        result: serde_json::Value::Null,
     })?;
     match (reply.ok, reply.failure) {
         (true, _) => Ok(Some(reply.result)),
@@ -64,6 +78,7 @@ pub fn request(socket: &Path, request: &ControlRequest) -> Result<Option<serde_j
             message: reply
                 .error
                 .unwrap_or_else(|| "the agent refused without saying why".into()),
+            result: reply.result,
         }),
     }
 }

@@ -10,7 +10,6 @@
 
 pub mod app;
 pub mod client;
-pub mod health_watch;
 pub mod metrics;
 pub mod notify;
 pub mod peer;
@@ -64,34 +63,39 @@ pub enum AgentError {
     Mirror(#[from] shadowpatch_mirror::MirrorError),
     #[error(transparent)]
     Target(#[from] shadowpatch_process::TargetError),
-    /// The health watch after an apply could not run.
     #[error(transparent)]
-    HealthWatch(#[from] health_watch::HealthWatchError),
+    Ops(#[from] shadowpatch_ops::OpsError),
+    /// The analysis refused the patch (and the client did not force it).
+    #[error("{}", .0.message)]
+    ApplyRefused(Box<shadowpatch_ops::Refused>),
+}
+
+impl shadowpatch_failure::Classify for AgentError {
+    fn class(&self) -> shadowpatch_failure::FailureClass {
+        use shadowpatch_failure::FailureClass;
+        match self {
+            AgentError::Patch(e) => e.class(),
+            AgentError::Watch(e) => e.class(),
+            AgentError::Mirror(e) => e.class(),
+            AgentError::Target(e) => e.class(),
+            AgentError::Ops(e) => e.class(),
+            AgentError::ApplyRefused(refused) => refused.class,
+            AgentError::Socket { .. } | AgentError::Metrics { .. } | AgentError::PeerCredentials { .. } => {
+                FailureClass::FailedMidway
+            }
+            AgentError::NoSuchProcess { .. }
+            | AgentError::Unauthorised { .. }
+            | AgentError::File { .. }
+            | AgentError::NotYours { .. }
+            | AgentError::AlreadyRunning { .. }
+            | AgentError::NotWatched { .. } => FailureClass::BadInput,
+        }
+    }
 }
 
 impl AgentError {
     /// How the CLI should exit for this error, as if it had acted directly.
     pub fn failure_kind(&self) -> FailureKind {
-        use shadowpatch_patch::ErrorClass;
-        match self {
-            AgentError::Patch(e) => match e.class() {
-                ErrorClass::BadInput => FailureKind::BadInput,
-                ErrorClass::Refused => FailureKind::Refused,
-                ErrorClass::Failed => FailureKind::Failed,
-            },
-            AgentError::Watch(e) if !e.is_bad_input() => FailureKind::Failed,
-            AgentError::Mirror(e) if !e.is_bad_input() => FailureKind::Failed,
-            AgentError::Target(e) if !e.is_bad_input() => FailureKind::Failed,
-            AgentError::HealthWatch(health_watch::HealthWatchError::Patch(e)) => match e.class() {
-                ErrorClass::BadInput => FailureKind::BadInput,
-                ErrorClass::Refused => FailureKind::Refused,
-                ErrorClass::Failed => FailureKind::Failed,
-            },
-            AgentError::HealthWatch(health_watch::HealthWatchError::Sample(_)) => FailureKind::Failed,
-            AgentError::Socket { .. } | AgentError::Metrics { .. } | AgentError::PeerCredentials { .. } => {
-                FailureKind::Failed
-            }
-            _ => FailureKind::BadInput,
-        }
+        shadowpatch_failure::Classify::class(self).into()
     }
 }

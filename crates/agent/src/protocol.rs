@@ -11,7 +11,7 @@ use std::path::PathBuf;
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// A request from the CLI.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlRequest {
     /// What the agent knows of a target: watched or not, its counters.
@@ -19,17 +19,26 @@ pub enum ControlRequest {
         state_dir: PathBuf,
         pid: i32,
     },
-    /// Apply a patch (the CLI ran the analysis already).
+    /// Apply a patch: the analysis gate first (the same as the CLI's:
+    /// `shadowpatch_ops::apply`), refusing what it refuses unless `force`,
+    /// which every client must state and the history records.
     Apply {
         state_dir: PathBuf,
         pid: i32,
         manifest: PathBuf,
         attempts: u32,
+        force: bool,
+        /// How to analyse (defaults as the CLI's).
+        #[serde(default)]
+        analysis: shadowpatch_ops::AnalysisSettings,
     },
     Rollback {
         state_dir: PathBuf,
         pid: i32,
         patch_id: Option<String>,
+        /// Also write back the mirrored variables as they were before the patch.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        restore_state: bool,
     },
     Recover {
         state_dir: PathBuf,
@@ -71,6 +80,29 @@ impl ControlRequest {
     }
 }
 
+impl From<shadowpatch_failure::FailureClass> for FailureKind {
+    fn from(class: shadowpatch_failure::FailureClass) -> Self {
+        match class {
+            shadowpatch_failure::FailureClass::BadInput => FailureKind::BadInput,
+            shadowpatch_failure::FailureClass::RefusedForSafety => FailureKind::Refused,
+            shadowpatch_failure::FailureClass::FailedMidway => FailureKind::Failed,
+        }
+    }
+}
+
+impl FailureKind {
+    /// The class the CLI exits by (`None`: the agent serves another
+    /// state directory, and the CLI acts directly).
+    pub fn class(self) -> Option<shadowpatch_failure::FailureClass> {
+        match self {
+            FailureKind::BadInput => Some(shadowpatch_failure::FailureClass::BadInput),
+            FailureKind::Refused => Some(shadowpatch_failure::FailureClass::RefusedForSafety),
+            FailureKind::Failed => Some(shadowpatch_failure::FailureClass::FailedMidway),
+            FailureKind::WrongStateDir => None,
+        }
+    }
+}
+
 /// How a request failed, so the CLI exits as it would have acting directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -93,7 +125,9 @@ pub struct ControlReply {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureKind>,
-    /// The operation's outcome (the same JSON the direct command prints).
+    /// The operation's typed outcome (`shadowpatch_ops`), the same value
+    /// the CLI computes acting directly; for a refused apply, the refusal
+    /// with its analysis.
     #[serde(default)]
     pub result: serde_json::Value,
 }
@@ -232,6 +266,7 @@ mod tests {
             state_dir: "/s".into(),
             pid: 7,
             patch_id: None,
+            restore_state: false,
         };
         assert_eq!(
             serde_json::to_string(&request).unwrap(),

@@ -1,6 +1,8 @@
 //! The agent itself: start-up recovery of every target, the control socket
 //! serving the CLI, and the threads behind the application socket and the
-//! metrics endpoint.
+//! metrics endpoint. Every state-changing request is authenticated here and
+//! carried out by the operations layer (`shadowpatch_ops`), the same code
+//! the CLI runs acting directly.
 
 use crate::metrics::Metrics;
 use crate::peer::{authorize, may_read, peer_of, Peer};
@@ -8,8 +10,9 @@ use crate::protocol::{serve_lines, ControlReply, ControlRequest, FailureKind};
 use crate::targets::Targets;
 use crate::AgentError;
 use shadowpatch_mirror::StateDir;
+use shadowpatch_ops::{ApplyRequest, ApplyResult, RollbackRequest};
 use shadowpatch_patch::journal::Journal;
-use shadowpatch_patch::{ApplyOptions, Manifest};
+use shadowpatch_patch::Manifest;
 use shadowpatch_process::ProcessIdentity;
 use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
 use std::io::Write;
@@ -48,7 +51,7 @@ pub struct AgentConfig {
     /// The agent's default policy after each apply it makes: apply through
     /// watch stubs and watch the service this long (faults survived and
     /// rolled back, metrics judged; `health_watch`). `None`: plain apply.
-    pub watch_after_apply: Option<crate::health_watch::WatchArgs>,
+    pub watch_after_apply: Option<shadowpatch_ops::health_watch::WatchArgs>,
 }
 
 /// What happened to one target at start-up.
@@ -175,7 +178,7 @@ impl Agent {
                     entry.message = Some(error.to_string());
                 }
                 Ok(journal) if journal.open.is_none() && journal.retired.is_empty() => {}
-                Ok(_) => match shadowpatch_patch::recover(&self.config.state_dir, pid) {
+                Ok(_) => match shadowpatch_ops::recover(&self.config.state_dir, pid) {
                     Ok(outcome) => {
                         self.metrics.recoveries.fetch_add(1, Ordering::Relaxed);
                         entry.outcome = serde_json::to_value(outcome.state)
@@ -249,6 +252,12 @@ impl Agent {
         let result = authorize(peer, request.pid()).and_then(|()| self.perform(request, peer));
         match result {
             Ok(value) => ControlReply::success(value),
+            // The refusal goes back whole: the CLI shows its analysis.
+            Err(AgentError::ApplyRefused(refused)) => {
+                let mut reply = ControlReply::failure(refused.class.into(), refused.message.clone());
+                reply.result = to_json(&ApplyResult::Refused(refused));
+                reply
+            }
             Err(error) => {
                 if matches!(error, AgentError::Unauthorised { .. }) {
                     self.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
@@ -270,41 +279,60 @@ impl Agent {
                 pid,
                 manifest,
                 attempts,
+                force,
+                analysis,
                 ..
             } => {
                 may_read(peer.uid, manifest)?;
                 let (_, object) = Manifest::load(manifest)?;
                 may_read(peer.uid, &object)?;
-                let options = ApplyOptions {
-                    max_attempts: *attempts,
-                    ..ApplyOptions::default()
-                };
-                let Some(policy) = &self.config.watch_after_apply else {
-                    let outcome = shadowpatch_patch::apply(state_dir, *pid, manifest, &options)?;
-                    self.metrics.applies.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.apply_pause_seconds.observe(outcome.pause_us as f64 / 1e6);
-                    return Ok(to_json(&outcome));
-                };
-                // The connection's thread is the tracer for the window: the
-                // reply comes once the verdict is in.
-                let (outcome, report) =
-                    crate::health_watch::apply_and_watch(state_dir, *pid, manifest, &options, policy)?;
-                self.metrics.applies.fetch_add(1, Ordering::Relaxed);
-                self.metrics.apply_pause_seconds.observe(outcome.pause_us as f64 / 1e6);
-                if report.decision == shadowpatch_health::Decision::Rollback {
-                    self.metrics
-                        .rolled_back(&report.cause, report.rollback.as_ref().map_or(0, |r| r.pause_us));
+                for file in analysis.files() {
+                    may_read(peer.uid, file)?;
                 }
-                let mut value = to_json(&outcome);
-                value["watch"] = to_json(&report);
-                Ok(value)
+                let request = ApplyRequest {
+                    pid: *pid,
+                    manifest: manifest.clone(),
+                    attempts: *attempts,
+                    force: *force,
+                    analysis: analysis.clone(),
+                    requested_by: format!("agent (uid {}, pid {})", peer.uid, peer.pid),
+                };
+                // With a watch policy the connection's thread is the
+                // tracer for the window: the reply comes with the verdict.
+                let policy = self.config.watch_after_apply.as_ref();
+                match shadowpatch_ops::apply(state_dir, &request, policy, None)? {
+                    ApplyResult::Refused(refused) => Err(AgentError::ApplyRefused(refused)),
+                    ApplyResult::Applied(applied) => {
+                        self.metrics.applies.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .apply_pause_seconds
+                            .observe(applied.apply.pause_us as f64 / 1e6);
+                        if let Some(report) = applied.watch.as_ref().filter(|_| applied.rolled_back_by_watch()) {
+                            self.metrics
+                                .rolled_back(&report.cause, report.rollback.as_ref().map_or(0, |r| r.pause_us));
+                        }
+                        Ok(to_json(&ApplyResult::Applied(applied)))
+                    }
+                }
             }
-            ControlRequest::Rollback { pid, patch_id, .. } => {
-                let outcome = self.rollback(*pid, patch_id.as_deref(), "command")?;
+            ControlRequest::Rollback {
+                pid,
+                patch_id,
+                restore_state,
+                ..
+            } => {
+                let request = RollbackRequest {
+                    pid: *pid,
+                    patch_id: patch_id.clone(),
+                    restore_state: *restore_state,
+                    cause: "command".into(),
+                };
+                let outcome = shadowpatch_ops::rollback(state_dir, &request)?;
+                self.metrics.rolled_back("command", outcome.rollback.pause_us);
                 Ok(to_json(&outcome))
             }
             ControlRequest::Recover { pid, .. } => {
-                let outcome = shadowpatch_patch::recover(state_dir, *pid)?;
+                let outcome = shadowpatch_ops::recover(state_dir, *pid)?;
                 self.metrics.recoveries.fetch_add(1, Ordering::Relaxed);
                 Ok(to_json(&outcome))
             }
@@ -316,14 +344,20 @@ impl Agent {
         }
     }
 
-    /// Roll back and count it by cause.
+    /// Roll back (through the operations layer) and count it by cause.
     pub fn rollback(
         &self,
         pid: i32,
         patch_id: Option<&str>,
         cause: &str,
     ) -> Result<shadowpatch_patch::RollbackOutcome, AgentError> {
-        let outcome = shadowpatch_patch::rollback_with_cause(&self.config.state_dir, pid, patch_id, cause)?;
+        let request = RollbackRequest {
+            pid,
+            patch_id: patch_id.map(str::to_string),
+            restore_state: false,
+            cause: cause.to_string(),
+        };
+        let outcome = shadowpatch_ops::rollback(&self.config.state_dir, &request)?.rollback;
         self.metrics.rolled_back(cause, outcome.pause_us);
         Ok(outcome)
     }

@@ -1,74 +1,98 @@
-//! Error → exit code and one-line message.
+//! Exit codes, decided here only: [`Exit`] maps each error's class (every
+//! library error classifies itself through `shadowpatch_failure::Classify`)
+//! and the success-path outcomes (differences found, rolled back by the
+//! watch, target exited) to the documented codes. Also the one-line message.
 
-use shadowpatch_mirror::MirrorError;
-use shadowpatch_process::TargetError;
-use shadowpatch_symbols::SymbolsError;
+use shadowpatch_failure::{Classify, FailureClass};
 
-/// Exit code for input the user can fix (bad pid, missing mirror, ...).
-pub const BAD_INPUT: i32 = 2;
-/// Exit code for a patch operation refused on safety grounds.
-pub const REFUSED: i32 = 1;
-/// Exit code for an operation that failed midway.
-pub const FAILED: i32 = 3;
+/// How `shadowpatch` exits. The codes are documented in the README's
+/// "Exit codes" and in docs/exit-codes.md; `tests/exit_codes.rs` produces
+/// each one with a real command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 0: done (for `analyze`: proceed or warn; `apply --watch`: kept).
+    Ok,
+    /// 1: `verify` found differences, `watch` raised alerts, `analyze`
+    /// refuses.
+    Differences,
+    /// 1: refused on safety grounds; the target was not touched.
+    Refused,
+    /// 2: bad input; the target was not touched.
+    BadInput,
+    /// 3: an operation failed midway (no stop is ever left behind).
+    FailedMidway,
+    /// 4: `apply --watch` (or the agent's watch) rolled the patch back.
+    RolledBackByWatch,
+    /// 4: the process `watch` was watching exited.
+    TargetExited,
+}
 
-/// Marks an error as caused by the user's input.
+impl Exit {
+    pub const fn code(self) -> i32 {
+        match self {
+            Exit::Ok => 0,
+            Exit::Differences | Exit::Refused => 1,
+            Exit::BadInput => 2,
+            Exit::FailedMidway => 3,
+            Exit::RolledBackByWatch | Exit::TargetExited => 4,
+        }
+    }
+
+    pub const fn of_class(class: FailureClass) -> Exit {
+        match class {
+            FailureClass::BadInput => Exit::BadInput,
+            FailureClass::RefusedForSafety => Exit::Refused,
+            FailureClass::FailedMidway => Exit::FailedMidway,
+        }
+    }
+}
+
+/// Marks an error as caused by the user's input (the CLI's own checks).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct BadInput(pub String);
 
-pub fn exit_code(error: &anyhow::Error) -> i32 {
-    for cause in error.chain() {
-        if cause.downcast_ref::<BadInput>().is_some() {
-            return BAD_INPUT;
-        }
-        if let Some(e) = cause.downcast_ref::<shadowpatch_agent::RemoteError>() {
-            return match e.kind {
-                shadowpatch_agent::FailureKind::BadInput | shadowpatch_agent::FailureKind::WrongStateDir => BAD_INPUT,
-                shadowpatch_agent::FailureKind::Refused => REFUSED,
-                shadowpatch_agent::FailureKind::Failed => FAILED,
-            };
-        }
-        if let Some(e) = cause.downcast_ref::<shadowpatch_watch::WatchError>() {
-            return if e.is_bad_input() { BAD_INPUT } else { FAILED };
-        }
-        if let Some(e) = cause.downcast_ref::<TargetError>() {
-            return if e.is_bad_input() { BAD_INPUT } else { FAILED };
-        }
-        if let Some(e) = cause.downcast_ref::<MirrorError>() {
-            return if e.is_bad_input() { BAD_INPUT } else { FAILED };
-        }
-        if let Some(e) = cause.downcast_ref::<shadowpatch_mirror::DirtyError>() {
-            return if e.is_bad_input() { BAD_INPUT } else { FAILED };
-        }
-        if let Some(e) = cause.downcast_ref::<shadowpatch_patch::PatchError>() {
-            return match e.class() {
-                shadowpatch_patch::ErrorClass::BadInput => BAD_INPUT,
-                shadowpatch_patch::ErrorClass::Refused => REFUSED,
-                shadowpatch_patch::ErrorClass::Failed => FAILED,
-            };
-        }
-        if let Some(e) = cause.downcast_ref::<shadowpatch_store::StoreError>() {
-            return if e.is_bad_input() { BAD_INPUT } else { FAILED };
-        }
-        if let Some(e) = cause.downcast_ref::<shadowpatch_predict::PredictError>() {
-            if let shadowpatch_predict::PredictError::Patch(patch) = e {
-                return match patch.class() {
-                    shadowpatch_patch::ErrorClass::BadInput => BAD_INPUT,
-                    shadowpatch_patch::ErrorClass::Refused => REFUSED,
-                    shadowpatch_patch::ErrorClass::Failed => FAILED,
-                };
-            }
-            return if e.is_bad_input() { BAD_INPUT } else { FAILED };
-        }
-        if let Some(e) = cause.downcast_ref::<SymbolsError>() {
-            return match e {
-                SymbolsError::Target(t) if !t.is_bad_input() => FAILED,
-                SymbolsError::Io { .. } => FAILED,
-                _ => BAD_INPUT,
-            };
-        }
+impl Classify for BadInput {
+    fn class(&self) -> FailureClass {
+        FailureClass::BadInput
     }
-    FAILED
+}
+
+/// The class of the first error in the chain that knows its class; an
+/// error none classifies failed midway.
+pub fn class_of(error: &anyhow::Error) -> FailureClass {
+    macro_rules! classified {
+        ($cause:expr, $($type:ty),+ $(,)?) => {
+            $(if let Some(e) = $cause.downcast_ref::<$type>() {
+                return e.class();
+            })+
+        };
+    }
+    for cause in error.chain() {
+        classified!(
+            cause,
+            BadInput,
+            shadowpatch_agent::RemoteError,
+            shadowpatch_agent::AgentError,
+            shadowpatch_ops::OpsError,
+            shadowpatch_ops::health_watch::HealthWatchError,
+            shadowpatch_watch::WatchError,
+            shadowpatch_patch::PatchError,
+            shadowpatch_predict::PredictError,
+            shadowpatch_store::StoreError,
+            shadowpatch_mirror::MirrorError,
+            shadowpatch_mirror::DirtyError,
+            shadowpatch_mirror::VariableError,
+            shadowpatch_symbols::SymbolsError,
+            shadowpatch_process::TargetError,
+        );
+    }
+    FailureClass::FailedMidway
+}
+
+/// The exit code of a command that failed with `error`.
+pub fn exit_code(error: &anyhow::Error) -> i32 {
+    Exit::of_class(class_of(error)).code()
 }
 
 /// The error and its causes on one line, without repeating a cause that

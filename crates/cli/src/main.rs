@@ -1,9 +1,10 @@
 //! `shadowpatch`: live-patch running Linux processes safely. This file holds
-//! the command line (clap) and maps errors to exit codes:
-//! 0 success, 1 verification found differences or a patch operation was
-//! refused on safety grounds (or `watch` raised alerts), 2 bad input
-//! (target untouched), 3 an operation failed midway, 4 the watched process
-//! exited.
+//! the command line (clap); commands parse their arguments and render the
+//! typed outcomes of the operations layer (`shadowpatch_ops`). Exit codes
+//! are decided by `failure::Exit` alone (docs/exit-codes.md): 0 success,
+//! 1 differences found or refused for safety, 2 bad input (target
+//! untouched), 3 failed midway, 4 rolled back by the watch or the watched
+//! process exited.
 
 #![forbid(unsafe_code)]
 
@@ -121,7 +122,7 @@ enum Command {
     /// Resolve a symbol name to addresses, or an address to symbol+offset.
     Lookup {
         pid: i32,
-        /// A symbol name, or an address (0x...).
+        /// A symbol name (MODULE!NAME for one module), or an address (0x...).
         what: String,
     },
     /// Measure stop-the-world latency, mirror/verify throughput and more (runs `shadowpatch-bench ARGS`).
@@ -253,7 +254,51 @@ fn run_apply_command(
             analysis.metrics_url.clone(),
         )?),
     };
-    commands::patching::run_apply(context, pid, manifest, attempts, force, analysis, watch_args.as_ref())
+    commands::patching::run_apply(
+        context,
+        commands::patching::ApplyArgs {
+            pid,
+            manifest,
+            attempts,
+            force,
+            analysis,
+            watch: watch_args,
+        },
+    )
+}
+
+/// A missing-argument error on one line that names the arguments and the
+/// subcommand (clap puts the names on the lines after its first).
+fn missing_arguments(error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() != ErrorKind::MissingRequiredArgument {
+        return None;
+    }
+    let names = match error.get(ContextKind::InvalidArg) {
+        Some(ContextValue::Strings(names)) => names.join(", "),
+        Some(ContextValue::String(name)) => name.clone(),
+        _ => return None,
+    };
+    let usage = match error.get(ContextKind::Usage) {
+        Some(ContextValue::StyledStr(usage)) => usage.to_string(),
+        _ => String::new(),
+    };
+    // "Usage: shadowpatch status <PID>" → "shadowpatch status".
+    let command: Vec<&str> = usage
+        .trim()
+        .trim_start_matches("Usage:")
+        .split_whitespace()
+        .take_while(|word| !word.starts_with('<') && !word.starts_with('[') && !word.starts_with('-'))
+        .collect();
+    let command = if command.is_empty() {
+        "shadowpatch".to_string()
+    } else {
+        command.join(" ")
+    };
+    Some(format!(
+        "missing required argument{} {names} (see {command} --help)",
+        if names.contains(',') { "s" } else { "" }
+    ))
 }
 
 fn main() {
@@ -266,9 +311,13 @@ fn main() {
             }
             if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 let _ = error.print();
-                std::process::exit(failure::BAD_INPUT);
+                std::process::exit(failure::Exit::BadInput.code());
             }
             // Usage errors on one line, like every other bad input.
+            if let Some(line) = missing_arguments(&error) {
+                eprintln!("shadowpatch: error: {line}");
+                std::process::exit(failure::Exit::BadInput.code());
+            }
             let text = error.to_string();
             let first = text
                 .lines()
@@ -276,7 +325,7 @@ fn main() {
                 .unwrap_or("invalid arguments")
                 .trim_start_matches("error: ");
             eprintln!("shadowpatch: error: {first} (see shadowpatch --help)");
-            std::process::exit(failure::BAD_INPUT);
+            std::process::exit(failure::Exit::BadInput.code());
         }
     };
     tracing_subscriber::fmt()

@@ -84,7 +84,7 @@ pub enum MetricClass {
 }
 
 /// One metric's result, with the evidence.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MetricResult {
     pub name: String,
     pub class: MetricClass,
@@ -106,7 +106,7 @@ pub enum Decision {
     Rollback,
 }
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Judgement {
     pub decision: Decision,
     /// Percent of judged metrics that passed (100 when none could be judged).

@@ -12,7 +12,7 @@
 use statrs::distribution::{ContinuousCDF, Normal};
 
 /// The result of comparing an experiment sample with a control sample.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MannWhitney {
     /// U of the control sample (as scipy's `mannwhitneyu(control, experiment)`).
     pub u: f64,

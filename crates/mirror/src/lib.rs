@@ -78,11 +78,26 @@ impl MirrorError {
     /// Errors caused by the caller's input or the state on disk rather than a
     /// failure midway: the CLI exits 2 on these.
     pub fn is_bad_input(&self) -> bool {
+        shadowpatch_failure::Classify::is_bad_input(self)
+    }
+}
+
+impl shadowpatch_failure::Classify for MirrorError {
+    fn class(&self) -> shadowpatch_failure::FailureClass {
+        use shadowpatch_failure::FailureClass;
         match self {
-            MirrorError::Target(e) => e.is_bad_input(),
-            MirrorError::Dirty(e) => e.is_bad_input(),
-            MirrorError::Io { .. } => false,
-            _ => true,
+            MirrorError::Target(e) => e.class(),
+            MirrorError::Dirty(e) => e.class(),
+            MirrorError::Symbols(e) => e.class(),
+            MirrorError::Io { .. } => FailureClass::FailedMidway,
+            _ => FailureClass::BadInput,
         }
+    }
+}
+
+impl shadowpatch_failure::Classify for VariableError {
+    /// A variable declaration is the user's input.
+    fn class(&self) -> shadowpatch_failure::FailureClass {
+        shadowpatch_failure::FailureClass::BadInput
     }
 }

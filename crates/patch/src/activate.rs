@@ -21,7 +21,7 @@ pub enum Direction {
     Backward,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Activation {
     pub pause: PauseReport,
     /// Stops needed until no thread was inside the rewritten bytes.

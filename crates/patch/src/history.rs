@@ -2,16 +2,16 @@
 //! timings, in the event history (`shadowpatch-store`). Best effort: a
 //! history that cannot be written never fails the operation itself.
 
-use crate::{ApplyOutcome, ErrorClass, PatchError, RecoverOutcome, RollbackOutcome};
+use crate::{ApplyOutcome, Classify, FailureClass, PatchError, RecoverOutcome, RollbackOutcome};
 use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
 use std::path::Path;
 
 /// `ok`, or the error's class.
 fn outcome_of(error: &PatchError) -> &'static str {
     match error.class() {
-        ErrorClass::BadInput => "bad_input",
-        ErrorClass::Refused => "refused",
-        ErrorClass::Failed => "failed",
+        FailureClass::BadInput => "bad_input",
+        FailureClass::RefusedForSafety => "refused",
+        FailureClass::FailedMidway => "failed",
     }
 }
 

@@ -5,7 +5,6 @@
 #![forbid(unsafe_code)]
 
 pub mod activate;
-pub mod apply;
 pub mod clobber;
 pub mod fault;
 mod history;
@@ -18,13 +17,23 @@ pub mod resolve;
 pub mod rollback;
 pub mod safepoint;
 pub mod state;
+pub mod survey;
 pub mod thunk;
 pub mod trampoline;
+pub mod transaction;
 pub mod watchstub;
 pub mod watchwindow;
 pub mod writes;
 
-pub use apply::{apply, apply_watched, ApplyOptions, ApplyOutcome};
+pub use survey::{prepare, prepare_survey, survey, Prepared, Survey};
+pub use transaction::{apply, apply_prepared, apply_watched, ApplyOptions, ApplyOutcome};
+
+/// The survey and the transaction under the name they had as one file
+/// (`apply.rs`), for callers not yet moved to `survey` / `transaction`.
+pub mod apply {
+    pub use crate::survey::*;
+    pub use crate::transaction::*;
+}
 pub use manifest::Manifest;
 pub use object::PatchObject;
 pub use recover::{recover, RecoverOutcome, Recovered};
@@ -79,8 +88,11 @@ pub enum PatchError {
         wanted: String,
         available: String,
     },
-    #[error("the module with this build-id is {module}, not {hint} as the manifest's target.module says")]
-    ModuleHint { hint: String, module: String },
+    /// A warning, never a refusal: the build-id is the identity.
+    #[error(
+        "the manifest's target.module {hint} does not name the module with its build-id, {module} ({path}); patching {module}"
+    )]
+    ModuleHint { hint: String, module: String, path: String },
     #[error("patch {id} is already active in pid {pid}; patch ids are unique per process")]
     DuplicateId { pid: i32, id: String },
     #[error("pid {pid} has an interrupted transaction on patch {patch_id}: run `shadowpatch recover {pid}` first")]
@@ -121,19 +133,10 @@ pub enum PatchError {
     Target(#[from] shadowpatch_process::TargetError),
 }
 
-/// How the CLI should exit for an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// The input is wrong (exit 2); the target was not touched.
-    BadInput,
-    /// Refused on safety grounds (exit 1); the target was not touched.
-    Refused,
-    /// Failed midway (exit 3).
-    Failed,
-}
+pub use shadowpatch_failure::{Classify, FailureClass};
 
-impl PatchError {
-    pub fn class(&self) -> ErrorClass {
+impl Classify for PatchError {
+    fn class(&self) -> FailureClass {
         use PatchError::*;
         match self {
             Manifest { .. }
@@ -148,7 +151,7 @@ impl PatchError {
             | ModuleHint { .. }
             | DuplicateId { .. }
             | NothingToRollback { .. }
-            | NoSuchPatch { .. } => ErrorClass::BadInput,
+            | NoSuchPatch { .. } => FailureClass::BadInput,
             Unpatchable { .. }
             | NotOnTop { .. }
             | Tampered { .. }
@@ -158,10 +161,11 @@ impl PatchError {
             | RelocationOverflow { .. }
             | NoRoom { .. }
             | StagingMismatch { .. }
-            | SafePoint { .. } => ErrorClass::Refused,
-            Target(e) if e.is_bad_input() => ErrorClass::BadInput,
-            Mirror(e) if e.is_bad_input() => ErrorClass::BadInput,
-            Journal { .. } | Target(_) | Mirror(_) | Symbols(_) => ErrorClass::Failed,
+            | SafePoint { .. } => FailureClass::RefusedForSafety,
+            Target(e) => e.class(),
+            Mirror(e) => e.class(),
+            Symbols(e) => e.class(),
+            Journal { .. } => FailureClass::FailedMidway,
         }
     }
 }

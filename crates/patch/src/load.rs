@@ -6,11 +6,11 @@
 //! Both work on any process that can run remote syscalls: the live target
 //! (`apply`) or a copy of it (simulation).
 
-use crate::apply::Prepared;
 use crate::clobber::RegisterSet;
 use crate::journal::{PatchedFunction, Write5};
 use crate::object::{PatchObject, RelocationKind};
 use crate::resolve::resolve_symbol;
+use crate::survey::Prepared;
 use crate::thunk;
 use crate::trampoline::{jump, JUMP_LEN};
 use crate::PatchError;

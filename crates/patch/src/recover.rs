@@ -14,17 +14,17 @@
 //! else's change: recover stops and reports them, touching nothing.
 
 use crate::activate::{switch, Direction, DEFAULT_ATTEMPTS};
-use crate::apply::publish;
 use crate::journal::{OpenTxn, Record, TxnKind, Write5};
 use crate::rollback::{collect_retired, finish_rollback, retire_or_unmap};
 use crate::state::{copies_log_path, is_mapped, staged_path, unmap, TargetState};
+use crate::transaction::publish;
 use crate::PatchError;
 use shadowpatch_mirror::StateDir;
 use shadowpatch_process::maps::read_maps;
 use shadowpatch_process::{Attached, ProcessIdentity};
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Recovered {
     /// No transaction was open: nothing to do.
@@ -35,7 +35,7 @@ pub enum Recovered {
     FullyRolledBack,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RecoverOutcome {
     pub pid: i32,
     pub state: Recovered,

@@ -20,7 +20,7 @@ use std::path::Path;
 /// the patch before unmapping it.
 const STACK_SCAN_BYTES: usize = 256 * 1024;
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RollbackOutcome {
     pub patch_id: String,
     pub pid: i32,

@@ -34,7 +34,7 @@ pub struct SafePoint {
 pub const DEFAULT_SAFE_POINT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the wait saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Parked {
     /// Threads parked when activation began.
     pub threads: u32,

@@ -22,7 +22,7 @@ pub struct FunctionSite {
 }
 
 /// Why a jump cannot be written at a function's entry.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "problem", rename_all = "snake_case")]
 pub enum EntryProblem {
     /// The symbol table gives the function no size.

@@ -50,7 +50,7 @@ pub struct WatchWindow {
 }
 
 /// A fault caught and survived.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Recovery {
     pub tid: i32,
     pub signal: String,
@@ -67,7 +67,7 @@ pub struct Recovery {
 }
 
 /// What one poll of the window saw.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum WindowEvent {
     Quiet,

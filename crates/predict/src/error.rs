@@ -1,7 +1,7 @@
 //! Errors of the prediction engine: what kept an analysis from being made
 //! at all. Problems of the patch itself are findings, never errors.
 
-use shadowpatch_patch::{ErrorClass, PatchError};
+use shadowpatch_patch::{Classify, FailureClass, PatchError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
@@ -27,14 +27,18 @@ pub enum PredictError {
 impl PredictError {
     /// Input the user can fix (exit 2); the target was not touched.
     pub fn is_bad_input(&self) -> bool {
+        self.class() == FailureClass::BadInput
+    }
+}
+
+impl Classify for PredictError {
+    fn class(&self) -> FailureClass {
         match self {
-            PredictError::Patch(e) => e.class() == ErrorClass::BadInput,
-            PredictError::Target(e) => e.is_bad_input(),
-            PredictError::Symbols(shadowpatch_symbols::SymbolsError::Target(e)) => e.is_bad_input(),
-            PredictError::Symbols(shadowpatch_symbols::SymbolsError::Io { .. }) => false,
-            PredictError::Symbols(_) => true,
-            PredictError::BadArgument { .. } => true,
-            PredictError::Simulation(e) => e.class() == ErrorClass::BadInput,
+            PredictError::Patch(e) => e.class(),
+            PredictError::Target(e) => e.class(),
+            PredictError::Symbols(e) => e.class(),
+            PredictError::BadArgument { .. } => FailureClass::BadInput,
+            PredictError::Simulation(e) => e.class(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Errors of every operation on a target, each naming the pid and what failed.
 
 use nix::errno::Errno;
+use shadowpatch_failure::{Classify, FailureClass};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -72,16 +73,22 @@ impl TargetError {
     }
 
     /// True for errors caused by the caller's input (bad pid, no permission,
-    /// wrong process) rather than by a failure midway: the CLI exits 2 on these.
+    /// wrong process) rather than by a failure midway (see [`Classify`]).
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
+        self.class() == FailureClass::BadInput
+    }
+}
+
+impl Classify for TargetError {
+    fn class(&self) -> FailureClass {
+        match self {
             TargetError::NoSuchProcess { .. }
-                | TargetError::Zombie { .. }
-                | TargetError::KernelThread { .. }
-                | TargetError::NotThreadGroupLeader { .. }
-                | TargetError::Recycled { .. }
-                | TargetError::PermissionDenied { .. }
-        )
+            | TargetError::Zombie { .. }
+            | TargetError::KernelThread { .. }
+            | TargetError::NotThreadGroupLeader { .. }
+            | TargetError::Recycled { .. }
+            | TargetError::PermissionDenied { .. } => FailureClass::BadInput,
+            _ => FailureClass::FailedMidway,
+        }
     }
 }

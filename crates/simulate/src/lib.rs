@@ -45,7 +45,7 @@ use shadowpatch_mirror::StateDir;
 use shadowpatch_patch::apply::prepare;
 use shadowpatch_patch::load::{plan_load, LoadPlan};
 use shadowpatch_patch::state::{copies_log_path, TargetState};
-use shadowpatch_patch::{ErrorClass, PatchError};
+use shadowpatch_patch::{Classify, FailureClass, PatchError};
 use shadowpatch_process::{Attached, ProcessCopy, ProcessIdentity, TargetError};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -86,20 +86,17 @@ pub enum SimulateError {
     Io(#[from] std::io::Error),
 }
 
-impl SimulateError {
-    /// How the CLI should exit (bad input 2, refused 1, failed 3).
-    pub fn class(&self) -> ErrorClass {
+impl Classify for SimulateError {
+    fn class(&self) -> FailureClass {
         match self {
             SimulateError::Call(_) | SimulateError::NotReplaced { .. } | SimulateError::NothingToDo => {
-                ErrorClass::BadInput
+                FailureClass::BadInput
             }
-            SimulateError::AlreadyTrapped { .. } | SimulateError::NoSentinel { .. } => ErrorClass::Refused,
+            SimulateError::AlreadyTrapped { .. } | SimulateError::NoSentinel { .. } => FailureClass::RefusedForSafety,
             SimulateError::Patch(e) => e.class(),
-            SimulateError::Target(e) if e.is_bad_input() => ErrorClass::BadInput,
-            SimulateError::Mirror(e) if e.is_bad_input() => ErrorClass::BadInput,
-            SimulateError::Target(_) | SimulateError::Mirror(_) | SimulateError::Copy { .. } | SimulateError::Io(_) => {
-                ErrorClass::Failed
-            }
+            SimulateError::Target(e) => e.class(),
+            SimulateError::Mirror(e) => e.class(),
+            SimulateError::Copy { .. } | SimulateError::Io(_) => FailureClass::FailedMidway,
         }
     }
 }

@@ -45,7 +45,16 @@ impl StoreError {
     /// Errors the user must fix (a foreign, corrupt or future database)
     /// rather than a failure midway.
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, StoreError::Sqlite { .. })
+        shadowpatch_failure::Classify::is_bad_input(self)
+    }
+}
+
+impl shadowpatch_failure::Classify for StoreError {
+    fn class(&self) -> shadowpatch_failure::FailureClass {
+        match self {
+            StoreError::Sqlite { .. } => shadowpatch_failure::FailureClass::FailedMidway,
+            _ => shadowpatch_failure::FailureClass::BadInput,
+        }
     }
 }
 

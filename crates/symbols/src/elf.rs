@@ -147,6 +147,30 @@ pub struct ElfImage {
     /// relocations, constructor and destructor arrays excepted: function
     /// pointer tables, callbacks (address-taken functions).
     pub data_pointers: Vec<u64>,
+    /// `DT_SONAME` of a shared library (`libevent-2.1.so.7` for
+    /// `libevent-2.1.so.7.0.1`): the name programs link against.
+    pub soname: Option<String>,
+}
+
+/// `DT_SONAME` from `.dynamic` and `.dynstr` (x86_64: little-endian
+/// 16-byte entries); `None` when the file has none.
+fn soname_of(file: &object::File) -> Option<String> {
+    const DT_NULL: u64 = 0;
+    const DT_SONAME: u64 = 14;
+    let dynamic = file.section_by_name(".dynamic")?.data().ok()?;
+    let strings = file.section_by_name(".dynstr")?.data().ok()?;
+    let offset = dynamic.chunks_exact(16).find_map(|entry| {
+        let tag = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
+        let value = u64::from_le_bytes(entry[8..].try_into().expect("8 bytes"));
+        match tag {
+            DT_SONAME => Some(Some(value as usize)),
+            DT_NULL => Some(None),
+            _ => None,
+        }
+    })??;
+    let tail = strings.get(offset..)?;
+    let end = tail.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&tail[..end]).ok().map(str::to_string)
 }
 
 impl ElfImage {
@@ -224,6 +248,7 @@ impl ElfImage {
             })
             .collect();
         let (constructors, data_pointers) = constructors_and_pointers(&file);
+        let soname = soname_of(&file);
         Ok(ElfImage {
             path: path.to_path_buf(),
             build_id,
@@ -234,6 +259,7 @@ impl ElfImage {
             import_slots,
             constructors,
             data_pointers,
+            soname,
         })
     }
 

@@ -29,6 +29,19 @@ pub enum SymbolsError {
     Target(#[from] shadowpatch_process::TargetError),
 }
 
+impl shadowpatch_failure::Classify for SymbolsError {
+    /// A file that is not an x86_64 ELF is the user's input; a read that
+    /// fails is a failure midway.
+    fn class(&self) -> shadowpatch_failure::FailureClass {
+        use shadowpatch_failure::FailureClass;
+        match self {
+            SymbolsError::Io { .. } => FailureClass::FailedMidway,
+            SymbolsError::Malformed { .. } | SymbolsError::WrongArchitecture { .. } => FailureClass::BadInput,
+            SymbolsError::Target(e) => e.class(),
+        }
+    }
+}
+
 /// Hex form of a build-id, as `file(1)` and `readelf -n` print it.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

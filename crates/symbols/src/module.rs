@@ -26,6 +26,11 @@ pub struct Module {
     pub image: Arc<ElfImage>,
     /// Whether this is the process's main executable.
     pub main: bool,
+    /// For the main executable, the names it was started by: argv[0] as
+    /// given and its last component, and the comm (a command run through a
+    /// symlink, `/usr/sbin/foo -> bar`, is known by `foo`). Empty for
+    /// libraries.
+    pub started_as: Vec<String>,
 }
 
 impl Module {
@@ -52,14 +57,53 @@ impl Module {
             .collect()
     }
 
-    /// Whether a name given by a user (`--module`) designates this module:
-    /// the exact file name, its name without version suffixes, or the path.
+    /// Whether a name given by a user designates this module — the one
+    /// matching used by the manifest's `target.module`, `--module`,
+    /// `lookup` and `--guard MODULE!SYM`: the file name, its name without
+    /// version suffixes (and without `lib`), its path (or a symlink to it),
+    /// its `DT_SONAME` (and that without version), and for the main
+    /// executable the name it was started by.
     pub fn matches_name(&self, wanted: &str) -> bool {
-        self.name == wanted
-            || self.path == Path::new(wanted)
-            || self.name.split(".so").next() == Some(wanted)
-            || self.name.strip_prefix("lib").and_then(|n| n.split(".so").next()) == Some(wanted)
+        if wanted.is_empty() {
+            return false;
+        }
+        let file_names = std::iter::once(self.name.as_str()).chain(self.image.soname.as_deref());
+        for name in file_names {
+            if name == wanted
+                || name.split(".so").next() == Some(wanted)
+                || name.strip_prefix("lib").and_then(|n| n.split(".so").next()) == Some(wanted)
+            {
+                return true;
+            }
+        }
+        if self.path == Path::new(wanted) || self.started_as.iter().any(|name| name == wanted) {
+            return true;
+        }
+        // A path that is a symlink to this module's file.
+        wanted.contains('/') && std::fs::canonicalize(wanted).is_ok_and(|real| real == self.path)
     }
+}
+
+/// The names the main executable of `pid` was started by (see
+/// [`Module::started_as`]).
+fn started_as(pid: i32) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+        let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+        let argv0 = String::from_utf8_lossy(argv0).into_owned();
+        if !argv0.is_empty() {
+            if let Some(last) = Path::new(&argv0).file_name() {
+                names.push(last.to_string_lossy().into_owned());
+            }
+            names.push(argv0);
+        }
+    }
+    if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        names.push(comm.trim_end_matches('\n').to_string());
+    }
+    names.retain(|n| !n.is_empty());
+    names.dedup();
+    names
 }
 
 /// Discover the modules of process `pid` from its memory map.
@@ -88,6 +132,7 @@ pub fn modules_of(pid: i32, maps: &[Mapping]) -> Result<Vec<Module>, SymbolsErro
                 Err(other) => return Err(other),
             };
             let bias = mapping.start.wrapping_sub(image.first_load_address());
+            let main = exe.as_deref() == Some(path.as_path()) || exe_inode == Some(mapping.inode);
             modules.push(Module {
                 name: path
                     .file_name()
@@ -100,7 +145,8 @@ pub fn modules_of(pid: i32, maps: &[Mapping]) -> Result<Vec<Module>, SymbolsErro
                 bias,
                 ranges: vec![(mapping.start, mapping.end)],
                 image: Arc::new(image),
-                main: exe.as_deref() == Some(path.as_path()) || exe_inode == Some(mapping.inode),
+                main,
+                started_as: if main { started_as(pid) } else { Vec::new() },
             });
             open.insert(key, modules.len() - 1);
         } else if let Some(&index) = open.get(&key) {

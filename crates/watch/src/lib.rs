@@ -61,22 +61,25 @@ impl WatchError {
     /// Errors the user must fix (bad option, variable, pid, state
     /// directory): the CLI exits 2 and the target was not touched.
     pub fn is_bad_input(&self) -> bool {
+        shadowpatch_failure::Classify::is_bad_input(self)
+    }
+}
+
+impl shadowpatch_failure::Classify for WatchError {
+    fn class(&self) -> shadowpatch_failure::FailureClass {
+        use shadowpatch_failure::FailureClass;
         match self {
             WatchError::Config(_)
             | WatchError::Variable(_)
             | WatchError::DirtyMethod(_)
-            | WatchError::StateNotWritable { .. } => true,
-            WatchError::Journal { .. } => false,
-            WatchError::Dirty(e) => e.is_bad_input(),
-            WatchError::Store(e) => e.is_bad_input(),
-            WatchError::Mirror(e) => e.is_bad_input(),
-            WatchError::Patch(e) => e.class() == shadowpatch_patch::ErrorClass::BadInput,
-            WatchError::Target(e) => e.is_bad_input(),
-            WatchError::Symbols(e) => match e {
-                shadowpatch_symbols::SymbolsError::Target(t) => t.is_bad_input(),
-                shadowpatch_symbols::SymbolsError::Io { .. } => false,
-                _ => true,
-            },
+            | WatchError::StateNotWritable { .. } => FailureClass::BadInput,
+            WatchError::Journal { .. } => FailureClass::FailedMidway,
+            WatchError::Dirty(e) => e.class(),
+            WatchError::Store(e) => e.class(),
+            WatchError::Mirror(e) => e.class(),
+            WatchError::Patch(e) => e.class(),
+            WatchError::Target(e) => e.class(),
+            WatchError::Symbols(e) => e.class(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `shadowpatch lookup PID NAME|ADDRESS`: symbols of a live process.
+//! `shadowpatch lookup PID [MODULE!]NAME|ADDRESS`: symbols of a live process.
 
 use super::{Context, Location};
 use crate::failure::BadInput;
@@ -33,10 +33,27 @@ pub fn run(context: &Context, pid: i32, what: &str) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
+    // MODULE!SYMBOL: the module named as `--module` and `--guard` name it
+    // (file name, name without version, soname, the command's own name).
+    let (module_name, symbol) = match what.split_once('!') {
+        Some((module, symbol)) => (Some(module), symbol),
+        None => (None, what),
+    };
+    if let Some(wanted) = module_name {
+        if !modules.iter().any(|m| m.matches_name(wanted)) {
+            let names: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
+            return Err(BadInput(format!(
+                "pid {pid}: no module named {wanted} (modules: {})",
+                names.join(", ")
+            ))
+            .into());
+        }
+    }
     let found: Vec<Found> = modules
         .iter()
+        .filter(|m| module_name.is_none_or(|wanted| m.matches_name(wanted)))
         .flat_map(|m| {
-            m.symbol_addresses(what).into_iter().map(move |(address, s)| Found {
+            m.symbol_addresses(symbol).into_iter().map(move |(address, s)| Found {
                 module: m.name.clone(),
                 name: s.name.clone(),
                 address: format!("{address:#x}"),

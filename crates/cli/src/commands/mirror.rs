@@ -1,136 +1,27 @@
-//! `shadowpatch mirror PID`: capture generation 0 of a process.
+//! `shadowpatch mirror PID`: capture generation 0 of a process (the
+//! operation is `shadowpatch_ops::mirror`).
 
 use super::Context;
-use crate::failure::BadInput;
 use crate::output::{gb_per_s, human_bytes, print_json};
 use crate::progress::Progress;
-use anyhow::Context as _;
-use serde::Serialize;
-use shadowpatch_mirror::{capture, select_regions, CaptureOptions, GenerationHeader, StateDir};
-use shadowpatch_process::maps::read_maps;
-use shadowpatch_process::{ProcessIdentity, TargetMemory};
-use shadowpatch_symbols::modules_of;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use shadowpatch_ops::MirrorOutcome;
 
-#[derive(Debug, Serialize)]
-pub struct MirrorOutcome {
-    pub pid: i32,
-    pub start_time: u64,
-    pub generation: u32,
-    pub path: PathBuf,
-    pub regions: usize,
-    pub pages: u64,
-    pub bytes: u64,
-    pub capture_us: u64,
-    pub modules: Vec<ModuleSummary>,
-    pub notes: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ModuleSummary {
-    pub name: String,
-    pub build_id: Option<String>,
-    pub regions: usize,
-    pub bytes: u64,
-}
-
-/// Mirror `pid` into `state_dir` as generation 0.
+/// Mirror `pid` as generation 0 through the operations layer, with a
+/// progress bar when asked.
 pub fn mirror_process(
     state_dir: &std::path::Path,
     pid: i32,
     module: Option<&str>,
     show_progress: bool,
 ) -> anyhow::Result<MirrorOutcome> {
-    let identity = ProcessIdentity::of(pid)?;
-    let maps = read_maps(pid)?;
-    let modules = modules_of(pid, &maps)?;
-    let regions = select_regions(pid, &maps, &modules, module)?;
-    if regions.is_empty() {
-        return Err(BadInput(format!(
-            "pid {pid}: nothing to mirror (no readable code or read-only data)"
-        ))
-        .into());
-    }
-    let state = StateDir::create(state_dir)?;
-    let dir = state.target_dir(pid, identity.start_time);
-    let later: Vec<u32> = StateDir::generations(&dir).into_iter().filter(|g| *g > 0).collect();
-    if !later.is_empty() {
-        return Err(BadInput(format!(
-            "pid {pid} already has patch generations {later:?} in {}: a new baseline would orphan them; roll them back first",
-            dir.display()
-        ))
-        .into());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    let path = StateDir::generation_path(&dir, 0);
-    let mut memory = TargetMemory::open(&identity)?;
     let mut progress = Progress::bytes("mirroring", show_progress);
-    let header = capture(
-        &mut memory,
-        &identity,
-        &regions,
-        &path,
-        &CaptureOptions { generation: 0 },
-        &mut |done, total| progress.update(done, total),
-    )?;
+    let outcome = shadowpatch_ops::mirror(state_dir, pid, module, &mut |done, total| progress.update(done, total))?;
     progress.finish();
-    // The process may have exited (and its pid been reused) while we read.
-    identity.check_alive()?;
-    Ok(outcome(&identity, path, &header))
-}
-
-fn outcome(identity: &ProcessIdentity, path: PathBuf, header: &GenerationHeader) -> MirrorOutcome {
-    let mut modules: Vec<ModuleSummary> = Vec::new();
-    for region in &header.regions {
-        let bytes = region.pages * 4096;
-        match modules.iter_mut().find(|m| m.name == region.spec.module) {
-            Some(m) => {
-                m.regions += 1;
-                m.bytes += bytes;
-            }
-            None => modules.push(ModuleSummary {
-                name: region.spec.module.clone(),
-                build_id: region.spec.build_id.clone(),
-                regions: 1,
-                bytes,
-            }),
-        }
-    }
-    MirrorOutcome {
-        pid: identity.pid,
-        start_time: identity.start_time,
-        generation: header.generation,
-        path,
-        regions: header.regions.len(),
-        pages: header.regions.iter().map(|r| r.pages).sum(),
-        bytes: header.total_bytes,
-        capture_us: header.capture_us,
-        modules,
-        notes: header.notes.clone(),
-    }
+    Ok(outcome)
 }
 
 pub fn run(context: &Context, pid: i32, module: Option<&str>) -> anyhow::Result<i32> {
     let outcome = mirror_process(&context.state_dir, pid, module, !context.json)?;
-    shadowpatch_store::record_best_effort(
-        &context.state_dir,
-        &shadowpatch_store::NewEvent::new(shadowpatch_store::EventKind::Mirror)
-            .target(outcome.pid, outcome.start_time)
-            .outcome("ok")
-            .duration_us(outcome.capture_us)
-            .details(serde_json::json!({
-                "summary": format!("generation {}, {} regions, {} bytes", outcome.generation, outcome.regions, outcome.bytes),
-                "generation": outcome.generation,
-                "regions": outcome.regions,
-                "bytes": outcome.bytes,
-                "module": module,
-            })),
-    );
     if context.json {
         print_json(&outcome);
         return Ok(0);

@@ -143,7 +143,12 @@ pub fn verify_process(
 
 pub fn run(context: &Context, pid: i32, generation: Option<u32>) -> anyhow::Result<i32> {
     let outcome = verify_process(&context.state_dir, pid, generation, !context.json)?;
-    let code = if outcome.clean { 0 } else { 1 };
+    let code = if outcome.clean {
+        crate::failure::Exit::Ok
+    } else {
+        crate::failure::Exit::Differences
+    }
+    .code();
     if context.json {
         print_json(&outcome);
         return Ok(code);

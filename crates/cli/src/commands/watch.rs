@@ -17,9 +17,6 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// Exit code when the watched process exited (or its pid was recycled).
-pub const TARGET_EXITED: i32 = 4;
-
 /// What the command line asked for.
 #[derive(Debug, Clone, Default)]
 pub struct WatchArgs {
@@ -155,11 +152,13 @@ pub fn run(context: &Context, pid: i32, args: &WatchArgs) -> anyhow::Result<i32>
     let alerts = watcher.stats().alerts;
     // Dropping the watcher drops the printer and lets queued hooks finish.
     drop(watcher);
+    use crate::failure::Exit;
     Ok(match reason {
-        StopReason::TargetExited(_) => TARGET_EXITED,
-        StopReason::Requested if alerts > 0 => crate::failure::REFUSED,
-        StopReason::Requested => 0,
-    })
+        StopReason::TargetExited(_) => Exit::TargetExited,
+        StopReason::Requested if alerts > 0 => Exit::Differences,
+        StopReason::Requested => Exit::Ok,
+    }
+    .code())
 }
 
 fn warn(json: bool, message: &str) {

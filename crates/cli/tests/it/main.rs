@@ -6,12 +6,15 @@
 mod common;
 
 mod agent;
+mod agent_gate;
 mod analyze;
 mod apply_watch;
 mod demo;
+mod exit_codes;
 mod history;
 mod lighttpd;
 mod mirror_verify;
+mod module_names;
 mod patching;
 mod recover;
 mod variables;

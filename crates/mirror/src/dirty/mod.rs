@@ -258,10 +258,19 @@ impl DirtyError {
     /// Errors caused by the caller's choice of ranges or method (the target
     /// was left untouched): the CLI exits 2 on these.
     pub fn is_bad_input(&self) -> bool {
+        shadowpatch_failure::Classify::is_bad_input(self)
+    }
+}
+
+impl shadowpatch_failure::Classify for DirtyError {
+    fn class(&self) -> shadowpatch_failure::FailureClass {
+        use shadowpatch_failure::FailureClass;
         match self {
-            DirtyError::MethodUnavailable { .. } | DirtyError::BadRange { .. } | DirtyError::WrongTarget { .. } => true,
-            DirtyError::Target(e) => e.is_bad_input(),
-            _ => false,
+            DirtyError::MethodUnavailable { .. } | DirtyError::BadRange { .. } | DirtyError::WrongTarget { .. } => {
+                FailureClass::BadInput
+            }
+            DirtyError::Target(e) => e.class(),
+            _ => FailureClass::FailedMidway,
         }
     }
 }

@@ -9,7 +9,7 @@ use shadowpatch_mirror::StateDir;
 use shadowpatch_patch::apply::Survey;
 use shadowpatch_patch::journal::{Journal, JournalState};
 use shadowpatch_patch::resolve::resolve_symbol;
-use shadowpatch_patch::{ErrorClass, PatchError};
+use shadowpatch_patch::{Classify, FailureClass, PatchError};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -43,9 +43,9 @@ pub(super) fn read_journal(
 /// how apply classes it (`bad_input`: exit 2; `refused`: exit 1).
 fn apply_problem(code: &str, error: &PatchError, evidence: serde_json::Value) -> Finding {
     let class = match error.class() {
-        ErrorClass::BadInput => "bad_input",
-        ErrorClass::Refused => "refused",
-        ErrorClass::Failed => "failed",
+        FailureClass::BadInput => "bad_input",
+        FailureClass::RefusedForSafety => "refused",
+        FailureClass::FailedMidway => "failed",
     };
     let mut evidence = match evidence {
         serde_json::Value::Object(map) => map,

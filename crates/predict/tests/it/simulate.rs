@@ -312,13 +312,19 @@ fn bad_explicit_input_is_one_line_and_leaves_the_target_untouched() {
     };
     let error = live.simulate(&manifest, &options).unwrap_err();
     assert!(matches!(error, SimulateError::NotReplaced { .. }), "{error}");
-    assert_eq!(error.class(), shadowpatch_patch::ErrorClass::BadInput);
+    assert_eq!(
+        shadowpatch_patch::Classify::class(&error),
+        shadowpatch_patch::FailureClass::BadInput
+    );
     assert_eq!(
         error.to_string(),
         "--call: divide is not a function patch wrong replaces (it replaces compute)"
     );
     let error = live.simulate(&manifest, &SimulationOptions::default()).unwrap_err();
-    assert_eq!(error.class(), shadowpatch_patch::ErrorClass::BadInput);
+    assert_eq!(
+        shadowpatch_patch::Classify::class(&error),
+        shadowpatch_patch::FailureClass::BadInput
+    );
     live.assert_untouched(&[]);
 }
 

@@ -175,7 +175,24 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
         ),
     )?;
     let before = service.command("banner")?;
-    let applied = shadowpatch_patch::apply(state.path(), pid, &manifest, &Default::default())?;
+    // As `shadowpatch apply` does it: the analysis gate first.
+    let request = shadowpatch_ops::ApplyRequest {
+        pid,
+        manifest: manifest.clone(),
+        attempts: shadowpatch_patch::activate::DEFAULT_ATTEMPTS,
+        force: false,
+        analysis: shadowpatch_ops::AnalysisSettings {
+            context_secs: 0.0,
+            ..Default::default()
+        },
+        requested_by: "demo".into(),
+    };
+    let applied = match shadowpatch_ops::apply(state.path(), &request, None, None)? {
+        shadowpatch_ops::ApplyResult::Applied(applied) => applied.apply,
+        shadowpatch_ops::ApplyResult::Refused(refused) => {
+            anyhow::bail!("the analysis refused the demo's patch: {}", refused.message)
+        }
+    };
     n.say(format!(
         "    applied {} as generation {}: pause {} µs for {} threads (load stop {} µs, total {:.1} ms)",
         applied.patch_id,
@@ -208,7 +225,16 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
     ));
 
     n.step("Roll the patch back in one stop.");
-    let rolled = shadowpatch_patch::rollback(state.path(), pid, None)?;
+    let rolled = shadowpatch_ops::rollback(
+        state.path(),
+        &shadowpatch_ops::RollbackRequest {
+            pid,
+            patch_id: None,
+            restore_state: false,
+            cause: "command".into(),
+        },
+    )?
+    .rollback;
     n.say(format!(
         "    rolled back {}: pause {} µs, patch memory {}",
         rolled.patch_id,

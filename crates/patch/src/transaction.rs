@@ -1,7 +1,7 @@
-//! `apply`: stage → verify → activate, as one journaled transaction.
+//! The apply transaction: stage → verify → activate, journaled.
 //!
-//! 1. Validate everything that needs no target access (manifest, object,
-//!    build-id, symbols, entry checks) before attaching.
+//! 1. Act on a [`Prepared`] survey (`survey.rs`: every check that needs no
+//!    write), re-surveyed only if the active patches changed since.
 //! 2. Journal `Begin` and `Map` (fsync'd), then in one short stop map the
 //!    object near the module with a remote `mmap`, write the relocated image
 //!    and set page protections.
@@ -15,18 +15,14 @@
 //! staged generation, journal `Abort`): the target ends as it began.
 
 use crate::activate::{switch, Activation, Direction, DEFAULT_ATTEMPTS};
-use crate::clobber::{clobbered, CodeSource, RegisterSet};
 use crate::fault;
 use crate::journal::{Journal, PatchRecord, Record, TxnKind, Write5};
 use crate::load::{map_image, plan_load, LoadPlan, StoppedThread};
-use crate::object::{DefinedSymbol, PatchObject};
 use crate::state::{ensure_baseline, now_ms, staged_path, TargetState};
-use crate::trampoline::{examine_site, EntryProblem, FunctionSite};
-use crate::{Manifest, PatchError};
+use crate::survey::{originals_of, prepare, prepare_survey, survey_manifest, Prepared};
+use crate::PatchError;
 use shadowpatch_mirror::{derive, AddedRegion, Edit, MirrorFile, RegionKind, RegionSpec, StateDir, PAGE_SIZE};
-use shadowpatch_process::maps::read_maps;
 use shadowpatch_process::{Attached, ProcessIdentity};
-use shadowpatch_symbols::{modules_of, Module};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -52,7 +48,7 @@ impl Default for ApplyOptions {
     }
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FunctionOutcome {
     pub symbol: String,
     pub with: String,
@@ -62,7 +58,7 @@ pub struct FunctionOutcome {
     pub preserved: Option<String>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ApplyOutcome {
     pub patch_id: String,
     pub pid: i32,
@@ -81,306 +77,6 @@ pub struct ApplyOutcome {
     pub safe_point: Option<crate::safepoint::Parked>,
 }
 
-/// The target module's functions, read live, with the entries that active
-/// patches rewrote shown as they were originally (callers were compiled
-/// against the original code, so that is what the analysis must see).
-pub struct ModuleCode<'a> {
-    pub module: &'a Module,
-    pub memory: &'a mut shadowpatch_process::TargetMemory,
-    pub originals: &'a [(u64, Vec<u8>)],
-}
-
-impl std::fmt::Debug for ModuleCode<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModuleCode").field("module", &self.module.name).finish()
-    }
-}
-
-impl CodeSource for ModuleCode<'_> {
-    fn function_at(&mut self, address: u64) -> Option<(u64, Vec<u8>)> {
-        let (symbol, _) = self.module.symbolize(address)?;
-        if symbol.kind != shadowpatch_symbols::SymbolKind::Function || symbol.size == 0 || symbol.size > 1 << 20 {
-            return None;
-        }
-        let start = symbol.address + self.module.bias;
-        let mut bytes = self.memory.read_vec(start, symbol.size as usize).ok()?;
-        overlay_originals(start, &mut bytes, self.originals);
-        Some((start, bytes))
-    }
-}
-
-/// Put back, in `bytes` read at `start`, the original bytes of entries
-/// that active patches rewrote.
-pub fn overlay_originals(start: u64, bytes: &mut [u8], originals: &[(u64, Vec<u8>)]) {
-    for (at, original) in originals {
-        if *at >= start && at + (original.len() as u64) <= start + bytes.len() as u64 {
-            let offset = (at - start) as usize;
-            bytes[offset..offset + original.len()].copy_from_slice(original);
-        }
-    }
-}
-
-/// Entries rewritten by the active patches, as they were before the first
-/// patch: `(address, original bytes)`.
-pub fn originals_of(journal_state: &crate::journal::JournalState) -> Vec<(u64, Vec<u8>)> {
-    let mut originals: Vec<(u64, Vec<u8>)> = Vec::new();
-    for patch in &journal_state.active {
-        for f in &patch.functions {
-            if !originals.iter().any(|(at, _)| *at == f.write.address) {
-                originals.push((f.write.address, f.write.original.clone()));
-            }
-        }
-    }
-    originals
-}
-
-/// The patch object's own functions (object addresses, before relocation:
-/// only direct, PC-relative branches are followed, which need none).
-#[derive(Debug)]
-pub struct ObjectCode<'a> {
-    pub object: &'a PatchObject,
-    pub image: Vec<u8>,
-}
-
-impl<'a> ObjectCode<'a> {
-    pub fn new(object: &'a PatchObject) -> Self {
-        ObjectCode {
-            object,
-            image: object.initial_image(),
-        }
-    }
-}
-
-impl CodeSource for ObjectCode<'_> {
-    fn function_at(&mut self, address: u64) -> Option<(u64, Vec<u8>)> {
-        let symbol = self
-            .object
-            .symbols
-            .values()
-            .find(|s| s.function && s.size > 0 && (s.address..s.address + s.size).contains(&address))?;
-        let bytes = self
-            .image
-            .get(symbol.address as usize..(symbol.address + symbol.size) as usize)?;
-        Some((symbol.address, bytes.to_vec()))
-    }
-}
-
-/// How deep the register analysis follows calls.
-pub const CLOBBER_DEPTH: u32 = 8;
-
-/// What was checked before touching the target: every fact apply acts on.
-#[derive(Debug)]
-pub struct Prepared {
-    pub manifest: Manifest,
-    pub manifest_path: PathBuf,
-    pub object: PatchObject,
-    pub identity: ProcessIdentity,
-    pub module: Module,
-    pub modules: Vec<Module>,
-    pub maps: Vec<shadowpatch_process::Mapping>,
-    /// Per replacement: where the jump goes, and the new function's name.
-    pub sites: Vec<(FunctionSite, String)>,
-    /// Per replacement: registers the new function changes that the
-    /// original did not (empty: jump straight to the new function).
-    pub extra: Vec<RegisterSet>,
-}
-
-/// One `[[replace]]` entry as the survey found it.
-#[derive(Debug, Clone)]
-pub struct SurveyedReplacement {
-    pub symbol: String,
-    pub with: String,
-    /// The target function, when it was found (even if unpatchable).
-    pub site: Option<FunctionSite>,
-    /// Why a jump cannot be written at its entry (empty: it can).
-    pub entry_problems: Vec<EntryProblem>,
-    /// The new function in the patch object, when it exists.
-    pub new_function: Option<DefinedSymbol>,
-    /// Registers the new function changes that the original did not;
-    /// `None` when either side is unknown.
-    pub extra: Option<RegisterSet>,
-}
-
-/// Everything apply checks without writing to the target, gathered without
-/// stopping at the first problem: `prepare` turns the first problem into
-/// apply's error, the prediction engine reports them all.
-#[derive(Debug)]
-pub struct Survey {
-    pub manifest: Manifest,
-    pub manifest_path: PathBuf,
-    pub identity: ProcessIdentity,
-    pub maps: Vec<shadowpatch_process::Mapping>,
-    pub modules: Vec<Module>,
-    /// `None` when the object uses an unsupported feature (see `problems`).
-    pub object: Option<PatchObject>,
-    /// The module whose build-id the manifest names, if loaded.
-    pub module: Option<Module>,
-    pub replacements: Vec<SurveyedReplacement>,
-    /// Every problem, in the order apply meets them.
-    pub problems: Vec<PatchError>,
-}
-
-/// Survey a patch against process `pid`. Errors (rather than problems)
-/// are what leaves nothing to survey: an unreadable or malformed manifest
-/// or object, a process that is gone or cannot be read.
-pub fn survey(pid: i32, manifest_path: &Path, originals: &[(u64, Vec<u8>)]) -> Result<Survey, PatchError> {
-    let (manifest, object_path) = Manifest::load(manifest_path)?;
-    let mut problems = Vec::new();
-    let object = match PatchObject::load(&object_path) {
-        Ok(object) => Some(object),
-        Err(unsupported @ PatchError::Unsupported { .. }) => {
-            problems.push(unsupported);
-            None
-        }
-        Err(other) => return Err(other),
-    };
-    let mut replacements: Vec<SurveyedReplacement> = manifest
-        .replacements
-        .iter()
-        .map(|r| SurveyedReplacement {
-            symbol: r.symbol.clone(),
-            with: r.with.clone(),
-            site: None,
-            entry_problems: Vec::new(),
-            new_function: None,
-            extra: None,
-        })
-        .collect();
-    if let Some(object) = &object {
-        for replacement in &mut replacements {
-            match object.function(&replacement.with) {
-                Ok(function) => replacement.new_function = Some(function.clone()),
-                Err(problem) => problems.push(problem),
-            }
-        }
-    }
-    let identity = ProcessIdentity::of(pid)?;
-    let maps = read_maps(pid)?;
-    let modules = modules_of(pid, &maps)?;
-    let module = match find_target_module(pid, &manifest, &modules) {
-        Ok(module) => Some(module),
-        Err(problem) => {
-            problems.push(problem);
-            None
-        }
-    };
-    if let Some(module) = &module {
-        let mut memory = shadowpatch_process::TargetMemory::open(&identity)?;
-        for replacement in &mut replacements {
-            let mut read = |address: u64, len: usize| memory.read_vec(address, len).map_err(PatchError::from);
-            match examine_site(module, &replacement.symbol, &mut read) {
-                Ok(examined) => {
-                    problems.extend(
-                        examined
-                            .problems
-                            .iter()
-                            .map(|p| p.clone().into_error(&replacement.symbol, examined.site.entry)),
-                    );
-                    replacement.site = Some(examined.site);
-                    replacement.entry_problems = examined.problems;
-                }
-                Err(PatchError::Target(error)) => return Err(PatchError::Target(error)),
-                Err(problem) => problems.push(problem),
-            }
-        }
-        if let Some(object) = &object {
-            let mut object_code = ObjectCode::new(object);
-            for replacement in &mut replacements {
-                let (Some(site), Some(new)) = (&replacement.site, &replacement.new_function) else {
-                    continue;
-                };
-                let mut module_code = ModuleCode {
-                    module,
-                    memory: &mut memory,
-                    originals,
-                };
-                let old = clobbered(&mut module_code, site.entry, CLOBBER_DEPTH);
-                let new = clobbered(&mut object_code, new.address, CLOBBER_DEPTH);
-                replacement.extra = Some(new.minus(old));
-            }
-        }
-    }
-    Ok(Survey {
-        manifest,
-        manifest_path: manifest_path.to_path_buf(),
-        identity,
-        maps,
-        modules,
-        object,
-        module,
-        replacements,
-        problems,
-    })
-}
-
-/// The loaded module with the manifest's build-id, checked against the
-/// manifest's optional module-name hint.
-pub fn find_target_module(pid: i32, manifest: &Manifest, modules: &[Module]) -> Result<Module, PatchError> {
-    let wanted = manifest.build_id_lowercase();
-    let module = modules
-        .iter()
-        .find(|m| m.build_id_hex().as_deref() == Some(wanted.as_str()))
-        .cloned()
-        .ok_or_else(|| PatchError::BuildIdMismatch {
-            pid,
-            wanted: wanted.clone(),
-            available: modules
-                .iter()
-                .filter(|m| {
-                    manifest
-                        .target
-                        .module
-                        .as_deref()
-                        .is_none_or(|hint| m.matches_name(hint))
-                })
-                .map(|m| format!("{} {}", m.name, m.build_id_hex().unwrap_or_else(|| "(none)".into())))
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
-    if let Some(hint) = &manifest.target.module {
-        if !module.matches_name(hint) {
-            return Err(PatchError::ModuleHint {
-                hint: hint.clone(),
-                module: module.name.clone(),
-            });
-        }
-    }
-    Ok(module)
-}
-
-/// Everything apply checks without writing to the target, failing on the
-/// first problem: used by `apply`, and as the floor the prediction
-/// engine's static analysis is measured against.
-pub fn prepare(pid: i32, manifest_path: &Path, originals: &[(u64, Vec<u8>)]) -> Result<Prepared, PatchError> {
-    let survey = survey(pid, manifest_path, originals)?;
-    if let Some(first) = survey.problems.into_iter().next() {
-        return Err(first);
-    }
-    let (Some(object), Some(module)) = (survey.object, survey.module) else {
-        unreachable!("a survey without problems has its object and module");
-    };
-    let mut sites = Vec::new();
-    let mut extra = Vec::new();
-    for replacement in survey.replacements {
-        let (Some(site), Some(registers)) = (replacement.site, replacement.extra) else {
-            unreachable!("a survey without problems planned every site");
-        };
-        sites.push((site, replacement.with));
-        extra.push(registers);
-    }
-    Ok(Prepared {
-        manifest: survey.manifest,
-        manifest_path: survey.manifest_path,
-        object,
-        identity: survey.identity,
-        module,
-        modules: survey.modules,
-        maps: survey.maps,
-        sites,
-        extra,
-    })
-}
-
 /// Apply the patch described by `manifest_path` to process `pid`, and
 /// record the outcome in the event history.
 pub fn apply(
@@ -389,9 +85,49 @@ pub fn apply(
     manifest_path: &Path,
     options: &ApplyOptions,
 ) -> Result<ApplyOutcome, PatchError> {
-    let result = apply_transaction(state_dir, pid, manifest_path, options, false).map(|(outcome, _)| outcome);
+    let result =
+        apply_transaction(state_dir, pid, Source::Path(manifest_path), options, false).map(|(outcome, _)| outcome);
     crate::history::record_apply(state_dir, pid, manifest_path, &result);
     result
+}
+
+/// What the transaction acts on: a manifest to survey under the target's
+/// lock, or a survey already made (the operations layer's, made once).
+#[derive(Debug)]
+pub enum Source<'a> {
+    Path(&'a Path),
+    Prepared(Box<Prepared>),
+}
+
+/// Apply a patch surveyed already (`survey::prepare_survey`); the
+/// caller records the outcome in the history. The survey is re-made from
+/// its parsed manifest only if the active patches changed since it was
+/// made (what it read of their entries would be stale).
+pub fn apply_prepared(
+    state_dir: &Path,
+    prepared: Prepared,
+    options: &ApplyOptions,
+) -> Result<ApplyOutcome, PatchError> {
+    let pid = prepared.identity.pid;
+    apply_transaction(state_dir, pid, Source::Prepared(Box::new(prepared)), options, false).map(|(outcome, _)| outcome)
+}
+
+/// [`apply_watched`] of a patch surveyed already; the caller records the
+/// outcome in the history.
+pub fn apply_prepared_watched(
+    state_dir: &Path,
+    prepared: Prepared,
+    options: &ApplyOptions,
+) -> Result<(ApplyOutcome, crate::watchwindow::WatchWindow), PatchError> {
+    let pid = prepared.identity.pid;
+    let options = ApplyOptions {
+        watch_stubs: true,
+        ..options.clone()
+    };
+    let (outcome, attached) = apply_transaction(state_dir, pid, Source::Prepared(Box::new(prepared)), &options, true)?;
+    let attached = attached.expect("kept seized");
+    let window = crate::watchwindow::WatchWindow::from_seized(state_dir, attached, &outcome.patch_id)?;
+    Ok((outcome, window))
 }
 
 /// Apply through watch stubs and keep the target seized for the watch
@@ -407,7 +143,7 @@ pub fn apply_watched(
         watch_stubs: true,
         ..options.clone()
     };
-    let result = apply_transaction(state_dir, pid, manifest_path, &options, true);
+    let result = apply_transaction(state_dir, pid, Source::Path(manifest_path), &options, true);
     let (outcome, attached) = match result {
         Ok((outcome, attached)) => (Ok(outcome), attached),
         Err(error) => (Err(error), None),
@@ -422,7 +158,7 @@ pub fn apply_watched(
 fn apply_transaction(
     state_dir: &Path,
     pid: i32,
-    manifest_path: &Path,
+    source: Source,
     options: &ApplyOptions,
     keep_seized: bool,
 ) -> Result<(ApplyOutcome, Option<Attached>), PatchError> {
@@ -432,7 +168,22 @@ fn apply_transaction(
     let mut target = TargetState::open(&state, &identity)?;
     // Entries rewritten by active patches, as they were before the first.
     let originals = originals_of(&target.journal_state);
-    let prepared = prepare(pid, manifest_path, &originals)?;
+    let prepared = match source {
+        Source::Path(manifest_path) => prepare(pid, manifest_path, &originals)?,
+        Source::Prepared(prepared) if prepared.originals == originals => *prepared,
+        // Another patch came or went since the survey: survey again, from
+        // the manifest already parsed.
+        Source::Prepared(stale) => {
+            let object_path = stale.object.path.clone();
+            prepare_survey(survey_manifest(
+                pid,
+                stale.manifest,
+                &stale.manifest_path,
+                &object_path,
+                &originals,
+            )?)?
+        }
+    };
     prepared.identity.check_same(&identity)?;
     if let Some(open) = &target.journal_state.open {
         return Err(PatchError::OpenTransaction {

@@ -8,8 +8,9 @@
 //! evidence (`watch_verdict` event). The agent runs the same watch after
 //! every apply it makes (its default policy, `--watch-after-apply`).
 use shadowpatch_health::{judge, Decision, Direction, JudgeConfig, Judgement, MetricSpec};
+use shadowpatch_patch::transaction::apply_prepared_watched;
 use shadowpatch_patch::watchwindow::WindowEvent;
-use shadowpatch_patch::{apply_watched, ApplyOptions, ApplyOutcome};
+use shadowpatch_patch::{ApplyOptions, ApplyOutcome, Prepared};
 use shadowpatch_predict::watch_metrics::{WatchSampler, CPU, ERRORS, LATENCY, RSS};
 use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
 use std::collections::BTreeMap;
@@ -89,7 +90,7 @@ impl WatchArgs {
 }
 
 /// One run of the health command.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct HealthRun {
     pub ok: bool,
     pub exit_code: Option<i32>,
@@ -180,7 +181,7 @@ fn push(series: &mut Series, values: BTreeMap<String, f64>) {
 }
 
 /// What the watch decided, with its evidence.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WatchReport {
     pub decision: Decision,
     /// `judge`, `health`, `crash`, `exit` or `window` (kept to the end).
@@ -200,11 +201,12 @@ pub struct WatchReport {
     pub experiment_samples: usize,
 }
 
-/// Baseline, apply, watch, decide. Returns the apply outcome and the report.
+/// Baseline, apply, watch, decide. Returns the apply outcome and the
+/// report; the caller (the operations layer) records the apply event.
 pub fn apply_and_watch(
     state_dir: &Path,
     pid: i32,
-    manifest: &Path,
+    prepared: Prepared,
     options: &ApplyOptions,
     args: &WatchArgs,
 ) -> Result<(ApplyOutcome, WatchReport), HealthWatchError> {
@@ -226,7 +228,7 @@ pub fn apply_and_watch(
             push(&mut control, values);
         }
     }
-    let (outcome, mut window) = apply_watched(state_dir, pid, manifest, options)?;
+    let (outcome, mut window) = apply_prepared_watched(state_dir, prepared, options)?;
     let watch_started = Instant::now();
     // The health command runs on its own thread, one run after another:
     // this thread must stay free to catch faults (it is the tracer).

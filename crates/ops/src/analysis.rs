@@ -1,0 +1,264 @@
+//! The analysis gate every apply passes (and `analyze` alone): the
+//! prediction engine's static analysis, system context and optional
+//! simulation, its record in the event history, and the refusal it gives.
+
+use crate::{bad_input, OpsError};
+use shadowpatch_predict::engine::{analyze_detailed, AnalysisRequest, Analyzed};
+use shadowpatch_predict::simulate::{
+    parse_call, parse_vectors, CaptureLimit, Limits, Progress, SimulationOptions, SimulationSection,
+};
+use shadowpatch_predict::{Analysis, ContextOptions, Finding, ModelRisk, Severity, Verdict};
+use shadowpatch_store::{EventKind, NewEvent, Store};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How to analyse: the options `analyze` and `apply` share, as the CLI's
+/// flags give them and as the agent's `apply` request carries them
+/// (every field optional on the wire, defaults as the CLI's).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalysisSettings {
+    /// Seconds over which CPU, RSS and open files are sampled (0: one sample).
+    pub context_secs: f64,
+    pub metrics_url: Option<String>,
+    pub log: Option<PathBuf>,
+    pub error_pattern: Option<String>,
+    /// The risk model file (default: STATE/risk-model.json if present, else built in).
+    pub model: Option<PathBuf>,
+    /// Live calls to capture per replaced function.
+    pub capture: Option<u32>,
+    /// Capture for at most this long (seconds).
+    pub capture_for: Option<f64>,
+    /// Explicit calls, e.g. `compute(5, -1)`.
+    pub calls: Vec<String>,
+    /// A file of explicit calls.
+    pub vectors: Option<PathBuf>,
+    /// CPU each simulated call may use, in milliseconds.
+    pub sim_budget_ms: u64,
+}
+
+impl Default for AnalysisSettings {
+    fn default() -> Self {
+        AnalysisSettings {
+            context_secs: 0.5,
+            metrics_url: None,
+            log: None,
+            error_pattern: None,
+            model: None,
+            capture: None,
+            capture_for: None,
+            calls: Vec::new(),
+            vectors: None,
+            sim_budget_ms: 1000,
+        }
+    }
+}
+
+impl AnalysisSettings {
+    /// Files the analysis reads on the requester's behalf (the agent checks
+    /// they are the requester's own).
+    pub fn files(&self) -> Vec<&Path> {
+        [&self.log, &self.model, &self.vectors]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .collect()
+    }
+
+    /// The simulation these settings ask for, if any.
+    pub fn simulation(&self) -> Result<Option<SimulationOptions>, OpsError> {
+        let within = match self.capture_for {
+            Some(seconds) if !(seconds > 0.0 && seconds <= 86_400.0) => {
+                return Err(bad_input(format!(
+                    "--capture-for {seconds}: must be in (0, 86400] seconds"
+                )))
+            }
+            Some(seconds) => Some(Duration::from_secs_f64(seconds)),
+            None => None,
+        };
+        if let Some(calls) = self.capture {
+            if !(1..=10_000).contains(&calls) {
+                return Err(bad_input(format!("--capture {calls}: must be between 1 and 10000")));
+            }
+        }
+        if !(1..=600_000).contains(&self.sim_budget_ms) {
+            return Err(bad_input(format!(
+                "--sim-budget-ms {}: must be between 1 and 600000",
+                self.sim_budget_ms
+            )));
+        }
+        let capture = match (self.capture, within) {
+            (Some(calls), within) => Some(CaptureLimit {
+                calls,
+                within: Some(within.unwrap_or(Duration::from_secs(60))),
+            }),
+            (None, Some(within)) => Some(CaptureLimit {
+                calls: 1000,
+                within: Some(within),
+            }),
+            (None, None) => None,
+        };
+        let mut calls = Vec::new();
+        for text in &self.calls {
+            calls.push(parse_call(text).map_err(|e| bad_input(e.to_string()))?);
+        }
+        if let Some(path) = &self.vectors {
+            calls.extend(parse_vectors(path).map_err(|e| bad_input(e.to_string()))?);
+        }
+        if capture.is_none() && calls.is_empty() {
+            return Ok(None);
+        }
+        let cpu = Duration::from_millis(self.sim_budget_ms);
+        Ok(Some(SimulationOptions {
+            capture,
+            calls,
+            limits: Limits {
+                cpu,
+                wall: (cpu * 10).max(Duration::from_secs(5)),
+                ..Limits::default()
+            },
+            ..SimulationOptions::default()
+        }))
+    }
+}
+
+/// Where a simulation's progress goes (the CLI's progress bar).
+pub type ProgressSink = Box<dyn FnMut(Progress)>;
+
+/// An analysis as the user sees it and the history keeps it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AnalysisReport {
+    pub pid: i32,
+    pub start_time: u64,
+    pub patch_id: String,
+    pub analysis: Analysis,
+    pub timings_ms: BTreeMap<String, f64>,
+    /// What scored the risk.
+    pub scorer: String,
+    pub duration_us: u64,
+}
+
+impl AnalysisReport {
+    fn of(analyzed: Analyzed, duration_us: u64) -> Self {
+        AnalysisReport {
+            pid: analyzed.identity.pid,
+            start_time: analyzed.identity.start_time,
+            patch_id: analyzed.patch_id,
+            analysis: analyzed.analysis,
+            timings_ms: analyzed.timings_ms,
+            scorer: analyzed.scorer,
+            duration_us,
+        }
+    }
+}
+
+/// The model `analyze` and `apply` use: `explicit`, else the state
+/// directory's trained model when there is one (`None`: built in).
+pub fn model_path(state_dir: &Path, explicit: Option<&Path>) -> Option<PathBuf> {
+    explicit
+        .map(Path::to_path_buf)
+        .or_else(|| Some(state_dir.join("risk-model.json")).filter(|p| p.exists()))
+}
+
+/// Run the analysis and record it in the history (`cause`: `analyze` or
+/// `apply`).
+pub fn analyze(
+    state_dir: &Path,
+    pid: i32,
+    manifest: &Path,
+    settings: &AnalysisSettings,
+    cause: &str,
+    progress: Option<ProgressSink>,
+) -> Result<AnalysisReport, OpsError> {
+    let options = ContextOptions::from_arguments(
+        settings.context_secs,
+        settings.metrics_url.as_deref(),
+        settings.log.as_deref(),
+        settings.error_pattern.as_deref(),
+    )?;
+    let mut request = AnalysisRequest::new(pid, manifest, state_dir);
+    request.context = Some(options);
+    request.sections = match settings.simulation()? {
+        Some(options) => {
+            let section = SimulationSection::new(options);
+            let section = match progress {
+                Some(progress) => section.with_progress(progress),
+                None => section,
+            };
+            vec![Box::new(section) as Box<dyn shadowpatch_predict::Section>]
+        }
+        None => shadowpatch_predict::standard_sections(None),
+    };
+    if let Some(path) = model_path(state_dir, settings.model.as_deref()) {
+        let model = ModelRisk::load(&path).map_err(|e| bad_input(e.to_string()))?;
+        request.scorer = Some(Box::new(model));
+    }
+    let started = Instant::now();
+    let analyzed = analyze_detailed(request)?;
+    let report = AnalysisReport::of(analyzed, started.elapsed().as_micros() as u64);
+    if let Err(error) = record(state_dir, &report, cause) {
+        // The history is a record, not a safety mechanism.
+        tracing::warn!("could not record the analysis in the event history: {error}");
+    }
+    Ok(report)
+}
+
+fn record(state_dir: &Path, report: &AnalysisReport, cause: &str) -> Result<(), OpsError> {
+    shadowpatch_mirror::StateDir::create(state_dir)?;
+    let store = Store::open(state_dir)?;
+    store.record(
+        &NewEvent::new(EventKind::Analysis)
+            .target(report.pid, report.start_time)
+            .patch(report.patch_id.clone())
+            .cause(cause)
+            .outcome(verdict_name(report.analysis.verdict))
+            .duration_us(report.duration_us)
+            .details(serde_json::json!({
+                "analysis": report.analysis,
+                "timings_ms": report.timings_ms,
+                "scorer": report.scorer,
+            })),
+    )?;
+    Ok(())
+}
+
+pub fn verdict_name(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Proceed => "proceed",
+        Verdict::Warn => "warn",
+        Verdict::Refuse => "refuse",
+    }
+}
+
+/// Why `apply` refuses, on one line, and the class of the refusal: bad
+/// input when a blocking finding is one apply classes so (unknown symbol,
+/// build-id...), else refused for safety. The first such finding leads.
+pub fn refusal(analysis: &Analysis) -> (String, shadowpatch_failure::FailureClass) {
+    use shadowpatch_failure::FailureClass;
+    let blocking: Vec<&Finding> = analysis
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Blocking)
+        .collect();
+    let bad_input = blocking.iter().find(|f| f.evidence["apply_error"] == "bad_input");
+    let (lead, class) = match (bad_input, blocking.first()) {
+        (Some(finding), _) => (Some(*finding), FailureClass::BadInput),
+        (None, Some(finding)) => (Some(*finding), FailureClass::RefusedForSafety),
+        (None, None) => (None, FailureClass::RefusedForSafety),
+    };
+    let message = match lead {
+        Some(finding) if blocking.len() > 1 => format!(
+            "{} (and {} more blocking finding{}: run `shadowpatch analyze` for all)",
+            finding.message,
+            blocking.len() - 1,
+            if blocking.len() == 2 { "" } else { "s" }
+        ),
+        Some(finding) => finding.message.clone(),
+        None => format!(
+            "the prediction engine refuses this patch: risk {:.2} (run `shadowpatch analyze` for the findings; --force overrides)",
+            analysis.risk
+        ),
+    };
+    (message, class)
+}

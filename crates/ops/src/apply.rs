@@ -1,0 +1,267 @@
+//! `apply`, whole: the analysis gate (refusing what the prediction engine
+//! refuses unless `force`), the mirrored variables read just before
+//! activation, one survey of the parsed manifest flowing into the
+//! transaction, the optional watch window, and the history event that
+//! records who asked, whether `force` overrode a refusal, and the outcome.
+//! The CLI and the agent run exactly this.
+
+use crate::analysis::{analyze, refusal, AnalysisReport, AnalysisSettings, ProgressSink};
+use crate::health_watch::{apply_and_watch, WatchArgs, WatchReport};
+use crate::variables::{after_apply, before_apply};
+use crate::OpsError;
+use shadowpatch_failure::{Classify, FailureClass};
+use shadowpatch_health::Decision;
+use shadowpatch_mirror::StateDir;
+use shadowpatch_patch::journal::Journal;
+use shadowpatch_patch::survey::{originals_of, prepare_survey, survey_manifest};
+use shadowpatch_patch::{ApplyOptions, ApplyOutcome, Manifest, Prepared};
+use shadowpatch_predict::Verdict;
+use shadowpatch_process::ProcessIdentity;
+use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
+use std::path::{Path, PathBuf};
+
+/// One apply to make.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ApplyRequest {
+    pub pid: i32,
+    /// The manifest, absolute (the agent's working directory is not the
+    /// requester's).
+    pub manifest: PathBuf,
+    /// Stops to try while a thread sits in an entry being rewritten.
+    pub attempts: u32,
+    /// Apply even if the analysis refuses; recorded in the history.
+    pub force: bool,
+    pub analysis: AnalysisSettings,
+    /// Who asked (`cli`, or `agent` with the peer's uid), for the history.
+    pub requested_by: String,
+}
+
+/// The patch is live (or was, until the watch window rolled it back).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Applied {
+    #[serde(flatten)]
+    pub apply: ApplyOutcome,
+    pub analysis: AnalysisReport,
+    /// `force` overrode a refusal of the analysis.
+    pub forced: bool,
+    /// Said to the user, never refusals (e.g. a module-name hint that
+    /// names another file than the one with the build-id).
+    pub warnings: Vec<String>,
+    /// Mirrored variables kept for `rollback --restore-state`.
+    pub state_snapshot: Vec<String>,
+    /// The watch window's verdict, when the apply was watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchReport>,
+}
+
+impl Applied {
+    /// The watch window rolled the patch back.
+    pub fn rolled_back_by_watch(&self) -> bool {
+        self.watch.as_ref().is_some_and(|w| w.decision == Decision::Rollback)
+    }
+}
+
+/// The analysis refused the patch and `force` was not given: nothing was
+/// written to the target.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Refused {
+    pub message: String,
+    /// Bad input (a blocking finding apply itself would class so) or
+    /// refused for safety.
+    pub class: FailureClass,
+    pub analysis: AnalysisReport,
+}
+
+/// How an apply ended, short of an error.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ApplyResult {
+    Applied(Box<Applied>),
+    Refused(Box<Refused>),
+}
+
+/// Run the whole apply. `watch`: watch the patched process (the target
+/// stays seized by this thread for the window); `progress`: where a
+/// simulation reports its progress.
+pub fn apply(
+    state_dir: &Path,
+    request: &ApplyRequest,
+    watch: Option<&WatchArgs>,
+    progress: Option<ProgressSink>,
+) -> Result<ApplyResult, OpsError> {
+    let pid = request.pid;
+    // The target first (the first argument): a wrong pid is named as such.
+    ProcessIdentity::of(pid)?;
+    // Parsed once: what the survey and the transaction act on.
+    let (manifest, object_path) = Manifest::load(&request.manifest)?;
+    let analysis = analyze(state_dir, pid, &request.manifest, &request.analysis, "apply", progress)?;
+    let refused = analysis.analysis.verdict == Verdict::Refuse;
+    if refused && !request.force {
+        let (message, class) = refusal(&analysis.analysis);
+        record(
+            state_dir,
+            request,
+            &manifest.id,
+            &analysis,
+            false,
+            &Err(Failure {
+                class,
+                message: message.clone(),
+            }),
+        );
+        return Ok(ApplyResult::Refused(Box::new(Refused {
+            message,
+            class,
+            analysis,
+        })));
+    }
+    let forced = refused && request.force;
+    let options = ApplyOptions {
+        max_attempts: request.attempts,
+        ..ApplyOptions::default()
+    };
+    // The mirrored variables as they are just before activation, kept for
+    // `rollback --restore-state` once the patch is active.
+    let before = before_apply(state_dir, pid)?;
+    let patch_id = manifest.id.clone();
+    let result = survey_once(state_dir, pid, manifest, &request.manifest, &object_path).and_then(|prepared| {
+        let warnings = prepared.warnings.clone();
+        let (outcome, report) = match watch {
+            Some(args) => {
+                let (outcome, report) = apply_and_watch(state_dir, pid, prepared, &options, args)?;
+                (outcome, Some(report))
+            }
+            None => (shadowpatch_patch::apply_prepared(state_dir, prepared, &options)?, None),
+        };
+        Ok((outcome, report, warnings))
+    });
+    let recorded = result
+        .as_ref()
+        .map(|(outcome, _, warnings)| (outcome, warnings.as_slice()));
+    let failure = match &recorded {
+        Ok(_) => None,
+        Err(error) => Some(Failure {
+            class: error.class(),
+            message: error.to_string(),
+        }),
+    };
+    record(
+        state_dir,
+        request,
+        &patch_id,
+        &analysis,
+        forced,
+        &match (&recorded, failure) {
+            (Ok(done), _) => Ok(*done),
+            (Err(_), Some(failure)) => Err(failure),
+            (Err(_), None) => unreachable!("a failure was made for each error"),
+        },
+    );
+    let (outcome, watch, warnings) = result?;
+    let kept = watch.as_ref().is_none_or(|w| w.decision == Decision::Keep);
+    let state_snapshot = match before {
+        Some(taken) if kept => after_apply(state_dir, pid, &outcome.patch_id, taken)?,
+        _ => Vec::new(),
+    };
+    Ok(ApplyResult::Applied(Box::new(Applied {
+        apply: outcome,
+        analysis,
+        forced,
+        warnings,
+        state_snapshot,
+        watch,
+    })))
+}
+
+/// Survey the parsed manifest against the live target, as the journal
+/// says its active patches rewrote it (read without the lock: the
+/// transaction re-surveys if a patch came or went since).
+fn survey_once(
+    state_dir: &Path,
+    pid: i32,
+    manifest: Manifest,
+    manifest_path: &Path,
+    object_path: &Path,
+) -> Result<Prepared, OpsError> {
+    let identity = ProcessIdentity::of(pid)?;
+    let originals = match StateDir::open_if_present(state_dir)? {
+        Some(state) => {
+            let dir = state.target_dir(pid, identity.start_time);
+            if dir.exists() {
+                originals_of(&Journal::replay(&dir)?)
+            } else {
+                Vec::new()
+            }
+        }
+        None => Vec::new(),
+    };
+    let survey = survey_manifest(pid, manifest, manifest_path, object_path, &originals)?;
+    Ok(prepare_survey(survey)?)
+}
+
+/// An apply that did not happen, as the history records it.
+struct Failure {
+    class: FailureClass,
+    message: String,
+}
+
+fn class_name(class: FailureClass) -> &'static str {
+    match class {
+        FailureClass::BadInput => "bad_input",
+        FailureClass::RefusedForSafety => "refused",
+        FailureClass::FailedMidway => "failed",
+    }
+}
+
+/// The apply event: who asked, whether `force` overrode a refusal, the
+/// analysis verdict, and the outcome. Best effort (a history that cannot
+/// be written never fails the apply).
+fn record(
+    state_dir: &Path,
+    request: &ApplyRequest,
+    patch_id: &str,
+    analysis: &AnalysisReport,
+    forced: bool,
+    result: &Result<(&ApplyOutcome, &[String]), Failure>,
+) {
+    let event = NewEvent::new(EventKind::Apply)
+        .target(analysis.pid, analysis.start_time)
+        .patch(patch_id)
+        .cause(request.requested_by.clone());
+    let common = serde_json::json!({
+        "manifest": request.manifest,
+        "force": request.force,
+        "forced": forced,
+        "requested_by": request.requested_by,
+        "verdict": crate::analysis::verdict_name(analysis.analysis.verdict),
+        "risk": analysis.analysis.risk,
+    });
+    let (event, mut details) = match result {
+        Ok((outcome, warnings)) => (
+            event.outcome("ok").duration_us(outcome.pause_us),
+            serde_json::json!({
+                "summary": format!(
+                    "{} function(s), generation {}{}",
+                    outcome.functions.len(),
+                    outcome.generation,
+                    if forced { ", forced over the analysis's refusal" } else { "" }
+                ),
+                "functions": outcome.functions.iter().map(|f| &f.symbol).collect::<Vec<_>>(),
+                "generation": outcome.generation,
+                "pause_us": outcome.pause_us,
+                "load_pause_us": outcome.load_pause_us,
+                "total_us": outcome.total_us,
+                "threads": outcome.activation.pause.threads,
+                "warnings": warnings,
+            }),
+        ),
+        Err(failure) => (
+            event.outcome(class_name(failure.class)),
+            serde_json::json!({ "summary": failure.message }),
+        ),
+    };
+    if let (Some(details), serde_json::Value::Object(common)) = (details.as_object_mut(), common) {
+        details.extend(common);
+    }
+    record_best_effort(state_dir, &event.details(details));
+}

@@ -1,0 +1,83 @@
+//! The operations layer: every state-changing operation of shadowpatch,
+//! whole, in one place — `apply` (analysis gate → snapshot of the mirrored
+//! variables → transaction → optional watch window → history event),
+//! `rollback` (with `--restore-state`), `recover`, `snapshot` and `mirror`. The CLI
+//! and the agent both call these functions and nothing below them for a
+//! change of state: the CLI parses arguments and renders the typed
+//! outcomes; the agent authenticates, queues and calls. Outcomes derive
+//! Serialize + Deserialize, so the agent's reply is the same value the CLI
+//! would have computed itself.
+
+#![forbid(unsafe_code)]
+
+pub mod analysis;
+pub mod apply;
+pub mod health_watch;
+pub mod mirror;
+pub mod rollback;
+pub mod variables;
+
+pub use analysis::{AnalysisReport, AnalysisSettings};
+pub use apply::{apply, Applied, ApplyRequest, ApplyResult, Refused};
+pub use mirror::{mirror, MirrorOutcome};
+pub use rollback::{recover, rollback, RollbackRequest, RolledBack};
+pub use shadowpatch_failure::{Classify, FailureClass};
+pub use variables::{snapshot, Restored, SnapshotOutcome};
+
+/// Errors of an operation, each naming what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The user's input is wrong (an option, a variable name, a file):
+    /// nothing was done.
+    #[error("{0}")]
+    BadInput(String),
+    #[error(transparent)]
+    Patch(#[from] shadowpatch_patch::PatchError),
+    #[error(transparent)]
+    Predict(#[from] shadowpatch_predict::PredictError),
+    #[error(transparent)]
+    Mirror(#[from] shadowpatch_mirror::MirrorError),
+    #[error(transparent)]
+    Target(#[from] shadowpatch_process::TargetError),
+    #[error(transparent)]
+    Store(#[from] shadowpatch_store::StoreError),
+    #[error(transparent)]
+    HealthWatch(#[from] health_watch::HealthWatchError),
+    /// A step after the change itself failed (the change stands).
+    #[error("{context}: {source}")]
+    After {
+        context: &'static str,
+        source: Box<OpsError>,
+    },
+}
+
+impl Classify for OpsError {
+    fn class(&self) -> FailureClass {
+        match self {
+            OpsError::BadInput(_) => FailureClass::BadInput,
+            OpsError::Patch(e) => e.class(),
+            OpsError::Predict(e) => e.class(),
+            OpsError::Mirror(e) => e.class(),
+            OpsError::Target(e) => e.class(),
+            OpsError::Store(e) => e.class(),
+            OpsError::HealthWatch(e) => e.class(),
+            // The operation was done; what followed failed midway.
+            OpsError::After { .. } => FailureClass::FailedMidway,
+        }
+    }
+}
+
+impl Classify for health_watch::HealthWatchError {
+    fn class(&self) -> FailureClass {
+        match self {
+            health_watch::HealthWatchError::BadInput(_) => FailureClass::BadInput,
+            health_watch::HealthWatchError::Patch(e) => e.class(),
+            // Sampling the target's metrics failed during the window.
+            health_watch::HealthWatchError::Sample(_) => FailureClass::FailedMidway,
+        }
+    }
+}
+
+fn bad_input(message: impl Into<String>) -> OpsError {
+    OpsError::BadInput(message.into())
+}
