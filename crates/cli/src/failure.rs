@@ -85,6 +85,7 @@ pub fn class_of(error: &anyhow::Error) -> FailureClass {
             shadowpatch_mirror::VariableError,
             shadowpatch_symbols::SymbolsError,
             shadowpatch_process::TargetError,
+            shadowpatch_signing::SigningError,
         );
     }
     FailureClass::FailedMidway

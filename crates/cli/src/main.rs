@@ -198,6 +198,20 @@ enum Command {
         #[arg(long)]
         limit: Option<u64>,
     },
+    /// Make an ed25519 key pair for signing patches: NAME.key (secret, 0600) and NAME.pub.
+    Keygen {
+        name: String,
+        /// The folder to write the key pair into.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Sign a patch (manifest, object and the target's build-id) with a secret key; writes MANIFEST.sig.
+    Sign {
+        manifest: PathBuf,
+        /// The secret key file written by `shadowpatch keygen`.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
     /// Start a sample service and walk through mirror, verify, tamper, detect, restore.
     Demo,
     /// The learned risk model: build its corpus, train, evaluate, show (runs `shadowpatch-train ARGS`).
@@ -366,6 +380,8 @@ fn main() {
             rounds,
             normal_priority,
         } => commands::pause::run(&context, pid, rounds, normal_priority),
+        Command::Keygen { name, dir } => commands::signing::keygen(&context, &name, &dir),
+        Command::Sign { manifest, key } => commands::signing::sign(&context, &manifest, &key),
         Command::Lookup { pid, what } => commands::lookup::run(&context, pid, &what),
         Command::Bench { args } => commands::external::run_bench(&context, &args),
         Command::Watch {

@@ -17,6 +17,7 @@ use shadowpatch_patch::survey::{originals_of, prepare_survey, survey_manifest};
 use shadowpatch_patch::{ApplyOptions, ApplyOutcome, Manifest, Prepared};
 use shadowpatch_predict::Verdict;
 use shadowpatch_process::ProcessIdentity;
+use shadowpatch_signing::SignatureCheck;
 use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
 use std::path::{Path, PathBuf};
 
@@ -49,6 +50,8 @@ pub struct Applied {
     pub warnings: Vec<String>,
     /// Mirrored variables kept for `rollback --restore-state`.
     pub state_snapshot: Vec<String>,
+    /// What the trust policy made of the patch's signature.
+    pub signature: SignatureCheck,
     /// The watch window's verdict, when the apply was watched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch: Option<WatchReport>,
@@ -92,8 +95,10 @@ pub fn apply(
     let pid = request.pid;
     // The target first (the first argument): a wrong pid is named as such.
     ProcessIdentity::of(pid)?;
-    // Parsed once: what the survey and the transaction act on.
-    let (manifest, object_path) = Manifest::load(&request.manifest)?;
+    // Read once, bounded: the bytes the signature policy checks are the
+    // bytes parsed, surveyed and loaded. The policy decides before the
+    // analysis, whose simulation would put breakpoints into the target.
+    let (manifest, object_path, signature) = crate::signature::read_and_check(state_dir, &request.manifest)?;
     let analysis = analyze(state_dir, pid, &request.manifest, &request.analysis, "apply", progress)?;
     let refused = analysis.analysis.verdict == Verdict::Refuse;
     if refused && !request.force {
@@ -103,6 +108,7 @@ pub fn apply(
             request,
             &manifest.id,
             &analysis,
+            &signature.check,
             false,
             &Err(Failure {
                 class,
@@ -124,17 +130,18 @@ pub fn apply(
     // `rollback --restore-state` once the patch is active.
     let before = before_apply(state_dir, pid)?;
     let patch_id = manifest.id.clone();
-    let result = survey_once(state_dir, pid, manifest, &request.manifest, &object_path).and_then(|prepared| {
-        let warnings = prepared.warnings.clone();
-        let (outcome, report) = match watch {
-            Some(args) => {
-                let (outcome, report) = apply_and_watch(state_dir, pid, prepared, &options, args)?;
-                (outcome, Some(report))
-            }
-            None => (shadowpatch_patch::apply_prepared(state_dir, prepared, &options)?, None),
-        };
-        Ok((outcome, report, warnings))
-    });
+    let result =
+        survey_once(state_dir, pid, manifest, &request.manifest, &object_path, &signature).and_then(|prepared| {
+            let warnings = prepared.warnings.clone();
+            let (outcome, report) = match watch {
+                Some(args) => {
+                    let (outcome, report) = apply_and_watch(state_dir, pid, prepared, &options, args)?;
+                    (outcome, Some(report))
+                }
+                None => (shadowpatch_patch::apply_prepared(state_dir, prepared, &options)?, None),
+            };
+            Ok((outcome, report, warnings))
+        });
     let recorded = result
         .as_ref()
         .map(|(outcome, _, warnings)| (outcome, warnings.as_slice()));
@@ -150,6 +157,7 @@ pub fn apply(
         request,
         &patch_id,
         &analysis,
+        &signature.check,
         forced,
         &match (&recorded, failure) {
             (Ok(done), _) => Ok(*done),
@@ -169,6 +177,7 @@ pub fn apply(
         forced,
         warnings,
         state_snapshot,
+        signature: signature.check,
         watch,
     })))
 }
@@ -182,6 +191,7 @@ fn survey_once(
     manifest: Manifest,
     manifest_path: &Path,
     object_path: &Path,
+    signature: &crate::signature::CheckedPatch,
 ) -> Result<Prepared, OpsError> {
     let identity = ProcessIdentity::of(pid)?;
     let originals = match StateDir::open_if_present(state_dir)? {
@@ -196,6 +206,9 @@ fn survey_once(
         None => Vec::new(),
     };
     let survey = survey_manifest(pid, manifest, manifest_path, object_path, &originals)?;
+    if let Some(object) = &survey.object {
+        signature.same_object(object_path, &object.bytes)?;
+    }
     Ok(prepare_survey(survey)?)
 }
 
@@ -221,6 +234,7 @@ fn record(
     request: &ApplyRequest,
     patch_id: &str,
     analysis: &AnalysisReport,
+    signature: &SignatureCheck,
     forced: bool,
     result: &Result<(&ApplyOutcome, &[String]), Failure>,
 ) {
@@ -235,6 +249,8 @@ fn record(
         "requested_by": request.requested_by,
         "verdict": crate::analysis::verdict_name(analysis.analysis.verdict),
         "risk": analysis.analysis.risk,
+        "signature": signature,
+        "signer_key_id": signature.key_id(),
     });
     let (event, mut details) = match result {
         Ok((outcome, warnings)) => (

@@ -15,6 +15,7 @@ pub mod apply;
 pub mod health_watch;
 pub mod mirror;
 pub mod rollback;
+pub mod signature;
 pub mod variables;
 
 pub use analysis::{AnalysisReport, AnalysisSettings};
@@ -43,6 +44,10 @@ pub enum OpsError {
     Store(#[from] shadowpatch_store::StoreError),
     #[error(transparent)]
     HealthWatch(#[from] health_watch::HealthWatchError),
+    /// The trust policy refused the patch, or a key, signature or policy
+    /// file is unusable.
+    #[error(transparent)]
+    Signing(#[from] shadowpatch_signing::SigningError),
     /// A step after the change itself failed (the change stands).
     #[error("{context}: {source}")]
     After {
@@ -61,6 +66,7 @@ impl Classify for OpsError {
             OpsError::Target(e) => e.class(),
             OpsError::Store(e) => e.class(),
             OpsError::HealthWatch(e) => e.class(),
+            OpsError::Signing(e) => e.class(),
             // The operation was done; what followed failed midway.
             OpsError::After { .. } => FailureClass::FailedMidway,
         }

@@ -53,14 +53,22 @@ pub struct Replacement {
 impl Manifest {
     /// Read and validate a manifest file.
     pub fn load(path: &Path) -> Result<(Manifest, PathBuf), PatchError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PatchError::Manifest {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let manifest = Self::parse(&text).map_err(|message| PatchError::Manifest {
+        let bytes = read_input(path, MAX_MANIFEST_BYTES).map_err(|message| PatchError::Manifest {
             path: path.to_path_buf(),
             message,
         })?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parse manifest bytes already read from `path` (the bytes a
+    /// signature was checked over), resolving the object beside it.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<(Manifest, PathBuf), PatchError> {
+        let malformed = |message: String| PatchError::Manifest {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::str::from_utf8(bytes).map_err(|_| malformed("not UTF-8 text".into()))?;
+        let manifest = Self::parse(text).map_err(malformed)?;
         let object = path.parent().unwrap_or(Path::new(".")).join(&manifest.object);
         Ok((manifest, object))
     }
@@ -163,4 +171,23 @@ with = "pingCommand_fixed"
             assert!(!error.contains('\n'));
         }
     }
+}
+
+/// The largest manifest read (a manifest is a few hundred bytes).
+pub const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
+/// The largest patch object read.
+pub const MAX_OBJECT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Reads a whole input file of at most `limit` bytes, refusing FIFOs and
+/// devices without blocking on them (a FIFO as a manifest hung the tool,
+/// `/dev/zero` was read until memory ran out). The message names no path:
+/// the caller's error does.
+pub fn read_input(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    use shadowpatch_signing::SigningError;
+    shadowpatch_signing::read_bounded(path, limit).map_err(|error| match error {
+        SigningError::Io { source, .. } => source.to_string(),
+        SigningError::NotRegular { kind, .. } => format!("is not a regular file ({kind}); refusing to read it"),
+        SigningError::TooLarge { size, limit, .. } => format!("is {size} bytes, more than the {limit} bytes allowed"),
+        other => other.to_string(),
+    })
 }

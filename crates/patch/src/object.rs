@@ -95,7 +95,8 @@ fn malformed(path: &Path, message: impl Into<String>) -> PatchError {
 
 impl PatchObject {
     pub fn load(path: &Path) -> Result<Self, PatchError> {
-        let bytes = std::fs::read(path).map_err(|e| malformed(path, format!("cannot read: {e}")))?;
+        let bytes = crate::manifest::read_input(path, crate::manifest::MAX_OBJECT_BYTES)
+            .map_err(|e| malformed(path, format!("cannot read: {e}")))?;
         Self::parse(path, bytes)
     }
 

@@ -69,6 +69,16 @@ pub enum SigningError {
     BadSignature { signature: PathBuf, what: String },
 }
 
+impl shadowpatch_failure::Classify for SigningError {
+    fn class(&self) -> shadowpatch_failure::FailureClass {
+        if self.is_refusal() {
+            shadowpatch_failure::FailureClass::RefusedForSafety
+        } else {
+            shadowpatch_failure::FailureClass::BadInput
+        }
+    }
+}
+
 impl SigningError {
     /// A refusal on trust grounds (unsigned, untrusted, forged), as opposed
     /// to a file that cannot be read or parsed (bad input).

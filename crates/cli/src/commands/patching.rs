@@ -13,6 +13,7 @@ use shadowpatch_ops::health_watch::WatchArgs;
 use shadowpatch_ops::{Applied, ApplyRequest, ApplyResult, Refused, RollbackRequest, RolledBack};
 use shadowpatch_patch::{RecoverOutcome, Recovered};
 use shadowpatch_predict::Verdict;
+use shadowpatch_signing::SignatureCheck;
 use std::path::Path;
 
 /// What `apply` was asked.
@@ -122,6 +123,7 @@ fn show_applied(context: &Context, applied: &Applied, by_agent: bool) -> i32 {
             "analysis": applied.analysis.analysis,
             "analysis_us": applied.analysis.duration_us,
             "forced": applied.forced,
+            "signature": applied.signature,
             "warnings": applied.warnings,
             "state_snapshot": applied.state_snapshot,
             "watch": applied.watch,
@@ -157,6 +159,13 @@ fn show_applied(context: &Context, applied: &Applied, by_agent: bool) -> i32 {
     );
     if applied.forced {
         println!("  forced over the analysis's refusal (recorded in the history)");
+    }
+    match &applied.signature {
+        SignatureCheck::Verified { key_id } => println!("  signed by trusted key {key_id}"),
+        SignatureCheck::UntrustedKey { key_id } => {
+            println!("  signed by key {key_id}, which the policy does not trust (unsigned patches are allowed)")
+        }
+        SignatureCheck::Unsigned => {}
     }
     for f in &outcome.functions {
         let via = match &f.preserved {
