@@ -123,6 +123,25 @@ impl Manifest {
     }
 }
 
+/// The largest manifest read (a manifest is a few hundred bytes).
+pub const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
+/// The largest patch object read.
+pub const MAX_OBJECT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Reads a whole input file of at most `limit` bytes, refusing FIFOs and
+/// devices without blocking on them (a FIFO as a manifest hung the tool,
+/// `/dev/zero` was read until memory ran out). The message names no path:
+/// the caller's error does.
+pub fn read_input(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    use shadowpatch_signing::SigningError;
+    shadowpatch_signing::read_bounded(path, limit).map_err(|error| match error {
+        SigningError::Io { source, .. } => source.to_string(),
+        SigningError::NotRegular { kind, .. } => format!("is not a regular file ({kind}); refusing to read it"),
+        SigningError::TooLarge { size, limit, .. } => format!("is {size} bytes, more than the {limit} bytes allowed"),
+        other => other.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,23 +190,4 @@ with = "pingCommand_fixed"
             assert!(!error.contains('\n'));
         }
     }
-}
-
-/// The largest manifest read (a manifest is a few hundred bytes).
-pub const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
-/// The largest patch object read.
-pub const MAX_OBJECT_BYTES: u64 = 256 * 1024 * 1024;
-
-/// Reads a whole input file of at most `limit` bytes, refusing FIFOs and
-/// devices without blocking on them (a FIFO as a manifest hung the tool,
-/// `/dev/zero` was read until memory ran out). The message names no path:
-/// the caller's error does.
-pub fn read_input(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
-    use shadowpatch_signing::SigningError;
-    shadowpatch_signing::read_bounded(path, limit).map_err(|error| match error {
-        SigningError::Io { source, .. } => source.to_string(),
-        SigningError::NotRegular { kind, .. } => format!("is not a regular file ({kind}); refusing to read it"),
-        SigningError::TooLarge { size, limit, .. } => format!("is {size} bytes, more than the {limit} bytes allowed"),
-        other => other.to_string(),
-    })
 }
