@@ -575,6 +575,33 @@ impl MirrorFile {
         Ok(page)
     }
 
+    /// The stored bytes of `[address, address + len)`, each page they touch
+    /// checked against its hash; `None` when no one region holds them all.
+    pub fn stored_bytes(&self, address: u64, len: usize) -> Result<Option<Vec<u8>>, MirrorError> {
+        let end = address + len as u64;
+        let Some(index) = self
+            .header
+            .regions
+            .iter()
+            .position(|r| r.spec.start <= address && end <= r.spec.start + r.pages * PAGE_SIZE as u64)
+        else {
+            return Ok(None);
+        };
+        let start = self.header.regions[index].spec.start;
+        let mut bytes = Vec::with_capacity(len);
+        let mut at = address;
+        while at < end {
+            let page_index = (at - start) / PAGE_SIZE as u64;
+            let page = self.read_page(index, page_index)?;
+            let page_start = start + page_index * PAGE_SIZE as u64;
+            let from = (at - page_start) as usize;
+            let to = ((end - page_start) as usize).min(PAGE_SIZE);
+            bytes.extend_from_slice(&page[from..to]);
+            at = page_start + to as u64;
+        }
+        Ok(Some(bytes))
+    }
+
     /// The open file, for bulk reads of stored pages.
     pub fn raw_file(&self) -> &File {
         &self.file

@@ -117,6 +117,12 @@ pub enum PatchError {
     Symbols(#[from] shadowpatch_symbols::SymbolsError),
     #[error("journal {path}: {message}")]
     Journal { path: PathBuf, message: String },
+    #[error("state directory {path} cannot be written ({message}): nothing was done; make it writable or choose another with --state-dir")]
+    StateNotWritable { path: PathBuf, message: String },
+    #[error(
+        "refusing to roll back {patch_id}: {detail}; the journal's record disagrees with the mirror, so nothing was written"
+    )]
+    RestoreMismatch { patch_id: String, detail: String },
     #[error(transparent)]
     Target(#[from] shadowpatch_process::TargetError),
 }
@@ -148,7 +154,8 @@ impl PatchError {
             | ModuleHint { .. }
             | DuplicateId { .. }
             | NothingToRollback { .. }
-            | NoSuchPatch { .. } => ErrorClass::BadInput,
+            | NoSuchPatch { .. }
+            | StateNotWritable { .. } => ErrorClass::BadInput,
             Unpatchable { .. }
             | NotOnTop { .. }
             | Tampered { .. }
@@ -158,7 +165,8 @@ impl PatchError {
             | RelocationOverflow { .. }
             | NoRoom { .. }
             | StagingMismatch { .. }
-            | SafePoint { .. } => ErrorClass::Refused,
+            | SafePoint { .. }
+            | RestoreMismatch { .. } => ErrorClass::Refused,
             Target(e) if e.is_bad_input() => ErrorClass::BadInput,
             Mirror(e) if e.is_bad_input() => ErrorClass::BadInput,
             Journal { .. } | Target(_) | Mirror(_) | Symbols(_) => ErrorClass::Failed,

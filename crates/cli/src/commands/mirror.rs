@@ -54,6 +54,18 @@ pub fn mirror_process(
     }
     let state = StateDir::create(state_dir)?;
     let dir = state.target_dir(pid, identity.start_time);
+    // A pid that exec'd starts over: the old program's state is a dead
+    // target's, kept aside.
+    if let Some(aside) = StateDir::set_aside_if_execd(&dir, &identity)? {
+        eprintln!(
+            "pid {pid} exec'd a new program since it was mirrored: the old state was moved to {}",
+            aside.display()
+        );
+    }
+    // Under the target's lock, with the generation files brought in line
+    // with the journal (a rollback killed after its commit leaves a
+    // generation that nothing backs any more).
+    let _target = shadowpatch_patch::state::TargetState::open(&state, &identity)?;
     let later: Vec<u32> = StateDir::generations(&dir).into_iter().filter(|g| *g > 0).collect();
     if !later.is_empty() {
         return Err(BadInput(format!(

@@ -335,19 +335,34 @@ pub fn run_recover(context: &Context, pid: i32) -> anyhow::Result<i32> {
     let active = outcome["active_patches"].as_array().map_or(0, Vec::len);
     let interrupted = outcome["interrupted"].as_str().unwrap_or("apply");
     let patch_id = outcome["patch_id"].as_str().unwrap_or("?");
+    // A rollback's writes are its restorations of the original entries.
+    let made = if interrupted == "rollback" {
+        "entries had been restored"
+    } else {
+        "writes had been made"
+    };
     match outcome["state"].as_str() {
         Some("fully_applied") => println!(
-            "pid {pid}: interrupted {interrupted} of {patch_id} completed: fully applied ({}/{} writes had been made)",
+            "pid {pid}: interrupted {interrupted} of {patch_id} completed: fully applied ({}/{} {made})",
+            outcome["written"], outcome["total"]
+        ),
+        Some("fully_rolled_back") if interrupted == "rollback" => println!(
+            "pid {pid}: interrupted rollback of {patch_id} finished: fully rolled back ({}/{} {made})",
             outcome["written"], outcome["total"]
         ),
         Some("fully_rolled_back") => println!(
-            "pid {pid}: interrupted {interrupted} of {patch_id} undone: fully rolled back ({}/{} writes had been made)",
+            "pid {pid}: interrupted {interrupted} of {patch_id} undone: fully rolled back ({}/{} {made})",
             outcome["written"], outcome["total"]
         ),
         _ => println!(
             "pid {pid}: consistent, no interrupted transaction ({active} active patch{})",
             if active == 1 { "" } else { "es" }
         ),
+    }
+    if let Ok(repairs) = serde_json::from_value::<shadowpatch_patch::state::Repairs>(outcome["repairs"].clone()) {
+        if let Some(line) = repairs.describe() {
+            println!("  repaired: {line}");
+        }
     }
     Ok(0)
 }
