@@ -259,14 +259,30 @@ impl Authority {
         self.bytes.len() as u64
     }
 
-    /// The latest published generation (None: nothing mirrored).
+    /// The generation to verify against (None: nothing mirrored). The
+    /// journal is the authority: with no transaction open and the
+    /// generation its active patches call for published, that one, even if
+    /// a higher one is still on disk (a committed rollback's, being removed
+    /// now, or left by a crash until the next `recover`); otherwise the
+    /// latest published.
     pub fn latest_generation(&self) -> Option<u32> {
+        let wanted = self.state.active.len() as u32;
+        if self.state.open.is_none() && self.generations.contains(&wanted) {
+            return Some(wanted);
+        }
         self.generations.last().copied()
     }
 
-    /// Identity of the latest generation's file, to notice a replaced one.
+    /// Identity of that generation's file, to notice a replaced one.
     pub fn latest_file_identity(&self) -> Option<(u64, i64, i64)> {
-        self.latest_file
+        match self.latest_generation() {
+            Some(generation) if self.generations.last() != Some(&generation) => {
+                std::fs::metadata(StateDir::generation_path(&self.dir, generation))
+                    .ok()
+                    .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+            }
+            _ => self.latest_file,
+        }
     }
 
     /// No transaction open, and the latest generation is the one the
