@@ -106,12 +106,21 @@ fn kill_anywhere(cycles: u32) -> Tally {
         }
 
         let recovered = shadowpatch(&state, &["recover", &pid, "--json"]);
-        assert_eq!(
-            recovered.code,
-            0,
-            "{}",
-            context(&format!("recover: {}", recovered.stderr))
-        );
+        if recovered.code != 0 {
+            // Say how the target ended, if it did (it is our child).
+            let ended = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(target.pid()),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+            panic!(
+                "{}",
+                context(&format!(
+                    "recover: {} (target: {ended:?}; the killed command said: {})",
+                    recovered.stderr,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
+            );
+        }
         let recovered = recovered.json();
         match recovered["state"].as_str().unwrap() {
             "fully_applied" => tally.recovered_applied += 1,
