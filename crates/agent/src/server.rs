@@ -13,7 +13,6 @@ use shadowpatch_mirror::StateDir;
 use shadowpatch_ops::{ApplyRequest, ApplyResult, RollbackRequest};
 use shadowpatch_patch::journal::Journal;
 use shadowpatch_patch::Manifest;
-use shadowpatch_process::ProcessIdentity;
 use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -161,8 +160,8 @@ impl Agent {
         let persisted = Targets::load_persisted(&self.config.state_dir);
         let mut report = Vec::new();
         for (pid, start_time, dir) in target_dirs(&self.config.state_dir) {
-            let alive = ProcessIdentity::of(pid).is_ok_and(|identity| identity.start_time == start_time);
-            if !alive {
+            // A pid that exec'd since is a dead target too.
+            if !shadowpatch_mirror::StateDir::describes_live(&dir, pid, start_time) {
                 continue;
             }
             let mut entry = TargetRecovery {
@@ -215,9 +214,7 @@ impl Agent {
     pub fn patches_active(&self) -> u64 {
         target_dirs(&self.config.state_dir)
             .into_iter()
-            .filter(|(pid, start_time, _)| {
-                ProcessIdentity::of(*pid).is_ok_and(|identity| identity.start_time == *start_time)
-            })
+            .filter(|(pid, start_time, dir)| shadowpatch_mirror::StateDir::describes_live(dir, *pid, *start_time))
             .filter_map(|(_, _, dir)| Journal::replay(&dir).ok())
             .map(|journal| journal.active.len() as u64)
             .sum()

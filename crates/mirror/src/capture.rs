@@ -102,7 +102,18 @@ pub fn capture(
         capture_us: started.elapsed().as_micros() as u64,
         notes,
     };
-    writer.finish(header, &hashes)
+    let header = writer.finish(header, &hashes)?;
+    if options.generation == 0 {
+        // A baseline starts the state of this program: record which exec it
+        // is, so every later command can tell a program that exec'd.
+        if let Some(dir) = path.parent() {
+            crate::StateDir::record_program(dir, identity).map_err(|source| MirrorError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+    }
+    Ok(header)
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

@@ -26,6 +26,9 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const MARKER_FILE: &str = "SHADOWPATCH_STATE";
+/// In a target directory: the per-exec value of the program the state
+/// describes (`ProcessIdentity::exec_id`).
+const EXEC_ID_FILE: &str = "exec-id";
 const MARKER_TEXT: &str = "shadowpatch state directory, format 1\n";
 const MAGIC: &[u8; 8] = b"SHPMIRR1";
 const END_MAGIC: &[u8; 8] = b"SHPMEND1";
@@ -157,15 +160,82 @@ impl StateDir {
         numbers
     }
 
+    /// Refuse the state in target directory `dir` when the live process
+    /// `identity` has exec'd since it was recorded: pid and start time
+    /// stay across `exec`, the program does not. State written before the
+    /// per-exec value existed gets the live value recorded on first use.
+    pub fn check_same_program(dir: &Path, identity: &ProcessIdentity) -> Result<(), MirrorError> {
+        let Some(live) = &identity.exec_id else {
+            return Ok(());
+        };
+        match std::fs::read_to_string(dir.join(EXEC_ID_FILE)) {
+            Ok(recorded) if recorded.trim() == live => Ok(()),
+            Ok(_) => Err(MirrorError::Target(shadowpatch_process::TargetError::Execd {
+                pid: identity.pid,
+                since: format!("its state in {} was recorded", dir.display()),
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Best effort: a read-only state directory is still readable.
+                let _ = Self::record_program(dir, identity);
+                Ok(())
+            }
+            Err(e) => Err(MirrorError::Io {
+                path: dir.join(EXEC_ID_FILE),
+                source: e,
+            }),
+        }
+    }
+
+    /// Before starting state for the live process `identity` in `dir`: if
+    /// the state there is of the program it ran before an `exec`, move it
+    /// aside (`<dir>.exec-<unix ms>`, which no lookup matches: kept for
+    /// inspection, like a dead target's) and return where it went.
+    pub fn set_aside_if_execd(dir: &Path, identity: &ProcessIdentity) -> Result<Option<PathBuf>, MirrorError> {
+        match Self::check_same_program(dir, identity) {
+            Err(MirrorError::Target(shadowpatch_process::TargetError::Execd { .. })) => {
+                let mut name = dir.file_name().unwrap_or_default().to_os_string();
+                name.push(format!(".exec-{}", crate::capture::unix_ms()));
+                let aside = dir.with_file_name(name);
+                std::fs::rename(dir, &aside)
+                    .and_then(|_| sync_parent(dir))
+                    .map_err(io_error(dir))?;
+                Ok(Some(aside))
+            }
+            other => other.map(|_| None),
+        }
+    }
+
+    /// Record which program (exec) the state in `dir` describes.
+    pub fn record_program(dir: &Path, identity: &ProcessIdentity) -> std::io::Result<()> {
+        match &identity.exec_id {
+            Some(id) if dir.is_dir() => write_atomically(&dir.join(EXEC_ID_FILE), format!("{id}\n").as_bytes()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the state in `dir` (named `<pid>-<start_time>`) describes a
+    /// process alive now: same pid, start time and program.
+    pub fn describes_live(dir: &Path, pid: i32, start_time: u64) -> bool {
+        ProcessIdentity::of(pid).is_ok_and(|identity| {
+            identity.start_time == start_time
+                && match (&identity.exec_id, std::fs::read_to_string(dir.join(EXEC_ID_FILE))) {
+                    (Some(live), Ok(recorded)) => recorded.trim() == live,
+                    _ => true,
+                }
+        })
+    }
+
     pub fn generation_path(dir: &Path, generation: u32) -> PathBuf {
         dir.join(format!("gen-{generation:06}.mirror"))
     }
 
     /// The mirror directory of the live process `identity`, refusing state
-    /// that belongs to another incarnation of the same pid.
+    /// that belongs to another incarnation of the same pid, or to the
+    /// program it ran before an `exec`.
     pub fn dir_for_live(&self, identity: &ProcessIdentity) -> Result<PathBuf, MirrorError> {
         let incarnations = self.incarnations(identity.pid);
         if let Some((_, dir)) = incarnations.iter().find(|(start, _)| *start == identity.start_time) {
+            Self::check_same_program(dir, identity)?;
             return Ok(dir.clone());
         }
         match incarnations.last() {
@@ -224,6 +294,9 @@ pub struct TargetRecord {
     pub start_time: u64,
     pub comm: String,
     pub exe: Option<PathBuf>,
+    /// The program's per-exec value (absent in files written before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_id: Option<String>,
 }
 
 impl From<&ProcessIdentity> for TargetRecord {
@@ -233,6 +306,7 @@ impl From<&ProcessIdentity> for TargetRecord {
             start_time: identity.start_time,
             comm: identity.comm.clone(),
             exe: identity.exe.clone(),
+            exec_id: identity.exec_id.clone(),
         }
     }
 }
@@ -452,6 +526,14 @@ impl MirrorFile {
                 live_start_time: identity.start_time,
             });
         }
+        if let (Some(mirrored), Some(live)) = (&recorded.exec_id, &identity.exec_id) {
+            if mirrored != live {
+                return Err(MirrorError::Target(shadowpatch_process::TargetError::Execd {
+                    pid: identity.pid,
+                    since: format!("mirror {} was taken", self.path.display()),
+                }));
+            }
+        }
         for region in &self.header.regions {
             let (Some(path), Some(mirrored)) = (&region.spec.path, &region.spec.build_id) else {
                 continue;
@@ -491,6 +573,33 @@ impl MirrorFile {
             });
         }
         Ok(page)
+    }
+
+    /// The stored bytes of `[address, address + len)`, each page they touch
+    /// checked against its hash; `None` when no one region holds them all.
+    pub fn stored_bytes(&self, address: u64, len: usize) -> Result<Option<Vec<u8>>, MirrorError> {
+        let end = address + len as u64;
+        let Some(index) = self
+            .header
+            .regions
+            .iter()
+            .position(|r| r.spec.start <= address && end <= r.spec.start + r.pages * PAGE_SIZE as u64)
+        else {
+            return Ok(None);
+        };
+        let start = self.header.regions[index].spec.start;
+        let mut bytes = Vec::with_capacity(len);
+        let mut at = address;
+        while at < end {
+            let page_index = (at - start) / PAGE_SIZE as u64;
+            let page = self.read_page(index, page_index)?;
+            let page_start = start + page_index * PAGE_SIZE as u64;
+            let from = (at - page_start) as usize;
+            let to = ((end - page_start) as usize).min(PAGE_SIZE);
+            bytes.extend_from_slice(&page[from..to]);
+            at = page_start + to as u64;
+        }
+        Ok(Some(bytes))
     }
 
     /// The open file, for bulk reads of stored pages.

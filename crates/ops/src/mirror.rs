@@ -53,6 +53,19 @@ pub fn mirror(
     }
     let state = StateDir::create(state_dir)?;
     let dir = state.target_dir(pid, identity.start_time);
+    // A pid that exec'd starts over: the old program's state is a dead
+    // target's, kept aside.
+    let mut set_aside = None;
+    if let Some(aside) = StateDir::set_aside_if_execd(&dir, &identity)? {
+        set_aside = Some(format!(
+            "pid {pid} exec'd a new program since it was mirrored: the old state was moved to {}",
+            aside.display()
+        ));
+    }
+    // Under the target's lock, with the generation files brought in line
+    // with the journal (a rollback killed after its commit leaves a
+    // generation that nothing backs any more).
+    let _target = shadowpatch_patch::state::TargetState::open(&state, &identity)?;
     let later: Vec<u32> = StateDir::generations(&dir).into_iter().filter(|g| *g > 0).collect();
     if !later.is_empty() {
         return Err(bad_input(format!(
@@ -80,7 +93,8 @@ pub fn mirror(
     )?;
     // The process may have exited (and its pid been reused) while we read.
     identity.check_alive()?;
-    let outcome = outcome(&identity, path, &header);
+    let mut outcome = outcome(&identity, path, &header);
+    outcome.notes.extend(set_aside);
     shadowpatch_store::record_best_effort(
         state_dir,
         &shadowpatch_store::NewEvent::new(shadowpatch_store::EventKind::Mirror)

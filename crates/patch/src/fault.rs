@@ -19,6 +19,10 @@ pub const APPLY_POINTS: &[&str] = &[
 pub const SAFE_POINT_POINTS: &[&str] = &["safe-point-held"];
 /// The points a rollback passes.
 pub const ROLLBACK_POINTS: &[&str] = &["rollback-begin", "rollback-partial-write", "rollback-written"];
+/// Points after a transaction's commit is durable, before its mirror
+/// generation is published (apply) or removed (rollback): the journal says
+/// done, the generation files do not agree yet.
+pub const AFTER_COMMIT_POINTS: &[&str] = &["committed", "rollback-committed"];
 
 /// The points a simulation's capture passes: probe journaled, breakpoints
 /// written, first live call copied.

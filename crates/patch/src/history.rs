@@ -82,6 +82,7 @@ pub(crate) fn record_recover(state_dir: &Path, pid: i32, result: &Result<Recover
                 "interrupted": outcome.interrupted,
                 "written": outcome.written,
                 "total": outcome.total,
+                "repairs": outcome.repairs,
             }));
             match &outcome.patch_id {
                 Some(id) => event.patch(id),

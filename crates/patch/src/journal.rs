@@ -1,15 +1,31 @@
-//! The patch journal: an append-only file of JSON lines per target
+//! The patch journal: an append-only file of records per target
 //! incarnation (`targets/<pid>-<start>/journal`), each line fsync'd before
 //! the step it announces touches the target. Replaying it gives the active
 //! patches and, after a crash, the one transaction left incomplete, with
 //! every address, original byte and new byte needed to finish or undo it.
+//!
+//! A line is `<checksum> <json>\n`: the checksum (the first 8 bytes of the
+//! BLAKE3 of the JSON, in hex) makes every record check itself, so a write
+//! cut short or a damaged byte is found, never acted on. Lines written
+//! before checksums existed (plain `{...}` JSON) are still read, until the
+//! first checksummed line: after it an unchecked line is damage.
+//!
+//! Damage is told apart by where it is. The last record, torn (no newline)
+//! or failing its checksum, is what a crash leaves: replay ignores it, and
+//! the next writer (under the target lock) copies it to
+//! `journal.torn-<unix ms>` for inspection and truncates the journal to its
+//! last intact record before appending anything. Damage before the last
+//! record is not a crash's doing: replay refuses it, naming file and line.
 
 use crate::trampoline::FunctionSite;
 use crate::PatchError;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// Hex digits of a line's checksum.
+const CHECKSUM_HEX_LEN: usize = 16;
 
 /// One trampoline write: what was there, what we put there.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -184,12 +200,97 @@ pub struct JournalState {
     pub next_txn: u64,
     /// Mappings left in place by rollbacks.
     pub retired: Vec<(u64, u64)>,
+    /// The last record, torn or damaged, that replay left out.
+    pub torn_tail: Option<TornTail>,
+}
+
+/// The end of a journal that replay left out: a record cut short by a
+/// crash (no newline) or a last record that fails its checksum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// Length of the journal up to the end of its last intact record.
+    pub intact_len: u64,
+    /// Length of the whole journal as read.
+    pub total_len: u64,
+    /// The tail's line number (1-based).
+    pub line: usize,
+    pub why: String,
+}
+
+/// Why one line is not a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineDamage {
+    /// The checksum does not match the JSON after it.
+    Checksum { stored: String, computed: String },
+    /// No checksum where one is required (after a checksummed line).
+    Unchecked,
+    /// The checksum matches (or there is none) but the JSON is no record.
+    NotARecord(String),
+}
+
+impl std::fmt::Display for LineDamage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LineDamage::Checksum { stored, computed } => {
+                write!(f, "checksum {stored} does not match its record (computed {computed})")
+            }
+            LineDamage::Unchecked => write!(f, "no checksum, though earlier records have one"),
+            LineDamage::NotARecord(message) => write!(f, "not a record: {message}"),
+        }
+    }
+}
+
+/// The checksum of a record's JSON bytes, as written before it.
+pub fn checksum(json: &[u8]) -> String {
+    shadowpatch_symbols::hex(&blake3::hash(json).as_bytes()[..CHECKSUM_HEX_LEN / 2])
+}
+
+/// One journal line (without its newline) for `record`.
+pub fn encode_line(record: &Record) -> Vec<u8> {
+    let json = serde_json::to_vec(record).expect("records serialize");
+    let mut line = checksum(&json).into_bytes();
+    line.push(b' ');
+    line.extend_from_slice(&json);
+    line
+}
+
+/// Read one journal line (without its newline): the record, and whether it
+/// carried a checksum. `checked_before`: an earlier line had one, so this
+/// one must too.
+pub fn decode_line(line: &[u8], checked_before: bool) -> Result<(Record, bool), LineDamage> {
+    let (json, checked) = if line.first() == Some(&b'{') {
+        if checked_before {
+            return Err(LineDamage::Unchecked);
+        }
+        (line, false)
+    } else {
+        let (stored, json) = match line.iter().position(|b| *b == b' ') {
+            Some(space) => (&line[..space], &line[space + 1..]),
+            None => (line, &line[line.len()..]),
+        };
+        let computed = checksum(json);
+        if stored != computed.as_bytes() {
+            return Err(LineDamage::Checksum {
+                stored: String::from_utf8_lossy(stored)
+                    .chars()
+                    .take(CHECKSUM_HEX_LEN + 4)
+                    .collect(),
+                computed,
+            });
+        }
+        (json, true)
+    };
+    let record = serde_json::from_slice(json).map_err(|e| LineDamage::NotARecord(e.to_string()))?;
+    Ok((record, checked))
 }
 
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// Length of the journal: where the next record starts. A failed
+    /// append truncates back to it, so no record follows torn bytes.
+    len: u64,
 }
 
 impl Journal {
@@ -197,31 +298,76 @@ impl Journal {
         dir.join("journal")
     }
 
-    /// Open (creating) the journal in a target directory.
-    pub fn open(dir: &Path) -> Result<Self, PatchError> {
+    /// Open (creating) the journal in a target directory for appending,
+    /// `replayed` being what `replay` just read of it. The caller holds the
+    /// target lock (no other writer), so a torn tail is a crash's leftover:
+    /// it is copied to `journal.torn-<unix ms>` and cut off first. Returns
+    /// the journal and where the tail was kept.
+    pub fn open(dir: &Path, replayed: &JournalState) -> Result<(Self, Option<PathBuf>), PatchError> {
         let path = Self::path_in(dir);
+        let error = |e: std::io::Error| PatchError::Journal {
+            path: path.clone(),
+            message: e.to_string(),
+        };
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| PatchError::Journal {
-                path: path.clone(),
-                message: e.to_string(),
+            .map_err(error)?;
+        let mut len = file.metadata().map_err(error)?.len();
+        let mut kept = None;
+        if let Some(tail) = &replayed.torn_tail {
+            if len < tail.intact_len {
+                return Err(PatchError::Journal {
+                    path: path.clone(),
+                    message: format!(
+                        "shrank to {len} bytes since it was read ({} intact): another writer?",
+                        tail.intact_len
+                    ),
+                });
+            }
+            let mut torn = vec![0u8; (len - tail.intact_len) as usize];
+            file.read_exact_at(&mut torn, tail.intact_len).map_err(error)?;
+            let aside = dir.join(format!("journal.torn-{}", crate::state::now_ms()));
+            write_new_durably(&aside, &torn).map_err(|e| PatchError::Journal {
+                path: aside.clone(),
+                message: format!("keeping the torn end of the journal: {e}"),
             })?;
-        Ok(Journal { path, file })
+            file.set_len(tail.intact_len).map_err(error)?;
+            file.sync_all().map_err(error)?;
+            tracing::warn!(
+                journal = %path.display(),
+                line = tail.line,
+                kept = %aside.display(),
+                "journal: set aside a torn last record ({}) and truncated to the last intact one",
+                tail.why
+            );
+            len = tail.intact_len;
+            kept = Some(aside);
+        }
+        Ok((Journal { path, file, len }, kept))
     }
 
     /// Append one record and make it durable before returning.
     pub fn append(&mut self, record: &Record) -> Result<(), PatchError> {
-        let mut line = serde_json::to_vec(record).expect("records serialize");
+        let mut line = encode_line(record);
         line.push(b'\n');
         let error = |e: std::io::Error| PatchError::Journal {
             path: self.path.clone(),
             message: e.to_string(),
         };
-        self.file.write_all(&line).map_err(error)?;
-        self.file.sync_data().map_err(error)
+        let written = self.file.write_all(&line).and_then(|_| self.file.sync_data());
+        if let Err(e) = written {
+            // Cut off whatever part of the line reached the file: the next
+            // record must not follow torn bytes.
+            let _ = self.file.set_len(self.len);
+            let _ = self.file.sync_data();
+            return Err(error(e));
+        }
+        self.len += line.len() as u64;
+        Ok(())
     }
 
     /// Replay the journal at `dir` (an absent journal is an empty one).
@@ -241,100 +387,153 @@ impl Journal {
     }
 }
 
-/// Replay journal bytes. A last line without its newline is a write cut
-/// short by a crash and is ignored (its step never started); any other
-/// unreadable line is corruption.
+/// Replay journal bytes. The last record, torn or failing its checksum, is
+/// left out and described in `torn_tail` (its step never started, or its
+/// record cannot be trusted: what the target holds decides, see
+/// `recover`). Damage anywhere else is refused, naming the line.
 pub fn replay_bytes(path: &Path, bytes: &[u8]) -> Result<JournalState, PatchError> {
     let mut state = JournalState::default();
-    let complete = match bytes.iter().rposition(|b| *b == b'\n') {
-        Some(last) => &bytes[..=last],
-        None => &bytes[..0],
-    };
-    for (number, line) in complete.split(|b| *b == b'\n').enumerate() {
+    // (line number, start offset, bytes without the newline, has newline)
+    let mut lines: Vec<(usize, usize, &[u8], bool)> = Vec::new();
+    let mut start = 0;
+    for (index, piece) in bytes.split_inclusive(|b| *b == b'\n').enumerate() {
+        let complete = piece.last() == Some(&b'\n');
+        let body = if complete { &piece[..piece.len() - 1] } else { piece };
+        lines.push((index + 1, start, body, complete));
+        start += piece.len();
+    }
+    let total_lines = lines.len();
+    let mut checked_before = false;
+    for (position, (number, offset, line, complete)) in lines.iter().copied().enumerate() {
+        let is_last = position + 1 == total_lines;
+        let tail = |why: String| TornTail {
+            intact_len: offset as u64,
+            total_len: bytes.len() as u64,
+            line: number,
+            why,
+        };
+        if !complete {
+            state.torn_tail = Some(tail("cut short: no newline".into()));
+            break;
+        }
         if line.is_empty() {
             continue;
         }
-        let record: Record = serde_json::from_slice(line).map_err(|e| PatchError::Journal {
-            path: path.to_path_buf(),
-            message: format!("line {} is corrupt: {e}", number + 1),
-        })?;
-        state.next_txn = state.next_txn.max(record.txn() + 1);
-        let corrupt = |what: &str| PatchError::Journal {
-            path: path.to_path_buf(),
-            message: format!("line {}: {what}", number + 1),
-        };
-        match record {
-            Record::Begin {
-                txn, kind, patch_id, ..
-            } => {
-                if state.open.is_some() {
-                    return Err(corrupt("a transaction begins while another is open"));
-                }
-                state.open = Some(OpenTxn {
-                    txn,
-                    kind,
-                    patch_id,
-                    mapping: None,
-                    plan: None,
-                    writes: None,
-                    writes_patch: None,
+        let record = match decode_line(line, checked_before) {
+            Ok((record, checked)) => {
+                checked_before |= checked;
+                record
+            }
+            Err(damage) if is_last => {
+                state.torn_tail = Some(tail(damage.to_string()));
+                break;
+            }
+            Err(damage) => {
+                return Err(PatchError::Journal {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "line {number} of {total_lines} is damaged ({damage}); the records after it cannot be \
+                         trusted, so nothing was done: restore the journal from a copy, or repair or remove \
+                         that line by hand (see docs/recovery.md)"
+                    ),
                 });
             }
-            Record::Map { txn, address, len } => open_txn(&mut state, txn, &corrupt)?.mapping = Some((address, len)),
-            Record::Plan { txn, patch } => open_txn(&mut state, txn, &corrupt)?.plan = Some(patch),
-            Record::Writes { txn, writes, patch_id } => {
-                let open = open_txn(&mut state, txn, &corrupt)?;
-                // An apply may hold writes for its duration (the safe-point
-                // request, `safepoint.rs`); a rollback never writes any.
-                if !open.kind.is_plain_writes() && open.kind != TxnKind::Apply {
-                    return Err(corrupt("plain writes in a rollback transaction"));
-                }
-                open.writes = Some(writes);
-                open.writes_patch = patch_id;
-            }
-            // Unmapping a retired mapping is housekeeping that may also
-            // happen outside any transaction (see `recover`).
-            Record::Unmap { address, .. } => state.retired.retain(|(a, _)| *a != address),
-            Record::Retire { txn, address, len, .. } => {
-                open_txn(&mut state, txn, &corrupt)?;
-                state.retired.push((address, len));
-            }
-            Record::Commit { txn, .. } => {
-                let open = open_txn(&mut state, txn, &corrupt)?.clone();
-                state.open = None;
-                match open.kind {
-                    TxnKind::Apply => state
-                        .active
-                        .push(open.plan.ok_or_else(|| corrupt("apply committed without a plan"))?),
-                    TxnKind::Rollback => state.active.retain(|p| p.id != open.patch_id),
-                    TxnKind::Repoint => {
-                        let writes = open.writes.ok_or_else(|| corrupt("repoint committed without writes"))?;
-                        let id = open.writes_patch.ok_or_else(|| corrupt("repoint names no patch"))?;
-                        let patch = state
-                            .active
-                            .iter_mut()
-                            .find(|p| p.id == id)
-                            .ok_or_else(|| corrupt("repoint of a patch that is not active"))?;
-                        for write in writes {
-                            let function = patch
-                                .functions
-                                .iter_mut()
-                                .find(|f| f.write.address == write.address)
-                                .ok_or_else(|| corrupt("repoint of an address the patch did not write"))?;
-                            function.write.new = write.new;
-                        }
-                    }
-                    // Heals and probes leave the patch state as it was.
-                    TxnKind::Heal | TxnKind::Probe => {}
-                }
-            }
-            Record::Abort { txn, .. } => {
-                open_txn(&mut state, txn, &corrupt)?;
-                state.open = None;
-            }
-        }
+        };
+        apply_record(&mut state, path, number, record)?;
     }
     Ok(state)
+}
+
+/// Replay one intact record into `state`.
+fn apply_record(state: &mut JournalState, path: &Path, number: usize, record: Record) -> Result<(), PatchError> {
+    state.next_txn = state.next_txn.max(record.txn() + 1);
+    let corrupt = |what: &str| PatchError::Journal {
+        path: path.to_path_buf(),
+        message: format!("line {number}: {what}"),
+    };
+    match record {
+        Record::Begin {
+            txn, kind, patch_id, ..
+        } => {
+            if state.open.is_some() {
+                return Err(corrupt("a transaction begins while another is open"));
+            }
+            state.open = Some(OpenTxn {
+                txn,
+                kind,
+                patch_id,
+                mapping: None,
+                plan: None,
+                writes: None,
+                writes_patch: None,
+            });
+        }
+        Record::Map { txn, address, len } => open_txn(state, txn, &corrupt)?.mapping = Some((address, len)),
+        Record::Plan { txn, patch } => open_txn(state, txn, &corrupt)?.plan = Some(patch),
+        Record::Writes { txn, writes, patch_id } => {
+            let open = open_txn(state, txn, &corrupt)?;
+            // An apply may hold writes for its duration (the safe-point
+            // request, `safepoint.rs`); a rollback never writes any.
+            if !open.kind.is_plain_writes() && open.kind != TxnKind::Apply {
+                return Err(corrupt("plain writes in a rollback transaction"));
+            }
+            open.writes = Some(writes);
+            open.writes_patch = patch_id;
+        }
+        // Unmapping a retired mapping is housekeeping that may also
+        // happen outside any transaction (see `recover`).
+        Record::Unmap { address, .. } => state.retired.retain(|(a, _)| *a != address),
+        Record::Retire { txn, address, len, .. } => {
+            open_txn(state, txn, &corrupt)?;
+            state.retired.push((address, len));
+        }
+        Record::Commit { txn, .. } => {
+            let open = open_txn(state, txn, &corrupt)?.clone();
+            state.open = None;
+            match open.kind {
+                TxnKind::Apply => state
+                    .active
+                    .push(open.plan.ok_or_else(|| corrupt("apply committed without a plan"))?),
+                TxnKind::Rollback => state.active.retain(|p| p.id != open.patch_id),
+                TxnKind::Repoint => {
+                    let writes = open.writes.ok_or_else(|| corrupt("repoint committed without writes"))?;
+                    let id = open.writes_patch.ok_or_else(|| corrupt("repoint names no patch"))?;
+                    let patch = state
+                        .active
+                        .iter_mut()
+                        .find(|p| p.id == id)
+                        .ok_or_else(|| corrupt("repoint of a patch that is not active"))?;
+                    for write in writes {
+                        let function = patch
+                            .functions
+                            .iter_mut()
+                            .find(|f| f.write.address == write.address)
+                            .ok_or_else(|| corrupt("repoint of an address the patch did not write"))?;
+                        function.write.new = write.new;
+                    }
+                }
+                // Heals and probes leave the patch state as it was.
+                TxnKind::Heal | TxnKind::Probe => {}
+            }
+        }
+        Record::Abort { txn, .. } => {
+            open_txn(state, txn, &corrupt)?;
+            state.open = None;
+        }
+    }
+    Ok(())
+}
+
+/// Create `path` (it must not exist) with `bytes`, durably: file and
+/// directory entry fsync'd.
+fn write_new_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    match path.parent() {
+        Some(parent) => File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 fn open_txn<'a>(
@@ -402,7 +601,7 @@ mod tests {
     fn lines(records: &[Record]) -> Vec<u8> {
         let mut out = Vec::new();
         for r in records {
-            out.extend(serde_json::to_vec(r).unwrap());
+            out.extend(encode_line(r));
             out.push(b'\n');
         }
         out
@@ -463,20 +662,95 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_last_line_is_ignored_and_other_damage_refused() {
+    fn a_torn_or_damaged_last_record_is_left_out_and_damage_before_it_refused() {
         let path = Path::new("journal");
-        let mut bytes = lines(&[begin(0, TxnKind::Apply, "a")]);
-        bytes.extend_from_slice(b"{\"op\":\"map\",\"tx");
+        let intact = lines(&[begin(0, TxnKind::Apply, "a")]);
+        // Cut short (no newline).
+        let mut bytes = intact.clone();
+        bytes.extend_from_slice(
+            &encode_line(&Record::Map {
+                txn: 0,
+                address: 1,
+                len: 2,
+            })[..20],
+        );
         let state = replay_bytes(path, &bytes).unwrap();
         assert!(state.open.unwrap().mapping.is_none());
-        let mut bytes = lines(&[begin(0, TxnKind::Apply, "a")]);
+        let tail = state.torn_tail.unwrap();
+        assert_eq!((tail.intact_len, tail.line), (intact.len() as u64, 2));
+        // A whole last line whose checksum fails (one digit flipped).
+        let mut bytes = lines(&[
+            begin(0, TxnKind::Apply, "a"),
+            Record::Plan {
+                txn: 0,
+                patch: patch("a"),
+            },
+        ]);
+        let flip = bytes.len() - 30;
+        bytes[flip] = if bytes[flip] == b'0' { b'1' } else { b'0' };
+        let state = replay_bytes(path, &bytes).unwrap();
+        assert!(state.open.unwrap().plan.is_none(), "the damaged plan is not acted on");
+        assert!(state.torn_tail.unwrap().why.contains("checksum"));
+        // The same damage before the last record is refused, naming the line.
+        bytes.extend(lines(&[Record::Commit { txn: 0, pause_us: 1 }]));
+        let error = replay_bytes(path, &bytes).unwrap_err().to_string();
+        assert!(error.contains("line 2 of 3 is damaged"), "{error}");
+        let mut bytes = intact.clone();
         bytes.extend_from_slice(b"garbage\n");
+        bytes.extend(lines(&[Record::Commit { txn: 0, pause_us: 1 }]));
+        assert!(replay_bytes(path, &bytes).is_err());
+        let bytes = lines(&[Record::Commit { txn: 4, pause_us: 1 }]);
+        assert!(replay_bytes(path, &bytes).is_err());
+    }
+
+    #[test]
+    fn journals_without_checksums_are_read_until_a_checksummed_line() {
+        let path = Path::new("journal");
+        let legacy = |record: &Record| {
+            let mut line = serde_json::to_vec(record).unwrap();
+            line.push(b'\n');
+            line
+        };
+        let mut bytes = legacy(&begin(0, TxnKind::Apply, "a"));
+        bytes.extend(legacy(&Record::Plan {
+            txn: 0,
+            patch: patch("a"),
+        }));
+        bytes.extend(lines(&[Record::Commit { txn: 0, pause_us: 1 }]));
+        let state = replay_bytes(path, &bytes).unwrap();
+        assert_eq!(state.active.len(), 1);
+        // After a checksummed line an unchecked one is damage.
+        bytes.extend(legacy(&begin(1, TxnKind::Rollback, "a")));
+        bytes.extend(lines(&[Record::Commit { txn: 1, pause_us: 1 }]));
         assert!(replay_bytes(path, &bytes)
             .unwrap_err()
             .to_string()
-            .contains("line 2 is corrupt"));
-        let bytes = lines(&[Record::Commit { txn: 4, pause_us: 1 }]);
-        assert!(replay_bytes(path, &bytes).is_err());
+            .contains("no checksum"));
+    }
+
+    #[test]
+    fn opening_for_append_sets_a_torn_tail_aside_and_appends_after_intact_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Journal::path_in(dir.path());
+        let mut bytes = lines(&[
+            begin(0, TxnKind::Apply, "a"),
+            Record::Abort {
+                txn: 0,
+                reason: "x".into(),
+            },
+        ]);
+        let intact = bytes.len();
+        bytes.extend_from_slice(b"0123456789abcdef {\"op\":\"commit\",\"txn\":0,\"pau");
+        std::fs::write(&path, &bytes).unwrap();
+        let replayed = Journal::replay(dir.path()).unwrap();
+        let (mut journal, kept) = Journal::open(dir.path(), &replayed).unwrap();
+        let kept = kept.expect("the torn tail was kept");
+        assert_eq!(std::fs::read(&kept).unwrap(), bytes[intact..].to_vec());
+        journal.append(&begin(1, TxnKind::Apply, "b")).unwrap();
+        let state = Journal::replay(dir.path()).unwrap();
+        assert!(state.torn_tail.is_none());
+        assert_eq!(state.open.unwrap().patch_id, "b");
+        assert_eq!(std::fs::read(&path).unwrap()[..intact], bytes[..intact]);
     }
 
     #[test]

@@ -129,6 +129,12 @@ pub enum PatchError {
     Symbols(#[from] shadowpatch_symbols::SymbolsError),
     #[error("journal {path}: {message}")]
     Journal { path: PathBuf, message: String },
+    #[error("state directory {path} cannot be written ({message}): nothing was done; make it writable or choose another with --state-dir")]
+    StateNotWritable { path: PathBuf, message: String },
+    #[error(
+        "refusing to roll back {patch_id}: {detail}; the journal's record disagrees with the mirror, so nothing was written"
+    )]
+    RestoreMismatch { patch_id: String, detail: String },
     #[error(transparent)]
     Target(#[from] shadowpatch_process::TargetError),
 }
@@ -151,7 +157,8 @@ impl Classify for PatchError {
             | ModuleHint { .. }
             | DuplicateId { .. }
             | NothingToRollback { .. }
-            | NoSuchPatch { .. } => FailureClass::BadInput,
+            | NoSuchPatch { .. }
+            | StateNotWritable { .. } => FailureClass::BadInput,
             Unpatchable { .. }
             | NotOnTop { .. }
             | Tampered { .. }
@@ -161,7 +168,8 @@ impl Classify for PatchError {
             | RelocationOverflow { .. }
             | NoRoom { .. }
             | StagingMismatch { .. }
-            | SafePoint { .. } => FailureClass::RefusedForSafety,
+            | SafePoint { .. }
+            | RestoreMismatch { .. } => FailureClass::RefusedForSafety,
             Target(e) => e.class(),
             Mirror(e) => e.class(),
             Symbols(e) => e.class(),

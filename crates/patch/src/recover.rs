@@ -11,12 +11,18 @@
 //!   breakpoints: remove them → rolled back.
 //!
 //! Live bytes that are neither what was there nor what we wrote are someone
-//! else's change: recover stops and reports them, touching nothing.
+//! else's change: recover stops and reports them, touching nothing. Bytes
+//! it would restore are checked against the mirror generation below first.
+//!
+//! Opening the target's state repairs what a crash between files left
+//! (`state::Repairs`: a torn last journal record set aside, generation
+//! files brought in line with the journal); recover reports it, and brings
+//! the generations in line again once the transaction is settled.
 
 use crate::activate::{switch, Direction, DEFAULT_ATTEMPTS};
 use crate::journal::{OpenTxn, Record, TxnKind, Write5};
-use crate::rollback::{collect_retired, finish_rollback, retire_or_unmap};
-use crate::state::{copies_log_path, is_mapped, staged_path, unmap, TargetState};
+use crate::rollback::{check_restores_against_mirror, collect_retired, finish_rollback, retire_or_unmap};
+use crate::state::{copies_log_path, is_mapped, staged_path, unmap, Repairs, TargetState};
 use crate::transaction::publish;
 use crate::PatchError;
 use shadowpatch_mirror::StateDir;
@@ -41,7 +47,9 @@ pub struct RecoverOutcome {
     pub state: Recovered,
     pub patch_id: Option<String>,
     pub interrupted: Option<TxnKind>,
-    /// Trampolines found written when recovery started.
+    /// Writes of the interrupted transaction found made when recovery
+    /// started: trampolines of an apply, entries already restored by a
+    /// rollback, plain writes of a heal, probe or repoint.
     pub written: usize,
     pub total: usize,
     pub active_patches: Vec<String>,
@@ -49,6 +57,9 @@ pub struct RecoverOutcome {
     pub retired_left: usize,
     /// Zombie copies a killed simulation left in the target, reaped.
     pub copies_reaped: usize,
+    /// What a crash between files had left and was repaired.
+    #[serde(skip_serializing_if = "Repairs::is_empty")]
+    pub repairs: Repairs,
 }
 
 enum Live {
@@ -98,6 +109,8 @@ fn recover_transaction(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, Pat
         collect_retired(&mut attached, &mut target, txn);
         let copies_reaped = reap_logged_copies(&mut attached, &target.dir)?;
         attached.detach()?;
+        let mut repairs = target.repairs.clone();
+        repairs.merge(target.settle()?);
         return Ok(RecoverOutcome {
             pid,
             state: Recovered::Consistent,
@@ -106,8 +119,9 @@ fn recover_transaction(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, Pat
             written: 0,
             total: 0,
             active_patches: target.journal_state.active.iter().map(|p| p.id.clone()).collect(),
-            retired_left: crate::journal::Journal::replay(&target.dir)?.retired.len(),
+            retired_left: target.journal_state.retired.len(),
             copies_reaped,
+            repairs,
         });
     };
     let (state_reached, written, total) = match open.kind {
@@ -117,7 +131,9 @@ fn recover_transaction(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, Pat
     };
     let copies_reaped = reap_logged_copies(&mut attached, &target.dir)?;
     attached.detach()?;
-    let journal_state = crate::journal::Journal::replay(&target.dir)?;
+    let mut repairs = target.repairs.clone();
+    repairs.merge(target.settle()?);
+    let journal_state = &target.journal_state;
     Ok(RecoverOutcome {
         pid,
         state: state_reached,
@@ -128,6 +144,7 @@ fn recover_transaction(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, Pat
         active_patches: journal_state.active.iter().map(|p| p.id.clone()).collect(),
         retired_left: journal_state.retired.len(),
         copies_reaped,
+        repairs,
     })
 }
 
@@ -213,6 +230,7 @@ fn recover_apply(
         .map(|(w, _)| w.clone())
         .collect();
     if !undo.is_empty() {
+        check_restores_against_mirror(&target.dir, plan)?;
         switch(
             attached,
             &undo,
@@ -268,6 +286,7 @@ fn recover_rollback(
         .collect();
     let restored = writes.len() - still_new.len();
     if !still_new.is_empty() {
+        check_restores_against_mirror(&target.dir, &patch)?;
         switch(
             attached,
             &still_new,
@@ -283,7 +302,8 @@ fn recover_rollback(
         None
     };
     finish_rollback(target, open.txn, &patch, reason, 0)?;
-    Ok((Recovered::FullyRolledBack, writes.len() - restored, writes.len()))
+    // A rollback's writes are its restorations: count those already made.
+    Ok((Recovered::FullyRolledBack, restored, writes.len()))
 }
 
 /// Finish (heal, repoint) or undo (probe) announced plain writes.

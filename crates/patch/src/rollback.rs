@@ -110,6 +110,7 @@ pub(crate) fn rollback_seized(
 ) -> Result<RollbackOutcome, PatchError> {
     let pid = attached.pid();
     let identity = attached.identity().clone();
+    check_restores_against_mirror(&target.dir, patch)?;
     let txn = target.journal_state.next_txn;
     target.journal.append(&Record::Begin {
         txn,
@@ -158,8 +159,55 @@ pub(crate) fn rollback_seized(
     })
 }
 
+/// Check that the bytes a rollback of `patch` would put back (each write's
+/// `original`) are the bytes generation N−1 of the mirror holds there,
+/// page hashes checked: a journal record damaged in a way its checksum
+/// does not catch (or written by a faulty tool) must never put wrong code
+/// into the target. A write outside every mirrored region (a mirror taken
+/// of one module only) cannot be checked and is let through.
+pub(crate) fn check_restores_against_mirror(dir: &Path, patch: &PatchRecord) -> Result<(), PatchError> {
+    let below = patch.generation.saturating_sub(1);
+    let path = StateDir::generation_path(dir, below);
+    let mirror = match shadowpatch_mirror::MirrorFile::open(&path) {
+        Ok(mirror) => mirror,
+        Err(shadowpatch_mirror::MirrorError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(PatchError::RestoreMismatch {
+                patch_id: patch.id.clone(),
+                detail: format!("generation {below} ({}) is missing", path.display()),
+            })
+        }
+        Err(other) => return Err(other.into()),
+    };
+    for function in &patch.functions {
+        let write = &function.write;
+        let Some(mirrored) = mirror.stored_bytes(write.address, write.original.len())? else {
+            tracing::warn!(
+                address = write.address,
+                "rollback: {} is outside generation {below}'s regions; its restored bytes are not checked",
+                function.site.symbol
+            );
+            continue;
+        };
+        if mirrored != write.original {
+            return Err(PatchError::RestoreMismatch {
+                patch_id: patch.id.clone(),
+                detail: format!(
+                    "the journal would restore {} at {:#x} ({}) but generation {below} holds {}",
+                    shadowpatch_symbols::hex(&write.original),
+                    write.address,
+                    function.site.symbol,
+                    shadowpatch_symbols::hex(&mirrored)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Journal the unmap (or retirement) and the commit, and drop the patch's
-/// mirror generation.
+/// mirror generation: only after the commit is durable, so a crash between
+/// the two leaves a generation the journal no longer backs, which the next
+/// opening of the target's state removes (`state::reconcile_generations`).
 pub(crate) fn finish_rollback(
     target: &mut TargetState,
     txn: u64,
@@ -178,8 +226,9 @@ pub(crate) fn finish_rollback(
         },
     })?;
     target.journal.append(&Record::Commit { txn, pause_us })?;
+    fault::point("rollback-committed");
     let generation = StateDir::generation_path(&target.dir, patch.generation);
-    match std::fs::remove_file(&generation) {
+    match std::fs::remove_file(&generation).and_then(|_| std::fs::File::open(&target.dir)?.sync_all()) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {

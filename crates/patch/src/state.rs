@@ -51,7 +51,7 @@ impl TargetLock {
             .truncate(false)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| journal_error(e.to_string()))?;
+            .map_err(|e| not_writable_or(&path, e, journal_error))?;
         let wait = lock_wait();
         let deadline = Instant::now() + wait;
         loop {
@@ -83,11 +83,131 @@ impl TargetLock {
     }
 }
 
+/// A state directory that cannot take a write is the operator's to fix
+/// (exit 2), not a failure midway: nothing was touched yet.
+fn not_writable_or(path: &Path, error: std::io::Error, otherwise: impl FnOnce(String) -> PatchError) -> PatchError {
+    match error.raw_os_error() {
+        Some(libc::EROFS | libc::EACCES | libc::EPERM | libc::ENOSPC | libc::EDQUOT) => PatchError::StateNotWritable {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        },
+        _ => otherwise(error.to_string()),
+    }
+}
+
+/// What opening a target's state repaired. The journal is the authority:
+/// a torn last record is set aside, generation files the journal does not
+/// back (a rollback killed after its commit, before it removed its
+/// generation) are removed, and a generation a committed apply had staged
+/// but not yet published (killed between the two) is published.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Repairs {
+    /// Where the torn end of the journal was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torn_tail_kept: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generations_retired: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generations_published: Vec<u32>,
+}
+
+impl Repairs {
+    pub fn is_empty(&self) -> bool {
+        self == &Repairs::default()
+    }
+
+    pub fn merge(&mut self, other: Repairs) {
+        if other.torn_tail_kept.is_some() {
+            self.torn_tail_kept = other.torn_tail_kept;
+        }
+        self.generations_retired.extend(other.generations_retired);
+        self.generations_published.extend(other.generations_published);
+    }
+
+    /// One line for the operator, `None` when nothing was repaired.
+    pub fn describe(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(kept) = &self.torn_tail_kept {
+            parts.push(format!("torn last journal record set aside in {}", kept.display()));
+        }
+        if !self.generations_retired.is_empty() {
+            parts.push(format!(
+                "stale mirror generation{} {:?} removed (the journal had rolled back)",
+                if self.generations_retired.len() == 1 { "" } else { "s" },
+                self.generations_retired
+            ));
+        }
+        if !self.generations_published.is_empty() {
+            parts.push(format!(
+                "committed mirror generation {:?} published",
+                self.generations_published
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
+
+/// A shared hold on a target's lock, for readers that must not see a
+/// transaction in flight as an interrupted one (the prediction engine's
+/// journal check): writers hold the lock exclusively for a whole
+/// transaction, so under a shared hold an open transaction in the journal
+/// is one whose process died.
+#[derive(Debug)]
+pub struct SharedTargetLock {
+    _lock: Flock<File>,
+}
+
+impl SharedTargetLock {
+    /// Wait up to `lock_wait()` for writers of `dir` to finish. `None`:
+    /// the target never had a writer (no lock file), nothing to wait for.
+    pub fn acquire(dir: &Path) -> Result<Option<Self>, PatchError> {
+        let path = dir.join("lock");
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(PatchError::Journal {
+                    path,
+                    message: e.to_string(),
+                })
+            }
+        };
+        let wait = lock_wait();
+        let deadline = Instant::now() + wait;
+        loop {
+            match Flock::lock(file, FlockArg::LockSharedNonblock) {
+                Ok(lock) => return Ok(Some(SharedTargetLock { _lock: lock })),
+                Err((returned, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    file = returned;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((mut returned, Errno::EWOULDBLOCK)) => {
+                    let mut holder = String::new();
+                    let _ = returned.read_to_string(&mut holder);
+                    return Err(PatchError::Locked {
+                        dir: dir.to_path_buf(),
+                        holder: holder.trim().to_string(),
+                        waited_ms: wait.as_millis() as u64,
+                    });
+                }
+                Err((_, errno)) => {
+                    return Err(PatchError::Journal {
+                        path,
+                        message: format!("locking: {errno}"),
+                    })
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct TargetState {
     pub dir: PathBuf,
     pub journal: Journal,
     pub journal_state: JournalState,
+    /// What opening the state repaired (see `Repairs`).
+    pub repairs: Repairs,
     _lock: TargetLock,
 }
 
@@ -95,14 +215,25 @@ impl TargetState {
     /// Open (creating) the state of the live process `identity`.
     pub fn open(state: &StateDir, identity: &ProcessIdentity) -> Result<Self, PatchError> {
         let dir = state.target_dir(identity.pid, identity.start_time);
+        if let Some(aside) = StateDir::set_aside_if_execd(&dir, identity)? {
+            tracing::warn!(
+                pid = identity.pid,
+                "pid {} exec'd a new program: the old program's state (a dead target's) was moved to {}",
+                identity.pid,
+                aside.display()
+            );
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(|e| PatchError::Journal {
-                path: dir.clone(),
-                message: e.to_string(),
+            .map_err(|e| {
+                not_writable_or(&dir, e, |message| PatchError::Journal {
+                    path: dir.clone(),
+                    message,
+                })
             })?;
+        StateDir::check_same_program(&dir, identity)?;
         Self::at(dir)
     }
 
@@ -111,18 +242,83 @@ impl TargetState {
         Self::at(state.dir_for_live(identity)?)
     }
 
-    /// Lock, then replay and open the journal of the target directory `dir`.
+    /// Lock, then replay and open the journal of the target directory
+    /// `dir`, repairing what a crash left (see `Repairs`).
     fn at(dir: PathBuf) -> Result<Self, PatchError> {
         let lock = TargetLock::acquire(&dir)?;
-        let journal_state = Journal::replay(&dir)?;
-        let journal = Journal::open(&dir)?;
+        let mut journal_state = Journal::replay(&dir)?;
+        let (journal, torn_tail_kept) = Journal::open(&dir, &journal_state)?;
+        journal_state.torn_tail = None;
+        let mut repairs = reconcile_generations(&dir, &journal_state)?;
+        repairs.torn_tail_kept = torn_tail_kept;
+        if let Some(line) = repairs.describe() {
+            tracing::warn!(dir = %dir.display(), "repaired the target's state: {line}");
+        }
         Ok(TargetState {
             dir,
             journal,
             journal_state,
+            repairs,
             _lock: lock,
         })
     }
+
+    /// Re-read the journal (after appending) and bring the generation
+    /// files in line with it; returns what that repaired.
+    pub fn settle(&mut self) -> Result<Repairs, PatchError> {
+        self.journal_state = Journal::replay(&self.dir)?;
+        reconcile_generations(&self.dir, &self.journal_state)
+    }
+}
+
+/// Make the generation files agree with the journal, which is the
+/// authority: with no transaction open, `active.len()` patches means
+/// generations 0..=active.len() and nothing above. Generation files are
+/// changed only after the journal record that decides them is durable
+/// (apply: commit, then publish; rollback: commit, then remove), so a crash
+/// between the two leaves exactly what this finishes. With a transaction
+/// open, `recover` decides first.
+pub fn reconcile_generations(dir: &Path, journal_state: &JournalState) -> Result<Repairs, PatchError> {
+    let mut repairs = Repairs::default();
+    if journal_state.open.is_some() {
+        return Ok(repairs);
+    }
+    let generations = StateDir::generations(dir);
+    if generations.is_empty() {
+        return Ok(repairs);
+    }
+    let expected = journal_state.active.len() as u32;
+    let io = |path: &Path, e: std::io::Error| PatchError::Journal {
+        path: path.to_path_buf(),
+        message: format!("reconciling mirror generations with the journal: {e}"),
+    };
+    for &stale in generations.iter().rev().filter(|g| **g > expected) {
+        let path = StateDir::generation_path(dir, stale);
+        match std::fs::remove_file(&path) {
+            Ok(()) => repairs.generations_retired.push(stale),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path, e)),
+        }
+    }
+    let staged = staged_path(dir, expected);
+    if !generations.contains(&expected) && staged.exists() {
+        crate::apply::publish(&staged, dir, expected)?;
+        repairs.generations_published.push(expected);
+    }
+    // Any other staged generation belongs to an apply that never committed.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("gen-") && name.ends_with(".mirror.staged") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    if !repairs.generations_retired.is_empty() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))?;
+    }
+    Ok(repairs)
 }
 
 /// The latest generation number, capturing generation 0 (every module)

@@ -310,6 +310,7 @@ fn apply_transaction(
         txn,
         pause_us: activation.pause.pause_us,
     })?;
+    fault::point("committed");
     publish(&staged, &target.dir, generation)?;
     let kept = if keep_seized {
         Some(attached)

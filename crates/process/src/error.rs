@@ -22,6 +22,8 @@ pub enum TargetError {
         expected_start_time: u64,
         live_start_time: u64,
     },
+    #[error("pid {pid} exec'd a new program since {since}; its state is that of a dead target")]
+    Execd { pid: i32, since: String },
     #[error(
         "permission denied {action} pid {pid}: run as root or grant CAP_SYS_PTRACE, \
          and check /proc/sys/kernel/yama/ptrace_scope"
@@ -87,6 +89,7 @@ impl Classify for TargetError {
             | TargetError::KernelThread { .. }
             | TargetError::NotThreadGroupLeader { .. }
             | TargetError::Recycled { .. }
+            | TargetError::Execd { .. }
             | TargetError::PermissionDenied { .. } => FailureClass::BadInput,
             _ => FailureClass::FailedMidway,
         }

@@ -1,10 +1,20 @@
 //! A target's identity: pid plus start time, so that a recycled pid is never
-//! mistaken for the process we mirrored or patched.
+//! mistaken for the process we mirrored or patched, plus a per-exec value,
+//! because `exec` keeps pid and start time but replaces the whole program.
+//!
+//! The per-exec value is the 16 bytes the kernel puts at `AT_RANDOM` (see
+//! /proc/PID/auxv) on every `execve`: fresh random bytes each time, even for
+//! the same binary with the same arguments and ASLR off (where the auxv
+//! addresses, `start_code` and `end_code` all stay the same). glibc only
+//! reads them (stack protector and pointer guard seeds).
 
 use crate::TargetError;
 
 /// Thread flag marking kernel threads in /proc/PID/stat (PF_KTHREAD).
 const PF_KTHREAD: u32 = 0x0020_0000;
+/// The auxv key of the address of 16 random bytes (`<elf.h>`).
+const AT_RANDOM: u64 = 25;
+const AT_RANDOM_LEN: usize = 16;
 
 /// pid + start time (clock ticks since boot, field 22 of /proc/PID/stat).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -15,6 +25,9 @@ pub struct ProcessIdentity {
     pub comm: String,
     /// The executable's path at the time of identification (informational).
     pub exe: Option<std::path::PathBuf>,
+    /// Changes on every `exec` (hex of the `AT_RANDOM` bytes); `None` when
+    /// it cannot be read (then only pid + start time are compared).
+    pub exec_id: Option<String>,
 }
 
 impl ProcessIdentity {
@@ -41,6 +54,7 @@ impl ProcessIdentity {
             start_time: stat.starttime,
             comm: stat.comm,
             exe: process.exe().ok(),
+            exec_id: exec_id_of(pid),
         })
     }
 
@@ -60,8 +74,32 @@ impl ProcessIdentity {
                 live_start_time: live.start_time,
             });
         }
+        if let (Some(ours), Some(live_id)) = (&self.exec_id, &live.exec_id) {
+            if ours != live_id {
+                return Err(TargetError::Execd {
+                    pid: self.pid,
+                    since: "it was identified".into(),
+                });
+            }
+        }
         Ok(())
     }
+}
+
+/// The per-exec value of `pid`: its `AT_RANDOM` bytes, in hex.
+pub fn exec_id_of(pid: i32) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).ok()?;
+    let address = auxv.chunks_exact(16).find_map(|pair| {
+        let key = u64::from_ne_bytes(pair[..8].try_into().ok()?);
+        (key == AT_RANDOM).then(|| u64::from_ne_bytes(pair[8..].try_into().expect("8 bytes")))
+    })?;
+    let mut random = [0u8; AT_RANDOM_LEN];
+    std::fs::File::open(format!("/proc/{pid}/mem"))
+        .ok()?
+        .read_exact_at(&mut random, address)
+        .ok()?;
+    Some(random.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 pub(crate) fn proc_error(pid: i32, file: &'static str, error: procfs::ProcError) -> TargetError {
@@ -92,6 +130,23 @@ mod tests {
             ..me.clone()
         };
         assert!(matches!(other.check_alive(), Err(TargetError::Recycled { .. })));
+    }
+
+    #[test]
+    fn the_exec_id_is_stable_within_a_program_and_changes_on_exec() {
+        let me = ProcessIdentity::of(std::process::id() as i32).unwrap();
+        let id = me.exec_id.clone().expect("our own AT_RANDOM is readable");
+        assert_eq!(id.len(), 2 * AT_RANDOM_LEN);
+        assert_eq!(ProcessIdentity::of(me.pid).unwrap().exec_id, Some(id.clone()));
+        let other = ProcessIdentity {
+            exec_id: Some("00".repeat(AT_RANDOM_LEN)),
+            ..me.clone()
+        };
+        assert!(matches!(other.check_alive(), Err(TargetError::Execd { .. })));
+        // Identities without the value (state written before it existed)
+        // compare as before.
+        let legacy = ProcessIdentity { exec_id: None, ..me };
+        legacy.check_alive().unwrap();
     }
 
     #[test]

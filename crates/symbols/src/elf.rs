@@ -98,8 +98,13 @@ impl SymbolTable {
     }
 
     /// The symbol containing file address `address` and the offset into it.
+    /// A symbol's size bounds it: an address past the end of the nearest
+    /// sized symbol before it (padding after a function, code no symbol
+    /// describes) is in no symbol, even if an earlier label has no size.
     /// Falls back to the nearest preceding sized-0 symbol (hand-written asm
-    /// often has no size); `None` when nothing covers the address.
+    /// often has no size, and crt's `frame_dummy` neither) only when no
+    /// sized symbol ends between it and the address; `None` when nothing
+    /// covers the address.
     pub fn symbolize(&self, address: u64) -> Option<(&Symbol, u64)> {
         let end = self.by_address.partition_point(|s| s.address <= address);
         let candidates = self.by_address[..end]
@@ -107,18 +112,36 @@ impl SymbolTable {
             .rev()
             .take_while(|s| address - s.address < (1 << 20));
         let mut fallback = None;
+        let mut after_a_sized_symbol = false;
         for symbol in candidates {
             if symbol.kind == SymbolKind::Other && symbol.size == 0 {
                 continue;
             }
-            if address < symbol.address + symbol.size {
-                return Some((symbol, address - symbol.address));
+            if symbol.size > 0 {
+                if address < symbol.address + symbol.size {
+                    return Some((symbol, address - symbol.address));
+                }
+                // Keep looking only for a sized symbol that encloses this
+                // one; a sized-0 label before it does not reach past it.
+                after_a_sized_symbol = true;
+                continue;
             }
-            if symbol.size == 0 && fallback.is_none() {
+            if !after_a_sized_symbol && fallback.is_none() {
                 fallback = Some((symbol, address - symbol.address));
             }
         }
         fallback
+    }
+
+    /// The nearest named symbols before and after `address` (markers of
+    /// kind `Other` with no size left out): where an address no symbol
+    /// covers lies.
+    pub fn neighbours(&self, address: u64) -> (Option<&Symbol>, Option<&Symbol>) {
+        let wanted = |s: &&Symbol| !(s.kind == SymbolKind::Other && s.size == 0);
+        let end = self.by_address.partition_point(|s| s.address <= address);
+        let before = self.by_address[..end].iter().rev().find(wanted);
+        let after = self.by_address[end..].iter().find(wanted);
+        (before, after)
     }
 }
 
@@ -425,6 +448,30 @@ mod tests {
             Some(("b", 4))
         );
         assert_eq!(table.symbolize(0x10), None);
+    }
+
+    #[test]
+    fn a_sized_symbol_ends_where_its_size_says_even_after_a_sizeless_label() {
+        // crt's frame_dummy has no size; `tiny` (1 byte) and `work` follow it.
+        let table = SymbolTable::new(vec![
+            symbol("frame_dummy", 0x1000, 0),
+            symbol("tiny", 0x1010, 1),
+            symbol("work", 0x1020, 0x20),
+        ]);
+        let named = |address| table.symbolize(address).map(|(s, o)| (s.name.as_str(), o));
+        assert_eq!(
+            named(0x1004),
+            Some(("frame_dummy", 4)),
+            "a sizeless label still covers what follows it"
+        );
+        assert_eq!(named(0x1010), Some(("tiny", 0)));
+        assert_eq!(named(0x1011), None, "past tiny's one byte: not frame_dummy+0x11");
+        assert_eq!(named(0x1045), None, "padding after work: not frame_dummy+0x45");
+        let (before, after) = table.neighbours(0x1011);
+        assert_eq!(
+            (before.map(|s| s.name.as_str()), after.map(|s| s.name.as_str())),
+            (Some("tiny"), Some("work"))
+        );
     }
 
     #[test]

@@ -223,12 +223,23 @@ impl Location {
                 offset: Some(offset),
                 location: format!("{}!{}+{offset:#x}", module.name, symbol.name),
             },
-            None => Location {
-                module: Some(module.name.clone()),
-                symbol: None,
-                offset: None,
-                location: format!("{}+{:#x}", module.name, address - module.base),
-            },
+            None => {
+                // Say where it lies, so padding after a function is not
+                // read as part of it.
+                let relative = address.checked_sub(module.bias).unwrap_or(address);
+                let between = match module.image.symbols.neighbours(relative) {
+                    (Some(before), Some(after)) => format!(" (between {} and {})", before.name, after.name),
+                    (Some(before), None) => format!(" (after {})", before.name),
+                    (None, Some(after)) => format!(" (before {})", after.name),
+                    (None, None) => String::new(),
+                };
+                Location {
+                    module: Some(module.name.clone()),
+                    symbol: None,
+                    offset: None,
+                    location: format!("{}+{:#x}{between}", module.name, address - module.base),
+                }
+            }
         }
     }
 

@@ -27,7 +27,7 @@
 
 use crate::WatchError;
 use shadowpatch_mirror::StateDir;
-use shadowpatch_patch::journal::{replay_bytes, Journal, JournalState, Record, TxnKind, Write5};
+use shadowpatch_patch::journal::{decode_line, replay_bytes, Journal, JournalState, Record, TxnKind, Write5};
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
@@ -152,18 +152,21 @@ impl Authority {
         }
         file.seek(SeekFrom::Start(self.bytes.len() as u64)).map_err(io)?;
         file.read_to_end(&mut self.bytes).map_err(io)?;
-        let Some(last_newline) = self.bytes.iter().rposition(|b| *b == b'\n') else {
+        let last_newline = self.bytes.iter().rposition(|b| *b == b'\n');
+        // Keep only whole lines: bytes after the last newline are a record
+        // being written, or a torn one the next writer cuts off and writes
+        // over (`Journal::open`); they are read again next time.
+        let Some(last_newline) = last_newline.filter(|at| *at >= self.parsed) else {
+            self.bytes.truncate(self.parsed);
             return Ok(false);
         };
-        if last_newline < self.parsed {
-            return Ok(false);
-        }
+        self.bytes.truncate(last_newline + 1);
         let fresh = self.bytes[self.parsed..=last_newline].to_vec();
         self.parsed = last_newline + 1;
         let mut open_kind: Option<TxnKind> = self.state.open.as_ref().map(|o| o.kind);
         for line in fresh.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             // Damage is for `replay_bytes` below to report.
-            let Ok(record) = serde_json::from_slice::<Record>(line) else {
+            let Ok((record, _)) = decode_line(line, false) else {
                 continue;
             };
             self.note(record, now, &mut open_kind);
@@ -172,6 +175,12 @@ impl Authority {
             path: self.journal_path.clone(),
             message: e.to_string(),
         })?;
+        if let Some(tail) = self.state.torn_tail.take() {
+            // A damaged last record: the next writer replaces it, so read
+            // from its start again next time.
+            self.parsed = tail.intact_len as usize;
+            self.bytes.truncate(self.parsed);
+        }
         Ok(true)
     }
 
@@ -250,14 +259,30 @@ impl Authority {
         self.bytes.len() as u64
     }
 
-    /// The latest published generation (None: nothing mirrored).
+    /// The generation to verify against (None: nothing mirrored). The
+    /// journal is the authority: with no transaction open and the
+    /// generation its active patches call for published, that one, even if
+    /// a higher one is still on disk (a committed rollback's, being removed
+    /// now, or left by a crash until the next `recover`); otherwise the
+    /// latest published.
     pub fn latest_generation(&self) -> Option<u32> {
+        let wanted = self.state.active.len() as u32;
+        if self.state.open.is_none() && self.generations.contains(&wanted) {
+            return Some(wanted);
+        }
         self.generations.last().copied()
     }
 
-    /// Identity of the latest generation's file, to notice a replaced one.
+    /// Identity of that generation's file, to notice a replaced one.
     pub fn latest_file_identity(&self) -> Option<(u64, i64, i64)> {
-        self.latest_file
+        match self.latest_generation() {
+            Some(generation) if self.generations.last() != Some(&generation) => {
+                std::fs::metadata(StateDir::generation_path(&self.dir, generation))
+                    .ok()
+                    .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+            }
+            _ => self.latest_file,
+        }
     }
 
     /// No transaction open, and the latest generation is the one the

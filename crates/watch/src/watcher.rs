@@ -758,6 +758,7 @@ fn gone(error: &TargetError) -> bool {
             | TargetError::Zombie { .. }
             | TargetError::Exited { .. }
             | TargetError::Recycled { .. }
+            | TargetError::Execd { .. }
     )
 }
 

@@ -308,19 +308,32 @@ pub fn run_recover(context: &Context, pid: i32) -> anyhow::Result<i32> {
         None => "apply".to_string(),
     };
     let patch_id = outcome.patch_id.as_deref().unwrap_or("?");
+    // A rollback's writes are its restorations of the original entries.
+    let made = if interrupted == "rollback" {
+        "entries had been restored"
+    } else {
+        "writes had been made"
+    };
     match outcome.state {
         Recovered::FullyApplied => println!(
-            "pid {pid}: interrupted {interrupted} of {patch_id} completed: fully applied ({}/{} writes had been made)",
+            "pid {pid}: interrupted {interrupted} of {patch_id} completed: fully applied ({}/{} {made})",
+            outcome.written, outcome.total
+        ),
+        Recovered::FullyRolledBack if interrupted == "rollback" => println!(
+            "pid {pid}: interrupted rollback of {patch_id} finished: fully rolled back ({}/{} {made})",
             outcome.written, outcome.total
         ),
         Recovered::FullyRolledBack => println!(
-            "pid {pid}: interrupted {interrupted} of {patch_id} undone: fully rolled back ({}/{} writes had been made)",
+            "pid {pid}: interrupted {interrupted} of {patch_id} undone: fully rolled back ({}/{} {made})",
             outcome.written, outcome.total
         ),
         Recovered::Consistent => println!(
             "pid {pid}: consistent, no interrupted transaction ({active} active patch{})",
             if active == 1 { "" } else { "es" }
         ),
+    }
+    if let Some(line) = outcome.repairs.describe() {
+        println!("  repaired: {line}");
     }
     Ok(Exit::Ok.code())
 }

@@ -116,7 +116,9 @@ pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
     // foreign or corrupt one is an error worth reporting.
     if let Some(state) = StateDir::open_if_present(&context.state_dir)? {
         for (start_time, dir) in state.incarnations(pid) {
-            if start_time != identity.start_time {
+            // A pid that exec'd since keeps its start time: its old state
+            // is a dead target's, like another incarnation's.
+            if start_time != identity.start_time || StateDir::check_same_program(&dir, &identity).is_err() {
                 status.other_incarnations.push(start_time);
                 continue;
             }

@@ -61,10 +61,21 @@ pub fn open_mirror(
             ))
             .into())
         }
-        None => *generations.last().ok_or(MirrorError::NoMirror {
-            pid: identity.pid,
-            state_dir: state_dir.into(),
-        })?,
+        None => {
+            let latest = *generations.last().ok_or(MirrorError::NoMirror {
+                pid: identity.pid,
+                state_dir: state_dir.into(),
+            })?;
+            // The journal is the authority: a generation above its active
+            // patch count is a committed rollback's leftover, which the
+            // next recover (or apply) removes.
+            match shadowpatch_patch::journal::Journal::replay(&dir) {
+                Ok(journal) if journal.open.is_none() && generations.contains(&(journal.active.len() as u32)) => {
+                    latest.min(journal.active.len() as u32)
+                }
+                _ => latest,
+            }
+        }
     };
     let mirror = MirrorFile::open(&StateDir::generation_path(&dir, chosen))?;
     mirror.check_belongs_to(identity, modules)?;

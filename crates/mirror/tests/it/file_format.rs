@@ -31,6 +31,7 @@ fn valid_file(dir: &std::path::Path, pages: usize) -> std::path::PathBuf {
             start_time: 99,
             comm: "t".into(),
             exe: None,
+            exec_id: None,
         },
         hash_algorithm: "xxh3-128-keyed".into(),
         hash_secret: encode_secret(hasher.secret()),

@@ -30,8 +30,23 @@ pub(super) fn read_journal(
         }
     };
     let dir = state.target_dir(identity.pid, identity.start_time);
+    // Read under a shared hold of the target's lock: a transaction another
+    // shadowpatch process has in flight (it holds the lock) is waited for,
+    // not mistaken for an interrupted one.
+    let (_hold, busy) = match shadowpatch_patch::state::SharedTargetLock::acquire(&dir) {
+        Ok(hold) => (hold, None),
+        Err(error) => (None, Some(error)),
+    };
     match Journal::replay(&dir) {
-        Ok(journal) => journal,
+        Ok(mut journal) => {
+            if let Some(error) = busy {
+                // Still busy after the wait: its transaction is in flight
+                // (apply checks again under the lock).
+                unavailable.push(format!("patch journal: busy, retry: {error}"));
+                journal.open = None;
+            }
+            journal
+        }
         Err(error) => {
             unavailable.push(format!("patch journal: {error}"));
             JournalState::default()

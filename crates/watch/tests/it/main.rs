@@ -3,4 +3,5 @@
 //! rather than once per file. A new test file `foo.rs` goes beside this
 //! one with a `mod foo;` line below (see docs/testing.md).
 
+mod stale_generation;
 mod watcher;
