@@ -12,13 +12,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 /// A running agent (plain applies, no watch policy), killed on drop.
-struct Agent {
+pub(crate) struct Agent {
     child: Child,
     socket: std::path::PathBuf,
 }
 
 impl Agent {
-    fn start(dir: &Path) -> Agent {
+    pub(crate) fn start(dir: &Path) -> Agent {
         let socket = dir.join("agent.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
             .arg("agent")
@@ -42,7 +42,7 @@ impl Agent {
     }
 
     /// One request line, one reply.
-    fn ask(&self, request: &serde_json::Value) -> serde_json::Value {
+    pub(crate) fn ask(&self, request: &serde_json::Value) -> serde_json::Value {
         let mut stream = UnixStream::connect(&self.socket).unwrap();
         let mut line = serde_json::to_vec(request).unwrap();
         line.push(b'\n');

@@ -18,6 +18,7 @@ mod mirror_verify;
 mod module_names;
 mod patching;
 mod recover;
+mod signing;
 mod trust;
 mod variables;
 mod watch;
