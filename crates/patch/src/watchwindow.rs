@@ -335,6 +335,10 @@ impl WatchWindow {
             Some(&self.patch.id),
             DEFAULT_ATTEMPTS,
         )?;
+        // The kept bytes are a generation: verify and watchers compare
+        // against them from now on (`republish.rs`; a kill before this
+        // line is finished by `recover`).
+        crate::republish::republish_committed(&self.target.dir, &self.target.journal_state)?;
         self.attached.detach()?;
         Ok(activation)
     }
