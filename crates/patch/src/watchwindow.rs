@@ -75,6 +75,13 @@ pub struct Recovery {
     pub rollback: RollbackOutcome,
 }
 
+/// Calls through one watched function's stub since activation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FunctionCalls {
+    pub function: String,
+    pub calls: u64,
+}
+
 /// What one poll of the window saw.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -147,6 +154,13 @@ impl WatchWindow {
 
     pub fn patch(&self) -> &PatchRecord {
         &self.patch
+    }
+
+    /// Calls counted by each watched function's stub so far, read from
+    /// the target's memory (functions of a record written before stubs
+    /// counted are left out).
+    pub fn calls(&mut self) -> Result<Vec<FunctionCalls>, PatchError> {
+        read_calls(self.attached.memory(), &self.patch)
     }
 
     /// Look (without blocking) for a fault or an exit, and survive a fault.
@@ -347,4 +361,23 @@ impl WatchWindow {
     pub fn close(self) -> Result<(), PatchError> {
         Ok(self.attached.detach()?)
     }
+}
+
+/// The call counters of `patch`'s watch stubs, read from `memory`.
+pub fn read_calls(
+    memory: &mut shadowpatch_process::TargetMemory,
+    patch: &PatchRecord,
+) -> Result<Vec<FunctionCalls>, PatchError> {
+    let mut out = Vec::new();
+    for function in &patch.functions {
+        let Some(counter) = function.watch_stub.and_then(|stub| stub.calls) else {
+            continue;
+        };
+        let bytes = memory.read_vec(counter, crate::watchstub::COUNTER_BYTES as usize)?;
+        out.push(FunctionCalls {
+            function: function.site.symbol.clone(),
+            calls: u64::from_le_bytes(bytes.try_into().expect("8 bytes")),
+        });
+    }
+    Ok(out)
 }
