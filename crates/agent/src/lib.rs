@@ -17,6 +17,7 @@ pub mod peer;
 pub mod protocol;
 pub mod server;
 pub mod targets;
+pub mod window;
 
 pub use client::{request, RemoteError};
 pub use protocol::{ControlReply, ControlRequest, FailureKind};

@@ -193,6 +193,20 @@ fn run_apply_watched(
         outcome.pause_us,
         report.watched_ms as f64 / 1000.0
     );
+    if !report.calls.is_empty() {
+        println!(
+            "  calls through the watch stubs: {}{}",
+            shadowpatch_agent::health_watch::describe_calls(&report.calls),
+            if report.extended_ms > 0 {
+                format!(
+                    " (window extended {:.1} s waiting for calls)",
+                    report.extended_ms as f64 / 1000.0
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     match report.decision {
         shadowpatch_health::Decision::Keep => println!(
             "  kept: {}; trampolines re-pointed straight at the new code ({} µs stop)",
