@@ -336,3 +336,44 @@ fn an_agent_killed_mid_window_finishes_the_window_when_it_restarts() {
     assert_eq!(check["errors"], 0, "every call answered correctly: {check:?}");
     assert_eq!(shadowpatch(&state, &["verify", &pid_text]).code, 0);
 }
+
+#[test]
+fn a_kill_between_the_keep_and_its_generation_is_recovered() {
+    let mut target = Running::start(Fixture::BusyC, &["2"]).unwrap();
+    let pid = target.pid();
+    let pid_text = pid.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let fine = manifest(dir.path(), &target, "unpublished", "work_fn_fine");
+    let args = [
+        "apply",
+        &pid_text,
+        &fine,
+        "--force",
+        "--context-secs",
+        "0",
+        "--baseline",
+        "0.3",
+        "--watch",
+        "1",
+    ];
+    let killed = shadowpatch_env(&state, &args, &[("SHADOWPATCH_FAULT", "kept-unpublished")]);
+    assert_eq!(
+        killed.code, -1,
+        "killed at the point: {}{}",
+        killed.stdout, killed.stderr
+    );
+    // The repoint committed: the patch runs straight from its entry.
+    assert_eq!(target.command("ask 5").unwrap(), "1000016");
+    let recovered = shadowpatch(&state, &["recover", &pid_text]);
+    assert_eq!(recovered.code, 0, "{}{}", recovered.stdout, recovered.stderr);
+    let verify = shadowpatch(&state, &["verify", &pid_text]);
+    assert_eq!(
+        verify.code, 0,
+        "recover published the kept generation: {}{}",
+        verify.stdout, verify.stderr
+    );
+    let rolled = shadowpatch(&state, &["rollback", &pid_text]);
+    assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
+    assert_eq!(target.command("ask 5").unwrap(), "16");
+}

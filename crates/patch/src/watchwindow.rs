@@ -349,6 +349,7 @@ impl WatchWindow {
             Some(&self.patch.id),
             DEFAULT_ATTEMPTS,
         )?;
+        crate::fault::point("kept-unpublished");
         // The kept bytes are a generation: verify and watchers compare
         // against them from now on (`republish.rs`; a kill before this
         // line is finished by `recover`).
