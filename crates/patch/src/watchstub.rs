@@ -176,7 +176,7 @@ mod tests {
             })
             .collect();
         let joined = text.join("\n");
-        assert_eq!(text[0], "lock inc qword [3000h]", "{joined}");
+        assert_eq!(text[0], "lock inc qword [rel 3000h]", "{joined}");
         assert_eq!(text[1], "push rax", "{joined}");
         assert!(joined.contains("movdqu [rsp+70h],xmm7"), "{joined}");
         assert!(joined.contains("call 0000000000002000h"), "{joined}");
