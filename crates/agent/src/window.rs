@@ -96,11 +96,22 @@ pub fn through_stubs(patch: &PatchRecord) -> bool {
     })
 }
 
+/// The pid tracing `pid`, if any (`TracerPid` in /proc/PID/status).
+fn tracer_of(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("TracerPid:"))
+        .and_then(|value| value.trim().parse().ok())
+        .filter(|tracer| *tracer != 0)
+}
+
 /// What a starting agent found of a window its predecessor left, and did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LeftWindow {
     pub patch_id: String,
-    /// `resuming`, `rolled_back`, `finished` or `error`.
+    /// `resuming`, `rolled_back`, `finished`, `error`, or `in_progress`
+    /// (another process's window is running on the target: left alone).
     pub action: String,
     pub reason: String,
 }
@@ -132,6 +143,20 @@ pub fn finish_left_window(
     pid: i32,
 ) -> Option<(LeftWindow, Option<std::thread::JoinHandle<Option<WatchReport>>>)> {
     let (identity, dir) = target_dir(state_dir, pid)?;
+    if let Some(tracer) = tracer_of(pid) {
+        // A live window keeps its target seized for its whole length: this
+        // one is running in another process (a CLI `apply --watch`), not
+        // left behind. Touching it would contradict that window's verdict.
+        return Some((
+            LeftWindow {
+                patch_id: String::new(),
+                action: "in_progress".into(),
+                reason: format!("pid {pid} is traced by pid {tracer}: a window in progress elsewhere, left alone"),
+            },
+            None,
+        ))
+        .filter(|_| dir.join(FILE_NAME).exists());
+    }
     let journal = Journal::replay(&dir).ok()?;
     let file = dir.join(FILE_NAME);
     let saved: Option<Result<SavedWindow, String>> = match std::fs::read(&file) {
