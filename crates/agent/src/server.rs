@@ -62,6 +62,10 @@ pub struct TargetRecovery {
     pub outcome: String,
     pub message: Option<String>,
     pub watching: bool,
+    /// A watch window the last agent left unfinished, and what this one
+    /// does with it (`window.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<shadowpatch_ops::window::LeftWindow>,
 }
 
 /// The start-up report, printed as the agent's ready line.
@@ -170,6 +174,7 @@ impl Agent {
                 outcome: "consistent".into(),
                 message: None,
                 watching: false,
+                window: None,
             };
             match Journal::replay(&dir) {
                 Err(error) => {
@@ -201,6 +206,16 @@ impl Agent {
                         })
                     }
                 }
+            }
+            // A kept window's generation a kill left unpublished, then a
+            // window left unfinished (after the watcher took the lock it
+            // needs at start: the window holds it while it runs).
+            if let Err(error) = shadowpatch_patch::republish::republish_for(&self.config.state_dir, pid) {
+                tracing::warn!(pid, %error, "could not publish the kept generation");
+            }
+            if let Some((left, _thread)) = shadowpatch_ops::window::finish_left_window(&self.config.state_dir, pid) {
+                tracing::info!(pid, action = %left.action, reason = %left.reason, "watch window left by the last agent");
+                entry.window = Some(left);
             }
             if let Some(message) = &entry.message {
                 tracing::warn!(pid, %message, "target needs attention");

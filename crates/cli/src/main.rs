@@ -241,6 +241,15 @@ struct WatchFlags {
     /// Seconds a health command may take; longer is a failure.
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     health_timeout: f64,
+    /// Calls needed through every replaced function for a keep verdict (0: no such rule); short of them the window is extended.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    min_calls: u64,
+    /// The longest the window is extended waiting for --min-calls (e.g. 90s, 10m; default 10m, at least --watch).
+    #[arg(long, value_name = "DURATION")]
+    max_window: Option<String>,
+    /// What a window still short of --min-calls at --max-window does: rollback (default: an unexercised patch was never judged) or keep.
+    #[arg(long, default_value = "rollback", value_name = "keep|rollback")]
+    unexercised: String,
 }
 
 fn run_apply_command(
@@ -254,19 +263,31 @@ fn run_apply_command(
 ) -> anyhow::Result<i32> {
     let watch_args = match watch.watch {
         None => {
-            if watch.health_cmd.is_some() || watch.baseline.is_some() {
-                return Err(failure::BadInput("--health-cmd and --baseline need --watch SECS".into()).into());
+            if watch.health_cmd.is_some() || watch.baseline.is_some() || watch.max_window.is_some() {
+                return Err(
+                    failure::BadInput("--health-cmd, --baseline and --max-window need --watch SECS".into()).into(),
+                );
             }
             None
         }
-        Some(secs) => Some(commands::apply_watch::check_args(
-            secs,
-            watch.baseline.unwrap_or(secs.min(3.0)),
-            watch.sample_ms,
-            watch.health_cmd,
-            watch.health_timeout,
-            analysis.metrics_url.clone(),
-        )?),
+        Some(secs) => Some(
+            commands::apply_watch::check_args(
+                secs,
+                watch.baseline.unwrap_or(secs.min(3.0)),
+                watch.sample_ms,
+                watch.health_cmd,
+                watch.health_timeout,
+                analysis.metrics_url.clone(),
+            )
+            .and_then(|args| {
+                commands::apply_watch::exercise_args(
+                    args,
+                    watch.min_calls,
+                    watch.max_window.as_deref(),
+                    &watch.unexercised,
+                )
+            })?,
+        ),
     };
     commands::patching::run_apply(
         context,

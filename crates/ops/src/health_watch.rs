@@ -7,9 +7,17 @@
 //! the new code on a keep verdict. Every decision is recorded with its
 //! evidence (`watch_verdict` event). The agent runs the same watch after
 //! every apply it makes (its default policy, `--watch-after-apply`).
+//!
+//! Only exercised patches are kept: each watch stub counts its calls, and a
+//! keep verdict needs `min_calls` through every replaced function. Short of
+//! that the window is extended, up to `max_window`, and then ends
+//! `unexercised`, kept or rolled back per `unexercised` (default: rolled
+//! back). The window's settings and baseline are persisted in the target's
+//! state directory (`window.rs`) so an agent killed mid-window finishes it
+//! when it restarts (docs/watch-window.md).
 use shadowpatch_health::{judge, Decision, Direction, JudgeConfig, Judgement, MetricSpec};
 use shadowpatch_patch::transaction::apply_prepared_watched;
-use shadowpatch_patch::watchwindow::WindowEvent;
+use shadowpatch_patch::watchwindow::{FunctionCalls, WatchWindow, WindowEvent};
 use shadowpatch_patch::{ApplyOptions, ApplyOutcome, Prepared};
 use shadowpatch_predict::watch_metrics::{WatchSampler, CPU, ERRORS, LATENCY, RSS};
 use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
@@ -40,8 +48,35 @@ fn bad_input(message: String) -> HealthWatchError {
 /// Exit code when the watch rolled the patch back.
 pub const ROLLED_BACK: i32 = 4;
 
+/// What an unexercised window (fewer than `min_calls` through some
+/// replaced function by `max_window`) does with the patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnexercisedPolicy {
+    /// Roll back (the default): a patch no call has run is unjudged, and
+    /// the original code is what the service ran before.
+    Rollback,
+    /// Keep it anyway (still judged on metrics and health).
+    Keep,
+}
+
+impl UnexercisedPolicy {
+    pub fn parse(text: &str) -> Result<Self, HealthWatchError> {
+        match text {
+            "rollback" => Ok(UnexercisedPolicy::Rollback),
+            "keep" => Ok(UnexercisedPolicy::Keep),
+            other => Err(bad_input(format!("--unexercised {other}: want keep or rollback"))),
+        }
+    }
+}
+
+/// Calls needed through each replaced function, unless told otherwise.
+pub const DEFAULT_MIN_CALLS: u64 = 1;
+/// How long a window may be extended waiting for calls, unless told otherwise.
+pub const DEFAULT_MAX_WINDOW: Duration = Duration::from_secs(600);
+
 /// The watch's settings, checked before anything touches the target.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WatchArgs {
     pub watch: Duration,
     pub baseline: Duration,
@@ -49,6 +84,26 @@ pub struct WatchArgs {
     pub health_cmd: Option<String>,
     pub health_timeout: Duration,
     pub metrics_url: Option<String>,
+    /// Calls needed through every replaced function for a keep verdict.
+    #[serde(default = "default_min_calls")]
+    pub min_calls: u64,
+    /// The longest the window runs waiting for those calls (≥ `watch`).
+    #[serde(default = "default_max_window")]
+    pub max_window: Duration,
+    #[serde(default = "default_unexercised")]
+    pub unexercised: UnexercisedPolicy,
+}
+
+fn default_min_calls() -> u64 {
+    DEFAULT_MIN_CALLS
+}
+
+fn default_max_window() -> Duration {
+    DEFAULT_MAX_WINDOW
+}
+
+fn default_unexercised() -> UnexercisedPolicy {
+    UnexercisedPolicy::Rollback
 }
 
 impl WatchArgs {
@@ -85,7 +140,36 @@ impl WatchArgs {
             health_cmd,
             health_timeout: seconds("--health-timeout", health_timeout_secs, 3600.0)?,
             metrics_url,
+            min_calls: DEFAULT_MIN_CALLS,
+            max_window: DEFAULT_MAX_WINDOW.max(Duration::from_secs_f64(watch_secs.clamp(0.0, 3600.0))),
+            unexercised: UnexercisedPolicy::Rollback,
         })
+    }
+
+    /// Set the exercise rule: `min_calls` per replaced function (0: no
+    /// rule), the window extended up to `max_window` (default 10 min, at
+    /// least `--watch`), then the `unexercised` policy.
+    pub fn exercise(
+        mut self,
+        min_calls: u64,
+        max_window: Option<Duration>,
+        unexercised: &str,
+    ) -> Result<Self, HealthWatchError> {
+        if min_calls > 1_000_000_000 {
+            return Err(bad_input(format!("--min-calls {min_calls}: at most 1000000000")));
+        }
+        let max_window = max_window.unwrap_or_else(|| DEFAULT_MAX_WINDOW.max(self.watch));
+        if max_window < self.watch || max_window > Duration::from_secs(24 * 3600) {
+            return Err(bad_input(format!(
+                "--max-window {:.1} s: must be at least --watch ({:.1} s) and at most 24 h",
+                max_window.as_secs_f64(),
+                self.watch.as_secs_f64()
+            )));
+        }
+        self.min_calls = min_calls;
+        self.max_window = max_window;
+        self.unexercised = UnexercisedPolicy::parse(unexercised)?;
+        Ok(self)
     }
 }
 
@@ -172,7 +256,7 @@ fn specs() -> Vec<MetricSpec> {
     ]
 }
 
-type Series = BTreeMap<String, Vec<f64>>;
+pub(crate) type Series = BTreeMap<String, Vec<f64>>;
 
 fn push(series: &mut Series, values: BTreeMap<String, f64>) {
     for (name, value) in values {
@@ -184,7 +268,10 @@ fn push(series: &mut Series, values: BTreeMap<String, f64>) {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WatchReport {
     pub decision: Decision,
-    /// `judge`, `health`, `crash`, `exit` or `window` (kept to the end).
+    /// `judge`, `health`, `crash`, `exit`, `window` (kept to the end),
+    /// `unexercised` (too few calls by `--max-window`; kept or rolled back
+    /// per `--unexercised`) or `window-lost` (a restarted agent could not
+    /// judge a window its predecessor left).
     pub cause: String,
     pub reason: String,
     pub watched_ms: u64,
@@ -199,6 +286,15 @@ pub struct WatchReport {
     pub warnings: Vec<String>,
     pub control_samples: usize,
     pub experiment_samples: usize,
+    /// Calls through each replaced function's watch stub, as last read.
+    pub calls: Vec<FunctionCalls>,
+    /// The calls a keep verdict needed per function.
+    pub min_calls: u64,
+    /// Time the window ran past `--watch` waiting for calls.
+    pub extended_ms: u64,
+    /// Set when a restarted agent finished a window its predecessor left:
+    /// how it was taken up.
+    pub resumed: Option<String>,
 }
 
 /// Baseline, apply, watch, decide. Returns the apply outcome and the
@@ -228,8 +324,56 @@ pub fn apply_and_watch(
             push(&mut control, values);
         }
     }
-    let (outcome, mut window) = apply_prepared_watched(state_dir, prepared, options)?;
-    let watch_started = Instant::now();
+    let (outcome, window) = apply_prepared_watched(state_dir, prepared, options)?;
+    let mut warnings = Vec::new();
+    // From here an agent killed mid-window can finish it (`window.rs`).
+    if let Err(error) = crate::window::persist(state_dir, pid, &outcome.patch_id, args, &control) {
+        warnings.push(format!(
+            "the window's settings could not be saved ({error}): a restarted agent rolls it back"
+        ));
+    }
+    let report = run_window(
+        state_dir,
+        pid,
+        &outcome.patch_id,
+        window,
+        args,
+        control,
+        Some(sampler),
+        Duration::ZERO,
+        None,
+        warnings,
+    )?;
+    Ok((outcome, report))
+}
+
+/// Watch an open window to its verdict and act on it: keep (re-point) or
+/// roll back, record the `watch_verdict` event and forget the persisted
+/// window. `elapsed` is how much of the window ran before (a resumed one);
+/// `sampler` the sampler whose previous reading the first sample diffs
+/// against (`None`: a new one, primed here).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_window(
+    state_dir: &Path,
+    pid: i32,
+    patch_id: &str,
+    mut window: WatchWindow,
+    args: &WatchArgs,
+    control: Series,
+    sampler: Option<WatchSampler>,
+    elapsed: Duration,
+    resumed: Option<String>,
+    warnings: Vec<String>,
+) -> Result<WatchReport, HealthWatchError> {
+    let mut sampler = match sampler {
+        Some(sampler) => sampler,
+        None => {
+            let mut sampler = WatchSampler::new(pid, args.metrics_url.as_deref());
+            sampler.sample()?;
+            sampler
+        }
+    };
+    let watch_started = Instant::now().checked_sub(elapsed).unwrap_or_else(Instant::now);
     // The health command runs on its own thread, one run after another:
     // this thread must stay free to catch faults (it is the tracer).
     let stop = Arc::new(AtomicBool::new(false));
@@ -250,6 +394,7 @@ pub fn apply_and_watch(
     let mut experiment = Series::new();
     let mut health = Vec::new();
     let mut next_sample = Instant::now() + args.sample_interval;
+    let mut next_calls_read = Instant::now();
     let mut report = WatchReport {
         decision: Decision::Keep,
         cause: "window".into(),
@@ -265,8 +410,14 @@ pub fn apply_and_watch(
         warnings: Vec::new(),
         control_samples: control.values().map(Vec::len).max().unwrap_or(0),
         experiment_samples: 0,
+        calls: window.calls().unwrap_or_default(),
+        min_calls: args.min_calls,
+        extended_ms: 0,
+        resumed,
     };
-    // Each branch either ends the window (Some) or goes on (None).
+    // Each branch either ends the window early (Some) or goes on (None);
+    // `unexercised` says the window ran to `max_window` short of calls.
+    let mut unexercised = false;
     let early: Option<(Instant, String, String)> = loop {
         match window.poll()? {
             WindowEvent::Quiet => {}
@@ -302,13 +453,33 @@ pub fn apply_and_watch(
                 Err(_) => {}
             }
         }
-        if now - watch_started >= args.watch {
-            break None;
+        if now - watch_started >= args.watch && (now >= next_calls_read || now - watch_started >= args.max_window) {
+            // Past --watch: judged once every function has its calls, else
+            // extended up to --max-window (counters read once per sample).
+            next_calls_read = now + args.sample_interval;
+            if let Ok(calls) = window.calls() {
+                report.calls = calls;
+            }
+            if exercised(&report.calls, args.min_calls) {
+                break None;
+            }
+            if now - watch_started >= args.max_window {
+                unexercised = true;
+                break None;
+            }
         }
         std::thread::sleep(Duration::from_micros(500));
     };
     stop.store(true, Ordering::Relaxed);
+    if early.is_some() {
+        // The counters as they stood at the end (a rollback may since
+        // have unmapped them: then the last reading stands).
+        if let Ok(calls) = window.calls() {
+            report.calls = calls;
+        }
+    }
     report.watched_ms = watch_started.elapsed().as_millis() as u64;
+    report.extended_ms = report.watched_ms.saturating_sub(args.watch.as_millis() as u64);
     report.experiment_samples = experiment.values().map(Vec::len).max().unwrap_or(0);
     let decided = match early {
         Some(decided) => Some(decided),
@@ -323,10 +494,26 @@ pub fn apply_and_watch(
                 })
                 .collect();
             let judgement = judge(&JudgeConfig::default(), &metrics);
-            let decided = (judgement.decision == Decision::Rollback)
+            let mut decided = (judgement.decision == Decision::Rollback)
                 .then(|| (Instant::now(), "judge".to_string(), judgement.reason.clone()));
             report.reason = judgement.reason.clone();
             report.judgement = Some(judgement);
+            if unexercised && decided.is_none() {
+                let reason = format!(
+                    "unexercised: {} after {:.1} s (a keep needs {} call(s) through each replaced function)",
+                    describe_calls(&report.calls),
+                    watch_started.elapsed().as_secs_f64(),
+                    args.min_calls
+                );
+                report.cause = "unexercised".into();
+                report.reason = match args.unexercised {
+                    UnexercisedPolicy::Rollback => format!("{reason}; rolled back (--unexercised rollback)"),
+                    UnexercisedPolicy::Keep => format!("{reason}; kept (--unexercised keep)"),
+                };
+                if args.unexercised == UnexercisedPolicy::Rollback {
+                    decided = Some((Instant::now(), "unexercised".into(), report.reason.clone()));
+                }
+            }
             decided
         }
     };
@@ -361,7 +548,8 @@ pub fn apply_and_watch(
         let _ = thread.join();
     }
     report.health = health;
-    report.warnings = sampler.warnings.clone();
+    report.warnings = warnings;
+    report.warnings.extend(sampler.warnings.iter().cloned());
     record_best_effort(
         state_dir,
         &NewEvent::new(EventKind::WatchVerdict)
@@ -371,7 +559,7 @@ pub fn apply_and_watch(
                     .map(|i| i.start_time)
                     .unwrap_or(0),
             )
-            .patch(&outcome.patch_id)
+            .patch(patch_id)
             .cause(&report.cause)
             .outcome(match report.decision {
                 Decision::Keep => "keep",
@@ -380,5 +568,23 @@ pub fn apply_and_watch(
             .duration_us(report.watched_ms * 1000)
             .details(serde_json::to_value(&report).unwrap_or_default()),
     );
-    Ok((outcome, report))
+    crate::window::forget(state_dir, pid);
+    Ok(report)
+}
+
+/// Whether every counted function had at least `min_calls` calls.
+fn exercised(calls: &[FunctionCalls], min_calls: u64) -> bool {
+    calls.iter().all(|f| f.calls >= min_calls)
+}
+
+/// `work_fn 0 calls, other 3 calls`.
+pub fn describe_calls(calls: &[FunctionCalls]) -> String {
+    if calls.is_empty() {
+        return "no counted function".into();
+    }
+    calls
+        .iter()
+        .map(|f| format!("{} {} call{}", f.function, f.calls, if f.calls == 1 { "" } else { "s" }))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

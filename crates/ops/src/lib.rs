@@ -17,6 +17,7 @@ pub mod mirror;
 pub mod rollback;
 pub mod signature;
 pub mod variables;
+pub mod window;
 
 pub use analysis::{AnalysisReport, AnalysisSettings};
 pub use apply::{apply, Applied, ApplyRequest, ApplyResult, Refused};

@@ -17,6 +17,9 @@ pub const APPLY_POINTS: &[&str] = &[
 /// The point a safe-point apply (`ApplyOptions::safe_point`) passes once the application's
 /// pending word is set, before a thread has parked (`safepoint.rs`).
 pub const SAFE_POINT_POINTS: &[&str] = &["safe-point-held"];
+/// The point a kept watch window passes between its repoint's commit and
+/// the publication of the kept generation (`republish.rs`).
+pub const KEEP_POINTS: &[&str] = &["kept-unpublished"];
 /// The points a rollback passes.
 pub const ROLLBACK_POINTS: &[&str] = &["rollback-begin", "rollback-partial-write", "rollback-written"];
 /// Points after a transaction's commit is durable, before its mirror

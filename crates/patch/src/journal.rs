@@ -61,6 +61,10 @@ pub struct WatchStubSite {
     pub stub: u64,
     /// The new function, or its thunk: the direct jump's destination.
     pub direct: u64,
+    /// The stub's call counter (8 bytes, in the patch's writable page);
+    /// absent in records written before stubs counted calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls: Option<u64>,
 }
 
 /// Everything known about an applied patch.

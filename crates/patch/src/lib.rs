@@ -13,6 +13,7 @@ pub mod load;
 pub mod manifest;
 pub mod object;
 pub mod recover;
+pub mod republish;
 pub mod resolve;
 pub mod rollback;
 pub mod safepoint;

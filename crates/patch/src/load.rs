@@ -104,7 +104,13 @@ pub fn plan_load(prepared: &Prepared, memory: &mut TargetMemory, watch_stubs: bo
     } else {
         0
     };
-    let span = object_span + thunk_area + stub_area;
+    // The stubs' call counters: writable pages after them.
+    let counter_area = if watch_stubs {
+        (prepared.sites.len() as u64 * crate::watchstub::COUNTER_BYTES).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64
+    } else {
+        0
+    };
+    let span = object_span + thunk_area + stub_area + counter_area;
     let address = choose_address(&prepared.maps, &prepared.module, span, 0)?;
     let mut image = relocate(&prepared.object, address, &prepared.module, &prepared.modules, memory)?;
     image.resize(span as usize, 0);
@@ -112,10 +118,17 @@ pub fn plan_load(prepared: &Prepared, memory: &mut TargetMemory, watch_stubs: bo
     if thunk_area > 0 {
         protections.push((object_span, object_span + thunk_area, libc::PROT_READ | libc::PROT_EXEC));
     }
+    let counters_offset = object_span + thunk_area + stub_area;
     if stub_area > 0 {
-        protections.push((object_span + thunk_area, span, libc::PROT_READ | libc::PROT_EXEC));
+        protections.push((
+            object_span + thunk_area,
+            counters_offset,
+            libc::PROT_READ | libc::PROT_EXEC,
+        ));
+        protections.push((counters_offset, span, libc::PROT_READ | libc::PROT_WRITE));
     }
     let mut stub_offset = object_span + thunk_area;
+    let mut counter = address + counters_offset;
     let mut functions = Vec::new();
     let mut thunk_offset = object_span;
     for (((site, with), extra), size) in prepared.sites.iter().zip(&prepared.extra).zip(&thunk_sizes) {
@@ -131,10 +144,16 @@ pub fn plan_load(prepared: &Prepared, memory: &mut TargetMemory, watch_stubs: bo
         };
         let watch_stub = watch_stubs.then(|| {
             let stub = address + stub_offset;
-            let bytes = crate::watchstub::build(stub, site.patch_at, jump_to);
+            let bytes = crate::watchstub::build(stub, site.patch_at, jump_to, counter);
             image[stub_offset as usize..stub_offset as usize + bytes.len()].copy_from_slice(&bytes);
             stub_offset += bytes.len() as u64;
-            crate::journal::WatchStubSite { stub, direct: jump_to }
+            let calls = Some(counter);
+            counter += crate::watchstub::COUNTER_BYTES;
+            crate::journal::WatchStubSite {
+                stub,
+                direct: jump_to,
+                calls,
+            }
         });
         let new = jump(&site.symbol, site.patch_at, watch_stub.map_or(jump_to, |w| w.stub))?;
         let original = memory.read_vec(site.patch_at, JUMP_LEN as usize)?;

@@ -93,7 +93,12 @@ fn classify(attached: &mut Attached, writes: &[Write5]) -> Result<Vec<Live>, Pat
 
 /// Finish or undo the interrupted transaction of `pid`, and record it.
 pub fn recover(state_dir: &Path, pid: i32) -> Result<RecoverOutcome, PatchError> {
-    let result = recover_transaction(state_dir, pid);
+    let result = recover_transaction(state_dir, pid).and_then(|outcome| {
+        // A kept window's repoint committed but its generation not yet
+        // published (killed in between): publish it now.
+        crate::republish::republish_for(state_dir, pid)?;
+        Ok(outcome)
+    });
     crate::history::record_recover(state_dir, pid, &result);
     result
 }

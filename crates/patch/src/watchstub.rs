@@ -9,12 +9,19 @@
 //! trampolines are re-pointed straight at the new code (`Repoint`).
 //!
 //! ```text
+//! lock inc qword [rip → CALLS]                    ; this stub's call counter
 //! push rax rdi rsi rdx rcx r8 r9 r10 r11 rbx rbp r12 r13 r14 r15
 //! sub rsp, 128 ; movdqu [rsp+16*i], xmm_i        ; i = 0..8
 //! mov r11, ENTRY ; push r11 ; mov r11, MARKER ; push r11
 //! sub rsp, 64 ; copy the caller's 64 bytes of stack arguments down
 //! mov r11, [saved r11] ; call new ; add rsp, 64 + RECORD_BYTES ; ret
 //! ```
+//!
+//! The counter (8 bytes per stub, in a writable page after the stubs)
+//! counts the calls the window saw, so a keep verdict can require that
+//! every replaced function ran (`--min-calls`); the tool reads it from the
+//! target's memory. The `inc` changes only flags, which no function expects
+//! to keep across a call.
 //!
 //! At entry rsp ≡ 8 (mod 16); the record is 264 bytes, so the call is
 //! 16-byte aligned. Callee-saved registers are not restored after the call:
@@ -64,10 +71,17 @@ fn push_imm64_via_r11(out: &mut Vec<u8>, value: u64) {
     push(out, 11);
 }
 
+/// Bytes of one call counter.
+pub const COUNTER_BYTES: u64 = 8;
+
 /// Build the stub placed at `at` for the function whose entry is `entry`,
-/// calling `target` (the new function or its thunk).
-pub fn build(at: u64, entry: u64, target: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(192);
+/// calling `target` (the new function or its thunk), counting each call in
+/// the 8 bytes at `counter` (within ±2 GiB of the stub).
+pub fn build(at: u64, entry: u64, target: u64, counter: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(200);
+    // lock inc qword [rip + disp32], disp32 from the end of this 8-byte instruction.
+    out.extend_from_slice(&[0xf0, 0x48, 0xff, 0x05]);
+    out.extend_from_slice(&((counter as i64 - (at as i64 + 8)) as i32).to_le_bytes());
     for register in PUSHED {
         push(&mut out, register);
     }
@@ -108,7 +122,7 @@ fn gpr_offset(register: u8) -> u32 {
 
 /// Size of one stub (every stub has the same length).
 pub fn stub_len() -> usize {
-    build(0, 0, 0).len()
+    build(0, 0, 0, 0).len()
 }
 
 /// Find the outermost record on a thread's stack: `stack` holds the bytes
@@ -150,7 +164,7 @@ mod tests {
 
     #[test]
     fn stub_records_then_calls_and_its_record_is_found() {
-        let code = build(0x1000, 0x4000, 0x2000);
+        let code = build(0x1000, 0x4000, 0x2000, 0x3000);
         let mut formatter = NasmFormatter::new();
         let text: Vec<String> = Decoder::with_ip(64, &code, 0x1000, DecoderOptions::NONE)
             .into_iter()
@@ -162,7 +176,8 @@ mod tests {
             })
             .collect();
         let joined = text.join("\n");
-        assert_eq!(text[0], "push rax", "{joined}");
+        assert_eq!(text[0], "lock inc qword [rel 3000h]", "{joined}");
+        assert_eq!(text[1], "push rax", "{joined}");
         assert!(joined.contains("movdqu [rsp+70h],xmm7"), "{joined}");
         assert!(joined.contains("call 0000000000002000h"), "{joined}");
         assert_eq!(text.last().unwrap(), "ret", "{joined}");

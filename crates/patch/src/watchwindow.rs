@@ -34,8 +34,17 @@ pub const FATAL_SIGNALS: [Signal; 5] = [
     Signal::SIGABRT,
 ];
 
-/// How far above the faulting stack pointer records are looked for.
+/// How far above the faulting stack pointer records are looked for when
+/// the thread's stack mapping cannot be found.
 const RECORD_SCAN_BYTES: usize = 256 * 1024;
+
+/// The most of a stack read to find the outermost record (a stack limit
+/// of `ulimit -s unlimited` could make a mapping of any size).
+const MAX_STACK_SCAN_BYTES: u64 = 64 << 20;
+
+/// How far below its mapping an overflowing stack pointer may be (the
+/// kernel's stack guard gap, 256 pages by default, plus a margin).
+const STACK_GAP_BYTES: u64 = 2 << 20;
 
 /// A seized target whose newest patch goes through watch stubs.
 #[derive(Debug)]
@@ -64,6 +73,13 @@ pub struct Recovery {
     /// From the fault seen to the faulting thread resumed in the original.
     pub resumed_us: u64,
     pub rollback: RollbackOutcome,
+}
+
+/// Calls through one watched function's stub since activation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FunctionCalls {
+    pub function: String,
+    pub calls: u64,
 }
 
 /// What one poll of the window saw.
@@ -140,6 +156,13 @@ impl WatchWindow {
         &self.patch
     }
 
+    /// Calls counted by each watched function's stub so far, read from
+    /// the target's memory (functions of a record written before stubs
+    /// counted are left out).
+    pub fn calls(&mut self) -> Result<Vec<FunctionCalls>, PatchError> {
+        read_calls(self.attached.memory(), &self.patch)
+    }
+
     /// Look (without blocking) for a fault or an exit, and survive a fault.
     /// After `Recovered` or `Delivered` the window is over: the patch is
     /// rolled back.
@@ -161,10 +184,8 @@ impl WatchWindow {
         let (start, len) = (self.patch.mapping_address, self.patch.mapping_len);
         let in_patch_code = (start..start + len).contains(&regs.rip);
         let entries: Vec<u64> = self.patch.functions.iter().map(|f| f.site.patch_at).collect();
-        let mut stack = vec![0u8; RECORD_SCAN_BYTES];
-        let read = self.attached.memory().read_partial(regs.rsp, &mut stack).unwrap_or(0);
-        stack.truncate(read);
-        let record = crate::watchstub::find_outermost(regs.rsp, &stack, &entries);
+        let (stack_address, stack) = self.read_stack(regs.rsp);
+        let record = crate::watchstub::find_outermost(stack_address, &stack, &entries);
         let Some(record) = record else {
             let rolled_back = if in_patch_code && self.rolled_back.is_none() {
                 self.rollback_inner("crash", None).is_ok()
@@ -223,6 +244,40 @@ impl WatchWindow {
             resumed_us: rollback.1,
             rollback: rollback.0,
         }))
+    }
+
+    /// The faulting thread's stack from `rsp` up to the end of its
+    /// mapping: the outermost record may lie megabytes above a stack
+    /// pointer that ran into the guard gap (endless recursion). The rewind
+    /// needs no stack of its own: it only sets registers, rsp back at the
+    /// outermost record's entry, far above the overflow. When rsp is below
+    /// the stack mapping (the overflowing push or call), reading starts at
+    /// the mapping. Without the maps, the fixed scan of the past.
+    fn read_stack(&mut self, rsp: u64) -> (u64, Vec<u8>) {
+        let mapping = shadowpatch_process::maps::read_maps(self.attached.pid())
+            .ok()
+            .and_then(|maps| {
+                // A thread's guard page is a mapping of its own, unreadable.
+                maps.iter()
+                    .find(|m| m.readable && m.start <= rsp && rsp < m.end)
+                    .or_else(|| {
+                        // The first mapping above rsp, if it is close (the
+                        // guard gap is 256 pages by default).
+                        maps.iter()
+                            .filter(|m| m.readable && m.start > rsp && m.start - rsp <= STACK_GAP_BYTES)
+                            .min_by_key(|m| m.start)
+                    })
+                    .map(|m| (m.start, m.end))
+            });
+        let (from, to) = match mapping {
+            Some((start, end)) if end - rsp.max(start) <= MAX_STACK_SCAN_BYTES => (rsp.max(start), end),
+            Some((start, _)) => (rsp.max(start), rsp.max(start) + MAX_STACK_SCAN_BYTES),
+            None => (rsp, rsp + RECORD_SCAN_BYTES as u64),
+        };
+        let mut stack = vec![0u8; (to - from) as usize];
+        let read = self.attached.memory().read_partial(from, &mut stack).unwrap_or(0);
+        stack.truncate(read);
+        (from, stack)
     }
 
     /// Roll back in the window's own seizure; with `rewind`, restore that
@@ -294,6 +349,11 @@ impl WatchWindow {
             Some(&self.patch.id),
             DEFAULT_ATTEMPTS,
         )?;
+        crate::fault::point("kept-unpublished");
+        // The kept bytes are a generation: verify and watchers compare
+        // against them from now on (`republish.rs`; a kill before this
+        // line is finished by `recover`).
+        crate::republish::republish_committed(&self.target.dir, &self.target.journal_state)?;
         self.attached.detach()?;
         Ok(activation)
     }
@@ -302,4 +362,23 @@ impl WatchWindow {
     pub fn close(self) -> Result<(), PatchError> {
         Ok(self.attached.detach()?)
     }
+}
+
+/// The call counters of `patch`'s watch stubs, read from `memory`.
+pub fn read_calls(
+    memory: &mut shadowpatch_process::TargetMemory,
+    patch: &PatchRecord,
+) -> Result<Vec<FunctionCalls>, PatchError> {
+    let mut out = Vec::new();
+    for function in &patch.functions {
+        let Some(counter) = function.watch_stub.and_then(|stub| stub.calls) else {
+            continue;
+        };
+        let bytes = memory.read_vec(counter, crate::watchstub::COUNTER_BYTES as usize)?;
+        out.push(FunctionCalls {
+            function: function.site.symbol.clone(),
+            calls: u64::from_le_bytes(bytes.try_into().expect("8 bytes")),
+        });
+    }
+    Ok(out)
 }

@@ -250,6 +250,10 @@ impl Attached {
                     Err(errno) => return Err(TargetError::from_errno(pid, "interrupting", errno)),
                 }
             }
+            // The leader last: a dying leader is reported only once every
+            // other thread is reaped, which waiting for them does.
+            let mut to_stop = to_stop;
+            to_stop.sort_by_key(|tid| tid.as_raw() == pid);
             for tid in to_stop {
                 // A zombie leader (it exited, or the whole process was
                 // killed) is reported by waitpid only once every other
@@ -285,8 +289,28 @@ impl Attached {
     /// other stops met on the way are absorbed as `events::absorb` says
     /// (breakpoint traps rewound and suppressed, clone events registered).
     fn wait_for_stop(&mut self, tid: Pid) -> Result<(), TargetError> {
+        // The leader is polled, never waited for blindly: if the process
+        // dies meanwhile (a thread we count as stopped killed with it), its
+        // report can wait for ever on a thread nobody reaps, and a dead
+        // target its parent has not reaped stays a zombie. /proc says so.
+        let leader = tid.as_raw() == self.identity.pid;
+        let flags = if leader {
+            WaitPidFlag::__WALL | WaitPidFlag::WNOHANG
+        } else {
+            WaitPidFlag::__WALL
+        };
         loop {
-            let status = match waitpid(tid, Some(WaitPidFlag::__WALL)) {
+            let status = match waitpid(tid, Some(flags)) {
+                Ok(WaitStatus::StillAlive) => {
+                    if is_zombie(self.identity.pid, tid) {
+                        self.threads.remove(&tid);
+                        return Ok(());
+                    }
+                    // A real sleep, not a yield: at SCHED_FIFO a yield
+                    // would not let the (normal-priority) leader run.
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                    continue;
+                }
                 Ok(status) => status,
                 // The thread was reaped elsewhere (exec by another thread).
                 Err(Errno::ECHILD) => {

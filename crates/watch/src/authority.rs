@@ -14,6 +14,9 @@
 //! - the same for writes announced by records that appeared in the journal
 //!   within the last `grace` (a transaction that began *and* ended between
 //!   two looks);
+//! - bytes at an active patch's entry equal to what its committed
+//!   transactions left there (`write.new` after replay, e.g. a kept watch
+//!   window's direct jump) are authorised: a heal never writes over them;
 //! - a journal whose active patch count differs from the latest published
 //!   generation, or with a transaction open, is *unsettled*: the verifier
 //!   waits (up to `settle_timeout`) before reporting anything but bytes no
@@ -349,6 +352,21 @@ impl Authority {
         }
         if covered_by(&mut self.recent_writes.iter().map(|(_, w)| w.clone())) {
             return Some("written by a transaction that just ended");
+        }
+        // What committed transactions left at active patches' entries (a
+        // kept watch window's direct jump before its generation is
+        // published): ours, never an alert, never healed over.
+        let mut committed = self
+            .state
+            .active
+            .iter()
+            .flat_map(|p| &p.functions)
+            .map(|f| AnnouncedWrite {
+                address: f.write.address,
+                allowed: vec![f.write.new.clone()],
+            });
+        if covered_by(&mut committed) {
+            return Some("an active patch's committed entry bytes");
         }
         None
     }

@@ -34,6 +34,31 @@ pub enum HealSkipped {
     /// The journal changed since the difference was judged (an authorised
     /// change may explain it): re-verify first.
     JournalMoved,
+    /// Some run's live bytes are what a committed transaction of ours put
+    /// there (an active patch's entry, e.g. after a kept watch window):
+    /// never written over.
+    Committed { address: u64 },
+}
+
+/// The first run whose live bytes, where it overlaps an active patch's
+/// entry, are that entry's committed bytes.
+fn committed_run(journal: &shadowpatch_patch::journal::JournalState, runs: &[HealRun]) -> Option<u64> {
+    for run in runs {
+        let end = run.address + run.live.len() as u64;
+        for write in journal.active.iter().flat_map(|p| &p.functions).map(|f| &f.write) {
+            let write_end = write.address + write.new.len() as u64;
+            let (from, to) = (run.address.max(write.address), end.min(write_end));
+            if from >= to {
+                continue;
+            }
+            let live = &run.live[(from - run.address) as usize..(to - run.address) as usize];
+            let committed = &write.new[(from - write.address) as usize..(to - write.address) as usize];
+            if live == committed {
+                return Some(run.address);
+            }
+        }
+    }
+    None
 }
 
 /// Heal `runs` in one journaled stop. `journal_len` is the journal length
@@ -52,6 +77,9 @@ pub fn heal(
     let length_now = std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
     if length_now != journal_len || target.journal_state.open.is_some() {
         return Ok(Err(HealSkipped::JournalMoved));
+    }
+    if let Some(address) = committed_run(&target.journal_state, runs) {
+        return Ok(Err(HealSkipped::Committed { address }));
     }
     let writes: Vec<Write5> = runs
         .iter()

@@ -34,6 +34,15 @@ pub struct AgentArgs {
     /// A Prometheus endpoint of the targets the agent patches, judged by the watch after apply.
     #[arg(long, value_name = "URL")]
     pub apply_metrics_url: Option<String>,
+    /// Calls needed through every replaced function before the watch after apply keeps a patch (0: no such rule).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub watch_min_calls: u64,
+    /// The longest the watch after apply is extended waiting for --watch-min-calls (default 10m, at least --watch-after-apply).
+    #[arg(long, value_name = "DURATION")]
+    pub watch_max_window: Option<String>,
+    /// What a window still short of calls at --watch-max-window does: rollback (default) or keep.
+    #[arg(long, default_value = "rollback", value_name = "keep|rollback")]
+    pub watch_unexercised: String,
 }
 
 pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
@@ -70,14 +79,18 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
         None
     } else {
         let secs = after.as_secs_f64();
-        Some(super::apply_watch::check_args(
-            secs,
-            secs.min(1.0),
-            100,
-            None,
-            5.0,
-            args.apply_metrics_url.clone(),
-        )?)
+        Some(
+            super::apply_watch::check_args(secs, secs.min(1.0), 100, None, 5.0, args.apply_metrics_url.clone())
+                .and_then(|watch| {
+                    super::apply_watch::exercise_args_named(
+                        watch,
+                        args.watch_min_calls,
+                        args.watch_max_window.as_deref(),
+                        &args.watch_unexercised,
+                        "--watch-",
+                    )
+                })?,
+        )
     };
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

@@ -187,6 +187,20 @@ fn show_applied(context: &Context, applied: &Applied, by_agent: bool) -> i32 {
             if by_agent { " by the agent" } else { "" },
             report.watched_ms as f64 / 1000.0
         );
+        if !report.calls.is_empty() {
+            println!(
+                "  calls through the watch stubs: {}{}",
+                shadowpatch_ops::health_watch::describe_calls(&report.calls),
+                if report.extended_ms > 0 {
+                    format!(
+                        " (window extended {:.1} s waiting for calls)",
+                        report.extended_ms as f64 / 1000.0
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
         match report.decision {
             Decision::Keep => println!(
                 "  kept: {}; trampolines re-pointed straight at the new code ({} µs stop)",

@@ -7,3 +7,4 @@ mod plain_writes;
 mod safe_point;
 mod stress;
 mod watch_window;
+mod watch_window_overflow;

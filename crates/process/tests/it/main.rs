@@ -5,3 +5,4 @@
 
 mod attach;
 mod events;
+mod unreaped;
