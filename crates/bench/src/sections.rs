@@ -449,7 +449,7 @@ fn static_analysis_times(context: &Context, quick: bool) -> anyhow::Result<Vec<A
         let (mut floor, mut analysis) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             let started = Instant::now();
-            shadowpatch_patch::apply::prepare(target.pid(), &manifest, &[])?;
+            shadowpatch_patch::survey::prepare(target.pid(), &manifest, &[])?;
             floor.push(started.elapsed().as_micros() as u64);
             let started = Instant::now();
             let report = shadowpatch_predict::analyze_static(target.pid(), &manifest, dir.path())?;

@@ -29,12 +29,6 @@ pub mod writes;
 pub use survey::{prepare, prepare_survey, survey, Prepared, Survey};
 pub use transaction::{apply, apply_prepared, apply_watched, ApplyOptions, ApplyOutcome};
 
-/// The survey and the transaction under the name they had as one file
-/// (`apply.rs`), for callers not yet moved to `survey` / `transaction`.
-pub mod apply {
-    pub use crate::survey::*;
-    pub use crate::transaction::*;
-}
 pub use manifest::Manifest;
 pub use object::PatchObject;
 pub use recover::{recover, RecoverOutcome, Recovered};

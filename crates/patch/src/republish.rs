@@ -86,7 +86,7 @@ pub fn republish_committed(dir: &Path, journal: &JournalState) -> Result<bool, P
     let staged = staged_path(dir, generation);
     let result = derive(&current, generation, &edits, &[], &staged)
         .map_err(PatchError::from)
-        .and_then(|_| crate::apply::publish(&staged, dir, generation));
+        .and_then(|_| crate::transaction::publish(&staged, dir, generation));
     if result.is_err() {
         let _ = std::fs::remove_file(&staged);
     }

@@ -302,7 +302,7 @@ pub fn reconcile_generations(dir: &Path, journal_state: &JournalState) -> Result
     }
     let staged = staged_path(dir, expected);
     if !generations.contains(&expected) && staged.exists() {
-        crate::apply::publish(&staged, dir, expected)?;
+        crate::transaction::publish(&staged, dir, expected)?;
         repairs.generations_published.push(expected);
     }
     // Any other staged generation belongs to an apply that never committed.

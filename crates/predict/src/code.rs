@@ -50,7 +50,7 @@ impl ModuleText {
         let read = memory.read_many(&wanted)?;
         let mut ranges = Vec::new();
         for ((start, _), mut bytes) in wanted.into_iter().zip(read) {
-            shadowpatch_patch::apply::overlay_originals(start, &mut bytes, originals);
+            shadowpatch_patch::survey::overlay_originals(start, &mut bytes, originals);
             ranges.push((start, bytes));
         }
         Ok(ModuleText { ranges })

@@ -42,9 +42,9 @@ use fork::{explicit_entry, prepare_pair, register_arguments, CallPair, PairSetup
 use policy::Descriptors;
 use shadowpatch_finding::Finding;
 use shadowpatch_mirror::StateDir;
-use shadowpatch_patch::apply::prepare;
 use shadowpatch_patch::load::{plan_load, LoadPlan};
 use shadowpatch_patch::state::{copies_log_path, TargetState};
+use shadowpatch_patch::survey::prepare;
 use shadowpatch_patch::{Classify, FailureClass, PatchError};
 use shadowpatch_process::{Attached, ProcessCopy, ProcessIdentity, TargetError};
 use std::collections::BTreeMap;

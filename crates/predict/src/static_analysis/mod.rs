@@ -19,7 +19,7 @@ use crate::finding::{Finding, Severity, Source};
 use crate::PredictError;
 use apply_checks::{conflicts, read_journal, resolve_imports, survey_findings};
 use serde_json::json;
-use shadowpatch_patch::apply::{originals_of, survey};
+use shadowpatch_patch::survey::{originals_of, survey};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use shadowpatch_symbols::dwarf::{module_debug_info, DebugInfo, DebugSource};
 use signature::signature_findings;
