@@ -1,5 +1,5 @@
-/* sample_fix.c: the demo's patch of its sample service (a copy of the test
- * fixture busy_fix.c), built with gcc -O2 -g -fPIC -shared.
+/* sample_fix.c: the demo's patch of its sample service (the test fixtures
+ * build it too, as `busy_fix`), built with gcc -O2 -g -fPIC -shared.
  * work_fn_v2 reads the service's static variable `scale`, work_fn_v3 calls its
  * static function `scaled`: both answer the original result + PATCH_MARK,
  * which the service's workers accept and count as "patched". */

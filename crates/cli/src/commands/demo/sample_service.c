@@ -1,6 +1,6 @@
-/* sample_service.c: the demo's sample service (`shadowpatch demo`), a copy
- * of the test fixture busy.c kept with the demo so the shipped binary does
- * not carry the test fixtures.
+/* sample_service.c: the demo's sample service (`shadowpatch demo`), kept
+ * with the demo so the shipped binary does not carry the test fixtures; the
+ * test fixtures build it too, as `busy` (crates/fixtures).
  *
  * Usage: sample-service [THREADS] [--blockers] [--metrics]
  *   THREADS worker threads call work_fn() in a tight loop and check every
