@@ -8,7 +8,7 @@ use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use std::path::PathBuf;
 
-fn entry_of<'a>(listed: &'a serde_json::Value, pid: i32) -> &'a serde_json::Value {
+fn entry_of(listed: &serde_json::Value, pid: i32) -> &serde_json::Value {
     listed["targets"]
         .as_array()
         .unwrap()
