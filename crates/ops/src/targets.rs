@@ -152,11 +152,11 @@ pub fn gc(state_dir: &Path, dry_run: bool) -> Result<GcOutcome, OpsError> {
             .outcome("removed")
             .details(serde_json::json!({
                 "summary": format!(
-                    "state of {} pid {} removed: generations {:?}, active patches {:?}, {} bytes{}",
+                    "state of {} pid {} removed: generations {:?}, active patches [{}], {} bytes{}",
                     entry.liveness.as_str(),
                     entry.pid,
                     entry.generations,
-                    entry.active_patches,
+                    entry.active_patches.join(", "),
                     entry.bytes,
                     entry.interrupted.as_ref().map(|t| format!(", interrupted {t}")).unwrap_or_default(),
                 ),
