@@ -204,8 +204,22 @@ fn describe(dir: &Path, watched: &BTreeSet<(i32, u64)>) -> Option<TargetEntry> {
     let (pid, start) = base.split_once('-')?;
     let pid: i32 = pid.parse().ok()?;
     let start_time: u64 = start.parse().ok()?;
-    let live = ProcessIdentity::of(pid).ok().filter(|i| i.start_time == start_time);
+    let (live, unknown) = match ProcessIdentity::of(pid) {
+        Ok(identity) => (Some(identity).filter(|i| i.start_time == start_time), false),
+        // Exited, or the pid now names a thread or kernel thread: the
+        // process the state describes is gone.
+        Err(
+            shadowpatch_process::TargetError::Zombie { .. }
+            | shadowpatch_process::TargetError::NotThreadGroupLeader { .. }
+            | shadowpatch_process::TargetError::KernelThread { .. }
+            | shadowpatch_process::TargetError::NoSuchProcess { .. },
+        ) => (None, false),
+        // A process we cannot read (a transient /proc error): its state is
+        // kept, as a live one's, unless the pid is certainly gone.
+        Err(_) => (None, Path::new(&format!("/proc/{pid}")).exists()),
+    };
     let liveness = match &live {
+        None if unknown => Liveness::Alive,
         None => Liveness::Dead,
         Some(_) if set_aside => Liveness::Execd,
         Some(_) if StateDir::describes_live(dir, pid, start_time) => Liveness::Alive,
