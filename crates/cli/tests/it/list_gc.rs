@@ -168,3 +168,40 @@ fn list_and_gc_refuse_a_directory_that_is_not_a_state_directory() {
     assert_eq!(collected.json()["removed"], serde_json::json!([]));
     assert!(!fresh.exists(), "list and gc create nothing");
 }
+
+#[test]
+fn a_target_that_exec_d_is_listed_as_such_and_collected() {
+    use std::io::Write;
+    let mut shell = std::process::Command::new("/bin/sh")
+        .args(["-c", "read line; exec sleep 1000"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = shell.id() as i32;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mirrored = shadowpatch(&state, &["mirror", &pid.to_string(), "--json"]);
+    assert_eq!(mirrored.code, 0, "{}{}", mirrored.stdout, mirrored.stderr);
+    writeln!(shell.stdin.as_mut().unwrap(), "go").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        != "sleep"
+    {
+        assert!(std::time::Instant::now() < deadline, "the shell never exec'd sleep");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let listed = shadowpatch(&state, &["list", "--json"]).json();
+    let entry = entry_of(&listed, pid);
+    assert_eq!(entry["liveness"], "execd", "{entry}");
+    assert_eq!(entry["comm"], "sleep", "the program running now");
+    let collected = shadowpatch(&state, &["gc", "--json"]).json();
+    assert_eq!(collected["removed"].as_array().unwrap().len(), 1, "{collected}");
+    assert_eq!(
+        shadowpatch(&state, &["list", "--json"]).json()["targets"],
+        serde_json::json!([])
+    );
+    let _ = shell.kill();
+    let _ = shell.wait();
+}
