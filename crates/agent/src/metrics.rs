@@ -68,6 +68,9 @@ pub struct Metrics {
     pub apply_pause_seconds: Histogram,
     pub rollback_pause_seconds: Histogram,
     pub rollbacks_by_cause: Mutex<BTreeMap<String, u64>>,
+    /// Rollbacks asked for (by cause) that did not happen: nothing to roll
+    /// back, the target gone, a refusal on safety grounds.
+    pub rollbacks_refused_by_cause: Mutex<BTreeMap<String, u64>>,
     pub requests: AtomicU64,
     pub bad_requests: AtomicU64,
     pub recoveries: AtomicU64,
@@ -85,6 +88,7 @@ impl Default for Metrics {
             apply_pause_seconds: Histogram::new(PAUSE_SECONDS),
             rollback_pause_seconds: Histogram::new(PAUSE_SECONDS),
             rollbacks_by_cause: Mutex::new(BTreeMap::new()),
+            rollbacks_refused_by_cause: Mutex::new(BTreeMap::new()),
             requests: AtomicU64::new(0),
             bad_requests: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
@@ -101,6 +105,16 @@ impl Metrics {
             .entry(cause.to_string())
             .or_insert(0) += 1;
         self.rollback_pause_seconds.observe(pause_us as f64 / 1e6);
+    }
+
+    /// A rollback asked for with `cause` was refused or failed.
+    pub fn rollback_refused(&self, cause: &str) {
+        *self
+            .rollbacks_refused_by_cause
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(cause.to_string())
+            .or_insert(0) += 1;
     }
 
     /// The text exposition; `patches_active` is counted by the caller
@@ -186,6 +200,19 @@ impl Metrics {
         for (cause, count) in self.rollbacks_by_cause.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             out.push_str(&format!("shadowpatch_rollbacks_total{{cause=\"{cause}\"}} {count}\n"));
         }
+        out.push_str(
+            "# HELP shadowpatch_rollbacks_refused_total Rollbacks asked for that did not happen (refused or failed), by cause.\n# TYPE shadowpatch_rollbacks_refused_total counter\n",
+        );
+        for (cause, count) in self
+            .rollbacks_refused_by_cause
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            out.push_str(&format!(
+                "shadowpatch_rollbacks_refused_total{{cause=\"{cause}\"}} {count}\n"
+            ));
+        }
         out
     }
 }
@@ -240,9 +267,18 @@ mod tests {
         metrics.rolled_back("request", 40);
         metrics.rolled_back("request", 400);
         metrics.rolled_back("command", 4000);
+        metrics.rollback_refused("request");
         let text = metrics.render(3);
         assert!(
             text.contains("shadowpatch_rollbacks_total{cause=\"request\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shadowpatch_rollbacks_refused_total{cause=\"request\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("shadowpatch_rollbacks_refused_total{cause=\"command\"}"),
             "{text}"
         );
         assert!(

@@ -339,7 +339,9 @@ impl Agent {
                     restore_state: *restore_state,
                     cause: "command".into(),
                 };
-                let outcome = shadowpatch_ops::rollback(state_dir, &request)?;
+                let outcome = shadowpatch_ops::rollback(state_dir, &request).inspect_err(|_| {
+                    self.metrics.rollback_refused("command");
+                })?;
                 self.metrics.rolled_back("command", outcome.rollback.pause_us);
                 Ok(to_json(&outcome))
             }
@@ -369,7 +371,9 @@ impl Agent {
             restore_state: false,
             cause: cause.to_string(),
         };
-        let outcome = shadowpatch_ops::rollback(&self.config.state_dir, &request)?.rollback;
+        let outcome = shadowpatch_ops::rollback(&self.config.state_dir, &request)
+            .inspect_err(|_| self.metrics.rollback_refused(cause))?
+            .rollback;
         self.metrics.rolled_back(cause, outcome.pause_us);
         Ok(outcome)
     }

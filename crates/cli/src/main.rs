@@ -109,6 +109,14 @@ enum Command {
     Recover { pid: i32 },
     /// Show a target's identity, modules and mirror generations.
     Status { pid: i32 },
+    /// List the targets with state: alive, dead or exec'd, generations, active patches, watch window, agent, size (reads only).
+    List,
+    /// Remove the state of dead and exec'd targets, recording each in the history (which is kept); live targets are never touched.
+    Gc {
+        /// Say what would be removed and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Stop and resume every thread of a process, reporting the pause.
     Pause {
         pid: i32,
@@ -396,6 +404,8 @@ fn main() {
         Command::Snapshot { pid, var } => commands::variables::run_snapshot(&context, pid, var.as_deref()),
         Command::Recover { pid } => commands::patching::run_recover(&context, pid),
         Command::Status { pid } => commands::status::run(&context, pid),
+        Command::List => commands::targets::run_list(&context),
+        Command::Gc { dry_run } => commands::targets::run_gc(&context, dry_run),
         Command::Pause {
             pid,
             rounds,

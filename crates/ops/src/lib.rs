@@ -1,8 +1,8 @@
 //! The operations layer: every state-changing operation of shadowpatch,
 //! whole, in one place — `apply` (analysis gate → snapshot of the mirrored
 //! variables → transaction → optional watch window → history event),
-//! `rollback` (with `--restore-state`), `recover`, `snapshot` and `mirror`. The CLI
-//! and the agent both call these functions and nothing below them for a
+//! `rollback` (with `--restore-state`), `recover`, `snapshot`, `mirror` and
+//! `gc` (with `list`, its read-only counterpart). The CLI and the agent both call these functions and nothing below them for a
 //! change of state: the CLI parses arguments and renders the typed
 //! outcomes; the agent authenticates, queues and calls. Outcomes derive
 //! Serialize + Deserialize, so the agent's reply is the same value the CLI
@@ -16,6 +16,7 @@ pub mod health_watch;
 pub mod mirror;
 pub mod rollback;
 pub mod signature;
+pub mod targets;
 pub mod variables;
 pub mod window;
 
@@ -24,6 +25,7 @@ pub use apply::{apply, Applied, ApplyRequest, ApplyResult, Refused};
 pub use mirror::{mirror, MirrorOutcome};
 pub use rollback::{recover, rollback, RollbackRequest, RolledBack};
 pub use shadowpatch_failure::{Classify, FailureClass};
+pub use targets::{gc, list, GcOutcome, Liveness, TargetEntry, TargetList};
 pub use variables::{snapshot, Restored, SnapshotOutcome};
 
 /// Errors of an operation, each naming what and where.

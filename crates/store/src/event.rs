@@ -32,10 +32,13 @@ pub enum EventKind {
     RollbackRequest,
     /// The agent started, stopped or recovered.
     Agent,
+    /// `gc` removed the state of a dead target (what it held is in the
+    /// details; the history itself is kept).
+    Gc,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 15] = [
+    pub const ALL: [EventKind; 16] = [
         EventKind::Attach,
         EventKind::Mirror,
         EventKind::Verify,
@@ -51,6 +54,7 @@ impl EventKind {
         EventKind::Snapshot,
         EventKind::RollbackRequest,
         EventKind::Agent,
+        EventKind::Gc,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +74,7 @@ impl EventKind {
             EventKind::Snapshot => "snapshot",
             EventKind::RollbackRequest => "rollback_request",
             EventKind::Agent => "agent",
+            EventKind::Gc => "gc",
         }
     }
 

@@ -12,6 +12,7 @@ pub mod patching;
 pub mod pause;
 pub mod signing;
 pub mod status;
+pub mod targets;
 pub mod variables;
 pub mod verify;
 pub mod watch;

@@ -15,6 +15,7 @@ mod history;
 mod keep_generation;
 mod kill_anywhere;
 mod lighttpd;
+mod list_gc;
 mod mirror_verify;
 mod module_names;
 mod patching;
