@@ -10,6 +10,34 @@ use std::path::PathBuf;
 /// cap keeps one client from making the agent buffer without bound).
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
+/// The first request line must arrive whole within this long of the
+/// connection (a client sending a byte a second cannot hold a thread).
+pub const FIRST_LINE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Every later line must arrive whole within this long of the previous
+/// reply; an idle connection is then closed.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A socket read against a deadline for the whole line, not per read: each
+/// read waits only for the time left.
+struct DeadlineReader {
+    stream: std::os::unix::net::UnixStream,
+    deadline: std::time::Instant,
+}
+
+impl std::io::Read for DeadlineReader {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request line not received in time",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        std::io::Read::read(&mut self.stream, buffer)
+    }
+}
+
 /// A request from the CLI.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -168,8 +196,13 @@ where
     Reply: serde::Serialize,
 {
     use std::sync::atomic::Ordering;
-    let mut reader = std::io::BufReader::new(stream.try_clone()?);
+    let mut reader = std::io::BufReader::new(DeadlineReader {
+        stream: stream.try_clone()?,
+        deadline: std::time::Instant::now() + FIRST_LINE_DEADLINE,
+    });
     let mut writer = stream;
+    // A client that does not read its replies cannot hold the thread.
+    writer.set_write_timeout(Some(FIRST_LINE_DEADLINE))?;
     let refuse = |reason: String| {
         metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
         malformed(format!("malformed request: {reason}"))
@@ -193,6 +226,7 @@ where
         if last {
             return Ok(());
         }
+        reader.get_mut().deadline = std::time::Instant::now() + IDLE_TIMEOUT;
     }
 }
 
