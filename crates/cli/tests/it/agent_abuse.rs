@@ -82,17 +82,28 @@ impl Drop for NobodysProcess {
 /// `shadowpatch apply PID MANIFEST` run as uid 65534 through the agent.
 fn apply_as_nobody(dir: &Path, agent: &OpenAgent, pid: u32, manifest: &Path) -> crate::common::Run {
     let (_bin_dir, binary) = crate::common::binary_runnable_by_anyone();
-    let output = Command::new(&binary)
-        .args(["apply", &pid.to_string()])
-        .arg(manifest)
-        .env("SHADOWPATCH_STATE_DIR", dir.join("state"))
-        .env("SHADOWPATCH_AGENT_SOCKET", &agent.socket)
-        .current_dir("/")
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
-    crate::common::from_output(output)
+    let mut attempts = 0;
+    loop {
+        let output = Command::new(&binary)
+            .args(["apply", &pid.to_string()])
+            .arg(manifest)
+            .env("SHADOWPATCH_STATE_DIR", dir.join("state"))
+            .env("SHADOWPATCH_AGENT_SOCKET", &agent.socket)
+            .current_dir("/")
+            .uid(65534)
+            .gid(65534)
+            .output();
+        match output {
+            Ok(output) => return crate::common::from_output(output),
+            // The fresh copy is still open for writing in a child another
+            // test thread forked meanwhile (ETXTBSY): that child execs soon.
+            Err(error) if error.raw_os_error() == Some(libc::ETXTBSY) && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(error) => panic!("running {}: {error}", binary.display()),
+        }
+    }
 }
 
 fn world_enterable_dir() -> tempfile::TempDir {
@@ -158,6 +169,9 @@ fn a_symlink_to_roots_file_and_a_fifo_are_refused_without_blocking() {
 fn hold_connections_as_nobody(socket: &Path, count: usize) -> (Child, String) {
     const SCRIPT: &str = r#"
         use IO::Socket::UNIX;
+        # Connections past the user's share are answered and closed:
+        # writing to them must not kill the holder.
+        $SIG{PIPE} = 'IGNORE';
         my ($path, $count) = @ARGV;
         my @held;
         for (1..$count) {
@@ -239,4 +253,81 @@ fn idle_application_connections_of_one_user_take_a_bounded_number_of_threads() {
     );
     drop(holder.stdin.take());
     let _ = holder.wait();
+}
+
+/// One request line on the application socket, as this test process.
+fn ask_app(socket: &Path, request: &serde_json::Value) -> serde_json::Value {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    let mut line = serde_json::to_vec(request).unwrap();
+    line.push(b'\n');
+    stream.write_all(&line).unwrap();
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap()
+}
+
+#[test]
+fn an_oversized_variable_is_refused_and_an_exited_processes_variables_are_removed() {
+    let dir = world_enterable_dir();
+    let agent = OpenAgent::start(dir.path());
+    let huge = ask_app(
+        &agent.app_socket,
+        &serde_json::json!({
+            "op": "register_variable", "name": "huge", "address": 4096,
+            "size": 256u64 << 20, "mode": "mirrored",
+        }),
+    );
+    assert_eq!(huge["ok"], false, "{huge}");
+    assert!(
+        huge["error"].as_str().unwrap().contains("more than the 1048576 bytes"),
+        "{huge}"
+    );
+
+    // A process registers a small variable (its first readable page),
+    // then exits: its variables.json goes with it.
+    const SCRIPT: &str = r#"
+        use IO::Socket::UNIX;
+        open(my $maps, "<", "/proc/self/maps") or die;
+        my ($start) = map { /^([0-9a-f]+)-[0-9a-f]+ r/ ? hex($1) : () } <$maps>;
+        my $s = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die "connect: $!";
+        $s->autoflush(1);
+        print $s "{\"op\":\"register_variable\",\"name\":\"page\",\"address\":$start,\"size\":64,\"mode\":\"guarded\"}\n";
+        my $answer = <$s>;
+        $| = 1;
+        print $answer;
+        my $wait = <STDIN>;
+    "#;
+    let mut app = Command::new("perl")
+        .args(["-e", SCRIPT])
+        .arg(&agent.app_socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut answer = String::new();
+    BufReader::new(app.stdout.take().unwrap())
+        .read_line(&mut answer)
+        .unwrap();
+    assert!(answer.contains("\"ok\":true"), "{answer}");
+    let targets = dir.path().join("state").join("targets");
+    let registry = std::fs::read_dir(&targets)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with(&format!("{}-", app.id()))
+        })
+        .expect("the application's target directory")
+        .join("variables.json");
+    assert!(registry.exists());
+    drop(app.stdin.take());
+    app.wait().unwrap();
+    // The watcher notices the exit on its next pass.
+    for _ in 0..600 {
+        if !registry.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!registry.exists(), "{} is left behind", registry.display());
 }
