@@ -34,7 +34,14 @@ impl std::io::Read for DeadlineReader {
             ));
         }
         self.stream.set_read_timeout(Some(left))?;
-        std::io::Read::read(&mut self.stream, buffer)
+        std::io::Read::read(&mut self.stream, buffer).map_err(|error| {
+            // The socket's timeout says "would block": it is the deadline.
+            if error.kind() == std::io::ErrorKind::WouldBlock {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "request line not received in time")
+            } else {
+                error
+            }
+        })
     }
 }
 
@@ -292,6 +299,26 @@ mod tests {
         assert_eq!(read_line_capped(&mut input, 8).unwrap(), Line::End);
         let mut input = std::io::Cursor::new(vec![0xff, b'\n']);
         assert_eq!(read_line_capped(&mut input, 8).unwrap(), Line::NotUtf8);
+    }
+
+    #[test]
+    fn a_line_sent_a_byte_a_second_is_cut_off_at_the_first_line_deadline() {
+        let (server, mut client) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Ten bytes a second apart: each read alone would be quick, the
+        // whole line takes longer than the deadline.
+        let slow = std::thread::spawn(move || {
+            for byte in b"{\"op\":1}\n\n" {
+                if std::io::Write::write_all(&mut client, &[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        });
+        let metrics = crate::metrics::Metrics::default();
+        let served = serve_lines(server, &metrics, |reason| reason, |_: ControlRequest| String::new());
+        let error = served.expect_err("the line never completes in time");
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+        slow.join().unwrap();
     }
 
     #[test]
