@@ -120,6 +120,9 @@ impl Agent {
         // and the accept threads start.
         let control = bind(&config.control_socket, config.control_socket_mode)?;
         let app = bind(&config.app_socket, 0o666)?;
+        // Private copies a killed agent left (`inputs.rs`): this agent
+        // owns the state directory now that it holds the sockets.
+        let _ = std::fs::remove_dir_all(config.state_dir.join("agent-inputs"));
         let recoveries = agent.recover_all();
         record_best_effort(
             &config.state_dir,
