@@ -14,6 +14,12 @@ use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+/// The largest variable an application may register: the agent copies and
+/// hashes it on every verification and keeps it in `variables.json`.
+pub const MAX_VARIABLE_BYTES: u64 = 1024 * 1024;
+/// The most one process may register in all.
+pub const MAX_VARIABLE_BYTES_PER_PROCESS: u64 = 16 * 1024 * 1024;
+
 /// Serve one application connection until it closes.
 pub fn serve_app(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> std::io::Result<()> {
     serve_lines(stream, &agent.metrics, AppReply::error, |request: AppRequest| {
@@ -34,6 +40,9 @@ fn handle(agent: &Agent, peer: &Peer, request: AppRequest) -> AppReply {
             size,
             mode,
         } => {
+            if let Err(message) = within_caps(agent, pid, address, size) {
+                return AppReply::error(format!("register_variable {name:?}: {message}"));
+            }
             let mode = match mode {
                 VariableMode::Guarded => shadowpatch_mirror::VariableMode::Guarded,
                 VariableMode::Mirrored => shadowpatch_mirror::VariableMode::Mirrored,
@@ -78,4 +87,34 @@ fn handle(agent: &Agent, peer: &Peer, request: AppRequest) -> AppReply {
             }
         }
     }
+}
+
+/// Whether registering `size` bytes at `address` keeps `pid` within the
+/// caps (a variable re-registered at the same address replaces itself).
+fn within_caps(agent: &Agent, pid: i32, address: u64, size: u64) -> Result<(), String> {
+    if size > MAX_VARIABLE_BYTES {
+        return Err(format!(
+            "{size} bytes is more than the {MAX_VARIABLE_BYTES} bytes a variable may have"
+        ));
+    }
+    let registered: u64 = crate::server::target_dirs(&agent.config.state_dir)
+        .into_iter()
+        .filter(|(target, start_time, dir)| {
+            *target == pid && shadowpatch_mirror::StateDir::describes_live(dir, pid, *start_time)
+        })
+        .filter_map(|(_, _, dir)| {
+            shadowpatch_mirror::variables::VariableRegistry::load(&dir)
+                .ok()
+                .flatten()
+        })
+        .flat_map(|registry| registry.variables)
+        .filter(|variable| variable.address != address)
+        .map(|variable| variable.size)
+        .sum();
+    if registered.saturating_add(size) > MAX_VARIABLE_BYTES_PER_PROCESS {
+        return Err(format!(
+            "{registered} bytes already registered; {size} more would pass the {MAX_VARIABLE_BYTES_PER_PROCESS} bytes a process may register"
+        ));
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod client;
+pub mod inputs;
 pub mod metrics;
 pub mod notify;
 pub mod peer;
@@ -45,8 +46,13 @@ pub enum AgentError {
     },
     #[error("{path}: {source}")]
     File { path: PathBuf, source: std::io::Error },
-    #[error("{path} belongs to uid {owner}, not to the requesting uid {uid}: the agent reads only the requester's own files")]
-    NotYours { path: PathBuf, uid: u32, owner: u32 },
+    /// The one answer for a path the requester cannot use, whether it is
+    /// missing, unreachable, a symlink or another user's: the agent must
+    /// not tell them which (`inputs.rs`).
+    #[error("cannot use {path}: not found or not yours (the agent reads only the requester's own regular files, not through a final symlink)")]
+    NotFoundOrNotYours { path: PathBuf },
+    #[error("{path} {message}")]
+    Input { path: PathBuf, message: String },
     #[error("socket {path}: {source}")]
     Socket { path: PathBuf, source: std::io::Error },
     #[error("socket {path}: another agent is already listening there")]
@@ -86,7 +92,8 @@ impl shadowpatch_failure::Classify for AgentError {
             AgentError::NoSuchProcess { .. }
             | AgentError::Unauthorised { .. }
             | AgentError::File { .. }
-            | AgentError::NotYours { .. }
+            | AgentError::NotFoundOrNotYours { .. }
+            | AgentError::Input { .. }
             | AgentError::AlreadyRunning { .. }
             | AgentError::NotWatched { .. } => FailureClass::BadInput,
         }

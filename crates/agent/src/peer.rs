@@ -48,24 +48,8 @@ pub fn authorize(peer: &Peer, pid: i32) -> Result<(), AgentError> {
     }
 }
 
-/// Whether `uid` may have the agent read `path` on its behalf: root, or
-/// the file is the user's own (the agent runs as root and must not become
-/// a way to read other users' files through patch manifests).
-pub fn may_read(uid: u32, path: &std::path::Path) -> Result<(), AgentError> {
-    let metadata = std::fs::metadata(path).map_err(|source| AgentError::File {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if uid == 0 || metadata.uid() == uid {
-        Ok(())
-    } else {
-        Err(AgentError::NotYours {
-            path: path.to_path_buf(),
-            uid,
-            owner: metadata.uid(),
-        })
-    }
-}
+// Files read on a requester's behalf are checked on their descriptor
+// (`inputs.rs`), never by path.
 
 #[cfg(test)]
 mod tests {

@@ -10,6 +10,41 @@ use std::path::PathBuf;
 /// cap keeps one client from making the agent buffer without bound).
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
+/// The first request line must arrive whole within this long of the
+/// connection (a client sending a byte a second cannot hold a thread).
+pub const FIRST_LINE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Every later line must arrive whole within this long of the previous
+/// reply; an idle connection is then closed.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A socket read against a deadline for the whole line, not per read: each
+/// read waits only for the time left.
+struct DeadlineReader {
+    stream: std::os::unix::net::UnixStream,
+    deadline: std::time::Instant,
+}
+
+impl std::io::Read for DeadlineReader {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request line not received in time",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        std::io::Read::read(&mut self.stream, buffer).map_err(|error| {
+            // The socket's timeout says "would block": it is the deadline.
+            if error.kind() == std::io::ErrorKind::WouldBlock {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "request line not received in time")
+            } else {
+                error
+            }
+        })
+    }
+}
+
 /// A request from the CLI.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -168,8 +203,13 @@ where
     Reply: serde::Serialize,
 {
     use std::sync::atomic::Ordering;
-    let mut reader = std::io::BufReader::new(stream.try_clone()?);
+    let mut reader = std::io::BufReader::new(DeadlineReader {
+        stream: stream.try_clone()?,
+        deadline: std::time::Instant::now() + FIRST_LINE_DEADLINE,
+    });
     let mut writer = stream;
+    // A client that does not read its replies cannot hold the thread.
+    writer.set_write_timeout(Some(FIRST_LINE_DEADLINE))?;
     let refuse = |reason: String| {
         metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
         malformed(format!("malformed request: {reason}"))
@@ -193,6 +233,7 @@ where
         if last {
             return Ok(());
         }
+        reader.get_mut().deadline = std::time::Instant::now() + IDLE_TIMEOUT;
     }
 }
 
@@ -258,6 +299,26 @@ mod tests {
         assert_eq!(read_line_capped(&mut input, 8).unwrap(), Line::End);
         let mut input = std::io::Cursor::new(vec![0xff, b'\n']);
         assert_eq!(read_line_capped(&mut input, 8).unwrap(), Line::NotUtf8);
+    }
+
+    #[test]
+    fn a_line_sent_a_byte_a_second_is_cut_off_at_the_first_line_deadline() {
+        let (server, mut client) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Ten bytes a second apart: each read alone would be quick, the
+        // whole line takes longer than the deadline.
+        let slow = std::thread::spawn(move || {
+            for byte in b"{\"op\":1}\n\n" {
+                if std::io::Write::write_all(&mut client, &[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        });
+        let metrics = crate::metrics::Metrics::default();
+        let served = serve_lines(server, &metrics, |reason| reason, |_: ControlRequest| String::new());
+        let error = served.expect_err("the line never completes in time");
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+        slow.join().unwrap();
     }
 
     #[test]

@@ -4,14 +4,16 @@
 //! carried out by the operations layer (`shadowpatch_ops`), the same code
 //! the CLI runs acting directly.
 
+use crate::inputs::PrivateInputs;
 use crate::metrics::Metrics;
-use crate::peer::{authorize, may_read, peer_of, Peer};
+use crate::peer::{authorize, peer_of, Peer};
 use crate::protocol::{serve_lines, ControlReply, ControlRequest, FailureKind};
 use crate::targets::Targets;
 use crate::AgentError;
 use shadowpatch_mirror::StateDir;
 use shadowpatch_ops::{ApplyRequest, ApplyResult, RollbackRequest};
 use shadowpatch_patch::journal::Journal;
+use shadowpatch_patch::manifest::{MAX_MANIFEST_BYTES, MAX_OBJECT_BYTES};
 use shadowpatch_patch::Manifest;
 use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
 use std::io::Write;
@@ -19,7 +21,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,10 +30,17 @@ use std::time::Duration;
 /// the agent's threads.
 const MAX_CONTROL_CONNECTIONS: usize = 64;
 /// On the application socket, where each cooperating process keeps one
-/// connection open (closed after `IDLE_TIMEOUT`, reopened on next use).
+/// connection open (closed after `protocol::IDLE_TIMEOUT`, reopened on
+/// next use).
 const MAX_APP_CONNECTIONS: usize = 1024;
-/// An idle connection is closed after this long.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Connections one non-root uid may hold at once on the control socket
+/// (a user's CLI needs one per command) and on the application socket
+/// (one per cooperating process of that user).
+const MAX_CONTROL_CONNECTIONS_PER_UID: usize = 16;
+const MAX_APP_CONNECTIONS_PER_UID: usize = 64;
+/// Slots of each socket only root may take: other users filling theirs
+/// never make the root CLI "too many connections".
+const ROOT_RESERVED_CONNECTIONS: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -111,6 +120,9 @@ impl Agent {
         // and the accept threads start.
         let control = bind(&config.control_socket, config.control_socket_mode)?;
         let app = bind(&config.app_socket, 0o666)?;
+        // Private copies a killed agent left (`inputs.rs`): this agent
+        // owns the state directory now that it holds the sockets.
+        let _ = std::fs::remove_dir_all(config.state_dir.join("agent-inputs"));
         let recoveries = agent.recover_all();
         record_best_effort(
             &config.state_dir,
@@ -138,11 +150,27 @@ impl Agent {
         };
         let served = Arc::clone(&agent);
         spawn("control", move || {
-            accept_loop(control, &served, MAX_CONTROL_CONNECTIONS, Agent::serve_control)
+            accept_loop(
+                control,
+                &served,
+                Limits {
+                    total: MAX_CONTROL_CONNECTIONS,
+                    per_uid: MAX_CONTROL_CONNECTIONS_PER_UID,
+                },
+                Agent::serve_control,
+            )
         })?;
         let served = Arc::clone(&agent);
         spawn("app", move || {
-            accept_loop(app, &served, MAX_APP_CONNECTIONS, crate::app::serve_app)
+            accept_loop(
+                app,
+                &served,
+                Limits {
+                    total: MAX_APP_CONNECTIONS,
+                    per_uid: MAX_APP_CONNECTIONS_PER_UID,
+                },
+                crate::app::serve_app,
+            )
         })?;
         let report = StartReport {
             event: "ready",
@@ -295,19 +323,66 @@ impl Agent {
                 analysis,
                 ..
             } => {
-                may_read(peer.uid, manifest)?;
-                let (_, object) = Manifest::load(manifest)?;
-                may_read(peer.uid, &object)?;
-                for file in analysis.files() {
-                    may_read(peer.uid, file)?;
+                // Every input is opened once, checked on its descriptor
+                // and copied privately; ops reads only the copies.
+                let private = PrivateInputs::create(state_dir)?;
+                let manifest = crate::inputs::normal_absolute(manifest)?;
+                let (manifest_bytes, manifest_copy) = private.take(peer.uid, &manifest, MAX_MANIFEST_BYTES)?;
+                let (parsed, _) = Manifest::from_bytes(&manifest, &manifest_bytes)?;
+                if parsed.object.is_absolute() && peer.uid != 0 {
+                    return Err(AgentError::Input {
+                        path: manifest.clone(),
+                        message: format!(
+                            "names its object {} by an absolute path: through the agent a user's manifest names its object relative to the manifest",
+                            parsed.object.display()
+                        ),
+                    });
+                }
+                if !parsed.object.is_absolute() {
+                    let parent = manifest.parent().unwrap_or(Path::new("/"));
+                    let object = crate::inputs::normal_absolute(&parent.join(&parsed.object))?;
+                    private.take(peer.uid, &object, MAX_OBJECT_BYTES)?;
+                    // The copy's tree must hold every directory a `..` in
+                    // the object's name passes through.
+                    if let Some(through) = manifest_copy.parent().map(|p| p.join(&parsed.object)) {
+                        if let Some(directory) = through.parent() {
+                            let _ = std::fs::create_dir_all(directory);
+                        }
+                    }
+                }
+                // A signature beside the manifest is optional: copied when
+                // it is the requester's, otherwise the apply is unsigned.
+                let signature = shadowpatch_signing::signature_path(&manifest);
+                if let Err(error) = private.take(peer.uid, &signature, MAX_MANIFEST_BYTES) {
+                    tracing::debug!(%error, "no signature taken");
+                }
+                let mut analysis = analysis.clone();
+                // The log may grow while the analysis samples it: not
+                // copied, but read through the agent's own descriptor of
+                // the file checked (`/proc/self/fd/N` reopens that inode,
+                // not the path), held open until the apply is done.
+                let mut held_logs = Vec::new();
+                if let Some(log) = analysis.log.as_mut() {
+                    let (file, _) = crate::inputs::open_own(peer.uid, &crate::inputs::normal_absolute(log)?)?;
+                    *log = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)));
+                    held_logs.push(file);
+                }
+                for file in [&mut analysis.model, &mut analysis.vectors].into_iter().flatten() {
+                    let original = crate::inputs::normal_absolute(file)?;
+                    *file = private.take(peer.uid, &original, MAX_OBJECT_BYTES)?.1;
                 }
                 let request = ApplyRequest {
                     pid: *pid,
-                    manifest: manifest.clone(),
+                    manifest: manifest_copy,
                     attempts: *attempts,
                     force: *force,
-                    analysis: analysis.clone(),
-                    requested_by: format!("agent (uid {}, pid {})", peer.uid, peer.pid),
+                    analysis,
+                    requested_by: format!(
+                        "agent (uid {}, pid {}, manifest {})",
+                        peer.uid,
+                        peer.pid,
+                        manifest.display()
+                    ),
                 };
                 // With a watch policy the connection's thread is the
                 // tracer for the window: the reply comes with the verdict.
@@ -461,15 +536,61 @@ fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> Result<(), AgentEr
         })
 }
 
+/// How many connections a socket serves at once, in all and per uid.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    total: usize,
+    per_uid: usize,
+}
+
+/// Connections open on one socket, counted per uid.
+#[derive(Debug, Default)]
+pub struct ConnectionCounts {
+    by_uid: std::sync::Mutex<std::collections::HashMap<u32, usize>>,
+}
+
+impl ConnectionCounts {
+    /// Take a slot for `uid`, or say why not. Root may take every slot;
+    /// any other uid at most `per_uid`, and never the last
+    /// `ROOT_RESERVED_CONNECTIONS` of `total`.
+    fn admit(&self, uid: u32, total: usize, per_uid: usize) -> Result<(), &'static str> {
+        let mut by_uid = self.by_uid.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let open: usize = by_uid.values().sum();
+        let mine = by_uid.get(&uid).copied().unwrap_or(0);
+        if uid == 0 {
+            if open >= total {
+                return Err("the agent is busy: too many connections");
+            }
+        } else if mine >= per_uid {
+            return Err("too many connections from this uid");
+        } else if open + ROOT_RESERVED_CONNECTIONS.min(total) >= total {
+            return Err("the agent is busy: too many connections");
+        }
+        *by_uid.entry(uid).or_insert(0) += 1;
+        Ok(())
+    }
+
+    fn release(&self, uid: u32) {
+        let mut by_uid = self.by_uid.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = by_uid.get_mut(&uid) {
+            *count -= 1;
+            if *count == 0 {
+                by_uid.remove(&uid);
+            }
+        }
+    }
+}
+
 /// Accept connections, each served on its own thread with its peer's
-/// credentials, at most `limit` at once.
+/// credentials, within `limits`: a user's slow or idle connections take
+/// only that user's slots, and root always finds one.
 fn accept_loop(
     listener: UnixListener,
     agent: &Arc<Agent>,
-    limit: usize,
+    limits: Limits,
     serve: fn(&Arc<Agent>, UnixStream, Peer) -> std::io::Result<()>,
 ) {
-    let open = Arc::new(AtomicUsize::new(0));
+    let counts = Arc::new(ConnectionCounts::default());
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let peer = match peer_of(&stream) {
@@ -479,25 +600,57 @@ fn accept_loop(
                 continue;
             }
         };
-        if open.fetch_add(1, Ordering::AcqRel) >= limit {
-            open.fetch_sub(1, Ordering::AcqRel);
-            let _ = write_reply(
-                &mut stream,
-                &ControlReply::failure(FailureKind::Failed, "the agent is busy: too many connections"),
-            );
+        if let Err(reason) = counts.admit(peer.uid, limits.total, limits.per_uid) {
+            // Never block the accept loop on a client that does not read.
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = write_reply(&mut stream, &ControlReply::failure(FailureKind::Failed, reason));
             continue;
         }
-        let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
         let agent = Arc::clone(agent);
-        let open = Arc::clone(&open);
+        let released = Arc::clone(&counts);
         let spawned = std::thread::Builder::new().name("connection".into()).spawn(move || {
             if let Err(error) = serve(&agent, stream, peer) {
                 tracing::debug!(%error, peer_pid = peer.pid, "connection ended");
             }
-            open.fetch_sub(1, Ordering::AcqRel);
+            released.release(peer.uid);
         });
         if spawned.is_err() {
+            counts.release(peer.uid);
             tracing::warn!("cannot start a connection thread");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_user_fills_only_their_slots_and_root_always_finds_one() {
+        let counts = ConnectionCounts::default();
+        for _ in 0..4 {
+            counts.admit(1000, 20, 4).unwrap();
+        }
+        assert!(counts.admit(1000, 20, 4).is_err(), "per uid");
+        for _ in 0..4 {
+            counts.admit(1001, 20, 4).unwrap();
+        }
+        for _ in 0..4 {
+            counts.admit(1002, 20, 4).unwrap();
+        }
+        // 12 open: other users stop at total - reserved (20 - 8).
+        assert!(counts.admit(1003, 20, 4).is_err(), "reserved for root");
+        for _ in 0..8 {
+            counts.admit(0, 20, 4).unwrap();
+        }
+        assert!(counts.admit(0, 20, 4).is_err(), "the total holds for root too");
+        // Slots come back when connections end.
+        counts.release(0);
+        counts.admit(0, 20, 4).unwrap();
+        for _ in 0..8 {
+            counts.release(0);
+        }
+        counts.release(1000);
+        counts.admit(1000, 20, 4).unwrap();
     }
 }

@@ -153,6 +153,10 @@ impl Targets {
             start_time: watcher.identity().start_time,
             heal,
         };
+        let exited_dir = self
+            .state_dir
+            .join("targets")
+            .join(format!("{pid}-{}", entry.start_time));
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
         let myself = self.myself.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -164,6 +168,14 @@ impl Targets {
                     Ok(shadowpatch_watch::StopReason::Requested) => {}
                     Ok(shadowpatch_watch::StopReason::TargetExited(reason)) => {
                         tracing::info!(pid, %reason, "watched target exited");
+                        // Its registered variables (up to 16 MiB of
+                        // copies) serve no one once it is gone.
+                        let registry = shadowpatch_mirror::variables::VariableRegistry::path_in(&exited_dir);
+                        if let Err(error) = std::fs::remove_file(&registry) {
+                            if error.kind() != std::io::ErrorKind::NotFound {
+                                tracing::warn!(pid, %error, "cannot remove the exited target's variables");
+                            }
+                        }
                     }
                     Err(error) => tracing::warn!(pid, %error, "watcher stopped on an error"),
                 }

@@ -6,6 +6,7 @@
 mod common;
 
 mod agent;
+mod agent_abuse;
 mod agent_gate;
 mod analyze;
 mod apply_watch;
