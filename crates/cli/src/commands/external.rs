@@ -38,7 +38,7 @@ fn exec_sibling(binary: &str, package: &str, args: &[String]) -> anyhow::Result<
     let path = sibling(binary)?;
     if !path.is_file() {
         return Err(BadInput(format!(
-            "{} is missing: build it with `cargo build --release -p {package}`",
+            "{} is missing: build it with `cargo build --release -p {package}` (or `--workspace`)",
             path.display()
         ))
         .into());
