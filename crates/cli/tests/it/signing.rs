@@ -155,3 +155,55 @@ fn a_fifo_or_a_device_as_manifest_is_bad_input_without_blocking() {
     assert_bad_input(&apply(&state, pid, Path::new("/dev/zero")), "a device");
     assert_untouched(pid);
 }
+
+#[test]
+fn keygen_and_sign_bad_inputs_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let keys = dir.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    assert_bad_input(
+        &shadowpatch(&state, &["keygen", "a/b", "--dir", keys.to_str().unwrap()]),
+        "plain file name",
+    );
+    assert_eq!(
+        shadowpatch(&state, &["keygen", "k", "--dir", keys.to_str().unwrap()]).code,
+        0
+    );
+    // A key is never overwritten.
+    assert_bad_input(
+        &shadowpatch(&state, &["keygen", "k", "--dir", keys.to_str().unwrap()]),
+        "refusing to overwrite",
+    );
+    let manifest = write_manifest(dir.path(), "p", Path::new("missing.so"), "0011223344556677", &[("f", "g")]);
+    // The object the manifest names is missing: nothing is signed.
+    assert_bad_input(
+        &shadowpatch(
+            &state,
+            &[
+                "sign",
+                manifest.to_str().unwrap(),
+                "--key",
+                keys.join("k.key").to_str().unwrap(),
+            ],
+        ),
+        "missing.so",
+    );
+    // A public key given as the secret key.
+    let object = dir.path().join("o.so");
+    std::fs::write(&object, b"\x7fELF").unwrap();
+    let manifest = write_manifest(dir.path(), "q", &object, "0011223344556677", &[("f", "g")]);
+    assert_bad_input(
+        &shadowpatch(
+            &state,
+            &[
+                "sign",
+                manifest.to_str().unwrap(),
+                "--key",
+                keys.join("k.pub").to_str().unwrap(),
+            ],
+        ),
+        "k.pub",
+    );
+    assert!(!dir.path().join("p.toml.sig").exists() && !dir.path().join("q.toml.sig").exists());
+}
