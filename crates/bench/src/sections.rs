@@ -11,7 +11,7 @@
 //! the agent in `agent.rs`.
 
 use crate::support::Context;
-use crate::support::{collect, Percentiles};
+use crate::support::Percentiles;
 use crate::support::{gb_per_s, print_json};
 use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use nix::unistd::Pid;
@@ -198,7 +198,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
                 (StopPriority::Normal, &mut normal),
             ] {
                 attached.set_priority(priority);
-                for report in collect(&mut attached, per_block)? {
+                for report in attached.stop_resume_rounds(per_block)? {
                     if priority == StopPriority::RealtimeIfPermitted {
                         realtime &= report.realtime;
                     }

@@ -367,6 +367,16 @@ impl Attached {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Stop and resume every thread `rounds` times; one report per round
+    /// (`shadowpatch pause` and the bench's stop-the-world rows).
+    pub fn stop_resume_rounds(&mut self, rounds: u32) -> Result<Vec<PauseReport>, TargetError> {
+        let mut reports = Vec::with_capacity(rounds as usize);
+        for _ in 0..rounds {
+            reports.push(self.stop()?.resume()?);
+        }
+        Ok(reports)
+    }
+
     /// From now on, hold these signals (see `poll_signals`) instead of
     /// delivering them when a stop meets them.
     pub fn watch_signals(&mut self, signals: &[Signal]) {

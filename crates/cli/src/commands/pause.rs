@@ -4,7 +4,8 @@ use super::Context;
 use crate::output::print_json;
 use serde::Serialize;
 use shadowpatch_process::attach::StopPriority;
-use shadowpatch_process::{Attached, PauseReport, ProcessIdentity};
+use shadowpatch_process::{Attached, ProcessIdentity};
+use shadowpatch_report::Percentiles;
 
 #[derive(Debug, Serialize)]
 pub struct PauseSummary {
@@ -16,47 +17,9 @@ pub struct PauseSummary {
     pub pause_us: Percentiles,
 }
 
-#[derive(Debug, Serialize, Clone, Copy)]
-pub struct Percentiles {
-    pub min: u64,
-    pub median: u64,
-    pub p99: u64,
-    pub max: u64,
-}
-
-impl Percentiles {
-    pub fn of(mut values: Vec<u64>) -> Percentiles {
-        values.sort_unstable();
-        if values.is_empty() {
-            return Percentiles {
-                min: 0,
-                median: 0,
-                p99: 0,
-                max: 0,
-            };
-        }
-        let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
-        Percentiles {
-            min: values[0],
-            median: at(0.5),
-            p99: at(0.99),
-            max: values[values.len() - 1],
-        }
-    }
-}
-
-/// Stop and resume `attached` `rounds` times; one report per round.
-pub fn collect(attached: &mut Attached, rounds: u32) -> anyhow::Result<Vec<PauseReport>> {
-    let mut reports: Vec<PauseReport> = Vec::with_capacity(rounds as usize);
-    for _ in 0..rounds {
-        reports.push(attached.stop()?.resume()?);
-    }
-    Ok(reports)
-}
-
 /// Stop and resume `attached` `rounds` times and summarise the pauses.
 pub fn measure(attached: &mut Attached, rounds: u32) -> anyhow::Result<PauseSummary> {
-    let reports = collect(attached, rounds)?;
+    let reports = attached.stop_resume_rounds(rounds)?;
     Ok(PauseSummary {
         threads: reports.last().map_or(0, |r| r.threads),
         rounds: reports.len(),
