@@ -175,7 +175,13 @@ fn keygen_and_sign_bad_inputs_are_one_line_errors() {
         &shadowpatch(&state, &["keygen", "k", "--dir", keys.to_str().unwrap()]),
         "refusing to overwrite",
     );
-    let manifest = write_manifest(dir.path(), "p", Path::new("missing.so"), "0011223344556677", &[("f", "g")]);
+    let manifest = write_manifest(
+        dir.path(),
+        "p",
+        Path::new("missing.so"),
+        "0011223344556677",
+        &[("f", "g")],
+    );
     // The object the manifest names is missing: nothing is signed.
     assert_bad_input(
         &shadowpatch(
