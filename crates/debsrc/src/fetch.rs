@@ -155,14 +155,15 @@ pub fn fetch_source(
     };
     let apt = PrivateApt::new(cache_dir);
     apt.prepare(Archives::Source)?;
-    let partial = cache_dir.join("source").join(format!(
-        ".partial-{}-{}",
-        cache_key(package, version),
-        std::process::id()
-    ));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    let sources = cache_dir.join("source");
+    std::fs::create_dir_all(&sources).map_err(io(&sources))?;
+    // We hold the lock: any partial fetch here is an interrupted one.
+    for entry in std::fs::read_dir(&sources).map_err(io(&sources))?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".partial-") {
+            std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
+        }
     }
+    let partial = sources.join(format!(".partial-{}", cache_key(package, version)));
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     let log = partial.join("fetch.log");
     let step = Step::FetchingSource {

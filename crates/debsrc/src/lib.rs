@@ -6,7 +6,10 @@
 //! or installed ([`check_build_deps`], [`install_build_deps`]), and a
 //! reference build with the package's own `debian/rules` in a copy of the
 //! tree, whose unstripped binaries are compared with the installed one by
-//! GNU build-id ([`reference_build`]).
+//! GNU build-id ([`reference_build`]); when the build-id differs, the
+//! headers of `-dev` build dependencies installed at versions the archive
+//! no longer carries are swapped for the archive's, one version at a time,
+//! until it matches ([`reproduce`]).
 //!
 //! The machine's apt state is never written: every apt command runs with
 //! `Dir::Etc::SourceList=/dev/null`, `Dir::Etc::SourceParts` pointing at a
@@ -27,6 +30,7 @@ mod elf;
 mod fetch;
 mod owner;
 mod reference;
+mod reproduce;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,6 +42,7 @@ pub use elf::{build_id_hex, BuildIdError};
 pub use fetch::{fetch_source, FetchError, SourceTree};
 pub use owner::{resolve_binary, resolve_process, InstalledBinary, ResolveError};
 pub use reference::{reference_build, BinaryMatch, BuiltBinary, ReferenceBuild, ReferenceError, ReferenceOptions};
+pub use reproduce::{header_overlay, reproduce, stale_build_deps, Reproduction, ReproductionTry, StaleBuildDep};
 
 /// A long step this crate is taking, for a progress display.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -47,6 +52,8 @@ pub enum Step {
     UpdatingLists,
     /// `apt-get source PACKAGE=VERSION` (download and unpack).
     FetchingSource { package: String, version: String },
+    /// `apt-get download PACKAGE=VERSION` of a header overlay (not installed).
+    DownloadingOverlay { package: String, version: String },
     /// `apt-get build-dep` (installs packages on this machine).
     InstallingBuildDeps { package: String },
     /// Copying the source tree to the build folder.

@@ -246,8 +246,16 @@ pub fn resolve_process(pid: i32, module: Option<&str>) -> Result<InstalledBinary
         Some(stripped) => PathBuf::from(stripped),
         None => path,
     };
-    let running = build_id_hex(&running_image)?;
     let on_disk = build_id_hex(&path)?;
+    let running = match build_id_hex(&running_image) {
+        Ok(running) => running,
+        // map_files needs CAP_SYS_ADMIN, and another user's exe link
+        // ptrace access: without them the file on disk is all we can read.
+        Err(BuildIdError::Read { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            on_disk.clone()
+        }
+        Err(error) => return Err(error.into()),
+    };
     if running != on_disk {
         return Err(ResolveError::RunningIsNotInstalled {
             pid,

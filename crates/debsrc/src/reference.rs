@@ -27,13 +27,19 @@ const DONE: &str = "reference.done";
 pub struct ReferenceOptions {
     /// The build goes in `work_dir/TREE_NAME` (log: `work_dir/build.log`).
     /// A finished build there with the same tree and environment is reused;
-    /// anything else there is removed first.
+    /// else an earlier build's tree, log and marker there are removed first.
     pub work_dir: PathBuf,
     /// Extra environment for the build, e.g. the caller's compiler wrapper
     /// as `CC` and `CXX`.
     pub env: Vec<(OsString, OsString)>,
     /// `parallel=N` in DEB_BUILD_OPTIONS; `None`: the available CPUs.
     pub jobs: Option<usize>,
+    /// Unpacked `-dev` packages (see [`crate::header_overlay`]) whose
+    /// headers replace the installed ones for this build: each root's
+    /// `usr/include` (and its multiarch folder) is searched first and
+    /// mapped back to `/usr/include` in the debug information, so the
+    /// output is as if that version were installed.
+    pub header_overlays: Vec<PathBuf>,
 }
 
 impl ReferenceOptions {
@@ -42,6 +48,7 @@ impl ReferenceOptions {
             work_dir: work_dir.into(),
             env: Vec::new(),
             jobs: None,
+            header_overlays: Vec::new(),
         }
     }
 }
@@ -81,6 +88,11 @@ pub struct ReferenceBuild {
     pub build_seconds: f64,
     /// A finished build with the same inputs was found and reused.
     pub reused: bool,
+    /// The header overlays it was built with, and the flags they added to
+    /// CFLAGS and CXXFLAGS (`DEB_CFLAGS_APPEND`): a patched build must use
+    /// the same to compile what the target runs.
+    pub header_overlays: Vec<PathBuf>,
+    pub overlay_flags: String,
     /// The target's build-id.
     pub target_build_id: String,
     pub how: BinaryMatch,
@@ -133,6 +145,41 @@ fn inputs_key(source: &Path, env: &[(OsString, OsString)]) -> String {
     key
 }
 
+/// The compiler flags that put the overlays' headers first and map their
+/// folders back to the installed ones (`-isystem` and `-ffile-prefix-map`
+/// are not recorded in DW_AT_producer, so only the headers' contents reach
+/// the output).
+fn overlay_flags(overlays: &[PathBuf]) -> String {
+    let mut flags = Vec::new();
+    for root in overlays {
+        let include = root.join("usr/include");
+        let mut multiarch: Vec<PathBuf> = std::fs::read_dir(&include)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|entry| entry.file_name().to_string_lossy().contains("-linux-"))
+                    .map(|entry| entry.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        multiarch.sort();
+        // The compiler's own order: the multiarch folder before the generic one.
+        for folder in multiarch.into_iter().chain([include.clone()]) {
+            if !folder.is_dir() {
+                continue;
+            }
+            let installed = Path::new("/").join(folder.strip_prefix(root).unwrap_or(&folder));
+            flags.push(format!("-isystem {}", folder.display()));
+            flags.push(format!(
+                "-ffile-prefix-map={}={}",
+                folder.display(),
+                installed.display()
+            ));
+        }
+    }
+    flags.join(" ")
+}
+
 /// DEB_BUILD_OPTIONS: the caller's, plus `nocheck` and `parallel=N`.
 fn build_options(jobs: usize) -> String {
     let inherited = std::env::var("DEB_BUILD_OPTIONS").unwrap_or_default();
@@ -172,7 +219,14 @@ pub fn reference_build(
     let tree = work.join(&name);
     let log = work.join("build.log");
     let done = work.join(DONE);
-    let key = inputs_key(&source, &options.env);
+    let mut env = options.env.clone();
+    let flags = overlay_flags(&options.header_overlays);
+    if !flags.is_empty() {
+        // dpkg-buildflags appends these to CFLAGS and CXXFLAGS.
+        env.push(("DEB_CFLAGS_APPEND".into(), flags.clone().into()));
+        env.push(("DEB_CXXFLAGS_APPEND".into(), flags.clone().into()));
+    }
+    let key = inputs_key(&source, &env);
     let jobs = options
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |count| count.get()));
@@ -183,14 +237,20 @@ pub fn reference_build(
     build
         .current_dir(&tree)
         .env("DEB_BUILD_OPTIONS", build_options(jobs))
-        .envs(options.env.iter().cloned());
+        .envs(env.iter().cloned());
     let command_line = command::display(&build);
 
     let reused = std::fs::read_to_string(&done).is_ok_and(|previous| previous == key) && tree.is_dir();
     let mut build_seconds = 0.0;
     if !reused {
-        if work.exists() {
-            std::fs::remove_dir_all(work).map_err(io(work))?;
+        // Only what an earlier build here left: the folder is the caller's.
+        if tree.exists() {
+            std::fs::remove_dir_all(&tree).map_err(io(&tree))?;
+        }
+        for stale in [&done, &log] {
+            if stale.exists() {
+                std::fs::remove_file(stale).map_err(io(stale))?;
+            }
         }
         std::fs::create_dir_all(work).map_err(io(work))?;
         let mut copy = Command::new("cp");
@@ -225,6 +285,8 @@ pub fn reference_build(
         command: command_line,
         build_seconds,
         reused,
+        header_overlays: options.header_overlays.clone(),
+        overlay_flags: flags,
         target_build_id,
         how,
         matched,
