@@ -42,7 +42,7 @@ pub struct PrivateApt {
     etc_apt: PathBuf,
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
+pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
     move |source| FetchError::Io {
         path: path.to_path_buf(),
         source,

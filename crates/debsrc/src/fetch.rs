@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::apt::{Archives, PrivateApt};
+use crate::apt::{io_error, Archives, PrivateApt};
 use crate::command::CommandError;
 use crate::{ProgressFn, Step};
 
@@ -149,22 +149,18 @@ pub fn fetch_source(
             package: "dpkg-dev",
         });
     }
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| FetchError::Io { path, source }
-    };
     let apt = PrivateApt::new(cache_dir);
     apt.prepare(Archives::Source)?;
     let sources = cache_dir.join("source");
-    std::fs::create_dir_all(&sources).map_err(io(&sources))?;
+    std::fs::create_dir_all(&sources).map_err(io_error(&sources))?;
     // We hold the lock: any partial fetch here is an interrupted one.
-    for entry in std::fs::read_dir(&sources).map_err(io(&sources))?.flatten() {
+    for entry in std::fs::read_dir(&sources).map_err(io_error(&sources))?.flatten() {
         if entry.file_name().to_string_lossy().starts_with(".partial-") {
-            std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
+            std::fs::remove_dir_all(entry.path()).map_err(io_error(&entry.path()))?;
         }
     }
     let partial = sources.join(format!(".partial-{}", cache_key(package, version)));
-    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    std::fs::create_dir_all(&partial).map_err(io_error(&partial))?;
     let log = partial.join("fetch.log");
     let step = Step::FetchingSource {
         package: package.to_string(),
@@ -184,8 +180,8 @@ pub fn fetch_source(
             let kept = cache_dir
                 .join("source")
                 .join(format!("{}.fetch.log", cache_key(package, version)));
-            std::fs::rename(&log, &kept).map_err(io(&log))?;
-            std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+            std::fs::rename(&log, &kept).map_err(io_error(&log))?;
+            std::fs::remove_dir_all(&partial).map_err(io_error(&partial))?;
             return Err(FetchError::VersionNotFound {
                 package: package.to_string(),
                 version: version.to_string(),
@@ -195,7 +191,7 @@ pub fn fetch_source(
         Err(error) => return Err(error),
     }
     let unpacked: Vec<PathBuf> = std::fs::read_dir(&partial)
-        .map_err(io(&partial))?
+        .map_err(io_error(&partial))?
         .flatten()
         .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
         .map(|entry| entry.path())
@@ -208,12 +204,12 @@ pub fn fetch_source(
         });
     };
     let name = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
-    std::fs::write(partial.join(COMPLETE), format!("{name}\n")).map_err(io(&partial))?;
+    std::fs::write(partial.join(COMPLETE), format!("{name}\n")).map_err(io_error(&partial))?;
     if folder.exists() {
         // A leftover without its marker: an older interrupted layout.
-        std::fs::remove_dir_all(&folder).map_err(io(&folder))?;
+        std::fs::remove_dir_all(&folder).map_err(io_error(&folder))?;
     }
-    std::fs::rename(&partial, &folder).map_err(io(&folder))?;
+    std::fs::rename(&partial, &folder).map_err(io_error(&folder))?;
     Ok(tree(folder.join(name), false))
 }
 

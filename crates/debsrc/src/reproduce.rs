@@ -13,7 +13,7 @@ use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::apt::{Archives, PrivateApt};
+use crate::apt::{io_error, Archives, PrivateApt};
 use crate::builddeps::BuildDepsError;
 use crate::command::{self, CommandError};
 use crate::fetch::{cache_key, lock_cache, FetchError};
@@ -202,18 +202,14 @@ pub fn header_overlay(
     if root.is_dir() {
         return Ok(root);
     }
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| FetchError::Io { path, source }
-    };
     let _lock = lock_cache(cache_dir)?;
     let apt = PrivateApt::new(cache_dir);
     apt.prepare(Archives::Binary)?;
     let download = folder.join("download");
     if download.exists() {
-        std::fs::remove_dir_all(&download).map_err(io(&download))?;
+        std::fs::remove_dir_all(&download).map_err(io_error(&download))?;
     }
-    std::fs::create_dir_all(&download).map_err(io(&download))?;
+    std::fs::create_dir_all(&download).map_err(io_error(&download))?;
     let log = folder.join("download.log");
     let step = Step::DownloadingOverlay {
         package: package.to_string(),
@@ -225,7 +221,7 @@ pub fn header_overlay(
             .current_dir(&download);
     })?;
     let deb = std::fs::read_dir(&download)
-        .map_err(io(&download))?
+        .map_err(io_error(&download))?
         .flatten()
         .map(|entry| entry.path())
         .find(|path| path.extension().is_some_and(|extension| extension == "deb"))
@@ -236,14 +232,14 @@ pub fn header_overlay(
         })?;
     let unpacking = folder.join("root.partial");
     if unpacking.exists() {
-        std::fs::remove_dir_all(&unpacking).map_err(io(&unpacking))?;
+        std::fs::remove_dir_all(&unpacking).map_err(io_error(&unpacking))?;
     }
     let mut unpack = Command::new("dpkg-deb");
     unpack.arg("-x").arg(&deb).arg(&unpacking);
     let output = command::query(&mut unpack)?;
     command::check(&unpack, &output)?;
-    std::fs::rename(&unpacking, &root).map_err(io(&root))?;
-    std::fs::remove_dir_all(&download).map_err(io(&download))?;
+    std::fs::rename(&unpacking, &root).map_err(io_error(&root))?;
+    std::fs::remove_dir_all(&download).map_err(io_error(&download))?;
     Ok(root)
 }
 
