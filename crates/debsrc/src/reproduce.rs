@@ -98,6 +98,18 @@ fn installed_version(package: &str) -> Result<Option<String>, CommandError> {
         .map(|(_, version)| version.to_string()))
 }
 
+/// Whether the installed `package` ships headers (files under
+/// /usr/include): `dpkg-dev` ends in `-dev` but an overlay of it changes
+/// nothing.
+fn ships_headers(package: &str) -> Result<bool, CommandError> {
+    let mut list = Command::new("dpkg-query");
+    list.args(["-L", package]);
+    let output = command::query(&mut list)?;
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .any(|line| line.starts_with("/usr/include/")))
+}
+
 /// `dpkg --compare-versions`, as an ordering.
 fn compare_versions(left: &str, right: &str) -> Result<Ordering, CommandError> {
     if left == right {
@@ -147,8 +159,9 @@ fn try_order(installed: &str, versions: &[String]) -> Result<Vec<String>, Comman
     Ok(newer.into_iter().chain(older).collect())
 }
 
-/// The `-dev` build dependencies of `tree` installed at a version the
-/// archive does not carry (their headers may differ from Debian's build).
+/// The `-dev` build dependencies of `tree` that ship headers and are
+/// installed at a version the archive does not carry (their headers may
+/// differ from Debian's build).
 /// Reads binary package lists through the private configuration under
 /// `cache_dir` (updated when empty).
 pub fn stale_build_deps(
@@ -174,6 +187,9 @@ pub fn stale_build_deps(
         let Some(installed) = installed_version(&package)? else {
             continue;
         };
+        if !ships_headers(&package)? {
+            continue;
+        }
         let versions = archive_versions(&apt, &package)?;
         if versions.is_empty() || versions.contains(&installed) {
             continue;
