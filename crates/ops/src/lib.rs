@@ -17,6 +17,7 @@ pub mod heal;
 pub mod health_watch;
 pub mod mirror;
 pub mod rollback;
+pub mod set;
 pub mod signature;
 pub mod targets;
 pub mod variables;

@@ -21,6 +21,7 @@ mod mirror_verify;
 mod module_names;
 mod patching;
 mod recover;
+mod sets;
 mod signing;
 mod trust;
 mod variables;

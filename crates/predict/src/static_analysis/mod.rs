@@ -111,12 +111,12 @@ pub fn analyze_static(surveyed: &Survey, state_dir: &Path) -> Result<StaticRepor
         &again
     };
     survey.identity.check_same(&identity)?;
-    let mut findings = survey_findings(&survey);
-    findings.extend(conflicts(&survey, &journal));
+    let mut findings = survey_findings(survey);
+    findings.extend(conflicts(survey, &journal));
     let mut features = BTreeMap::new();
     if let (Some(object), Some(module)) = (&survey.object, &survey.module) {
         let mut memory = TargetMemory::open(&identity)?;
-        let (resolved, unresolved) = resolve_imports(&survey, &mut memory);
+        let (resolved, unresolved) = resolve_imports(survey, &mut memory);
         findings.extend(unresolved);
         let text = ModuleText::read(&mut memory, &survey.maps, module, &originals)?;
         let replaced: HashMap<u64, String> = survey
