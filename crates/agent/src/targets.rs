@@ -148,6 +148,7 @@ impl Targets {
             }
             other => other?,
         };
+        watcher.set_healer(Arc::new(shadowpatch_ops::heal::OpsHealer));
         let entry = WatchedEntry {
             pid,
             start_time: watcher.identity().start_time,

@@ -452,7 +452,9 @@ fn static_analysis_times(context: &Context, quick: bool) -> anyhow::Result<Vec<A
             shadowpatch_patch::survey::prepare(target.pid(), &manifest, &[])?;
             floor.push(started.elapsed().as_micros() as u64);
             let started = Instant::now();
-            let report = shadowpatch_predict::analyze_static(target.pid(), &manifest, dir.path())?;
+            // Read and surveyed as the floor is, then analysed.
+            let survey = shadowpatch_predict::survey_for_analysis(target.pid(), &manifest, dir.path())?;
+            let report = shadowpatch_predict::analyze_static(&survey, dir.path())?;
             analysis.push(started.elapsed().as_micros() as u64);
             anyhow::ensure!(
                 report

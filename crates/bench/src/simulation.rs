@@ -136,7 +136,8 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<SimulationBench> {
         limits: Limits::default(),
         ..SimulationOptions::default()
     };
-    let report = simulate(&state, target.pid(), &manifest, &options, &mut |_: Progress| {})?;
+    let survey = shadowpatch_predict::survey_for_analysis(target.pid(), &manifest, &state)?;
+    let report = simulate(&state, &survey, &options, &mut |_: Progress| {})?;
     anyhow::ensure!(
         report.calls.len() == calls as usize,
         "captured {} calls",

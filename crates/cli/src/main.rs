@@ -61,16 +61,24 @@ enum Command {
     },
     /// Compare live memory with the mirror; exit 1 if any byte differs.
     Verify {
-        pid: i32,
+        #[arg(required_unless_present_any = ["cgroup", "unit"])]
+        pid: Option<i32>,
+        #[command(flatten)]
+        set: commands::sets::SetFlags,
         /// Verify against this generation instead of the latest.
         #[arg(long)]
         generation: Option<u32>,
     },
     /// Analyse a patch, then load it into a running process and switch its functions in one stop.
     Apply {
-        pid: i32,
-        /// The patch manifest (TOML).
-        manifest: PathBuf,
+        /// PID and the patch manifest (TOML); with --cgroup or --unit, only the manifest.
+        #[arg(value_names = ["PID", "MANIFEST"], num_args = 0..=2)]
+        positionals: Vec<String>,
+        #[command(flatten)]
+        set: commands::sets::SetFlags,
+        /// With a set: if a member fails, keep the patch on the members already done (default: roll them back).
+        #[arg(long)]
+        partial: bool,
         /// Stops to try while a thread sits inside an entry being rewritten.
         #[arg(long, default_value_t = shadowpatch_patch::activate::DEFAULT_ATTEMPTS)]
         attempts: u32,
@@ -92,8 +100,11 @@ enum Command {
     },
     /// Restore the functions of the latest patch (or PATCH_ID, if it is the latest).
     Rollback {
-        pid: i32,
-        patch_id: Option<String>,
+        /// PID and optionally PATCH_ID (the latest patch if omitted); with --cgroup or --unit, only PATCH_ID.
+        #[arg(value_names = ["PID", "PATCH_ID"], num_args = 0..=2)]
+        positionals: Vec<String>,
+        #[command(flatten)]
+        set: commands::sets::SetFlags,
         /// Also write back the mirrored variables as they were just before the patch was activated (journaled, one stop).
         #[arg(long)]
         restore_state: bool,
@@ -108,7 +119,12 @@ enum Command {
     /// Finish or undo a patch transaction that was interrupted.
     Recover { pid: i32 },
     /// Show a target's identity, modules and mirror generations.
-    Status { pid: i32 },
+    Status {
+        #[arg(required_unless_present_any = ["cgroup", "unit"])]
+        pid: Option<i32>,
+        #[command(flatten)]
+        set: commands::sets::SetFlags,
+    },
     /// List the targets with state: alive, dead or exec'd, generations, active patches, watch window, agent, size (reads only).
     List,
     /// Remove the state of dead and exec'd targets, recording each in the history (which is kept); live targets are never touched.
@@ -260,6 +276,63 @@ struct WatchFlags {
     unexercised: String,
 }
 
+/// `apply`'s positionals (`PID MANIFEST`, or `MANIFEST` with a cgroup or
+/// unit) and its set, if any.
+#[allow(clippy::too_many_arguments)]
+fn run_apply_positionals(
+    context: &commands::Context,
+    positionals: &[String],
+    set: &commands::sets::SetFlags,
+    partial: bool,
+    attempts: u32,
+    force: bool,
+    analysis: &commands::analyze::AnalysisArgs,
+    watch: WatchFlags,
+) -> anyhow::Result<i32> {
+    let (pid, manifest) = commands::sets::positionals("apply", positionals, set, "<MANIFEST>", true)?;
+    let manifest = PathBuf::from(manifest.expect("required"));
+    match set.selector(pid) {
+        Some(_) if watch.watch.is_some() => Err(failure::BadInput(
+            "--watch applies to one process; a set (--tree, --cgroup, --unit) is applied without it".into(),
+        )
+        .into()),
+        Some(selector) => commands::sets::run_apply(context, &selector, &manifest, attempts, force, analysis, partial),
+        None if partial => Err(failure::BadInput("--partial needs a set (--tree, --cgroup or --unit)".into()).into()),
+        None => run_apply_command(
+            context,
+            pid.expect("a PID without a set"),
+            &manifest,
+            attempts,
+            force,
+            analysis,
+            watch,
+        ),
+    }
+}
+
+/// `rollback`'s positionals (`PID [PATCH_ID]`, or `[PATCH_ID]` with a
+/// cgroup or unit) and its set, if any.
+fn run_rollback_positionals(
+    context: &commands::Context,
+    positionals: &[String],
+    set: &commands::sets::SetFlags,
+    restore_state: bool,
+) -> anyhow::Result<i32> {
+    let (pid, patch_id) = commands::sets::positionals("rollback", positionals, set, "PATCH_ID", false)?;
+    match set.selector(pid) {
+        Some(_) if restore_state => {
+            Err(failure::BadInput("--restore-state applies to one process; roll a set back without it".into()).into())
+        }
+        Some(selector) => commands::sets::run_rollback(context, &selector, patch_id.as_deref()),
+        None => commands::patching::run_rollback(
+            context,
+            pid.expect("a PID without a set"),
+            patch_id.as_deref(),
+            restore_state,
+        ),
+    }
+}
+
 fn run_apply_command(
     context: &commands::Context,
     pid: i32,
@@ -382,28 +455,39 @@ fn main() {
     };
     let result = match cli.command {
         Command::Mirror { pid, module } => commands::mirror::run(&context, pid, module.as_deref()),
-        Command::Verify { pid, generation } => commands::verify::run(&context, pid, generation),
+        Command::Verify { pid, set, generation } => match set.selector(pid) {
+            Some(selector) => commands::sets::for_each_member(&context, &selector, |pid| {
+                commands::verify::run(&context, pid, generation)
+            }),
+            None => commands::verify::run(&context, pid.expect("clap requires a PID without a set"), generation),
+        },
         Command::Apply {
-            pid,
-            manifest,
+            positionals,
+            set,
+            partial,
             attempts,
             force,
             analysis,
             watch,
-        } => run_apply_command(&context, pid, &manifest, attempts, force, &analysis, watch),
+        } => run_apply_positionals(&context, &positionals, &set, partial, attempts, force, &analysis, watch),
         Command::Analyze {
             pid,
             manifest,
             analysis,
         } => commands::analyze::run(&context, pid, &manifest, &analysis),
         Command::Rollback {
-            pid,
-            patch_id,
+            positionals,
+            set,
             restore_state,
-        } => commands::patching::run_rollback(&context, pid, patch_id.as_deref(), restore_state),
+        } => run_rollback_positionals(&context, &positionals, &set, restore_state),
         Command::Snapshot { pid, var } => commands::variables::run_snapshot(&context, pid, var.as_deref()),
         Command::Recover { pid } => commands::patching::run_recover(&context, pid),
-        Command::Status { pid } => commands::status::run(&context, pid),
+        Command::Status { pid, set } => match set.selector(pid) {
+            Some(selector) => {
+                commands::sets::for_each_member(&context, &selector, |pid| commands::status::run(&context, pid))
+            }
+            None => commands::status::run(&context, pid.expect("clap requires a PID without a set")),
+        },
         Command::List => commands::targets::run_list(&context),
         Command::Gc { dry_run } => commands::targets::run_gc(&context, dry_run),
         Command::Pause {

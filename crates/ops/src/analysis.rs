@@ -3,11 +3,12 @@
 //! simulation, its record in the event history, and the refusal it gives.
 
 use crate::{bad_input, OpsError};
+use shadowpatch_patch::survey::Survey;
 use shadowpatch_predict::engine::{analyze_detailed, AnalysisRequest, Analyzed};
 use shadowpatch_predict::simulate::{
     parse_call, parse_vectors, CaptureLimit, Limits, Progress, SimulationOptions, SimulationSection,
 };
-use shadowpatch_predict::{Analysis, ContextOptions, Finding, ModelRisk, Severity, Verdict};
+use shadowpatch_predict::{survey_for_analysis, Analysis, ContextOptions, Finding, ModelRisk, Severity, Verdict};
 use shadowpatch_store::{EventKind, NewEvent, Store};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -161,8 +162,8 @@ pub fn model_path(state_dir: &Path, explicit: Option<&Path>) -> Option<PathBuf> 
         .or_else(|| Some(state_dir.join("risk-model.json")).filter(|p| p.exists()))
 }
 
-/// Run the analysis and record it in the history (`cause`: `analyze` or
-/// `apply`).
+/// Read and survey the patch at `manifest`, run the analysis and record
+/// it in the history (`shadowpatch analyze`).
 pub fn analyze(
     state_dir: &Path,
     pid: i32,
@@ -171,37 +172,79 @@ pub fn analyze(
     cause: &str,
     progress: Option<ProgressSink>,
 ) -> Result<AnalysisReport, OpsError> {
-    let options = ContextOptions::from_arguments(
-        settings.context_secs,
-        settings.metrics_url.as_deref(),
-        settings.log.as_deref(),
-        settings.error_pattern.as_deref(),
-    )?;
-    let mut request = AnalysisRequest::new(pid, manifest, state_dir);
-    request.context = Some(options);
-    request.sections = match settings.simulation()? {
-        Some(options) => {
-            let section = SimulationSection::new(options);
-            let section = match progress {
-                Some(progress) => section.with_progress(progress),
-                None => section,
-            };
-            vec![Box::new(section) as Box<dyn shadowpatch_predict::Section>]
+    // The settings first: a bad option is named before the patch is read.
+    let parts = Parts::of(state_dir, settings, progress)?;
+    let survey = survey_for_analysis(pid, manifest, state_dir)?;
+    parts.run(state_dir, &survey, cause)
+}
+
+/// Run the analysis of a patch already read and surveyed (apply's gate:
+/// the same survey then goes on to the transaction) and record it in the
+/// history (`cause`: `analyze` or `apply`).
+pub fn analyze_surveyed(
+    state_dir: &Path,
+    survey: &Survey,
+    settings: &AnalysisSettings,
+    cause: &str,
+    progress: Option<ProgressSink>,
+) -> Result<AnalysisReport, OpsError> {
+    Parts::of(state_dir, settings, progress)?.run(state_dir, survey, cause)
+}
+
+/// What the settings ask the engine to run, checked before any work.
+struct Parts {
+    context: ContextOptions,
+    sections: Vec<Box<dyn shadowpatch_predict::Section>>,
+    scorer: Option<Box<dyn shadowpatch_predict::RiskScorer>>,
+}
+
+impl Parts {
+    fn of(state_dir: &Path, settings: &AnalysisSettings, progress: Option<ProgressSink>) -> Result<Parts, OpsError> {
+        let context = ContextOptions::from_arguments(
+            settings.context_secs,
+            settings.metrics_url.as_deref(),
+            settings.log.as_deref(),
+            settings.error_pattern.as_deref(),
+        )?;
+        let sections = match settings.simulation()? {
+            Some(options) => {
+                let section = SimulationSection::new(options);
+                let section = match progress {
+                    Some(progress) => section.with_progress(progress),
+                    None => section,
+                };
+                vec![Box::new(section) as Box<dyn shadowpatch_predict::Section>]
+            }
+            None => shadowpatch_predict::standard_sections(None),
+        };
+        let scorer = match model_path(state_dir, settings.model.as_deref()) {
+            Some(path) => {
+                let model = ModelRisk::load(&path).map_err(|e| bad_input(e.to_string()))?;
+                Some(Box::new(model) as Box<dyn shadowpatch_predict::RiskScorer>)
+            }
+            None => None,
+        };
+        Ok(Parts {
+            context,
+            sections,
+            scorer,
+        })
+    }
+
+    fn run(self, state_dir: &Path, survey: &Survey, cause: &str) -> Result<AnalysisReport, OpsError> {
+        let mut request = AnalysisRequest::new(survey, state_dir);
+        request.context = Some(self.context);
+        request.sections = self.sections;
+        request.scorer = self.scorer;
+        let started = Instant::now();
+        let analyzed = analyze_detailed(request)?;
+        let report = AnalysisReport::of(analyzed, started.elapsed().as_micros() as u64);
+        if let Err(error) = record(state_dir, &report, cause) {
+            // The history is a record, not a safety mechanism.
+            tracing::warn!("could not record the analysis in the event history: {error}");
         }
-        None => shadowpatch_predict::standard_sections(None),
-    };
-    if let Some(path) = model_path(state_dir, settings.model.as_deref()) {
-        let model = ModelRisk::load(&path).map_err(|e| bad_input(e.to_string()))?;
-        request.scorer = Some(Box::new(model));
+        Ok(report)
     }
-    let started = Instant::now();
-    let analyzed = analyze_detailed(request)?;
-    let report = AnalysisReport::of(analyzed, started.elapsed().as_micros() as u64);
-    if let Err(error) = record(state_dir, &report, cause) {
-        // The history is a record, not a safety mechanism.
-        tracing::warn!("could not record the analysis in the event history: {error}");
-    }
-    Ok(report)
 }
 
 fn record(state_dir: &Path, report: &AnalysisReport, cause: &str) -> Result<(), OpsError> {

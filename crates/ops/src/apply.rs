@@ -5,7 +5,7 @@
 //! records who asked, whether `force` overrode a refusal, and the outcome.
 //! The CLI and the agent run exactly this.
 
-use crate::analysis::{analyze, refusal, AnalysisReport, AnalysisSettings, ProgressSink};
+use crate::analysis::{analyze_surveyed, refusal, AnalysisReport, AnalysisSettings, ProgressSink};
 use crate::health_watch::{apply_and_watch, WatchArgs, WatchReport};
 use crate::variables::{after_apply, before_apply};
 use crate::OpsError;
@@ -13,8 +13,8 @@ use shadowpatch_failure::{Classify, FailureClass};
 use shadowpatch_health::Decision;
 use shadowpatch_mirror::StateDir;
 use shadowpatch_patch::journal::Journal;
-use shadowpatch_patch::survey::{originals_of, prepare_survey, survey_manifest};
-use shadowpatch_patch::{ApplyOptions, ApplyOutcome, Manifest, Prepared};
+use shadowpatch_patch::survey::{originals_of, prepare_survey, survey_input, Survey};
+use shadowpatch_patch::{ApplyOptions, ApplyOutcome, PatchInput};
 use shadowpatch_predict::Verdict;
 use shadowpatch_process::ProcessIdentity;
 use shadowpatch_signing::SignatureCheck;
@@ -98,8 +98,13 @@ pub fn apply(
     // Read once, bounded: the bytes the signature policy checks are the
     // bytes parsed, surveyed and loaded. The policy decides before the
     // analysis, whose simulation would put breakpoints into the target.
-    let (manifest, object_path, signature) = crate::signature::read_and_check(state_dir, &request.manifest)?;
-    let analysis = analyze(state_dir, pid, &request.manifest, &request.analysis, "apply", progress)?;
+    let (input, signature) = crate::signature::read_and_check(state_dir, &request.manifest)?;
+    // Surveyed once: the analysis judges this survey and the transaction
+    // acts on it (surveyed again under the lock only if a patch came or
+    // went meanwhile).
+    let survey = survey_once(state_dir, pid, &input)?;
+    let manifest = &input.manifest;
+    let analysis = analyze_surveyed(state_dir, &survey, &request.analysis, "apply", progress)?;
     let refused = analysis.analysis.verdict == Verdict::Refuse;
     if refused && !request.force {
         let (message, class) = refusal(&analysis.analysis);
@@ -108,7 +113,7 @@ pub fn apply(
             request,
             &manifest.id,
             &analysis,
-            &signature.check,
+            &signature,
             false,
             &Err(Failure {
                 class,
@@ -130,18 +135,17 @@ pub fn apply(
     // `rollback --restore-state` once the patch is active.
     let before = before_apply(state_dir, pid)?;
     let patch_id = manifest.id.clone();
-    let result =
-        survey_once(state_dir, pid, manifest, &request.manifest, &object_path, &signature).and_then(|prepared| {
-            let warnings = prepared.warnings.clone();
-            let (outcome, report) = match watch {
-                Some(args) => {
-                    let (outcome, report) = apply_and_watch(state_dir, pid, prepared, &options, args)?;
-                    (outcome, Some(report))
-                }
-                None => (shadowpatch_patch::apply_prepared(state_dir, prepared, &options)?, None),
-            };
-            Ok((outcome, report, warnings))
-        });
+    let result = prepare_survey(survey).map_err(OpsError::from).and_then(|prepared| {
+        let warnings = prepared.warnings.clone();
+        let (outcome, report) = match watch {
+            Some(args) => {
+                let (outcome, report) = apply_and_watch(state_dir, pid, prepared, &options, args)?;
+                (outcome, Some(report))
+            }
+            None => (shadowpatch_patch::apply_prepared(state_dir, prepared, &options)?, None),
+        };
+        Ok((outcome, report, warnings))
+    });
     let recorded = result
         .as_ref()
         .map(|(outcome, _, warnings)| (outcome, warnings.as_slice()));
@@ -157,7 +161,7 @@ pub fn apply(
         request,
         &patch_id,
         &analysis,
-        &signature.check,
+        &signature,
         forced,
         &match (&recorded, failure) {
             (Ok(done), _) => Ok(*done),
@@ -177,22 +181,15 @@ pub fn apply(
         forced,
         warnings,
         state_snapshot,
-        signature: signature.check,
+        signature,
         watch,
     })))
 }
 
-/// Survey the parsed manifest against the live target, as the journal
+/// Survey the patch read once against the live target, as the journal
 /// says its active patches rewrote it (read without the lock: the
-/// transaction re-surveys if a patch came or went since).
-fn survey_once(
-    state_dir: &Path,
-    pid: i32,
-    manifest: Manifest,
-    manifest_path: &Path,
-    object_path: &Path,
-    signature: &crate::signature::CheckedPatch,
-) -> Result<Prepared, OpsError> {
+/// transaction surveys again if a patch came or went since).
+fn survey_once(state_dir: &Path, pid: i32, input: &PatchInput) -> Result<Survey, OpsError> {
     let identity = ProcessIdentity::of(pid)?;
     let originals = match StateDir::open_if_present(state_dir)? {
         Some(state) => {
@@ -205,11 +202,7 @@ fn survey_once(
         }
         None => Vec::new(),
     };
-    let survey = survey_manifest(pid, manifest, manifest_path, object_path, &originals)?;
-    if let Some(object) = &survey.object {
-        signature.same_object(object_path, &object.bytes)?;
-    }
-    Ok(prepare_survey(survey)?)
+    Ok(survey_input(pid, input, &originals)?)
 }
 
 /// An apply that did not happen, as the history records it.

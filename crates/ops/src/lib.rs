@@ -1,7 +1,8 @@
 //! The operations layer: every state-changing operation of shadowpatch,
 //! whole, in one place — `apply` (analysis gate → snapshot of the mirrored
 //! variables → transaction → optional watch window → history event),
-//! `rollback` (with `--restore-state`), `recover`, `snapshot`, `mirror` and
+//! `rollback` (with `--restore-state`), `recover`, `heal` (called by the
+//! watcher through `heal::OpsHealer`), `snapshot`, `mirror` and
 //! `gc` (with `list`, its read-only counterpart). The CLI and the agent both call these functions and nothing below them for a
 //! change of state: the CLI parses arguments and renders the typed
 //! outcomes; the agent authenticates, queues and calls. Outcomes derive
@@ -12,9 +13,11 @@
 
 pub mod analysis;
 pub mod apply;
+pub mod heal;
 pub mod health_watch;
 pub mod mirror;
 pub mod rollback;
+pub mod set;
 pub mod signature;
 pub mod targets;
 pub mod variables;

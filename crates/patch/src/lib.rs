@@ -29,7 +29,7 @@ pub mod writes;
 pub use survey::{prepare, prepare_survey, survey, Prepared, Survey};
 pub use transaction::{apply, apply_prepared, apply_watched, ApplyOptions, ApplyOutcome};
 
-pub use manifest::Manifest;
+pub use manifest::{Manifest, PatchInput};
 pub use object::PatchObject;
 pub use recover::{recover, RecoverOutcome, Recovered};
 pub use rollback::{rollback, rollback_with_cause, RollbackOutcome};

@@ -123,6 +123,48 @@ impl Manifest {
     }
 }
 
+/// A patch as read from disk, once: the manifest's bytes and their parse,
+/// and the object's bytes, both read bounded. Everything downstream (the
+/// trust policy's signature check, the analysis, the simulation, the
+/// transaction) works on this value and never opens the files again, so
+/// the bytes checked are the bytes applied.
+#[derive(Debug, Clone)]
+pub struct PatchInput {
+    pub manifest: Manifest,
+    pub manifest_path: PathBuf,
+    pub manifest_bytes: Vec<u8>,
+    /// Resolved against the manifest's directory.
+    pub object_path: PathBuf,
+    pub object_bytes: std::sync::Arc<[u8]>,
+}
+
+impl PatchInput {
+    /// Read the manifest at `manifest_path` and the object it names.
+    pub fn read(manifest_path: &Path) -> Result<PatchInput, PatchError> {
+        let manifest_bytes = read_input(manifest_path, MAX_MANIFEST_BYTES).map_err(|message| PatchError::Manifest {
+            path: manifest_path.to_path_buf(),
+            message,
+        })?;
+        let (manifest, object_path) = Manifest::from_bytes(manifest_path, &manifest_bytes)?;
+        let object_bytes = read_input(&object_path, MAX_OBJECT_BYTES).map_err(|message| PatchError::Object {
+            path: object_path.clone(),
+            message: format!("cannot read: {message}"),
+        })?;
+        Ok(PatchInput {
+            manifest,
+            manifest_path: manifest_path.to_path_buf(),
+            manifest_bytes,
+            object_path,
+            object_bytes: object_bytes.into(),
+        })
+    }
+
+    /// The object, parsed from the bytes read.
+    pub fn object(&self) -> Result<crate::PatchObject, PatchError> {
+        crate::PatchObject::parse(&self.object_path, self.object_bytes.to_vec())
+    }
+}
+
 /// The largest manifest read (a manifest is a few hundred bytes).
 pub const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
 /// The largest patch object read.

@@ -6,6 +6,7 @@
 //! prediction engine reports every problem as a finding.
 
 use crate::clobber::{clobbered, CodeSource, RegisterSet};
+use crate::manifest::PatchInput;
 use crate::object::{DefinedSymbol, PatchObject};
 use crate::trampoline::{examine_site, EntryProblem, FunctionSite};
 use crate::{Manifest, PatchError};
@@ -147,6 +148,10 @@ pub struct SurveyedReplacement {
 pub struct Survey {
     pub manifest: Manifest,
     pub manifest_path: PathBuf,
+    pub object_path: PathBuf,
+    /// The object's bytes as read (kept for [`Survey::again`] when the
+    /// object could not be loaded).
+    pub object_bytes: std::sync::Arc<[u8]>,
     pub identity: ProcessIdentity,
     pub maps: Vec<shadowpatch_process::Mapping>,
     pub modules: Vec<Module>,
@@ -167,22 +172,62 @@ pub struct Survey {
 /// are what leaves nothing to survey: an unreadable or malformed manifest
 /// or object, a process that is gone or cannot be read.
 pub fn survey(pid: i32, manifest_path: &Path, originals: &[(u64, Vec<u8>)]) -> Result<Survey, PatchError> {
-    let (manifest, object_path) = Manifest::load(manifest_path)?;
-    survey_manifest(pid, manifest, manifest_path, &object_path, originals)
+    survey_input(pid, &PatchInput::read(manifest_path)?, originals)
 }
 
-/// [`survey`] of a manifest already parsed (`object_path` resolved
-/// against the manifest's directory, as [`Manifest::load`] returns it).
-pub fn survey_manifest(
+/// [`survey`] of a patch already read (the operations layer reads it once).
+pub fn survey_input(pid: i32, input: &PatchInput, originals: &[(u64, Vec<u8>)]) -> Result<Survey, PatchError> {
+    survey_parsed(
+        pid,
+        input.manifest.clone(),
+        &input.manifest_path,
+        &input.object_path,
+        input.object_bytes.clone(),
+        originals,
+    )
+}
+
+impl Survey {
+    /// Survey the same parsed patch again with other active patches'
+    /// originals (read under the target's lock): the target is read again,
+    /// the patch files are not.
+    pub fn again(&self, originals: &[(u64, Vec<u8>)]) -> Result<Survey, PatchError> {
+        survey_parsed(
+            self.identity.pid,
+            self.manifest.clone(),
+            &self.manifest_path,
+            &self.object_path,
+            self.object_bytes.clone(),
+            originals,
+        )
+    }
+}
+
+/// A stale [`Prepared`] surveyed again from its parsed manifest and the
+/// object bytes it holds.
+pub fn survey_prepared(prepared: Prepared, originals: &[(u64, Vec<u8>)]) -> Result<Survey, PatchError> {
+    survey_parsed(
+        prepared.identity.pid,
+        prepared.manifest,
+        &prepared.manifest_path,
+        &prepared.object.path,
+        prepared.object.bytes.into(),
+        originals,
+    )
+}
+
+/// The survey proper, of a parsed manifest and the object's bytes.
+fn survey_parsed(
     pid: i32,
     manifest: Manifest,
     manifest_path: &Path,
     object_path: &Path,
+    object_bytes: std::sync::Arc<[u8]>,
     originals: &[(u64, Vec<u8>)],
 ) -> Result<Survey, PatchError> {
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
-    let object = match PatchObject::load(object_path) {
+    let object = match PatchObject::parse(object_path, object_bytes.to_vec()) {
         Ok(object) => Some(object),
         Err(unsupported @ PatchError::Unsupported { .. }) => {
             problems.push(unsupported);
@@ -262,6 +307,8 @@ pub fn survey_manifest(
     Ok(Survey {
         manifest,
         manifest_path: manifest_path.to_path_buf(),
+        object_path: object_path.to_path_buf(),
+        object_bytes,
         identity,
         maps,
         modules,

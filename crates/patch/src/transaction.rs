@@ -19,7 +19,7 @@ use crate::fault;
 use crate::journal::{Journal, PatchRecord, Record, TxnKind, Write5};
 use crate::load::{map_image, plan_load, LoadPlan, StoppedThread};
 use crate::state::{ensure_baseline, now_ms, staged_path, TargetState};
-use crate::survey::{originals_of, prepare, prepare_survey, survey_manifest, Prepared};
+use crate::survey::{originals_of, prepare, prepare_survey, survey_prepared, Prepared};
 use crate::PatchError;
 use shadowpatch_mirror::{derive, AddedRegion, Edit, MirrorFile, RegionKind, RegionSpec, StateDir, PAGE_SIZE};
 use shadowpatch_process::{Attached, ProcessIdentity};
@@ -173,16 +173,7 @@ fn apply_transaction(
         Source::Prepared(prepared) if prepared.originals == originals => *prepared,
         // Another patch came or went since the survey: survey again, from
         // the manifest already parsed.
-        Source::Prepared(stale) => {
-            let object_path = stale.object.path.clone();
-            prepare_survey(survey_manifest(
-                pid,
-                stale.manifest,
-                &stale.manifest_path,
-                &object_path,
-                &originals,
-            )?)?
-        }
+        Source::Prepared(stale) => prepare_survey(survey_prepared(*stale, &originals)?)?,
     };
     prepared.identity.check_same(&identity)?;
     if let Some(open) = &target.journal_state.open {

@@ -12,6 +12,7 @@ use crate::context::{read_context, ContextOptions};
 use crate::finding::{Analysis, Finding, Severity, Source, Verdict, VerdictPolicy};
 use crate::static_analysis::analyze_static;
 use crate::PredictError;
+use shadowpatch_patch::survey::Survey;
 use shadowpatch_process::ProcessIdentity;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +30,8 @@ pub struct Contribution {
 #[derive(Debug)]
 pub struct SectionInput<'a> {
     pub identity: &'a ProcessIdentity,
-    pub manifest: &'a Path,
+    /// The patch as the caller read and surveyed it (never re-read).
+    pub survey: &'a Survey,
     pub state_dir: &'a Path,
     pub findings: &'a [Finding],
     pub features: &'a BTreeMap<String, f64>,
@@ -97,11 +99,10 @@ impl RiskScorer for InterimRisk {
     }
 }
 
-/// One analysis to run.
+/// One analysis to run, of a patch read and surveyed once by the caller.
 #[derive(Debug)]
-pub struct AnalysisRequest {
-    pub pid: i32,
-    pub manifest: PathBuf,
+pub struct AnalysisRequest<'a> {
+    pub survey: &'a Survey,
     /// The state directory (its journal is read, never written).
     pub state_dir: PathBuf,
     /// System context; `None` skips it.
@@ -114,11 +115,10 @@ pub struct AnalysisRequest {
     pub scorer: Option<Box<dyn RiskScorer>>,
 }
 
-impl AnalysisRequest {
-    pub fn new(pid: i32, manifest: &Path, state_dir: &Path) -> Self {
+impl<'a> AnalysisRequest<'a> {
+    pub fn new(survey: &'a Survey, state_dir: &Path) -> Self {
         AnalysisRequest {
-            pid,
-            manifest: manifest.to_path_buf(),
+            survey,
             state_dir: state_dir.to_path_buf(),
             context: None,
             policy: VerdictPolicy::default(),
@@ -149,7 +149,7 @@ pub fn analyze(request: AnalysisRequest) -> Result<Analysis, PredictError> {
 pub fn analyze_detailed(mut request: AnalysisRequest) -> Result<Analyzed, PredictError> {
     let mut timings_ms = BTreeMap::new();
     let started = Instant::now();
-    let report = analyze_static(request.pid, &request.manifest, &request.state_dir)?;
+    let report = analyze_static(request.survey, &request.state_dir)?;
     timings_ms.insert("static".to_string(), ms(started));
     let mut findings = report.findings;
     let mut features = report.features;
@@ -166,7 +166,7 @@ pub fn analyze_detailed(mut request: AnalysisRequest) -> Result<Analyzed, Predic
         let started = Instant::now();
         let input = SectionInput {
             identity: &report.identity,
-            manifest: &request.manifest,
+            survey: request.survey,
             state_dir: &request.state_dir,
             findings: &findings,
             features: &features,

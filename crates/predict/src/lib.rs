@@ -31,4 +31,4 @@ pub use engine::{
 pub use error::PredictError;
 pub use finding::{Analysis, Finding, Severity, Source, Verdict, VerdictPolicy};
 pub use model::{ModelError, ModelFile, ModelRisk};
-pub use static_analysis::{analyze_static, StaticReport};
+pub use static_analysis::{analyze_static, survey_for_analysis, StaticReport};

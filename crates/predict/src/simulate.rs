@@ -47,14 +47,8 @@ impl Section for SimulationSection {
             Some(progress) => progress.as_mut(),
             None => &mut ignore,
         };
-        let report = simulate(
-            input.state_dir,
-            input.identity.pid,
-            input.manifest,
-            &self.options,
-            progress,
-        )
-        .map_err(|error| PredictError::Simulation(Box::new(error)))?;
+        let report = simulate(input.state_dir, input.survey, &self.options, progress)
+            .map_err(|error| PredictError::Simulation(Box::new(error)))?;
         Ok(Contribution {
             findings: report.findings,
             features: report.features,

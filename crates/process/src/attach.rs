@@ -46,9 +46,10 @@ pub(crate) struct ThreadState {
     pub(crate) group_stop: bool,
     /// A signal caught while stopping, to deliver when we resume.
     pub(crate) pending_signal: Option<Signal>,
-    /// Held in a signal-delivery-stop by `poll_signals` until
-    /// `release_held`: resuming the world leaves it stopped.
-    held: bool,
+    /// Held in a signal-delivery-stop (a watched signal, see
+    /// `watch_signals`) until `release_held`: resuming the world leaves it
+    /// stopped.
+    pub(crate) held: bool,
 }
 
 /// What `Attached::poll_signals` saw.
@@ -93,10 +94,9 @@ pub struct Attached {
     pub(crate) queued: VecDeque<crate::events::Event>,
     /// Longest sleep between two polls of `next_event`.
     pub(crate) poll_interval: Duration,
-    /// Signals `poll_signals` holds; a stop that meets one holds it too
-    /// (queued in `held_queue`) rather than deliver it.
-    watched_signals: Vec<Signal>,
-    held_queue: Vec<SignalEvent>,
+    /// Signals held rather than delivered (`watch_signals`): the event
+    /// loop and a world stop that meet one hold its thread.
+    pub(crate) watched_signals: Vec<Signal>,
 }
 
 /// The timings of one stop-the-world window.
@@ -134,7 +134,6 @@ impl Attached {
             queued: VecDeque::new(),
             poll_interval: crate::events::DEFAULT_POLL_INTERVAL,
             watched_signals: Vec::new(),
-            held_queue: Vec::new(),
         };
         for _round in 0..MAX_SCAN_ROUNDS {
             if attached.seize_new_threads()? == 0 {
@@ -320,25 +319,8 @@ impl Attached {
                 Err(Errno::EINTR) => continue,
                 Err(errno) => return Err(TargetError::from_errno(self.identity.pid, "waiting for", errno)),
             };
-            if let WaitStatus::Stopped(_, signal) = status {
-                if self.watched_signals.contains(&signal) {
-                    // A watched fatal signal: hold it for `poll_signals`.
-                    let regs = ptrace::getregs(tid)
-                        .map_err(|errno| TargetError::from_errno(self.identity.pid, "reading registers of", errno))?;
-                    let state = self.threads.entry(tid).or_default();
-                    state.stopped = true;
-                    state.held = true;
-                    state.pending_signal = Some(signal);
-                    self.held_queue.push(SignalEvent::Held {
-                        tid,
-                        signal,
-                        regs: Box::new(regs),
-                    });
-                    return Ok(());
-                }
-            }
             match self.absorb(tid, status, crate::events::Mode::Stopping)? {
-                crate::events::Absorbed::Stopped | crate::events::Absorbed::Gone => return Ok(()),
+                crate::events::Absorbed::Stopped | crate::events::Absorbed::Gone { .. } => return Ok(()),
                 crate::events::Absorbed::Running(event) => self.queued.extend(event),
                 crate::events::Absorbed::Held(_) => unreachable!("stopping mode never holds a thread"),
             }
@@ -383,90 +365,51 @@ impl Attached {
         self.watched_signals = signals.to_vec();
     }
 
-    /// Without blocking, collect what the running threads reported: a
-    /// signal in `watched` holds its thread in signal-delivery-stop (the
-    /// signal not yet delivered) and is returned; other signals are passed
-    /// on at once; job-control stops are listened through. Threads created
-    /// since the last scan are seized, so a new thread's fault is seen too.
+    /// Without blocking, the next watched signal or the process's end: a
+    /// filter over [`Attached::next_event`] (the one event loop) for the
+    /// watch window. A signal in `watched` holds its thread in
+    /// signal-delivery-stop (the signal not yet delivered) and is returned;
+    /// other signals are passed on at once and job-control stops listened
+    /// through (as `next_event` does). The window sets no clone option, so
+    /// threads created since the last call are found by a /proc rescan and
+    /// seized: a new thread's fault is seen too.
     pub fn poll_signals(&mut self, watched: &[Signal]) -> Result<Option<SignalEvent>, TargetError> {
+        use crate::events::Event;
         let pid = self.identity.pid;
         self.watched_signals = watched.to_vec();
-        if !self.held_queue.is_empty() {
-            return Ok(Some(self.held_queue.remove(0)));
-        }
-        // A process that is exiting cannot be listed; waitpid below says how
-        // it ended, so a failed scan is not an error here.
+        // A process that is exiting cannot be listed; its exit status says
+        // how it ended, so a failed scan is not an error here.
         let _ = self.seize_new_threads();
-        let running: Vec<Pid> = self
-            .threads
-            .iter()
-            .filter(|(_, s)| !s.stopped)
-            .map(|(tid, _)| *tid)
-            .collect();
-        for tid in running {
-            let status = match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                Ok(status) => status,
-                Err(Errno::ECHILD) => {
-                    self.threads.remove(&tid);
-                    continue;
+        loop {
+            let event = match self.next_event(Duration::ZERO) {
+                Ok(Some(event)) => event,
+                Ok(None) => return Ok(None),
+                Err(TargetError::Exited { .. }) => {
+                    return Ok(Some(SignalEvent::Exited {
+                        pid,
+                        code: None,
+                        signal: None,
+                    }))
                 }
-                Err(Errno::EINTR) => continue,
-                Err(errno) => return Err(TargetError::from_errno(pid, "waiting for", errno)),
+                Err(error) => return Err(error),
             };
-            match status {
-                WaitStatus::StillAlive => {}
-                WaitStatus::Stopped(_, signal) if watched.contains(&signal) => {
-                    let regs = ptrace::getregs(tid)
-                        .map_err(|errno| TargetError::from_errno(pid, "reading registers of", errno))?;
-                    let state = self.threads.entry(tid).or_default();
-                    state.stopped = true;
-                    state.held = true;
-                    state.pending_signal = Some(signal);
-                    return Ok(Some(SignalEvent::Held {
-                        tid,
-                        signal,
-                        regs: Box::new(regs),
-                    }));
-                }
-                WaitStatus::Stopped(_, signal) => match ptrace::cont(tid, signal) {
-                    Ok(()) | Err(Errno::ESRCH) => {}
-                    Err(errno) => return Err(TargetError::from_errno(pid, "resuming", errno)),
-                },
-                WaitStatus::PtraceEvent(_, signal, _) if is_stop_signal(signal) => {
-                    // A job-control stop: let it take effect, as untraced.
-                    let _ = shadowpatch_sys::ptrace_ext::listen(tid);
-                }
-                WaitStatus::PtraceEvent(..) => {
-                    // The interrupt a stop sent to a thread it then held
-                    // (`wait_for_stop`) traps once the thread is released.
-                    let _ = ptrace::cont(tid, None);
-                }
-                WaitStatus::Exited(_, code) => {
-                    self.threads.remove(&tid);
-                    if tid.as_raw() == pid {
-                        return Ok(Some(SignalEvent::Exited {
-                            pid,
-                            code: Some(code),
-                            signal: None,
-                        }));
-                    }
-                }
-                WaitStatus::Signaled(_, signal, _) => {
-                    self.threads.remove(&tid);
-                    if tid.as_raw() == pid {
-                        return Ok(Some(SignalEvent::Exited {
-                            pid,
-                            code: None,
-                            signal: Some(signal),
-                        }));
-                    }
-                }
-                _ => {
-                    let _ = ptrace::cont(tid, None);
-                }
+            match event {
+                Event::Signal { tid, signal, regs } => return Ok(Some(SignalEvent::Held { tid, signal, regs })),
+                Event::Exited {
+                    tid,
+                    process,
+                    code,
+                    signal,
+                } if process || tid.as_raw() == pid => return Ok(Some(SignalEvent::Exited { pid, code, signal })),
+                // A synchronous fault that is not watched: delivered at
+                // once, as it would be untraced.
+                Event::Fault { tid, .. } => self.resume_thread(tid, None)?,
+                // No breakpoint is registered in a window; should one be,
+                // its thread is rewound to it and re-executes it.
+                Event::Breakpoint { tid, .. } => self.resume_thread(tid, None)?,
+                Event::Exited { .. } | Event::NewThread { .. } | Event::NewProcess { .. } => {}
             }
         }
-        Ok(None)
     }
 
     /// Resume a thread held by `poll_signals`, delivering `signal` (the

@@ -81,8 +81,24 @@ pub enum Event {
     /// CLONE_THREAD). Breakpoints are already removed from its memory if it
     /// has its own; `traced` says whether it stays traced meanwhile.
     NewProcess { parent: Pid, child: Pid, traced: bool },
-    /// A thread exited (or the whole process, when `process` is set).
-    Exited { tid: Pid, process: bool },
+    /// A thread stopped on the way to receiving one of the signals given to
+    /// [`Attached::watch_signals`] (synchronous or not: a SIGABRT counts).
+    /// It is held in its signal-delivery-stop, the signal not delivered,
+    /// until [`Attached::release_held`]; resuming the world leaves it held.
+    Signal {
+        tid: Pid,
+        signal: Signal,
+        regs: Box<libc::user_regs_struct>,
+    },
+    /// A thread exited (or the whole process, when `process` is set), with
+    /// its exit code or killing signal when its status reached us (not
+    /// when it was reaped elsewhere, e.g. by an exec in another thread).
+    Exited {
+        tid: Pid,
+        process: bool,
+        code: Option<i32>,
+        signal: Option<Signal>,
+    },
 }
 
 /// How a stop is absorbed: while stopping the world or in the event loop.
@@ -101,8 +117,8 @@ pub(crate) enum Absorbed {
     Held(Event),
     /// Running again, with maybe something to report.
     Running(Option<Event>),
-    /// Exited and forgotten.
-    Gone,
+    /// Exited and forgotten, with its exit code or killing signal.
+    Gone { code: Option<i32>, signal: Option<Signal> },
 }
 
 /// A process the target created that we still trace.
@@ -189,7 +205,7 @@ impl Attached {
                     Ok(status) => status,
                     Err(Errno::ECHILD) => {
                         self.threads.remove(&tid);
-                        self.queued.push_back(self.exit_event(tid));
+                        self.queued.push_back(self.exit_event(tid, None, None));
                         seen = true;
                         continue;
                     }
@@ -200,7 +216,7 @@ impl Attached {
                     Absorbed::Held(event) => return Ok(Some(event)),
                     Absorbed::Running(Some(event)) => self.queued.push_back(event),
                     Absorbed::Running(None) | Absorbed::Stopped => {}
-                    Absorbed::Gone => self.queued.push_back(self.exit_event(tid)),
+                    Absorbed::Gone { code, signal } => self.queued.push_back(self.exit_event(tid, code, signal)),
                 }
             }
             seen |= self.poll_foreign()?;
@@ -224,10 +240,12 @@ impl Attached {
         }
     }
 
-    fn exit_event(&self, tid: Pid) -> Event {
+    fn exit_event(&self, tid: Pid, code: Option<i32>, signal: Option<Signal>) -> Event {
         Event::Exited {
             tid,
             process: self.threads.is_empty(),
+            code,
+            signal,
         }
     }
 
@@ -399,6 +417,27 @@ impl Attached {
                     regs: Box::new(regs),
                 }))
             }
+            WaitStatus::Stopped(_, signal) if self.watched_signals.contains(&signal) => {
+                // A watched signal (a watch window's fatal ones): hold the
+                // thread before delivery, whatever raised it.
+                let regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
+                let state = self.threads.entry(tid).or_default();
+                state.stopped = true;
+                state.held = true;
+                state.pending_signal = Some(signal);
+                let event = Event::Signal {
+                    tid,
+                    signal,
+                    regs: Box::new(regs),
+                };
+                if mode == Mode::Stopping {
+                    // Counted as stopped for the world stop; reported by the
+                    // next `next_event`. Our interrupt traps once released.
+                    self.queued.push_back(event);
+                    return Ok(Absorbed::Stopped);
+                }
+                Ok(Absorbed::Held(event))
+            }
             WaitStatus::Stopped(_, signal) => {
                 let info = ptrace::getsiginfo(tid).ok();
                 // Raised by the CPU (si_code > 0), not sent by someone
@@ -425,9 +464,19 @@ impl Attached {
                 cont(Some(signal))?;
                 Ok(Absorbed::Running(None))
             }
-            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+            WaitStatus::Exited(_, code) => {
                 self.threads.remove(&tid);
-                Ok(Absorbed::Gone)
+                Ok(Absorbed::Gone {
+                    code: Some(code),
+                    signal: None,
+                })
+            }
+            WaitStatus::Signaled(_, signal, _) => {
+                self.threads.remove(&tid);
+                Ok(Absorbed::Gone {
+                    code: None,
+                    signal: Some(signal),
+                })
             }
             // Other events (exec, syscall stops) are not asked for; resume.
             _ => {

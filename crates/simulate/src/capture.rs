@@ -317,6 +317,8 @@ fn run_loop(
                 stats.faults += 1;
                 attached.resume_thread(tid, None)?;
             }
+            // No signal is watched in a capture session (`watch_signals`).
+            Event::Signal { tid, signal, .. } => attached.release_held(tid, Some(signal))?,
             Event::NewThread { .. } => stats.new_threads += 1,
             Event::NewProcess { .. } => stats.new_processes += 1,
             Event::Exited { process: true, .. } => {

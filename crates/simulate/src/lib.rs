@@ -44,7 +44,7 @@ use shadowpatch_finding::Finding;
 use shadowpatch_mirror::StateDir;
 use shadowpatch_patch::load::{plan_load, LoadPlan};
 use shadowpatch_patch::state::{copies_log_path, TargetState};
-use shadowpatch_patch::survey::prepare;
+use shadowpatch_patch::survey::{prepare_survey, Survey};
 use shadowpatch_patch::{Classify, FailureClass, PatchError};
 use shadowpatch_process::{Attached, ProcessCopy, ProcessIdentity, TargetError};
 use std::collections::BTreeMap;
@@ -163,11 +163,12 @@ pub struct SimulationReport {
     pub total_us: u64,
 }
 
-/// Simulate the patch of `manifest` on process `pid`.
+/// Simulate the surveyed patch on its process. The survey is made again
+/// under the target's lock from the same parsed patch (the files are not
+/// read again): the copies must see the active patches as they are.
 pub fn simulate(
     state_dir: &Path,
-    pid: i32,
-    manifest: &Path,
+    survey: &Survey,
     options: &SimulationOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<SimulationReport, SimulateError> {
@@ -175,6 +176,7 @@ pub fn simulate(
     if options.capture.is_none() && options.calls.is_empty() {
         return Err(SimulateError::NothingToDo);
     }
+    let pid = survey.identity.pid;
     let identity = ProcessIdentity::of(pid)?;
     let state = StateDir::create(state_dir)?;
     // Held to the end: no patch may come or go while copies exist.
@@ -192,7 +194,7 @@ pub fn simulate(
         .iter()
         .flat_map(|p| p.functions.iter().map(|f| (f.write.address, f.write.original.clone())))
         .collect();
-    let prepared = prepare(pid, manifest, &originals)?;
+    let prepared = prepare_survey(survey.again(&originals)?)?;
     prepared.identity.check_same(&identity)?;
     let patch_id = prepared.manifest.id.clone();
     let explicit: Vec<(usize, &CallSpec)> = options

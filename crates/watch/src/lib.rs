@@ -55,6 +55,13 @@ pub enum WatchError {
     Target(#[from] shadowpatch_process::TargetError),
     #[error(transparent)]
     Symbols(#[from] shadowpatch_symbols::SymbolsError),
+    /// The heal operation failed for another reason.
+    #[error("heal: {0}")]
+    Heal(String),
+    /// `heal` is on but the caller gave the watcher no healer (a bug of
+    /// the caller, said rather than ignored).
+    #[error("healing was asked for but no heal operation was given to the watcher")]
+    NoHealer,
 }
 
 impl WatchError {
@@ -80,6 +87,7 @@ impl shadowpatch_failure::Classify for WatchError {
             WatchError::Patch(e) => e.class(),
             WatchError::Target(e) => e.class(),
             WatchError::Symbols(e) => e.class(),
+            WatchError::Heal(_) | WatchError::NoHealer => FailureClass::FailedMidway,
         }
     }
 }

@@ -120,6 +120,8 @@ pub struct Watcher {
     buffer: Vec<u8>,
     reported_mappings: HashSet<(u64, u64, String)>,
     heal_failed: HashSet<(u64, Vec<u8>)>,
+    /// The operations layer's heal, given by the caller (`set_healer`).
+    healer: Option<std::sync::Arc<dyn crate::heal::Healer>>,
     counters: Counters,
     pacer: Option<Pacer>,
     started: WatchEvent,
@@ -285,6 +287,7 @@ impl Watcher {
             store,
             reported_mappings: HashSet::new(),
             heal_failed: HashSet::new(),
+            healer: None,
             counters: Counters {
                 passes: 0,
                 alerts: 0,
@@ -303,6 +306,12 @@ impl Watcher {
     }
 
     /// The `Started` event (what is watched and how it was classified).
+    /// The heal operation to call when `heal` is on (the operations
+    /// layer's `OpsHealer`; the watcher never writes to the target itself).
+    pub fn set_healer(&mut self, healer: std::sync::Arc<dyn crate::heal::Healer>) {
+        self.healer = Some(healer);
+    }
+
     pub fn started_event(&self) -> &WatchEvent {
         &self.started
     }
@@ -406,6 +415,9 @@ impl Watcher {
     /// set or the target exits. Emits `Pass` after each pass and `Stopped`
     /// at the end.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<StopReason, WatchError> {
+        if self.options.heal && self.healer.is_none() {
+            return Err(WatchError::NoHealer);
+        }
         self.pacer = Some(Pacer::new(self.options.cpu_budget_percent));
         let mut pass_started = Instant::now();
         let reason = loop {

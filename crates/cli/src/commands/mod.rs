@@ -10,6 +10,7 @@ pub mod lookup;
 pub mod mirror;
 pub mod patching;
 pub mod pause;
+pub mod sets;
 pub mod signing;
 pub mod status;
 pub mod targets;

@@ -148,6 +148,8 @@ pub fn run(context: &Context, pid: i32, args: &WatchArgs) -> anyhow::Result<i32>
         options,
         Box::new(move |event: &WatchEvent| printer.print(event)),
     )?;
+    // A heal is the operations layer's to make; the watcher only asks.
+    watcher.set_healer(Arc::new(shadowpatch_ops::heal::OpsHealer));
     let reason = watcher.run(&stop)?;
     let alerts = watcher.stats().alerts;
     // Dropping the watcher drops the printer and lets queued hooks finish.

@@ -6,12 +6,10 @@
 //! Needs /usr/sbin/lighttpd (`.ci/run` installs it). Without it the test
 //! fails, naming the package, so a missing server is never a silent pass.
 
-use crate::common::lighttpd::{get, start_lighttpd, start_lighttpd_with, LIGHTTPD};
+use crate::common::lighttpd::{content_type, get, start_lighttpd, start_lighttpd_with, LIGHTTPD};
 use crate::common::{assert_untouched, build_id_of, shadowpatch, write_manifest};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -95,21 +93,6 @@ fn lighttpd_mirror_tamper_detect_restore_under_load() {
     assert_eq!(failed.load(Ordering::Relaxed), 0, "every request succeeded");
     get(server.port).expect("lighttpd still answers");
     assert_untouched(pid);
-}
-
-fn content_type(port: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .write_all(b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Type: "))
-        .unwrap_or_else(|| panic!("no Content-Type in {response:?}"))
-        .trim()
-        .to_string()
 }
 
 fn report(load: &mut Running) -> std::collections::BTreeMap<String, u64> {

@@ -22,6 +22,7 @@ mod module_names;
 mod patching;
 mod recover;
 mod redis_upstream;
+mod sets;
 mod signing;
 mod trust;
 mod variables;

@@ -19,7 +19,7 @@ use crate::finding::{Finding, Severity, Source};
 use crate::PredictError;
 use apply_checks::{conflicts, read_journal, resolve_imports, survey_findings};
 use serde_json::json;
-use shadowpatch_patch::survey::{originals_of, survey};
+use shadowpatch_patch::survey::{originals_of, survey, Survey};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use shadowpatch_symbols::dwarf::{module_debug_info, DebugInfo, DebugSource};
 use signature::signature_findings;
@@ -84,21 +84,39 @@ fn finding(code: &str, severity: Severity, message: impl Into<String>) -> Findin
     Finding::new(code, severity, Source::Static, message)
 }
 
-/// Analyse the patch `manifest_path` against process `pid`. `state_dir`
-/// holds the journal of active patches (read only).
-pub fn analyze_static(pid: i32, manifest_path: &Path, state_dir: &Path) -> Result<StaticReport, PredictError> {
+/// Read the patch at `manifest_path` and survey it against process `pid`
+/// as the journal in `state_dir` says its active patches rewrote it: the
+/// [`Survey`] an analysis starts from, for callers that hold only a path
+/// (the operations layer surveys the patch it read once itself).
+pub fn survey_for_analysis(pid: i32, manifest_path: &Path, state_dir: &Path) -> Result<Survey, PredictError> {
+    let identity = ProcessIdentity::of(pid)?;
+    let journal = read_journal(state_dir, &identity, &mut Vec::new());
+    Ok(survey(pid, manifest_path, &originals_of(&journal))?)
+}
+
+/// Analyse the surveyed patch against its process. `state_dir` holds the
+/// journal of active patches (read only); when it shows other active
+/// patches than the survey saw, the same parsed patch is surveyed again.
+pub fn analyze_static(surveyed: &Survey, state_dir: &Path) -> Result<StaticReport, PredictError> {
+    let pid = surveyed.identity.pid;
     let identity = ProcessIdentity::of(pid)?;
     let mut unavailable = Vec::new();
     let journal = read_journal(state_dir, &identity, &mut unavailable);
     let originals = originals_of(&journal);
-    let survey = survey(pid, manifest_path, &originals)?;
+    let again;
+    let survey = if surveyed.originals == originals {
+        surveyed
+    } else {
+        again = surveyed.again(&originals)?;
+        &again
+    };
     survey.identity.check_same(&identity)?;
-    let mut findings = survey_findings(&survey);
-    findings.extend(conflicts(&survey, &journal));
+    let mut findings = survey_findings(survey);
+    findings.extend(conflicts(survey, &journal));
     let mut features = BTreeMap::new();
     if let (Some(object), Some(module)) = (&survey.object, &survey.module) {
         let mut memory = TargetMemory::open(&identity)?;
-        let (resolved, unresolved) = resolve_imports(&survey, &mut memory);
+        let (resolved, unresolved) = resolve_imports(survey, &mut memory);
         findings.extend(unresolved);
         let text = ModuleText::read(&mut memory, &survey.maps, module, &originals)?;
         let replaced: HashMap<u64, String> = survey

@@ -22,18 +22,13 @@ fn capture_session_helper() {
     };
     let manifest = std::env::var("SIM_HELPER_MANIFEST").unwrap();
     let state = std::env::var("SIM_HELPER_STATE").unwrap();
-    let report = simulate(
-        state.as_ref(),
-        pid.parse().unwrap(),
-        manifest.as_ref(),
-        &capturing(5),
-        &mut |progress| {
-            if let Progress::Armed { .. } = progress {
-                println!("armed");
-                std::io::stdout().flush().unwrap();
-            }
-        },
-    );
+    let survey = shadowpatch_patch::survey::survey(pid.parse().unwrap(), manifest.as_ref(), &[]).unwrap();
+    let report = simulate(state.as_ref(), &survey, &capturing(5), &mut |progress| {
+        if let Progress::Armed { .. } = progress {
+            println!("armed");
+            std::io::stdout().flush().unwrap();
+        }
+    });
     println!("finished: {:?}", report.map(|r| r.calls.len()));
 }
 

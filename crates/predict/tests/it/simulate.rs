@@ -356,7 +356,8 @@ fn a_process_forked_while_breakpoints_are_in_runs_clean() {
     let pid = live.pid();
     let mut sent = false;
     let target = &mut live.target;
-    let report = shadowpatch_predict::simulate::simulate(&state, pid, &manifest, &options, &mut |progress| {
+    let survey = shadowpatch_patch::survey::survey(pid, &manifest, &[]).unwrap();
+    let report = shadowpatch_predict::simulate::simulate(&state, &survey, &options, &mut |progress| {
         if let shadowpatch_predict::simulate::Progress::Armed { .. } = progress {
             // The child calls compute with our int3 in its copy of the
             // memory; then the parent calls it twice (captured).

@@ -3,8 +3,14 @@
 //! its code and severity, and the benign replacements trip none.
 
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
-use shadowpatch_predict::{analyze_static, Finding, Severity, StaticReport};
+use shadowpatch_predict::{analyze_static, survey_for_analysis, Finding, PredictError, Severity, StaticReport};
 use std::path::{Path, PathBuf};
+
+/// The static analysis of the patch at `manifest`, read and surveyed as
+/// the operations layer does for a path.
+fn analyze_path(pid: i32, manifest: &Path, state_dir: &Path) -> Result<StaticReport, PredictError> {
+    analyze_static(&survey_for_analysis(pid, manifest, state_dir)?, state_dir)
+}
 
 struct Target {
     running: Running,
@@ -41,7 +47,7 @@ impl Target {
 
     fn analyze(&self, symbol: &str, with: &str) -> StaticReport {
         let manifest = self.manifest(with, &[(symbol, with)]);
-        analyze_static(self.running.pid(), &manifest, &self.dir.path().join("state")).unwrap()
+        analyze_path(self.running.pid(), &manifest, &self.dir.path().join("state")).unwrap()
     }
 }
 
@@ -334,7 +340,7 @@ fn every_problem_of_a_bad_patch_is_collected_not_only_the_first() {
             ("banner", "banner_v2"),
         ],
     );
-    let report = analyze_static(target.running.pid(), &manifest, &target.dir.path().join("state")).unwrap();
+    let report = analyze_path(target.running.pid(), &manifest, &target.dir.path().join("state")).unwrap();
     let codes: Vec<&str> = report.findings.iter().map(|f| f.code.as_str()).collect();
     for code in [
         "entry-too-short",
@@ -367,7 +373,7 @@ fn every_problem_of_a_bad_patch_is_collected_not_only_the_first() {
             .replace(&target.build_id, "00ff00ff00ff"),
     )
     .unwrap();
-    let report = analyze_static(target.running.pid(), &wrong_build, Path::new("/nonexistent")).unwrap();
+    let report = analyze_path(target.running.pid(), &wrong_build, Path::new("/nonexistent")).unwrap();
     let mismatch = report
         .findings
         .iter()
@@ -408,7 +414,7 @@ fn malformed_manifest_object_or_pid_is_bad_input() {
     let state = target.dir.path().join("state");
     let broken = target.dir.path().join("broken.toml");
     std::fs::write(&broken, "id = \"x\"\n").unwrap();
-    let error = analyze_static(target.running.pid(), &broken, &state).unwrap_err();
+    let error = analyze_path(target.running.pid(), &broken, &state).unwrap_err();
     assert!(
         error.is_bad_input() && error.to_string().contains("missing field"),
         "{error}"
@@ -423,12 +429,12 @@ fn malformed_manifest_object_or_pid_is_bad_input() {
             .replace(&target.object.display().to_string(), &garbage.display().to_string()),
     )
     .unwrap();
-    let error = analyze_static(target.running.pid(), &manifest, &state).unwrap_err();
+    let error = analyze_path(target.running.pid(), &manifest, &state).unwrap_err();
     assert!(
         error.is_bad_input() && error.to_string().contains("malformed ELF"),
         "{error}"
     );
-    let error = analyze_static(2147483646, &manifest, &state).unwrap_err();
+    let error = analyze_path(2147483646, &manifest, &state).unwrap_err();
     assert!(
         error.is_bad_input() && error.to_string().contains("no process"),
         "{error}"

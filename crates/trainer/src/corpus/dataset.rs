@@ -11,7 +11,7 @@ use shadowpatch_predict::engine::{analyze_detailed, standard_sections, AnalysisR
 use shadowpatch_predict::finding::{Analysis, Severity, Source};
 pub use shadowpatch_predict::model::is_simulation_feature;
 use shadowpatch_predict::simulate::{CaptureLimit, Limits, SimulationOptions};
-use shadowpatch_predict::{ContextOptions, InterimRisk};
+use shadowpatch_predict::{survey_for_analysis, ContextOptions, InterimRisk};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -134,7 +134,8 @@ pub fn extract(
         if !target.running.is_running() {
             target = CorpusTarget::start(1, &state_dir)?;
         }
-        let mut request = AnalysisRequest::new(target.pid(), &built.manifest, &state_dir);
+        let survey = survey_for_analysis(target.pid(), &built.manifest, &state_dir)?;
+        let mut request = AnalysisRequest::new(&survey, &state_dir);
         // One sample of the target's health: the corpus target is always
         // healthy, so a window would only add time.
         request.context = Some(ContextOptions {

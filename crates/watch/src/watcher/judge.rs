@@ -4,7 +4,7 @@
 
 use super::{gone, now_ms, DifferingUnit, Item, Watcher, SHOWN_BYTES};
 use crate::event::{Alert, Heal, Scope, WatchEvent};
-use crate::heal::{heal, HealRun, HealSkipped};
+use crate::heal::{HealRequest, HealRun, HealSkipped};
 use crate::WatchError;
 use shadowpatch_mirror::differing_runs;
 
@@ -119,13 +119,14 @@ impl Watcher {
     /// Write mirrored bytes back over the tampered runs, in one journaled stop.
     fn heal(&mut self, item: &Item, runs: Vec<HealRun>) -> Result<(), WatchError> {
         let journal_len = self.authority.journal_len();
-        let outcome = heal(
-            &self.state_dir,
-            &self.identity,
-            &runs,
+        let healer = self.healer.clone().ok_or(WatchError::NoHealer)?;
+        let outcome = healer.heal(HealRequest {
+            state_dir: &self.state_dir,
+            identity: &self.identity,
+            runs: &runs,
             journal_len,
-            self.options.heal_attempts,
-        );
+            attempts: self.options.heal_attempts,
+        });
         let bytes = runs.iter().map(|r| r.expected.len() as u64).sum();
         let report = |ok: bool, pause_us: u64, txn: Option<u64>, error: Option<String>, generation: u32| Heal {
             unix_ms: now_ms(),

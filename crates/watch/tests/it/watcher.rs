@@ -37,7 +37,7 @@ impl Setup {
 
     fn watcher(&self, requests: &[VariableRequest], options: WatchOptions) -> (Watcher, Receiver<WatchEvent>) {
         let (sender, receiver) = channel();
-        let watcher = Watcher::start(
+        let mut watcher = Watcher::start(
             self.target.pid(),
             &self.state,
             requests,
@@ -47,6 +47,8 @@ impl Setup {
             }),
         )
         .unwrap();
+        // As the CLI and the agent do: heals go through the operations layer.
+        watcher.set_healer(std::sync::Arc::new(shadowpatch_ops::heal::OpsHealer));
         (watcher, receiver)
     }
 

@@ -78,3 +78,19 @@ pub fn get(port: u16) -> std::io::Result<()> {
         Err(std::io::Error::other(format!("bad response: {response:?}")))
     }
 }
+
+/// The Content-Type lighttpd answers for /index.html.
+pub fn content_type(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Type: "))
+        .unwrap_or_else(|| panic!("no Content-Type in {response:?}"))
+        .trim()
+        .to_string()
+}

@@ -82,7 +82,8 @@ impl Live {
     }
 
     pub fn simulate(&self, manifest: &Path, options: &SimulationOptions) -> Result<SimulationReport, SimulateError> {
-        simulate(&self.state(), self.pid(), manifest, options, &mut |_: Progress| {})
+        let survey = shadowpatch_patch::survey::survey(self.pid(), manifest, &[])?;
+        simulate(&self.state(), &survey, options, &mut |_: Progress| {})
     }
 
     /// The live service answered correctly all along, nobody traces it, no

@@ -1,0 +1,210 @@
+//! Target sets on the command line: `--tree` (PID and its descendants),
+//! `--cgroup PATH`, `--unit NAME` for `apply`, `rollback`, `verify` and
+//! `status`. The set operations are `shadowpatch_ops::set`'s; this module
+//! parses the positionals a set changes and renders the per-member report.
+//!
+//! A set acts directly through the operations layer (a running agent sees
+//! each member's transaction in its journal like any other).
+
+use super::analyze::AnalysisArgs;
+use super::Context;
+use crate::failure::{BadInput, Exit};
+use crate::output::print_json;
+use shadowpatch_ops::set::{apply_set, resolve, rollback_set, Selector, SetOutcome};
+use shadowpatch_ops::ApplyRequest;
+use std::path::{Path, PathBuf};
+
+/// The set options shared by the commands that take them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SetFlags {
+    /// Act on PID and all its descendants (e.g. a server's master and its workers).
+    #[arg(long)]
+    pub tree: bool,
+    /// Act on every process of this cgroup (relative to a mounted cgroup hierarchy, or absolute) and its sub-cgroups; no PID is given.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["tree", "unit"])]
+    pub cgroup: Option<PathBuf>,
+    /// Act on every process of this systemd unit's cgroup (NAME or NAME.service); no PID is given.
+    #[arg(long, value_name = "NAME", conflicts_with = "tree")]
+    pub unit: Option<String>,
+}
+
+impl SetFlags {
+    /// Whether the set replaces the PID positional.
+    fn names_processes(&self) -> bool {
+        self.cgroup.is_some() || self.unit.is_some()
+    }
+
+    /// The set asked for, if any (`pid`: the PID positional, if given).
+    pub fn selector(&self, pid: Option<i32>) -> Option<Selector> {
+        if let Some(path) = &self.cgroup {
+            Some(Selector::Cgroup(path.clone()))
+        } else if let Some(name) = &self.unit {
+            Some(Selector::Unit(name.clone()))
+        } else if self.tree {
+            pid.map(Selector::Tree)
+        } else {
+            None
+        }
+    }
+}
+
+/// Split `command`'s positionals: `PID REST` without `--cgroup`/`--unit`,
+/// `REST` with one. `rest` names the second positional (for errors);
+/// `rest_required` says whether it must be there.
+pub fn positionals(
+    command: &str,
+    values: &[String],
+    set: &SetFlags,
+    rest: &str,
+    rest_required: bool,
+) -> Result<(Option<i32>, Option<String>), BadInput> {
+    let usage = if rest_required {
+        format!("{command} <PID> {rest}, or --cgroup PATH / --unit NAME and {rest}; see shadowpatch {command} --help")
+    } else {
+        format!(
+            "{command} <PID> [{rest}], or --cgroup PATH / --unit NAME and [{rest}]; see shadowpatch {command} --help"
+        )
+    };
+    let (pid, remainder) = if set.names_processes() {
+        (None, values)
+    } else {
+        let Some(first) = values.first() else {
+            return Err(BadInput(format!(
+                "the following required arguments were not provided: <PID> (usage: {usage})"
+            )));
+        };
+        let pid = first
+            .parse::<i32>()
+            .ok()
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| BadInput(format!("invalid value '{first}' for '<PID>': not a process id")))?;
+        (Some(pid), &values[1..])
+    };
+    match remainder {
+        [] if rest_required => Err(BadInput(format!(
+            "the following required arguments were not provided: {rest} (usage: {usage})"
+        ))),
+        [] => Ok((pid, None)),
+        [one] => Ok((pid, Some(one.clone()))),
+        [_, extra, ..] => Err(BadInput(format!("unexpected argument '{extra}' (usage: {usage})"))),
+    }
+}
+
+/// `apply` over a set.
+pub fn run_apply(
+    context: &Context,
+    selector: &Selector,
+    manifest: &Path,
+    attempts: u32,
+    force: bool,
+    analysis: &AnalysisArgs,
+    partial: bool,
+) -> anyhow::Result<i32> {
+    let template = ApplyRequest {
+        pid: 0,
+        manifest: std::path::absolute(manifest)?,
+        attempts,
+        force,
+        analysis: analysis.settings(),
+        requested_by: "cli (set)".into(),
+    };
+    let state_dir = context.state_dir.clone();
+    let outcome = apply_set(
+        selector,
+        &template,
+        partial,
+        &mut |request| shadowpatch_ops::apply(&state_dir, request, None, None),
+        &mut |request| shadowpatch_ops::rollback(&state_dir, request),
+    )?;
+    Ok(render(context, &outcome))
+}
+
+/// `rollback` over a set.
+pub fn run_rollback(context: &Context, selector: &Selector, patch_id: Option<&str>) -> anyhow::Result<i32> {
+    let state_dir = context.state_dir.clone();
+    let outcome = rollback_set(&context.state_dir, selector, patch_id, &mut |request| {
+        shadowpatch_ops::rollback(&state_dir, request)
+    })?;
+    Ok(render(context, &outcome))
+}
+
+/// A read-only command (`verify`, `status`) for each member: each
+/// member's own report, the worst exit code.
+pub fn for_each_member(
+    context: &Context,
+    selector: &Selector,
+    mut run: impl FnMut(i32) -> anyhow::Result<i32>,
+) -> anyhow::Result<i32> {
+    let members = resolve(selector)?;
+    let mut worst = 0;
+    for member in members {
+        if !context.json {
+            println!("== pid {} ({})", member.pid, member.comm);
+        }
+        let code = match run(member.pid) {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!(
+                    "shadowpatch: error: pid {}: {}",
+                    member.pid,
+                    crate::failure::one_line(&error)
+                );
+                crate::failure::exit_code(&error)
+            }
+        };
+        worst = worst.max(code);
+    }
+    Ok(worst)
+}
+
+fn render(context: &Context, outcome: &SetOutcome) -> i32 {
+    let code = outcome.failure.map_or(Exit::Ok, Exit::of_class).code();
+    if context.json {
+        print_json(outcome);
+        return code;
+    }
+    let done = outcome
+        .members
+        .iter()
+        .filter(|m| m.outcome == "applied" || m.outcome == "rolled_back")
+        .count();
+    println!(
+        "{} on {}: {done} of {} process{} done",
+        outcome.operation,
+        outcome.selector,
+        outcome.members.len(),
+        if outcome.members.len() == 1 { "" } else { "es" }
+    );
+    for member in &outcome.members {
+        let pause = member.pause_us.map(|us| format!(" pause {us} µs")).unwrap_or_default();
+        let error = member.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+        println!(
+            "  pid {:<7} {:<15} {}{pause}{error}",
+            member.pid, member.comm, member.outcome
+        );
+    }
+    for (member, reason) in &outcome.skipped {
+        println!("  pid {:<7} {:<15} skipped: {reason}", member.pid, member.comm);
+    }
+    for member in &outcome.appeared {
+        eprintln!(
+            "shadowpatch: warning: pid {} ({}) joined the set during the {} and was not covered",
+            member.pid, member.comm, outcome.operation
+        );
+    }
+    if let Some(failure) = outcome.failure {
+        let undone = outcome.members.iter().any(|m| m.outcome == "undone");
+        eprintln!(
+            "shadowpatch: error: the {} failed on a member ({failure:?}){}",
+            outcome.operation,
+            if undone {
+                "; the members already done were rolled back (all or none)"
+            } else if outcome.partial && outcome.operation == "apply" {
+                "; --partial: the members already done keep the patch"
+            } else {
+                ""
+            }
+        );
+    }
+    code
+}
