@@ -1,0 +1,113 @@
+//! What build decides for each kind of change, on real gcc builds.
+
+use crate::common::{names, Fixture};
+use shadowpatch_build::BuildError;
+
+#[test]
+fn changed_function_binds_same_named_statics_by_file() {
+    let fixture = Fixture::new();
+    let target = fixture.target_binary(false);
+    let diff = fixture.diff(
+        "triple",
+        "a.c",
+        "return scale(x) +",
+        "return scale(x) + counter * 0 + x +",
+    );
+    let built = fixture.build(&[diff], &target, "out").unwrap();
+    assert_eq!(names(&built.functions_changed), vec!["compute"]);
+    assert!(built.functions_new.is_empty());
+    // compute uses a.c's counter and its own static local, never b.c's.
+    let bound: Vec<&str> = built.bindings.iter().map(|b| b.symbol.as_str()).collect();
+    assert!(bound.contains(&"a.c::counter"), "{bound:?}");
+    assert!(bound.iter().any(|b| b.starts_with("a.c::calls")), "{bound:?}");
+    assert!(!bound.iter().any(|b| b.starts_with("b.c::")), "{bound:?}");
+    let manifest = std::fs::read_to_string(built.out.join("manifest.toml")).unwrap();
+    assert!(manifest.contains("symbol = \"compute\""), "{manifest}");
+    assert!(built.out.join("patch.so").is_file());
+}
+
+#[test]
+fn new_function_and_inlined_callee() {
+    let fixture = Fixture::new();
+    let target = fixture.target_binary(false);
+    let inlined = fixture.diff("scale", "a.c", "return x * 2;", "return x * 3;");
+    let built = fixture.build(&[inlined], &target, "inlined").unwrap();
+    assert!(built.functions_changed.is_empty(), "{:?}", built.functions_changed);
+    assert_eq!(names(&built.functions_included_for_inlining), vec!["compute"]);
+
+    let new = fixture.diff(
+        "helper",
+        "a.c",
+        "int compute(int x)\n{",
+        "__attribute__((noinline)) int offset(int x)\n{\n    return x + 7;\n}\n\nint compute(int x)\n{\n    x = offset(x);",
+    );
+    let built = fixture.build(&[new], &target, "new").unwrap();
+    assert_eq!(names(&built.functions_new), vec!["offset"]);
+    assert_eq!(names(&built.functions_changed), vec!["compute"]);
+}
+
+#[test]
+fn line_number_only_is_no_functional_change() {
+    let fixture = Fixture::new();
+    let target = fixture.target_binary(false);
+    // Two lines more above compute: its assert passes another __LINE__.
+    let diff = fixture.diff(
+        "lines",
+        "a.c",
+        "int limit = 10;\n",
+        "int limit = 10;\n\n/* a comment */\n",
+    );
+    let error = fixture.build(&[diff], &target, "out").unwrap_err();
+    assert!(matches!(error, BuildError::NoFunctionalChange { .. }), "{error}");
+    assert!(error.to_string().contains("compute"), "{error}");
+    assert!(!fixture.dir.path().join("out").exists());
+}
+
+#[test]
+fn changed_initial_value_is_refused() {
+    let fixture = Fixture::new();
+    let target = fixture.target_binary(false);
+    let diff = fixture.diff("limit", "a.c", "int limit = 10;", "int limit = 20;");
+    let error = fixture.build(&[diff], &target, "out").unwrap_err();
+    assert!(
+        error.to_string().starts_with("refused: limit: initial value changed"),
+        "{error}"
+    );
+    assert!(!fixture.dir.path().join("out").exists());
+}
+
+#[test]
+fn bad_inputs_are_one_line_errors() {
+    let fixture = Fixture::new();
+    let target = fixture.target_binary(false);
+    let stale = fixture.diff("stale", "a.c", "return x * 2;", "return x * 3;");
+    let text = std::fs::read_to_string(&stale).unwrap().replace("x * 2", "x * 5");
+    std::fs::write(&stale, text).unwrap();
+    let error = fixture.build(&[stale], &target, "out").unwrap_err();
+    assert!(matches!(error, BuildError::DiffDoesNotApply { .. }), "{error}");
+    assert!(
+        error.to_string().contains("file a.c") && error.to_string().contains("Hunk #1"),
+        "{error}"
+    );
+
+    let broken = fixture.diff("broken", "a.c", "return x * 2;", "return x * ;");
+    let error = fixture.build(&[broken], &target, "out").unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.starts_with("build failed: `make -j2`") && message.contains("log: "),
+        "{message}"
+    );
+
+    for error in [
+        fixture.build(
+            &[fixture.diff("ok", "a.c", "x * 2", "x * 4")],
+            std::path::Path::new("/nonexistent"),
+            "out",
+        ),
+        fixture.build(&[], &target, "out"),
+    ] {
+        let message = error.unwrap_err().to_string();
+        assert!(!message.contains('\n'), "{message}");
+    }
+    assert!(!fixture.dir.path().join("out").exists());
+}
