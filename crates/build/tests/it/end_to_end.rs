@@ -1,2 +1,78 @@
-//! The whole path on a running, stripped program: build against its PID,
+//! The whole path on a running, stripped program: build against its PID
+//! (symbols from the reference rebuild, whose build-id is the target's),
 //! apply, see the new behaviour, roll back.
+
+use crate::common::{names, Fixture};
+use shadowpatch_build::target::SymbolOrigin;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+struct Running {
+    child: Child,
+    input: ChildStdin,
+    output: BufReader<ChildStdout>,
+}
+
+impl Running {
+    fn start(binary: &std::path::Path) -> Running {
+        let mut child = Command::new(binary)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        let mut output = BufReader::new(child.stdout.take().unwrap());
+        let mut ready = String::new();
+        output.read_line(&mut ready).unwrap();
+        assert_eq!(ready, "ready\n");
+        Running { child, input, output }
+    }
+
+    fn ask(&mut self, x: i32) -> String {
+        writeln!(self.input, "{x}").unwrap();
+        let mut answer = String::new();
+        self.output.read_line(&mut answer).unwrap();
+        answer.trim_end().to_string()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn stripped_process_is_patched_through_the_reference_rebuild() {
+    let fixture = Fixture::new();
+    let binary = fixture.target_binary(true);
+    let mut running = Running::start(&binary);
+    assert_eq!(running.ask(3), "6 1 10");
+    let pid = running.child.id() as i32;
+
+    // compute() now adds a.c's static counter (the running instance, not
+    // b.c's of the same name) times 100.
+    let diff = fixture.diff(
+        "counter",
+        "a.c",
+        "return scale(x) +",
+        "return scale(x) + counter * 100 +",
+    );
+    let request = fixture.request(&[diff], &pid.to_string(), "out");
+    let built = shadowpatch_build::build(&request, &mut |_, _| {}).unwrap();
+    assert_eq!(names(&built.functions_changed), vec!["compute"]);
+    assert_eq!(
+        built.reference_build_id.as_deref(),
+        Some(built.target_build_id.as_str())
+    );
+    let counter = built.bindings.iter().find(|b| b.symbol == "a.c::counter").unwrap();
+    assert_eq!(counter.how, SymbolOrigin::ReferenceBuild);
+
+    let state = fixture.dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    shadowpatch_patch::apply(&state, pid, &built.manifest_path, &Default::default()).unwrap();
+    assert_eq!(running.ask(3), "206 2 10");
+    shadowpatch_patch::rollback(&state, pid, None).unwrap();
+    assert_eq!(running.ask(3), "6 3 10");
+}
