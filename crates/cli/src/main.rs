@@ -66,6 +66,11 @@ enum Command {
         #[arg(long)]
         generation: Option<u32>,
     },
+    /// Make a patch from a source diff for the binary that is running (manifest + object in --out).
+    Build {
+        #[command(flatten)]
+        args: commands::build::BuildArgs,
+    },
     /// Analyse a patch, then load it into a running process and switch its functions in one stop.
     Apply {
         pid: i32,
@@ -383,6 +388,7 @@ fn main() {
     let result = match cli.command {
         Command::Mirror { pid, module } => commands::mirror::run(&context, pid, module.as_deref()),
         Command::Verify { pid, generation } => commands::verify::run(&context, pid, generation),
+        Command::Build { args } => commands::build::run(&context, &args),
         Command::Apply {
             pid,
             manifest,

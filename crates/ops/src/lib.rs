@@ -1,7 +1,8 @@
 //! The operations layer: every state-changing operation of shadowpatch,
 //! whole, in one place — `apply` (analysis gate → snapshot of the mirrored
 //! variables → transaction → optional watch window → history event),
-//! `rollback` (with `--restore-state`), `recover`, `snapshot`, `mirror` and
+//! `rollback` (with `--restore-state`), `recover`, `snapshot`, `mirror`,
+//! `build` (a patch from a source diff) and
 //! `gc` (with `list`, its read-only counterpart). The CLI and the agent both call these functions and nothing below them for a
 //! change of state: the CLI parses arguments and renders the typed
 //! outcomes; the agent authenticates, queues and calls. Outcomes derive
@@ -12,6 +13,7 @@
 
 pub mod analysis;
 pub mod apply;
+pub mod build;
 pub mod health_watch;
 pub mod mirror;
 pub mod rollback;
@@ -22,6 +24,7 @@ pub mod window;
 
 pub use analysis::{AnalysisReport, AnalysisSettings};
 pub use apply::{apply, Applied, ApplyRequest, ApplyResult, Refused};
+pub use build::{build, BuildOutcome};
 pub use mirror::{mirror, MirrorOutcome};
 pub use rollback::{recover, rollback, RollbackRequest, RolledBack};
 pub use shadowpatch_failure::{Classify, FailureClass};
@@ -37,6 +40,8 @@ pub enum OpsError {
     BadInput(String),
     #[error(transparent)]
     Patch(#[from] shadowpatch_patch::PatchError),
+    #[error(transparent)]
+    Build(#[from] shadowpatch_build::BuildError),
     #[error(transparent)]
     Predict(#[from] shadowpatch_predict::PredictError),
     #[error(transparent)]
@@ -64,6 +69,7 @@ impl Classify for OpsError {
         match self {
             OpsError::BadInput(_) => FailureClass::BadInput,
             OpsError::Patch(e) => e.class(),
+            OpsError::Build(e) => e.class(),
             OpsError::Predict(e) => e.class(),
             OpsError::Mirror(e) => e.class(),
             OpsError::Target(e) => e.class(),
