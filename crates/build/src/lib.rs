@@ -16,6 +16,7 @@
 pub mod differ;
 pub mod driver;
 pub mod emit;
+pub mod matching;
 pub mod source;
 pub mod target;
 pub mod unit;
@@ -260,7 +261,7 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
     let reference_build_id = reference_bytes.as_deref().and_then(target::build_id_of);
     let symbols = SymbolMap::for_target(&target, reference_bytes.as_deref()).ok_or_else(|| {
         BuildError::Mismatch(format!(
-            "{} has no symbol table, no debug file is installed for build-id {}, and the reference build's binary{} has another build-id (a function-by-function match is not implemented yet)",
+            "{} has no symbol table, no debug file is installed for build-id {}, and no function of the reference build's binary{} matches its code",
             target.name,
             target.build_id,
             reference_build_id.as_deref().map(|id| format!(" ({id})")).unwrap_or_default()
@@ -501,9 +502,10 @@ fn cached_build(
 }
 
 /// The binary of the reference tree that is the target: its build-id
-/// first, else its file name.
+/// first, else its file name, else the tree's only linked binary.
 fn find_reference_binary(tree: &Path, target: &Target) -> Result<Option<PathBuf>, BuildError> {
     let mut by_name = None;
+    let mut linked = Vec::new();
     let mut stack = vec![tree.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
@@ -531,9 +533,13 @@ fn find_reference_binary(tree: &Path, target: &Target) -> Result<Option<PathBuf>
                 return Ok(Some(path));
             }
             if path.file_name().is_some_and(|n| n.to_string_lossy() == target.name) {
-                by_name = Some(path);
+                by_name = Some(path.clone());
             }
+            linked.push(path);
         }
+    }
+    if by_name.is_none() && linked.len() == 1 {
+        return Ok(linked.pop());
     }
     Ok(by_name)
 }

@@ -1,7 +1,8 @@
 //! The binary a patch is for (a module of a running process, or a file)
 //! and where its symbols come from, in order: its own `.symtab`; the
 //! distribution's `/usr/lib/debug/.build-id/xx/yyyy.debug`; the reference
-//! build's binary when its build-id is the target's. Private symbols are
+//! build's binary when its build-id is the target's; else that binary
+//! matched function by function (`matching.rs`). Private symbols are
 //! grouped by the `STT_FILE` symbol that precedes them, so statics of one
 //! name in two source files are told apart.
 
@@ -22,6 +23,9 @@ pub enum SymbolOrigin {
     DebugFile,
     /// The reference build's binary, whose build-id is the target's.
     ReferenceBuild,
+    /// The reference build's binary (another build-id), matched function
+    /// by function against the target's code (`matching.rs`).
+    MaskedMatch,
 }
 
 /// The binary being patched.
@@ -186,9 +190,10 @@ impl SymbolMap {
             return Some(map);
         }
         let reference = reference?;
-        (build_id_of(reference).as_deref() == Some(target.build_id.as_str()))
-            .then(|| SymbolMap::of_file(reference, SymbolOrigin::ReferenceBuild))
-            .flatten()
+        if build_id_of(reference).as_deref() == Some(target.build_id.as_str()) {
+            return SymbolMap::of_file(reference, SymbolOrigin::ReferenceBuild);
+        }
+        crate::matching::match_reference(&target.bytes, reference)
     }
 
     /// The symbol `name` of source file `file` (a local), or the global

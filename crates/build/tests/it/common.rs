@@ -23,15 +23,28 @@ impl Fixture {
     /// The program built from the pristine tree (as a distribution would
     /// have built it), stripped or not.
     pub fn target_binary(&self, stripped: bool) -> PathBuf {
-        let tree = self.dir.path().join("shipped");
+        self.target_binary_with(stripped, None)
+    }
+
+    /// The program built with `cflags` instead of the Makefile's own.
+    pub fn target_binary_with(&self, stripped: bool, cflags: Option<&str>) -> PathBuf {
+        let tree = self
+            .dir
+            .path()
+            .join(if cflags.is_some() { "shipped-other" } else { "shipped" });
         if !tree.join("calc").exists() {
             run(Command::new("cp").arg("-a").arg(&self.source).arg(&tree));
-            run(Command::new("make").arg("-s").current_dir(&tree));
+            let mut make = Command::new("make");
+            make.arg("-s").current_dir(&tree);
+            if let Some(cflags) = cflags {
+                make.arg(format!("CFLAGS={cflags}"));
+            }
+            run(&mut make);
         }
         if !stripped {
             return tree.join("calc");
         }
-        let out = self.dir.path().join("calc-stripped");
+        let out = tree.with_extension("stripped");
         run(Command::new("strip").arg("-o").arg(&out).arg(tree.join("calc")));
         out
     }

@@ -98,6 +98,18 @@ fn bad_inputs_are_one_line_errors() {
         "{message}"
     );
 
+    // A binary this tree did not build: the reference matches nothing of it.
+    let other = fixture.diff("other", "a.c", "x * 2", "x * 6");
+    let error = fixture
+        .build(&[other.clone()], std::path::Path::new("/usr/bin/true"), "out")
+        .unwrap_err();
+    assert!(matches!(error, BuildError::Mismatch(_)), "{error}");
+    // A module the process does not have.
+    let mut request = fixture.request(&[other], &std::process::id().to_string(), "out");
+    request.module = Some("no-such-module".into());
+    let error = shadowpatch_build::build(&request, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(error, BuildError::ModuleNotFound { .. }), "{error}");
+
     for error in [
         fixture.build(
             &[fixture.diff("ok", "a.c", "x * 2", "x * 4")],

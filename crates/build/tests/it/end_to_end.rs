@@ -76,3 +76,36 @@ fn stripped_process_is_patched_through_the_reference_rebuild() {
     shadowpatch_patch::rollback(&state, pid, None).unwrap();
     assert_eq!(running.ask(3), "6 3 10");
 }
+
+#[test]
+fn stripped_process_of_another_build_id_is_matched_function_by_function() {
+    let fixture = Fixture::new();
+    // Without the Makefile's -ffile-prefix-map the build folder lands in
+    // the DWARF and the build-id differs; the code is the same.
+    let binary = fixture.target_binary_with(true, Some("-O2 -g"));
+    let mut running = Running::start(&binary);
+    assert_eq!(running.ask(3), "6 1 10");
+    let pid = running.child.id() as i32;
+
+    let diff = fixture.diff(
+        "counter",
+        "a.c",
+        "return scale(x) +",
+        "return scale(x) + counter * 100 +",
+    );
+    let request = fixture.request(&[diff], &pid.to_string(), "out");
+    let built = shadowpatch_build::build(&request, &mut |_, _| {}).unwrap();
+    assert_ne!(
+        built.reference_build_id.as_deref(),
+        Some(built.target_build_id.as_str())
+    );
+    let counter = built.bindings.iter().find(|b| b.symbol == "a.c::counter").unwrap();
+    assert_eq!(counter.how, SymbolOrigin::MaskedMatch);
+
+    let state = fixture.dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    shadowpatch_patch::apply(&state, pid, &built.manifest_path, &Default::default()).unwrap();
+    assert_eq!(running.ask(3), "206 2 10");
+    shadowpatch_patch::rollback(&state, pid, None).unwrap();
+    assert_eq!(running.ask(3), "6 3 10");
+}
