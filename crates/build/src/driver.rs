@@ -267,8 +267,14 @@ impl Wrapper {
             .map_err(|e| BuildError::io(Path::new("sh"), e))?;
         if !status.success() {
             let text = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-            let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
+            // The first compiler error says why; the last line says who stopped.
+            let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            let mut tail: Vec<&str> = lines.iter().copied().filter(|l| l.contains("error:")).take(1).collect();
+            tail.extend(lines.last().copied().filter(|last| !tail.contains(last)));
+            if tail.len() < 2 {
+                tail = lines[lines.len().saturating_sub(3)..].to_vec();
+            }
+            let tail = tail.join(" | ");
             return Err(BuildError::BuildFailed {
                 command: command.to_string(),
                 tail,

@@ -170,6 +170,7 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
         None => default_cache(),
     };
     std::fs::create_dir_all(&cache).map_err(|e| BuildError::io(&cache, e))?;
+    let cache = std::fs::canonicalize(&cache).map_err(|e| BuildError::io(&cache, e))?;
     let logs = cache.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| BuildError::io(&logs, e))?;
     let hash = driver::tree_hash(&source, &command)?;
