@@ -193,8 +193,7 @@ pub fn apply_diff(tree: &Path, diff: &Path) -> Result<(), BuildError> {
     let last = stdout
         .lines()
         .chain(String::from_utf8_lossy(&output.stderr).lines())
-        .filter(|l| !l.trim().is_empty())
-        .last()
+        .rfind(|l| !l.trim().is_empty())
         .unwrap_or("patch failed")
         .to_string();
     Err(BuildError::DiffDoesNotApply {

@@ -347,12 +347,7 @@ fn link(object_path: &Path, so_path: &Path) -> Result<(), BuildError> {
         .map_err(|e| BuildError::io(Path::new("gcc"), e))?;
     if !output.status.success() {
         let text = String::from_utf8_lossy(&output.stderr);
-        let last = text
-            .lines()
-            .filter(|l| !l.contains("warning"))
-            .last()
-            .unwrap_or("")
-            .to_string();
+        let last = text.lines().rfind(|l| !l.contains("warning")).unwrap_or("").to_string();
         return Err(BuildError::Input(format!(
             "linking the patch object {} failed: {last}",
             so_path.display()

@@ -101,7 +101,11 @@ fn bad_inputs_are_one_line_errors() {
     // A binary this tree did not build: the reference matches nothing of it.
     let other = fixture.diff("other", "a.c", "x * 2", "x * 6");
     let error = fixture
-        .build(&[other.clone()], std::path::Path::new("/usr/bin/true"), "out")
+        .build(
+            std::slice::from_ref(&other),
+            std::path::Path::new("/usr/bin/true"),
+            "out",
+        )
         .unwrap_err();
     assert!(matches!(error, BuildError::Mismatch(_)), "{error}");
     // A module the process does not have.
@@ -122,4 +126,54 @@ fn bad_inputs_are_one_line_errors() {
         assert!(!message.contains('\n'), "{message}");
     }
     assert!(!fixture.dir.path().join("out").exists());
+}
+
+#[test]
+fn statics_of_one_name_in_two_files_bind_to_their_own_file() {
+    let fixture = Fixture::new();
+    let target = fixture.target_binary(true);
+    let a = fixture.diff("a", "a.c", "return scale(x) +", "return scale(x) + counter +");
+    let b = fixture.diff("b", "b.c", "return ++counter;", "return counter += 2;");
+    let built = fixture.build(&[a, b], &target, "out").unwrap();
+    assert_eq!(names(&built.functions_changed), vec!["compute", "tally"]);
+    let address = |name: &str| built.bindings.iter().find(|b| b.symbol == name).unwrap().address;
+    assert_ne!(address("a.c::counter"), address("b.c::counter"));
+    // Each is the address of its own file's `counter` in the unstripped build.
+    let symtab = std::process::Command::new("readelf")
+        .arg("-sW")
+        .arg(fixture.target_binary(false))
+        .output()
+        .unwrap();
+    let symtab = String::from_utf8(symtab.stdout).unwrap();
+    let mut file = "";
+    let mut expected = std::collections::HashMap::new();
+    for line in symtab.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() == 8 && fields[3] == "FILE" {
+            file = fields[7];
+        } else if fields.len() == 8 && fields[7] == "counter" {
+            expected.insert(format!("{file}::counter"), u64::from_str_radix(fields[1], 16).unwrap());
+        }
+    }
+    assert_eq!(address("a.c::counter"), expected["a.c::counter"]);
+    assert_eq!(address("b.c::counter"), expected["b.c::counter"]);
+}
+
+#[test]
+fn new_thread_local_is_refused() {
+    let fixture = Fixture::new();
+    let target = fixture.target_binary(false);
+    let diff = fixture.diff(
+        "tls",
+        "b.c",
+        "int tally(void)\n{\n    return ++counter;",
+        "static __thread int mine;\n\nint tally(void)\n{\n    mine++;\n    return ++counter + mine * 0;",
+    );
+    let error = fixture.build(&[diff], &target, "out").unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("refused: mine: new thread-local variable"),
+        "{error}"
+    );
 }
