@@ -43,16 +43,12 @@ impl Drop for Running {
     }
 }
 
-#[test]
-fn stripped_process_is_patched_through_the_reference_rebuild() {
-    let fixture = Fixture::new();
-    let binary = fixture.target_binary(true);
-    let mut running = Running::start(&binary);
+/// Start `binary`, build the counter diff against its PID, apply, see
+/// compute() add a.c's running `counter` (not b.c's), roll back.
+fn patch_and_roll_back(fixture: &Fixture, binary: &std::path::Path) -> shadowpatch_build::Built {
+    let mut running = Running::start(binary);
     assert_eq!(running.ask(3), "6 1 10");
     let pid = running.child.id() as i32;
-
-    // compute() now adds a.c's static counter (the running instance, not
-    // b.c's of the same name) times 100.
     let diff = fixture.diff(
         "counter",
         "a.c",
@@ -62,19 +58,25 @@ fn stripped_process_is_patched_through_the_reference_rebuild() {
     let request = fixture.request(&[diff], &pid.to_string(), "out");
     let built = shadowpatch_build::build(&request, &mut |_, _| {}).unwrap();
     assert_eq!(names(&built.functions_changed), vec!["compute"]);
-    assert_eq!(
-        built.reference_build_id.as_deref(),
-        Some(built.target_build_id.as_str())
-    );
-    let counter = built.bindings.iter().find(|b| b.symbol == "a.c::counter").unwrap();
-    assert_eq!(counter.how, SymbolOrigin::ReferenceBuild);
-
     let state = fixture.dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     shadowpatch_patch::apply(&state, pid, &built.manifest_path, &Default::default()).unwrap();
     assert_eq!(running.ask(3), "206 2 10");
     shadowpatch_patch::rollback(&state, pid, None).unwrap();
     assert_eq!(running.ask(3), "6 3 10");
+    built
+}
+
+#[test]
+fn stripped_process_is_patched_through_the_reference_rebuild() {
+    let fixture = Fixture::new();
+    let built = patch_and_roll_back(&fixture, &fixture.target_binary(true));
+    assert_eq!(
+        built.reference_build_id.as_deref(),
+        Some(built.target_build_id.as_str())
+    );
+    let counter = built.bindings.iter().find(|b| b.symbol == "a.c::counter").unwrap();
+    assert_eq!(counter.how, SymbolOrigin::ReferenceBuild);
 }
 
 #[test]
@@ -82,30 +84,11 @@ fn stripped_process_of_another_build_id_is_matched_function_by_function() {
     let fixture = Fixture::new();
     // Without the Makefile's -ffile-prefix-map the build folder lands in
     // the DWARF and the build-id differs; the code is the same.
-    let binary = fixture.target_binary_with(true, Some("-O2 -g"));
-    let mut running = Running::start(&binary);
-    assert_eq!(running.ask(3), "6 1 10");
-    let pid = running.child.id() as i32;
-
-    let diff = fixture.diff(
-        "counter",
-        "a.c",
-        "return scale(x) +",
-        "return scale(x) + counter * 100 +",
-    );
-    let request = fixture.request(&[diff], &pid.to_string(), "out");
-    let built = shadowpatch_build::build(&request, &mut |_, _| {}).unwrap();
+    let built = patch_and_roll_back(&fixture, &fixture.target_binary_with(true, Some("-O2 -g")));
     assert_ne!(
         built.reference_build_id.as_deref(),
         Some(built.target_build_id.as_str())
     );
     let counter = built.bindings.iter().find(|b| b.symbol == "a.c::counter").unwrap();
     assert_eq!(counter.how, SymbolOrigin::MaskedMatch);
-
-    let state = fixture.dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    shadowpatch_patch::apply(&state, pid, &built.manifest_path, &Default::default()).unwrap();
-    assert_eq!(running.ask(3), "206 2 10");
-    shadowpatch_patch::rollback(&state, pid, None).unwrap();
-    assert_eq!(running.ask(3), "6 3 10");
 }
