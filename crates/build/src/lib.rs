@@ -564,3 +564,46 @@ fn check_compiler(target: &Target, ours: Option<&str>, allow: bool, notes: &mut 
         ours: ours.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target_with_comment(comment: Option<&str>) -> Target {
+        // A relocatable object with (or without) a `.comment` section.
+        let mut object = object::write::Object::new(
+            object::BinaryFormat::Elf,
+            object::Architecture::X86_64,
+            object::Endianness::Little,
+        );
+        if let Some(comment) = comment {
+            let section = object.add_section(Vec::new(), b".comment".to_vec(), object::SectionKind::OtherString);
+            object
+                .section_mut(section)
+                .set_data(format!("{comment}\0").into_bytes(), 1);
+        }
+        Target {
+            name: "t".into(),
+            path: PathBuf::from("t"),
+            build_id: "00".into(),
+            bytes: object.write().unwrap(),
+            pid: None,
+        }
+    }
+
+    #[test]
+    fn another_compiler_is_refused_unless_allowed() {
+        let ours = "GCC: (Debian 12.2.0-14+deb12u1) 12.2.0";
+        let mut notes = Vec::new();
+        let same = target_with_comment(Some(ours));
+        assert!(check_compiler(&same, Some(ours), false, &mut notes).is_ok());
+        let other = target_with_comment(Some("GCC: (Debian 13.2.0-4) 13.2.0"));
+        let error = check_compiler(&other, Some(ours), false, &mut notes).unwrap_err();
+        assert!(error.to_string().contains("--allow-compiler-mismatch"), "{error}");
+        assert!(check_compiler(&other, Some(ours), true, &mut notes).is_ok());
+        assert!(notes.iter().any(|n| n.contains("compiler differs (allowed)")));
+        let stripped = target_with_comment(None);
+        assert!(check_compiler(&stripped, Some(ours), false, &mut notes).is_ok());
+        assert!(notes.iter().any(|n| n.contains("not checked")));
+    }
+}
