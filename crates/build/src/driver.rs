@@ -92,6 +92,32 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// Give every source file of `tree` the current time, so a build system
+/// recompiles every object even if the tree was copied already built (its
+/// objects would lack the flags the stage adds, and nothing would be
+/// recorded).
+pub fn touch_sources(tree: &Path) -> Result<(), BuildError> {
+    let mut files = Vec::new();
+    walk(tree, tree, &mut files)?;
+    let now = std::time::SystemTime::now();
+    for relative in files {
+        let is_source = relative
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| is_source(&format!("x.{e}")) || matches!(e, "h" | "hh" | "hpp" | "hxx"));
+        if !is_source {
+            continue;
+        }
+        let path = tree.join(&relative);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| BuildError::io(&path, e))?;
+        file.set_modified(now).map_err(|e| BuildError::io(&path, e))?;
+    }
+    Ok(())
+}
+
 /// A content hash of a source tree (paths, modes and bytes; `.git` and
 /// the build's own outputs excluded), keyed by `salt` (the build command).
 pub fn tree_hash(tree: &Path, salt: &str) -> Result<String, BuildError> {

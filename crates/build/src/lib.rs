@@ -496,9 +496,16 @@ fn cached_build(
         .map_err(|e| BuildError::io(cache, e))?;
     let tree = work.path().join("tree");
     driver::copy_tree(source, &tree)?;
+    driver::touch_sources(&tree)?;
     let wrapper = Wrapper::create(&work.path().join("wrapper"), flags)?;
     let log = logs.join(format!("{stage}-{hash}.log"));
     let objects: BTreeMap<PathBuf, CompiledObject> = wrapper.run(&tree, command, &log)?;
+    if objects.is_empty() {
+        return Err(BuildError::Input(format!(
+            "`{command}` compiled no object through the compiler wrapper (does the build honour CC or call gcc/cc by name? log: {})",
+            log.display()
+        )));
+    }
     let json = serde_json::to_vec_pretty(&objects.values().collect::<Vec<_>>())
         .map_err(|e| BuildError::Input(format!("objects list: {e}")))?;
     std::fs::write(work.path().join("objects.json"), json)
