@@ -92,3 +92,29 @@ fn stripped_process_of_another_build_id_is_matched_function_by_function() {
     let counter = built.bindings.iter().find(|b| b.symbol == "a.c::counter").unwrap();
     assert_eq!(counter.how, SymbolOrigin::MaskedMatch);
 }
+
+#[test]
+fn switch_jump_table_string_literal_and_global_work_in_the_patch() {
+    let fixture = Fixture::new();
+    let mut running = Running::start(&fixture.target_binary(true));
+    assert_eq!(running.ask(1), "2 1 10");
+    let pid = running.child.id() as i32;
+    // A jump table (copied .rodata relocated back into the copied code), a
+    // string literal, the global `limit` and the static `counter`.
+    let diff = fixture.diff(
+        "switch",
+        "a.c",
+        "    return scale(x) +",
+        "    switch (x) {\n    case 1: return 101;\n    case 2: return 202 + limit;\n    case 3: return 303 + counter;\n    case 4: return 404;\n    case 5: return 505;\n    case 6: return 606;\n    case 7: return (int)__builtin_strlen(x > 0 ? \"seven\" : \"neg\");\n    default: break;\n    }\n    return scale(x) +",
+    );
+    let request = fixture.request(&[diff], &pid.to_string(), "out");
+    let built = shadowpatch_build::build(&request, &mut |_, _| {}).unwrap();
+    assert!(built.bindings.iter().any(|b| b.symbol == "limit"));
+    let state = fixture.dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    shadowpatch_patch::apply(&state, pid, &built.manifest_path, &Default::default()).unwrap();
+    let answers: Vec<String> = [1, 2, 3, 7, 9].into_iter().map(|x| running.ask(x)).collect();
+    assert_eq!(answers, ["101 2 10", "212 3 10", "307 4 10", "5 5 10", "18 6 10"]);
+    shadowpatch_patch::rollback(&state, pid, None).unwrap();
+    assert_eq!(running.ask(2), "4 7 10");
+}
