@@ -183,3 +183,36 @@ fn new_thread_local_is_refused() {
         "{error}"
     );
 }
+
+#[test]
+fn a_cplusplus_tree_is_refused_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("cpp");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(
+        tree.join("Makefile"),
+        "hello: hello.o\n\t$(CXX) -o $@ $^\n%.o: %.cc\n\t$(CXX) -O2 -c -o $@ $<\n",
+    )
+    .unwrap();
+    std::fs::write(
+        tree.join("hello.cc"),
+        "int twice(int x) { return x * 2; }\nint main() { return twice(0); }\n",
+    )
+    .unwrap();
+    crate::common::run(std::process::Command::new("make").arg("-s").current_dir(&tree));
+    let diff = dir.path().join("c.diff");
+    std::fs::write(&diff, "--- a/hello.cc\n+++ b/hello.cc\n@@ -1 +1 @@\n-int twice(int x) { return x * 2; }\n+int twice(int x) { return x * 3; }\n").unwrap();
+    let request = shadowpatch_build::BuildRequest {
+        source: tree.clone(),
+        diffs: vec![diff],
+        target: tree.join("hello").display().to_string(),
+        out: dir.path().join("out"),
+        cache: Some(dir.path().join("cache")),
+        ..Default::default()
+    };
+    let error = shadowpatch_build::build(&request, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("C++ is not supported by build yet"), "{error}");
+    assert!(!dir.path().join("out").exists());
+}
