@@ -72,7 +72,7 @@ pub fn diff_units(original: &Unit, patched: &Unit, touched: &TouchedFunctions) -
                 if constructors.contains(&index) {
                     return Err(BuildError::Refused {
                         symbol: symbol.name.clone(),
-                        reason: "constructor code changed; it already ran and will not run again".into(),
+                        reason: "constructor code (new or changed) already ran or would never run in the target".into(),
                     });
                 }
                 result.functions.push(Included {

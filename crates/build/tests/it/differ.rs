@@ -216,3 +216,42 @@ fn a_cplusplus_tree_is_refused_with_one_line() {
     assert!(error.contains("C++ is not supported by build yet"), "{error}");
     assert!(!dir.path().join("out").exists());
 }
+
+#[test]
+fn new_variables_are_allowed_and_live_in_the_patch() {
+    let fixture = Fixture::new();
+    let target = fixture.target_binary(false);
+    let diff = fixture.diff(
+        "extra",
+        "a.c",
+        "int compute(int x)\n{",
+        "int extra = 5;\nstatic int seen;\n\nint compute(int x)\n{\n    seen += extra;",
+    );
+    let built = fixture.build(&[diff], &target, "out").unwrap();
+    assert_eq!(names(&built.functions_changed), vec!["compute"]);
+    let mut data = built.data_new.clone();
+    data.sort();
+    assert_eq!(data, vec!["a.c::seen", "extra"]);
+    // Defined in the patch object, not bound to the target.
+    assert!(!built
+        .bindings
+        .iter()
+        .any(|b| b.symbol == "extra" || b.symbol == "a.c::seen"));
+}
+
+#[test]
+fn constructor_code_is_refused() {
+    let fixture = Fixture::new();
+    let target = fixture.target_binary(false);
+    let diff = fixture.diff(
+        "ctor",
+        "b.c",
+        "int tally(void)",
+        "__attribute__((constructor)) static void start(void)\n{\n    counter = 100;\n}\n\nint tally(void)",
+    );
+    let error = fixture.build(&[diff], &target, "out").unwrap_err();
+    assert!(
+        error.to_string().starts_with("refused: start: constructor code"),
+        "{error}"
+    );
+}
