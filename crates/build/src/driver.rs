@@ -3,7 +3,8 @@
 //! compiler wrapper.
 //!
 //! The wrapper is a small shell script written into a private folder put
-//! first on `PATH` under the names `cc`, `gcc`, `c++` and `g++`, and passed
+//! first on `PATH` under the names `cc`, `gcc`, `c++`, `g++` (and their
+//! `x86_64-linux-gnu-` forms), and passed
 //! as `CC`/`CXX`. A script rather than the `shadowpatch` binary re-invoked
 //! through argv[0]: the library is called from tests, the agent and the
 //! CLI, none of which can promise where a `shadowpatch` executable is, and a
@@ -245,7 +246,10 @@ impl Wrapper {
         for dir in [&bin, &records] {
             std::fs::create_dir_all(dir).map_err(|e| BuildError::io(dir, e))?;
         }
-        for (names, real) in [(["cc", "gcc"], "gcc"), (["c++", "g++"], "g++")] {
+        // Debian's tools call the compiler by its triplet name too.
+        let c_names = ["cc", "gcc", "x86_64-linux-gnu-gcc"];
+        let cxx_names = ["c++", "g++", "x86_64-linux-gnu-g++"];
+        for (names, real) in [(c_names, "gcc"), (cxx_names, "g++")] {
             let real = find_in_path(real).ok_or_else(|| BuildError::Input(format!("{real} is not installed")))?;
             let script = format!(
                 "#!/bin/sh\n# shadowpatch build: records each compile, then runs the real compiler.\n\
