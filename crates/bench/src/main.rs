@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod build;
 mod dirty;
 mod sections;
 mod simulation;
@@ -37,8 +38,8 @@ struct Cli {
     /// Size of the executable-like region for throughput, in MiB.
     #[arg(long)]
     region_mib: Option<u64>,
-    /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets).
-    #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent"])]
+    /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets; `build`: patches from a diff against the floor).
+    #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent", "build"])]
     only: Option<String>,
     /// Machine-readable JSON on stdout instead of text.
     #[arg(long)]

@@ -8,7 +8,7 @@
 //! interleaved round by round; the data mirroring cycle per dirty-tracking
 //! method is in `dirty.rs`, continuous verification (detection latency and
 //! target slowdown) in `watch.rs`, `apply --watch` in `watch_window.rs`,
-//! the agent in `agent.rs`.
+//! the agent in `agent.rs`, `shadowpatch build` in `build.rs`.
 
 use crate::support::Context;
 use crate::support::Percentiles;
@@ -152,6 +152,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         Some("watch") => return run_watch_only(context, quick, region_mib),
         Some("prediction") => return run_prediction_only(context, quick),
         Some("watch-window") => return crate::watch_window::run(context, quick),
+        Some("build") => return crate::build::run(context, quick),
         Some("dirty") => {
             let report = crate::dirty::run(context, quick)?;
             if context.json {
@@ -172,7 +173,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         }
         Some(other) => {
             return Err(crate::support::BadInput(format!(
-                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent)"
+                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent, build)"
             ))
             .into())
         }

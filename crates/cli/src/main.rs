@@ -69,6 +69,11 @@ enum Command {
         #[arg(long)]
         generation: Option<u32>,
     },
+    /// Make a patch from a source diff for the binary that is running (manifest + object in --out).
+    Build {
+        #[command(flatten)]
+        args: commands::build::BuildArgs,
+    },
     /// Analyse a patch, then load it into a running process and switch its functions in one stop.
     Apply {
         /// PID and the patch manifest (TOML); with --cgroup or --unit, only the manifest.
@@ -461,6 +466,7 @@ fn main() {
             }),
             None => commands::verify::run(&context, pid.expect("clap requires a PID without a set"), generation),
         },
+        Command::Build { args } => commands::build::run(&context, &args),
         Command::Apply {
             positionals,
             set,

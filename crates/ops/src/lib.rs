@@ -2,7 +2,8 @@
 //! whole, in one place — `apply` (analysis gate → snapshot of the mirrored
 //! variables → transaction → optional watch window → history event),
 //! `rollback` (with `--restore-state`), `recover`, `heal` (called by the
-//! watcher through `heal::OpsHealer`), `snapshot`, `mirror` and
+//! watcher through `heal::OpsHealer`), `snapshot`, `mirror`,
+//! `build` (a patch from a source diff) and
 //! `gc` (with `list`, its read-only counterpart). The CLI and the agent both call these functions and nothing below them for a
 //! change of state: the CLI parses arguments and renders the typed
 //! outcomes; the agent authenticates, queues and calls. Outcomes derive
@@ -13,6 +14,7 @@
 
 pub mod analysis;
 pub mod apply;
+pub mod build;
 pub mod heal;
 pub mod health_watch;
 pub mod mirror;
@@ -25,6 +27,7 @@ pub mod window;
 
 pub use analysis::{AnalysisReport, AnalysisSettings};
 pub use apply::{apply, Applied, ApplyRequest, ApplyResult, Refused};
+pub use build::{build, BuildOutcome};
 pub use mirror::{mirror, MirrorOutcome};
 pub use rollback::{recover, rollback, RollbackRequest, RolledBack};
 pub use shadowpatch_failure::{Classify, FailureClass};
@@ -40,6 +43,8 @@ pub enum OpsError {
     BadInput(String),
     #[error(transparent)]
     Patch(#[from] shadowpatch_patch::PatchError),
+    #[error(transparent)]
+    Build(#[from] shadowpatch_build::BuildError),
     #[error(transparent)]
     Predict(#[from] shadowpatch_predict::PredictError),
     #[error(transparent)]
@@ -67,6 +72,7 @@ impl Classify for OpsError {
         match self {
             OpsError::BadInput(_) => FailureClass::BadInput,
             OpsError::Patch(e) => e.class(),
+            OpsError::Build(e) => e.class(),
             OpsError::Predict(e) => e.class(),
             OpsError::Mirror(e) => e.class(),
             OpsError::Target(e) => e.class(),

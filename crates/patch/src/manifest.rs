@@ -12,6 +12,20 @@
 //! ```
 //!
 //! Unknown keys are refused (a typo must not silently drop a replacement).
+//!
+//! Optional `[[symbol]]` entries name functions and variables of the
+//! target module by file address, for this exact build-id: `shadowpatch
+//! build` writes them when the target is stripped or two files have
+//! statics of one name. Each hides every other symbol of its name in the
+//! module, for `[[replace]]` and for the object's undefined symbols alike.
+//!
+//! ```toml
+//! [[symbol]]
+//! name = "b.c::counter"           # as the object and [[replace]] use it
+//! address = 16400                 # file virtual address in the target
+//! size = 4
+//! kind = "object"                 # or "function"
+//! ```
 
 use crate::PatchError;
 use std::path::{Path, PathBuf};
@@ -29,6 +43,27 @@ pub struct Manifest {
     /// Optional free text shown in status and history.
     #[serde(default)]
     pub description: Option<String>,
+    /// Target symbols by address (see the module comment).
+    #[serde(default, rename = "symbol", skip_serializing_if = "Vec::is_empty")]
+    pub symbols: Vec<BoundSymbol>,
+}
+
+/// A symbol of the target module at a file address, for this build-id.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoundSymbol {
+    pub name: String,
+    /// File virtual address in the target module (the load bias is added).
+    pub address: u64,
+    pub size: u64,
+    pub kind: BoundKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BoundKind {
+    Function,
+    Object,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -115,7 +150,34 @@ impl Manifest {
                 return Err(format!("replace[{i}]: symbol {} is replaced twice", r.symbol));
             }
         }
+        for (i, bound) in self.symbols.iter().enumerate() {
+            if bound.name.is_empty() || bound.address == 0 {
+                return Err(format!("symbol[{i}]: name and a non-zero address are required"));
+            }
+            if self.symbols[..i].iter().any(|earlier| earlier.name == bound.name) {
+                return Err(format!("symbol[{i}]: {} is named twice", bound.name));
+            }
+        }
         Ok(())
+    }
+
+    /// The `[[symbol]]` entries as symbols of the target module.
+    pub fn bound_symbols(&self) -> Vec<shadowpatch_symbols::Symbol> {
+        self.symbols
+            .iter()
+            .map(|bound| shadowpatch_symbols::Symbol {
+                name: bound.name.clone(),
+                address: bound.address,
+                size: bound.size,
+                kind: match bound.kind {
+                    BoundKind::Function => shadowpatch_symbols::SymbolKind::Function,
+                    BoundKind::Object => shadowpatch_symbols::SymbolKind::Object,
+                },
+                source: shadowpatch_symbols::SymbolSource::Manifest,
+                global: false,
+                ifunc: false,
+            })
+            .collect()
     }
 
     pub fn build_id_lowercase(&self) -> String {
@@ -205,6 +267,20 @@ with = "pingCommand_fixed"
         assert_eq!(m.id, "ping-fix");
         assert_eq!(m.build_id_lowercase(), "a50d6825e7aa");
         assert_eq!(m.replacements[0].with, "pingCommand_fixed");
+    }
+
+    #[test]
+    fn bound_symbols_round_trip() {
+        let text =
+            format!("{GOOD}[[symbol]]\nname = \"b.c::counter\"\naddress = 0x4010\nsize = 4\nkind = \"object\"\n");
+        let m = Manifest::parse(&text).unwrap();
+        assert_eq!(m.symbols[0].address, 0x4010);
+        let again = Manifest::parse(&toml::to_string(&m).unwrap()).unwrap();
+        assert_eq!(again, m);
+        let twice = format!("{text}[[symbol]]\nname = \"b.c::counter\"\naddress = 1\nsize = 4\nkind = \"object\"\n");
+        assert!(Manifest::parse(&twice).unwrap_err().contains("named twice"));
+        let bad_kind = text.replace("\"object\"", "\"thing\"");
+        assert!(Manifest::parse(&bad_kind).is_err());
     }
 
     #[test]

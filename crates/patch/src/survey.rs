@@ -261,7 +261,7 @@ fn survey_parsed(
     let module = match find_target_module(pid, &manifest, &modules) {
         Ok((module, warning)) => {
             warnings.extend(warning);
-            Some(module)
+            Some(module.with_symbols(manifest.bound_symbols()))
         }
         Err(problem) => {
             problems.push(problem);

@@ -21,6 +21,10 @@ pub enum SymbolKind {
 pub enum SymbolSource {
     Symtab,
     Dynsym,
+    /// Named by a patch manifest's `[[symbol]]` entries: what `build`
+    /// found for this exact build (a stripped target, or statics of one
+    /// name in several files).
+    Manifest,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

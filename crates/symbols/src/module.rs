@@ -57,6 +57,30 @@ impl Module {
             .collect()
     }
 
+    /// This module with `extra` symbols added (file addresses, as in the
+    /// ELF); an added symbol hides every other symbol of its name, so a
+    /// name that was ambiguous or absent designates exactly what was added.
+    pub fn with_symbols(&self, extra: Vec<Symbol>) -> Module {
+        if extra.is_empty() {
+            return self.clone();
+        }
+        let hidden: std::collections::HashSet<&str> = extra.iter().map(|s| s.name.as_str()).collect();
+        let mut symbols: Vec<Symbol> = self
+            .image
+            .symbols
+            .iter()
+            .filter(|s| !hidden.contains(s.name.as_str()))
+            .cloned()
+            .collect();
+        symbols.extend(extra);
+        let mut image = (*self.image).clone();
+        image.symbols = crate::SymbolTable::new(symbols);
+        Module {
+            image: Arc::new(image),
+            ..self.clone()
+        }
+    }
+
     /// Whether a name given by a user designates this module — the one
     /// matching used by the manifest's `target.module`, `--module`,
     /// `lookup` and `--guard MODULE!SYM`: the file name, its name without

@@ -10,6 +10,7 @@ mod agent_abuse;
 mod agent_gate;
 mod analyze;
 mod apply_watch;
+mod build;
 mod demo;
 mod exit_codes;
 mod history;

@@ -1,0 +1,626 @@
+//! Patches from a source diff (`shadowpatch build`): the tree is built
+//! three times in copies through a recording compiler wrapper — pristine
+//! (the reference, cached by source hash), then original and patched with a
+//! section per function and per variable — the two last are compared
+//! object by object, and the changed functions are written out as a patch
+//! object whose references to unchanged code and data are bound to the
+//! running binary, with the manifest `apply` takes.
+//!
+//! `driver.rs` builds, `unit.rs` parses objects, `source.rs` reads the
+//! diff, `differ.rs` decides what changed, `target.rs` finds the target's
+//! symbols and checks the reference against it, `emit.rs` writes the
+//! patch object.
+
+#![forbid(unsafe_code)]
+
+pub mod differ;
+pub mod driver;
+pub mod emit;
+pub mod matching;
+pub mod source;
+pub mod target;
+pub mod unit;
+
+use differ::Inclusion;
+use driver::{CompiledObject, Flags, Wrapper};
+use emit::{Binding, PatchFunction};
+use shadowpatch_failure::{Classify, FailureClass};
+use shadowpatch_patch::manifest::{BoundKind, BoundSymbol, Manifest, Replacement, TargetSpec};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use target::{SymbolMap, Target};
+use unit::Unit;
+
+/// Errors of a build, each one line naming what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Input(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("diff {diff} does not apply: file {file}: {hunk}")]
+    DiffDoesNotApply { diff: PathBuf, file: String, hunk: String },
+    #[error("build failed: `{command}`: {tail} (log: {log})")]
+    BuildFailed {
+        command: String,
+        tail: String,
+        log: PathBuf,
+    },
+    #[error("the diff changes no function's code{detail}")]
+    NoFunctionalChange { detail: String },
+    #[error("refused: {symbol}: {reason}")]
+    Refused { symbol: String, reason: String },
+    #[error("pid {pid}: module {module} not found")]
+    ModuleNotFound { pid: i32, module: String },
+    #[error("the reference build does not match the running binary: {0}")]
+    Mismatch(String),
+    #[error("compiler differs: the target was built by {target:?}, this build uses {ours:?} (--allow-compiler-mismatch to go on)")]
+    CompilerMismatch { target: String, ours: String },
+}
+
+impl BuildError {
+    pub fn io(path: &Path, source: std::io::Error) -> BuildError {
+        BuildError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl Classify for BuildError {
+    fn class(&self) -> FailureClass {
+        // Every build error is about the input (tree, diff, target, tools):
+        // nothing of any process was touched.
+        FailureClass::BadInput
+    }
+}
+
+/// What to build and for what.
+#[derive(Debug, Clone, Default)]
+pub struct BuildRequest {
+    pub source: PathBuf,
+    pub diffs: Vec<PathBuf>,
+    /// A PID or a path.
+    pub target: String,
+    pub module: Option<String>,
+    /// Default: chosen by what the tree is (`driver::default_build_command`).
+    pub build_command: Option<String>,
+    /// A reference tree already built elsewhere (e.g. a Debian package
+    /// built with its own rules): used instead of building one.
+    pub reference_tree: Option<PathBuf>,
+    pub id: Option<String>,
+    pub out: PathBuf,
+    pub allow_compiler_mismatch: bool,
+    /// Cache of reference and original builds (default
+    /// `$XDG_CACHE_HOME/shadowpatch/build`).
+    pub cache: Option<PathBuf>,
+}
+
+/// A function of the result.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BuiltFunction {
+    /// The name in the target (and the manifest).
+    pub symbol: String,
+    /// The object file it comes from, relative to the tree.
+    pub object: PathBuf,
+}
+
+/// The outcome of a build.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Built {
+    pub out: PathBuf,
+    pub manifest_path: PathBuf,
+    pub functions_changed: Vec<BuiltFunction>,
+    pub functions_new: Vec<BuiltFunction>,
+    pub functions_included_for_inlining: Vec<BuiltFunction>,
+    /// Functions that differ only in a line number (ignored).
+    pub functions_line_only: Vec<String>,
+    pub data_new: Vec<String>,
+    pub bindings: Vec<Binding>,
+    pub target_build_id: String,
+    pub target_module: String,
+    /// The reference build's binary's build-id (equal to the target's when
+    /// the build is reproducible).
+    pub reference_build_id: Option<String>,
+    pub reference_cached: bool,
+    pub compiler: Option<String>,
+    pub build_seconds: f64,
+    pub manifest: Manifest,
+    pub notes: Vec<String>,
+}
+
+/// The steps reported to a progress display.
+pub const STEPS: [&str; 6] = [
+    "reference build",
+    "original build",
+    "patched build",
+    "comparing objects",
+    "binding to the target",
+    "writing the patch",
+];
+
+/// Build a patch. `step(i, name)` is called as each of [`STEPS`] starts.
+/// Nothing is written to `request.out` unless the whole result is: it is
+/// assembled in a temporary folder beside it and renamed into place.
+pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Result<Built, BuildError> {
+    let started = Instant::now();
+    let mut notes = Vec::new();
+    if request.out.exists()
+        && std::fs::read_dir(&request.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(BuildError::Input(format!(
+            "{}: exists and is not empty; choose a new --out",
+            request.out.display()
+        )));
+    }
+    if request.diffs.is_empty() {
+        return Err(BuildError::Input("no --diff given".into()));
+    }
+    let source = std::fs::canonicalize(&request.source).map_err(|e| BuildError::io(&request.source, e))?;
+    let target = Target::open(&request.target, request.module.as_deref())?;
+    let command = match &request.build_command {
+        Some(command) => command.clone(),
+        None => driver::default_build_command(&source)?,
+    };
+    let cache = match &request.cache {
+        Some(cache) => cache.clone(),
+        None => default_cache(),
+    };
+    std::fs::create_dir_all(&cache).map_err(|e| BuildError::io(&cache, e))?;
+    let cache = std::fs::canonicalize(&cache).map_err(|e| BuildError::io(&cache, e))?;
+    let logs = cache.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| BuildError::io(&logs, e))?;
+    let hash = driver::tree_hash(&source, &command)?;
+
+    step(0, STEPS[0]);
+    // The reference and the original are independent builds of the same
+    // tree: run side by side, they take about the time of one on two cores.
+    let (reference, original) = std::thread::scope(|scope| {
+        let reference = scope.spawn(|| match &request.reference_tree {
+            Some(tree) => Ok((tree.clone(), true)),
+            None => cached_build(&cache, &logs, "reference", &hash, &source, &command, Flags::Pristine),
+        });
+        let original = cached_build(&cache, &logs, "original", &hash, &source, &command, Flags::Sections);
+        (
+            reference.join().expect("the reference build thread does not panic"),
+            original,
+        )
+    });
+    let (reference_tree, reference_cached) = reference?;
+    step(1, STEPS[1]);
+    let (original_tree, _) = original?;
+
+    step(2, STEPS[2]);
+    let work = tempfile::Builder::new()
+        .prefix("patched-")
+        .tempdir_in(&cache)
+        .map_err(|e| BuildError::io(&cache, e))?;
+    let patched_tree = work.path().join("tree");
+    driver::copy_tree(&original_tree, &patched_tree)?;
+    let mut diff_text = String::new();
+    for diff in &request.diffs {
+        driver::apply_diff(&patched_tree, diff)?;
+        diff_text.push_str(&std::fs::read_to_string(diff).map_err(|e| BuildError::io(diff, e))?);
+        diff_text.push('\n');
+    }
+    let wrapper = Wrapper::create(&work.path().join("wrapper"), Flags::Sections)?;
+    let log = logs.join(format!("patched-{hash}.log"));
+    let recompiled = wrapper.run(&patched_tree, &command, &log)?;
+    if recompiled.is_empty() {
+        return Err(BuildError::NoFunctionalChange {
+            detail: " (no object was recompiled)".into(),
+        });
+    }
+
+    step(3, STEPS[3]);
+    let changed_lines = source::changed_lines(&diff_text);
+    let mut units = Vec::new();
+    let mut functions = Vec::new();
+    let mut line_only = Vec::new();
+    let mut origin_of = Vec::new();
+    for compiled in recompiled.values() {
+        if driver::is_cplusplus(&compiled.source) {
+            return Err(BuildError::Input(format!(
+                "{}: C++ is not supported by build yet (mangled names, COMDAT instances); write the patch by hand",
+                compiled.source.display()
+            )));
+        }
+        let original_object = original_tree.join(&compiled.object);
+        if !original_object.is_file() {
+            return Err(BuildError::Refused {
+                symbol: compiled.object.display().to_string(),
+                reason: "a new source file; add new code to an existing file".into(),
+            });
+        }
+        let original = Unit::open(&original_object)?;
+        let patched = Unit::open(&patched_tree.join(&compiled.object))?;
+        let patched_source = std::fs::read_to_string(patched_tree.join(&compiled.source)).unwrap_or_default();
+        let touched = source::lines_for(&changed_lines, &compiled.source)
+            .map(|lines| source::TouchedFunctions::of(&patched_source, lines))
+            .unwrap_or_default();
+        let diff = differ::diff_units(&original, &patched, &touched)?;
+        line_only.extend(diff.line_only);
+        let unit_index = units.len();
+        for included in diff.functions {
+            functions.push(PatchFunction {
+                unit: unit_index,
+                symbol: included.symbol,
+                inclusion: included.inclusion,
+            });
+        }
+        units.push(patched);
+        origin_of.push(compiled.clone());
+    }
+    if functions.is_empty() {
+        let detail = if line_only.is_empty() {
+            String::new()
+        } else {
+            format!(" (only line numbers changed in {})", line_only.join(", "))
+        };
+        return Err(BuildError::NoFunctionalChange { detail });
+    }
+
+    step(4, STEPS[4]);
+    let reference_binary = find_reference_binary(&reference_tree, &target)?;
+    let reference_bytes = reference_binary
+        .as_ref()
+        .map(|path| std::fs::read(path).map_err(|e| BuildError::io(path, e)))
+        .transpose()?;
+    let reference_build_id = reference_bytes.as_deref().and_then(target::build_id_of);
+    let symbols = SymbolMap::for_target(&target, reference_bytes.as_deref()).ok_or_else(|| {
+        BuildError::Mismatch(format!(
+            "{} has no symbol table, no debug file is installed for build-id {}, and no function of the reference build's binary{} matches its code",
+            target.name,
+            target.build_id,
+            reference_build_id.as_deref().map(|id| format!(" ({id})")).unwrap_or_default()
+        ))
+    })?;
+    let compiler = units.iter().find_map(|u| u.producer.clone());
+    check_compiler(
+        &target,
+        compiler.as_deref(),
+        request.allow_compiler_mismatch,
+        &mut notes,
+    )?;
+    // Each replaced function: the running code must be the reference
+    // build's, relocation-masked.
+    let reference_symbols = reference_bytes
+        .as_deref()
+        .and_then(|bytes| SymbolMap::of_file(bytes, target::SymbolOrigin::ReferenceBuild));
+    for function in functions.iter().filter(|f| f.inclusion != Inclusion::New) {
+        let unit = &units[function.unit];
+        let symbol = &unit.symbols[function.symbol];
+        let file = (!symbol.global).then_some(unit.file.as_str());
+        let running = symbols.find(&symbol.name, file).map_err(|why| {
+            BuildError::Mismatch(format!("{} ({}): {why} in {}", symbol.name, unit.file, target.name))
+        })?;
+        let running_code = target::bytes_at(&target.bytes, running.address, running.size).unwrap_or(&[]);
+        let reference = reference_symbols.as_ref().and_then(|m| m.find(&symbol.name, file).ok());
+        let (Some(reference), Some(reference_bytes)) = (reference, reference_bytes.as_deref()) else {
+            return Err(BuildError::Mismatch(format!(
+                "{} is not in the reference build's binary",
+                symbol.name
+            )));
+        };
+        let reference_code = target::bytes_at(reference_bytes, reference.address, reference.size).unwrap_or(&[]);
+        if !target::same_code_masked(reference_code, reference.address, running_code, running.address) {
+            return Err(BuildError::Mismatch(format!(
+                "{} differs from the running function at {:#x}: the running binary was not built from this source with these flags",
+                symbol.name, running.address
+            )));
+        }
+    }
+
+    step(5, STEPS[5]);
+    let parent = request
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| BuildError::io(parent, e))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".shadowpatch-build-")
+        .tempdir_in(parent)
+        .map_err(|e| BuildError::io(parent, e))?;
+    let emitted = emit::emit(
+        &units,
+        &functions,
+        &symbols,
+        &work.path().join("patch.o"),
+        &staging.path().join("patch.so"),
+    )?;
+    let id = request.id.clone().unwrap_or_else(|| default_id(&request.diffs[0]));
+    let mut bound: Vec<BoundSymbol> = emitted
+        .bindings
+        .values()
+        .map(|b| BoundSymbol {
+            name: b.symbol.clone(),
+            address: b.address,
+            size: b.size,
+            kind: if b.function {
+                BoundKind::Function
+            } else {
+                BoundKind::Object
+            },
+        })
+        .collect();
+    let mut replacements = Vec::new();
+    for (function, (name, with)) in functions
+        .iter()
+        .filter(|f| f.inclusion != Inclusion::New)
+        .zip(&emitted.names)
+    {
+        let unit = &units[function.unit];
+        let symbol = &unit.symbols[function.symbol];
+        if symbol.name.contains(".cold") {
+            continue;
+        }
+        let file = (!symbol.global).then_some(unit.file.as_str());
+        let running = symbols.find(&symbol.name, file).map_err(BuildError::Mismatch)?;
+        if !bound.iter().any(|b| &b.name == name) {
+            bound.push(BoundSymbol {
+                name: name.clone(),
+                address: running.address,
+                size: running.size,
+                kind: BoundKind::Function,
+            });
+        }
+        replacements.push(Replacement {
+            symbol: name.clone(),
+            with: with.clone(),
+        });
+    }
+    bound.sort_by(|a, b| a.name.cmp(&b.name));
+    let manifest = Manifest {
+        id,
+        object: PathBuf::from("patch.so"),
+        target: TargetSpec {
+            build_id: target.build_id.clone(),
+            module: Some(target.name.clone()),
+        },
+        replacements,
+        description: Some(format!(
+            "built by shadowpatch build from {}",
+            request
+                .diffs
+                .iter()
+                .map(|d| d.file_name().unwrap_or_default().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        symbols: bound,
+    };
+    let text = toml::to_string(&manifest).map_err(|e| BuildError::Input(format!("manifest: {e}")))?;
+    Manifest::parse(&text).map_err(|e| BuildError::Input(format!("the manifest written is invalid: {e}")))?;
+    std::fs::write(staging.path().join("manifest.toml"), &text)
+        .map_err(|e| BuildError::io(&staging.path().join("manifest.toml"), e))?;
+    // The same checks apply makes of the object.
+    shadowpatch_patch::object::PatchObject::load(&staging.path().join("patch.so"))
+        .map_err(|e| BuildError::Input(format!("the patch object built is not loadable: {e}")))?;
+    if request.out.exists() {
+        std::fs::remove_dir(&request.out).map_err(|e| BuildError::io(&request.out, e))?;
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, &request.out).map_err(|e| BuildError::io(&request.out, e))?;
+
+    let list = |wanted: Inclusion| -> Vec<BuiltFunction> {
+        functions
+            .iter()
+            .filter(|f| f.inclusion == wanted)
+            .map(|f| BuiltFunction {
+                symbol: emit::public_name(&units[f.unit], f.symbol),
+                object: origin_of[f.unit].object.clone(),
+            })
+            .collect()
+    };
+    if reference_build_id.as_deref() != Some(target.build_id.as_str()) {
+        notes.push(format!(
+            "the reference build's binary has build-id {}, the target {}: replaced functions were checked against the running code one by one",
+            reference_build_id.as_deref().unwrap_or("(none)"),
+            target.build_id
+        ));
+    }
+    Ok(Built {
+        out: request.out.clone(),
+        manifest_path: request.out.join("manifest.toml"),
+        functions_changed: list(Inclusion::Changed),
+        functions_new: list(Inclusion::New),
+        functions_included_for_inlining: list(Inclusion::Inlined),
+        functions_line_only: line_only,
+        data_new: emitted.new_data,
+        bindings: emitted.bindings.into_values().collect(),
+        target_build_id: target.build_id.clone(),
+        target_module: target.name.clone(),
+        reference_build_id,
+        reference_cached,
+        compiler,
+        build_seconds: started.elapsed().as_secs_f64(),
+        manifest,
+        notes,
+    })
+}
+
+fn default_cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("shadowpatch/build");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".cache/shadowpatch/build"),
+        None => std::env::temp_dir().join("shadowpatch-build"),
+    }
+}
+
+fn default_id(diff: &Path) -> String {
+    let stem = diff.file_stem().unwrap_or_default().to_string_lossy();
+    let id: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "built".into()
+    } else {
+        id
+    }
+}
+
+/// A build of `source` with `flags`, cached under `cache/<stage>-<hash>`:
+/// the tree after the build and the objects it compiled. Returns the tree
+/// and whether it came from the cache.
+fn cached_build(
+    cache: &Path,
+    logs: &Path,
+    stage: &str,
+    hash: &str,
+    source: &Path,
+    command: &str,
+    flags: Flags,
+) -> Result<(PathBuf, bool), BuildError> {
+    let folder = cache.join(format!("{stage}-{hash}"));
+    let done = folder.join("objects.json");
+    if done.is_file() {
+        return Ok((folder.join("tree"), true));
+    }
+    let work = tempfile::Builder::new()
+        .prefix(&format!(".{stage}-"))
+        .tempdir_in(cache)
+        .map_err(|e| BuildError::io(cache, e))?;
+    let tree = work.path().join("tree");
+    driver::copy_tree(source, &tree)?;
+    driver::touch_sources(&tree)?;
+    let wrapper = Wrapper::create(&work.path().join("wrapper"), flags)?;
+    let log = logs.join(format!("{stage}-{hash}.log"));
+    let objects: BTreeMap<PathBuf, CompiledObject> = wrapper.run(&tree, command, &log)?;
+    if objects.is_empty() {
+        return Err(BuildError::Input(format!(
+            "`{command}` compiled no object through the compiler wrapper (does the build honour CC or call gcc/cc by name? log: {})",
+            log.display()
+        )));
+    }
+    let json = serde_json::to_vec_pretty(&objects.values().collect::<Vec<_>>())
+        .map_err(|e| BuildError::Input(format!("objects list: {e}")))?;
+    std::fs::write(work.path().join("objects.json"), json)
+        .map_err(|e| BuildError::io(&work.path().join("objects.json"), e))?;
+    // A finished build takes its place in one rename; a concurrent build of
+    // the same tree that finished first wins and this one is dropped.
+    let kept = work.keep();
+    if std::fs::rename(&kept, &folder).is_err() {
+        let _ = std::fs::remove_dir_all(&kept);
+    }
+    Ok((folder.join("tree"), false))
+}
+
+/// The binary of the reference tree that is the target: its build-id
+/// first, else its file name, else the tree's only linked binary.
+fn find_reference_binary(tree: &Path, target: &Target) -> Result<Option<PathBuf>, BuildError> {
+    let mut by_name = None;
+    let mut linked = Vec::new();
+    let mut stack = vec![tree.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if !kind.is_file() {
+                continue;
+            }
+            let mut head = [0u8; 18];
+            let is_linked_elf = std::fs::File::open(&path)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                .is_ok()
+                && &head[..4] == b"\x7fELF"
+                && matches!(u16::from_le_bytes([head[16], head[17]]), 2 | 3);
+            if !is_linked_elf {
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            if target::build_id_of(&bytes).as_deref() == Some(target.build_id.as_str()) {
+                return Ok(Some(path));
+            }
+            if path.file_name().is_some_and(|n| n.to_string_lossy() == target.name) {
+                by_name = Some(path.clone());
+            }
+            linked.push(path);
+        }
+    }
+    if by_name.is_none() && linked.len() == 1 {
+        return Ok(linked.pop());
+    }
+    Ok(by_name)
+}
+
+/// The compiler of the patch's objects against the target's `.comment`.
+fn check_compiler(target: &Target, ours: Option<&str>, allow: bool, notes: &mut Vec<String>) -> Result<(), BuildError> {
+    let (Some(theirs), Some(ours)) = (target.comment(), ours) else {
+        notes.push("the target names no compiler (.comment stripped): the compiler was not checked".into());
+        return Ok(());
+    };
+    let same = ours.split("; ").all(|compiler| theirs.contains(compiler));
+    if same {
+        return Ok(());
+    }
+    if allow {
+        notes.push(format!("compiler differs (allowed): target {theirs:?}, build {ours:?}"));
+        return Ok(());
+    }
+    Err(BuildError::CompilerMismatch {
+        target: theirs,
+        ours: ours.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target_with_comment(comment: Option<&str>) -> Target {
+        // A relocatable object with (or without) a `.comment` section.
+        let mut object = object::write::Object::new(
+            object::BinaryFormat::Elf,
+            object::Architecture::X86_64,
+            object::Endianness::Little,
+        );
+        if let Some(comment) = comment {
+            let section = object.add_section(Vec::new(), b".comment".to_vec(), object::SectionKind::OtherString);
+            object
+                .section_mut(section)
+                .set_data(format!("{comment}\0").into_bytes(), 1);
+        }
+        Target {
+            name: "t".into(),
+            path: PathBuf::from("t"),
+            build_id: "00".into(),
+            bytes: object.write().unwrap(),
+            pid: None,
+        }
+    }
+
+    #[test]
+    fn another_compiler_is_refused_unless_allowed() {
+        let ours = "GCC: (Debian 12.2.0-14+deb12u1) 12.2.0";
+        let mut notes = Vec::new();
+        let same = target_with_comment(Some(ours));
+        assert!(check_compiler(&same, Some(ours), false, &mut notes).is_ok());
+        let other = target_with_comment(Some("GCC: (Debian 13.2.0-4) 13.2.0"));
+        let error = check_compiler(&other, Some(ours), false, &mut notes).unwrap_err();
+        assert!(error.to_string().contains("--allow-compiler-mismatch"), "{error}");
+        assert!(check_compiler(&other, Some(ours), true, &mut notes).is_ok());
+        assert!(notes.iter().any(|n| n.contains("compiler differs (allowed)")));
+        let stripped = target_with_comment(None);
+        assert!(check_compiler(&stripped, Some(ours), false, &mut notes).is_ok());
+        assert!(notes.iter().any(|n| n.contains("not checked")));
+    }
+}

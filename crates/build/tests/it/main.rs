@@ -1,0 +1,7 @@
+//! `shadowpatch build`'s integration tests, as one test binary: each file
+//! here is a module (see docs/testing.md). They build the small C tree
+//! in `tests/data/calc` with the real gcc and make.
+
+mod common;
+mod differ;
+mod end_to_end;
