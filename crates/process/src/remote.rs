@@ -377,8 +377,19 @@ impl Attached {
             ptrace_ext::sigmask(tid).map_err(|e| TargetError::from_errno(pid, "reading the signal mask of", e))?;
         let frame = SigFrame::new(&saved, &fpu, mask, path.restore_rt);
         // Below the red zone: memory any signal delivery may overwrite, so
-        // the thread's own code keeps nothing there.
-        self.memory().write(frame.address, &frame.bytes)?;
+        // the thread's own code keeps nothing there. Written with the
+        // target's own protections (process_vm_writev, unlike /proc/PID/mem,
+        // refuses a guard page or a read-only mapping): a stack with no
+        // room for the frame takes the stepped call instead.
+        if !write_as_target(pid, frame.address, &frame.bytes) {
+            tracing::debug!(
+                pid,
+                tid = tid.as_raw(),
+                "no room for a signal frame: stepped remote call"
+            );
+            let clone_stack = (number == libc::SYS_clone).then_some(args[1]);
+            return self.stepped_call(tid, number, args, clone_stack);
+        }
         fault::point("remote-framed");
         // TRACESYSGOOD before the thread can reach a syscall stop: a stop
         // code of SIGTRAP | 0x80 is no signal, so a tracer dying in a
@@ -558,6 +569,18 @@ fn exited_in_call(pid: i32) -> TargetError {
         pid,
         during: "running a remote syscall",
     }
+}
+
+/// Write `bytes` at `address` in `pid` as the target itself could
+/// (`process_vm_writev`); false unless every byte was written.
+fn write_as_target(pid: i32, address: u64, bytes: &[u8]) -> bool {
+    use nix::sys::uio::{process_vm_writev, RemoteIoVec};
+    let local = [std::io::IoSlice::new(bytes)];
+    let remote = [RemoteIoVec {
+        base: address as usize,
+        len: bytes.len(),
+    }];
+    process_vm_writev(Pid::from_raw(pid), &local, &remote).is_ok_and(|written| written == bytes.len())
 }
 
 /// Send the signals a borrowed thread met back to it. The call ends in an
