@@ -33,10 +33,7 @@ pub const CAPTURE_POINTS: &[&str] = &["capture-begin", "capture-armed", "capture
 
 /// Die here if the environment asks for it.
 pub fn point(name: &str) {
-    if std::env::var("SHADOWPATCH_FAULT").is_ok_and(|wanted| wanted == name) {
-        tracing::warn!(point = name, "fault injection: killing shadowpatch");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-    }
+    shadowpatch_process::fault::point(name);
 }
 
 /// Kill the *target* here if `SHADOWPATCH_FAULT_TARGET` names this point:

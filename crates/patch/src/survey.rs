@@ -321,6 +321,31 @@ fn survey_parsed(
     })
 }
 
+/// The modules a build-id mismatch lists: those the manifest's module hint
+/// names, else every mapped module (a hint that names none of them says so:
+/// an empty list would hide what is there).
+fn available_modules(hint: Option<&str>, modules: &[Module]) -> String {
+    let describe = |m: &Module| format!("{} {}", m.name, m.build_id_hex().unwrap_or_else(|| "(none)".into()));
+    let named: Vec<String> = modules
+        .iter()
+        .filter(|m| hint.is_none_or(|hint| m.matches_name(hint)))
+        .map(describe)
+        .collect();
+    if !named.is_empty() {
+        return named.join(", ");
+    }
+    let all: Vec<String> = modules.iter().map(describe).collect();
+    let all = if all.is_empty() {
+        "none mapped".to_string()
+    } else {
+        all.join(", ")
+    };
+    match hint {
+        Some(hint) => format!("none named {hint}; mapped: {all}"),
+        None => all,
+    }
+}
+
 /// The loaded module with the manifest's build-id. The build-id is the
 /// identity; the manifest's optional module-name hint is checked with
 /// [`Module::matches_name`] (file name, name without version, soname, the
@@ -339,18 +364,7 @@ pub fn find_target_module(
         .ok_or_else(|| PatchError::BuildIdMismatch {
             pid,
             wanted: wanted.clone(),
-            available: modules
-                .iter()
-                .filter(|m| {
-                    manifest
-                        .target
-                        .module
-                        .as_deref()
-                        .is_none_or(|hint| m.matches_name(hint))
-                })
-                .map(|m| format!("{} {}", m.name, m.build_id_hex().unwrap_or_else(|| "(none)".into())))
-                .collect::<Vec<_>>()
-                .join(", "),
+            available: available_modules(manifest.target.module.as_deref(), modules),
         })?;
     let warning = match &manifest.target.module {
         Some(hint) if !module.matches_name(hint) => Some(

@@ -81,6 +81,8 @@ pub struct Attached {
     pub(crate) syscall_instruction: Option<u64>,
     /// Address of a `syscall; ret` sequence, for remote clones (see `remote`).
     pub(crate) syscall_return_gadget: Option<Option<u64>>,
+    /// Address of libc's `__restore_rt`, for self-restoring remote calls.
+    pub(crate) restore_rt: Option<Option<u64>>,
     memory: TargetMemory,
     /// ptrace options every traced thread carries (none outside sessions).
     pub(crate) options: ptrace::Options,
@@ -127,6 +129,7 @@ impl Attached {
             priority: StopPriority::RealtimeIfPermitted,
             syscall_instruction: None,
             syscall_return_gadget: None,
+            restore_rt: None,
             memory,
             options: ptrace::Options::empty(),
             breakpoints: BTreeMap::new(),
@@ -466,6 +469,17 @@ impl Attached {
             .is_some_and(|s| s.stopped && !s.group_stop && !s.held)
     }
 
+    /// The error for a thread that is not ours to borrow: a thread in
+    /// job-control stop says the process is stopped (`action` is what the
+    /// caller was about to do), any other says so plainly.
+    pub(crate) fn not_borrowable(&self, tid: Pid, action: &'static str) -> TargetError {
+        let pid = self.pid();
+        match self.threads.get(&tid) {
+            Some(state) if state.stopped && state.group_stop => TargetError::JobControlStopped { pid, action },
+            _ => TargetError::ThreadNotStopped { pid, tid: tid.as_raw() },
+        }
+    }
+
     pub(crate) fn forget_thread(&mut self, tid: Pid) {
         self.threads.remove(&tid);
     }
@@ -532,16 +546,23 @@ impl Stopped<'_> {
     }
 
     /// The thread to borrow for remote syscalls: the main thread when it is
-    /// stopped like the others, else the first stopped thread.
+    /// stopped like the others, else the first stopped thread. A thread in
+    /// job-control stop is taken only when every thread is (the remote call
+    /// then says the process is stopped by job control).
     pub fn borrowable_thread(&self) -> Pid {
         // Never a thread held in signal-delivery-stop (`poll_signals`).
-        let threads: Vec<Pid> = self
-            .attached
-            .threads
-            .iter()
-            .filter(|(_, s)| s.stopped && !s.held)
-            .map(|(tid, _)| *tid)
-            .collect();
+        let candidates = |allow_group_stop: bool| -> Vec<Pid> {
+            self.attached
+                .threads
+                .iter()
+                .filter(|(_, s)| s.stopped && !s.held && (allow_group_stop || !s.group_stop))
+                .map(|(tid, _)| *tid)
+                .collect()
+        };
+        let mut threads = candidates(false);
+        if threads.is_empty() {
+            threads = candidates(true);
+        }
         let main = Pid::from_raw(self.attached.pid());
         if threads.contains(&main) {
             main

@@ -61,6 +61,11 @@ pub enum TargetError {
     NoSyscallInstruction { pid: i32 },
     #[error("thread {tid} of pid {pid} is not stopped by us")]
     ThreadNotStopped { pid: i32, tid: i32 },
+    #[error(
+        "pid {pid} is stopped by job control (SIGSTOP or SIGTSTP), so none of its threads can run {action}: \
+         nothing was changed and it is left stopped; send it SIGCONT (kill -CONT {pid}) and retry"
+    )]
+    JobControlStopped { pid: i32, action: &'static str },
 }
 
 impl TargetError {
@@ -91,6 +96,7 @@ impl Classify for TargetError {
             | TargetError::Recycled { .. }
             | TargetError::Execd { .. }
             | TargetError::PermissionDenied { .. } => FailureClass::BadInput,
+            TargetError::JobControlStopped { .. } => FailureClass::RefusedForSafety,
             _ => FailureClass::FailedMidway,
         }
     }

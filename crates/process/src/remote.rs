@@ -1,8 +1,22 @@
-//! Running a system call inside a stopped target by borrowing one thread.
+//! Running a system call inside a stopped target by borrowing one thread,
+//! so that the thread restores itself if we die at any instant.
 //!
-//! The thread's registers are saved, pointed at a `syscall` instruction found
-//! in the target's own code with the syscall number and arguments loaded, and
-//! single-stepped over it; then the saved registers are restored exactly.
+//! Self-restoring calls (the target's own threads): no byte of code is
+//! written and nothing is single-stepped. The thread's registers, FPU state
+//! and signal mask go into a signal frame on its stack below the red zone
+//! (`sigframe`); the call starts at a `syscall; ret` sequence of the
+//! target's libc with the stack pointer at that frame, whose first word is
+//! the address of libc's `__restore_rt`. Let go at any instant (our process
+//! killed: the kernel detaches and resumes the thread), the thread finishes
+//! the call, returns into `__restore_rt`, and its `rt_sigreturn` loads its
+//! own registers back: it goes on as if never borrowed. While we live, the
+//! call runs under `PTRACE_SYSCALL` (its entry and exit stops; with
+//! `PTRACE_O_TRACESYSGOOD` their stop code is not a signal, so a tracer
+//! dying there sends nothing), and from the exit stop a `PTRACE_INTERRUPT`
+//! brings the thread into an interrupt stop (inside the kernel's signal
+//! path, before any user instruction) where its saved registers are put
+//! back exactly. The thread thus ends every call in an interrupt stop, the
+//! one stop a dying tracer leaves no signal behind in.
 //!
 //! Interrupted system calls: a thread stopped while blocked in `read`,
 //! `nanosleep` or `futex` sits in the kernel's signal path with
@@ -10,20 +24,29 @@
 //! while borrowing it so the kernel's restart logic leaves our registers
 //! alone, and restore the original pair afterwards: when the thread resumes,
 //! the kernel restarts (or fails with EINTR) its own call exactly as it
-//! would have without us.
+//! would have without us. The signal frame holds the restart already
+//! decided (`sigframe::resumed_registers`).
+//!
+//! Copies of the target (`copy`) still single-step their calls over a
+//! `syscall` instruction: a copy dies with its tracer (PTRACE_O_EXITKILL),
+//! so it needs no way back. So does a target whose libc has no
+//! `syscall; ret` or `__restore_rt` (a static binary without signal
+//! handling): there a tracer killed mid-call can still kill the target.
 //!
 //! The same machinery runs a remote `clone` that makes a copy of the target
 //! (see `copy`), and the `wait4` that reaps dead copies inside the target.
 
 use crate::attach::{Attached, Stopped};
+use crate::fault;
 use crate::maps::read_maps;
+use crate::sigframe::{SigFrame, UC_SIGMASK};
 use crate::TargetError;
 use nix::errno::Errno;
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use shadowpatch_sys::pidfd;
+use shadowpatch_sys::{pidfd, ptrace_ext, siginfo};
 use std::os::fd::{AsFd, OwnedFd};
 
 /// The x86_64 `syscall` instruction.
@@ -39,36 +62,45 @@ impl Stopped<'_> {
         self.attached().remote_syscall(tid, number, args)
     }
 
-    /// Single-step thread `tid` (the others stay stopped) until its
+    /// Move thread `tid` (the others stay stopped) forward until its
     /// instruction pointer is outside `start..end`, at most `max_steps`
-    /// instructions. Used to move a thread out of bytes about to be
-    /// rewritten instead of waiting for the scheduler to do it. Returns
-    /// false, having done nothing, when the thread sits in a system call
-    /// (stepping would wait for the call to return).
+    /// instructions, by emulating them (`emulate`: never a single step,
+    /// which a tracer killed mid-way turns into a fatal SIGTRAP). Used to
+    /// move a thread out of bytes about to be rewritten instead of waiting
+    /// for the scheduler to do it. Returns false when the thread could not
+    /// be moved out: it sits in a system call, or meets an instruction we
+    /// do not emulate (the caller lets it run on and tries again).
     pub fn step_out_of(&mut self, tid: Pid, start: u64, end: u64, max_steps: u32) -> Result<bool, TargetError> {
         let attached = self.attached();
         let pid = attached.pid();
-        if !attached.is_stopped(tid) {
+        // Emulation runs nothing in the thread: one in job-control stop
+        // can be moved too.
+        if !attached.threads.get(&tid).is_some_and(|s| s.stopped && !s.held) {
             return Err(TargetError::ThreadNotStopped { pid, tid: tid.as_raw() });
         }
-        let regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
+        let mut regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
         if regs.orig_rax != u64::MAX {
             return Ok(false);
         }
-        let mut rip = regs.rip;
         for _ in 0..max_steps {
-            if !(start..end).contains(&rip) {
+            if !(start..end).contains(&regs.rip) {
                 return Ok(true);
             }
-            match attached.step_held(tid)? {
-                Step::Exited => return Ok(true),
-                Step::Trapped | Step::OtherStop | Step::Signal(_) => {}
+            let mut code = [0u8; 15];
+            let read = attached.memory().read_partial(regs.rip, &mut code)?;
+            let Some(effect) = crate::emulate::emulate(&regs, &code[..read]) else {
+                return Ok(false);
+            };
+            // The stack word first (below the stack pointer: nothing live
+            // there), then every register at once: killed between the two,
+            // the thread still holds its old, valid state.
+            if let Some((address, value)) = effect.store {
+                attached.memory().write(address, &value.to_le_bytes())?;
             }
-            rip = ptrace::getregs(tid)
-                .map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?
-                .rip;
+            ptrace::setregs(tid, effect.regs).map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
+            regs = effect.regs;
         }
-        Ok(!(start..end).contains(&rip))
+        Ok(!(start..end).contains(&regs.rip))
     }
 
     /// Reap dead copies (pids in the target's namespace) with a remote
@@ -248,27 +280,10 @@ fn step_over_syscall(
                     });
                 }
             }
-            // Someone else's signal: the caller keeps it for later.
-            WaitStatus::Stopped(_, signal) => on_signal(signal),
-            WaitStatus::PtraceEvent(_, _, event)
-                if event == nix::sys::ptrace::Event::PTRACE_EVENT_CLONE as i32
-                    || event == nix::sys::ptrace::Event::PTRACE_EVENT_FORK as i32
-                    || event == nix::sys::ptrace::Event::PTRACE_EVENT_VFORK as i32 =>
-            {
-                // Stopped before returning from the clone: the next step
-                // completes it.
-                let message =
-                    ptrace::getevent(tid).map_err(|e| TargetError::from_errno(pid, "reading the clone event of", e))?;
-                cloned = Some(Pid::from_raw(message as i32));
-            }
-            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                return Err(TargetError::Exited {
-                    pid,
-                    during: "running a remote syscall",
-                })
-            }
-            // A group-stop or another interrupt got in first: step again.
-            _ => {}
+            // A clone event: stopped before returning from the clone, the
+            // next step completes it. A group-stop or another interrupt
+            // got in first: step again.
+            status => other_stop(pid, tid, status, &mut cloned, on_signal)?,
         }
     }
     Err(TargetError::Sys {
@@ -294,32 +309,19 @@ pub const COPY_CLONE_FLAGS: u64 = 0;
 impl Attached {
     /// Run syscall `number` with `args` in thread `tid`, which must be in a
     /// ptrace-stop of ours (the world stopped, or the thread held at an
-    /// event while the others run); returns the raw result.
+    /// event while the others run); returns the raw result. The thread ends
+    /// in an interrupt stop with its registers as they were.
     pub fn remote_syscall(&mut self, tid: Pid, number: i64, args: [u64; 6]) -> Result<i64, TargetError> {
-        let pid = self.pid();
         if !self.is_stopped(tid) {
-            return Err(TargetError::ThreadNotStopped { pid, tid: tid.as_raw() });
+            return Err(self.not_borrowable(tid, "a remote system call"));
         }
-        let instruction = self.syscall_instruction()?;
-        let saved = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
-        let call = syscall_registers(saved, instruction, number, args);
-        let mut deferred = None;
-        let run = run_syscall(pid, tid, saved, call, &mut |signal| {
-            deferred.get_or_insert(signal);
-        });
-        if let Some(signal) = deferred {
-            self.defer_signal(tid, signal);
-        }
+        let run = match self.return_path()? {
+            Some(path) => self.self_restoring_call(tid, path, number, args, ptrace::Options::empty()),
+            None => self.stepped_call(tid, number, args, None),
+        };
         match run {
             Ok(run) => Ok(run.result),
-            Err(TargetError::Exited { .. }) => {
-                self.forget_thread(tid);
-                Err(TargetError::Exited {
-                    pid,
-                    during: "running a remote syscall",
-                })
-            }
-            Err(error) => Err(error),
+            Err(error) => Err(self.forget_if_exited(tid, error)),
         }
     }
 
@@ -331,18 +333,142 @@ impl Attached {
     pub fn remote_clone(&mut self, tid: Pid) -> Result<(Pid, i64), TargetError> {
         let pid = self.pid();
         if !self.is_stopped(tid) {
-            return Err(TargetError::ThreadNotStopped { pid, tid: tid.as_raw() });
+            return Err(self.not_borrowable(tid, "a remote clone"));
         }
-        let instruction = self.syscall_return_gadget()?;
+        // The copy starts with its stack pointer at CLONE_STACK_TRAP (the
+        // clone's stack argument), never on the borrowed thread's frame: a
+        // copy let go untraced dies on its first `ret`.
+        let args = [COPY_CLONE_FLAGS, CLONE_STACK_TRAP, 0, 0, 0, 0];
+        let run = match self.return_path()? {
+            Some(path) => {
+                self.self_restoring_call(tid, path, libc::SYS_clone, args, ptrace::Options::PTRACE_O_TRACECLONE)
+            }
+            None => self.stepped_call(tid, libc::SYS_clone, args, Some(CLONE_STACK_TRAP)),
+        };
+        let run = run.map_err(|error| self.forget_if_exited(tid, error))?;
+        clone_result(pid, run)
+    }
+
+    fn forget_if_exited(&mut self, tid: Pid, error: TargetError) -> TargetError {
+        if let TargetError::Exited { .. } = error {
+            self.forget_thread(tid);
+        }
+        error
+    }
+
+    /// The self-restoring call (see the module comment). Every step says
+    /// what a tracer killed right there leaves; `fault::point` names them
+    /// for the tests that kill us there.
+    fn self_restoring_call(
+        &mut self,
+        tid: Pid,
+        path: ReturnPath,
+        number: i64,
+        args: [u64; 6],
+        extra_options: ptrace::Options,
+    ) -> Result<SyscallRun, TargetError> {
+        let pid = self.pid();
+        let regs_error = |e| TargetError::from_errno(pid, "reading registers of", e);
+        let saved = ptrace::getregs(tid).map_err(regs_error)?;
+        let fpu = ptrace_ext::regset_bytes(tid, ptrace_ext::NT_X86_XSTATE)
+            .or_else(|_| ptrace_ext::regset_bytes(tid, ptrace_ext::NT_PRFPREG))
+            .map_err(|e| TargetError::from_errno(pid, "reading the FPU state of", e))?;
+        let mask =
+            ptrace_ext::sigmask(tid).map_err(|e| TargetError::from_errno(pid, "reading the signal mask of", e))?;
+        let frame = SigFrame::new(&saved, &fpu, mask, path.restore_rt);
+        // Below the red zone: memory any signal delivery may overwrite, so
+        // the thread's own code keeps nothing there. Written with the
+        // target's own protections (process_vm_writev, unlike /proc/PID/mem,
+        // refuses a guard page or a read-only mapping): a stack with no
+        // room for the frame takes the stepped call instead.
+        if !write_as_target(pid, frame.address, &frame.bytes) {
+            tracing::debug!(
+                pid,
+                tid = tid.as_raw(),
+                "no room for a signal frame: stepped remote call"
+            );
+            let clone_stack = (number == libc::SYS_clone).then_some(args[1]);
+            return self.stepped_call(tid, number, args, clone_stack);
+        }
+        fault::point("remote-framed");
+        // TRACESYSGOOD before the thread can reach a syscall stop: a stop
+        // code of SIGTRAP | 0x80 is no signal, so a tracer dying in a
+        // syscall stop makes the kernel send nothing.
+        let options = self.options | ptrace::Options::PTRACE_O_TRACESYSGOOD | extra_options;
+        ptrace::setoptions(tid, options).map_err(|e| TargetError::from_errno(pid, "setting ptrace options of", e))?;
+        let mut call = syscall_registers(saved, path.syscall_ret, number, args);
+        call.rsp = frame.address;
+        // Never run the call with the trap flag.
+        call.eflags &= !TRAP_FLAG;
+        ptrace::setregs(tid, call).map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
+        // From here on the thread restores itself whenever it is let go.
+        fault::point("remote-borrowed");
+        // Signals met on the way are kept from the thread while it is
+        // borrowed and sent back to it at the end (see `requeue`).
+        let mut kept = Vec::new();
+        let run = run_to_exit_stop(
+            pid,
+            tid,
+            path.syscall_ret,
+            &mut |signal| kept.push(signal),
+            &mut |at_entry| {
+                // Leaving the interrupt stop ran restore_saved_sigmask(): the
+                // mask now is the one the thread lives with (the one read above
+                // was a ppoll/pselect/sigsuspend call's temporary mask if the
+                // thread was stopped inside one). The frame must restore it.
+                if at_entry {
+                    if let Ok(now) = ptrace_ext::sigmask(tid) {
+                        if now != mask {
+                            self.memory().write(frame.address + UC_SIGMASK, &now.to_le_bytes())?;
+                        }
+                    }
+                    fault::point("remote-entered");
+                }
+                Ok(())
+            },
+        );
+        let run = run.and_then(|run| {
+            fault::point("remote-returned");
+            interrupt_stop(pid, tid, &mut |signal| kept.push(signal))?;
+            fault::point("remote-trapped");
+            // In an interrupt stop, inside the kernel's signal path: the
+            // saved registers resume exactly as they would have (restart
+            // included).
+            ptrace::setregs(tid, saved).map_err(|e| TargetError::from_errno(pid, "restoring registers of", e))?;
+            let _ = ptrace::setoptions(tid, self.options);
+            Ok(run)
+        });
+        requeue(pid, tid, &kept);
+        run
+    }
+
+    /// The single-stepped call (no way back if we die mid-call): for a
+    /// target without the gadgets of [`ReturnPath`].
+    fn stepped_call(
+        &mut self,
+        tid: Pid,
+        number: i64,
+        args: [u64; 6],
+        clone_stack: Option<u64>,
+    ) -> Result<SyscallRun, TargetError> {
+        let pid = self.pid();
         let options = self.options;
         let with_clone = options | ptrace::Options::PTRACE_O_TRACECLONE;
-        if with_clone != options {
-            ptrace::setoptions(tid, with_clone)
-                .map_err(|e| TargetError::from_errno(pid, "setting ptrace options of", e))?;
-        }
+        let instruction = match clone_stack {
+            Some(_) => {
+                if with_clone != options {
+                    ptrace::setoptions(tid, with_clone)
+                        .map_err(|e| TargetError::from_errno(pid, "setting ptrace options of", e))?;
+                }
+                self.syscall_return_gadget()?
+            }
+            None => self.syscall_instruction()?,
+        };
         let saved = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
-        let mut call = syscall_registers(saved, instruction, libc::SYS_clone, [COPY_CLONE_FLAGS, 0, 0, 0, 0, 0]);
-        call.rsp = CLONE_STACK_TRAP;
+        let mut call = syscall_registers(saved, instruction, number, args);
+        if let Some(stack) = clone_stack {
+            call.rsp = stack;
+        }
         let mut deferred = None;
         let run = run_syscall(pid, tid, saved, call, &mut |signal| {
             deferred.get_or_insert(signal);
@@ -350,32 +476,35 @@ impl Attached {
         if let Some(signal) = deferred {
             self.defer_signal(tid, signal);
         }
-        if with_clone != options {
+        if clone_stack.is_some() && with_clone != options {
             let _ = ptrace::setoptions(tid, options);
         }
-        let run = run?;
-        clone_result(pid, run)
+        run
+    }
+
+    /// The gadgets a self-restoring call needs, found once; `None` when
+    /// the target lacks one.
+    fn return_path(&mut self) -> Result<Option<ReturnPath>, TargetError> {
+        if self.restore_rt.is_none() {
+            let found = find_bytes(self, &RESTORE_RT)?;
+            self.restore_rt = Some(found);
+        }
+        let Some(restore_rt) = self.restore_rt.flatten() else {
+            return Ok(None);
+        };
+        self.syscall_return_gadget()?;
+        Ok(self.syscall_return_gadget.flatten().map(|syscall_ret| ReturnPath {
+            syscall_ret,
+            restore_rt,
+        }))
     }
 
     /// Find the instructions remote syscalls and clones borrow, now rather
     /// than in the first one's pause (the search reads memory).
     pub fn prepare_remote_calls(&mut self) -> Result<(), TargetError> {
         self.syscall_instruction()?;
-        self.syscall_return_gadget()?;
+        self.return_path()?;
         Ok(())
-    }
-
-    /// Single-step a thread in a ptrace-stop of ours, keeping a foreign
-    /// signal met on the way for its resume.
-    pub(crate) fn step_held(&mut self, tid: Pid) -> Result<Step, TargetError> {
-        let pid = self.pid();
-        let step = single_step(tid).map_err(|e| TargetError::from_errno(pid, "single-stepping", e))?;
-        match step {
-            Step::Signal(signal) => self.defer_signal(tid, signal),
-            Step::Exited => self.forget_thread(tid),
-            Step::Trapped | Step::OtherStop => {}
-        }
-        Ok(step)
     }
 
     /// Address of a `syscall; ret` sequence (see [`CLONE_STACK_TRAP`]), or
@@ -394,6 +523,183 @@ impl Attached {
 
 /// `syscall; ret`.
 const SYSCALL_RETURN: [u8; 3] = [0x0f, 0x05, 0xc3];
+/// `mov $15, %rax; syscall`: libc's `__restore_rt` (glibc and musl), the
+/// `rt_sigreturn` a signal handler returns through.
+const RESTORE_RT: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
+/// EFLAGS.TF.
+const TRAP_FLAG: u64 = 0x100;
+
+/// The process a clone, fork or vfork event stop of `tid` announces (in our
+/// pid namespace); `None` for any other event.
+fn cloned_by(pid: i32, tid: Pid, event: i32) -> Result<Option<Pid>, TargetError> {
+    let clone_events = [
+        ptrace::Event::PTRACE_EVENT_CLONE,
+        ptrace::Event::PTRACE_EVENT_FORK,
+        ptrace::Event::PTRACE_EVENT_VFORK,
+    ];
+    if !clone_events.iter().any(|e| *e as i32 == event) {
+        return Ok(None);
+    }
+    let message = ptrace::getevent(tid).map_err(|e| TargetError::from_errno(pid, "reading the clone event of", e))?;
+    Ok(Some(Pid::from_raw(message as i32)))
+}
+
+/// What both call loops do with a stop that is not their call's own: keep
+/// a foreign signal (the caller decides its fate), note the process a
+/// clone event announces, fail when the thread is gone; pass over anything
+/// else (a group-stop or an interrupt that got in first).
+fn other_stop(
+    pid: i32,
+    tid: Pid,
+    status: WaitStatus,
+    cloned: &mut Option<Pid>,
+    on_signal: &mut dyn FnMut(Signal),
+) -> Result<(), TargetError> {
+    match status {
+        WaitStatus::Stopped(_, signal) => on_signal(signal),
+        WaitStatus::PtraceEvent(_, _, event) => *cloned = cloned.or(cloned_by(pid, tid, event)?),
+        WaitStatus::Exited(..) | WaitStatus::Signaled(..) => return Err(exited_in_call(pid)),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn exited_in_call(pid: i32) -> TargetError {
+    TargetError::Exited {
+        pid,
+        during: "running a remote syscall",
+    }
+}
+
+/// Write `bytes` at `address` in `pid` as the target itself could
+/// (`process_vm_writev`); false unless every byte was written.
+fn write_as_target(pid: i32, address: u64, bytes: &[u8]) -> bool {
+    use nix::sys::uio::{process_vm_writev, RemoteIoVec};
+    let local = [std::io::IoSlice::new(bytes)];
+    let remote = [RemoteIoVec {
+        base: address as usize,
+        len: bytes.len(),
+    }];
+    process_vm_writev(Pid::from_raw(pid), &local, &remote).is_ok_and(|written| written == bytes.len())
+}
+
+/// Send the signals a borrowed thread met back to it. The call ends in an
+/// interrupt stop, where a signal passed to PTRACE_CONT is ignored (the
+/// stepped call ended in a signal-delivery stop and deferred them to the
+/// resume instead); sent again, each is pending when the thread resumes
+/// and is taken like any signal met while stopped, or delivered by the
+/// kernel if we die first. As when a tracer injects a signal, the
+/// original sender's siginfo is not kept.
+fn requeue(pid: i32, tid: Pid, signals: &[Signal]) {
+    for &signal in signals {
+        if let Err(errno) = siginfo::tgkill(Pid::from_raw(pid), tid, signal) {
+            tracing::warn!(pid, tid = tid.as_raw(), ?signal, %errno, "could not send a kept signal back");
+        }
+    }
+}
+
+/// Where a self-restoring call runs and returns through.
+#[derive(Debug, Clone, Copy)]
+struct ReturnPath {
+    /// A `syscall; ret` sequence: the call.
+    syscall_ret: u64,
+    /// `__restore_rt`: the `ret` lands here and restores the thread.
+    restore_rt: u64,
+}
+
+/// The names of the points of a self-restoring call where tests kill us
+/// (`SHADOWPATCH_FAULT`), in order: frame written; call registers set;
+/// the call's entry stop; its exit stop; the interrupt stop before the
+/// registers are put back.
+pub const REMOTE_CALL_POINTS: &[&str] = &[
+    "remote-framed",
+    "remote-borrowed",
+    "remote-entered",
+    "remote-returned",
+    "remote-trapped",
+];
+
+fn wait_any(pid: i32, tid: Pid) -> Result<WaitStatus, TargetError> {
+    loop {
+        match waitpid(tid, Some(WaitPidFlag::__WALL)) {
+            Err(Errno::EINTR) => continue,
+            other => return other.map_err(|e| TargetError::from_errno(pid, "waiting for", e)),
+        }
+    }
+}
+
+/// Resume `tid` (call registers set, at `syscall_ret`) under
+/// PTRACE_SYSCALL until the exit stop of its call; `at_stop(true)` runs at
+/// the entry stop. Foreign signals met on the way are suppressed and handed
+/// to `on_signal` (the caller delivers them at resume).
+fn run_to_exit_stop(
+    pid: i32,
+    tid: Pid,
+    syscall_ret: u64,
+    on_signal: &mut dyn FnMut(Signal),
+    at_stop: &mut dyn FnMut(bool) -> Result<(), TargetError>,
+) -> Result<SyscallRun, TargetError> {
+    let mut cloned = None;
+    let mut entered = false;
+    for _ in 0..MAX_STEP_ATTEMPTS {
+        ptrace::syscall(tid, None).map_err(|e| TargetError::from_errno(pid, "resuming (PTRACE_SYSCALL)", e))?;
+        match wait_any(pid, tid)? {
+            WaitStatus::PtraceSyscall(_) => {
+                let stop = ptrace_ext::syscall_stop(tid)
+                    .map_err(|e| TargetError::from_errno(pid, "reading the syscall stop of", e))?;
+                let regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
+                // Our call's stops are at the instruction after `syscall`.
+                if regs.rip != syscall_ret + SYSCALL_INSTRUCTION.len() as u64 {
+                    return Err(TargetError::Sys {
+                        pid,
+                        action: "running a remote syscall (a syscall stop elsewhere) in",
+                        errno: Errno::EFAULT,
+                    });
+                }
+                match stop {
+                    ptrace_ext::SyscallStop::Entry => {
+                        entered = true;
+                        at_stop(true)?;
+                    }
+                    ptrace_ext::SyscallStop::Exit if entered => {
+                        return Ok(SyscallRun {
+                            result: regs.rax as i64,
+                            cloned,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+            status => other_stop(pid, tid, status, &mut cloned, on_signal)?,
+        }
+    }
+    Err(TargetError::Sys {
+        pid,
+        action: "running a remote syscall in",
+        errno: Errno::EAGAIN,
+    })
+}
+
+/// From a syscall stop, bring `tid` into an interrupt stop
+/// (PTRACE_EVENT_STOP): the interrupt is taken in the kernel's signal path
+/// on the way out, before any user instruction runs.
+fn interrupt_stop(pid: i32, tid: Pid, on_signal: &mut dyn FnMut(Signal)) -> Result<(), TargetError> {
+    for _ in 0..MAX_STEP_ATTEMPTS {
+        ptrace::interrupt(tid).map_err(|e| TargetError::from_errno(pid, "interrupting", e))?;
+        ptrace::cont(tid, None).map_err(|e| TargetError::from_errno(pid, "resuming", e))?;
+        match wait_any(pid, tid)? {
+            WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_STOP => return Ok(()),
+            WaitStatus::Stopped(_, signal) => on_signal(signal),
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => return Err(exited_in_call(pid)),
+            _ => {}
+        }
+    }
+    Err(TargetError::Sys {
+        pid,
+        action: "stopping a thread after a remote syscall in",
+        errno: Errno::EAGAIN,
+    })
+}
 
 /// Registers for a syscall at `instruction`, from a thread's `saved` ones.
 pub(crate) fn syscall_registers(

@@ -133,7 +133,7 @@ mod tests {
 
     #[test]
     fn explicit_calls_get_an_aligned_stack_and_their_arguments() {
-        let mut live = zeroed_regs();
+        let mut live = shadowpatch_process::zeroed_regs();
         live.rsp = 0x7ffd_0000_1234;
         let regs = explicit_entry(&live, 0x401000, &[1, 2, 3]);
         assert_eq!(regs.rip, 0x401000);
@@ -141,37 +141,5 @@ mod tests {
         assert!(regs.rsp < live.rsp - 128);
         assert_eq!((regs.rdi, regs.rsi, regs.rdx, regs.rcx), (1, 2, 3, 0));
         assert_eq!(regs.orig_rax, u64::MAX);
-    }
-
-    fn zeroed_regs() -> libc::user_regs_struct {
-        libc::user_regs_struct {
-            r15: 0,
-            r14: 0,
-            r13: 0,
-            r12: 0,
-            rbp: 0,
-            rbx: 0,
-            r11: 0,
-            r10: 0,
-            r9: 0,
-            r8: 0,
-            rax: 0,
-            rcx: 0,
-            rdx: 0,
-            rsi: 0,
-            rdi: 0,
-            orig_rax: 0,
-            rip: 0,
-            cs: 0,
-            eflags: 0,
-            rsp: 0,
-            ss: 0,
-            fs_base: 0,
-            gs_base: 0,
-            ds: 0,
-            es: 0,
-            fs: 0,
-            gs: 0,
-        }
     }
 }

@@ -192,6 +192,14 @@ fn load_image(pid: i32, mapping: &Mapping, path: &Path) -> Option<Result<ElfImag
     let bytes = std::fs::read(&by_inode).or_else(|_| std::fs::read(&in_root));
     let bytes = match bytes {
         Ok(bytes) => bytes,
+        // Both paths go through /proc/PID: a target that died since its
+        // maps were read makes them vanish. Say that, not which file.
+        Err(_) if shadowpatch_process::ProcessIdentity::of(pid).is_err() => {
+            return Some(Err(SymbolsError::Target(shadowpatch_process::TargetError::Exited {
+                pid,
+                during: "its modules were being read",
+            })))
+        }
         Err(source) => {
             return Some(Err(SymbolsError::Io {
                 path: path.to_path_buf(),

@@ -59,3 +59,52 @@ pub fn syscall_stop(tid: Pid) -> Result<SyscallStop, Errno> {
         _ => SyscallStop::Other,
     })
 }
+
+/// `NT_X86_XSTATE`: the XSAVE-layout extended register state regset.
+pub const NT_X86_XSTATE: libc::c_int = 0x202;
+/// `NT_PRFPREG`: the 512-byte FXSAVE-layout x87/SSE regset.
+pub const NT_PRFPREG: libc::c_int = 2;
+
+/// The raw bytes of regset `note` of a stopped tracee (`PTRACE_GETREGSET`),
+/// as many as the kernel filled in (at most 64 KiB: AMX-era XSAVE areas are
+/// about 11 KiB).
+pub fn regset_bytes(tid: Pid, note: libc::c_int) -> Result<Vec<u8>, Errno> {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut iov = libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    };
+    // SAFETY: `iov` describes `buffer`, which we own and which outlives the
+    // call; the kernel writes at most `iov_len` bytes into it and updates
+    // `iov_len` (a field of our own `iov`) to the number written.
+    let rc = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid.as_raw(),
+            note as usize as *mut libc::c_void,
+            std::ptr::addr_of_mut!(iov).cast::<libc::c_void>(),
+        )
+    };
+    Errno::result(rc)?;
+    buffer.truncate(iov.iov_len);
+    Ok(buffer)
+}
+
+/// A stopped tracee's blocked-signal mask (`PTRACE_GETSIGMASK`), bit
+/// `n - 1` for signal `n`.
+pub fn sigmask(tid: Pid) -> Result<u64, Errno> {
+    let mut mask: u64 = 0;
+    // SAFETY: the kernel writes exactly `size_of::<u64>()` bytes (the size
+    // we pass, the kernel's sigset size on x86_64) into `mask`, a local that
+    // outlives the call.
+    let rc = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETSIGMASK,
+            tid.as_raw(),
+            std::mem::size_of::<u64>() as *mut libc::c_void,
+            std::ptr::addr_of_mut!(mask).cast::<libc::c_void>(),
+        )
+    };
+    Errno::result(rc)?;
+    Ok(mask)
+}

@@ -202,3 +202,41 @@ fn bad_watch_flags_are_refused_with_the_target_untouched() {
         status.stdout, status.stderr
     );
 }
+
+fn process_state(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
+}
+
+/// Issue 15: SIGSTOP sent to the target as `apply --watch` starts failed
+/// with exit 3 "thread X of pid X is not stopped by us". A target stopped
+/// by job control is refused with one line saying so, left stopped as it
+/// was found, nothing journaled; once continued, the same apply works.
+#[test]
+fn a_job_control_stopped_target_is_refused_and_left_stopped() {
+    let mut s = setup(&["2"]);
+    let pid = s.target.pid();
+    assert_eq!(shadowpatch(&s.state, &["mirror", &pid.to_string()]).code, 0);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    while process_state(pid) != 'T' {
+        std::thread::yield_now();
+    }
+    let run = s.apply("stopped", "work_fn_fine", &["--watch", "2"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {}", run.stderr);
+    assert!(
+        lines[0].contains(&format!("pid {pid}")) && lines[0].contains("SIGCONT"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(process_state(pid), 'T', "left stopped");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(s.target.command("ask 5").unwrap(), "16");
+    let status = shadowpatch(&s.state, &["status", &pid.to_string(), "--json"]).json();
+    assert!(status["interrupted"].is_null(), "{status}");
+    let run = s.apply("stopped", "work_fn_fine", &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(s.target.command("ask 5").unwrap(), "1000016");
+    assert_untouched(pid);
+}

@@ -4,7 +4,7 @@
 //! kill lands on, the target must end fully applied or fully rolled back,
 //! the mirror must agree with it, and nothing after must fail.
 //!
-//! The bounded test runs 30 cycles (ignored for now, see below); the long one (ignored) runs
+//! The bounded test runs 30 cycles; the long one (ignored) runs
 //! `SHADOWPATCH_KILL_CYCLES` (default 500): see docs/recovery.md.
 
 use crate::common::{assert_untouched, build_id_of, shadowpatch, write_manifest};
@@ -166,16 +166,10 @@ fn kill_anywhere(cycles: u32) -> Tally {
     tally
 }
 
-/// Not in the default suite: a kill that lands while a target thread is
-/// borrowed for a remote system call, or single-stepped out of an entry,
-/// leaves that thread with the trap flag or borrowed registers, and the
-/// target dies (about once in 450 cycles under load; docs/recovery.md,
-/// "Known limit"). Until the process layer restores such a thread by
-/// itself, 30 random kills would fail CI a few percent of the time. The
-/// per-step kills of `recover::` (every journaled apply and rollback step)
-/// run in the suite.
+/// A kill can land while a target thread is borrowed for a remote system
+/// call or moved out of an entry: the process layer's calls restore the
+/// thread by themselves (docs/recovery.md, "A kill inside a remote call").
 #[test]
-#[ignore = "the target can die when the kill lands inside a remote system call (docs/recovery.md, Known limit)"]
 fn killed_at_random_instants_every_cycle_recovers_and_verifies() {
     let tally = kill_anywhere(30);
     assert_eq!(tally.cycles, 30);

@@ -183,3 +183,30 @@ fn a_library_is_known_by_its_soname() {
     assert_eq!(applied.json()["warnings"], serde_json::json!([]), "{}", applied.stdout);
     assert_eq!(shadowpatch(&state, &["rollback", &pid.to_string()]).code, 0);
 }
+
+/// Issue 15: a build-id no module has, with a hint naming no mapped module,
+/// listed "(modules: )". The error lists what is mapped.
+#[test]
+fn a_build_id_mismatch_lists_the_mapped_modules_even_when_the_hint_names_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut target = Running::start(Fixture::BusyC, &["2"]).unwrap();
+    let object = build_patch(Patch::BusyFix).unwrap();
+    let wrong = "0123456789abcdef0123456789abcdef01234567";
+    let replacements = [("work_fn", "work_fn_v2")];
+    for hint in [None, Some("nginx")] {
+        let manifest = match hint {
+            Some(hint) => manifest_with_hint(dir.path(), "wrong", &object, wrong, hint, &replacements),
+            None => write_manifest(dir.path(), "wrong", &object, wrong, &replacements),
+        };
+        let run = apply(&state, target.pid(), &manifest);
+        assert_eq!(run.code, 2, "{hint:?}: {}", run.stderr);
+        let line = run.stderr.lines().find(|l| l.contains("build-id")).unwrap_or_default();
+        let real = build_id_of(&target.binary());
+        assert!(line.contains(&real) && line.contains("libc.so.6"), "{hint:?}: {line}");
+        if hint.is_some() {
+            assert!(line.contains("none named nginx"), "{line}");
+        }
+    }
+    assert_eq!(target.command("ask 5").unwrap(), "16");
+}

@@ -8,6 +8,7 @@ use crate::common::{
 };
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use shadowpatch_patch::fault::{APPLY_POINTS, ROLLBACK_POINTS};
+use shadowpatch_process::remote::REMOTE_CALL_POINTS;
 
 struct Setup {
     target: Running,
@@ -134,6 +135,53 @@ fn killed_at_every_rollback_step_recover_finishes_the_rollback() {
         assert_eq!(recovered["state"], "fully_rolled_back", "{point}: {recovered}");
         assert_eq!(recovered["interrupted"], "rollback");
         setup.assert_consistent(false, mappings);
+    }
+}
+
+/// A kill while a target thread is borrowed for a remote system call (the
+/// patch's mmap in an apply, its munmap in a rollback, or a call of the
+/// analysis): the thread restores itself from its signal frame, so the
+/// target runs on, its interrupted `read` restarted, and `recover` finds
+/// the journal's transaction where the kill left it.
+#[test]
+fn killed_inside_every_remote_call_the_target_runs_on() {
+    for &point in REMOTE_CALL_POINTS {
+        for rollback in [false, true] {
+            let mut setup = Setup::new();
+            let (state, pid) = (setup.state(), setup.pid());
+            let manifest = setup.manifest.to_str().unwrap().to_string();
+            assert_eq!(shadowpatch(&state, &["mirror", &pid]).code, 0);
+            let mappings = anonymous_code_mappings(setup.target.pid());
+            if rollback {
+                assert_eq!(shadowpatch(&state, &["apply", &pid, &manifest]).code, 0);
+            }
+            let args: &[&str] = if rollback {
+                &["rollback", &pid]
+            } else {
+                &["apply", &pid, &manifest]
+            };
+            let killed = shadowpatch_env(&state, args, &[("SHADOWPATCH_FAULT", point)]);
+            // A rollback whose patch a busy thread still runs retires it
+            // rather than unmapping it: then no remote call is made.
+            let finished = rollback && killed.code == 0;
+            assert!(killed.code == -1 || finished, "{point} {args:?}: {}", killed.stderr);
+            // The target is alive and its borrowed (main) thread answers.
+            assert!(
+                setup.target.command("ask 5").is_ok(),
+                "{point} {args:?}: the target died"
+            );
+            let recovered = shadowpatch(&state, &["recover", &pid, "--json"]);
+            assert_eq!(recovered.code, 0, "{point} {args:?}: {}", recovered.stderr);
+            let applied = !recovered.json()["active_patches"].as_array().unwrap().is_empty();
+            setup.assert_consistent(applied, mappings);
+            let again: &[&str] = if applied {
+                &["rollback", &pid]
+            } else {
+                &["apply", &pid, &manifest]
+            };
+            assert_eq!(shadowpatch(&state, again).code, 0, "{point} {again:?}");
+            setup.assert_consistent(!applied, mappings);
+        }
     }
 }
 

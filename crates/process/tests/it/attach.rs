@@ -100,6 +100,24 @@ fn a_signal_arriving_while_attached_is_delivered_not_swallowed() {
     assert_eq!(fixture.check().unwrap()["usr1"], 1);
 }
 
+/// A signal the borrowed thread meets during a remote syscall is kept from
+/// it while borrowed and reaches it afterwards, once.
+#[test]
+fn a_signal_met_during_a_remote_syscall_is_delivered_afterwards() {
+    let mut fixture = Running::start(Fixture::BusyC, &["1"]).unwrap();
+    let pid = Pid::from_raw(fixture.pid());
+    let mut attached = Attached::seize(&ProcessIdentity::of(fixture.pid()).unwrap()).unwrap();
+    let mut stopped = attached.stop().unwrap();
+    // Pending for the stopped main thread: taken when the call resumes it.
+    shadowpatch_sys::siginfo::tgkill(pid, pid, Signal::SIGUSR1).unwrap();
+    let result = stopped.remote_syscall(pid, libc::SYS_getpid, [0; 6]).unwrap();
+    assert_eq!(result, i64::from(pid.as_raw()));
+    stopped.resume().unwrap();
+    attached.detach().unwrap();
+    assert_eq!(fixture.check().unwrap()["usr1"], 1);
+    assert_eq!(fixture.command("ask 5").unwrap(), "16");
+}
+
 #[test]
 fn a_job_control_stopped_process_stays_stopped() {
     let mut fixture = Running::start(Fixture::BusyC, &["1"]).unwrap();

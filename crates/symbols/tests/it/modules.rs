@@ -47,3 +47,26 @@ fn rust_fixture_symbols_resolve_to_printed_addresses() {
     let main = modules.iter().find(|m| m.main).unwrap();
     assert_eq!(main.symbol_addresses("rust_work")[0].0, fixture.number("work"));
 }
+
+/// Issue 15: a target killed mid-apply failed with "reading
+/// /lib64/ld-linux-x86-64.so.2: No such file or directory" (its module
+/// files vanish from /proc with it). The error says the target exited.
+#[test]
+fn a_target_that_exits_while_its_modules_are_read_is_reported_as_exited() {
+    let mut fixture = Running::start(Fixture::BusyC, &["1"]).unwrap();
+    let pid = fixture.pid();
+    let maps = read_maps(pid).unwrap();
+    fixture.kill().unwrap();
+    let error = modules_of(pid, &maps).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            shadowpatch_symbols::SymbolsError::Target(shadowpatch_process::TargetError::Exited { .. })
+        ),
+        "{error}"
+    );
+    assert_eq!(
+        error.to_string(),
+        format!("pid {pid} exited while its modules were being read")
+    );
+}
