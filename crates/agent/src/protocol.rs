@@ -215,17 +215,13 @@ where
         malformed(format!("malformed request: {reason}"))
     };
     loop {
-        let (reply, last) = match read_line_capped(&mut reader, MAX_LINE_BYTES)? {
-            Line::End => return Ok(()),
-            Line::TooLong => (refuse(format!("longer than {MAX_LINE_BYTES} bytes")), true),
-            Line::NotUtf8 => (refuse("not UTF-8".into()), false),
-            Line::Text(text) => match serde_json::from_str::<Request>(&text) {
-                Err(error) => (refuse(error.to_string()), false),
-                Ok(request) => {
-                    metrics.requests.fetch_add(1, Ordering::Relaxed);
-                    (handle(request), false)
-                }
-            },
+        let (reply, last) = match decode_line(read_line_capped(&mut reader, MAX_LINE_BYTES)?) {
+            Decoded::End => return Ok(()),
+            Decoded::Refused { reason, last } => (refuse(reason), last),
+            Decoded::Request(request) => {
+                metrics.requests.fetch_add(1, Ordering::Relaxed);
+                (handle(request), false)
+            }
         };
         let mut line = serde_json::to_vec(&reply).expect("replies serialize");
         line.push(b'\n');
@@ -234,6 +230,61 @@ where
             return Ok(());
         }
         reader.get_mut().deadline = std::time::Instant::now() + IDLE_TIMEOUT;
+    }
+}
+
+/// What one line of a connection asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded<Request> {
+    Request(Request),
+    /// Answered with `malformed(reason)`; `last`: the connection ends.
+    Refused {
+        reason: String,
+        last: bool,
+    },
+    /// The peer closed.
+    End,
+}
+
+/// Turn one line read with `read_line_capped` into a request or a refusal.
+pub fn decode_line<Request: serde::de::DeserializeOwned>(line: Line) -> Decoded<Request> {
+    match line {
+        Line::End => Decoded::End,
+        Line::TooLong => Decoded::Refused {
+            reason: format!("longer than {MAX_LINE_BYTES} bytes"),
+            last: true,
+        },
+        Line::NotUtf8 => Decoded::Refused {
+            reason: "not UTF-8".into(),
+            last: false,
+        },
+        Line::Text(text) => match serde_json::from_str::<Request>(&text) {
+            Ok(request) => Decoded::Request(request),
+            Err(error) => Decoded::Refused {
+                reason: error.to_string(),
+                last: false,
+            },
+        },
+    }
+}
+
+/// What `serve_lines` makes of `bytes` sent on a connection, without the
+/// socket: each line decoded in turn, up to the peer's end or the first
+/// line over the cap (which ends the connection). The fuzz targets drive
+/// the request parsing through it.
+pub fn decode_stream<Request: serde::de::DeserializeOwned>(bytes: &[u8]) -> Vec<Decoded<Request>> {
+    let mut reader = std::io::Cursor::new(bytes);
+    let mut decoded = Vec::new();
+    loop {
+        let line = read_line_capped(&mut reader, MAX_LINE_BYTES).expect("reading memory never fails");
+        match decode_line(line) {
+            Decoded::End => return decoded,
+            Decoded::Refused { last: true, reason } => {
+                decoded.push(Decoded::Refused { reason, last: true });
+                return decoded;
+            }
+            other => decoded.push(other),
+        }
     }
 }
 

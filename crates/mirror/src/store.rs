@@ -471,11 +471,17 @@ impl MirrorFile {
                 header.format
             )));
         }
-        let page_count: u64 = header.regions.iter().map(|r| r.pages).sum();
-        if header.hash_section_offset.checked_add(page_count * 16) != Some(header_offset) {
+        // Checked sums: the counts are the file's word, and an overflow
+        // must read as damage, not panic or wrap into a match.
+        let hash_section_len = header
+            .regions
+            .iter()
+            .try_fold(0u64, |pages, region| pages.checked_add(region.pages))
+            .and_then(|pages| pages.checked_mul(16));
+        if hash_section_len.and_then(|len| header.hash_section_offset.checked_add(len)) != Some(header_offset) {
             return Err(corrupt("hash section does not match the region table".into()));
         }
-        let mut hash_bytes = vec![0u8; (page_count * 16) as usize];
+        let mut hash_bytes = vec![0u8; (header_offset - header.hash_section_offset) as usize];
         file.seek(SeekFrom::Start(header.hash_section_offset))
             .map_err(io_error(path))?;
         file.read_exact(&mut hash_bytes).map_err(io_error(path))?;
@@ -487,9 +493,10 @@ impl MirrorFile {
             .map(|c| u128::from_le_bytes(c.try_into().expect("16 bytes")))
             .collect();
         for region in &header.regions {
-            let range = region.first_hash as usize..(region.first_hash + region.pages) as usize;
-            let pages = hashes
-                .get(range)
+            let pages = region
+                .first_hash
+                .checked_add(region.pages)
+                .and_then(|end| hashes.get(usize::try_from(region.first_hash).ok()?..usize::try_from(end).ok()?))
                 .ok_or_else(|| corrupt("region hash range out of bounds".into()))?;
             if hex32(&merkle_root(pages)) != region.merkle_root {
                 return Err(corrupt(format!(
@@ -497,7 +504,11 @@ impl MirrorFile {
                     region.spec.start
                 )));
             }
-            if region.data_offset + region.pages * PAGE_SIZE as u64 > header.hash_section_offset {
+            let data_end = region
+                .pages
+                .checked_mul(PAGE_SIZE as u64)
+                .and_then(|len| region.data_offset.checked_add(len));
+            if data_end.is_none_or(|end| end > header.hash_section_offset) {
                 return Err(corrupt(format!(
                     "bytes of region {:#x} out of bounds",
                     region.spec.start
@@ -568,7 +579,7 @@ impl MirrorFile {
                 path: self.path.clone(),
                 message: format!(
                     "stored page at {:#x} does not match its hash",
-                    region.spec.start + page_index * 4096
+                    region.spec.start.wrapping_add(page_index * 4096)
                 ),
             });
         }
@@ -578,12 +589,17 @@ impl MirrorFile {
     /// The stored bytes of `[address, address + len)`, each page they touch
     /// checked against its hash; `None` when no one region holds them all.
     pub fn stored_bytes(&self, address: u64, len: usize) -> Result<Option<Vec<u8>>, MirrorError> {
-        let end = address + len as u64;
+        let Some(end) = address.checked_add(len as u64) else {
+            return Ok(None);
+        };
+        // A region's end as the header says, saturated: the header is the
+        // file's word (its offsets were checked on open, not its addresses).
+        let region_end = |r: &RegionRecord| r.spec.start.saturating_add(r.pages.saturating_mul(PAGE_SIZE as u64));
         let Some(index) = self
             .header
             .regions
             .iter()
-            .position(|r| r.spec.start <= address && end <= r.spec.start + r.pages * PAGE_SIZE as u64)
+            .position(|r| r.spec.start <= address && end <= region_end(r))
         else {
             return Ok(None);
         };

@@ -450,11 +450,17 @@ pub fn replay_bytes(path: &Path, bytes: &[u8]) -> Result<JournalState, PatchErro
 
 /// Replay one intact record into `state`.
 fn apply_record(state: &mut JournalState, path: &Path, number: usize, record: Record) -> Result<(), PatchError> {
-    state.next_txn = state.next_txn.max(record.txn() + 1);
     let corrupt = |what: &str| PatchError::Journal {
         path: path.to_path_buf(),
         message: format!("line {number}: {what}"),
     };
+    // The next transaction's number must exist: u64::MAX + 1 panicked
+    // (debug) or wrapped to 0 (release).
+    let next_txn = record
+        .txn()
+        .checked_add(1)
+        .ok_or_else(|| corrupt("transaction number out of range"))?;
+    state.next_txn = state.next_txn.max(next_txn);
     match record {
         Record::Begin {
             txn, kind, patch_id, ..
@@ -558,13 +564,7 @@ mod hex_bytes {
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
         let text: String = serde::Deserialize::deserialize(deserializer)?;
-        if !text.len().is_multiple_of(2) {
-            return Err(serde::de::Error::custom("odd-length hex"));
-        }
-        (0..text.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(serde::de::Error::custom))
-            .collect()
+        shadowpatch_symbols::unhex(&text).ok_or_else(|| serde::de::Error::custom("not hex bytes"))
     }
 }
 
@@ -813,5 +813,46 @@ mod tests {
             },
         ];
         assert!(replay_bytes(path, &lines(&bad)).is_err());
+    }
+
+    /// Found by fuzzing: a non-ASCII character in a record's hex bytes
+    /// was sliced through and panicked; it is a damaged record.
+    #[test]
+    fn a_non_ascii_character_in_hex_bytes_is_damage_not_a_panic() {
+        let json = serde_json::to_string(&Record::Writes {
+            txn: 0,
+            writes: vec![Write5 {
+                address: 0x10,
+                original: vec![0x55, 1, 2, 3, 4],
+                new: vec![0xe9, 0, 0, 0, 0],
+            }],
+            patch_id: None,
+        })
+        .unwrap()
+        // Six bytes of text whose second character is two bytes long.
+        .replace("5501020304", "5\\u00e9304");
+        let line = format!("{} {json}", checksum(json.as_bytes()));
+        assert!(matches!(
+            decode_line(line.as_bytes(), true),
+            Err(LineDamage::NotARecord(_))
+        ));
+        let mut bytes = lines(&[begin(0, TxnKind::Heal, "a")]);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        bytes.extend(lines(&[Record::Commit { txn: 0, pause_us: 1 }]));
+        let error = replay_bytes(Path::new("journal"), &bytes).unwrap_err().to_string();
+        assert!(error.contains("line 2 of 3 is damaged"), "{error}");
+        assert_eq!(shadowpatch_symbols::unhex("e9AB"), Some(vec![0xe9, 0xab]));
+        assert_eq!(shadowpatch_symbols::unhex("é0"), None);
+        assert_eq!(shadowpatch_symbols::unhex("+f"), None);
+    }
+
+    /// A transaction numbered u64::MAX leaves no number for the next: the
+    /// journal is refused as corrupt (it overflowed before).
+    #[test]
+    fn a_transaction_number_with_no_successor_is_refused() {
+        let bytes = lines(&[begin(u64::MAX, TxnKind::Heal, "a")]);
+        let error = replay_bytes(Path::new("journal"), &bytes).unwrap_err().to_string();
+        assert!(error.contains("line 1: transaction number out of range"), "{error}");
     }
 }

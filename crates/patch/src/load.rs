@@ -8,7 +8,7 @@
 
 use crate::clobber::RegisterSet;
 use crate::journal::{PatchedFunction, Write5};
-use crate::object::{PatchObject, RelocationKind};
+use crate::object::{PatchObject, RelocationKind, SymbolReference};
 use crate::resolve::resolve_symbol;
 use crate::survey::Prepared;
 use crate::thunk;
@@ -274,6 +274,19 @@ pub fn relocate(
     modules: &[Module],
     memory: &mut TargetMemory,
 ) -> Result<Vec<u8>, PatchError> {
+    relocate_with(object, base, |reference| {
+        resolve_symbol(&reference.name, reference.weak, target, modules, memory)
+    })
+}
+
+/// Relocate `object` for load address `base`, asking `resolve` for the
+/// address of each symbol the object does not define. No I/O of its own:
+/// the fuzz target drives it with any object and any answers.
+pub fn relocate_with(
+    object: &PatchObject,
+    base: u64,
+    mut resolve: impl FnMut(&SymbolReference) -> Result<u64, PatchError>,
+) -> Result<Vec<u8>, PatchError> {
     let mut image = object.initial_image();
     for relocation in &object.relocations {
         let place = base + relocation.offset;
@@ -281,7 +294,7 @@ pub fn relocate(
             None => 0,
             Some(reference) => match reference.defined_at {
                 Some(address) => base + address,
-                None => resolve_symbol(&reference.name, reference.weak, target, modules, memory)?,
+                None => resolve(reference)?,
             },
         };
         let addend = relocation.addend;

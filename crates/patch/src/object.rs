@@ -85,6 +85,8 @@ pub struct PatchObject {
 }
 
 const PAGE: u64 = 4096;
+/// The most address space a patch object may span.
+pub const MAX_SPAN: u64 = 1 << 30;
 
 fn malformed(path: &Path, message: impl Into<String>) -> PatchError {
     PatchError::Object {
@@ -179,8 +181,30 @@ impl PatchObject {
                 format!("first segment at {lowest:#x}; a shared object starts at 0"),
             ));
         }
-        let end = segments.iter().map(|s| s.address + s.memory_size).max().unwrap_or(0);
+        // The image is allocated whole (`initial_image`) and RELRO indexes
+        // its pages (`page_protections`): both must lie within a bounded
+        // span. A RELRO past the segments panicked (found by fuzzing).
+        let mut end = 0u64;
+        for segment in &segments {
+            match segment.address.checked_add(segment.memory_size) {
+                Some(segment_end) if segment_end <= MAX_SPAN => end = end.max(segment_end),
+                _ => {
+                    return Err(malformed(
+                        path,
+                        format!("segment at {:#x} ends past 1 GiB", segment.address),
+                    ))
+                }
+            }
+        }
         let span = end.div_ceil(PAGE) * PAGE;
+        if let Some((start, size)) = relro {
+            if start.checked_add(size).is_none_or(|relro_end| relro_end > span) {
+                return Err(malformed(
+                    path,
+                    format!("GNU_RELRO at {start:#x} lies outside the object"),
+                ));
+            }
+        }
 
         let mut symbols = HashMap::new();
         let mut local_names: HashMap<u64, String> = HashMap::new();
@@ -288,6 +312,19 @@ impl PatchObject {
                     format!("relocation at {offset:#x} lies outside the object"),
                 ));
             }
+            if let Some(SymbolReference {
+                defined_at: Some(address),
+                name,
+                ..
+            }) = &symbol
+            {
+                if *address >= span {
+                    return Err(malformed(
+                        path,
+                        format!("relocation at {offset:#x} names {name}, defined outside the object"),
+                    ));
+                }
+            }
             relocations.push(Relocation {
                 offset,
                 kind,
@@ -297,14 +334,21 @@ impl PatchObject {
         }
 
         // Constructors: every .init_array entry must be known boilerplate.
+        // Each slot's relocation, looked up from the relocations: the
+        // section's size is the file's word, and walking a huge one slot by
+        // slot would take for ever.
         if let Some(section) = file.section_by_name(".init_array") {
             let start = section.address();
-            for slot in (start..start + section.size()).step_by(8) {
-                let target = relocations
-                    .iter()
-                    .find(|r| r.offset == slot && r.kind == RelocationKind::Relative)
-                    .map(|r| r.addend as u64)
-                    .unwrap_or(0);
+            let slots = start..start.saturating_add(section.size());
+            let mut seen = std::collections::HashSet::new();
+            for relocation in &relocations {
+                let slot = relocation.offset;
+                let in_array = slots.contains(&slot) && (slot - start) % 8 == 0;
+                // The first relative relocation of a slot is the one it holds.
+                if !in_array || relocation.kind != RelocationKind::Relative || !seen.insert(slot) {
+                    continue;
+                }
+                let target = relocation.addend as u64;
                 if target == 0 {
                     continue;
                 }
@@ -407,5 +451,77 @@ impl PatchObject {
             }
         }
         ranges
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small patch object (`fuzz/seeds/README.md` says how it was built).
+    const WITH_CRT: &[u8] = include_bytes!("../../../fuzz/seeds/object/with-crt.so");
+
+    /// Sets field `at` (8 bytes) of the first program header of `p_type`.
+    fn set_program_header(bytes: &mut [u8], p_type: u32, at: usize, value: u64) {
+        let offset = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
+        let size = u16::from_le_bytes(bytes[0x36..0x38].try_into().unwrap()) as usize;
+        let count = u16::from_le_bytes(bytes[0x38..0x3a].try_into().unwrap()) as usize;
+        let header = (0..count)
+            .map(|i| offset + i * size)
+            .find(|h| u32::from_le_bytes(bytes[*h..*h + 4].try_into().unwrap()) == p_type)
+            .expect("the object has that program header");
+        bytes[header + at..header + at + 8].copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn parse(bytes: Vec<u8>) -> Result<PatchObject, PatchError> {
+        PatchObject::parse(Path::new("fix.so"), bytes)
+    }
+
+    #[test]
+    fn the_seed_object_parses_and_lays_out() {
+        let object = parse(WITH_CRT.to_vec()).unwrap();
+        assert!(object.relro.is_some());
+        assert!(!object.page_protections().is_empty());
+        assert_eq!(object.initial_image().len() as u64, object.span);
+    }
+
+    /// Found by fuzzing: a GNU_RELRO past the segments indexed past the
+    /// page table in `page_protections` and panicked.
+    #[test]
+    fn a_relro_outside_the_object_is_refused() {
+        const P_MEMSZ: usize = 0x28;
+        let mut bytes = WITH_CRT.to_vec();
+        set_program_header(&mut bytes, elf::PT_GNU_RELRO, P_MEMSZ, 1 << 40);
+        let error = parse(bytes).unwrap_err().to_string();
+        assert!(
+            error.contains("GNU_RELRO at") && error.contains("outside the object"),
+            "{error}"
+        );
+        let mut bytes = WITH_CRT.to_vec();
+        set_program_header(&mut bytes, elf::PT_GNU_RELRO, P_MEMSZ, u64::MAX);
+        assert!(parse(bytes).is_err());
+    }
+
+    /// A segment placed far out would make the whole image (allocated at
+    /// once) terabytes long, or overflow its end.
+    #[test]
+    fn a_segment_ending_past_the_span_limit_is_refused() {
+        const P_VADDR: usize = 0x10;
+        for address in [MAX_SPAN, u64::MAX - 4096] {
+            let mut bytes = WITH_CRT.to_vec();
+            set_program_header(&mut bytes, elf::PT_DYNAMIC, 0, 0);
+            // The second PT_LOAD (the first must stay at 0): make the
+            // dynamic header, now type 0, harmless, and move the data one.
+            let offset = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
+            let size = u16::from_le_bytes(bytes[0x36..0x38].try_into().unwrap()) as usize;
+            let second_load = (0..16)
+                .map(|i| offset + i * size)
+                .filter(|h| u32::from_le_bytes(bytes[*h..*h + 4].try_into().unwrap()) == elf::PT_LOAD)
+                .nth(1)
+                .expect("two PT_LOAD");
+            bytes[second_load + P_VADDR..second_load + P_VADDR + 8].copy_from_slice(&address.to_le_bytes());
+            let error = parse(bytes).unwrap_err().to_string();
+            assert!(error.contains("ends past 1 GiB"), "{error}");
+        }
     }
 }

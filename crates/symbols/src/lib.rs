@@ -46,3 +46,17 @@ impl shadowpatch_failure::Classify for SymbolsError {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The bytes of hex text (`hex`'s inverse, either case); `None` for odd
+/// length or anything but hex digits. Works on bytes: slicing the text
+/// by two panicked on a non-ASCII character (found by fuzzing the journal).
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |byte: u8| (byte as char).to_digit(16);
+    text.as_bytes()
+        .chunks_exact(2)
+        .map(|pair| Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8))
+        .collect()
+}

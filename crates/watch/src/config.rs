@@ -197,7 +197,16 @@ impl WatchConfig {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| {
+        Self::parse(path, &text)
+    }
+
+    /// Check the text of a config file read from `path` (named in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<WatchConfig, ConfigError> {
+        let file_error = |message: String| ConfigError::File {
+            path: path.to_path_buf(),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
                 .map(|span| format!("line {}: ", text[..span.start].matches('\n').count() + 1))

@@ -190,14 +190,9 @@ pub(crate) mod optional_hex {
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<u8>>, D::Error> {
         let text: Option<String> = serde::Deserialize::deserialize(deserializer)?;
         let Some(text) = text else { return Ok(None) };
-        if !text.len().is_multiple_of(2) {
-            return Err(serde::de::Error::custom("odd-length hex"));
-        }
-        (0..text.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(serde::de::Error::custom))
-            .collect::<Result<Vec<u8>, _>>()
+        shadowpatch_symbols::unhex(&text)
             .map(Some)
+            .ok_or_else(|| serde::de::Error::custom("not hex bytes"))
     }
 }
 

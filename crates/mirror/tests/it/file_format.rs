@@ -11,6 +11,16 @@ use shadowpatch_mirror::{
 };
 
 fn valid_file(dir: &std::path::Path, pages: usize) -> std::path::PathBuf {
+    file_with_header(dir, pages, |_| {})
+}
+
+/// A file of `pages` pages whose header `edit` changed before it was
+/// written (the digests still match: only the parser's checks stand).
+fn file_with_header(
+    dir: &std::path::Path,
+    pages: usize,
+    edit: impl FnOnce(&mut GenerationHeader),
+) -> std::path::PathBuf {
     let path = dir.join("gen-000000.mirror");
     let hasher = PageHasher::random();
     let mut writer = MirrorWriter::create(&path).unwrap();
@@ -22,7 +32,7 @@ fn valid_file(dir: &std::path::Path, pages: usize) -> std::path::PathBuf {
         writer.write_bytes(&page).unwrap();
     }
     let start = 0x7f00_0000_0000;
-    let header = GenerationHeader {
+    let mut header = GenerationHeader {
         format: FORMAT_VERSION,
         generation: 0,
         created_unix_ms: 1,
@@ -57,8 +67,50 @@ fn valid_file(dir: &std::path::Path, pages: usize) -> std::path::PathBuf {
         capture_us: 1,
         notes: vec![],
     };
+    edit(&mut header);
     writer.finish(header, &hashes).unwrap();
     path
+}
+
+fn corrupt_message(path: &std::path::Path) -> String {
+    match MirrorFile::open(path) {
+        Err(MirrorError::Corrupt { message, .. }) => message,
+        other => panic!("expected a corrupt-file refusal, got {other:?}"),
+    }
+}
+
+/// Header counts whose sums and products overflow are damage: they
+/// panicked (debug) or wrapped into a match (release) before.
+#[test]
+fn header_counts_that_overflow_are_refused_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    // 2 + 2^60 pages: times 16 wraps to the 32 bytes of 2 real hashes.
+    let path = file_with_header(dir.path(), 2, |header| {
+        let mut extra = header.regions[0].clone();
+        extra.pages = 1 << 60;
+        header.regions.push(extra);
+    });
+    assert!(corrupt_message(&path).contains("hash section does not match"));
+    let path = file_with_header(dir.path(), 2, |header| {
+        header.regions[0].first_hash = u64::MAX;
+    });
+    assert!(corrupt_message(&path).contains("region hash range out of bounds"));
+    let path = file_with_header(dir.path(), 2, |header| {
+        header.regions[0].data_offset = u64::MAX - 10;
+    });
+    assert!(corrupt_message(&path).contains("out of bounds"));
+}
+
+/// A region the header places at the top of the address space: its end
+/// overflowed (a panic in debug builds); a range past the address space
+/// holds no stored bytes.
+#[test]
+fn stored_bytes_at_the_top_of_the_address_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = file_with_header(dir.path(), 1, |header| header.regions[0].spec.start = u64::MAX - 100);
+    let file = MirrorFile::open(&path).unwrap();
+    assert_eq!(file.stored_bytes(u64::MAX - 50, 10).unwrap().map(|b| b.len()), Some(10));
+    assert_eq!(file.stored_bytes(u64::MAX - 5, 100).unwrap(), None);
 }
 
 #[test]

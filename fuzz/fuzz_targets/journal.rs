@@ -1,0 +1,4 @@
+//! Fuzz target: `shadowpatch_fuzz::journal` (see docs/fuzzing.md).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| shadowpatch_fuzz::journal(data));
