@@ -22,6 +22,7 @@ mod mirror_verify;
 mod module_names;
 mod patching;
 mod recover;
+mod redis_upstream;
 mod signing;
 mod trust;
 mod variables;
