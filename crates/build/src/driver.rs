@@ -14,7 +14,7 @@
 //! jobs never interleave in one file.
 
 use crate::BuildError;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -51,8 +51,13 @@ impl Flags {
 pub fn default_build_command(tree: &Path) -> Result<String, BuildError> {
     if tree.join("debian/rules").is_file() {
         // A Debian source package: its own rules honour dpkg-buildflags;
-        // the package's test suite is not needed to get objects.
-        return Ok("DEB_BUILD_OPTIONS=\"nocheck $DEB_BUILD_OPTIONS\" debian/rules build".into());
+        // the package's test suite is not needed to get objects. dh's
+        // build stamp (left by the original build the patched copy starts
+        // from) would make it skip the build.
+        return Ok(
+            "rm -f debian/debhelper-build-stamp && DEB_BUILD_OPTIONS=\"nocheck $DEB_BUILD_OPTIONS\" debian/rules build"
+                .into(),
+        );
     }
     for makefile in ["GNUmakefile", "makefile", "Makefile"] {
         if tree.join(makefile).is_file() {
@@ -311,6 +316,53 @@ impl Wrapper {
 
     fn compiled(&self, tree: &Path) -> Result<BTreeMap<PathBuf, CompiledObject>, BuildError> {
         let mut objects = BTreeMap::new();
+        for (cwd, arguments) in self.records()? {
+            if let Some(compiled) = compiled_object(&cwd, tree, &arguments) {
+                // Objects gone after the build are a configure script's
+                // probes (conftest.o), not part of any binary.
+                if tree.join(&compiled.object).is_file() {
+                    objects.insert(compiled.object.clone(), compiled);
+                }
+            }
+        }
+        Ok(objects)
+    }
+
+    /// The objects (relative to `tree`) of the link this build ran whose
+    /// output is named `binary`, if it ran one: a tree that builds several
+    /// programs from one source (memcached and memcached-debug) compiles
+    /// each file once per program, and only the target's objects count.
+    pub fn linked_into(&self, tree: &Path, binary: &str) -> Result<Option<BTreeSet<PathBuf>>, BuildError> {
+        let mut linked = None;
+        for (cwd, arguments) in self.records()? {
+            if arguments.iter().any(|a| a == "-c") {
+                continue;
+            }
+            let output = arguments
+                .iter()
+                .position(|a| a == "-o")
+                .and_then(|i| arguments.get(i + 1));
+            if output
+                .and_then(|o| Path::new(o).file_name())
+                .is_none_or(|name| name != binary)
+            {
+                continue;
+            }
+            let objects: BTreeSet<PathBuf> = arguments
+                .iter()
+                .filter(|a| !a.starts_with('-') && a.ends_with(".o"))
+                .map(|a| {
+                    let path = cwd.join(a);
+                    path.strip_prefix(tree).map(Path::to_path_buf).unwrap_or(path)
+                })
+                .collect();
+            linked.get_or_insert_with(BTreeSet::new).extend(objects);
+        }
+        Ok(linked)
+    }
+
+    /// Each compiler invocation recorded: its working directory and arguments.
+    fn records(&self) -> Result<Vec<(PathBuf, Vec<String>)>, BuildError> {
         let mut entries: Vec<_> = std::fs::read_dir(&self.records)
             .map_err(|e| BuildError::io(&self.records, e))?
             .filter_map(Result::ok)
@@ -318,16 +370,14 @@ impl Wrapper {
             .filter(|p| p.extension().is_none_or(|e| e != "tmp"))
             .collect();
         entries.sort();
+        let mut records = Vec::new();
         for record in entries {
             let text = std::fs::read_to_string(&record).map_err(|e| BuildError::io(&record, e))?;
             let mut lines = text.lines();
             let Some(cwd) = lines.next() else { continue };
-            let arguments: Vec<String> = lines.map(|l| l.trim_end().to_string()).collect();
-            if let Some(compiled) = compiled_object(Path::new(cwd), tree, &arguments) {
-                objects.insert(compiled.object.clone(), compiled);
-            }
+            records.push((PathBuf::from(cwd), lines.map(|l| l.trim_end().to_string()).collect()));
         }
-        Ok(objects)
+        Ok(records)
     }
 }
 
