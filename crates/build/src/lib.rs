@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod debian;
 pub mod differ;
 pub mod driver;
 pub mod emit;
