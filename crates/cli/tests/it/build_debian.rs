@@ -5,7 +5,9 @@
 //! rules (with the archive's headers when the plain rebuild's build-id
 //! differs) and builds a patch of the static `process_stat`. Applied under
 //! a get/set load, `stats cachedump` is refused; rolled back, it answers
-//! again; no request of the load fails.
+//! again. Then the harder diff (a string of the inlined `version`
+//! handler): its caller is rebuilt, applied, answers the new version, and
+//! is rolled back. No request of the load fails.
 //!
 //! Needs /usr/bin/memcached and its build dependencies (`.ci/run` installs
 //! both). The source, the header overlays, the reference builds and the
@@ -229,6 +231,47 @@ fn debian_memcached_patched_from_a_diff_under_load() {
     assert!(after.ends_with("END") && !after.contains("ERROR"), "{after:?}");
     let verify = shadowpatch(&state, &["verify", &pid]);
     assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
+
+    // The harder case: the `version` handler is inlined into
+    // process_command_ascii.part.0, and the diff changes only the string
+    // it points to; the caller is rebuilt and included for inlining.
+    let version_diff = DIFF.replace("memcached-cachedump.diff", "memcached-version.diff");
+    let version_out = dir.path().join("version");
+    let built = shadowpatch(
+        &state,
+        &[
+            "--json",
+            "build",
+            "--debian",
+            "--diff",
+            &version_diff,
+            "--target",
+            &pid,
+            "--out",
+            version_out.to_str().unwrap(),
+            "--debsrc-cache",
+            cache.to_str().unwrap(),
+            "--cache",
+            build_cache.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(built.code, 0, "{}{}", built.stdout, built.stderr);
+    let json = built.json();
+    let included: Vec<&str> = json["functions_included_for_inlining"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["symbol"].as_str().unwrap())
+        .collect();
+    assert_eq!(included, ["proto_text.c::process_command_ascii.part.0"], "{:#}", json);
+    assert_eq!(client.command("version").unwrap(), "VERSION 1.6.18");
+    let manifest = version_out.join("manifest.toml");
+    let applied = shadowpatch(&state, &["apply", &pid, manifest.to_str().unwrap()]);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    assert_eq!(client.command("version").unwrap(), "VERSION 1.6.18 (live-patched)");
+    let rolled_back = shadowpatch(&state, &["rollback", &pid]);
+    assert_eq!(rolled_back.code, 0, "{}{}", rolled_back.stdout, rolled_back.stderr);
+    assert_eq!(client.command("version").unwrap(), "VERSION 1.6.18");
 
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
