@@ -332,6 +332,8 @@ impl Wrapper {
     /// output is named `binary`, if it ran one: a tree that builds several
     /// programs from one source (memcached and memcached-debug) compiles
     /// each file once per program, and only the target's objects count.
+    /// `None` when no link names it, or when it links archives or
+    /// libraries of the tree (their members are not named).
     pub fn linked_into(&self, tree: &Path, binary: &str) -> Result<Option<BTreeSet<PathBuf>>, BuildError> {
         let mut linked = None;
         for (cwd, arguments) in self.records()? {
@@ -347,6 +349,18 @@ impl Wrapper {
                 .is_none_or(|name| name != binary)
             {
                 continue;
+            }
+            // Objects may also come from archives or libraries of the
+            // tree, whose members this record does not name: no filter.
+            let from_tree = |a: &String| {
+                a.strip_prefix("-L")
+                    .is_some_and(|dir| cwd.join(dir).starts_with(tree) && !dir.is_empty())
+            };
+            if arguments
+                .iter()
+                .any(|a| (!a.starts_with('-') && (a.ends_with(".a") || a.ends_with(".la"))) || from_tree(a))
+            {
+                return Ok(None);
             }
             let objects: BTreeSet<PathBuf> = arguments
                 .iter()
@@ -455,5 +469,45 @@ mod tests {
         let c = compiled_object(Path::new("/t"), tree, &args("-c lib/b.c")).unwrap();
         assert_eq!(c.object, Path::new("b.o"));
         assert!(compiled_object(Path::new("/t"), tree, &args("-o calc a.o b.o")).is_none());
+    }
+
+    #[test]
+    fn the_target_link_names_the_objects_that_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        let wrapper = Wrapper::create(&dir.path().join("wrapper"), Flags::Sections).unwrap();
+        let record = |name: &str, cwd: &Path, arguments: &str| {
+            let lines: Vec<&str> = arguments.split(' ').collect();
+            std::fs::write(
+                wrapper.records.join(name),
+                format!("{}\n{}\n", cwd.display(), lines.join("\n")),
+            )
+            .unwrap();
+        };
+        record("1", &tree, "-g -O2 -c -o memcached-proto_text.o proto_text.c");
+        record(
+            "2",
+            &tree,
+            "-g -O2 -o memcached memcached-memcached.o memcached-proto_text.o -levent",
+        );
+        record(
+            "3",
+            &tree,
+            "-g -O2 -o memcached-debug memcached_debug-proto_text.o -levent",
+        );
+        let linked = wrapper.linked_into(&tree, "memcached").unwrap().unwrap();
+        assert_eq!(
+            linked.into_iter().collect::<Vec<_>>(),
+            [
+                PathBuf::from("memcached-memcached.o"),
+                PathBuf::from("memcached-proto_text.o")
+            ]
+        );
+        assert_eq!(wrapper.linked_into(&tree, "calc-stripped").unwrap(), None);
+        // A link taking an archive of the tree: its members are unnamed.
+        record("4", &tree.join("src"), "-o prog main.o ../lib/libcalc.a");
+        assert_eq!(wrapper.linked_into(&tree, "prog").unwrap(), None);
+        record("5", &tree, "-o tool tool.o -Llib -lcalc");
+        assert_eq!(wrapper.linked_into(&tree, "tool").unwrap(), None);
     }
 }

@@ -127,6 +127,29 @@ impl Client {
 }
 
 #[test]
+fn a_target_from_no_package_is_one_line_and_exit_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = shadowpatch(
+        &dir.path().join("state"),
+        &[
+            "build",
+            "--debian",
+            "--diff",
+            DIFF,
+            "--target",
+            env!("CARGO_BIN_EXE_shadowpatch"),
+            "--out",
+            out.to_str().unwrap(),
+            "--debsrc-cache",
+            dir.path().join("cache").to_str().unwrap(),
+        ],
+    );
+    crate::common::assert_bad_input(&run, "belongs to no installed package");
+    assert!(!out.exists());
+}
+
+#[test]
 fn debian_memcached_patched_from_a_diff_under_load() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
