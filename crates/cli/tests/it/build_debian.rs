@@ -13,8 +13,9 @@
 //! both). The source, the header overlays, the reference builds and the
 //! build cache are kept in `$SHADOWPATCH_DEBSRC_CACHE` (default
 //! `target/tmp/debsrc-cache`): a first run makes three full builds of
-//! memcached (about 4 minutes on two busy cores), later runs only the
-//! patched one.
+//! memcached (plain reference, reference with the archive's headers,
+//! original: 112 s for the test with two shared cores at load 5, about
+//! 4 minutes at load 13), later runs only the two patched ones (27 s).
 
 use crate::common::shadowpatch;
 use std::io::{BufRead, BufReader, Write};
@@ -237,6 +238,7 @@ fn debian_memcached_patched_from_a_diff_under_load() {
         .collect();
     assert_eq!(changed, ["proto_text.c::process_stat"], "{:#}", json);
     assert!(json["functions_included_for_inlining"].as_array().unwrap().is_empty());
+    let reference_reused = json["debian"]["reference_reused"].clone();
     let manifest = out.join("manifest.toml");
 
     let applied = shadowpatch(&state, &["apply", &pid, manifest.to_str().unwrap()]);
@@ -300,8 +302,7 @@ fn debian_memcached_patched_from_a_diff_under_load() {
     load.join().unwrap();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!(
-        "build --debian: {build_seconds:.1} s (reference reused: {}), {ok} requests, {failed} failed, test {:.1} s",
-        json["debian"]["reference_reused"],
+        "first build --debian: {build_seconds:.1} s (reference reused: {reference_reused}), {ok} requests, {failed} failed, test {:.1} s",
         started.elapsed().as_secs_f64()
     );
     assert!(ok > 0, "the load made no request");
