@@ -15,7 +15,7 @@
 //! jobs never interleave in one file.
 
 use crate::BuildError;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,8 +52,13 @@ impl Flags {
 pub fn default_build_command(tree: &Path) -> Result<String, BuildError> {
     if tree.join("debian/rules").is_file() {
         // A Debian source package: its own rules honour dpkg-buildflags;
-        // the package's test suite is not needed to get objects.
-        return Ok("DEB_BUILD_OPTIONS=\"nocheck $DEB_BUILD_OPTIONS\" debian/rules build".into());
+        // the package's test suite is not needed to get objects. dh's
+        // build stamp (left by the original build the patched copy starts
+        // from) would make it skip the build.
+        return Ok(
+            "rm -f debian/debhelper-build-stamp && DEB_BUILD_OPTIONS=\"nocheck $DEB_BUILD_OPTIONS\" debian/rules build"
+                .into(),
+        );
     }
     for makefile in ["GNUmakefile", "makefile", "Makefile"] {
         if tree.join(makefile).is_file() {
@@ -315,6 +320,67 @@ impl Wrapper {
 
     fn compiled(&self, tree: &Path) -> Result<BTreeMap<PathBuf, CompiledObject>, BuildError> {
         let mut objects = BTreeMap::new();
+        for (cwd, arguments) in self.records()? {
+            if let Some(compiled) = compiled_object(&cwd, tree, &arguments) {
+                // Objects gone after the build are a configure script's
+                // probes (conftest.o), not part of any binary.
+                if tree.join(&compiled.object).is_file() {
+                    objects.insert(compiled.object.clone(), compiled);
+                }
+            }
+        }
+        Ok(objects)
+    }
+
+    /// The objects (relative to `tree`) of the link this build ran whose
+    /// output is named `binary`, if it ran one: a tree that builds several
+    /// programs from one source (memcached and memcached-debug) compiles
+    /// each file once per program, and only the target's objects count.
+    /// `None` when no link names it, or when it links archives or
+    /// libraries of the tree (their members are not named).
+    pub fn linked_into(&self, tree: &Path, binary: &str) -> Result<Option<BTreeSet<PathBuf>>, BuildError> {
+        let mut linked = None;
+        for (cwd, arguments) in self.records()? {
+            if arguments.iter().any(|a| a == "-c") {
+                continue;
+            }
+            let output = arguments
+                .iter()
+                .position(|a| a == "-o")
+                .and_then(|i| arguments.get(i + 1));
+            if output
+                .and_then(|o| Path::new(o).file_name())
+                .is_none_or(|name| name != binary)
+            {
+                continue;
+            }
+            // Objects may also come from archives or libraries of the
+            // tree, whose members this record does not name: no filter.
+            let from_tree = |a: &String| {
+                a.strip_prefix("-L")
+                    .is_some_and(|dir| cwd.join(dir).starts_with(tree) && !dir.is_empty())
+            };
+            if arguments
+                .iter()
+                .any(|a| (!a.starts_with('-') && (a.ends_with(".a") || a.ends_with(".la"))) || from_tree(a))
+            {
+                return Ok(None);
+            }
+            let objects: BTreeSet<PathBuf> = arguments
+                .iter()
+                .filter(|a| !a.starts_with('-') && a.ends_with(".o"))
+                .map(|a| {
+                    let path = cwd.join(a);
+                    path.strip_prefix(tree).map(Path::to_path_buf).unwrap_or(path)
+                })
+                .collect();
+            linked.get_or_insert_with(BTreeSet::new).extend(objects);
+        }
+        Ok(linked)
+    }
+
+    /// Each compiler invocation recorded: its working directory and arguments.
+    fn records(&self) -> Result<Vec<(PathBuf, Vec<String>)>, BuildError> {
         let mut entries: Vec<_> = std::fs::read_dir(&self.records)
             .map_err(|e| BuildError::io(&self.records, e))?
             .filter_map(Result::ok)
@@ -322,16 +388,14 @@ impl Wrapper {
             .filter(|p| p.extension().is_none_or(|e| e != "tmp"))
             .collect();
         entries.sort();
+        let mut records = Vec::new();
         for record in entries {
             let text = std::fs::read_to_string(&record).map_err(|e| BuildError::io(&record, e))?;
             let mut lines = text.lines();
             let Some(cwd) = lines.next() else { continue };
-            let arguments: Vec<String> = lines.map(|l| l.trim_end().to_string()).collect();
-            if let Some(compiled) = compiled_object(Path::new(cwd), tree, &arguments) {
-                objects.insert(compiled.object.clone(), compiled);
-            }
+            records.push((PathBuf::from(cwd), lines.map(|l| l.trim_end().to_string()).collect()));
         }
-        Ok(objects)
+        Ok(records)
     }
 }
 
@@ -409,5 +473,45 @@ mod tests {
         let c = compiled_object(Path::new("/t"), tree, &args("-c lib/b.c")).unwrap();
         assert_eq!(c.object, Path::new("b.o"));
         assert!(compiled_object(Path::new("/t"), tree, &args("-o calc a.o b.o")).is_none());
+    }
+
+    #[test]
+    fn the_target_link_names_the_objects_that_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        let wrapper = Wrapper::create(&dir.path().join("wrapper"), Flags::Sections).unwrap();
+        let record = |name: &str, cwd: &Path, arguments: &str| {
+            let lines: Vec<&str> = arguments.split(' ').collect();
+            std::fs::write(
+                wrapper.records.join(name),
+                format!("{}\n{}\n", cwd.display(), lines.join("\n")),
+            )
+            .unwrap();
+        };
+        record("1", &tree, "-g -O2 -c -o memcached-proto_text.o proto_text.c");
+        record(
+            "2",
+            &tree,
+            "-g -O2 -o memcached memcached-memcached.o memcached-proto_text.o -levent",
+        );
+        record(
+            "3",
+            &tree,
+            "-g -O2 -o memcached-debug memcached_debug-proto_text.o -levent",
+        );
+        let linked = wrapper.linked_into(&tree, "memcached").unwrap().unwrap();
+        assert_eq!(
+            linked.into_iter().collect::<Vec<_>>(),
+            [
+                PathBuf::from("memcached-memcached.o"),
+                PathBuf::from("memcached-proto_text.o")
+            ]
+        );
+        assert_eq!(wrapper.linked_into(&tree, "calc-stripped").unwrap(), None);
+        // A link taking an archive of the tree: its members are unnamed.
+        record("4", &tree.join("src"), "-o prog main.o ../lib/libcalc.a");
+        assert_eq!(wrapper.linked_into(&tree, "prog").unwrap(), None);
+        record("5", &tree, "-o tool tool.o -Llib -lcalc");
+        assert_eq!(wrapper.linked_into(&tree, "tool").unwrap(), None);
     }
 }

@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod debian;
 pub mod differ;
 pub mod driver;
 pub mod emit;
@@ -208,7 +209,12 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
     }
     let wrapper = Wrapper::create(&work.path().join("wrapper"), Flags::Sections)?;
     let log = logs.join(format!("patched-{hash}.log"));
-    let recompiled = wrapper.run(&patched_tree, &command, &log)?;
+    let mut recompiled = wrapper.run(&patched_tree, &command, &log)?;
+    if let Some(linked) = wrapper.linked_into(&patched_tree, &target.name)? {
+        // Only the objects of the target's own link (not another program's
+        // copy of the same file, compiled with other flags).
+        recompiled.retain(|object, _| linked.contains(object));
+    }
     if recompiled.is_empty() {
         return Err(BuildError::NoFunctionalChange {
             detail: " (no object was recompiled)".into(),

@@ -15,6 +15,7 @@
 pub mod analysis;
 pub mod apply;
 pub mod build;
+pub mod build_debian;
 pub mod heal;
 pub mod health_watch;
 pub mod mirror;
@@ -28,6 +29,7 @@ pub mod window;
 pub use analysis::{AnalysisReport, AnalysisSettings};
 pub use apply::{apply, Applied, ApplyRequest, ApplyResult, Refused};
 pub use build::{build, BuildOutcome};
+pub use build_debian::{build_debian, DebianBuildOutcome, DEBIAN_BUILD_STAGES};
 pub use mirror::{mirror, MirrorOutcome};
 pub use rollback::{recover, rollback, RollbackRequest, RolledBack};
 pub use shadowpatch_failure::{Classify, FailureClass};
@@ -45,6 +47,9 @@ pub enum OpsError {
     Patch(#[from] shadowpatch_patch::PatchError),
     #[error(transparent)]
     Build(#[from] shadowpatch_build::BuildError),
+    /// `build --debian`: the package, its source, build dependencies or reference build.
+    #[error(transparent)]
+    Debian(Box<shadowpatch_build::debian::DebianError>),
     #[error(transparent)]
     Predict(#[from] shadowpatch_predict::PredictError),
     #[error(transparent)]
@@ -67,12 +72,19 @@ pub enum OpsError {
     },
 }
 
+impl From<shadowpatch_build::debian::DebianError> for OpsError {
+    fn from(error: shadowpatch_build::debian::DebianError) -> OpsError {
+        OpsError::Debian(Box::new(error))
+    }
+}
+
 impl Classify for OpsError {
     fn class(&self) -> FailureClass {
         match self {
             OpsError::BadInput(_) => FailureClass::BadInput,
             OpsError::Patch(e) => e.class(),
             OpsError::Build(e) => e.class(),
+            OpsError::Debian(e) => e.class(),
             OpsError::Predict(e) => e.class(),
             OpsError::Mirror(e) => e.class(),
             OpsError::Target(e) => e.class(),

@@ -12,8 +12,9 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BuildArgs {
     /// The source tree the running binary was built from (copied; never built in place).
-    #[arg(long, value_name = "DIR")]
-    pub source: PathBuf,
+    /// With --debian: an `apt-get source` tree of the installed version (default: fetched).
+    #[arg(long, value_name = "DIR", required_unless_present = "debian")]
+    pub source: Option<PathBuf>,
     /// A unified diff against the tree (repeatable; applied in order).
     #[arg(long = "diff", value_name = "FILE", required = true)]
     pub diffs: Vec<PathBuf>,
@@ -41,21 +42,15 @@ pub struct BuildArgs {
     /// Cache of reference and original builds (default: ~/.cache/shadowpatch/build).
     #[arg(long, value_name = "DIR", env = "SHADOWPATCH_BUILD_CACHE")]
     pub cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub debian: super::build_debian::DebianArgs,
 }
 
 pub fn run(context: &Context, args: &BuildArgs) -> anyhow::Result<i32> {
-    let request = BuildRequest {
-        source: args.source.clone(),
-        diffs: args.diffs.clone(),
-        target: args.target.clone(),
-        module: args.module.clone(),
-        build_command: args.build_cmd.clone(),
-        reference_tree: args.reference_tree.clone(),
-        id: args.id.clone(),
-        out: args.out.clone(),
-        allow_compiler_mismatch: args.allow_compiler_mismatch,
-        cache: args.cache.clone(),
-    };
+    if args.debian.debian {
+        return super::build_debian::run(context, args);
+    }
+    let request = request(args);
     let mut bar = crate::progress::Progress::count("building", !context.json && std::io::stderr().is_terminal());
     let outcome = shadowpatch_ops::build(&context.state_dir, &request, &mut |index, name| {
         bar.note(name);
@@ -71,7 +66,24 @@ pub fn run(context: &Context, args: &BuildArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn print_outcome(outcome: &BuildOutcome, target: &str) {
+/// The build request the options describe (`source` empty with --debian:
+/// the Debian preparation fills it).
+pub(super) fn request(args: &BuildArgs) -> BuildRequest {
+    BuildRequest {
+        source: args.source.clone().unwrap_or_default(),
+        diffs: args.diffs.clone(),
+        target: args.target.clone(),
+        module: args.module.clone(),
+        build_command: args.build_cmd.clone(),
+        reference_tree: args.reference_tree.clone(),
+        id: args.id.clone(),
+        out: args.out.clone(),
+        allow_compiler_mismatch: args.allow_compiler_mismatch,
+        cache: args.cache.clone(),
+    }
+}
+
+pub(super) fn print_outcome(outcome: &BuildOutcome, target: &str) {
     let built = &outcome.built;
     println!(
         "built patch {} for {} (build-id {}) in {:.1} s: {}",

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod analyze;
 pub mod apply_watch;
 pub mod build;
+pub mod build_debian;
 pub mod demo;
 pub mod external;
 pub mod history;

@@ -11,6 +11,7 @@ mod agent_gate;
 mod analyze;
 mod apply_watch;
 mod build;
+mod build_debian;
 mod demo;
 mod exit_codes;
 mod history;
