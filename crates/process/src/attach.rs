@@ -510,7 +510,50 @@ impl Attached {
             let signal = if state.group_stop { None } else { state.pending_signal };
             let _ = ptrace::detach(tid, signal);
         }
+        self.detach_strays();
         stop_result.map(drop)
+    }
+
+    /// Let go of any thread of the target still traced by this thread
+    /// that the map lost track of (seen once: a thread auto-attached at
+    /// clone stayed traced after detach, and when the process was killed
+    /// its zombie waited for ever for us to reap it, blocking its parent's
+    /// wait). Each is interrupted and detached; a dead one is reaped (a
+    /// traced zombie thread is the tracer's to reap). Bounded: a thread
+    /// that never reports is left after 100 ms.
+    fn detach_strays(&mut self) {
+        let pid = self.identity.pid;
+        let Ok(tids) = list_threads(pid) else {
+            return;
+        };
+        for tid in tids {
+            if tid.as_raw() == pid || !crate::events::traced_by_us(pid, tid) {
+                continue;
+            }
+            tracing::warn!(
+                pid,
+                tid = tid.as_raw(),
+                "detaching a traced thread the tracer had lost track of"
+            );
+            let _ = ptrace::interrupt(tid);
+            let deadline = Instant::now() + std::time::Duration::from_millis(100);
+            loop {
+                match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                    }
+                    Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => break,
+                    Ok(WaitStatus::Stopped(_, signal)) => {
+                        let _ = ptrace::detach(tid, Some(signal));
+                        break;
+                    }
+                    Ok(_) => {
+                        let _ = ptrace::detach(tid, None);
+                        break;
+                    }
+                }
+            }
+        }
     }
 }
 
