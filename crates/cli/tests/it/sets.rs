@@ -5,7 +5,7 @@
 //! processes moved into a cgroup of the test's own.
 
 use crate::common::lighttpd::{content_type, start_lighttpd_with, LIGHTTPD};
-use crate::common::{assert_bad_input, build_id_of, shadowpatch, write_manifest};
+use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
 use shadowpatch_fixtures::{build_patch, children_of, Fixture, Patch, Running};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -173,6 +173,14 @@ fn a_cgroup_is_patched_member_by_member_and_bad_sets_are_refused() {
     assert_bad_input(&both, "--partial");
     let no_manifest = shadowpatch(&state, &["apply", "--cgroup", "x"]);
     assert_bad_input(&no_manifest, "<MANIFEST>");
+    let root = first.pid().to_string();
+    let watched = shadowpatch(&state, &["apply", &root, manifest, "--tree", "--watch", "2"]);
+    assert_bad_input(&watched, "--watch applies to one process");
+    let restore = shadowpatch(&state, &["rollback", &root, "--tree", "--restore-state"]);
+    assert_bad_input(&restore, "--restore-state applies to one process");
+    // Refused before anything was read or written: no state, target as it was.
+    assert!(!state.join("targets").exists(), "nothing recorded for a refused set");
+    assert_untouched(first.pid());
 
     let Some(group) = TestCgroup::new() else {
         panic!("cannot create a cgroup v2 (a writable cgroup2 mount is needed, as on this machine kind)");
