@@ -11,8 +11,6 @@ use crate::variables::{after_apply, before_apply};
 use crate::OpsError;
 use shadowpatch_failure::{Classify, FailureClass};
 use shadowpatch_health::Decision;
-use shadowpatch_mirror::StateDir;
-use shadowpatch_patch::journal::Journal;
 use shadowpatch_patch::survey::{originals_of, prepare_survey, survey_input, Survey};
 use shadowpatch_patch::{ApplyOptions, ApplyOutcome, PatchInput};
 use shadowpatch_predict::Verdict;
@@ -191,17 +189,9 @@ pub fn apply(
 /// transaction surveys again if a patch came or went since).
 fn survey_once(state_dir: &Path, pid: i32, input: &PatchInput) -> Result<Survey, OpsError> {
     let identity = ProcessIdentity::of(pid)?;
-    let originals = match StateDir::open_if_present(state_dir)? {
-        Some(state) => {
-            let dir = state.target_dir(pid, identity.start_time);
-            if dir.exists() {
-                originals_of(&Journal::replay(&dir)?)
-            } else {
-                Vec::new()
-            }
-        }
-        None => Vec::new(),
-    };
+    let originals = crate::journal_if_any(state_dir, &identity)?
+        .map(|journal| originals_of(&journal))
+        .unwrap_or_default();
     Ok(survey_input(pid, input, &originals)?)
 }
 

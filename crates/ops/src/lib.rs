@@ -108,6 +108,22 @@ impl Classify for health_watch::HealthWatchError {
     }
 }
 
+/// The journal of `identity`'s target, when the state directory has one
+/// (read without the target lock: a view, not a decision).
+fn journal_if_any(
+    state_dir: &std::path::Path,
+    identity: &shadowpatch_process::ProcessIdentity,
+) -> Result<Option<shadowpatch_patch::journal::JournalState>, OpsError> {
+    let Some(state) = shadowpatch_mirror::StateDir::open_if_present(state_dir)? else {
+        return Ok(None);
+    };
+    let dir = state.target_dir(identity.pid, identity.start_time);
+    if !dir.exists() {
+        return Ok(None);
+    }
+    Ok(Some(shadowpatch_patch::journal::Journal::replay(&dir)?))
+}
+
 fn bad_input(message: impl Into<String>) -> OpsError {
     OpsError::BadInput(message.into())
 }

@@ -316,14 +316,9 @@ fn active_patches(state_dir: &Path, pid: i32) -> Vec<String> {
     let Ok(identity) = ProcessIdentity::of(pid) else {
         return Vec::new();
     };
-    let Ok(Some(state)) = shadowpatch_mirror::StateDir::open_if_present(state_dir) else {
-        return Vec::new();
-    };
-    let dir = state.target_dir(pid, identity.start_time);
-    if !dir.exists() {
-        return Vec::new();
-    }
-    shadowpatch_patch::journal::Journal::replay(&dir)
+    crate::journal_if_any(state_dir, &identity)
+        .ok()
+        .flatten()
         .map(|journal| journal.active.iter().map(|p| p.id.clone()).collect())
         .unwrap_or_default()
 }
