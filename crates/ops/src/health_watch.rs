@@ -19,7 +19,7 @@ use shadowpatch_health::{judge, Decision, Direction, JudgeConfig, Judgement, Met
 use shadowpatch_patch::transaction::apply_prepared_watched;
 use shadowpatch_patch::watchwindow::{FunctionCalls, WatchWindow, WindowEvent};
 use shadowpatch_patch::{ApplyOptions, ApplyOutcome, Prepared};
-use shadowpatch_predict::watch_metrics::{WatchSampler, CPU, ERRORS, LATENCY, RSS};
+use shadowpatch_predict::watch_metrics::{cpu_bound, WatchSampler, CPU, ERRORS, LATENCY, RSS, SPINNING};
 use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -484,8 +484,17 @@ pub(crate) fn run_window(
     let decided = match early {
         Some(decided) => Some(decided),
         None => {
+            let bound = cpu_bound(control.get(SPINNING).map_or(&[][..], Vec::as_slice));
+            if let Some(share) = bound {
+                report.warnings.push(format!(
+                    "{CPU} not judged: before the patch, {:.0} % of the target's CPU went to threads that never \
+                     wait (spinning), whose CPU time follows the host's free CPU, not the patch's cost",
+                    share * 100.0
+                ));
+            }
             let metrics: Vec<(MetricSpec, Vec<f64>, Vec<f64>)> = specs()
                 .into_iter()
+                .filter(|spec| !(bound.is_some() && spec.name == CPU))
                 .filter(|spec| control.contains_key(&spec.name) || experiment.contains_key(&spec.name))
                 .map(|spec| {
                     let c = control.get(&spec.name).cloned().unwrap_or_default();
@@ -548,7 +557,9 @@ pub(crate) fn run_window(
         let _ = thread.join();
     }
     report.health = health;
+    let judged = std::mem::take(&mut report.warnings);
     report.warnings = warnings;
+    report.warnings.extend(judged);
     report.warnings.extend(sampler.warnings.iter().cloned());
     record_best_effort(
         state_dir,

@@ -301,6 +301,16 @@ fn an_agent_killed_mid_window_finishes_the_window_when_it_restarts() {
         "{verdict}"
     );
     assert!(details["calls"][0]["calls"].as_u64().unwrap() >= 1, "{verdict}");
+    // Two spinning threads: their CPU share is whatever the host leaves
+    // free, so it is not judged (it flipped this verdict under CI load).
+    assert!(
+        details["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().starts_with("cpu_percent not judged")),
+        "{verdict}"
+    );
     assert_eq!(target.command("ask 5").unwrap(), "1000016", "the kept patch runs");
     assert_eq!(
         shadowpatch(&state, &["verify", &pid_text]).code,
