@@ -158,6 +158,7 @@ impl Targets {
             .state_dir
             .join("targets")
             .join(format!("{pid}-{}", entry.start_time));
+        let start_time = entry.start_time;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
         let myself = self.myself.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -165,20 +166,26 @@ impl Targets {
             .name(format!("watch-{pid}"))
             .spawn(move || {
                 let outcome = watcher.run(&thread_stop);
-                match &outcome {
-                    Ok(shadowpatch_watch::StopReason::Requested) => {}
+                let exited = match &outcome {
+                    Ok(shadowpatch_watch::StopReason::Requested) => false,
                     Ok(shadowpatch_watch::StopReason::TargetExited(reason)) => {
                         tracing::info!(pid, %reason, "watched target exited");
-                        // Its registered variables (up to 16 MiB of
-                        // copies) serve no one once it is gone.
-                        let registry = shadowpatch_mirror::variables::VariableRegistry::path_in(&exited_dir);
-                        if let Err(error) = std::fs::remove_file(&registry) {
-                            if error.kind() != std::io::ErrorKind::NotFound {
-                                tracing::warn!(pid, %error, "cannot remove the exited target's variables");
-                            }
+                        true
+                    }
+                    Err(error) => {
+                        tracing::warn!(pid, %error, "watcher stopped on an error");
+                        !shadowpatch_mirror::StateDir::describes_live(&exited_dir, pid, start_time)
+                    }
+                };
+                if exited {
+                    // Its registered variables (up to 16 MiB of copies)
+                    // serve no one once it is gone.
+                    let registry = shadowpatch_mirror::variables::VariableRegistry::path_in(&exited_dir);
+                    if let Err(error) = std::fs::remove_file(&registry) {
+                        if error.kind() != std::io::ErrorKind::NotFound {
+                            tracing::warn!(pid, %error, "cannot remove the exited target's variables");
                         }
                     }
-                    Err(error) => tracing::warn!(pid, %error, "watcher stopped on an error"),
                 }
                 // Not asked to stop: the target went away, forget it.
                 if !thread_stop.load(Ordering::Relaxed) {

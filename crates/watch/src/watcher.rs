@@ -478,7 +478,28 @@ impl Watcher {
     }
 
     /// Verify one slice (at most `slice_bytes` of one region or variable).
+    /// Any error while the target is gone is its exit, whichever read
+    /// noticed it first (maps, pagemap, memory, the mirror of a module
+    /// that vanished with it): an exit is never a watcher failure.
     pub fn step(&mut self) -> Result<StepOutcome, WatchError> {
+        match self.step_once() {
+            Err(error) => match self.identity.check_alive() {
+                Err(gone_error) if gone(&gone_error) => {
+                    let reason = gone_error.to_string();
+                    self.emit(WatchEvent::TargetExited {
+                        unix_ms: now_ms(),
+                        pid: self.identity.pid,
+                        reason: reason.clone(),
+                    });
+                    Ok(StepOutcome::TargetExited(reason))
+                }
+                _ => Err(error),
+            },
+            done => done,
+        }
+    }
+
+    fn step_once(&mut self) -> Result<StepOutcome, WatchError> {
         if !self.pass_open {
             if let Some(reason) = self.begin_pass()? {
                 self.emit(WatchEvent::TargetExited {
@@ -496,22 +517,9 @@ impl Watcher {
         } else if self.cursor_item < regions + self.variables.len() {
             Item::Variable(self.cursor_item - regions)
         } else {
-            if let Err(error) = self.refresh_mirrored() {
-                // A pagemap or read error may only mean the target just
-                // exited: that ends the watch as an exit, not a failure.
-                return match self.identity.check_alive() {
-                    Err(gone_error) if gone(&gone_error) => {
-                        let reason = gone_error.to_string();
-                        self.emit(WatchEvent::TargetExited {
-                            unix_ms: now_ms(),
-                            pid: self.identity.pid,
-                            reason: reason.clone(),
-                        });
-                        Ok(StepOutcome::TargetExited(reason))
-                    }
-                    _ => Err(error),
-                };
-            }
+            // A pagemap or read error may only mean the target just
+            // exited: `step` tells.
+            self.refresh_mirrored()?;
             self.counters.passes += 1;
             self.cursor_item = 0;
             self.cursor_offset = 0;
