@@ -422,6 +422,28 @@ fn missing_arguments(error: &clap::Error) -> Option<String> {
     ))
 }
 
+/// `shadowpatch … | head`: once the reader has gone, the print macros
+/// panic with "failed printing to stdout: Broken pipe". That is not a
+/// failure of ours: end quietly with the shell's SIGPIPE status (141).
+/// SIGPIPE itself stays ignored (Rust's default) rather than restored: a
+/// signal death in the middle of an apply could leave a target stopped,
+/// while output is only printed between operations.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -453,6 +475,7 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHADOWPATCH_LOG"))
         .with_writer(std::io::stderr)
         .init();
+    quiet_on_closed_stdout();
     let context = commands::Context {
         state_dir: cli.state_dir.clone(),
         json: cli.json,

@@ -161,3 +161,22 @@ fn four_the_watched_target_exited() {
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     assert_eq!(watch.wait().unwrap().code(), Some(4));
 }
+
+/// A reader that went away (`| head`) ends the command with the shell's
+/// SIGPIPE status and nothing on stderr, not a panic's backtrace.
+#[test]
+fn a_closed_pipe_on_stdout_ends_quietly_with_141() {
+    let state = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
+        .args(["--json", "history"])
+        .env("SHADOWPATCH_STATE_DIR", state.path())
+        .env("SHADOWPATCH_AGENT_SOCKET", state.path().join("no-agent.sock"))
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(141), "{output:?}");
+    assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+}
