@@ -38,8 +38,8 @@ struct Cli {
     /// Size of the executable-like region for throughput, in MiB.
     #[arg(long)]
     region_mib: Option<u64>,
-    /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets; `build`: patches from a diff against the floor).
-    #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent", "build"])]
+    /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets; `build`: patches from a diff against the floor; `pause`: activation and rollback pauses against the floor).
+    #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent", "build", "pause"])]
     only: Option<String>,
     /// Machine-readable JSON on stdout instead of text.
     #[arg(long)]

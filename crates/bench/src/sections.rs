@@ -153,6 +153,15 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         Some("prediction") => return run_prediction_only(context, quick),
         Some("watch-window") => return crate::watch_window::run(context, quick),
         Some("build") => return crate::build::run(context, quick),
+        Some("pause") => {
+            let (patching, call_cost) = patch_pauses(context, quick)?;
+            if context.json {
+                print_json(&serde_json::json!({ "patching": patching, "call_cost": call_cost }));
+            } else {
+                print_patching(&patching, &call_cost);
+            }
+            return Ok(0);
+        }
         Some("dirty") => {
             let report = crate::dirty::run(context, quick)?;
             if context.json {
@@ -173,7 +182,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         }
         Some(other) => {
             return Err(crate::support::BadInput(format!(
-                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent, build)"
+                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent, build, pause)"
             ))
             .into())
         }
@@ -333,32 +342,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         println!("\n(SCHED_FIFO was not permitted: the FIFO columns ran at normal priority)");
     }
     println!();
-    println!(
-        "## Activation and rollback pause vs the floor, µs (median of {} rounds)",
-        report.patching[0].rounds
-    );
-    println!();
-    println!("Floor: stop all threads + one 5-byte write + resume, no checks, on the same target.");
-    println!();
-    println!("| threads | functions | floor | apply | apply / floor | rollback | rollback / floor |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for r in &report.patching {
-        println!(
-            "| {} | {} | {} | {} | {:.2}× | {} | {:.2}× |",
-            r.threads,
-            r.functions,
-            r.floor_us,
-            r.apply_us,
-            r.apply_us as f64 / r.floor_us.max(1) as f64,
-            r.rollback_us,
-            r.rollback_us as f64 / r.floor_us.max(1) as f64
-        );
-    }
-    println!();
-    println!(
-        "Per call of a patched function (direct jump): {:.3} ns unpatched, {:.3} ns patched, {:+.3} ns extra",
-        report.call_cost.unpatched_ns, report.call_cost.patched_ns, report.call_cost.extra_ns
-    );
+    print_patching(&report.patching, &report.call_cost);
     print_prediction(&report.simulation, &report.analysis);
     println!();
     println!(
@@ -489,6 +473,36 @@ pub(super) fn time_calls(target: &mut Running, calls: u64) -> anyhow::Result<f64
         best = best.min(ns);
     }
     Ok(best)
+}
+
+/// The activation and rollback table and the per-call cost.
+fn print_patching(patching: &[PatchRow], call_cost: &CallCost) {
+    println!(
+        "## Activation and rollback pause vs the floor, µs (median of {} rounds)",
+        patching[0].rounds
+    );
+    println!();
+    println!("Floor: stop all threads + one 5-byte write + resume, no checks, on the same target.");
+    println!();
+    println!("| threads | functions | floor | apply | apply / floor | rollback | rollback / floor |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for r in patching {
+        println!(
+            "| {} | {} | {} | {} | {:.2}× | {} | {:.2}× |",
+            r.threads,
+            r.functions,
+            r.floor_us,
+            r.apply_us,
+            r.apply_us as f64 / r.floor_us.max(1) as f64,
+            r.rollback_us,
+            r.rollback_us as f64 / r.floor_us.max(1) as f64
+        );
+    }
+    println!();
+    println!(
+        "Per call of a patched function (direct jump): {:.3} ns unpatched, {:.3} ns patched, {:+.3} ns extra",
+        call_cost.unpatched_ns, call_cost.patched_ns, call_cost.extra_ns
+    );
 }
 
 /// Activation and rollback pauses for 1/8/64 threads × 1/10/100 functions,

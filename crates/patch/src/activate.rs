@@ -68,39 +68,69 @@ pub fn switch(
             Direction::Forward => (|w| &w.original, |w| &w.new),
             Direction::Backward => (|w| &w.new, |w| &w.original),
         };
-        let ranges: Vec<(u64, usize)> = writes.iter().map(|w| (w.address, w.new.len())).collect();
-        let live_bytes = stopped.memory().read_many(&ranges)?;
-        for (write, live) in writes.iter().zip(&live_bytes) {
-            if live.as_slice() != expected_of(write) {
-                return Err(PatchError::Tampered {
-                    address: write.address,
-                    expected: shadowpatch_symbols::hex(expected_of(write)),
-                    live: shadowpatch_symbols::hex(live),
-                });
+        let spans = Span::cover(writes);
+        let ranges: Vec<(u64, usize)> = spans.iter().map(|s| (s.start, s.len)).collect();
+        let live_spans = stopped.memory().read_many(&ranges)?;
+        for (span, live) in spans.iter().zip(&live_spans) {
+            for &index in &span.writes {
+                let write = &writes[index];
+                let at = (write.address - span.start) as usize;
+                let live = &live[at..at + write.new.len()];
+                if live != expected_of(write) {
+                    return Err(PatchError::Tampered {
+                        address: write.address,
+                        expected: shadowpatch_symbols::hex(expected_of(write)),
+                        live: shadowpatch_symbols::hex(live),
+                    });
+                }
             }
         }
-        for (index, write) in writes.iter().enumerate() {
+        // Each span's bytes as read in this stop with the writes laid in:
+        // one write per span instead of one per function.
+        let (before, after): (Vec<Vec<u8>>, Vec<Vec<u8>>) = spans
+            .iter()
+            .zip(live_spans)
+            .map(|(span, live)| {
+                let mut laid = live.clone();
+                for &index in &span.writes {
+                    let write = &writes[index];
+                    let at = (write.address - span.start) as usize;
+                    laid[at..at + write.new.len()].copy_from_slice(new_of(write));
+                }
+                (live, laid)
+            })
+            .unzip();
+        let undo = |stopped: &mut Stopped, done: usize| {
+            for (span, bytes) in spans[..done].iter().zip(&before) {
+                let _ = stopped.memory().write(span.start, bytes);
+            }
+        };
+        for (index, (span, bytes)) in spans.iter().zip(&after).enumerate() {
             if index == 1 {
                 fault::point(&format!("{fault_prefix}partial-write"));
             }
-            if let Err(error) = stopped.memory().write(write.address, new_of(write)) {
+            if let Err(error) = stopped.memory().write(span.start, bytes) {
                 // Undo what this stop already wrote, so none switch.
-                for done in &writes[..index] {
-                    let _ = stopped.memory().write(done.address, expected_of(done));
-                }
+                undo(&mut stopped, index);
                 return Err(error.into());
             }
         }
         let written = stopped.memory().read_many(&ranges)?;
-        for (write, live) in writes.iter().zip(&written) {
-            if live.as_slice() != new_of(write) {
-                for done in writes {
-                    let _ = stopped.memory().write(done.address, expected_of(done));
-                }
+        for ((span, live), laid) in spans.iter().zip(&written).zip(&after) {
+            if live != laid {
+                undo(&mut stopped, spans.len());
+                let at = live.iter().zip(laid).position(|(a, b)| a != b).unwrap_or(0);
+                let write = span
+                    .writes
+                    .iter()
+                    .map(|&i| &writes[i])
+                    .find(|w| w.address + w.new.len() as u64 > span.start + at as u64)
+                    .unwrap_or(&writes[span.writes[0]]);
+                let offset = (write.address - span.start) as usize;
                 return Err(PatchError::Tampered {
                     address: write.address,
                     expected: shadowpatch_symbols::hex(new_of(write)),
-                    live: shadowpatch_symbols::hex(live),
+                    live: shadowpatch_symbols::hex(&live[offset..offset + write.new.len()]),
                 });
             }
         }
@@ -139,4 +169,96 @@ fn threads_inside<'w>(
         }
     }
     Ok(inside)
+}
+
+/// Writes that share a page, read and written as one range: a write to
+/// /proc/PID/mem costs about the same for 5 bytes as for a page (the page
+/// walk and copy-on-write dominate), so a patch of 100 neighbouring
+/// functions pays for a few writes, not 100. A span grows only while the
+/// next write starts on the page its last byte is on, so every byte it
+/// covers is on a page a write touches: mapped, and ours to rewrite (its
+/// other bytes go back as they were read in the same stop).
+#[derive(Debug, PartialEq, Eq)]
+struct Span {
+    start: u64,
+    len: usize,
+    /// Indices into the writes, in address order.
+    writes: Vec<usize>,
+}
+
+const PAGE: u64 = 4096;
+
+impl Span {
+    fn cover(writes: &[Write5]) -> Vec<Span> {
+        let mut order: Vec<usize> = (0..writes.len()).collect();
+        order.sort_by_key(|&i| writes[i].address);
+        let mut spans: Vec<Span> = Vec::new();
+        for index in order {
+            let write = &writes[index];
+            let end = write.address + write.new.len() as u64;
+            match spans.last_mut() {
+                Some(span)
+                    if write.address >= span.start + span.len as u64
+                        && write.address / PAGE == (span.start + span.len as u64 - 1) / PAGE =>
+                {
+                    span.len = (end - span.start) as usize;
+                    span.writes.push(index);
+                }
+                _ => spans.push(Span {
+                    start: write.address,
+                    len: write.new.len(),
+                    writes: vec![index],
+                }),
+            }
+        }
+        spans
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(address: u64) -> Write5 {
+        Write5 {
+            address,
+            original: vec![0x90; 5],
+            new: vec![0xe9, 0, 0, 0, 0],
+        }
+    }
+
+    #[test]
+    fn neighbours_on_a_page_share_one_write_and_pages_apart_do_not() {
+        let writes = [
+            write(0x1040),
+            write(0x1000),
+            write(0x1ffd),
+            write(0x2010),
+            write(0x5000),
+        ];
+        let spans = Span::cover(&writes);
+        // 0x1000, 0x1040 and 0x1ffd start on page 0x1000; 0x1ffd's bytes
+        // run onto page 0x2000, where 0x2010 starts; 0x5000 is pages away.
+        assert_eq!(
+            spans,
+            vec![
+                Span {
+                    start: 0x1000,
+                    len: 0x2015 - 0x1000,
+                    writes: vec![1, 0, 2, 3]
+                },
+                Span {
+                    start: 0x5000,
+                    len: 5,
+                    writes: vec![4]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn overlapping_writes_are_never_merged() {
+        let spans = Span::cover(&[write(0x1000), write(0x1002)]);
+        assert_eq!(spans.len(), 2);
+    }
 }

@@ -87,8 +87,10 @@ __attribute__((noinline, used)) long cold_path(long x) {
     return x * 7 - 5;
 }
 
-/* What the service answers to "banner"; the demo patches it. */
-__attribute__((noinline, used)) const char *banner(void) {
+/* What the service answers to "banner"; the demo patches it. On a page of
+ * its own, away from work_fn: a patch of both then needs two writes, so a
+ * crash can fall between them (the recover tests rely on it). */
+__attribute__((noinline, used, aligned(4096))) const char *banner(void) {
     __asm__ volatile("" ::: "memory");
     return "sample service v1";
 }
