@@ -74,6 +74,11 @@ pub struct Metrics {
     pub requests: AtomicU64,
     pub bad_requests: AtomicU64,
     pub recoveries: AtomicU64,
+    /// Persisted patches applied to new processes (`ops::persist`).
+    pub persist_applies: AtomicU64,
+    /// New processes of a persisted patch's scope left unpatched because
+    /// their build-id changed (a package upgrade).
+    pub persist_build_id_changed: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -92,6 +97,8 @@ impl Default for Metrics {
             requests: AtomicU64::new(0),
             bad_requests: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
+            persist_applies: AtomicU64::new(0),
+            persist_build_id_changed: AtomicU64::new(0),
         }
     }
 }
@@ -166,6 +173,18 @@ impl Metrics {
             "counter",
             "Interrupted transactions finished or undone.",
             load(&self.recoveries),
+        );
+        gauge(
+            "shadowpatch_persist_applies_total",
+            "counter",
+            "Persisted patches applied to processes that appeared after the rule was made.",
+            load(&self.persist_applies),
+        );
+        gauge(
+            "shadowpatch_persist_build_id_changed_total",
+            "counter",
+            "New processes of a persisted patch's scope not patched because their build-id changed.",
+            load(&self.persist_build_id_changed),
         );
         gauge(
             "shadowpatch_requests_total",

@@ -60,6 +60,9 @@ pub struct AgentConfig {
     /// watch stubs and watch the service this long (faults survived and
     /// rolled back, metrics judged; `health_watch`). `None`: plain apply.
     pub watch_after_apply: Option<shadowpatch_ops::health_watch::WatchArgs>,
+    /// How often persisted patches' scopes are swept for new processes
+    /// (`ops::persist`); `None`: never.
+    pub persist_interval: Option<std::time::Duration>,
 }
 
 /// What happened to one target at start-up.
@@ -99,6 +102,47 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Apply every persisted patch to the new processes of its scope, about
+    /// every `interval`, for as long as the agent runs. Each process is
+    /// looked at once per rule (a refusal is not retried every second; it
+    /// is in the history).
+    fn persist_loop(&self, interval: std::time::Duration) {
+        let mut seen: std::collections::BTreeMap<String, std::collections::BTreeSet<(i32, u64)>> =
+            std::collections::BTreeMap::new();
+        loop {
+            match shadowpatch_ops::persist::rules(&self.config.state_dir) {
+                Ok(rules) => {
+                    seen.retain(|id, _| rules.iter().any(|r| &r.id == id));
+                    for rule in rules {
+                        let sweep = shadowpatch_ops::persist::sweep(
+                            &self.config.state_dir,
+                            &rule,
+                            seen.entry(rule.id.clone()).or_default(),
+                        );
+                        for pid in &sweep.applied {
+                            tracing::info!(pid, patch = %rule.id, "persisted patch applied to a new process");
+                        }
+                        for (pid, error) in &sweep.failed {
+                            tracing::warn!(pid, patch = %rule.id, %error, "persisted patch not applied");
+                        }
+                        let count = |n: usize| n as u64;
+                        self.metrics
+                            .persist_applies
+                            .fetch_add(count(sweep.applied.len()), Ordering::Relaxed);
+                        self.metrics
+                            .applies
+                            .fetch_add(count(sweep.applied.len()), Ordering::Relaxed);
+                        self.metrics
+                            .persist_build_id_changed
+                            .fetch_add(count(sweep.build_id_changed.len()), Ordering::Relaxed);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot read the persisted patches"),
+            }
+            std::thread::sleep(interval);
+        }
+    }
+
     /// Recover every target, resume the persisted watchers, bind the
     /// sockets and the metrics port, and start serving on threads.
     pub fn start(config: AgentConfig) -> Result<(Arc<Agent>, StartReport), AgentError> {
@@ -172,6 +216,10 @@ impl Agent {
                 crate::app::serve_app,
             )
         })?;
+        if let Some(interval) = config.persist_interval {
+            let persisting = Arc::clone(&agent);
+            spawn("persist", move || persisting.persist_loop(interval))?;
+        }
         let report = StartReport {
             event: "ready",
             pid: std::process::id(),

@@ -94,6 +94,8 @@ enum Command {
         analysis: commands::analyze::AnalysisArgs,
         #[command(flatten)]
         watch: WatchFlags,
+        #[command(flatten)]
+        persist: commands::persist::PersistFlags,
     },
     /// Predict whether a patch will misbehave in a running process, and why (writes nothing to it).
     Analyze {
@@ -129,6 +131,13 @@ enum Command {
         pid: Option<i32>,
         #[command(flatten)]
         set: commands::sets::SetFlags,
+    },
+    /// List the persisted patches (`apply --persist`): which patch, where new processes get it, the build-id.
+    Persisted,
+    /// End a persisted patch: new processes are no longer patched (where it is applied, it stays).
+    Unpersist {
+        /// The patch id.
+        id: String,
     },
     /// List the targets with state: alive, dead or exec'd, generations, active patches, watch window, agent, size (reads only).
     List,
@@ -315,6 +324,40 @@ fn run_apply_positionals(
     }
 }
 
+/// `apply`, then with `--persist` the rule the agent follows. The scope is
+/// checked first, so bad input leaves the target untouched.
+#[allow(clippy::too_many_arguments)]
+fn run_apply_persisting(
+    context: &commands::Context,
+    positionals: &[String],
+    set: &commands::sets::SetFlags,
+    partial: bool,
+    attempts: u32,
+    force: bool,
+    analysis: &commands::analyze::AnalysisArgs,
+    watch: WatchFlags,
+    persist: &commands::persist::PersistFlags,
+) -> anyhow::Result<i32> {
+    let parsed = commands::sets::positionals("apply", positionals, set, "<MANIFEST>", true).ok();
+    let scope = match &parsed {
+        Some((pid, _)) => persist.scope(*pid, set)?,
+        None => None,
+    };
+    let code = run_apply_positionals(context, positionals, set, partial, attempts, force, analysis, watch)?;
+    if let (0, Some(scope), Some((_, Some(manifest)))) = (code, scope, parsed) {
+        let request = shadowpatch_ops::ApplyRequest {
+            pid: 0,
+            manifest: PathBuf::from(&manifest),
+            attempts,
+            force,
+            analysis: analysis.settings(),
+            requested_by: "cli".into(),
+        };
+        commands::persist::add(context, scope, std::path::Path::new(&manifest), request)?;
+    }
+    Ok(code)
+}
+
 /// `rollback`'s positionals (`PID [PATCH_ID]`, or `[PATCH_ID]` with a
 /// cgroup or unit) and its set, if any.
 fn run_rollback_positionals(
@@ -498,7 +541,20 @@ fn main() {
             force,
             analysis,
             watch,
-        } => run_apply_positionals(&context, &positionals, &set, partial, attempts, force, &analysis, watch),
+            persist,
+        } => run_apply_persisting(
+            &context,
+            &positionals,
+            &set,
+            partial,
+            attempts,
+            force,
+            &analysis,
+            watch,
+            &persist,
+        ),
+        Command::Persisted => commands::persist::run_list(&context),
+        Command::Unpersist { id } => commands::persist::run_remove(&context, &id),
         Command::Analyze {
             pid,
             manifest,

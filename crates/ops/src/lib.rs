@@ -19,6 +19,7 @@ pub mod build_debian;
 pub mod heal;
 pub mod health_watch;
 pub mod mirror;
+pub mod persist;
 pub mod rollback;
 pub mod set;
 pub mod signature;

@@ -130,7 +130,7 @@ pub fn members(selector: &Selector, build_id: &str) -> Result<Members, OpsError>
     })
 }
 
-fn maps_build_id(pid: i32, build_id: &str) -> Result<bool, String> {
+pub(crate) fn maps_build_id(pid: i32, build_id: &str) -> Result<bool, String> {
     let maps = shadowpatch_process::maps::read_maps(pid).map_err(|e| e.to_string())?;
     let modules = shadowpatch_symbols::modules_of(pid, &maps).map_err(|e| e.to_string())?;
     Ok(modules.iter().any(|m| m.build_id_hex().as_deref() == Some(build_id)))

@@ -43,6 +43,9 @@ pub struct AgentArgs {
     /// What a window still short of calls at --watch-max-window does: rollback (default) or keep.
     #[arg(long, default_value = "rollback", value_name = "keep|rollback")]
     pub watch_unexercised: String,
+    /// How often the scopes of persisted patches (`apply --persist`) are swept for new processes; 0 to never.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub persist_interval: String,
 }
 
 pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
@@ -92,6 +95,9 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
                 })?,
         )
     };
+    let persist_interval = humantime::parse_duration(&args.persist_interval)
+        .map_err(|e| BadInput(format!("--persist-interval {}: {e}", args.persist_interval)))?;
+    let persist_interval = (!persist_interval.is_zero()).then_some(persist_interval);
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
@@ -104,6 +110,7 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
         control_socket_mode,
         watch,
         watch_after_apply,
+        persist_interval,
     })
     .map_err(|e| match e.failure_kind() {
         shadowpatch_agent::FailureKind::BadInput => anyhow::Error::new(BadInput(e.to_string())),

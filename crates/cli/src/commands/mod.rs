@@ -12,6 +12,7 @@ pub mod lookup;
 pub mod mirror;
 pub mod patching;
 pub mod pause;
+pub mod persist;
 pub mod sets;
 pub mod signing;
 pub mod status;

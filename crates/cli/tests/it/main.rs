@@ -22,6 +22,7 @@ mod list_gc;
 mod mirror_verify;
 mod module_names;
 mod patching;
+mod persist;
 mod recover;
 mod redis_upstream;
 mod sets;
