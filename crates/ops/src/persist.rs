@@ -4,8 +4,10 @@
 //! a program path. The agent sweeps every rule about once a second
 //! (`sweep`) and applies the patch, through `ops::apply` with the rule's
 //! own settings (trust policy, analysis gate, history), to every process
-//! there that maps the module with that build-id and does not carry the
-//! patch yet: a service restarted, a worker exec'd afresh. A process there
+//! there that started after the rule was made, maps the module with that
+//! build-id and does not carry the patch yet: a service restarted, a worker
+//! exec'd afresh. Processes already running when the rule was made are
+//! left as they are: which of them to patch was the user's choice. A process there
 //! whose program has another build-id (the package was upgraded) is not
 //! patched; the agent records that once per process (`persist` event,
 //! outcome `build_id_changed`) and counts it. `shadowpatch unpersist ID`
@@ -56,6 +58,35 @@ pub struct Rule {
     /// The apply to repeat; `pid` is set per process.
     pub request: ApplyRequest,
     pub created_unix_ms: u64,
+    /// When the rule was made, as the kernel dates processes: the boot
+    /// (`/proc/sys/kernel/random/boot_id`) and the clock ticks since it.
+    /// Only processes started since are new; the ones already running
+    /// were the user's to patch (after a reboot every process is new).
+    /// Stamped by `add`.
+    #[serde(default)]
+    pub boot_id: String,
+    #[serde(default)]
+    pub since_ticks: u64,
+}
+
+impl Rule {
+    /// Whether a process that started at `start_time` (clock ticks since
+    /// boot) appeared after the rule was made.
+    pub fn is_new(&self, start_time: u64, boot_id: &str) -> bool {
+        self.boot_id != boot_id || start_time >= self.since_ticks
+    }
+}
+
+/// This boot's id and the clock ticks since it.
+fn now_marks() -> (String, u64) {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_string())
+        .unwrap_or_default();
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    (boot_id, (uptime * procfs::ticks_per_second() as f64) as u64)
 }
 
 /// Check and resolve a scope before anything is applied: a unit or cgroup
@@ -85,12 +116,14 @@ pub fn check_scope(scope: Scope) -> Result<Scope, OpsError> {
     }
 }
 
-/// Record `rule` (replacing an earlier rule for the same patch id).
-pub fn add(state_dir: &Path, rule: &Rule) -> Result<PathBuf, OpsError> {
+/// Record `rule` (replacing an earlier rule for the same patch id),
+/// stamped with the time from which processes count as new.
+pub fn add(state_dir: &Path, mut rule: Rule) -> Result<(Rule, PathBuf), OpsError> {
+    (rule.boot_id, rule.since_ticks) = now_marks();
     let dir = state_dir.join(DIR);
     std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
     let path = rule_path(state_dir, &rule.id)?;
-    let bytes = serde_json::to_vec_pretty(rule).expect("a rule serializes");
+    let bytes = serde_json::to_vec_pretty(&rule).expect("a rule serializes");
     shadowpatch_mirror::store::write_atomically(&path, &bytes).map_err(|e| io_error(&path, e))?;
     record_best_effort(
         state_dir,
@@ -99,7 +132,7 @@ pub fn add(state_dir: &Path, rule: &Rule) -> Result<PathBuf, OpsError> {
             .outcome("added")
             .details(serde_json::json!({ "scope": rule.scope.to_string(), "build_id": rule.build_id })),
     );
-    Ok(path)
+    Ok((rule, path))
 }
 
 /// Remove the rule of patch `id`; the patch stays where it is applied.
@@ -194,16 +227,17 @@ pub struct Sweep {
     pub failed: Vec<(i32, String)>,
 }
 
-/// Apply `rule` to the processes of its scope that appeared since the
-/// last sweep. `seen` holds the processes (pid, start time) already
-/// decided, so each is looked at once per agent run.
+/// Apply `rule` to the processes of its scope that started since the rule
+/// was made and were not looked at yet. `seen` holds the processes (pid,
+/// start time) already decided, so each is looked at once per agent run.
 pub fn sweep(state_dir: &Path, rule: &Rule, seen: &mut BTreeSet<(i32, u64)>) -> Sweep {
     let mut done = Sweep::default();
+    let (boot_id, _) = now_marks();
     for pid in processes(&rule.scope) {
         let Ok(identity) = ProcessIdentity::of(pid) else {
             continue;
         };
-        if !seen.insert((pid, identity.start_time)) {
+        if !seen.insert((pid, identity.start_time)) || !rule.is_new(identity.start_time, &boot_id) {
             continue;
         }
         match crate::set::maps_build_id(pid, &rule.build_id) {
@@ -256,4 +290,33 @@ pub fn sweep(state_dir: &Path, rule: &Rule, seen: &mut BTreeSet<(i32, u64)>) -> 
         }
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_processes_started_since_the_rule_or_after_a_reboot_are_new() {
+        let request = ApplyRequest {
+            pid: 0,
+            manifest: PathBuf::from("/m.toml"),
+            attempts: 1,
+            force: false,
+            analysis: Default::default(),
+            requested_by: "cli".into(),
+        };
+        let rule = Rule {
+            id: "p".into(),
+            scope: Scope::Program(PathBuf::from("/bin/true")),
+            build_id: "ab".into(),
+            request,
+            created_unix_ms: 0,
+            boot_id: "boot-a".into(),
+            since_ticks: 1000,
+        };
+        assert!(!rule.is_new(999, "boot-a"));
+        assert!(rule.is_new(1000, "boot-a"));
+        assert!(rule.is_new(5, "boot-b"));
+    }
 }

@@ -59,10 +59,12 @@ pub fn add(context: &Context, scope: Scope, manifest: &Path, request: ApplyReque
         created_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
+        boot_id: String::new(),
+        since_ticks: 0,
     };
-    let path = persist::add(&context.state_dir, &rule)?;
+    let (rule, path) = persist::add(&context.state_dir, rule)?;
     eprintln!(
-        "persisted {}: the agent applies it to every new process of {} with build-id {} (rule {}; `shadowpatch unpersist {}` ends it)",
+        "persisted {}: the agent applies it to every process of {} with build-id {} that starts from now on (rule {}; `shadowpatch unpersist {}` ends it)",
         rule.id,
         rule.scope,
         rule.build_id,

@@ -1,5 +1,5 @@
 //! `apply --persist`: the agent applies a persisted patch to every new
-//! process of the program (a restart), not to one whose build-id changed
+//! process of the program (a restart), not to one already running, not to one whose build-id changed
 //! (an upgrade), and no longer once `unpersist` ends the rule.
 
 use crate::common::{assert_bad_input, build_id_of, shadowpatch, shadowpatch_env, write_manifest, Run};
@@ -118,6 +118,8 @@ fn a_persisted_patch_reaches_restarts_but_not_an_upgraded_program_nor_after_unpe
     let agent = Agent::start(dir.path());
 
     let mut first = Running::start_binary(&program, &["1"]).unwrap();
+    // Running before the rule: the user did not ask to patch it.
+    let mut bystander = Running::start_binary(&program, &["1"]).unwrap();
     let pid = first.pid().to_string();
     // Bad input first: nothing applied, nothing persisted.
     let missing = agent.cli(
@@ -170,6 +172,13 @@ fn a_persisted_patch_reaches_restarts_but_not_an_upgraded_program_nor_after_unpe
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(restarted.check().unwrap()["errors"], 0);
+    assert_ne!(
+        answer(&mut bystander),
+        PATCHED,
+        "a process older than the rule was patched: {} {:?}",
+        shadowpatch(&state, &["persisted", "--json"]).stdout,
+        events(&state, "apply")
+    );
     // The original is not patched twice.
     assert_eq!(
         shadowpatch(&state, &["status", &pid, "--json"]).json()["patches"]
