@@ -99,9 +99,12 @@ enum Command {
     },
     /// Predict whether a patch will misbehave in a running process, and why (writes nothing to it).
     Analyze {
-        pid: i32,
-        /// The patch manifest (TOML).
-        manifest: PathBuf,
+        /// PID and the patch manifest (TOML); with --cgroup or --unit, only the manifest.
+        #[arg(value_names = ["PID", "MANIFEST"], num_args = 0..=2)]
+        positionals: Vec<String>,
+        /// Analyse for every process of the set that maps the manifest's module, one report each.
+        #[command(flatten)]
+        set: commands::sets::SetFlags,
         #[command(flatten)]
         analysis: commands::analyze::AnalysisArgs,
     },
@@ -556,10 +559,20 @@ fn main() {
         Command::Persisted => commands::persist::run_list(&context),
         Command::Unpersist { id } => commands::persist::run_remove(&context, &id),
         Command::Analyze {
-            pid,
-            manifest,
+            positionals,
+            set,
             analysis,
-        } => commands::analyze::run(&context, pid, &manifest, &analysis),
+        } => commands::sets::positionals("analyze", &positionals, &set, "<MANIFEST>", true)
+            .map_err(anyhow::Error::from)
+            .and_then(|(pid, manifest)| {
+                let manifest = PathBuf::from(manifest.expect("required"));
+                match set.selector(pid) {
+                    Some(selector) => commands::sets::for_each_target(&context, &selector, &manifest, |pid| {
+                        commands::analyze::run(&context, pid, &manifest, &analysis)
+                    }),
+                    None => commands::analyze::run(&context, pid.expect("a PID without a set"), &manifest, &analysis),
+                }
+            }),
         Command::Rollback {
             positionals,
             set,

@@ -133,9 +133,16 @@ pub fn run_rollback(context: &Context, selector: &Selector, patch_id: Option<&st
 pub fn for_each_member(
     context: &Context,
     selector: &Selector,
+    run: impl FnMut(i32) -> anyhow::Result<i32>,
+) -> anyhow::Result<i32> {
+    each(context, resolve(selector)?, run)
+}
+
+fn each(
+    context: &Context,
+    members: Vec<shadowpatch_ops::set::Member>,
     mut run: impl FnMut(i32) -> anyhow::Result<i32>,
 ) -> anyhow::Result<i32> {
-    let members = resolve(selector)?;
     let mut worst = 0;
     for member in members {
         if !context.json {
@@ -155,6 +162,25 @@ pub fn for_each_member(
         worst = worst.max(code);
     }
     Ok(worst)
+}
+
+/// Run `run` on each member of `selector` that maps the module of
+/// `manifest` (by build-id), as `for_each_member` does; the others are
+/// named as skipped.
+pub fn for_each_target(
+    context: &Context,
+    selector: &Selector,
+    manifest: &std::path::Path,
+    run: impl FnMut(i32) -> anyhow::Result<i32>,
+) -> anyhow::Result<i32> {
+    let (parsed, _) = shadowpatch_patch::manifest::Manifest::load(manifest)?;
+    let members = shadowpatch_ops::set::members(selector, &parsed.build_id_lowercase())?;
+    if !context.json {
+        for (member, reason) in &members.skipped {
+            println!("-- pid {} ({}) skipped: {reason}", member.pid, member.comm);
+        }
+    }
+    each(context, members.targets, run)
 }
 
 fn render(context: &Context, outcome: &SetOutcome) -> i32 {

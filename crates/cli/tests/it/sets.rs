@@ -52,6 +52,18 @@ fn a_lighttpd_master_and_its_workers_are_patched_and_rolled_back_as_a_tree() {
     let root = master.to_string();
     assert_eq!(content_types(server.port, 20), ["text/html".to_string()].into());
 
+    // One analysis per member, nothing written.
+    let analysed = shadowpatch(&state, &["analyze", &root, manifest, "--tree", "--context-secs", "0"]);
+    assert_eq!(analysed.code, 0, "{}{}", analysed.stdout, analysed.stderr);
+    assert_eq!(analysed.stdout.matches("== pid").count(), 3, "{}", analysed.stdout);
+    assert_eq!(
+        analysed.stdout.matches("analysis of patch mime-tree").count(),
+        3,
+        "{}",
+        analysed.stdout
+    );
+    assert_eq!(content_types(server.port, 20), ["text/html".to_string()].into());
+
     let applied = shadowpatch(
         &state,
         &["apply", &root, manifest, "--tree", "--context-secs", "0", "--json"],
