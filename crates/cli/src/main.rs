@@ -175,7 +175,11 @@ enum Command {
     },
     /// Verify a process continuously until SIGINT/SIGTERM: alert (and heal) on any change of its immutable memory.
     Watch {
-        pid: i32,
+        #[arg(required_unless_present_any = ["cgroup", "unit"])]
+        pid: Option<i32>,
+        /// With --agent: the agent watches every process of the set, each with its own watcher.
+        #[command(flatten)]
+        set: commands::sets::SetFlags,
         /// Time between the starts of two full passes (e.g. 100ms, 2s; 0: back to back).
         #[arg(long)]
         interval: Option<String>,
@@ -598,10 +602,24 @@ fn main() {
         Command::Lookup { pid, what } => commands::lookup::run(&context, pid, &what),
         Command::Bench { args } => commands::external::run_bench(&context, &args),
         Command::Watch {
-            pid, heal, agent: true, ..
-        } => commands::agent::run_watch(&context, pid, heal),
+            pid,
+            set,
+            heal,
+            agent: true,
+            ..
+        } => match set.selector(pid) {
+            Some(selector) => commands::sets::for_each_member(&context, &selector, |pid| {
+                commands::agent::run_watch(&context, pid, heal)
+            }),
+            None => commands::agent::run_watch(&context, pid.expect("clap requires a PID without a set"), heal),
+        },
+        Command::Watch { pid, set, .. } if set.selector(pid).is_some() => Err(failure::BadInput(
+            "a set (--tree, --cgroup, --unit) is watched by the agent, one watcher per process: add --agent".into(),
+        )
+        .into()),
         Command::Watch {
             pid,
+            set: _,
             interval,
             cpu_budget,
             pin_cpu,
@@ -617,7 +635,7 @@ fn main() {
             agent: false,
         } => commands::watch::run(
             &context,
-            pid,
+            pid.expect("clap requires a PID without a set"),
             &commands::watch::WatchArgs {
                 interval,
                 cpu_budget,

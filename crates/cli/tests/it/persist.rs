@@ -2,67 +2,15 @@
 //! process of the program (a restart), not to one already running, not to one whose build-id changed
 //! (an upgrade), and no longer once `unpersist` ends the rule.
 
-use crate::common::{assert_bad_input, build_id_of, shadowpatch, shadowpatch_env, write_manifest, Run};
+use crate::common::agent::Agent;
+use crate::common::{assert_bad_input, build_id_of, shadowpatch, write_manifest};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// What busy.c's `ask 5` answers once work_fn_v2 runs.
 const PATCHED: &str = "1000016";
-
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Agent {
-    fn start(dir: &Path) -> Agent {
-        let socket = dir.join("agent.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
-            .arg("agent")
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--agent-socket")
-            .arg(&socket)
-            .arg("--app-socket")
-            .arg(dir.join("app.sock"))
-            .args([
-                "--metrics-listen",
-                "off",
-                "--watch-after-apply",
-                "0",
-                "--persist-interval",
-                "100ms",
-            ])
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the agent starts");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("\"ready\""), "ready line: {line:?}");
-        Agent { child, socket }
-    }
-
-    fn cli(&self, state: &Path, args: &[&str]) -> Run {
-        shadowpatch_env(
-            state,
-            args,
-            &[("SHADOWPATCH_AGENT_SOCKET", self.socket.to_str().unwrap())],
-        )
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn answer(target: &mut Running) -> String {
     target.command("ask 5").unwrap()

@@ -8,6 +8,7 @@ use crate::common::lighttpd::{content_type, start_lighttpd_with, LIGHTTPD};
 use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
 use shadowpatch_fixtures::{build_patch, children_of, Fixture, Patch, Running};
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Every request looks the content type up again (see keep_generation.rs);
@@ -221,4 +222,47 @@ fn a_cgroup_is_patched_member_by_member_and_bad_sets_are_refused() {
     // Nothing left to roll back: bad input, named.
     let again = shadowpatch(&state, &["rollback", "--cgroup", &name]);
     assert_bad_input(&again, "has a patch active");
+}
+
+/// `watch` over a set is the agent's (one watcher per member); without
+/// `--agent` it is refused before anything is done.
+#[test]
+fn the_agent_watches_each_process_of_a_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut tree = Command::new("sh")
+        .args(["-c", "sleep 600 & sleep 600 & wait"])
+        .spawn()
+        .unwrap();
+    let root = tree.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while children_of(root).len() < 2 {
+        assert!(Instant::now() < deadline, "the shell never started its 2 children");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let root_text = root.to_string();
+    let refused = shadowpatch(&state, &["watch", &root_text, "--tree"]);
+    assert_bad_input(&refused, "add --agent");
+    let agent = crate::common::agent::Agent::start(dir.path());
+    let watched = agent.cli(&state, &["watch", &root_text, "--tree", "--agent"]);
+    assert_eq!(watched.code, 0, "{}{}", watched.stdout, watched.stderr);
+    assert_eq!(
+        watched.stdout.matches("the agent watches pid").count(),
+        3,
+        "{}",
+        watched.stdout
+    );
+    for pid in std::iter::once(root).chain(children_of(root)) {
+        let ended = agent.cli(&state, &["unwatch", &pid.to_string()]);
+        assert_eq!(
+            ended.code, 0,
+            "pid {pid} was not watched: {}{}",
+            ended.stdout, ended.stderr
+        );
+    }
+    for child in children_of(root) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = tree.kill();
+    let _ = tree.wait();
 }
