@@ -9,6 +9,7 @@ mod agent;
 mod agent_abuse;
 mod agent_gate;
 mod analyze;
+mod ansible;
 mod apply_watch;
 mod build;
 mod build_debian;
