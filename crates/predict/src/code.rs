@@ -468,9 +468,28 @@ impl Walker<'_, '_> {
 
     /// A call to imported symbol `name` from `space`.
     fn import(&mut self, space: Space, name: String) -> Option<(Space, u64)> {
-        if space == Space::Patch {
-            if let Some(&address) = self.spaces.resolved.get(&name) {
-                if self.spaces.module.contains(address) {
+        match space {
+            Space::Patch => {
+                if let Some(&address) = self.spaces.resolved.get(&name) {
+                    if self.spaces.module.contains(address) {
+                        return Some((Space::Target, address));
+                    }
+                }
+            }
+            // A library calls its own exported functions through its PLT
+            // (they could be interposed): followed into its own code, as
+            // the patch's call of the same function is, so that both
+            // sides see the same function.
+            Space::Target => {
+                let own: BTreeSet<u64> = self
+                    .spaces
+                    .module
+                    .symbol_addresses(&name)
+                    .into_iter()
+                    .filter(|(_, s)| s.kind == SymbolKind::Function && s.size > 0 && !s.ifunc)
+                    .map(|(address, _)| address)
+                    .collect();
+                if let (1, Some(&address)) = (own.len(), own.first()) {
                     return Some((Space::Target, address));
                 }
             }

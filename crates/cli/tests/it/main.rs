@@ -9,6 +9,7 @@ mod agent;
 mod agent_abuse;
 mod agent_gate;
 mod analyze;
+mod analyze_memcached;
 mod apply_watch;
 mod build;
 mod build_debian;
