@@ -377,6 +377,8 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
         replacements.push(Replacement {
             symbol: name.clone(),
             with: with.clone(),
+            behaviour: Default::default(),
+            expect: Vec::new(),
         });
     }
     bound.sort_by(|a, b| a.name.cmp(&b.name));

@@ -29,13 +29,71 @@ pub enum Source {
     Model,
 }
 
+/// What kind of consequence a finding is about (its severity says how
+/// much it weighs). Harm refuses; a behaviour change warns unless the
+/// manifest declares it; a risk (a static flag, a degraded target) warns
+/// and feeds the risk score; info is shown only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// The patch does damage: a crash, hang or exit, a divergence of a
+    /// critical variable, a new system call the sandbox refused, or a
+    /// problem that makes the patch unsafe to apply (a blocking check).
+    Harm,
+    /// The patch may do damage: a structural flag of the static analysis
+    /// (a new loop, allocation, system call...) or the target's own state.
+    Risk,
+    /// The patch behaves differently: other return values, other output,
+    /// other side effects. What a fix does; harm only if unintended.
+    BehaviourChange,
+    /// Shown for information.
+    Info,
+}
+
+impl Class {
+    /// The class of a finding by its code; codes not listed take it from
+    /// their severity (blocking: harm, warning: risk, info: info).
+    pub fn of(code: &str, severity: Severity) -> Class {
+        match code {
+            "sim-patched-crashes"
+            | "sim-patched-hangs"
+            | "sim-patched-exits"
+            | "sim-critical-differs"
+            | "sim-unsupported-syscall" => Class::Harm,
+            "sim-return-differs"
+            | "sim-fd-writes-differ"
+            | "sim-side-effects-differ"
+            | "declared-change-unseen"
+            | "expect-not-met"
+            | "expect-met" => Class::BehaviourChange,
+            _ => match severity {
+                Severity::Blocking => Class::Harm,
+                Severity::Warning => Class::Risk,
+                Severity::Info => Class::Info,
+            },
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Harm => "harm",
+            Class::Risk => "risk",
+            Class::BehaviourChange => "behaviour change",
+            Class::Info => "info",
+        }
+    }
+}
+
 /// One reason, with the evidence behind it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "FindingRecord")]
 pub struct Finding {
     /// Stable kebab-case identifier (`entry-too-short`, `new-syscall`, ...):
     /// tests, the model's features and users' scripts key on it.
     pub code: String,
     pub severity: Severity,
+    /// Harm, risk, behaviour change or info ([`Class::of`]).
+    pub class: Class,
     pub source: Source,
     /// The replaced function concerned, when there is one.
     pub symbol: Option<String>,
@@ -45,11 +103,40 @@ pub struct Finding {
     pub evidence: serde_json::Value,
 }
 
+/// A finding as stored: records written before findings had a class get
+/// it from their code.
+#[derive(serde::Deserialize)]
+struct FindingRecord {
+    code: String,
+    severity: Severity,
+    #[serde(default)]
+    class: Option<Class>,
+    source: Source,
+    symbol: Option<String>,
+    message: String,
+    evidence: serde_json::Value,
+}
+
+impl From<FindingRecord> for Finding {
+    fn from(record: FindingRecord) -> Self {
+        Finding {
+            class: record.class.unwrap_or_else(|| Class::of(&record.code, record.severity)),
+            code: record.code,
+            severity: record.severity,
+            source: record.source,
+            symbol: record.symbol,
+            message: record.message,
+            evidence: record.evidence,
+        }
+    }
+}
+
 impl Finding {
     pub fn new(code: &str, severity: Severity, source: Source, message: impl Into<String>) -> Self {
         Finding {
             code: code.to_string(),
             severity,
+            class: Class::of(code, severity),
             source,
             symbol: None,
             message: message.into(),
@@ -95,6 +182,26 @@ impl Default for VerdictPolicy {
     }
 }
 
+/// What the simulation observed, as the verdict rule needs it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Evidence {
+    /// Calls simulated to a result (captured and explicit). 0: no
+    /// simulation evidence, whatever was asked for.
+    pub simulated_calls: u32,
+    /// Of them, live calls captured from the running process.
+    pub live_calls: u32,
+    /// Calls on which the original itself failed: they say nothing.
+    pub inconclusive_calls: u32,
+}
+
+/// A verdict and the rule that gave it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// The rule, in one sentence.
+    pub basis: String,
+}
+
 impl VerdictPolicy {
     /// Any blocking finding refuses; otherwise the risk and the warnings decide.
     pub fn verdict(&self, findings: &[Finding], risk: f64) -> Verdict {
@@ -106,6 +213,118 @@ impl VerdictPolicy {
             Verdict::Proceed
         }
     }
+
+    /// The verdict, in this order: a blocking finding (harm) refuses; a
+    /// risk at or above `refuse_at` refuses when simulated calls back it
+    /// (on static evidence alone it warns: the model extrapolates there);
+    /// a warning warns; no warning and live calls that showed neither harm
+    /// nor an undeclared change proceed, whatever the model's risk (with
+    /// no finding left, the risk rests on the patch's size, which alone
+    /// predicts nothing: PREDICTION.md); else the risk against `warn_at`.
+    /// Evidence only counts when there is some: a capture that caught no
+    /// call leaves `evidence` empty, and the verdict is the static one.
+    pub fn decide(&self, findings: &[Finding], risk: f64, evidence: &Evidence) -> Decision {
+        let codes = |severity: Severity| {
+            let mut codes: Vec<&str> = findings
+                .iter()
+                .filter(|f| f.severity == severity)
+                .map(|f| f.code.as_str())
+                .collect();
+            codes.dedup();
+            codes.join(", ")
+        };
+        let decision = |verdict, basis: String| Decision { verdict, basis };
+        let warnings = findings.iter().any(|f| f.severity == Severity::Warning);
+        if findings.iter().any(|f| f.severity == Severity::Blocking) {
+            return decision(
+                Verdict::Refuse,
+                format!("blocking finding: {}", codes(Severity::Blocking)),
+            );
+        }
+        let clean_live = !warnings && evidence.live_calls > 0 && evidence.inconclusive_calls == 0;
+        if risk >= self.refuse_at && evidence.simulated_calls > 0 && !clean_live {
+            return decision(
+                Verdict::Refuse,
+                format!(
+                    "risk {risk:.2} at or above {:.2}, with {} simulated call{}",
+                    self.refuse_at,
+                    evidence.simulated_calls,
+                    plural(evidence.simulated_calls)
+                ),
+            );
+        }
+        if warnings {
+            return decision(Verdict::Warn, format!("warning: {}", codes(Severity::Warning)));
+        }
+        if clean_live {
+            return decision(
+                Verdict::Proceed,
+                format!(
+                    "no findings, and {} live call{} simulated showed no harm and no undeclared change",
+                    evidence.live_calls,
+                    plural(evidence.live_calls)
+                ),
+            );
+        }
+        if risk >= self.warn_at {
+            let evidence = if evidence.simulated_calls == 0 {
+                "on static evidence alone".to_string()
+            } else {
+                format!(
+                    "with {} simulated call{} and no live call",
+                    evidence.simulated_calls,
+                    plural(evidence.simulated_calls)
+                )
+            };
+            return decision(
+                Verdict::Warn,
+                format!("risk {risk:.2} at or above {:.2} {evidence}", self.warn_at),
+            );
+        }
+        decision(
+            Verdict::Proceed,
+            format!("no findings, and risk {risk:.2} below {:.2}", self.warn_at),
+        )
+    }
+}
+
+fn plural(count: u32) -> &'static str {
+    if count == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// One term of a risk score.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Term {
+    /// A feature name, or for a finding-based score the finding's code.
+    pub name: String,
+    /// The value the scorer read (`None`: not measured, imputed).
+    pub value: Option<f64>,
+    /// What it added to the score, in the scorer's own units (a
+    /// logistic model's log-odds; a noisy-OR's weight).
+    pub contribution: f64,
+    /// How the value was taken: `measured`, `imputed (...)`, `not scored (...)`.
+    pub status: String,
+}
+
+/// How a risk was computed, term by term, as honestly as the scorer allows.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Explanation {
+    /// The rule that gave the verdict.
+    pub basis: String,
+    /// The scorer and how its terms combine into the risk.
+    pub formula: String,
+    /// The terms, largest contribution first.
+    pub terms: Vec<Term>,
+    /// The scorer's constant (a logistic model's intercept), if any.
+    pub intercept: Option<f64>,
+    /// The model's probability before the target's context raised it.
+    pub model_risk: Option<f64>,
+    /// Context findings that raised the risk: `risk = 1 − (1 − model) · Π (1 − w)`.
+    pub context: Vec<Term>,
 }
 
 /// The result of analysing one patch against one live target.
@@ -120,6 +339,9 @@ pub struct Analysis {
     /// Evidence sources that could not be used (and why): the verdict is
     /// given with lower confidence.
     pub unavailable: Vec<String>,
+    /// Why this verdict and this risk.
+    #[serde(default)]
+    pub explanation: Explanation,
 }
 
 #[cfg(test)]
@@ -136,5 +358,63 @@ mod tests {
         assert_eq!(policy.verdict(&[], 0.9), Verdict::Refuse);
         assert_eq!(policy.verdict(std::slice::from_ref(&warning), 0.0), Verdict::Warn);
         assert_eq!(policy.verdict(&[warning, blocking], 0.0), Verdict::Refuse);
+    }
+
+    #[test]
+    fn evidence_decides_only_when_there_is_some() {
+        let policy = VerdictPolicy::default();
+        let none = Evidence::default();
+        let live = Evidence {
+            simulated_calls: 3,
+            live_calls: 3,
+            inconclusive_calls: 0,
+        };
+        let explicit = Evidence {
+            simulated_calls: 3,
+            live_calls: 0,
+            inconclusive_calls: 0,
+        };
+        // Static evidence alone never refuses on risk...
+        assert_eq!(policy.decide(&[], 0.9, &none).verdict, Verdict::Warn);
+        // ... simulated calls let it, unless live calls were clean.
+        assert_eq!(policy.decide(&[], 0.9, &explicit).verdict, Verdict::Refuse);
+        let clean = policy.decide(&[], 0.9, &live);
+        assert_eq!(clean.verdict, Verdict::Proceed, "{}", clean.basis);
+        assert!(clean.basis.contains("3 live calls"), "{}", clean.basis);
+        // An inconclusive call is no evidence of identity.
+        let inconclusive = Evidence {
+            inconclusive_calls: 1,
+            ..live
+        };
+        assert_eq!(policy.decide(&[], 0.5, &inconclusive).verdict, Verdict::Warn);
+        // Warnings warn whatever the live calls showed; blocking refuses.
+        let warning = Finding::new("added-loop", Severity::Warning, Source::Static, "w");
+        let blocking = Finding::new("sim-patched-crashes", Severity::Blocking, Source::Simulation, "b");
+        assert_eq!(
+            policy.decide(std::slice::from_ref(&warning), 0.0, &live).verdict,
+            Verdict::Warn
+        );
+        let refused = policy.decide(&[warning, blocking], 0.0, &live);
+        assert_eq!(refused.verdict, Verdict::Refuse);
+        assert!(refused.basis.contains("sim-patched-crashes"), "{}", refused.basis);
+    }
+
+    #[test]
+    fn classes_follow_codes_then_severity_and_old_records_get_one() {
+        assert_eq!(Class::of("sim-patched-hangs", Severity::Blocking), Class::Harm);
+        assert_eq!(Class::of("sim-critical-differs", Severity::Warning), Class::Harm);
+        assert_eq!(
+            Class::of("sim-return-differs", Severity::Warning),
+            Class::BehaviourChange
+        );
+        assert_eq!(Class::of("sim-return-differs", Severity::Info), Class::BehaviourChange);
+        assert_eq!(Class::of("added-loop", Severity::Warning), Class::Risk);
+        assert_eq!(Class::of("entry-too-short", Severity::Blocking), Class::Harm);
+        assert_eq!(Class::of("register-thunk", Severity::Info), Class::Info);
+        let old = r#"{"code":"sim-return-differs","severity":"warning","source":"simulation","symbol":null,"message":"m","evidence":null}"#;
+        let finding: Finding = serde_json::from_str(old).unwrap();
+        assert_eq!(finding.class, Class::BehaviourChange);
+        let json = serde_json::to_value(&finding).unwrap();
+        assert_eq!(json["class"], "behaviour_change");
     }
 }

@@ -110,17 +110,22 @@ impl AnalysisSettings {
         if capture.is_none() && calls.is_empty() {
             return Ok(None);
         }
-        let cpu = Duration::from_millis(self.sim_budget_ms);
         Ok(Some(SimulationOptions {
             capture,
             calls,
-            limits: Limits {
-                cpu,
-                wall: (cpu * 10).max(Duration::from_secs(5)),
-                ..Limits::default()
-            },
+            limits: self.limits(),
             ..SimulationOptions::default()
         }))
+    }
+
+    /// The budgets of each simulated run.
+    fn limits(&self) -> Limits {
+        let cpu = Duration::from_millis(self.sim_budget_ms);
+        Limits {
+            cpu,
+            wall: (cpu * 10).max(Duration::from_secs(5)),
+            ..Limits::default()
+        }
     }
 }
 
@@ -194,6 +199,9 @@ pub fn analyze_surveyed(
 /// What the settings ask the engine to run, checked before any work.
 struct Parts {
     context: ContextOptions,
+    /// Budgets for a simulation the manifest's `expect` entries ask for
+    /// when the settings asked for none.
+    limits: Limits,
     sections: Vec<Box<dyn shadowpatch_predict::Section>>,
     scorer: Option<Box<dyn shadowpatch_predict::RiskScorer>>,
 }
@@ -226,6 +234,7 @@ impl Parts {
         };
         Ok(Parts {
             context,
+            limits: settings.limits(),
             sections,
             scorer,
         })
@@ -235,6 +244,17 @@ impl Parts {
         let mut request = AnalysisRequest::new(survey, state_dir);
         request.context = Some(self.context);
         request.sections = self.sections;
+        if request.sections.is_empty() && shadowpatch_predict::intent::has_expectations(survey) {
+            // The manifest's expected results are checked on explicit
+            // calls (copies of the process; the target only pauses for
+            // one fork), even without --capture or --call.
+            request
+                .sections
+                .push(Box::new(SimulationSection::new(SimulationOptions {
+                    limits: self.limits,
+                    ..SimulationOptions::default()
+                })));
+        }
         request.scorer = self.scorer;
         let started = Instant::now();
         let analyzed = analyze_detailed(request)?;

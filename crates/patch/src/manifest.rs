@@ -13,6 +13,24 @@
 //!
 //! Unknown keys are refused (a typo must not silently drop a replacement).
 //!
+//! A `[[replace]]` may say whether the patch means to change what the
+//! function does: `behaviour = "preserved"` (the default: any difference
+//! the simulation sees is a warning) or `"changed"` (differences are the
+//! point of the patch; expected results may be given, and the analysis
+//! checks them on simulated calls):
+//!
+//! ```toml
+//! [[replace]]
+//! symbol = "compute"
+//! with = "compute_fixed"
+//! behaviour = "changed"
+//! expect = [{ args = [5], returns = 1000016 }, { args = [-1, 0x10], returns = 0 }]
+//! ```
+//!
+//! `args` are up to six integers (rdi, rsi, rdx, rcx, r8, r9, as
+//! `--call` takes them); `returns` is compared with rax, or with eax only
+//! when it fits in 32 bits (an `int` leaves rax's upper half undefined).
+//!
 //! Optional `[[symbol]]` entries name functions and variables of the
 //! target module by file address, for this exact build-id: `shadowpatch
 //! build` writes them when the target is stripped or two files have
@@ -83,6 +101,58 @@ pub struct Replacement {
     pub symbol: String,
     /// Function in the patch object.
     pub with: String,
+    /// Whether the replacement means to change the function's behaviour.
+    #[serde(default, skip_serializing_if = "Behaviour::is_preserved")]
+    pub behaviour: Behaviour,
+    /// Expected results for given inputs (`behaviour = "changed"` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expect: Vec<Expectation>,
+}
+
+/// What a replacement means to do to the function's behaviour.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Behaviour {
+    /// Same results for the same inputs (a refactoring, a fix of a crash).
+    #[default]
+    Preserved,
+    /// Other results for some inputs: the point of the patch.
+    Changed,
+}
+
+impl Behaviour {
+    pub fn is_preserved(&self) -> bool {
+        *self == Behaviour::Preserved
+    }
+}
+
+/// One expected result: the replacement called with `args` returns `returns`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expectation {
+    /// Integer arguments, in register order (at most six).
+    pub args: Vec<i64>,
+    /// The return value (rax; eax when it fits in 32 bits).
+    pub returns: i64,
+}
+
+impl Expectation {
+    /// Whether `rax` is the expected return value: all 64 bits, or the
+    /// low 32 when the expected value fits in an `int` / `unsigned`.
+    pub fn met_by(&self, rax: u64) -> bool {
+        let expected = self.returns;
+        if rax == expected as u64 {
+            return true;
+        }
+        let fits_32 = i32::try_from(expected).is_ok() || u32::try_from(expected).is_ok();
+        fits_32 && rax as u32 == expected as u32
+    }
+
+    /// The call as `--call` writes it: `compute(5, -1)`.
+    pub fn call_text(&self, function: &str) -> String {
+        let args: Vec<String> = self.args.iter().map(|a| a.to_string()).collect();
+        format!("{function}({})", args.join(", "))
+    }
 }
 
 impl Manifest {
@@ -148,6 +218,21 @@ impl Manifest {
             }
             if self.replacements[..i].iter().any(|earlier| earlier.symbol == r.symbol) {
                 return Err(format!("replace[{i}]: symbol {} is replaced twice", r.symbol));
+            }
+            if !r.expect.is_empty() && r.behaviour != Behaviour::Changed {
+                return Err(format!(
+                    "replace[{i}] ({}): expect needs behaviour = \"changed\" (a preserved behaviour is checked against the original)",
+                    r.symbol
+                ));
+            }
+            for (j, expectation) in r.expect.iter().enumerate() {
+                if expectation.args.len() > 6 {
+                    return Err(format!(
+                        "replace[{i}].expect[{j}] ({}): {} args; at most 6 integers (rdi, rsi, rdx, rcx, r8, r9)",
+                        r.symbol,
+                        expectation.args.len()
+                    ));
+                }
             }
         }
         for (i, bound) in self.symbols.iter().enumerate() {
@@ -281,6 +366,57 @@ with = "pingCommand_fixed"
         assert!(Manifest::parse(&twice).unwrap_err().contains("named twice"));
         let bad_kind = text.replace("\"object\"", "\"thing\"");
         assert!(Manifest::parse(&bad_kind).is_err());
+    }
+
+    #[test]
+    fn behaviour_and_expectations_parse_and_bad_ones_name_where() {
+        let m = Manifest::parse(GOOD).unwrap();
+        assert_eq!(m.replacements[0].behaviour, Behaviour::Preserved);
+        let text = format!(
+            "{GOOD}behaviour = \"changed\"\nexpect = [{{ args = [5], returns = 1000016 }}, {{ args = [-1, 0x10], returns = -1 }}]\n"
+        );
+        let m = Manifest::parse(&text).unwrap();
+        let r = &m.replacements[0];
+        assert_eq!(r.behaviour, Behaviour::Changed);
+        assert_eq!(r.expect[0].args, vec![5]);
+        assert_eq!(r.expect[1].call_text("f"), "f(-1, 16)");
+        assert!(r.expect[0].met_by(1000016));
+        // An int's -1 in eax, upper half zero; a long's -1 in all of rax.
+        assert!(r.expect[1].met_by(0xffff_ffff) && r.expect[1].met_by(u64::MAX));
+        assert!(!r.expect[0].met_by(1000017));
+        assert_eq!(Manifest::parse(&toml::to_string(&m).unwrap()).unwrap(), m);
+        let cases = [
+            (format!("{GOOD}behaviour = \"different\"\n"), "line 10"),
+            (
+                format!("{GOOD}behaviour = \"different\"\n"),
+                "unknown variant `different`",
+            ),
+            (
+                format!("{GOOD}behaviour = \"changed\"\nexpect = [{{ args = [5] }}]\n"),
+                "line 11",
+            ),
+            (
+                format!("{GOOD}behaviour = \"changed\"\nexpect = [{{ args = [5], returns = \"x\" }}]\n"),
+                "line 11",
+            ),
+            (
+                format!("{GOOD}behaviour = \"changed\"\nexpect = [{{ arg = [5], returns = 1 }}]\n"),
+                "unknown field `arg`",
+            ),
+            (
+                format!("{GOOD}expect = [{{ args = [5], returns = 1 }}]\n"),
+                "needs behaviour = \"changed\"",
+            ),
+            (
+                format!("{GOOD}behaviour = \"changed\"\nexpect = [{{ args = [1,2,3,4,5,6,7], returns = 1 }}]\n"),
+                "at most 6",
+            ),
+        ];
+        for (text, needle) in cases {
+            let error = Manifest::parse(&text).unwrap_err();
+            assert!(error.contains(needle), "{needle:?} not in {error:?}");
+            assert!(!error.contains('\n'), "{error:?}");
+        }
     }
 
     #[test]

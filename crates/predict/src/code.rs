@@ -269,40 +269,108 @@ fn returns_between(bytes: &[u8], start: u64, from: u64, to: u64) -> bool {
         .any(|i| i.flow_control() == FlowControl::Return)
 }
 
+impl CodeFacts {
+    /// Add what `other` found (another function, or a walk's own flags).
+    pub fn merge(&mut self, other: &CodeFacts) {
+        self.functions += other.functions;
+        self.bytes += other.bytes;
+        self.imports.extend(other.imports.iter().cloned());
+        self.target_functions
+            .extend(other.target_functions.iter().map(|(a, n)| (*a, n.clone())));
+        self.syscall_instructions += other.syscall_instructions;
+        self.backward_branches += other.backward_branches;
+        self.indirect_calls += other.indirect_calls;
+        for (name, accesses) in &other.globals {
+            self.globals.entry(name.clone()).or_default().extend(accesses);
+        }
+        self.imported_data.extend(other.imported_data.iter().cloned());
+        for (name, accesses) in &other.own_data {
+            self.own_data.entry(name.clone()).or_default().extend(accesses);
+        }
+        self.reaches_entry |= other.reaches_entry;
+        self.calls_replaced.extend(other.calls_replaced.iter().cloned());
+        self.unreadable += other.unreadable;
+        self.depth_limited |= other.depth_limited;
+    }
+}
+
+/// A walk, function by function: what each function's own code does,
+/// and what belongs to the walk (recursion, calls of replaced functions,
+/// unreadable targets, the depth bound), so that the functions two walks
+/// share can be left out of a comparison.
+#[derive(Debug, Clone, Default)]
+pub struct Walk {
+    /// Each function reached: its own facts (`functions` = 1).
+    pub functions: BTreeMap<(Space, u64), CodeFacts>,
+    /// The walk's own flags (no function's code).
+    pub flags: CodeFacts,
+}
+
+impl Walk {
+    /// Everything the walk found, over the functions `keep` accepts.
+    pub fn facts(&self, keep: impl Fn(&(Space, u64)) -> bool) -> CodeFacts {
+        let mut facts = self.flags.clone();
+        for (key, function) in &self.functions {
+            if keep(key) {
+                facts.merge(function);
+            }
+        }
+        facts
+    }
+
+    /// The target-module functions reached (runtime entries).
+    pub fn target_functions(&self) -> BTreeSet<u64> {
+        self.functions
+            .keys()
+            .filter(|(space, _)| *space == Space::Target)
+            .map(|(_, start)| *start)
+            .collect()
+    }
+}
+
 /// Walk the function at `entry` in `space` and everything it reaches, up
 /// to `depth` calls deep.
 pub fn walk(spaces: &CodeSpaces, space: Space, entry: u64, depth: u32) -> CodeFacts {
+    walk_functions(spaces, space, entry, depth).facts(|_| true)
+}
+
+/// [`walk`], keeping each function's facts apart.
+pub fn walk_functions(spaces: &CodeSpaces, space: Space, entry: u64, depth: u32) -> Walk {
     let mut walker = Walker {
         spaces,
         root: (space, entry),
         visited: HashSet::new(),
         facts: CodeFacts::default(),
+        walk: Walk::default(),
         info: InstructionInfoFactory::new(),
     };
     walker.function(space, entry, depth);
-    walker.facts
+    walker.walk
 }
 
 struct Walker<'s, 'a> {
     spaces: &'s CodeSpaces<'a>,
     root: (Space, u64),
     visited: HashSet<(Space, u64)>,
+    /// The function being decoded.
     facts: CodeFacts,
+    walk: Walk,
     info: InstructionInfoFactory,
 }
 
 impl Walker<'_, '_> {
     fn function(&mut self, space: Space, address: u64, depth: u32) {
         let Some((start, bytes)) = self.spaces.function_at(space, address) else {
-            self.facts.unreadable += 1;
+            self.walk.flags.unreadable += 1;
             return;
         };
         if !self.visited.insert((space, start)) {
             if (space, start) == self.root {
-                self.facts.reaches_entry = true;
+                self.walk.flags.reaches_entry = true;
             }
             return;
         }
+        self.facts = CodeFacts::default();
         if space == Space::Target {
             if let Some((symbol, _)) = self.spaces.module.symbolize(start) {
                 self.facts.target_functions.insert(start, symbol.name.clone());
@@ -361,15 +429,21 @@ impl Walker<'_, '_> {
                 _ => {}
             }
         }
+        // This function's own facts are complete: file them before its
+        // callees reuse `facts`. (`callee` and `import` may have counted
+        // unreadable targets into it: those belong to the walk.)
+        let mut own = std::mem::take(&mut self.facts);
+        self.walk.flags.unreadable += std::mem::take(&mut own.unreadable);
+        self.walk.functions.insert((space, start), own);
         for (callee_space, callee) in callees {
             if let Some(name) = (callee_space == Space::Target)
                 .then(|| self.spaces.replaced.get(&callee))
                 .flatten()
             {
-                self.facts.calls_replaced.insert(name.clone());
+                self.walk.flags.calls_replaced.insert(name.clone());
             }
             if depth == 0 {
-                self.facts.depth_limited = true;
+                self.walk.flags.depth_limited = true;
                 continue;
             }
             self.function(callee_space, callee, depth - 1);
@@ -394,9 +468,28 @@ impl Walker<'_, '_> {
 
     /// A call to imported symbol `name` from `space`.
     fn import(&mut self, space: Space, name: String) -> Option<(Space, u64)> {
-        if space == Space::Patch {
-            if let Some(&address) = self.spaces.resolved.get(&name) {
-                if self.spaces.module.contains(address) {
+        match space {
+            Space::Patch => {
+                if let Some(&address) = self.spaces.resolved.get(&name) {
+                    if self.spaces.module.contains(address) {
+                        return Some((Space::Target, address));
+                    }
+                }
+            }
+            // A library calls its own exported functions through its PLT
+            // (they could be interposed): followed into its own code, as
+            // the patch's call of the same function is, so that both
+            // sides see the same function.
+            Space::Target => {
+                let own: BTreeSet<u64> = self
+                    .spaces
+                    .module
+                    .symbol_addresses(&name)
+                    .into_iter()
+                    .filter(|(_, s)| s.kind == SymbolKind::Function && s.size > 0 && !s.ifunc)
+                    .map(|(address, _)| address)
+                    .collect();
+                if let (1, Some(&address)) = (own.len(), own.first()) {
                     return Some((Space::Target, address));
                 }
             }

@@ -9,7 +9,8 @@
 //! formula below when the model cannot be used (said in `unavailable`).
 
 use crate::context::{read_context, ContextOptions};
-use crate::finding::{Analysis, Finding, Severity, Source, Verdict, VerdictPolicy};
+use crate::finding::{Analysis, Class, Evidence, Explanation, Finding, Severity, Source, Term, VerdictPolicy};
+use crate::model::simulated_calls;
 use crate::static_analysis::analyze_static;
 use crate::PredictError;
 use shadowpatch_patch::survey::Survey;
@@ -51,6 +52,13 @@ pub trait RiskScorer: std::fmt::Debug {
     /// What scored, for reports and the event history.
     fn describe(&self) -> String {
         format!("{self:?}")
+    }
+    /// How the score came about, term by term (the engine fills `basis`).
+    fn explain(&self, _findings: &[Finding], _features: &BTreeMap<String, f64>) -> Explanation {
+        Explanation {
+            formula: self.describe(),
+            ..Explanation::default()
+        }
     }
 }
 
@@ -96,6 +104,26 @@ impl RiskScorer for InterimRisk {
 
     fn describe(&self) -> String {
         "interim formula (noisy-OR of the findings)".to_string()
+    }
+
+    fn explain(&self, findings: &[Finding], _features: &BTreeMap<String, f64>) -> Explanation {
+        let mut terms: Vec<Term> = findings
+            .iter()
+            .map(|f| Term {
+                name: f.code.clone(),
+                value: None,
+                contribution: Self::weight(f),
+                status: "finding weight".into(),
+            })
+            .collect();
+        terms.sort_by(|x, y| y.contribution.total_cmp(&x.contribution));
+        Explanation {
+            formula:
+                "interim formula: risk = 1 − Π (1 − weight) over the findings (blocking 0.9, warning 0.15, info 0.01)"
+                    .into(),
+            terms,
+            ..Explanation::default()
+        }
     }
 }
 
@@ -182,6 +210,25 @@ pub fn analyze_detailed(mut request: AnalysisRequest) -> Result<Analyzed, Predic
         }
         timings_ms.insert(section.name().to_string(), ms(started));
     }
+    let simulated = simulated_calls(&features);
+    if features.contains_key("sim_calls") && simulated == 0.0 {
+        // Asking for evidence and getting none must not lower the risk:
+        // the simulation's features are then unknown, not "no difference".
+        unavailable.push(
+            "simulation: no call was simulated, so it gives no evidence: the risk and the verdict rest on static analysis"
+                .into(),
+        );
+    }
+    if simulated == 0.0 {
+        unavailable.extend(crate::intent::unconfirmed(request.survey));
+    }
+    // Harm refuses: a harm the simulation saw (a critical variable that
+    // diverged, a new system call the sandbox refused) blocks like a crash.
+    for finding in &mut findings {
+        if finding.class == Class::Harm && finding.severity == Severity::Warning {
+            finding.severity = Severity::Blocking;
+        }
+    }
     for severity in [Severity::Blocking, Severity::Warning, Severity::Info] {
         let name = match severity {
             Severity::Blocking => "analysis.blocking",
@@ -207,13 +254,21 @@ pub fn analyze_detailed(mut request: AnalysisRequest) -> Result<Analyzed, Predic
         }
     };
     let risk = scorer.score(&findings, &features);
-    let mut verdict = request.policy.verdict(&findings, risk);
+    let evidence = Evidence {
+        simulated_calls: simulated as u32,
+        live_calls: if simulated > 0.0 {
+            count(&features, "sim_captured_calls")
+        } else {
+            0
+        },
+        inconclusive_calls: count(&features, "sim_inconclusive"),
+    };
     // A refusal on risk alone needs the simulation's evidence: on static
     // evidence only the model barely beats chance (held-out AUC 0.70,
     // PREDICTION.md) and extrapolates on patches unlike its corpus (a
     // rewrite of a 400-byte function), so it warns and says how to confirm.
     let blocking = findings.iter().any(|f| f.severity == Severity::Blocking);
-    if verdict == Verdict::Refuse && !blocking && !features.contains_key("sim_calls") {
+    if risk >= request.policy.refuse_at && !blocking && evidence.simulated_calls == 0 {
         findings.push(
             Finding::new(
                 "risk-unconfirmed",
@@ -227,21 +282,32 @@ pub fn analyze_detailed(mut request: AnalysisRequest) -> Result<Analyzed, Predic
             )
             .evidence(serde_json::json!({ "risk": risk, "refuse_at": request.policy.refuse_at })),
         );
-        verdict = Verdict::Warn;
     }
+    let decision = request.policy.decide(&findings, risk, &evidence);
+    let mut explanation = scorer.explain(&findings, &features);
+    explanation.basis = decision.basis;
     Ok(Analyzed {
         analysis: Analysis {
-            verdict,
+            verdict: decision.verdict,
             risk,
             findings,
             features,
             unavailable,
+            explanation,
         },
         patch_id: report.patch_id,
         identity: report.identity,
         timings_ms,
         scorer: scorer.describe(),
     })
+}
+
+fn count(features: &BTreeMap<String, f64>, name: &str) -> u32 {
+    features
+        .get(name)
+        .copied()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .unwrap_or(0.0) as u32
 }
 
 fn ms(since: Instant) -> f64 {

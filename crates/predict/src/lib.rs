@@ -16,6 +16,7 @@ pub mod code;
 pub mod context;
 pub mod engine;
 pub mod error;
+pub mod intent;
 /// Findings, verdicts and the analysis record (`shadowpatch-finding`).
 pub use shadowpatch_finding as finding;
 pub mod model;
@@ -29,6 +30,6 @@ pub use engine::{
     Section,
 };
 pub use error::PredictError;
-pub use finding::{Analysis, Finding, Severity, Source, Verdict, VerdictPolicy};
+pub use finding::{Analysis, Class, Explanation, Finding, Severity, Source, Term, Verdict, VerdictPolicy};
 pub use model::{ModelError, ModelFile, ModelRisk};
 pub use static_analysis::{analyze_static, survey_for_analysis, StaticReport};

@@ -7,9 +7,19 @@
 //! source that did not run contributes nothing), and one the file does not
 //! list is ignored, so new sources of features (simulation) change
 //! nothing until the model is trained again with them.
+//!
+//! The engine scores *harm* ([`ModelRisk`]): a behaviour-change feature
+//! (divergent returns, writes, side effects) that measured a change is
+//! held at its training mean, so it adds nothing (one that measured
+//! identical behaviour counts as trained). The corpus labelled every wrong
+//! answer harmful, so the model learned "any change is harm"; but
+//! changing behaviour is what a fix does, and the verdict handles it on
+//! its own (a warning with examples unless the manifest declares it).
+//! [`ModelFile::probability`] stays the model as trained (the trainer
+//! evaluates that).
 
 use crate::engine::RiskScorer;
-use crate::finding::Finding;
+use crate::finding::{Explanation, Finding, Term};
 use serde::{Deserialize, Serialize};
 use smartcore::ensemble::random_forest_regressor::RandomForestRegressor;
 use smartcore::linalg::basic::matrix::DenseMatrix;
@@ -231,7 +241,17 @@ impl ModelFile {
     /// means, so they add nothing either way, and the risk rests on what
     /// was measured.
     pub fn vector(&self, features: &BTreeMap<String, f64>) -> Vec<f64> {
-        let simulated = features.contains_key("sim_calls");
+        self.vector_with(features, false)
+            .into_iter()
+            .map(|(value, _)| value)
+            .collect()
+    }
+
+    /// The feature vector, each value with how it was taken: `harm_only`
+    /// holds a behaviour-change feature that measured a change at its
+    /// training mean (identical behaviour, a measured 0, still counts).
+    fn vector_with(&self, features: &BTreeMap<String, f64>, harm_only: bool) -> Vec<(f64, &'static str)> {
+        let simulated = simulated_calls(features) > 0.0;
         let means = match &self.estimator {
             Estimator::LogisticRegression { means, .. } => Some(means),
             Estimator::RandomForest { .. } => None,
@@ -239,34 +259,103 @@ impl ModelFile {
         self.features
             .iter()
             .enumerate()
-            .map(
-                |(index, name)| match features.get(name).copied().filter(|v| v.is_finite()) {
-                    Some(value) => value,
-                    None if !simulated && is_simulation_feature(name) => means.map_or(0.0, |means| means[index]),
-                    None => 0.0,
-                },
-            )
+            .map(|(index, name)| {
+                let mean = means.map_or(0.0, |means| means[index]);
+                if !simulated && is_simulation_feature(name) {
+                    return (mean, IMPUTED_UNSIMULATED);
+                }
+                let value = features.get(name).copied().filter(|v| v.is_finite());
+                if harm_only && is_behaviour_feature(name) && value.is_some_and(|v| v > 0.0) {
+                    return (mean, NOT_SCORED_BEHAVIOUR);
+                }
+                match value {
+                    Some(value) => (value, MEASURED),
+                    None => (0.0, ABSENT),
+                }
+            })
             .collect()
+    }
+
+    /// The probability of harm: [`ModelFile::probability`] with the
+    /// behaviour-change features that saw a change held at their training
+    /// mean: identical behaviour on simulated calls is evidence of no
+    /// harm; a change is judged by the verdict, not scored as harm.
+    pub fn harm_probability(&self, features: &BTreeMap<String, f64>) -> f64 {
+        let vector: Vec<f64> = self.vector_with(features, true).into_iter().map(|(v, _)| v).collect();
+        self.calibration.probability(self.raw_score(&vector))
+    }
+
+    /// The harm probability term by term. A logistic regression's score is
+    /// a sum: each feature's term is `coefficient · clip((x − mean) /
+    /// scale)` in log-odds, and they add up (with the intercept) to the
+    /// score the calibration turns into the probability. A forest's score
+    /// does not split into per-feature parts: its terms show the values
+    /// read, with no contribution.
+    pub fn explain(&self, features: &BTreeMap<String, f64>) -> Explanation {
+        let vector = self.vector_with(features, true);
+        let values: Vec<f64> = vector.iter().map(|(v, _)| *v).collect();
+        let (a, b) = (self.calibration.a, self.calibration.b);
+        let logistic = self.logistic_terms(&values);
+        let formula = match &self.estimator {
+            Estimator::LogisticRegression { clip, .. } => format!(
+                "logistic regression: risk = 1 / (1 + exp(−({a:.4} · z + {b:.4}))), z = intercept + Σ terms, \
+                 term = coefficient · clip((value − mean) / scale, ±{clip})"
+            ),
+            Estimator::RandomForest { .. } => format!(
+                "random forest: risk = 1 / (1 + exp(−({a:.4} · s + {b:.4}))), s = the trees' mean leaf; \
+                 a forest's score does not split into per-feature contributions"
+            ),
+        };
+        let mut terms: Vec<Term> = self
+            .features
+            .iter()
+            .zip(&vector)
+            .enumerate()
+            .map(|(index, (name, (value, status)))| Term {
+                name: name.clone(),
+                value: shown_value(features, name, *value, status),
+                contribution: logistic.as_ref().map_or(0.0, |(_, terms)| terms[index]),
+                status: status.to_string(),
+            })
+            .collect();
+        terms.sort_by(|x, y| y.contribution.abs().total_cmp(&x.contribution.abs()));
+        Explanation {
+            formula,
+            terms,
+            intercept: logistic.map(|(intercept, _)| intercept),
+            model_risk: Some(self.calibration.probability(self.raw_score(&values))),
+            ..Explanation::default()
+        }
+    }
+
+    /// A logistic regression's intercept and per-feature terms of one
+    /// vector (they sum to its raw score); `None` for a forest.
+    fn logistic_terms(&self, vector: &[f64]) -> Option<(f64, Vec<f64>)> {
+        let Estimator::LogisticRegression {
+            means,
+            scales,
+            clip,
+            coefficients,
+            intercept,
+        } = &self.estimator
+        else {
+            return None;
+        };
+        let terms = vector
+            .iter()
+            .zip(means.iter().zip(scales))
+            .zip(coefficients)
+            .map(|((x, (mean, scale)), w)| w * ((x - mean) / scale).clamp(-clip, *clip))
+            .collect();
+        Some((*intercept, terms))
     }
 
     /// The uncalibrated score of one feature vector.
     pub fn raw_score(&self, vector: &[f64]) -> f64 {
         match &self.estimator {
-            Estimator::LogisticRegression {
-                means,
-                scales,
-                clip,
-                coefficients,
-                intercept,
-            } => {
-                intercept
-                    + vector
-                        .iter()
-                        .zip(means.iter().zip(scales))
-                        .zip(coefficients)
-                        .map(|((x, (mean, scale)), w)| w * ((x - mean) / scale).clamp(-clip, *clip))
-                        .sum::<f64>()
-            }
+            Estimator::LogisticRegression { .. } => self
+                .logistic_terms(vector)
+                .map_or(0.0, |(intercept, terms)| intercept + terms.iter().sum::<f64>()),
             Estimator::RandomForest { forest } => DenseMatrix::from_2d_vec(&vec![vector.to_vec()])
                 .ok()
                 .and_then(|row| forest.predict(&row).ok())
@@ -295,10 +384,45 @@ impl ModelFile {
     }
 }
 
+/// How a feature value was taken (an explanation's `status`).
+const MEASURED: &str = "measured";
+const ABSENT: &str = "absent (0)";
+const IMPUTED_UNSIMULATED: &str = "imputed: no simulated call (training mean)";
+const NOT_SCORED_BEHAVIOUR: &str = "not scored: behaviour change, judged by the verdict (training mean)";
+
 /// Features that come from the simulation section: unknown (not zero)
-/// when the simulation did not run.
+/// when the simulation did not run or simulated no call.
 pub fn is_simulation_feature(name: &str) -> bool {
     name.starts_with("sim_") || name.starts_with("simulation.")
+}
+
+/// The value a term shows: what was read, or for a behaviour feature
+/// what was measured (and not scored); none when it was imputed.
+fn shown_value(features: &BTreeMap<String, f64>, name: &str, value: f64, status: &str) -> Option<f64> {
+    match status {
+        MEASURED | ABSENT => Some(value),
+        NOT_SCORED_BEHAVIOUR => features.get(name).copied(),
+        _ => None,
+    }
+}
+
+/// Features that measure a change of behaviour, not harm: not scored.
+pub fn is_behaviour_feature(name: &str) -> bool {
+    let name = name.strip_prefix("sim_rate_").or_else(|| name.strip_prefix("sim_"));
+    matches!(
+        name,
+        Some("divergent_returns" | "fd_write_divergences" | "side_effect_divergences")
+    )
+}
+
+/// Calls the simulation ran to a result (0 when it did not run, or a
+/// capture caught no call: no evidence).
+pub fn simulated_calls(features: &BTreeMap<String, f64>) -> f64 {
+    features
+        .get("sim_calls")
+        .copied()
+        .filter(|v| v.is_finite())
+        .unwrap_or(0.0)
 }
 
 /// The learned risk: the calibrated model probability.
@@ -338,7 +462,7 @@ impl RiskScorer for ModelRisk {
     /// trending-to-failure target makes any change riskier, and the
     /// corpus cannot teach that: its target is always healthy).
     fn score(&self, findings: &[Finding], features: &BTreeMap<String, f64>) -> f64 {
-        let patch = self.model.probability(features).clamp(0.0, 1.0);
+        let patch = self.model.harm_probability(features).clamp(0.0, 1.0);
         let context_safe: f64 = findings
             .iter()
             .filter(|f| f.source == crate::finding::Source::Context)
@@ -349,5 +473,87 @@ impl RiskScorer for ModelRisk {
 
     fn describe(&self) -> String {
         format!("risk model {}: {}", self.origin, self.model.describe())
+    }
+
+    fn explain(&self, findings: &[Finding], features: &BTreeMap<String, f64>) -> Explanation {
+        let mut explanation = self.model.explain(features);
+        explanation.context = findings
+            .iter()
+            .filter(|f| f.source == crate::finding::Source::Context)
+            .map(|f| Term {
+                name: f.code.clone(),
+                value: None,
+                contribution: crate::InterimRisk::weight(f),
+                status: "context finding: risk = 1 − (1 − model) · Π (1 − weight)".into(),
+            })
+            .collect();
+        explanation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn features(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
+        pairs.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn the_explanation_adds_up_to_the_risk_it_explains() {
+        let model = ModelFile::embedded().unwrap();
+        let measured = features(&[
+            ("sim_calls", 4.0),
+            ("sim_rate_crashes", 0.25),
+            ("static.bytes_changed", 180.0),
+            ("static.added-loop", 1.0),
+        ]);
+        let explanation = model.explain(&measured);
+        let z = explanation.intercept.unwrap() + explanation.terms.iter().map(|t| t.contribution).sum::<f64>();
+        let risk = model.calibration.probability(z);
+        assert!((risk - model.harm_probability(&measured)).abs() < 1e-12);
+        assert_eq!(explanation.model_risk, Some(risk));
+        assert_eq!(explanation.terms.len(), model.features.len());
+        // Largest first.
+        assert!(explanation.terms[0].contribution.abs() >= explanation.terms[1].contribution.abs());
+    }
+
+    #[test]
+    fn behaviour_changes_are_not_scored_as_harm_and_no_call_is_no_evidence() {
+        let model = ModelFile::embedded().unwrap();
+        let same = features(&[("sim_calls", 3.0), ("sim_captured_calls", 3.0)]);
+        let changed = features(&[("sim_calls", 3.0), ("sim_rate_divergent_returns", 1.0)]);
+        // As trained, a divergent return is "harm"; the engine's harm score
+        // holds it at the training mean (identical returns still reassure).
+        assert!(model.probability(&changed) > model.probability(&same) + 0.1);
+        let index = model
+            .features
+            .iter()
+            .position(|n| n == "sim_rate_divergent_returns")
+            .unwrap();
+        let Estimator::LogisticRegression { means, .. } = &model.estimator else {
+            panic!("the shipped model is a logistic regression")
+        };
+        let at_mean = features(&[("sim_calls", 3.0), ("sim_rate_divergent_returns", means[index])]);
+        assert!((model.harm_probability(&changed) - model.probability(&at_mean)).abs() < 1e-12);
+        assert!(model.harm_probability(&same) < model.harm_probability(&changed));
+        let term = model
+            .explain(&changed)
+            .terms
+            .into_iter()
+            .find(|t| t.name == "sim_rate_divergent_returns")
+            .unwrap();
+        assert_eq!((term.value, term.contribution), (Some(1.0), 0.0));
+        assert!(term.status.starts_with("not scored"), "{}", term.status);
+        // A simulation that ran no call is the same as none at all.
+        let none = features(&[("static.bytes_changed", 40.0)]);
+        let mut zero = none.clone();
+        zero.extend(features(&[
+            ("sim_calls", 0.0),
+            ("sim_rate_crashes", 0.0),
+            ("sim_rate_hangs", 0.0),
+        ]));
+        assert_eq!(model.harm_probability(&zero), model.harm_probability(&none));
+        assert_eq!(model.probability(&zero), model.probability(&none));
     }
 }

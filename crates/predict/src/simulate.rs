@@ -7,7 +7,8 @@ use crate::engine::{Contribution, Section, SectionInput};
 use crate::PredictError;
 pub use shadowpatch_simulate::*;
 
-/// Simulation with fixed options (what to capture or call, budgets).
+/// Simulation with fixed options (what to capture or call, budgets), plus
+/// the calls the manifest's `expect` entries give.
 pub struct SimulationSection {
     options: SimulationOptions,
     progress: Option<Box<dyn FnMut(Progress)>>,
@@ -47,10 +48,15 @@ impl Section for SimulationSection {
             Some(progress) => progress.as_mut(),
             None => &mut ignore,
         };
-        let report = simulate(input.state_dir, input.survey, &self.options, progress)
+        // The manifest's expected results run as explicit calls.
+        let mut options = self.options.clone();
+        options.calls.extend(crate::intent::expectation_calls(input.survey));
+        let report = simulate(input.state_dir, input.survey, &options, progress)
             .map_err(|error| PredictError::Simulation(Box::new(error)))?;
+        let mut findings = report.findings;
+        crate::intent::review(input.survey, &report.calls, &mut findings);
         Ok(Contribution {
-            findings: report.findings,
+            findings,
             features: report.features,
             unavailable: report.unavailable,
         })

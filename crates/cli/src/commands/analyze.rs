@@ -8,6 +8,7 @@ use crate::output::print_json;
 use shadowpatch_ops::analysis::{analyze, verdict_name, AnalysisReport, AnalysisSettings};
 use shadowpatch_predict::simulate::Progress as SimProgress;
 use shadowpatch_predict::{Finding, Severity, Source, Verdict};
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -106,6 +107,7 @@ pub fn run(context: &Context, pid: i32, manifest: &Path, args: &AnalysisArgs) ->
             "findings": report.analysis.findings,
             "features": report.analysis.features,
             "unavailable": report.analysis.unavailable,
+            "explanation": report.analysis.explanation,
             "timings_ms": report.timings_ms,
             "scorer": report.scorer,
             "duration_us": report.duration_us,
@@ -127,6 +129,9 @@ pub fn print_report(report: &AnalysisReport) {
         analysis.risk,
         report.duration_us as f64 / 1000.0
     );
+    if !analysis.explanation.basis.is_empty() {
+        println!("  because: {}", analysis.explanation.basis);
+    }
     for source in [Source::Static, Source::Simulation, Source::Context, Source::Model] {
         let mut findings: Vec<&Finding> = analysis.findings.iter().filter(|f| f.source == source).collect();
         if findings.is_empty() {
@@ -136,8 +141,9 @@ pub fn print_report(report: &AnalysisReport) {
         println!("  {}:", source_name(source));
         for finding in findings {
             println!(
-                "    {:<8} {:<26} {}",
+                "    {:<8} {:<16} {:<26} {}",
                 severity_name(finding.severity),
+                finding.class.name(),
                 finding.code,
                 finding.message
             );
@@ -150,6 +156,7 @@ pub fn print_report(report: &AnalysisReport) {
         println!("  no findings");
     }
     println!("  risk by {}", report.scorer);
+    print_explanation(analysis);
     if !analysis.unavailable.is_empty() {
         println!(
             "  lower confidence: {} source{} unavailable:",
@@ -159,6 +166,74 @@ pub fn print_report(report: &AnalysisReport) {
         for note in &analysis.unavailable {
             println!("    {note}");
         }
+    }
+}
+
+/// Terms shown one by one; the rest are summed on one line.
+const TERMS_SHOWN: usize = 8;
+
+/// How the risk came about: the formula, the largest terms, what was not
+/// measured and what was not scored.
+fn print_explanation(analysis: &shadowpatch_predict::Analysis) {
+    let explanation = &analysis.explanation;
+    if explanation.formula.is_empty() {
+        return;
+    }
+    println!("  how: {}", explanation.formula);
+    if let Some(intercept) = explanation.intercept {
+        println!("    {:>+7.3}  intercept", intercept);
+    }
+    let scored: Vec<&shadowpatch_predict::Term> = explanation
+        .terms
+        .iter()
+        .filter(|t| t.status == "measured" || t.status.starts_with("absent") || t.status == "finding weight")
+        .collect();
+    for term in scored.iter().take(TERMS_SHOWN) {
+        let value = term.value.map(|v| format!(" = {}", show_number(v))).unwrap_or_default();
+        println!("    {:>+7.3}  {}{value}", term.contribution, term.name);
+    }
+    if scored.len() > TERMS_SHOWN {
+        let rest: f64 = scored[TERMS_SHOWN..].iter().map(|t| t.contribution).sum();
+        println!("    {:>+7.3}  {} more terms", rest, scored.len() - TERMS_SHOWN);
+    }
+    let mut unscored: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for term in explanation
+        .terms
+        .iter()
+        .filter(|t| !scored.iter().any(|s| std::ptr::eq(*s, *t)))
+    {
+        let value = term.value.map(|v| format!(" = {}", show_number(v))).unwrap_or_default();
+        unscored
+            .entry(term.status.as_str())
+            .or_default()
+            .push(format!("{}{value}", term.name));
+    }
+    for (status, names) in unscored {
+        println!("     0       {status}: {}", names.join(", "));
+    }
+    if let Some(model_risk) = explanation.model_risk {
+        if explanation.context.is_empty() {
+            println!("    = risk {model_risk:.3}");
+        } else {
+            let weights: Vec<String> = explanation
+                .context
+                .iter()
+                .map(|t| format!("{} {:.2}", t.name, t.contribution))
+                .collect();
+            println!(
+                "    = model {model_risk:.3}, raised by the target's context ({}) to {:.3}",
+                weights.join(", "),
+                analysis.risk
+            );
+        }
+    }
+}
+
+fn show_number(value: f64) -> String {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{}", value as i64)
+    } else {
+        format!("{value:.3}")
     }
 }
 

@@ -55,6 +55,26 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
     let report = run.json();
     assert!(report["features"]["static.abi-parameter-count"] == 0.0);
     assert!(report["features"]["context.rss_bytes"].as_f64().unwrap() > 0.0);
+    // Every verdict explains its score: the rule, and the model's terms.
+    let explanation = &report["explanation"];
+    assert!(
+        explanation["basis"].as_str().unwrap().contains("static evidence alone"),
+        "{explanation}"
+    );
+    assert!(explanation["intercept"].is_number(), "{explanation}");
+    let terms = explanation["terms"].as_array().unwrap();
+    assert!(
+        terms
+            .iter()
+            .any(|t| t["name"] == "static.bytes_changed" && t["status"] == "measured"),
+        "{explanation}"
+    );
+    assert!(
+        terms
+            .iter()
+            .any(|t| t["name"] == "sim_rate_crashes" && t["status"].as_str().unwrap().starts_with("imputed")),
+        "no simulation: its features are imputed, not zero: {explanation}"
+    );
 
     let leaky = write_manifest(
         dir.path(),
@@ -82,6 +102,15 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
         codes.contains(&"new-allocation") && codes.contains(&"allocation-unbalanced"),
         "{codes:?}"
     );
+    // Static flags are a risk, not harm seen.
+    assert!(
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["class"] == if f["severity"] == "info" { "info" } else { "risk" }),
+        "{report}"
+    );
 
     let recursive = write_manifest(
         dir.path(),
@@ -100,6 +129,10 @@ fn analyze_gives_verdicts_with_evidence_records_them_and_writes_nothing() {
     assert!(run.stdout.contains("recursion-through-patch"), "{}", run.stdout);
     assert!(run.stdout.contains("calling-convention"), "{}", run.stdout);
     assert!(run.stdout.contains("evidence: {"), "{}", run.stdout);
+    assert!(run.stdout.contains("because: blocking finding: "), "{}", run.stdout);
+    assert!(run.stdout.contains("BLOCKING harm "), "{}", run.stdout);
+    assert!(run.stdout.contains("how: logistic regression"), "{}", run.stdout);
+    assert!(run.stdout.contains("intercept"), "{}", run.stdout);
 
     // Nothing was written: the mirror verifies clean, no patch mapping,
     // the journal and mirror files are byte for byte what they were.
@@ -247,7 +280,29 @@ fn bad_arguments_are_one_line_errors_and_leave_the_target_untouched() {
         "{\"format\": \"shadowpatch-risk-model\", \"format_version\": 99}",
     )
     .unwrap();
+    // A `behaviour` not recognised, expected results that do not parse.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let bad_behaviour = dir.path().join("bad-behaviour.toml");
+    std::fs::write(&bad_behaviour, format!("{text}behaviour = \"different\"\n")).unwrap();
+    let bad_expect = dir.path().join("bad-expect.toml");
+    std::fs::write(
+        &bad_expect,
+        format!("{text}behaviour = \"changed\"\nexpect = [{{ args = [1], returns = \"two\" }}]\n"),
+    )
+    .unwrap();
+    let behaviour_line = text.lines().count() + 1;
+    let behaviour_needle = format!("line {behaviour_line}: unknown variant `different`");
+    let expect_needle = format!("bad-expect.toml: line {}", behaviour_line + 1);
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["analyze", &pid, bad_behaviour.to_str().unwrap()],
+            &behaviour_needle,
+        ),
+        (
+            vec!["analyze", &pid, bad_behaviour.to_str().unwrap()],
+            "bad-behaviour.toml",
+        ),
+        (vec!["apply", &pid, bad_expect.to_str().unwrap()], &expect_needle),
         (
             vec!["analyze", &pid, m, "--model", corrupt_model.to_str().unwrap()],
             "corrupt-model.json",

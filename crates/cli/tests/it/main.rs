@@ -9,6 +9,7 @@ mod agent;
 mod agent_abuse;
 mod agent_gate;
 mod analyze;
+mod analyze_memcached;
 mod ansible;
 mod apply_watch;
 mod build;

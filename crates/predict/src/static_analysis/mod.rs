@@ -14,7 +14,7 @@ mod signature;
 mod structural;
 
 use crate::callgraph::ModuleCallGraph;
-use crate::code::{walk, CodeSpaces, ModuleText, Space};
+use crate::code::{walk_functions, CodeSpaces, ModuleText, Space};
 use crate::finding::{Finding, Severity, Source};
 use crate::PredictError;
 use apply_checks::{conflicts, read_journal, resolve_imports, survey_findings};
@@ -23,12 +23,17 @@ use shadowpatch_patch::survey::{originals_of, survey, Survey};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use shadowpatch_symbols::dwarf::{module_debug_info, DebugInfo, DebugSource};
 use signature::signature_findings;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use structural::{global_types, patch_state, structural};
 
 /// How deep the code walks follow calls.
 pub const WALK_DEPTH: u32 = 6;
+/// How deep the walks go that decide which target functions the original
+/// and the replacement share: deeper than [`WALK_DEPTH`], so that a
+/// function one side calls directly and the other reaches through a long
+/// chain counts as shared, not as new.
+pub const SHARED_DEPTH: u32 = 64;
 
 /// Every finding code the static analysis can produce: each becomes a
 /// feature `static.<code>` (its count), so the feature vector is stable.
@@ -219,8 +224,29 @@ pub fn analyze_static(surveyed: &Survey, state_dir: &Path) -> Result<StaticRepor
                 totals.old_bytes += old_bytes.len() as u64;
                 totals.bytes_changed += bytes_changed(old_bytes, new_bytes);
             }
-            let old_facts = walk(&spaces, Space::Target, site.entry, WALK_DEPTH);
-            let new_facts = walk(&spaces, Space::Patch, new.address, WALK_DEPTH);
+            // Like with like: target code both the original and the
+            // replacement reach (the replacement calls back into the
+            // target's helpers) is not a change the patch makes; only the
+            // replacement's own code and the target code it alone reaches
+            // count, against the original's code the replacement does not
+            // reach.
+            let old_walk = walk_functions(&spaces, Space::Target, site.entry, WALK_DEPTH);
+            let new_walk = walk_functions(&spaces, Space::Patch, new.address, WALK_DEPTH);
+            // (The replaced function itself is never shared: reached from
+            // the replacement, it is the patch again.)
+            let shared: BTreeSet<u64> = walk_functions(&spaces, Space::Target, site.entry, SHARED_DEPTH)
+                .target_functions()
+                .intersection(&walk_functions(&spaces, Space::Patch, new.address, SHARED_DEPTH).target_functions())
+                .copied()
+                .filter(|start| *start != site.entry)
+                .collect();
+            let not_shared = |(space, start): &(Space, u64)| *space == Space::Patch || !shared.contains(start);
+            let old_facts = old_walk.facts(not_shared);
+            let new_facts = new_walk.facts(not_shared);
+            let shared_names: Vec<String> = shared
+                .iter()
+                .filter_map(|start| Some(spaces.module.symbolize(*start)?.0.name.clone()))
+                .collect();
             used_globals.extend(new_facts.imported_data.iter().cloned());
             used_globals.extend(new_facts.globals.keys().cloned());
             for (name, accesses) in &new_facts.own_data {
@@ -244,6 +270,7 @@ pub fn analyze_static(surveyed: &Survey, state_dir: &Path) -> Result<StaticRepor
                 site.entry,
                 &old_facts,
                 &new_facts,
+                &shared_names,
                 &mut totals,
             ));
         }

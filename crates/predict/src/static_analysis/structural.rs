@@ -163,6 +163,7 @@ pub(super) fn structural(
     entry: u64,
     old: &CodeFacts,
     new: &CodeFacts,
+    shared: &[String],
     totals: &mut Totals,
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
@@ -314,6 +315,8 @@ pub(super) fn structural(
                 "new_backward_branches": new.backward_branches,
                 "old_functions": old.functions,
                 "new_functions": new.functions,
+                "new_target_functions": new.target_functions.values().collect::<Vec<_>>(),
+                "shared_functions_not_counted": shared,
             }),
         ));
     }
@@ -341,7 +344,7 @@ pub(super) fn structural(
                     out_of_bounds[0].width,
                     size.unwrap_or(0)
                 ),
-                json!({ "global": name, "size": size, "new_accesses": accesses, "old_accesses": old_accesses }),
+                json!({ "global": name, "size": size, "new_accesses": accesses, "old_accesses": old_accesses, "shared_functions_not_counted": shared }),
             ));
             continue;
         }
@@ -369,7 +372,7 @@ pub(super) fn structural(
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-                json!({ "global": name, "size": size, "new_accesses": accesses, "old_accesses": old_accesses, "method": "access pattern" }),
+                json!({ "global": name, "size": size, "new_accesses": accesses, "old_accesses": old_accesses, "method": "access pattern", "shared_functions_not_counted": shared }),
             ));
         }
     }

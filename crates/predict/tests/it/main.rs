@@ -9,3 +9,4 @@ mod context;
 mod interrupted;
 mod simulate;
 mod static_checks;
+mod verdict;

@@ -440,3 +440,52 @@ fn malformed_manifest_object_or_pid_is_bad_input() {
         "{error}"
     );
 }
+
+/// Like with like: target code both the original and the replacement
+/// reach is no change of the patch's. `request_total` reaches `pair_total`
+/// (a loop, 16-byte copies of `shared_pair`) only deeper than the walk;
+/// its replacements call `pair_total` directly.
+#[test]
+fn target_code_both_sides_reach_is_not_a_difference() {
+    let mut target = Target::start(Fixture::AnalysisTarget, Patch::Analysis);
+    let direct = target.analyze("request_total", "request_total_direct");
+    for code in ["added-loop", "global-access-changed"] {
+        assert!(
+            !direct.findings.iter().any(|f| f.code == code),
+            "pair_total is reached by both sides, yet {code}:\n{}",
+            describe(&direct.findings)
+        );
+    }
+    assert_eq!(direct.features["static.backward_branches_added"], 0.0);
+    // A loop of the replacement's own still counts...
+    let own_loop = target.analyze("request_total", "request_total_loop");
+    assert_finding(&own_loop, "added-loop", Severity::Warning, None);
+    let evidence = &own_loop
+        .findings
+        .iter()
+        .find(|f| f.code == "added-loop")
+        .unwrap()
+        .evidence;
+    assert_eq!(evidence["new_backward_branches"], 1, "{evidence}");
+    assert!(
+        evidence["shared_functions_not_counted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|name| name == "pair_total"),
+        "{evidence}"
+    );
+    // ... and so does a loop in target code only the replacement reaches.
+    let scan = target.analyze("request_total", "request_total_scan");
+    assert_finding(&scan, "added-loop", Severity::Warning, None);
+    let evidence = &scan.findings.iter().find(|f| f.code == "added-loop").unwrap().evidence;
+    assert!(
+        evidence["new_target_functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|name| name == "pair_scan"),
+        "{evidence}"
+    );
+    assert_eq!(target.running.check().unwrap()["errors"], 0, "the target kept working");
+}

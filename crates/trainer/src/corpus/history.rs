@@ -116,6 +116,7 @@ mod tests {
             findings: vec![Finding::new("added-loop", Severity::Warning, Source::Static, "x")],
             features: BTreeMap::from([("analysis.warnings".to_string(), warnings)]),
             unavailable: Vec::new(),
+            explanation: Default::default(),
         };
         Event {
             details: serde_json::json!({ "analysis": analysis }),
