@@ -12,6 +12,7 @@
 
 use super::capture::CaptureStats;
 use super::compare::{CallVerdict, Comparison};
+use super::returns::{ReturnKind, ReturnShape};
 use super::sandbox::{show_value, Outcome, RunResult};
 use shadowpatch_finding::{Finding, Severity, Source};
 use std::collections::BTreeMap;
@@ -74,8 +75,9 @@ impl SimulatedCall {
     }
 }
 
-/// The findings of a set of calls.
-pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
+/// The findings of a set of calls; `returns` says what each function
+/// returns (how its return values were compared).
+pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> Vec<Finding> {
     let mut by_symbol: BTreeMap<&str, Vec<&SimulatedCall>> = BTreeMap::new();
     for call in calls {
         by_symbol.entry(&call.symbol).or_default().push(call);
@@ -112,8 +114,8 @@ pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
             format!(
                 "{}: original {}, patched {}",
                 call.describe(),
-                call.original.outcome.describe(),
-                call.patched.outcome.describe()
+                describe_run(&call.original),
+                describe_run(&call.patched)
             )
         };
         add(
@@ -147,6 +149,8 @@ pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
             &outcome_change,
         );
         let ran = |c: &&&SimulatedCall| c.comparison.verdict == CallVerdict::Diverged;
+        let shape = returns.iter().find(|(name, _)| name == symbol).map(|(_, shape)| shape);
+        let unknown_type = shape.is_some_and(|s| s.kind == ReturnKind::Unknown);
         add(
             "sim-return-differs",
             Severity::Warning,
@@ -156,7 +160,20 @@ pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
                 .filter(|c| c.comparison.return_differs)
                 .copied()
                 .collect(),
-            &outcome_change,
+            &|call| match &call.comparison.returned {
+                Some(returned) => format!(
+                    "{}: original returned {}, patched returned {}{}",
+                    call.describe(),
+                    returned.original,
+                    returned.patched,
+                    if unknown_type {
+                        " (return type unknown: rax compared as a 64-bit value)"
+                    } else {
+                        ""
+                    }
+                ),
+                None => outcome_change(call),
+            },
         );
         add(
             "sim-fd-writes-differ",
@@ -260,6 +277,21 @@ pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
         );
     }
     findings
+}
+
+/// How a run ended; a hang says which budget it had.
+fn describe_run(run: &RunResult) -> String {
+    match &run.outcome {
+        Outcome::Hung { budget } => {
+            let amount = match budget.as_str() {
+                "cpu time" => format!("{} ms", run.budget.cpu_ms),
+                "wall time" => format!("{} ms", run.budget.wall_ms),
+                _ => run.budget.syscalls.to_string(),
+            };
+            format!("did not return within its {budget} budget ({amount})")
+        }
+        outcome => outcome.describe(),
+    }
 }
 
 fn kind_phrase(code: &str) -> &'static str {

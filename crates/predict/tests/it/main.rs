@@ -8,4 +8,5 @@ mod common;
 mod context;
 mod interrupted;
 mod simulate;
+mod simulate_returns;
 mod static_checks;
