@@ -110,12 +110,14 @@ pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> V
         let failed = |call: &&SimulatedCall, pick: fn(&Outcome) -> bool| {
             call.comparison.verdict == CallVerdict::PatchedFailed && pick(&call.patched.outcome)
         };
+        let shape = returns.iter().find(|(name, _)| name == symbol).map(|(_, shape)| shape);
+        let void = shape.is_some_and(|s| s.kind == ReturnKind::Void);
         let outcome_change = |call: &SimulatedCall| {
             format!(
                 "{}: original {}, patched {}",
                 call.describe(),
-                describe_run(&call.original),
-                describe_run(&call.patched)
+                describe_run(&call.original, void),
+                describe_run(&call.patched, void)
             )
         };
         add(
@@ -149,7 +151,6 @@ pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> V
             &outcome_change,
         );
         let ran = |c: &&&SimulatedCall| c.comparison.verdict == CallVerdict::Diverged;
-        let shape = returns.iter().find(|(name, _)| name == symbol).map(|(_, shape)| shape);
         let unknown_type = shape.is_some_and(|s| s.kind == ReturnKind::Unknown);
         add(
             "sim-return-differs",
@@ -279,9 +280,11 @@ pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> V
     findings
 }
 
-/// How a run ended; a hang says which budget it had.
-fn describe_run(run: &RunResult) -> String {
+/// How a run ended; a hang says which budget it had; a `void` function's
+/// return shows no value.
+fn describe_run(run: &RunResult, void: bool) -> String {
     match &run.outcome {
+        Outcome::Returned { .. } if void => "returned".into(),
         Outcome::Hung { budget } => {
             let amount = match budget.as_str() {
                 "cpu time" => format!("{} ms", run.budget.cpu_ms),

@@ -130,7 +130,15 @@ fn a_crash_under_the_target_s_own_crash_reporter_is_a_crash() {
         );
         assert_eq!(call.comparison.verdict, CallVerdict::PatchedFailed);
     }
-    assert_eq!(finding(&report, "sim-patched-crashes").severity, Severity::Blocking);
+    let crashes = finding(&report, "sim-patched-crashes");
+    assert_eq!(crashes.severity, Severity::Blocking);
+    assert!(
+        crashes
+            .message
+            .contains("original returned, patched crashed with SIGSEGV"),
+        "a void function's return shows no value: {}",
+        crashes.message
+    );
     assert!(!codes(&report).contains(&"sim-patched-hangs".to_string()));
     assert_eq!(VerdictPolicy::default().verdict(&report.findings, 0.0), Verdict::Refuse);
     live.assert_untouched(&[(handle, original)]);
@@ -166,4 +174,125 @@ fn a_hang_is_judged_on_a_budget_adapted_to_the_original_call() {
         hangs.message
     );
     live.assert_untouched(&[]);
+}
+
+/// Debian's redis-server, on a Unix socket, killed on drop.
+struct Redis {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl Redis {
+    fn start(dir: &std::path::Path) -> Option<Redis> {
+        if !std::path::Path::new(REDIS_SERVER).exists() {
+            eprintln!("skipped: {REDIS_SERVER} is not installed");
+            return None;
+        }
+        let socket = dir.join("redis.sock");
+        let child = std::process::Command::new(REDIS_SERVER)
+            .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocket"])
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut redis = Redis { child, socket };
+        // Ready when it answers on its socket.
+        for _ in 0..500 {
+            if redis.ping() {
+                return Some(redis);
+            }
+            assert!(redis.child.try_wait().unwrap().is_none(), "redis-server exited");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("redis-server never answered on {}", redis.socket.display());
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&self.socket) else {
+            return false;
+        };
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const REDIS_SERVER: &str = "/usr/bin/redis-server";
+
+#[test]
+fn a_crash_under_redis_s_own_crash_report_handler_is_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = Redis::start(dir.path()) else { return };
+    let pid = redis.child.id() as i32;
+    // redis-server reports crashes from its own SIGSEGV handler.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let caught = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    assert_ne!(caught & 1 << (libc::SIGSEGV - 1), 0, "redis catches SIGSEGV");
+    let object = shadowpatch_fixtures::build_c_patch(
+        "redis_process_command_crash",
+        "int processCommand_crash(void *c) { *(volatile long *)0 = (long)c; return 0; }\n",
+    )
+    .unwrap();
+    let image = shadowpatch_symbols::ElfImage::open(std::path::Path::new(REDIS_SERVER)).unwrap();
+    let manifest = dir.path().join("crash.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "id = \"redis-crash\"\nobject = \"{}\"\n[target]\nbuild_id = \"{}\"\n\
+             [[replace]]\nsymbol = \"processCommand\"\nwith = \"processCommand_crash\"\n",
+            object.display(),
+            shadowpatch_symbols::hex(image.build_id.as_deref().unwrap())
+        ),
+    )
+    .unwrap();
+    // Commands keep coming while the breakpoint waits for them.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        let socket = redis.socket.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+            let mut reply = [0u8; 7];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                stream.write_all(b"PING\r\n").unwrap();
+                stream.read_exact(&mut reply).unwrap();
+                assert_eq!(&reply, b"+PONG\r\n");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        })
+    };
+    let survey = shadowpatch_patch::survey::survey(pid, &manifest, &[]).unwrap();
+    let report =
+        shadowpatch_predict::simulate::simulate(&dir.path().join("state"), &survey, &capturing(2), &mut |_| {})
+            .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.join().expect("redis answered every command during the capture");
+    assert_eq!(report.calls.len(), 2);
+    for call in &report.calls {
+        assert!(call.original.outcome.returned(), "{:?}", call.original.outcome);
+        assert!(
+            matches!(&call.patched.outcome, Outcome::Crashed { signal, .. } if signal == "SIGSEGV"),
+            "caught before redis's handler ran: {:?}",
+            call.patched.outcome
+        );
+    }
+    assert!(codes(&report).contains(&"sim-patched-crashes".to_string()));
+    assert!(!codes(&report).contains(&"sim-patched-hangs".to_string()));
+    // The live server: answering, not traced, no copy left behind.
+    assert!(redis.ping());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("TracerPid:\t0"));
+    assert!(shadowpatch_fixtures::children_of(pid).is_empty());
 }
