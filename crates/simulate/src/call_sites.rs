@@ -55,6 +55,49 @@ pub fn uses_at_call_sites(text: &[(u64, Vec<u8>)], entry: u64) -> Vec<(u64, Call
     uses
 }
 
+/// The uses at every call through the GOT slot at `slot` (another module
+/// importing the function) in `text`: `call [rip+slot]`, and direct calls
+/// of the PLT stubs that `jmp [rip+slot]` (with or without `endbr64` and
+/// `bnd` before the jump).
+pub fn uses_through_slot(text: &[(u64, Vec<u8>)], slot: u64) -> Vec<(u64, CallerUse)> {
+    let mut uses = Vec::new();
+    let mut stubs = Vec::new();
+    for (base, bytes) in text {
+        if bytes.len() < 6 {
+            continue;
+        }
+        for offset in 0..bytes.len() - 5 {
+            if bytes[offset] != 0xff || !matches!(bytes[offset + 1], 0x15 | 0x25) {
+                continue;
+            }
+            let displacement = i32::from_le_bytes(bytes[offset + 2..offset + 6].try_into().expect("4 bytes"));
+            let after = base + offset as u64 + 6;
+            if after.wrapping_add(displacement as i64 as u64) != slot {
+                continue;
+            }
+            let at = base + offset as u64;
+            if bytes[offset + 1] == 0x15 {
+                uses.push((at, use_after(text, after)));
+                continue;
+            }
+            // A stub starts at the jump, or before its `bnd` prefix, or
+            // before an `endbr64` in front of either.
+            let bnd = offset >= 1 && bytes[offset - 1] == 0xf2;
+            let start = at - bnd as u64;
+            let before = (start - base) as usize;
+            let endbr = before >= 4 && bytes[before - 4..before] == [0xf3, 0x0f, 0x1e, 0xfa];
+            stubs.push(start);
+            if endbr {
+                stubs.push(start - 4);
+            }
+        }
+    }
+    for stub in stubs {
+        uses.extend(uses_at_call_sites(text, stub));
+    }
+    uses
+}
+
 /// What the code from `start` (just after a call) does with rax and xmm0.
 /// Each path carries whether each register still holds the value; a path
 /// ends at a read (a value), when both were overwritten or at another call
@@ -208,6 +251,30 @@ mod tests {
         assert_eq!(uses[0], CallerUse::Discards);
         // add rsp, 8; ret: the value may go up to the caller's caller.
         assert_eq!(use_of(&[0x48, 0x83, 0xc4, 0x08, 0xc3]), [CallerUse::Unknown]);
+    }
+
+    #[test]
+    fn calls_through_a_plt_stub_or_the_got_slot_are_found() {
+        // 0x1000: endbr64; bnd jmp [rip+0x1000] (slot 0x200b); then a call
+        // of the stub followed by `test eax, eax; ret`, and a `call
+        // [rip+slot]` followed by `xor eax, eax; ret`.
+        let mut bytes = vec![0xf3, 0x0f, 0x1e, 0xfa, 0xf2, 0xff, 0x25];
+        bytes.extend_from_slice(&(0x200bi32 - 0x100b).to_le_bytes());
+        bytes.push(0xe8);
+        bytes.extend_from_slice(&(0x1000i32 - 0x1010).to_le_bytes());
+        bytes.extend_from_slice(&[0x85, 0xc0, 0xc3]);
+        bytes.extend_from_slice(&[0xff, 0x15]);
+        bytes.extend_from_slice(&(0x200bi32 - 0x1019).to_le_bytes());
+        bytes.extend_from_slice(&[0x31, 0xc0, 0xc3]);
+        let mut uses = uses_through_slot(&[(0x1000, bytes)], 0x200b);
+        uses.sort_by_key(|(at, _)| *at);
+        assert_eq!(
+            uses,
+            [
+                (0x100b, CallerUse::ReadsInteger { bytes: 4 }),
+                (0x1013, CallerUse::Discards)
+            ]
+        );
     }
 
     #[test]

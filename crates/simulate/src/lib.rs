@@ -233,7 +233,14 @@ pub fn simulate(
     let plan = plan_load(&prepared, attached.memory(), false)?;
     // Read before any breakpoint is in the module's text.
     let site_list: Vec<&shadowpatch_patch::trampoline::FunctionSite> = prepared.sites.iter().map(|(s, _)| s).collect();
-    let returns = returns::infer(pid, &prepared.module, &prepared.maps, attached.memory(), &site_list);
+    let returns = returns::infer(
+        pid,
+        &prepared.module,
+        &prepared.modules,
+        &prepared.maps,
+        attached.memory(),
+        &site_list,
+    );
     // The entry bytes a capture's breakpoints replace, for the copies.
     let mut breakpoints = Vec::new();
     for (site, _) in &prepared.sites {

@@ -65,6 +65,7 @@ impl SimulatedCall {
             "origin": self.origin,
             "original": self.original.outcome,
             "patched": self.patched.outcome,
+            "returned": self.comparison.returned,
             "original_writes": self.original.fd_writes,
             "patched_writes": self.patched.fd_writes,
             "original_side_effects": self.original.side_effects,
@@ -85,6 +86,8 @@ pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> V
     let mut findings = Vec::new();
     for (symbol, calls) in by_symbol {
         let total = calls.len();
+        let shape = returns.iter().find(|(name, _)| name == symbol).map(|(_, shape)| shape);
+        let return_type = shape.map(|s| s.describe());
         let mut add =
             |code: &str, severity: Severity, matching: Vec<&SimulatedCall>, what: &dyn Fn(&SimulatedCall) -> String| {
                 if matching.is_empty() {
@@ -103,6 +106,7 @@ pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> V
                         .evidence(serde_json::json!({
                             "count": matching.len(),
                             "calls": total,
+                            "return_type": return_type,
                             "examples": matching.iter().take(EXAMPLES).map(|c| c.evidence()).collect::<Vec<_>>(),
                         })),
                 );
@@ -110,7 +114,6 @@ pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> V
         let failed = |call: &&SimulatedCall, pick: fn(&Outcome) -> bool| {
             call.comparison.verdict == CallVerdict::PatchedFailed && pick(&call.patched.outcome)
         };
-        let shape = returns.iter().find(|(name, _)| name == symbol).map(|(_, shape)| shape);
         let void = shape.is_some_and(|s| s.kind == ReturnKind::Void);
         let outcome_change = |call: &SimulatedCall| {
             format!(

@@ -11,7 +11,7 @@
 //! An unknown type is compared as a 64-bit value, or, when both values are
 //! readable addresses, as the strings there; the report says so.
 
-use super::call_sites::{uses_at_call_sites, CallerUse};
+use super::call_sites::{uses_at_call_sites, uses_through_slot, CallerUse};
 use super::sandbox::{show_value, Outcome};
 use shadowpatch_patch::trampoline::FunctionSite;
 use shadowpatch_process::{Mapping, ProcessCopy, TargetMemory};
@@ -95,6 +95,7 @@ impl ReturnShape {
 pub fn infer(
     pid: i32,
     module: &Module,
+    modules: &[Module],
     maps: &[Mapping],
     memory: &mut TargetMemory,
     sites: &[&FunctionSite],
@@ -119,7 +120,29 @@ pub fn infer(
                 return from_dwarf(&function.return_type);
             }
             let text = text.get_or_insert_with(|| module_text(module, maps, memory));
-            from_call_sites(&uses_at_call_sites(text, site.entry), &module.name)
+            let mut uses = uses_at_call_sites(text, site.entry);
+            let mut places = vec![module.name.clone()];
+            // An exported function is also called from the modules that
+            // import it, through their GOT slot (memcached calling
+            // libevent's event_get_version).
+            for other in modules.iter().filter(|m| m.path != module.path) {
+                let slots: Vec<u64> = other
+                    .image
+                    .import_slots
+                    .iter()
+                    .filter(|(_, name)| **name == site.symbol)
+                    .map(|(slot, _)| slot + other.bias)
+                    .collect();
+                if slots.is_empty() {
+                    continue;
+                }
+                let other_text = module_text(other, maps, memory);
+                for slot in slots {
+                    uses.extend(uses_through_slot(&other_text, slot));
+                }
+                places.push(other.name.clone());
+            }
+            from_call_sites(&uses, &places.join(", "))
         })
         .collect()
 }

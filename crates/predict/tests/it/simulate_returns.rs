@@ -103,6 +103,8 @@ fn a_returned_string_is_compared_by_its_text_not_its_address() {
         let report = live.simulate(&manifest, &capturing(3)).unwrap();
         let differs = finding(&report, "sim-return-differs");
         assert_eq!(differs.severity, Severity::Warning);
+        let return_type = differs.evidence["return_type"].as_str().unwrap();
+        assert!(return_type.contains(expected), "{return_type}");
         assert!(
             differs
                 .message
