@@ -15,7 +15,9 @@
 //! read counts as the whole ABI caller-saved set. Callee-saved registers
 //! are preserved by every function and not tracked.
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, OpAccess, Register};
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
+};
 use std::collections::HashMap;
 
 /// A set of caller-saved registers: bits 0-8 rax rcx rdx rsi rdi r8 r9
@@ -152,6 +154,25 @@ fn clobbered_inner(
     }
     memo.insert(entry, set);
     set
+}
+
+/// `xor eax, eax` and the like: iced-x86 lists the register as read, but
+/// the result does not depend on it (a write only).
+pub fn is_zeroing_idiom(instruction: &Instruction) -> bool {
+    matches!(
+        instruction.mnemonic(),
+        Mnemonic::Xor
+            | Mnemonic::Sub
+            | Mnemonic::Pxor
+            | Mnemonic::Xorps
+            | Mnemonic::Xorpd
+            | Mnemonic::Vpxor
+            | Mnemonic::Vxorps
+            | Mnemonic::Vxorpd
+    ) && instruction.op_count() >= 2
+        && instruction.op0_kind() == OpKind::Register
+        && instruction.op1_kind() == OpKind::Register
+        && instruction.op0_register() == instruction.op1_register()
 }
 
 #[cfg(test)]

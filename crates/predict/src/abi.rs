@@ -9,10 +9,9 @@
 
 use crate::code::{CodeSpaces, Space};
 use crate::finding::Severity;
-use iced_x86::{
-    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
-};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, OpAccess, Register};
 use serde_json::json;
+use shadowpatch_patch::clobber::is_zeroing_idiom;
 use shadowpatch_symbols::dwarf::{FunctionInfo, TypeClass, TypeShape};
 use std::collections::HashMap;
 
@@ -190,23 +189,6 @@ fn arguments_read_inner(
 }
 
 /// `xor eax, eax` and kin read nothing: the result does not depend on it.
-fn is_zeroing_idiom(instruction: &Instruction) -> bool {
-    matches!(
-        instruction.mnemonic(),
-        Mnemonic::Xor
-            | Mnemonic::Sub
-            | Mnemonic::Pxor
-            | Mnemonic::Xorps
-            | Mnemonic::Xorpd
-            | Mnemonic::Vpxor
-            | Mnemonic::Vxorps
-            | Mnemonic::Vxorpd
-    ) && instruction.op_count() >= 2
-        && instruction.op0_kind() == OpKind::Register
-        && instruction.op1_kind() == OpKind::Register
-        && instruction.op0_register() == instruction.op1_register()
-}
-
 /// The argument registers a signature's parameters arrive in under the
 /// SysV ABI; `None` when that needs the full classification (aggregates by
 /// value, variadic functions, more than six of a class).
@@ -481,6 +463,7 @@ mod tests {
             class,
             members: Vec::new(),
             pointee_members: Vec::new(),
+            pointee_size: None,
         }
     }
 

@@ -12,6 +12,7 @@
 //! Dead memory is left out: the stack below the call's entry (the
 //! function's frames, gone after it returns) and the patch's own mapping.
 
+use super::returns::{compare_returns, ReturnCheck, ReturnShape};
 use super::sandbox::{Outcome, RunResult};
 use super::SimulateError;
 use shadowpatch_process::maps::read_maps;
@@ -50,7 +51,12 @@ pub struct CriticalDifference {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Comparison {
     pub verdict: CallVerdict,
+    /// The return values (or what they point to) differ; never for a
+    /// `void` function.
     pub return_differs: bool,
+    /// What each run returned, as compared; `None` for a `void` function
+    /// or when either run did not return.
+    pub returned: Option<ReturnCheck>,
     pub fd_writes_differ: bool,
     pub side_effects_differ: bool,
     /// A syscall the sandbox does not model, made by the patched run only.
@@ -59,8 +65,10 @@ pub struct Comparison {
     pub memory_pages_differing: u64,
 }
 
-/// Compare the runs; read memory only when both returned.
+/// Compare the runs (the return as `shape` says the function returns);
+/// read memory only when both returned.
 pub fn compare(
+    shape: &ReturnShape,
     original: &RunResult,
     patched: &RunResult,
     copies: (&mut ProcessCopy, &mut ProcessCopy),
@@ -73,8 +81,15 @@ pub fn compare(
             Outcome::Crashed { .. } | Outcome::Hung { .. } | Outcome::SharedMemoryWrite { .. }
         )
     };
+    let (original_copy, patched_copy) = copies;
+    let returned = compare_returns(
+        shape,
+        &original.outcome,
+        &patched.outcome,
+        (&mut *original_copy, &mut *patched_copy),
+    );
     let return_differs = match (&original.outcome, &patched.outcome) {
-        (Outcome::Returned { value: a, .. }, Outcome::Returned { value: b, .. }) => a != b,
+        (Outcome::Returned { .. }, Outcome::Returned { .. }) => returned.as_ref().is_some_and(|r| r.differs),
         (Outcome::Exited { code: a }, Outcome::Exited { code: b }) => a != b,
         _ => false,
     };
@@ -99,7 +114,6 @@ pub fn compare(
     };
     let unsupported_in_patched = unsupported(patched) > unsupported(original);
 
-    let (original_copy, patched_copy) = copies;
     let both_ran = !failed(&original.outcome) && !failed(&patched.outcome);
     let mut critical_differences = Vec::new();
     let mut memory_pages_differing = 0;
@@ -138,6 +152,7 @@ pub fn compare(
     Ok(Comparison {
         verdict,
         return_differs,
+        returned,
         fd_writes_differ,
         side_effects_differ,
         unsupported_in_patched,

@@ -25,17 +25,20 @@
 
 pub mod bench;
 pub mod call;
+pub mod call_sites;
 pub mod capture;
 pub mod compare;
 pub mod fork;
 pub mod policy;
 pub mod report;
+pub mod returns;
 pub mod sandbox;
 
 pub use call::{parse_call, parse_vectors, CallSpec, CallSyntaxError};
 pub use capture::{CaptureLimit, CaptureStats};
 pub use compare::{CallVerdict, Comparison};
 pub use report::{CallOrigin, SimulatedCall};
+pub use returns::{ReturnKind, ReturnShape};
 pub use sandbox::{Limits, Outcome, RunResult};
 
 use fork::{explicit_entry, prepare_pair, register_arguments, CallPair, PairSetup};
@@ -158,6 +161,8 @@ pub struct SimulationReport {
     pub features: BTreeMap<String, f64>,
     /// What could not be simulated, and why.
     pub unavailable: Vec<String>,
+    /// What each replaced function returns, as compared: `(symbol, shape)`.
+    pub returns: Vec<(String, ReturnShape)>,
     /// Simulating the calls (after capture), µs.
     pub simulate_us: u64,
     pub total_us: u64,
@@ -226,6 +231,16 @@ pub fn simulate(
     let mut copies = CopiesGuard::new(&identity, &target.dir);
     let mut attached = Attached::seize(&identity)?;
     let plan = plan_load(&prepared, attached.memory(), false)?;
+    // Read before any breakpoint is in the module's text.
+    let site_list: Vec<&shadowpatch_patch::trampoline::FunctionSite> = prepared.sites.iter().map(|(s, _)| s).collect();
+    let returns = returns::infer(
+        pid,
+        &prepared.module,
+        &prepared.modules,
+        &prepared.maps,
+        attached.memory(),
+        &site_list,
+    );
     // The entry bytes a capture's breakpoints replace, for the copies.
     let mut breakpoints = Vec::new();
     for (site, _) in &prepared.sites {
@@ -287,12 +302,14 @@ pub fn simulate(
     let mut calls = Vec::with_capacity(total);
     let mut one = |copy: ProcessCopy,
                    entry: libc::user_regs_struct,
-                   symbol: &str,
+                   function: usize,
                    origin: CallOrigin,
                    copies: &mut CopiesGuard|
      -> Result<SimulatedCall, SimulateError> {
+        let symbol = &prepared.sites[function].0.symbol;
+        let shape = &returns[function];
         let pair = prepare_pair(copy, entry, setup, &mut |pid| copies.made(pid))?;
-        let (original, patched, comparison) = run_pair(pair, &entry, &plan, sentinel, options, &mut dying)?;
+        let (original, patched, comparison) = run_pair(pair, &entry, &plan, sentinel, shape, options, &mut dying)?;
         Ok(SimulatedCall {
             symbol: symbol.to_string(),
             origin,
@@ -313,8 +330,7 @@ pub fn simulate(
             skipped[item.function] += 1;
             continue;
         }
-        let symbol = &prepared.sites[item.function].0.symbol;
-        let call = one(item.copy, item.entry, symbol, origin, &mut copies)?;
+        let call = one(item.copy, item.entry, item.function, origin, &mut copies)?;
         if call.comparison.verdict == CallVerdict::PatchedFailed {
             failures[item.function] += 1;
         }
@@ -334,7 +350,7 @@ pub fn simulate(
                 text: call.text.clone(),
                 given: call.origin.clone(),
             };
-            calls.push(one(copy, entry, &site.symbol, origin, &mut copies)?);
+            calls.push(one(copy, entry, *index, origin, &mut copies)?);
             progress(Progress::Simulated {
                 done: calls.len(),
                 total,
@@ -352,11 +368,18 @@ pub fn simulate(
     let simulate_us = simulate_started.elapsed().as_micros() as u64;
     copies.reap()?;
     let stats = capture_stats.clone().unwrap_or_default();
+    let returns_by_symbol: Vec<(String, ReturnShape)> = prepared
+        .sites
+        .iter()
+        .zip(returns)
+        .map(|((site, _), shape)| (site.symbol.clone(), shape))
+        .collect();
     Ok(SimulationReport {
         pid,
         patch_id,
-        findings: report::findings(&calls),
+        findings: report::findings(&calls, &returns_by_symbol),
         features: report::features(&calls, &stats),
+        returns: returns_by_symbol,
         calls,
         capture: capture_stats,
         unavailable,
@@ -372,6 +395,7 @@ fn run_pair(
     entry: &libc::user_regs_struct,
     plan: &LoadPlan,
     sentinel: u64,
+    shape: &ReturnShape,
     options: &SimulationOptions,
     dying: &mut Vec<ProcessCopy>,
 ) -> Result<(RunResult, RunResult, Comparison), SimulateError> {
@@ -383,7 +407,8 @@ fn run_pair(
     let fds = descriptors(&pair.original, &pair);
     let original = sandbox::run(&mut pair.original, sentinel, fds, &options.limits)?;
     let fds = descriptors(&pair.patched, &pair);
-    let patched = sandbox::run(&mut pair.patched, sentinel, fds, &options.limits)?;
+    let limits = options.limits.for_patched(original.elapsed_us);
+    let patched = sandbox::run(&mut pair.patched, sentinel, fds, &limits)?;
     // Dead memory: the stack below the call's entry, and the patch itself.
     let maps = shadowpatch_process::maps::read_maps(pair.original.pid().as_raw())?;
     let stack_start = maps
@@ -392,6 +417,7 @@ fn run_pair(
         .map_or(entry.rsp, |m| m.start);
     let excluded = [(stack_start, entry.rsp), (plan.address, plan.address + plan.span)];
     let comparison = compare::compare(
+        shape,
         &original,
         &patched,
         (&mut pair.original, &mut pair.patched),

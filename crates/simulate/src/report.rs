@@ -12,6 +12,7 @@
 
 use super::capture::CaptureStats;
 use super::compare::{CallVerdict, Comparison};
+use super::returns::{ReturnKind, ReturnShape};
 use super::sandbox::{show_value, Outcome, RunResult};
 use shadowpatch_finding::{Finding, Severity, Source};
 use std::collections::BTreeMap;
@@ -64,6 +65,7 @@ impl SimulatedCall {
             "origin": self.origin,
             "original": self.original.outcome,
             "patched": self.patched.outcome,
+            "returned": self.comparison.returned,
             "original_writes": self.original.fd_writes,
             "patched_writes": self.patched.fd_writes,
             "original_side_effects": self.original.side_effects,
@@ -74,8 +76,9 @@ impl SimulatedCall {
     }
 }
 
-/// The findings of a set of calls.
-pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
+/// The findings of a set of calls; `returns` says what each function
+/// returns (how its return values were compared).
+pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> Vec<Finding> {
     let mut by_symbol: BTreeMap<&str, Vec<&SimulatedCall>> = BTreeMap::new();
     for call in calls {
         by_symbol.entry(&call.symbol).or_default().push(call);
@@ -83,6 +86,8 @@ pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
     let mut findings = Vec::new();
     for (symbol, calls) in by_symbol {
         let total = calls.len();
+        let shape = returns.iter().find(|(name, _)| name == symbol).map(|(_, shape)| shape);
+        let return_type = shape.map(|s| s.describe());
         let mut add =
             |code: &str, severity: Severity, matching: Vec<&SimulatedCall>, what: &dyn Fn(&SimulatedCall) -> String| {
                 if matching.is_empty() {
@@ -101,6 +106,7 @@ pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
                         .evidence(serde_json::json!({
                             "count": matching.len(),
                             "calls": total,
+                            "return_type": return_type,
                             "examples": matching.iter().take(EXAMPLES).map(|c| c.evidence()).collect::<Vec<_>>(),
                         })),
                 );
@@ -108,12 +114,13 @@ pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
         let failed = |call: &&SimulatedCall, pick: fn(&Outcome) -> bool| {
             call.comparison.verdict == CallVerdict::PatchedFailed && pick(&call.patched.outcome)
         };
+        let void = shape.is_some_and(|s| s.kind == ReturnKind::Void);
         let outcome_change = |call: &SimulatedCall| {
             format!(
                 "{}: original {}, patched {}",
                 call.describe(),
-                call.original.outcome.describe(),
-                call.patched.outcome.describe()
+                describe_run(&call.original, void),
+                describe_run(&call.patched, void)
             )
         };
         add(
@@ -147,6 +154,7 @@ pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
             &outcome_change,
         );
         let ran = |c: &&&SimulatedCall| c.comparison.verdict == CallVerdict::Diverged;
+        let unknown_type = shape.is_some_and(|s| s.kind == ReturnKind::Unknown);
         add(
             "sim-return-differs",
             Severity::Warning,
@@ -156,7 +164,20 @@ pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
                 .filter(|c| c.comparison.return_differs)
                 .copied()
                 .collect(),
-            &outcome_change,
+            &|call| match &call.comparison.returned {
+                Some(returned) => format!(
+                    "{}: original returned {}, patched returned {}{}",
+                    call.describe(),
+                    returned.original,
+                    returned.patched,
+                    if unknown_type {
+                        " (return type unknown: rax compared as a 64-bit value)"
+                    } else {
+                        ""
+                    }
+                ),
+                None => outcome_change(call),
+            },
         );
         add(
             "sim-fd-writes-differ",
@@ -260,6 +281,23 @@ pub fn findings(calls: &[SimulatedCall]) -> Vec<Finding> {
         );
     }
     findings
+}
+
+/// How a run ended; a hang says which budget it had; a `void` function's
+/// return shows no value.
+fn describe_run(run: &RunResult, void: bool) -> String {
+    match &run.outcome {
+        Outcome::Returned { .. } if void => "returned".into(),
+        Outcome::Hung { budget } => {
+            let amount = match budget.as_str() {
+                "cpu time" => format!("{} ms", run.budget.cpu_ms),
+                "wall time" => format!("{} ms", run.budget.wall_ms),
+                _ => run.budget.syscalls.to_string(),
+            };
+            format!("did not return within its {budget} budget ({amount})")
+        }
+        outcome => outcome.describe(),
+    }
 }
 
 fn kind_phrase(code: &str) -> &'static str {

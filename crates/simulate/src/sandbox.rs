@@ -37,6 +37,39 @@ impl Default for Limits {
     }
 }
 
+/// The patched run's budget follows the original's own time on the same
+/// call: this many times what the original took ...
+pub const PATCHED_BUDGET_FACTOR: u32 = 20;
+/// ... but never less than this (a call that took microseconds still gets
+/// time for the patch's extra work and for a loaded machine) ...
+pub const PATCHED_BUDGET_FLOOR: Duration = Duration::from_millis(200);
+/// ... nor more than this: a hang is decided within it.
+pub const PATCHED_BUDGET_CAP: Duration = Duration::from_secs(2);
+
+impl Limits {
+    /// The budgets of the patched run of a call the original ran in
+    /// `original_us`: processor time `FACTOR` × the original's time, at
+    /// least `FLOOR`, at most `CAP`; wall time `CAP` (a copy blocked
+    /// forever); neither above these limits.
+    pub fn for_patched(&self, original_us: u64) -> Limits {
+        let adaptive = (Duration::from_micros(original_us) * PATCHED_BUDGET_FACTOR)
+            .clamp(PATCHED_BUDGET_FLOOR, PATCHED_BUDGET_CAP);
+        Limits {
+            cpu: self.cpu.min(adaptive),
+            wall: self.wall.min(PATCHED_BUDGET_CAP),
+            syscalls: self.syscalls,
+        }
+    }
+}
+
+/// The budgets a run had, in milliseconds (reported with its outcome).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Budget {
+    pub cpu_ms: u64,
+    pub wall_ms: u64,
+    pub syscalls: u32,
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -115,6 +148,8 @@ pub struct RunResult {
     /// Signals sent to the copy by someone else (suppressed).
     pub foreign_signals: u32,
     pub elapsed_us: u64,
+    /// The budgets it ran under.
+    pub budget: Budget,
 }
 
 /// What to do at the exit of the syscall in progress.
@@ -147,6 +182,11 @@ pub fn run(
         syscalls: 0,
         foreign_signals: 0,
         elapsed_us: 0,
+        budget: Budget {
+            cpu_ms: limits.cpu.as_millis() as u64,
+            wall_ms: limits.wall.as_millis() as u64,
+            syscalls: limits.syscalls,
+        },
     };
     let mut at_exit: Option<AtExit> = None;
     let mut deliver: Option<Signal> = None;
@@ -420,9 +460,24 @@ enum Fate {
     Fatal,
 }
 
-/// What to do with a signal stopping the copy: the function's own signals
-/// (faults, signals it sent itself) take their course, as its handlers or
-/// the default action say; signals from others are not its business.
+/// Signals that end a run as a crash at their delivery stop, before any
+/// handler of the target's runs: a crash reporter (or a handler that waits
+/// for a debugger) would otherwise run in the sandbox and never return,
+/// turning a crash into a hang decided seconds later. A program that uses
+/// faults on purpose (a garbage collector's barriers) faults in the
+/// original run too, and the call is inconclusive rather than a crash.
+const CRASH_SIGNALS: [Signal; 5] = [
+    Signal::SIGSEGV,
+    Signal::SIGBUS,
+    Signal::SIGILL,
+    Signal::SIGFPE,
+    Signal::SIGABRT,
+];
+
+/// What to do with a signal stopping the copy: a fault or an abort of the
+/// function's own is a crash whatever handler the target installed; its
+/// other signals (those it sent itself) take their course, as its handlers
+/// or the default action say; signals from others are not its business.
 fn signal_fate(copy: &ProcessCopy, signal: Signal, code: i32, own_pid: i64) -> Fate {
     if code <= 0 {
         let sender = ptrace::getsiginfo(copy.pid())
@@ -431,6 +486,9 @@ fn signal_fate(copy: &ProcessCopy, signal: Signal, code: i32, own_pid: i64) -> F
         if sender as i64 != own_pid {
             return Fate::Suppress;
         }
+    }
+    if CRASH_SIGNALS.contains(&signal) {
+        return Fate::Fatal;
     }
     let (caught, ignored) = dispositions(copy.pid().as_raw());
     let bit = 1u64 << (signal as i32 - 1);

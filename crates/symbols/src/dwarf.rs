@@ -51,6 +51,9 @@ pub struct TypeShape {
     /// For a pointer: the layout of what it points to, when that is a
     /// struct (a changed struct behind a pointer is a changed meaning).
     pub pointee_members: Vec<Member>,
+    /// For a pointer: the size of what it points to (1 for `char *`,
+    /// `Some(0)` for `void *`, `None` for an incomplete type).
+    pub pointee_size: Option<u64>,
 }
 
 impl TypeShape {
@@ -61,6 +64,7 @@ impl TypeShape {
             class: TypeClass::Void,
             members: Vec::new(),
             pointee_members: Vec::new(),
+            pointee_size: None,
         }
     }
 
@@ -71,6 +75,7 @@ impl TypeShape {
             class: TypeClass::Unknown,
             members: Vec::new(),
             pointee_members: Vec::new(),
+            pointee_size: None,
         }
     }
 }
@@ -314,6 +319,7 @@ fn type_of(unit: &gimli::UnitRef<Slice>, reference: Option<AttributeValue<Slice>
                 class,
                 members: Vec::new(),
                 pointee_members: Vec::new(),
+                pointee_size: None,
             }
         }
         gimli::DW_TAG_pointer_type | gimli::DW_TAG_reference_type | gimli::DW_TAG_rvalue_reference_type => {
@@ -323,6 +329,7 @@ fn type_of(unit: &gimli::UnitRef<Slice>, reference: Option<AttributeValue<Slice>
                 size: size.or(Some(8)),
                 class: TypeClass::Pointer,
                 members: Vec::new(),
+                pointee_size: pointee.size,
                 pointee_members: if depth < 2 { pointee.members } else { Vec::new() },
             }
         }
@@ -343,6 +350,7 @@ fn type_of(unit: &gimli::UnitRef<Slice>, reference: Option<AttributeValue<Slice>
             class: TypeClass::Integer,
             members: Vec::new(),
             pointee_members: Vec::new(),
+            pointee_size: None,
         },
         gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type | gimli::DW_TAG_class_type => {
             let keyword = if tag == gimli::DW_TAG_union_type {
@@ -356,6 +364,7 @@ fn type_of(unit: &gimli::UnitRef<Slice>, reference: Option<AttributeValue<Slice>
                 class: TypeClass::Aggregate,
                 members: members_of(unit, offset, depth),
                 pointee_members: Vec::new(),
+                pointee_size: None,
             }
         }
         gimli::DW_TAG_array_type => {
@@ -366,6 +375,7 @@ fn type_of(unit: &gimli::UnitRef<Slice>, reference: Option<AttributeValue<Slice>
                 class: TypeClass::Aggregate,
                 members: Vec::new(),
                 pointee_members: Vec::new(),
+                pointee_size: None,
             }
         }
         gimli::DW_TAG_subroutine_type => TypeShape {
@@ -374,6 +384,7 @@ fn type_of(unit: &gimli::UnitRef<Slice>, reference: Option<AttributeValue<Slice>
             class: TypeClass::Unknown,
             members: Vec::new(),
             pointee_members: Vec::new(),
+            pointee_size: None,
         },
         _ => TypeShape::unknown(),
     }

@@ -8,5 +8,6 @@ mod common;
 mod context;
 mod interrupted;
 mod simulate;
+mod simulate_returns;
 mod static_checks;
 mod verdict;

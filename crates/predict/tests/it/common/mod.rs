@@ -56,6 +56,21 @@ impl Live {
         }
     }
 
+    /// server.c with one worker: with DWARF (`debug`) or without.
+    pub fn server(debug: bool) -> Live {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("unused.log");
+        let fixture = if debug { Fixture::Server } else { Fixture::ServerNoDebug };
+        let target = Running::start(fixture, &["1"]).unwrap();
+        Live {
+            target,
+            dir,
+            log,
+            udp: None,
+            object: build_patch(Patch::ServerPatches).unwrap(),
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.target.pid()
     }
