@@ -137,6 +137,9 @@ enum Command {
         /// Say what would be removed and remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Also remove dead targets whose journal has an uncommitted transaction or is damaged (kept by default).
+        #[arg(long)]
+        interrupted: bool,
     },
     /// Stop and resume every thread of a process, reporting the pause.
     Pause {
@@ -495,7 +498,7 @@ fn main() {
             None => commands::status::run(&context, pid.expect("clap requires a PID without a set")),
         },
         Command::List => commands::targets::run_list(&context),
-        Command::Gc { dry_run } => commands::targets::run_gc(&context, dry_run),
+        Command::Gc { dry_run, interrupted } => commands::targets::run_gc(&context, dry_run, interrupted),
         Command::Pause {
             pid,
             rounds,
