@@ -240,16 +240,29 @@ fn refusal(entry: &TargetEntry, request: &GcRequest, forks: &mut Option<Processe
     let set_aside = entry.dir.to_string_lossy().contains(".exec-");
     let targets_root = entry.dir.parent().unwrap_or(Path::new("/"));
     if let Some(recorded) = recorded_exec_id(&entry.dir).filter(|_| !set_aside) {
-        let table = forks.get_or_insert_with(exec_ids_of_every_process);
+        let table = &*forks.get_or_insert_with(exec_ids_of_every_process);
         let children: Vec<String> = table
             .get(&recorded)
             .into_iter()
             .flatten()
-            // A child with state of its own has adopted what it needs.
-            .filter(|(pid, start, _)| {
-                *pid != entry.pid && *start >= entry.start_time && !targets_root.join(format!("{pid}-{start}")).is_dir()
+            // Same exec id, started after it, without state of its own (a
+            // child with state has adopted what it needs), and not forked
+            // from a live process of that exec id: a sibling forked from
+            // the same live parent (a server's workers) shares the exec id
+            // without descending from the dead one, whose own children
+            // were reparented away from the lineage when it died.
+            .filter(|process| {
+                let (pid, start) = (process.pid, process.start_time);
+                pid != entry.pid
+                    && start >= entry.start_time
+                    && !targets_root.join(format!("{pid}-{start}")).is_dir()
+                    && !table
+                        .get(&recorded)
+                        .into_iter()
+                        .flatten()
+                        .any(|parent| parent.pid == process.ppid)
             })
-            .map(|(pid, _, comm)| format!("{pid} ({comm})"))
+            .map(|process| format!("{} ({})", process.pid, process.comm))
             .collect();
         if !children.is_empty() {
             return Some(format!(
@@ -286,11 +299,20 @@ fn recorded_exec_id(dir: &Path) -> Option<String> {
         .filter(|id| !id.is_empty())
 }
 
-/// exec id → the processes that carry it (pid, start time, comm).
-type ProcessesByExecId = BTreeMap<String, Vec<(i32, u64, String)>>;
+/// A live process as the fork check needs it.
+#[derive(Debug, Clone)]
+struct LiveProcess {
+    pid: i32,
+    ppid: i32,
+    start_time: u64,
+    comm: String,
+}
 
-/// Every process whose exec id we can read: exec id → (pid, start time,
-/// comm). A process of another user is unreadable and left out.
+/// exec id → the processes that carry it.
+type ProcessesByExecId = BTreeMap<String, Vec<LiveProcess>>;
+
+/// Every process whose exec id we can read, by exec id. A process of
+/// another user is unreadable and left out.
 fn exec_ids_of_every_process() -> ProcessesByExecId {
     let mut table = ProcessesByExecId::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -302,14 +324,22 @@ fn exec_ids_of_every_process() -> ProcessesByExecId {
     {
         if let Ok(identity) = ProcessIdentity::of(pid) {
             if let Some(id) = identity.exec_id {
-                table
-                    .entry(id)
-                    .or_default()
-                    .push((pid, identity.start_time, identity.comm));
+                table.entry(id).or_default().push(LiveProcess {
+                    pid,
+                    ppid: parent_of(pid).unwrap_or(0),
+                    start_time: identity.start_time,
+                    comm: identity.comm,
+                });
             }
         }
     }
     table
+}
+
+/// The parent pid from /proc/PID/stat (after the comm's last ')').
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Describe one entry of `targets/`; `None` for anything that is not a
