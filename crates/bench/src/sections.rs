@@ -153,6 +153,15 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         Some("prediction") => return run_prediction_only(context, quick),
         Some("watch-window") => return crate::watch_window::run(context, quick),
         Some("build") => return crate::build::run(context, quick),
+        Some("fleet") => {
+            let bench = crate::fleet::run(context.json, quick)?;
+            if context.json {
+                print_json(&bench);
+            } else {
+                crate::fleet::print(&bench);
+            }
+            return Ok(0);
+        }
         Some("dirty") => {
             let report = crate::dirty::run(context, quick)?;
             if context.json {
@@ -173,7 +182,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         }
         Some(other) => {
             return Err(crate::support::BadInput(format!(
-                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent, build)"
+                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent, build, fleet)"
             ))
             .into())
         }
