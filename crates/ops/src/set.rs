@@ -319,8 +319,9 @@ pub struct SetProgress<'a> {
 /// lock, so members are independent; each one's apply runs wholly on one
 /// thread (ptrace belongs to the thread that attached). Members are taken
 /// in order (children first); after a failure no new member is started.
-/// With `state_dir`, a member that already has the patch active is
-/// skipped, not refused: `apply --all` run again patches only newcomers.
+/// Host-wide with `state_dir`, a process that already has the patch
+/// active is passed over, not refused: `apply --all` run again patches
+/// only newcomers.
 #[allow(clippy::too_many_arguments)]
 pub fn apply_set_with_progress(
     state_dir: Option<&Path>,
@@ -337,12 +338,18 @@ pub fn apply_set_with_progress(
     let input = PatchInput::read(&template.manifest)?;
     let build_id = input.manifest.build_id_lowercase();
     let mut found = members(selector, &build_id)?;
-    if let Some(state_dir) = state_dir {
+    // Members passed over because they already have the patch: known, not
+    // newcomers.
+    let mut already_patched = BTreeSet::new();
+    // Host-wide only: a tree, cgroup or unit with a member already
+    // patched is refused whole (all or none), as it always was.
+    if let (Some(state_dir), Selector::All) = (state_dir, selector) {
         let id = &input.manifest.id;
         let (already, to_do): (Vec<Member>, Vec<Member>) = std::mem::take(&mut found.targets)
             .into_iter()
             .partition(|m| active_patches(state_dir, m.pid).contains(id));
         found.targets = to_do;
+        already_patched.extend(already.iter().map(|m| m.pid));
         if *selector == Selector::All {
             if !already.is_empty() {
                 found
@@ -453,7 +460,7 @@ pub fn apply_set_with_progress(
     }
     Ok(SetOutcome {
         operation: "apply".into(),
-        appeared: appeared(selector, &found, &build_id),
+        appeared: appeared(selector, &found, &already_patched, &build_id),
         selector: selector.clone(),
         members: results,
         skipped: found.skipped,
@@ -613,13 +620,14 @@ fn result(member: &Member, outcome: &str, pause_us: Option<u64>, error: Option<S
 /// Members of the set now that were not when it was resolved (a worker
 /// forked meanwhile): said, not silently missed. Host-wide, only those
 /// that map the module (the host starts processes all the time).
-fn appeared(selector: &Selector, before: &Members, build_id: &str) -> Vec<Member> {
-    let known: BTreeSet<i32> = before
+fn appeared(selector: &Selector, before: &Members, also_known: &BTreeSet<i32>, build_id: &str) -> Vec<Member> {
+    let mut known: BTreeSet<i32> = before
         .targets
         .iter()
         .chain(before.skipped.iter().map(|(m, _)| m))
         .map(|m| m.pid)
         .collect();
+    known.extend(also_known);
     let mut by_file = BuildIdsByFile::default();
     resolve(selector)
         .unwrap_or_default()

@@ -10,6 +10,14 @@ use std::collections::BTreeSet;
 
 const PROCESSES: usize = 100;
 
+/// The tests here run one at a time: `--all` reaches every libfleet
+/// process on the host, another test's included.
+static HOST_WIDE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn host_wide() -> std::sync::MutexGuard<'static, ()> {
+    HOST_WIDE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A manifest replacing libfleet's fleet_value, for the module `build_id`.
 fn fleet_manifest(dir: &std::path::Path, id: &str, build_id: &str) -> String {
     let object = build_patch(Patch::FleetFix).unwrap();
@@ -23,6 +31,7 @@ fn values(processes: &mut [Running]) -> BTreeSet<String> {
 
 #[test]
 fn apply_all_patches_every_process_mapping_the_library_and_rollback_all_restores_them() {
+    let _alone = host_wide();
     let fixture = build_library_fixture().unwrap();
     let mut processes: Vec<Running> = (0..PROCESSES)
         .map(|_| Running::start_binary(&fixture.program, &[]).unwrap())
@@ -73,14 +82,30 @@ fn apply_all_patches_every_process_mapping_the_library_and_rollback_all_restores
         verified.stdout
     );
 
+    // Run again with one newcomer: only it is patched, no warning.
+    let mut newcomer = Running::start_binary(&fixture.program, &[]).unwrap();
+    let again = shadowpatch(&state, &["apply", "--all", manifest, "--json"]);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    let again = again.json();
+    assert_eq!(again["members"].as_array().unwrap().len(), 1, "{again}");
+    assert_eq!(again["members"][0]["pid"], newcomer.pid(), "{again}");
+    assert_eq!(
+        again["passed_over"]["already have patch fleet1 active"].as_u64(),
+        Some(patched.len() as u64),
+        "{again}"
+    );
+    assert!(again["appeared"].as_array().unwrap().is_empty(), "{again}");
+    assert_eq!(newcomer.command("value").unwrap(), "value=2");
+
     let rolled = shadowpatch(&state, &["rollback", "--all"]);
     assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
     assert!(rolled.stdout.contains("summary: "), "{}", rolled.stdout);
     assert!(
-        rolled.stdout.contains(&format!("{} rolled_back", patched.len())),
+        rolled.stdout.contains(&format!("{} rolled_back", patched.len() + 1)),
         "{}",
         rolled.stdout
     );
+    assert_eq!(newcomer.command("value").unwrap(), "value=1");
     assert_eq!(values(&mut processes), BTreeSet::from(["value=1".to_string()]));
     let verified = shadowpatch(&state, &["verify", "--all"]);
     assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
@@ -98,6 +123,7 @@ fn apply_all_patches_every_process_mapping_the_library_and_rollback_all_restores
 
 #[test]
 fn host_wide_bad_input_exits_2_and_touches_nothing() {
+    let _alone = host_wide();
     let fixture = build_library_fixture().unwrap();
     let mut process = Running::start_binary(&fixture.program, &[]).unwrap();
     let dir = tempfile::tempdir().unwrap();
