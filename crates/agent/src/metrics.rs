@@ -1,7 +1,12 @@
 //! The agent's metrics in the Prometheus text format, served over plain
 //! HTTP on a loopback address. Hand-rendered: the format is a few lines of
 //! text, and the `prometheus` crate would bring a registry, protobuf and a
-//! global state for the dozen series here.
+//! global state for the dozen series here. Per-target series, within a
+//! bounded cardinality, are `per_target`'s.
+
+pub mod per_target;
+
+pub use per_target::{PerTarget, TargetCount, MAX_LABELLED_TARGETS};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -79,6 +84,8 @@ pub struct Metrics {
     /// New processes of a persisted patch's scope left unpatched because
     /// their build-id changed (a package upgrade).
     pub persist_build_id_changed: AtomicU64,
+    /// The same counts per target (pid, comm, unit; bounded).
+    pub per_target: PerTarget,
 }
 
 impl Default for Metrics {
@@ -99,12 +106,40 @@ impl Default for Metrics {
             recoveries: AtomicU64::new(0),
             persist_applies: AtomicU64::new(0),
             persist_build_id_changed: AtomicU64::new(0),
+            per_target: PerTarget::default(),
         }
     }
 }
 
 impl Metrics {
-    pub fn rolled_back(&self, cause: &str, pause_us: u64) {
+    /// A verification pass over `pid`'s memory.
+    pub fn swept(&self, pid: i32, seconds: f64) {
+        self.sweeps.fetch_add(1, Ordering::Relaxed);
+        self.sweep_seconds.observe(seconds);
+        self.per_target.count(pid, TargetCount::Sweep);
+    }
+
+    /// An alert raised on `pid`.
+    pub fn alerted(&self, pid: i32) {
+        self.alerts.fetch_add(1, Ordering::Relaxed);
+        self.per_target.count(pid, TargetCount::Alert);
+    }
+
+    /// A heal written into `pid`.
+    pub fn healed(&self, pid: i32) {
+        self.heals.fetch_add(1, Ordering::Relaxed);
+        self.per_target.count(pid, TargetCount::Heal);
+    }
+
+    /// A patch applied to `pid` by the agent, with its pause.
+    pub fn applied(&self, pid: i32, pause_us: u64) {
+        self.applies.fetch_add(1, Ordering::Relaxed);
+        self.apply_pause_seconds.observe(pause_us as f64 / 1e6);
+        self.per_target.count(pid, TargetCount::Apply);
+    }
+
+    pub fn rolled_back(&self, pid: i32, cause: &str, pause_us: u64) {
+        self.per_target.count(pid, TargetCount::Rollback(cause));
         *self
             .rollbacks_by_cause
             .lock()
@@ -114,8 +149,9 @@ impl Metrics {
         self.rollback_pause_seconds.observe(pause_us as f64 / 1e6);
     }
 
-    /// A rollback asked for with `cause` was refused or failed.
-    pub fn rollback_refused(&self, cause: &str) {
+    /// A rollback of `pid` asked for with `cause` was refused or failed.
+    pub fn rollback_refused(&self, pid: i32, cause: &str) {
+        self.per_target.count(pid, TargetCount::RollbackRefused(cause));
         *self
             .rollbacks_refused_by_cause
             .lock()
@@ -124,9 +160,11 @@ impl Metrics {
             .or_insert(0) += 1;
     }
 
-    /// The text exposition; `patches_active` is counted by the caller
-    /// from the journals at scrape time.
-    pub fn render(&self, patches_active: u64) -> String {
+    /// The text exposition; `active` (pid, start time, active patches of
+    /// every live target) is read by the caller from the journals at
+    /// scrape time.
+    pub fn render(&self, active: &[(i32, u64, u64)]) -> String {
+        let patches_active: u64 = active.iter().map(|(_, _, n)| n).sum();
         let mut out = String::new();
         let mut gauge = |name: &str, kind: &str, help: &str, value: u64| {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
@@ -232,6 +270,7 @@ impl Metrics {
                 "shadowpatch_rollbacks_refused_total{{cause=\"{cause}\"}} {count}\n"
             ));
         }
+        self.per_target.render(active, &mut out);
         out
     }
 }
@@ -283,11 +322,11 @@ mod tests {
     #[test]
     fn histograms_are_cumulative_and_rollbacks_are_labelled() {
         let metrics = Metrics::default();
-        metrics.rolled_back("request", 40);
-        metrics.rolled_back("request", 400);
-        metrics.rolled_back("command", 4000);
-        metrics.rollback_refused("request");
-        let text = metrics.render(3);
+        metrics.rolled_back(0, "request", 40);
+        metrics.rolled_back(0, "request", 400);
+        metrics.rolled_back(0, "command", 4000);
+        metrics.rollback_refused(0, "request");
+        let text = metrics.render(&[(0, 0, 1), (0, 1, 2)]);
         assert!(
             text.contains("shadowpatch_rollbacks_total{cause=\"request\"} 2\n"),
             "{text}"

@@ -187,7 +187,7 @@ impl Agent {
                 })?;
                 let scraped = Arc::clone(&agent);
                 spawn("metrics", move || {
-                    crate::metrics::serve(listener, move || scraped.metrics.render(scraped.patches_active()))
+                    crate::metrics::serve(listener, move || scraped.metrics.render(&scraped.patches_active()))
                 })?;
                 Some(bound)
             }
@@ -301,14 +301,18 @@ impl Agent {
         report
     }
 
-    /// Active patches over every live target, read from the journals.
-    pub fn patches_active(&self) -> u64 {
+    /// Active patches of every live target (pid, start time, count), read
+    /// from the journals.
+    pub fn patches_active(&self) -> Vec<(i32, u64, u64)> {
         target_dirs(&self.config.state_dir)
             .into_iter()
             .filter(|(pid, start_time, dir)| shadowpatch_mirror::StateDir::describes_live(dir, *pid, *start_time))
-            .filter_map(|(_, _, dir)| Journal::replay(&dir).ok())
-            .map(|journal| journal.active.len() as u64)
-            .sum()
+            .filter_map(|(pid, start_time, dir)| {
+                Journal::replay(&dir)
+                    .ok()
+                    .map(|journal| (pid, start_time, journal.active.len() as u64))
+            })
+            .collect()
     }
 
     /// Serve one CLI connection: one reply line per request line, until
@@ -438,13 +442,13 @@ impl Agent {
                 match shadowpatch_ops::apply(state_dir, &request, policy, None)? {
                     ApplyResult::Refused(refused) => Err(AgentError::ApplyRefused(refused)),
                     ApplyResult::Applied(applied) => {
-                        self.metrics.applies.fetch_add(1, Ordering::Relaxed);
-                        self.metrics
-                            .apply_pause_seconds
-                            .observe(applied.apply.pause_us as f64 / 1e6);
+                        self.metrics.applied(*pid, applied.apply.pause_us);
                         if let Some(report) = applied.watch.as_ref().filter(|_| applied.rolled_back_by_watch()) {
-                            self.metrics
-                                .rolled_back(&report.cause, report.rollback.as_ref().map_or(0, |r| r.pause_us));
+                            self.metrics.rolled_back(
+                                *pid,
+                                &report.cause,
+                                report.rollback.as_ref().map_or(0, |r| r.pause_us),
+                            );
                         }
                         Ok(to_json(&ApplyResult::Applied(applied)))
                     }
@@ -463,9 +467,9 @@ impl Agent {
                     cause: "command".into(),
                 };
                 let outcome = shadowpatch_ops::rollback(state_dir, &request).inspect_err(|_| {
-                    self.metrics.rollback_refused("command");
+                    self.metrics.rollback_refused(*pid, "command");
                 })?;
-                self.metrics.rolled_back("command", outcome.rollback.pause_us);
+                self.metrics.rolled_back(*pid, "command", outcome.rollback.pause_us);
                 Ok(to_json(&outcome))
             }
             ControlRequest::Recover { pid, .. } => {
@@ -495,9 +499,9 @@ impl Agent {
             cause: cause.to_string(),
         };
         let outcome = shadowpatch_ops::rollback(&self.config.state_dir, &request)
-            .inspect_err(|_| self.metrics.rollback_refused(cause))?
+            .inspect_err(|_| self.metrics.rollback_refused(pid, cause))?
             .rollback;
-        self.metrics.rolled_back(cause, outcome.pause_us);
+        self.metrics.rolled_back(pid, cause, outcome.pause_us);
         Ok(outcome)
     }
 

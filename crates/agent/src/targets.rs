@@ -133,7 +133,7 @@ impl Targets {
             heal,
             ..self.options.clone()
         };
-        let sink = || counting_sink(Arc::clone(&self.metrics), Arc::clone(&stats));
+        let sink = || counting_sink(pid, Arc::clone(&self.metrics), Arc::clone(&stats));
         let mut watcher = match Watcher::start(pid, &self.state_dir, requests, options.clone(), sink()) {
             // An unusable event history (corrupt, or written by a newer
             // shadowpatch) must not leave the target unwatched: watch on
@@ -276,15 +276,14 @@ impl Targets {
 
 /// The watcher's event sink: counts passes, alerts and heals into the
 /// agent's metrics and the target's own counters.
-fn counting_sink(metrics: Arc<Metrics>, stats: Arc<Mutex<WatchStats>>) -> EventSink {
+fn counting_sink(pid: i32, metrics: Arc<Metrics>, stats: Arc<Mutex<WatchStats>>) -> EventSink {
     Box::new(move |event: &WatchEvent| {
         let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
         match event {
             WatchEvent::Pass {
                 pass_us, generation, ..
             } => {
-                metrics.sweeps.fetch_add(1, Ordering::Relaxed);
-                metrics.sweep_seconds.observe(*pass_us as f64 / 1e6);
+                metrics.swept(pid, *pass_us as f64 / 1e6);
                 stats.passes += 1;
                 stats.generation = *generation;
             }
@@ -292,11 +291,11 @@ fn counting_sink(metrics: Arc<Metrics>, stats: Arc<Mutex<WatchStats>>) -> EventS
             | WatchEvent::PermissionsChanged { .. }
             | WatchEvent::NewExecutableMapping { .. }
             | WatchEvent::RegionUnmapped { .. } => {
-                metrics.alerts.fetch_add(1, Ordering::Relaxed);
+                metrics.alerted(pid);
                 stats.alerts += 1;
             }
             WatchEvent::Heal(_) => {
-                metrics.heals.fetch_add(1, Ordering::Relaxed);
+                metrics.healed(pid);
                 stats.heals += 1;
             }
             WatchEvent::Started { generation, .. } | WatchEvent::GenerationSwitched { to: generation, .. } => {

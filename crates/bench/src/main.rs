@@ -11,6 +11,7 @@
 mod agent;
 mod build;
 mod dirty;
+mod fleet;
 mod sections;
 mod simulation;
 mod support;
@@ -38,8 +39,8 @@ struct Cli {
     /// Size of the executable-like region for throughput, in MiB.
     #[arg(long)]
     region_mib: Option<u64>,
-    /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets; `build`: patches from a diff against the floor; `pause`: activation and rollback pauses against the floor).
-    #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent", "build", "pause"])]
+    /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets; `build`: patches from a diff against the floor; `pause`: activation and rollback pauses against the floor; `fleet`: apply --all over 1,000 processes mapping a library against the floor, not part of the full run).
+    #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent", "build", "pause", "fleet"])]
     only: Option<String>,
     /// Machine-readable JSON on stdout instead of text.
     #[arg(long)]

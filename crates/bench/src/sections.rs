@@ -162,6 +162,15 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
             }
             return Ok(0);
         }
+        Some("fleet") => {
+            let bench = crate::fleet::run(context.json, quick)?;
+            if context.json {
+                print_json(&bench);
+            } else {
+                crate::fleet::print(&bench);
+            }
+            return Ok(0);
+        }
         Some("dirty") => {
             let report = crate::dirty::run(context, quick)?;
             if context.json {
@@ -182,7 +191,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         }
         Some(other) => {
             return Err(crate::support::BadInput(format!(
-                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent, build, pause)"
+                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent, build, pause, fleet)"
             ))
             .into())
         }

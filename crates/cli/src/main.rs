@@ -61,7 +61,7 @@ enum Command {
     },
     /// Compare live memory with the mirror; exit 1 if any byte differs.
     Verify {
-        #[arg(required_unless_present_any = ["cgroup", "unit"])]
+        #[arg(required_unless_present_any = ["cgroup", "unit", "all"])]
         pid: Option<i32>,
         #[command(flatten)]
         set: commands::sets::SetFlags,
@@ -130,7 +130,7 @@ enum Command {
     Recover { pid: i32 },
     /// Show a target's identity, modules and mirror generations.
     Status {
-        #[arg(required_unless_present_any = ["cgroup", "unit"])]
+        #[arg(required_unless_present_any = ["cgroup", "unit", "all"])]
         pid: Option<i32>,
         #[command(flatten)]
         set: commands::sets::SetFlags,
@@ -149,6 +149,9 @@ enum Command {
         /// Say what would be removed and remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Also remove dead targets whose journal has an uncommitted transaction or is damaged (kept by default).
+        #[arg(long)]
+        interrupted: bool,
     },
     /// Stop and resume every thread of a process, reporting the pause.
     Pause {
@@ -314,11 +317,15 @@ fn run_apply_positionals(
     let manifest = PathBuf::from(manifest.expect("required"));
     match set.selector(pid) {
         Some(_) if watch.watch.is_some() => Err(failure::BadInput(
-            "--watch applies to one process; a set (--tree, --cgroup, --unit) is applied without it".into(),
+            "--watch applies to one process; a set (--tree, --cgroup, --unit, --all) is applied without it".into(),
         )
         .into()),
-        Some(selector) => commands::sets::run_apply(context, &selector, &manifest, attempts, force, analysis, partial),
-        None if partial => Err(failure::BadInput("--partial needs a set (--tree, --cgroup or --unit)".into()).into()),
+        Some(selector) => commands::sets::run_apply(
+            context, &selector, &manifest, attempts, force, analysis, partial, set.jobs,
+        ),
+        None if partial => {
+            Err(failure::BadInput("--partial needs a set (--tree, --cgroup, --unit or --all)".into()).into())
+        }
         None => run_apply_command(
             context,
             pid.expect("a PID without a set"),
@@ -533,11 +540,12 @@ fn main() {
     };
     let result = match cli.command {
         Command::Mirror { pid, module } => commands::mirror::run(&context, pid, module.as_deref()),
-        Command::Verify { pid, set, generation } => match set.selector(pid) {
-            Some(selector) => commands::sets::for_each_member(&context, &selector, |pid| {
+        Command::Verify { pid, set, generation } => match set.selector_without_pid("verify", pid) {
+            Err(error) => Err(error.into()),
+            Ok(Some(selector)) => commands::sets::for_each_member(&context, &selector, |pid| {
                 commands::verify::run(&context, pid, generation)
             }),
-            None => commands::verify::run(&context, pid.expect("clap requires a PID without a set"), generation),
+            Ok(None) => commands::verify::run(&context, pid.expect("clap requires a PID without a set"), generation),
         },
         Command::Build { args } => commands::build::run(&context, &args),
         Command::Apply {
@@ -584,14 +592,15 @@ fn main() {
         } => run_rollback_positionals(&context, &positionals, &set, restore_state),
         Command::Snapshot { pid, var } => commands::variables::run_snapshot(&context, pid, var.as_deref()),
         Command::Recover { pid } => commands::patching::run_recover(&context, pid),
-        Command::Status { pid, set } => match set.selector(pid) {
-            Some(selector) => {
+        Command::Status { pid, set } => match set.selector_without_pid("status", pid) {
+            Err(error) => Err(error.into()),
+            Ok(Some(selector)) => {
                 commands::sets::for_each_member(&context, &selector, |pid| commands::status::run(&context, pid))
             }
-            None => commands::status::run(&context, pid.expect("clap requires a PID without a set")),
+            Ok(None) => commands::status::run(&context, pid.expect("clap requires a PID without a set")),
         },
         Command::List => commands::targets::run_list(&context),
-        Command::Gc { dry_run } => commands::targets::run_gc(&context, dry_run),
+        Command::Gc { dry_run, interrupted } => commands::targets::run_gc(&context, dry_run, interrupted),
         Command::Pause {
             pid,
             rounds,

@@ -34,7 +34,7 @@ pub use build_debian::{build_debian, DebianBuildOutcome, DEBIAN_BUILD_STAGES};
 pub use mirror::{mirror, MirrorOutcome};
 pub use rollback::{recover, rollback, RollbackRequest, RolledBack};
 pub use shadowpatch_failure::{Classify, FailureClass};
-pub use targets::{gc, list, GcOutcome, Liveness, TargetEntry, TargetList};
+pub use targets::{gc, list, GcOutcome, GcRefusal, GcRequest, Liveness, TargetEntry, TargetList};
 pub use variables::{snapshot, Restored, SnapshotOutcome};
 
 /// Errors of an operation, each naming what and where.

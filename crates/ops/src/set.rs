@@ -1,6 +1,6 @@
 //! Target sets: one operation over many processes — a process tree
-//! (`--tree`), a cgroup (`--cgroup`) or a systemd unit's cgroup
-//! (`--unit`). Every member that maps the manifest's module (by build-id)
+//! (`--tree`), a cgroup (`--cgroup`), a systemd unit's cgroup
+//! (`--unit`) or every process on the host (`--all`). Every member that maps the manifest's module (by build-id)
 //! gets its own journaled transaction; a member that fails undoes the
 //! members already done (all or none across the set) unless `partial`.
 //!
@@ -30,6 +30,9 @@ pub enum Selector {
     /// A systemd unit's cgroup (NAME or NAME.service), found in the cgroup
     /// v2 or `name=systemd` hierarchy.
     Unit(String),
+    /// Every process on the host (but ourselves): for an apply, those that
+    /// map the manifest's module; for the others, those with state.
+    All,
 }
 
 impl std::fmt::Display for Selector {
@@ -38,6 +41,7 @@ impl std::fmt::Display for Selector {
             Selector::Tree(pid) => write!(f, "the process tree of pid {pid}"),
             Selector::Cgroup(path) => write!(f, "cgroup {}", path.display()),
             Selector::Unit(name) => write!(f, "unit {name}"),
+            Selector::All => write!(f, "the host"),
         }
     }
 }
@@ -61,6 +65,10 @@ pub struct Members {
     pub targets: Vec<Member>,
     /// Members that do not map the module (or vanished while looked at).
     pub skipped: Vec<(Member, String)>,
+    /// Host-wide (`--all`), the processes passed over, counted by reason
+    /// instead of listed in `skipped`.
+    #[serde(default)]
+    pub passed_over: BTreeMap<String, usize>,
 }
 
 /// The processes `selector` names, sorted children first. An empty set,
@@ -83,6 +91,10 @@ pub fn resolve(selector: &Selector) -> Result<Vec<Member>, OpsError> {
         }
         Selector::Cgroup(path) => cgroup_pids(&cgroup_dir(path)?)?,
         Selector::Unit(name) => cgroup_pids(&unit_dir(name)?)?,
+        Selector::All => {
+            let me = std::process::id() as i32;
+            table.keys().copied().filter(|pid| *pid != me).collect()
+        }
     };
     let mut members: Vec<Member> = pids.into_iter().filter_map(|pid| table.get(&pid).cloned()).collect();
     if members.is_empty() {
@@ -110,8 +122,22 @@ pub fn resolve(selector: &Selector) -> Result<Vec<Member>, OpsError> {
 pub fn members(selector: &Selector, build_id: &str) -> Result<Members, OpsError> {
     let mut targets = Vec::new();
     let mut skipped = Vec::new();
+    // Host-wide, most processes do not map the module: their maps are
+    // matched by file (device, inode) against a cache of build-ids, each
+    // file's read once, instead of parsing every module of every process.
+    let mut by_file = BuildIdsByFile::default();
+    let mut passed_over = BTreeMap::new();
     for member in resolve(selector)? {
-        match maps_build_id(member.pid, build_id) {
+        let maps = if *selector == Selector::All {
+            by_file.maps_build_id(member.pid, build_id)
+        } else {
+            maps_build_id(member.pid, build_id)
+        };
+        if *selector == Selector::All && matches!(maps, Ok(false) | Err(_)) {
+            *passed_over.entry(passed_over_reason(maps)).or_insert(0) += 1;
+            continue;
+        }
+        match maps {
             Ok(true) => targets.push(member),
             Ok(false) => skipped.push((member, format!("does not map the module with build-id {build_id}"))),
             Err(reason) => skipped.push((member, reason)),
@@ -120,14 +146,93 @@ pub fn members(selector: &Selector, build_id: &str) -> Result<Members, OpsError>
     if targets.is_empty() {
         return Err(bad_input(format!(
             "no process of {selector} maps the module with build-id {build_id} ({} looked at)",
-            skipped.len()
+            skipped.len() + passed_over.values().sum::<usize>()
         )));
     }
     Ok(Members {
         selector: selector.clone(),
         targets,
         skipped,
+        passed_over,
     })
+}
+
+/// Why a process was passed over host-wide (counted, not listed: a host
+/// has hundreds of them).
+fn passed_over_reason(maps: Result<bool, String>) -> String {
+    match maps {
+        Ok(_) => "do not map the module".to_string(),
+        Err(error) if error.contains("ermission") => "could not be read (permission denied)".to_string(),
+        Err(_) => "exited or could not be read".to_string(),
+    }
+}
+
+/// Build-ids of mapped files, by (device, inode), each file read once.
+#[derive(Default)]
+struct BuildIdsByFile {
+    known: BTreeMap<(String, u64), Option<String>>,
+}
+
+impl BuildIdsByFile {
+    /// Whether `pid` maps a file whose build-id is `build_id`. The file is
+    /// opened by the path its maps show and used only if its device and
+    /// inode are the mapped ones (a replaced file falls back to reading
+    /// the process's modules).
+    fn maps_build_id(&mut self, pid: i32, build_id: &str) -> Result<bool, String> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| e.to_string())?;
+        for line in text.lines() {
+            let mut fields = line.split_whitespace();
+            let (Some(_), Some(_), Some(offset), Some(device), Some(inode), Some(path)) = (
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+            ) else {
+                continue;
+            };
+            let Ok(inode) = inode.parse::<u64>() else { continue };
+            if inode == 0 || offset != "00000000" || !path.starts_with('/') {
+                continue;
+            }
+            let key = (device.to_string(), inode);
+            if !self.known.contains_key(&key) {
+                let found = match file_build_id(Path::new(path), device, inode) {
+                    Some(found) => found,
+                    // Replaced or unreadable by path: ask the process.
+                    None => return maps_build_id(pid, build_id),
+                };
+                self.known.insert(key.clone(), found);
+            }
+            if self.known[&key].as_deref() == Some(build_id) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// The build-id of the ELF file at `path` if it is still the file mapped
+/// as `device` (`MM:mm` in hex) and `inode`: `Some(None)` for a file
+/// without one (or not ELF), `None` when the path names another file now.
+fn file_build_id(path: &Path, device: &str, inode: u64) -> Option<Option<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let (major, minor) = device.split_once(':')?;
+    let (major, minor) = (
+        u64::from_str_radix(major, 16).ok()?,
+        u64::from_str_radix(minor, 16).ok()?,
+    );
+    let dev = meta.dev();
+    // Linux's encoding of dev_t (glibc gnu_dev_major/minor).
+    let live_major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff);
+    let live_minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0xff);
+    if meta.ino() != inode || live_major != major || live_minor != minor {
+        return None;
+    }
+    let image = shadowpatch_symbols::ElfImage::open(path).ok();
+    Some(image.and_then(|i| i.build_id.as_deref().map(shadowpatch_symbols::hex)))
 }
 
 pub(crate) fn maps_build_id(pid: i32, build_id: &str) -> Result<bool, String> {
@@ -164,6 +269,9 @@ pub struct SetOutcome {
     pub partial: bool,
     /// Processes that joined the set while it was worked on: not covered.
     pub appeared: Vec<Member>,
+    /// Host-wide, the processes passed over, counted by reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub passed_over: BTreeMap<String, usize>,
 }
 
 impl SetOutcome {
@@ -181,52 +289,157 @@ pub fn apply_set(
     selector: &Selector,
     template: &ApplyRequest,
     partial: bool,
-    apply_one: &mut dyn FnMut(&ApplyRequest) -> Result<ApplyResult, OpsError>,
-    rollback_one: &mut dyn FnMut(&RollbackRequest) -> Result<RolledBack, OpsError>,
+    apply_one: &ApplyOne<'_>,
+    rollback_one: &RollbackOne<'_>,
+) -> Result<SetOutcome, OpsError> {
+    apply_set_with_progress(None, selector, template, partial, 1, apply_one, rollback_one, &|_| {})
+}
+
+/// Applies to one process (the CLI's: through the agent or `ops::apply`).
+pub type ApplyOne<'a> = dyn Fn(&ApplyRequest) -> Result<ApplyResult, OpsError> + Sync + 'a;
+/// Rolls back one process.
+pub type RollbackOne<'a> = dyn Fn(&RollbackRequest) -> Result<RolledBack, OpsError> + Sync + 'a;
+/// Told before each member.
+pub type ProgressSink<'p> = dyn Fn(SetProgress<'_>) + Sync + 'p;
+
+/// How far a set operation is: members started (applied, failed, undone...)
+/// of the members it works on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetProgress<'a> {
+    pub done: usize,
+    pub total: usize,
+    /// What is being done now (`applying`, `undoing`, `rolling back`).
+    pub phase: &'a str,
+    pub pid: i32,
+}
+
+/// `apply_set`, telling `progress` before each member (a host-wide apply
+/// is long work: the CLI draws a bar), with up to `workers` members worked
+/// on at once. Each member is its own transaction under its own target
+/// lock, so members are independent; each one's apply runs wholly on one
+/// thread (ptrace belongs to the thread that attached). Members are taken
+/// in order (children first); after a failure no new member is started.
+/// Host-wide with `state_dir`, a process that already has the patch
+/// active is passed over, not refused: `apply --all` run again patches
+/// only newcomers.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_set_with_progress(
+    state_dir: Option<&Path>,
+    selector: &Selector,
+    template: &ApplyRequest,
+    partial: bool,
+    workers: usize,
+    apply_one: &ApplyOne<'_>,
+    rollback_one: &RollbackOne<'_>,
+    progress: &ProgressSink<'_>,
 ) -> Result<SetOutcome, OpsError> {
     // The manifest is read here only for its build-id: each member's apply
     // reads, checks and surveys it as a single apply does.
     let input = PatchInput::read(&template.manifest)?;
     let build_id = input.manifest.build_id_lowercase();
-    let found = members(selector, &build_id)?;
-    let mut results: Vec<MemberResult> = Vec::new();
-    let mut done: Vec<i32> = Vec::new();
-    let mut failure = None;
-    for member in &found.targets {
-        if failure.is_some() {
-            results.push(result(member, "not_attempted", None, None));
-            continue;
+    let mut found = members(selector, &build_id)?;
+    // Members passed over because they already have the patch: known, not
+    // newcomers.
+    let mut already_patched = BTreeSet::new();
+    // Host-wide only: a tree, cgroup or unit with a member already
+    // patched is refused whole (all or none), as it always was.
+    if let (Some(state_dir), Selector::All) = (state_dir, selector) {
+        let id = &input.manifest.id;
+        let (already, to_do): (Vec<Member>, Vec<Member>) = std::mem::take(&mut found.targets)
+            .into_iter()
+            .partition(|m| active_patches(state_dir, m.pid).contains(id));
+        found.targets = to_do;
+        already_patched.extend(already.iter().map(|m| m.pid));
+        if *selector == Selector::All {
+            if !already.is_empty() {
+                found
+                    .passed_over
+                    .insert(format!("already have patch {id} active"), already.len());
+            }
+        } else {
+            found.skipped.extend(
+                already
+                    .into_iter()
+                    .map(|m| (m, format!("already has patch {id} active"))),
+            );
         }
-        let request = ApplyRequest {
-            pid: member.pid,
-            ..template.clone()
-        };
-        match apply_one(&request) {
-            Ok(ApplyResult::Applied(applied)) if !applied.rolled_back_by_watch() => {
-                done.push(member.pid);
-                results.push(result(member, "applied", Some(applied.apply.pause_us), None));
-            }
-            Ok(ApplyResult::Applied(applied)) => {
-                failure = Some(FailureClass::FailedMidway);
-                let message = applied
-                    .watch
-                    .as_ref()
-                    .map(|w| format!("rolled back by its watch window: {}", w.reason))
-                    .unwrap_or_default();
-                results.push(result(member, "rolled_back", None, Some(message)));
-            }
-            Ok(ApplyResult::Refused(refused)) => {
-                failure = Some(refused.class);
-                results.push(result(member, "refused", None, Some(refused.message.clone())));
-            }
-            Err(error) => {
-                failure = Some(error.class());
-                results.push(result(member, "failed", None, Some(error.to_string())));
-            }
+        if found.targets.is_empty() {
+            return Err(bad_input(format!(
+                "every process of {selector} that maps the module already has patch {id} active"
+            )));
         }
     }
+    let total = found.targets.len();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: std::sync::Mutex<Vec<Option<MemberOutcome>>> = std::sync::Mutex::new(vec![None; total]);
+    // Applied members, in the order their transactions committed.
+    let done: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let work = || loop {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        let index = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let Some(member) = found.targets.get(index) else {
+            break;
+        };
+        progress(SetProgress {
+            done: index,
+            total,
+            phase: "applying",
+            pid: member.pid,
+        });
+        let (member_result, failed) = apply_member(member, template, apply_one);
+        if member_result.outcome == "applied" {
+            done.lock().unwrap_or_else(|p| p.into_inner()).push(member.pid);
+        }
+        if failed.is_some() {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        slots.lock().unwrap_or_else(|p| p.into_inner())[index] = Some((member_result, failed));
+    };
+    let workers = workers.clamp(1, total.max(1));
+    if let (Some(state_dir), true) = (state_dir, workers > 1) {
+        // Made once before the workers start: two first applies creating
+        // it at once would each find the other's half-made directory.
+        shadowpatch_mirror::StateDir::create(state_dir)?;
+    }
+    if workers == 1 {
+        work();
+    } else {
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(work);
+            }
+        });
+    }
+    let mut failure = None;
+    let mut results: Vec<MemberResult> = Vec::new();
+    for (member, slot) in found
+        .targets
+        .iter()
+        .zip(slots.into_inner().unwrap_or_else(|p| p.into_inner()))
+    {
+        match slot {
+            Some((member_result, failed)) => {
+                // The first failure in set order names the outcome's class.
+                if failure.is_none() {
+                    failure = failed;
+                }
+                results.push(member_result);
+            }
+            None => results.push(result(member, "not_attempted", None, None)),
+        }
+    }
+    let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
     if failure.is_some() && !partial {
-        for pid in done.iter().rev() {
+        for (undone, pid) in done.iter().rev().enumerate() {
+            progress(SetProgress {
+                done: undone,
+                total: done.len(),
+                phase: "undoing",
+                pid: *pid,
+            });
             let request = RollbackRequest {
                 pid: *pid,
                 patch_id: Some(input.manifest.id.clone()),
@@ -247,13 +460,49 @@ pub fn apply_set(
     }
     Ok(SetOutcome {
         operation: "apply".into(),
-        appeared: appeared(selector, &found),
+        appeared: appeared(selector, &found, &already_patched, &build_id),
         selector: selector.clone(),
         members: results,
         skipped: found.skipped,
         failure,
         partial,
+        passed_over: found.passed_over,
     })
+}
+
+/// A member's result, and its failure's class if it failed.
+type MemberOutcome = (MemberResult, Option<FailureClass>);
+
+/// One member's apply.
+fn apply_member(member: &Member, template: &ApplyRequest, apply_one: &ApplyOne<'_>) -> MemberOutcome {
+    let request = ApplyRequest {
+        pid: member.pid,
+        ..template.clone()
+    };
+    match apply_one(&request) {
+        Ok(ApplyResult::Applied(applied)) if !applied.rolled_back_by_watch() => {
+            (result(member, "applied", Some(applied.apply.pause_us), None), None)
+        }
+        Ok(ApplyResult::Applied(applied)) => {
+            let message = applied
+                .watch
+                .as_ref()
+                .map(|w| format!("rolled back by its watch window: {}", w.reason))
+                .unwrap_or_default();
+            (
+                result(member, "rolled_back", None, Some(message)),
+                Some(FailureClass::FailedMidway),
+            )
+        }
+        Ok(ApplyResult::Refused(refused)) => (
+            result(member, "refused", None, Some(refused.message.clone())),
+            Some(refused.class),
+        ),
+        Err(error) => (
+            result(member, "failed", None, Some(error.to_string())),
+            Some(error.class()),
+        ),
+    }
 }
 
 /// Roll back `patch_id` (None: each member's latest patch) on every member
@@ -263,12 +512,32 @@ pub fn rollback_set(
     state_dir: &Path,
     selector: &Selector,
     patch_id: Option<&str>,
-    rollback_one: &mut dyn FnMut(&RollbackRequest) -> Result<RolledBack, OpsError>,
+    rollback_one: &RollbackOne<'_>,
+) -> Result<SetOutcome, OpsError> {
+    rollback_set_with_progress(state_dir, selector, patch_id, rollback_one, &|_| {})
+}
+
+/// `rollback_set`, telling `progress` before each member.
+pub fn rollback_set_with_progress(
+    state_dir: &Path,
+    selector: &Selector,
+    patch_id: Option<&str>,
+    rollback_one: &RollbackOne<'_>,
+    progress: &ProgressSink<'_>,
 ) -> Result<SetOutcome, OpsError> {
     let mut results = Vec::new();
     let mut skipped = Vec::new();
+    let mut passed_over = BTreeMap::new();
     let mut failure = None;
     let all = resolve(selector)?;
+    let all = if *selector == Selector::All {
+        let with_state = with_state(state_dir, all);
+        passed_over.insert("have no state here".to_string(), with_state.1);
+        with_state.0
+    } else {
+        all
+    };
+    let mut wanted_members = Vec::new();
     for member in &all {
         let active = active_patches(state_dir, member.pid);
         let wanted = match patch_id {
@@ -276,9 +545,23 @@ pub fn rollback_set(
             None => !active.is_empty(),
         };
         if !wanted {
-            skipped.push((member.clone(), "has no such active patch".to_string()));
+            if *selector == Selector::All {
+                *passed_over.entry("have no such active patch".to_string()).or_insert(0) += 1;
+            } else {
+                skipped.push((member.clone(), "has no such active patch".to_string()));
+            }
             continue;
         }
+        wanted_members.push(member);
+    }
+    let total = wanted_members.len();
+    for (index, member) in wanted_members.into_iter().enumerate() {
+        progress(SetProgress {
+            done: index,
+            total,
+            phase: "rolling back",
+            pid: member.pid,
+        });
         let request = RollbackRequest {
             pid: member.pid,
             patch_id: patch_id.map(str::to_string),
@@ -307,6 +590,7 @@ pub fn rollback_set(
         failure,
         partial: true,
         appeared: Vec::new(),
+        passed_over,
     })
 }
 
@@ -333,20 +617,49 @@ fn result(member: &Member, outcome: &str, pause_us: Option<u64>, error: Option<S
     }
 }
 
-/// Members of the set now that were not when it was resolved and that map
-/// the module (a worker forked meanwhile): said, not silently missed.
-fn appeared(selector: &Selector, before: &Members) -> Vec<Member> {
-    let known: BTreeSet<i32> = before
+/// Members of the set now that were not when it was resolved (a worker
+/// forked meanwhile): said, not silently missed. Host-wide, only those
+/// that map the module (the host starts processes all the time).
+fn appeared(selector: &Selector, before: &Members, also_known: &BTreeSet<i32>, build_id: &str) -> Vec<Member> {
+    let mut known: BTreeSet<i32> = before
         .targets
         .iter()
         .chain(before.skipped.iter().map(|(m, _)| m))
         .map(|m| m.pid)
         .collect();
+    known.extend(also_known);
+    let mut by_file = BuildIdsByFile::default();
     resolve(selector)
         .unwrap_or_default()
         .into_iter()
         .filter(|m| !known.contains(&m.pid))
+        .filter(|m| *selector != Selector::All || by_file.maps_build_id(m.pid, build_id) == Ok(true))
         .collect()
+}
+
+/// The members that have a target directory in `state_dir` (any
+/// incarnation of their pid: the operation checks which), and how many
+/// do not.
+pub fn with_state(state_dir: &Path, members: Vec<Member>) -> (Vec<Member>, usize) {
+    let pids: BTreeSet<i32> = std::fs::read_dir(state_dir.join("targets"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name();
+                    let name = name.to_str()?;
+                    if name.contains(".exec-") {
+                        return None;
+                    }
+                    name.split_once('-')?.0.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let total = members.len();
+    let kept: Vec<Member> = members.into_iter().filter(|m| pids.contains(&m.pid)).collect();
+    let without = total - kept.len();
+    (kept, without)
 }
 
 /// Every process: pid → (comm, ppid), from /proc/PID/stat.

@@ -3,12 +3,22 @@
 //! reads (no target is attached or stopped, no lock is taken); `gc` records
 //! each target it removes in the history first (which it keeps), under the
 //! target's lock, and never touches the state of a live process.
+//!
+//! What a user could lose with a dead target's state, and so what `gc`
+//! refuses to remove: the state a live process forked from the dead one
+//! still needs (it carries the dead target's patches in memory, and only
+//! that state says which bytes are whose: its `AT_RANDOM` bytes, the exec
+//! id, are the dead target's), and a journal with an uncommitted
+//! transaction or damage (a child forked mid-transaction carries half of
+//! it, and `recover` is the only thing that knows the writes; we cannot
+//! prove no such child runs when its exec id is unreadable). The first is
+//! always kept; the second only until the user says `interrupted`.
 
 use crate::{bad_input, OpsError};
 use shadowpatch_mirror::StateDir;
 use shadowpatch_patch::journal::Journal;
 use shadowpatch_process::ProcessIdentity;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Whether the process a target directory describes still runs.
@@ -68,6 +78,23 @@ pub struct TargetList {
     pub targets: Vec<TargetEntry>,
 }
 
+/// What `gc` is asked to do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GcRequest {
+    /// Say what would go; remove and record nothing, take no lock.
+    pub dry_run: bool,
+    /// Also remove dead targets whose journal has an uncommitted
+    /// transaction or is damaged (recorded in the history first).
+    pub interrupted: bool,
+}
+
+/// A dead target's state `gc` kept for safety, and why.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GcRefusal {
+    pub target: TargetEntry,
+    pub reason: String,
+}
+
 /// What `gc` removed (or, with `dry_run`, would remove).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GcOutcome {
@@ -75,6 +102,9 @@ pub struct GcOutcome {
     pub removed: Vec<TargetEntry>,
     /// Live targets whose state was kept.
     pub kept: usize,
+    /// Targets not alive whose state was kept for safety, each with why.
+    #[serde(default)]
+    pub refused: Vec<GcRefusal>,
     pub bytes_freed: u64,
     /// Directories that could not be removed, each with why.
     pub failed: Vec<String>,
@@ -107,21 +137,31 @@ pub fn list(state_dir: &Path) -> Result<TargetList, OpsError> {
 }
 
 /// Remove the state of every target that is not alive, recording each in
-/// the history before its directory goes. A dead target with an
-/// interrupted transaction is collected too (its process is gone: there is
-/// nothing left to finish or undo) and its entry says so.
-pub fn gc(state_dir: &Path, dry_run: bool) -> Result<GcOutcome, OpsError> {
+/// the history before its directory goes. Refused (kept, with why): the
+/// state of a target a live process was forked from, and, unless
+/// `request.interrupted`, one whose journal has an uncommitted transaction
+/// or is damaged.
+pub fn gc(state_dir: &Path, request: &GcRequest) -> Result<GcOutcome, OpsError> {
+    let dry_run = request.dry_run;
     let listed = list(state_dir)?;
     let mut outcome = GcOutcome {
         dry_run,
         removed: Vec::new(),
         kept: 0,
+        refused: Vec::new(),
         bytes_freed: 0,
         failed: Vec::new(),
     };
+    // The exec ids of every process, read once and only when a dead target
+    // has one recorded.
+    let mut forks: Option<ProcessesByExecId> = None;
     for entry in listed.targets {
         if entry.liveness == Liveness::Alive {
             outcome.kept += 1;
+            continue;
+        }
+        if let Some(reason) = refusal(&entry, request, &mut forks) {
+            outcome.refused.push(GcRefusal { target: entry, reason });
             continue;
         }
         if dry_run {
@@ -144,6 +184,11 @@ pub fn gc(state_dir: &Path, dry_run: bool) -> Result<GcOutcome, OpsError> {
         };
         if entry.liveness == Liveness::Alive {
             outcome.kept += 1;
+            continue;
+        }
+        if let Some(reason) = refusal(&entry, request, &mut forks) {
+            drop(lock);
+            outcome.refused.push(GcRefusal { target: entry, reason });
             continue;
         }
         // The history first: what the state held outlives it.
@@ -188,6 +233,113 @@ pub fn gc(state_dir: &Path, dry_run: bool) -> Result<GcOutcome, OpsError> {
         }
     }
     Ok(outcome)
+}
+
+/// Why the state of `entry` (not alive) must be kept, if it must.
+fn refusal(entry: &TargetEntry, request: &GcRequest, forks: &mut Option<ProcessesByExecId>) -> Option<String> {
+    let set_aside = entry.dir.to_string_lossy().contains(".exec-");
+    let targets_root = entry.dir.parent().unwrap_or(Path::new("/"));
+    if let Some(recorded) = recorded_exec_id(&entry.dir).filter(|_| !set_aside) {
+        let table = &*forks.get_or_insert_with(exec_ids_of_every_process);
+        let children: Vec<String> = table
+            .get(&recorded)
+            .into_iter()
+            .flatten()
+            // Same exec id, started after it, without state of its own (a
+            // child with state has adopted what it needs), and not forked
+            // from a live process of that exec id: a sibling forked from
+            // the same live parent (a server's workers) shares the exec id
+            // without descending from the dead one, whose own children
+            // were reparented away from the lineage when it died.
+            .filter(|process| {
+                let (pid, start) = (process.pid, process.start_time);
+                pid != entry.pid
+                    && start >= entry.start_time
+                    && !targets_root.join(format!("{pid}-{start}")).is_dir()
+                    && !table
+                        .get(&recorded)
+                        .into_iter()
+                        .flatten()
+                        .any(|parent| parent.pid == process.ppid)
+            })
+            .map(|process| format!("{} ({})", process.pid, process.comm))
+            .collect();
+        if !children.is_empty() {
+            return Some(format!(
+                "pid {} is gone but process{} {} forked from it and carr{} its memory (same exec id): its state is theirs to adopt",
+                entry.pid,
+                if children.len() == 1 { "" } else { "es" },
+                children.join(", "),
+                if children.len() == 1 { "ies" } else { "y" },
+            ));
+        }
+    }
+    if request.interrupted {
+        return None;
+    }
+    if let Some(txn) = &entry.interrupted {
+        return Some(format!(
+            "its journal has an uncommitted {txn}: a process forked during it would carry half of it and only this journal can undo it; `shadowpatch gc --interrupted` removes it (recorded in the history)"
+        ));
+    }
+    if let Some(error) = &entry.journal_error {
+        return Some(format!(
+            "its journal is damaged ({error}): what was written cannot be told; `shadowpatch gc --interrupted` removes it (recorded in the history)"
+        ));
+    }
+    None
+}
+
+/// The exec id a target directory records (`exec-id`, written by
+/// `StateDir` beside the mirror), if any.
+fn recorded_exec_id(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("exec-id"))
+        .ok()
+        .map(|id| id.trim().to_string())
+        .filter(|id| !id.is_empty())
+}
+
+/// A live process as the fork check needs it.
+#[derive(Debug, Clone)]
+struct LiveProcess {
+    pid: i32,
+    ppid: i32,
+    start_time: u64,
+    comm: String,
+}
+
+/// exec id → the processes that carry it.
+type ProcessesByExecId = BTreeMap<String, Vec<LiveProcess>>;
+
+/// Every process whose exec id we can read, by exec id. A process of
+/// another user is unreadable and left out.
+fn exec_ids_of_every_process() -> ProcessesByExecId {
+    let mut table = ProcessesByExecId::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return table;
+    };
+    for pid in entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+    {
+        if let Ok(identity) = ProcessIdentity::of(pid) {
+            if let Some(id) = identity.exec_id {
+                table.entry(id).or_default().push(LiveProcess {
+                    pid,
+                    ppid: parent_of(pid).unwrap_or(0),
+                    start_time: identity.start_time,
+                    comm: identity.comm,
+                });
+            }
+        }
+    }
+    table
+}
+
+/// The parent pid from /proc/PID/stat (after the comm's last ')').
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Describe one entry of `targets/`; `None` for anything that is not a

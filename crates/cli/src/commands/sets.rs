@@ -1,6 +1,7 @@
 //! Target sets on the command line: `--tree` (PID and its descendants),
-//! `--cgroup PATH`, `--unit NAME` for `apply`, `rollback`, `verify` and
-//! `status`. The set operations are `shadowpatch_ops::set`'s; this module
+//! `--cgroup PATH`, `--unit NAME` and `--all` (every process on the host
+//! that maps the manifest's module; for the others, every process with
+//! state) for `apply`, `rollback`, `verify` and `status`. The set operations are `shadowpatch_ops::set`'s; this module
 //! parses the positionals a set changes and renders the per-member report.
 //!
 //! A set acts directly through the operations layer (a running agent sees
@@ -10,8 +11,11 @@ use super::analyze::AnalysisArgs;
 use super::Context;
 use crate::failure::{BadInput, Exit};
 use crate::output::print_json;
-use shadowpatch_ops::set::{apply_set, resolve, rollback_set, Selector, SetOutcome};
+use shadowpatch_ops::set::{
+    apply_set_with_progress, resolve, rollback_set_with_progress, with_state, Selector, SetOutcome, SetProgress,
+};
 use shadowpatch_ops::ApplyRequest;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 /// The set options shared by the commands that take them.
@@ -26,12 +30,30 @@ pub struct SetFlags {
     /// Act on every process of this systemd unit's cgroup (NAME or NAME.service); no PID is given.
     #[arg(long, value_name = "NAME", conflicts_with = "tree")]
     pub unit: Option<String>,
+    /// Act on every process on the host: for apply, those that map the manifest's module (by build-id); for the others, those with state here. No PID is given.
+    #[arg(long, conflicts_with_all = ["tree", "cgroup", "unit"])]
+    pub all: bool,
+    /// With --all: processes patched at once, each its own transaction (default: the number of CPUs).
+    #[arg(long, value_name = "N", requires = "all", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: Option<u32>,
 }
 
 impl SetFlags {
+    /// The set of a command whose only positional is an optional PID
+    /// (`verify`, `status`): a PID beside `--cgroup`, `--unit` or `--all`
+    /// is bad input, not silently ignored.
+    pub fn selector_without_pid(&self, command: &str, pid: Option<i32>) -> Result<Option<Selector>, BadInput> {
+        match pid {
+            Some(pid) if self.names_processes() => Err(BadInput(format!(
+                "unexpected argument '{pid}': {command} with --cgroup, --unit or --all takes no PID"
+            ))),
+            _ => Ok(self.selector(pid)),
+        }
+    }
+
     /// Whether the set replaces the PID positional.
     fn names_processes(&self) -> bool {
-        self.cgroup.is_some() || self.unit.is_some()
+        self.cgroup.is_some() || self.unit.is_some() || self.all
     }
 
     /// The set asked for, if any (`pid`: the PID positional, if given).
@@ -40,6 +62,8 @@ impl SetFlags {
             Some(Selector::Cgroup(path.clone()))
         } else if let Some(name) = &self.unit {
             Some(Selector::Unit(name.clone()))
+        } else if self.all {
+            Some(Selector::All)
         } else if self.tree {
             pid.map(Selector::Tree)
         } else {
@@ -59,10 +83,12 @@ pub fn positionals(
     rest_required: bool,
 ) -> Result<(Option<i32>, Option<String>), BadInput> {
     let usage = if rest_required {
-        format!("{command} <PID> {rest}, or --cgroup PATH / --unit NAME and {rest}; see shadowpatch {command} --help")
+        format!(
+            "{command} <PID> {rest}, or --cgroup PATH / --unit NAME / --all and {rest}; see shadowpatch {command} --help"
+        )
     } else {
         format!(
-            "{command} <PID> [{rest}], or --cgroup PATH / --unit NAME and [{rest}]; see shadowpatch {command} --help"
+            "{command} <PID> [{rest}], or --cgroup PATH / --unit NAME / --all and [{rest}]; see shadowpatch {command} --help"
         )
     };
     let (pid, remainder) = if set.names_processes() {
@@ -91,6 +117,7 @@ pub fn positionals(
 }
 
 /// `apply` over a set.
+#[allow(clippy::too_many_arguments)]
 pub fn run_apply(
     context: &Context,
     selector: &Selector,
@@ -99,6 +126,7 @@ pub fn run_apply(
     force: bool,
     analysis: &AnalysisArgs,
     partial: bool,
+    jobs: Option<u32>,
 ) -> anyhow::Result<i32> {
     let template = ApplyRequest {
         pid: 0,
@@ -109,23 +137,71 @@ pub fn run_apply(
         requested_by: "cli (set)".into(),
     };
     let state_dir = context.state_dir.clone();
-    let outcome = apply_set(
+    let bar = std::sync::Mutex::new(ProgressBar::new(context));
+    // Host-wide, members are worked on in parallel (each process its own
+    // transaction); the other sets one at a time, children first.
+    let workers = match selector {
+        Selector::All => jobs.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            |jobs| jobs as usize,
+        ),
+        _ => 1,
+    };
+    let outcome = apply_set_with_progress(
+        Some(&context.state_dir),
         selector,
         &template,
         partial,
-        &mut |request| shadowpatch_ops::apply(&state_dir, request, None, None),
-        &mut |request| shadowpatch_ops::rollback(&state_dir, request),
-    )?;
-    Ok(render(context, &outcome))
+        workers,
+        &|request| shadowpatch_ops::apply(&state_dir, request, None, None),
+        &|request| shadowpatch_ops::rollback(&state_dir, request),
+        &|progress| bar.lock().unwrap_or_else(|p| p.into_inner()).update(progress),
+    );
+    bar.into_inner().unwrap_or_else(|p| p.into_inner()).finish();
+    Ok(render(context, &outcome?))
+}
+
+/// The bar of a long set operation (drawn only on a terminal, after a
+/// moment, never with --json).
+struct ProgressBar {
+    bar: Option<crate::progress::Progress>,
+}
+
+impl ProgressBar {
+    fn new(context: &Context) -> Self {
+        let enabled = !context.json && std::io::stderr().is_terminal();
+        ProgressBar {
+            bar: enabled.then(|| crate::progress::Progress::count("processes", true)),
+        }
+    }
+
+    fn update(&mut self, progress: SetProgress<'_>) {
+        if let Some(bar) = self.bar.as_mut() {
+            bar.note(&format!("{} pid {}", progress.phase, progress.pid));
+            bar.update(progress.done as u64, progress.total as u64);
+        }
+    }
+
+    fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish();
+        }
+    }
 }
 
 /// `rollback` over a set.
 pub fn run_rollback(context: &Context, selector: &Selector, patch_id: Option<&str>) -> anyhow::Result<i32> {
     let state_dir = context.state_dir.clone();
-    let outcome = rollback_set(&context.state_dir, selector, patch_id, &mut |request| {
-        shadowpatch_ops::rollback(&state_dir, request)
-    })?;
-    Ok(render(context, &outcome))
+    let bar = std::sync::Mutex::new(ProgressBar::new(context));
+    let outcome = rollback_set_with_progress(
+        &context.state_dir,
+        selector,
+        patch_id,
+        &|request| shadowpatch_ops::rollback(&state_dir, request),
+        &|progress| bar.lock().unwrap_or_else(|p| p.into_inner()).update(progress),
+    );
+    bar.into_inner().unwrap_or_else(|p| p.into_inner()).finish();
+    Ok(render(context, &outcome?))
 }
 
 /// A read-only command (`verify`, `status`) for each member: each
@@ -135,7 +211,16 @@ pub fn for_each_member(
     selector: &Selector,
     run: impl FnMut(i32) -> anyhow::Result<i32>,
 ) -> anyhow::Result<i32> {
-    each(context, resolve(selector)?, run)
+    let mut members = resolve(selector)?;
+    if *selector == Selector::All {
+        // Host-wide, the processes with state here (the others have no
+        // mirror to verify nor patches to show).
+        members = with_state(&context.state_dir, members).0;
+        if members.is_empty() {
+            return Err(BadInput(format!("no live process has state in {}", context.state_dir.display())).into());
+        }
+    }
+    each(context, members, run)
 }
 
 fn each(
@@ -212,6 +297,17 @@ fn render(context: &Context, outcome: &SetOutcome) -> i32 {
     for (member, reason) in &outcome.skipped {
         println!("  pid {:<7} {:<15} skipped: {reason}", member.pid, member.comm);
     }
+    for (reason, count) in &outcome.passed_over {
+        if *count > 0 {
+            println!(
+                "  {count} other process{} {reason}",
+                if *count == 1 { "" } else { "es" }
+            );
+        }
+    }
+    if outcome.members.len() > 1 {
+        println!("{}", summary(outcome));
+    }
     for member in &outcome.appeared {
         eprintln!(
             "shadowpatch: warning: pid {} ({}) joined the set during the {} and was not covered",
@@ -233,4 +329,25 @@ fn render(context: &Context, outcome: &SetOutcome) -> i32 {
         );
     }
     code
+}
+
+/// One line: how many of each outcome, and the pauses (median, worst).
+fn summary(outcome: &SetOutcome) -> String {
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for member in &outcome.members {
+        *counts.entry(member.outcome.as_str()).or_insert(0) += 1;
+    }
+    let mut pauses: Vec<u64> = outcome.members.iter().filter_map(|m| m.pause_us).collect();
+    pauses.sort_unstable();
+    let counted = counts
+        .iter()
+        .map(|(outcome, n)| format!("{n} {outcome}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match (pauses.get(pauses.len() / 2), pauses.last()) {
+        (Some(median), Some(worst)) => {
+            format!("summary: {counted}; pause per process median {median} µs, worst {worst} µs")
+        }
+        _ => format!("summary: {counted}"),
+    }
 }

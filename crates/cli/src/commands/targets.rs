@@ -94,8 +94,9 @@ fn row(target: &TargetEntry) -> String {
     .to_string()
 }
 
-pub fn run_gc(context: &Context, dry_run: bool) -> anyhow::Result<i32> {
-    let outcome = shadowpatch_ops::gc(&context.state_dir, dry_run)?;
+pub fn run_gc(context: &Context, dry_run: bool, interrupted: bool) -> anyhow::Result<i32> {
+    let request = shadowpatch_ops::GcRequest { dry_run, interrupted };
+    let outcome = shadowpatch_ops::gc(&context.state_dir, &request)?;
     if context.json {
         print_json(&outcome);
     } else {
@@ -117,11 +118,19 @@ pub fn run_gc(context: &Context, dry_run: bool) -> anyhow::Result<i32> {
             }
             println!("{what}");
         }
+        for refused in &outcome.refused {
+            println!(
+                "kept {} (pid {}): {}",
+                refused.target.dir.display(),
+                refused.target.pid,
+                refused.reason
+            );
+        }
         for failure in &outcome.failed {
             println!("not removed: {failure}");
         }
         println!(
-            "{} {} target{}, {} {}; kept {} live target{}{}",
+            "{} {} target{}, {} {}; kept {} live target{}{}{}",
             verb,
             outcome.removed.len(),
             if outcome.removed.len() == 1 { "" } else { "s" },
@@ -129,6 +138,15 @@ pub fn run_gc(context: &Context, dry_run: bool) -> anyhow::Result<i32> {
             if dry_run { "would be freed" } else { "freed" },
             outcome.kept,
             if outcome.kept == 1 { "" } else { "s" },
+            if outcome.refused.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " and {} dead one{} for safety",
+                    outcome.refused.len(),
+                    if outcome.refused.len() == 1 { "" } else { "s" }
+                )
+            },
             if dry_run {
                 " (dry run: nothing removed)"
             } else {
@@ -136,10 +154,13 @@ pub fn run_gc(context: &Context, dry_run: bool) -> anyhow::Result<i32> {
             }
         );
     }
-    // A directory that could not be removed: the collection stopped midway.
-    Ok(if outcome.failed.is_empty() {
-        0
-    } else {
+    // A directory that could not be removed: the collection stopped midway;
+    // one kept for safety: refused (the others are collected either way).
+    Ok(if !outcome.failed.is_empty() {
         crate::failure::Exit::FailedMidway.code()
+    } else if !outcome.refused.is_empty() {
+        crate::failure::Exit::Refused.code()
+    } else {
+        0
     })
 }

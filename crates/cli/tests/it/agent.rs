@@ -166,6 +166,34 @@ fn the_cli_goes_through_a_running_agent_and_acts_directly_without_one() {
         metrics.contains("shadowpatch_verification_sweep_seconds_bucket"),
         "{metrics}"
     );
+    // The same, labelled with the target (pid, comm, unit); the refused
+    // rollback ("no active patch") counted.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    let labelled = |family: &str, tail: &str| {
+        let prefix = format!("{family}{{pid=\"{pid}\",comm=\"{}\",", comm.trim());
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .map(|l| l.ends_with(tail))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+    };
+    assert!(labelled("shadowpatch_target_applies_total", "} 1"), "{metrics}");
+    assert!(
+        labelled("shadowpatch_target_rollbacks_total", "cause=\"command\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        labelled("shadowpatch_target_rollbacks_refused_total", "cause=\"command\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("shadowpatch_rollbacks_refused_total{cause=\"command\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("shadowpatch_target_applies_total{pid=\"other\",comm=\"other\",unit=\"\"} 0\n"),
+        "{metrics}"
+    );
     let unwatched = cli(dir.path(), &["unwatch", &pid_text]);
     assert_eq!(unwatched.code, 0, "{}", unwatched.stderr);
 

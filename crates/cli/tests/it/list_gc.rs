@@ -2,7 +2,9 @@
 //! killed with a patch active, one whose apply was interrupted) are listed
 //! as such; `gc --dry-run` removes nothing; `gc` removes only the dead
 //! targets' state, records each in the history, and leaves the live target
-//! patched and rollback-able.
+//! patched and rollback-able; it keeps (exit 1, one line why) an
+//! interrupted transaction's journal unless `--interrupted`, and the state
+//! of a dead process a live one was forked from.
 
 use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, shadowpatch_env, write_manifest};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
@@ -92,17 +94,35 @@ fn list_tells_live_from_dead_and_gc_collects_only_the_dead() {
         text.stdout
     );
 
-    // A dry run says what would go and removes nothing.
+    // A dry run says what would go and removes nothing; the interrupted
+    // target is refused (kept) with a line saying why.
     let dry = shadowpatch(&state, &["gc", "--dry-run", "--json"]);
-    assert_eq!(dry.code, 0, "{}{}", dry.stdout, dry.stderr);
+    assert_eq!(dry.code, 1, "a refusal is exit 1: {}{}", dry.stdout, dry.stderr);
     let dry = dry.json();
-    assert_eq!(dry["removed"].as_array().unwrap().len(), 2, "{dry}");
+    assert_eq!(dry["removed"].as_array().unwrap().len(), 1, "{dry}");
     assert_eq!(dry["kept"], 1);
+    assert_eq!(dry["refused"][0]["target"]["pid"], dead_interrupted.pid(), "{dry}");
     assert!(patched_dir.is_dir() && interrupted_dir.is_dir());
     let history = shadowpatch(&state, &["history", "--kind", "gc", "--json"]).json();
     assert_eq!(history.as_array().unwrap().len(), 0, "a dry run records nothing");
 
-    let collected = shadowpatch(&state, &["gc", "--json"]);
+    let collected = shadowpatch(&state, &["gc"]);
+    assert_eq!(collected.code, 1, "{}{}", collected.stdout, collected.stderr);
+    let kept_line = collected
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("kept "))
+        .unwrap_or_else(|| panic!("no kept line:\n{}", collected.stdout));
+    assert!(
+        kept_line.contains("uncommitted apply fix1") && kept_line.contains("gc --interrupted"),
+        "{kept_line}"
+    );
+    assert!(!patched_dir.exists(), "the dead patched target is collected");
+    assert!(interrupted_dir.is_dir(), "the interrupted one is kept");
+    assert!(live_dir.is_dir(), "the live target's state is kept");
+
+    // Said explicitly, the interrupted one goes too, recorded first.
+    let collected = shadowpatch(&state, &["gc", "--interrupted", "--json"]);
     assert_eq!(collected.code, 0, "{}{}", collected.stdout, collected.stderr);
     let collected = collected.json();
     let removed: Vec<i64> = collected["removed"]
@@ -111,10 +131,9 @@ fn list_tells_live_from_dead_and_gc_collects_only_the_dead() {
         .iter()
         .map(|t| t["pid"].as_i64().unwrap())
         .collect();
-    assert_eq!(removed.len(), 2, "{collected}");
-    assert!(removed.contains(&i64::from(dead_patched.pid())) && removed.contains(&i64::from(dead_interrupted.pid())));
+    assert_eq!(removed, vec![i64::from(dead_interrupted.pid())], "{collected}");
     assert!(collected["bytes_freed"].as_u64().unwrap() > 0);
-    assert!(!patched_dir.exists() && !interrupted_dir.exists());
+    assert!(!interrupted_dir.exists());
     assert!(live_dir.is_dir(), "the live target's state is kept");
 
     // The history keeps what the removed state held.
@@ -204,4 +223,59 @@ fn a_target_that_exec_d_is_listed_as_such_and_collected() {
     );
     let _ = shell.kill();
     let _ = shell.wait();
+}
+
+#[test]
+fn gc_keeps_a_dead_target_whose_forked_child_still_runs() {
+    use std::io::BufRead;
+    // A shell that forks a subshell (no exec: same AT_RANDOM bytes) and
+    // then waits for a line; the parent is killed, the child lives on. (A
+    // background subshell reads /dev/null unless redirected: fd 3 is the pipe.)
+    let mut shell = std::process::Command::new("/bin/sh")
+        .args([
+            "-c",
+            "exec 3<&0; ( read line <&3; echo child-done ) & echo child=$!; read line",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let parent = shell.id() as i32;
+    // Kept open past the parent's wait (which would close it): the child
+    // reads it.
+    let _child_stdin = shell.stdin.take();
+    let mut first = String::new();
+    std::io::BufReader::new(shell.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let child: i32 = first.trim().trim_start_matches("child=").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mirrored = shadowpatch(&state, &["mirror", &parent.to_string(), "--json"]);
+    assert_eq!(mirrored.code, 0, "{}{}", mirrored.stdout, mirrored.stderr);
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+    let listed = shadowpatch(&state, &["list", "--json"]).json();
+    assert_eq!(entry_of(&listed, parent)["liveness"], "dead", "{listed}");
+
+    let collected = shadowpatch(&state, &["gc", "--interrupted", "--json"]);
+    assert_eq!(collected.code, 1, "{}{}", collected.stdout, collected.stderr);
+    let collected = collected.json();
+    assert_eq!(collected["removed"], serde_json::json!([]), "{collected}");
+    let reason = collected["refused"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("{child} (")) && reason.contains("forked from it"),
+        "{reason}"
+    );
+
+    // Once the child is gone too, the state goes.
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), nix::sys::signal::Signal::SIGKILL);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+        assert!(std::time::Instant::now() < deadline, "the child never exited");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let collected = shadowpatch(&state, &["gc", "--json"]);
+    assert_eq!(collected.code, 0, "{}{}", collected.stdout, collected.stderr);
+    assert_eq!(collected.json()["removed"].as_array().unwrap().len(), 1);
 }

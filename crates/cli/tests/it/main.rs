@@ -16,6 +16,7 @@ mod build;
 mod build_debian;
 mod demo;
 mod exit_codes;
+mod fleet;
 mod history;
 mod keep_generation;
 mod kill_anywhere;

@@ -1,0 +1,160 @@
+//! Host-wide library patches: a hundred processes mapping libfleet (a
+//! small shared library), `apply --all` patches every one of them (each its
+//! own journaled transaction) and no other process, `verify --all` finds
+//! them clean, `rollback --all` restores them all; bad input exits 2 with
+//! nothing touched.
+
+use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
+use shadowpatch_fixtures::{build_library_fixture, build_patch, Fixture, Patch, Running};
+use std::collections::BTreeSet;
+
+const PROCESSES: usize = 100;
+
+/// The tests here run one at a time: `--all` reaches every libfleet
+/// process on the host, another test's included.
+static HOST_WIDE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn host_wide() -> std::sync::MutexGuard<'static, ()> {
+    HOST_WIDE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A manifest replacing libfleet's fleet_value, for the module `build_id`.
+fn fleet_manifest(dir: &std::path::Path, id: &str, build_id: &str) -> String {
+    let object = build_patch(Patch::FleetFix).unwrap();
+    let manifest = write_manifest(dir, id, &object, build_id, &[("fleet_value", "fleet_value_v2")]);
+    manifest.to_str().unwrap().to_string()
+}
+
+fn values(processes: &mut [Running]) -> BTreeSet<String> {
+    processes.iter_mut().map(|p| p.command("value").unwrap()).collect()
+}
+
+#[test]
+fn apply_all_patches_every_process_mapping_the_library_and_rollback_all_restores_them() {
+    let _alone = host_wide();
+    let fixture = build_library_fixture().unwrap();
+    let mut processes: Vec<Running> = (0..PROCESSES)
+        .map(|_| Running::start_binary(&fixture.program, &[]).unwrap())
+        .collect();
+    // A process that does not map the library: never touched.
+    let bystander = Running::start(Fixture::BusyC, &["1"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let manifest = fleet_manifest(dir.path(), "fleet1", &build_id_of(&fixture.library));
+    let manifest = manifest.as_str();
+    assert_eq!(values(&mut processes), BTreeSet::from(["value=1".to_string()]));
+
+    let applied = shadowpatch(&state, &["apply", "--all", manifest, "--json"]);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    let applied = applied.json();
+    let members = applied["members"].as_array().unwrap();
+    let ours: BTreeSet<i64> = processes.iter().map(|p| i64::from(p.pid())).collect();
+    let patched: BTreeSet<i64> = members
+        .iter()
+        .filter(|m| m["outcome"] == "applied")
+        .map(|m| m["pid"].as_i64().unwrap())
+        .collect();
+    assert!(ours.is_subset(&patched), "every fixture process is patched: {applied}");
+    assert!(!patched.contains(&i64::from(bystander.pid())), "{applied}");
+    assert!(
+        members.iter().all(|m| m["pause_us"].as_u64().is_some()),
+        "each process's pause is reported"
+    );
+    assert!(
+        applied["passed_over"]["do not map the module"].as_u64().unwrap() > 0,
+        "{applied}"
+    );
+    assert_eq!(values(&mut processes), BTreeSet::from(["value=2".to_string()]));
+    assert!(
+        !state.join("targets").read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{}-", bystander.pid()))),
+        "the bystander has no state"
+    );
+
+    let verified = shadowpatch(&state, &["verify", "--all"]);
+    assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
+    assert!(
+        verified.stdout.matches("== pid ").count() >= PROCESSES,
+        "{}",
+        verified.stdout
+    );
+
+    // Run again with one newcomer: only it is patched, no warning.
+    let mut newcomer = Running::start_binary(&fixture.program, &[]).unwrap();
+    let again = shadowpatch(&state, &["apply", "--all", manifest, "--json"]);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    let again = again.json();
+    assert_eq!(again["members"].as_array().unwrap().len(), 1, "{again}");
+    assert_eq!(again["members"][0]["pid"], newcomer.pid(), "{again}");
+    assert_eq!(
+        again["passed_over"]["already have patch fleet1 active"].as_u64(),
+        Some(patched.len() as u64),
+        "{again}"
+    );
+    assert!(again["appeared"].as_array().unwrap().is_empty(), "{again}");
+    assert_eq!(newcomer.command("value").unwrap(), "value=2");
+
+    let rolled = shadowpatch(&state, &["rollback", "--all"]);
+    assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
+    assert!(rolled.stdout.contains("summary: "), "{}", rolled.stdout);
+    assert!(
+        rolled.stdout.contains(&format!("{} rolled_back", patched.len() + 1)),
+        "{}",
+        rolled.stdout
+    );
+    assert_eq!(newcomer.command("value").unwrap(), "value=1");
+    assert_eq!(values(&mut processes), BTreeSet::from(["value=1".to_string()]));
+    let verified = shadowpatch(&state, &["verify", "--all"]);
+    assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
+    for process in &processes {
+        assert_untouched(process.pid());
+    }
+    assert_untouched(bystander.pid());
+
+    // Nothing left to roll back: bad input, nothing touched.
+    assert_bad_input(
+        &shadowpatch(&state, &["rollback", "--all"]),
+        "no process of the host has a patch active",
+    );
+}
+
+#[test]
+fn host_wide_bad_input_exits_2_and_touches_nothing() {
+    let _alone = host_wide();
+    let fixture = build_library_fixture().unwrap();
+    let mut process = Running::start_binary(&fixture.program, &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // A build-id no process maps.
+    let nobody = fleet_manifest(dir.path(), "nobody", &"ab".repeat(20));
+    assert_bad_input(
+        &shadowpatch(&state, &["apply", "--all", &nobody]),
+        "no process of the host maps the module",
+    );
+    let manifest = fleet_manifest(dir.path(), "fleet1", &build_id_of(&fixture.library));
+    let manifest = manifest.as_str();
+    let pid = process.pid().to_string();
+    for args in [
+        vec!["apply", "--all", &pid, manifest],
+        vec!["apply", "--all", "--tree", manifest],
+        vec!["apply", "--all", "--watch", "5", manifest],
+        vec!["rollback", "--all", "--restore-state"],
+        vec!["verify", "--all", &pid],
+        vec!["status", "--all", &pid],
+        vec!["gc", "--dry-run=maybe"],
+        vec!["gc", "--older-than", "3d"],
+        vec!["list", "--all"],
+    ] {
+        let run = shadowpatch(&state, &args);
+        assert_eq!(run.code, 2, "{args:?}: {}{}", run.stdout, run.stderr);
+        assert_eq!(run.stderr.lines().count(), 1, "{args:?}: one line: {}", run.stderr);
+    }
+    // No live process has state yet: --all has nothing to verify.
+    assert_bad_input(&shadowpatch(&state, &["verify", "--all"]), "no live process has state");
+    assert_eq!(process.command("value").unwrap(), "value=1");
+    assert!(!state.join("targets").exists(), "nothing recorded");
+    assert_untouched(process.pid());
+}
