@@ -35,10 +35,13 @@ pub enum EventKind {
     /// `gc` removed the state of a dead target (what it held is in the
     /// details; the history itself is kept).
     Gc,
+    /// A process forked from a patched one took over its ancestor's patch
+    /// state as of the fork (fork adoption).
+    Adopt,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 16] = [
+    pub const ALL: [EventKind; 17] = [
         EventKind::Attach,
         EventKind::Mirror,
         EventKind::Verify,
@@ -55,6 +58,7 @@ impl EventKind {
         EventKind::RollbackRequest,
         EventKind::Agent,
         EventKind::Gc,
+        EventKind::Adopt,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +79,7 @@ impl EventKind {
             EventKind::RollbackRequest => "rollback_request",
             EventKind::Agent => "agent",
             EventKind::Gc => "gc",
+            EventKind::Adopt => "adopt",
         }
     }
 

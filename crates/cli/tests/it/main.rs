@@ -14,6 +14,7 @@ mod build;
 mod build_debian;
 mod demo;
 mod exit_codes;
+mod fork_adoption;
 mod history;
 mod keep_generation;
 mod kill_anywhere;
