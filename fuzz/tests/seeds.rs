@@ -71,6 +71,7 @@ mod generated {
             pid: 4242,
             start_time: 123_456,
             unix_ms: 1_700_000_000_000,
+            boot_ns: None,
         }
     }
 
@@ -113,21 +114,21 @@ mod generated {
                 len: 0x4000,
             },
             Record::Plan { txn: 0, patch },
-            Record::Commit { txn: 0, pause_us: 120 },
+            Record::Commit { txn: 0, pause_us: 120, boot_ns: None },
             begin(1, TxnKind::Heal),
             Record::Writes {
                 txn: 1,
                 writes: vec![write],
                 patch_id: None,
             },
-            Record::Commit { txn: 1, pause_us: 40 },
+            Record::Commit { txn: 1, pause_us: 40, boot_ns: None },
             begin(2, TxnKind::Rollback),
             Record::Unmap {
                 txn: 2,
                 address: 0x5555_5560_0000,
                 len: 0x4000,
             },
-            Record::Commit { txn: 2, pause_us: 90 },
+            Record::Commit { txn: 2, pause_us: 90, boot_ns: None },
             begin(3, TxnKind::Probe),
             Record::Abort {
                 txn: 3,

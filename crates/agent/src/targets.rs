@@ -134,6 +134,9 @@ impl Targets {
             ..self.options.clone()
         };
         let sink = || counting_sink(pid, Arc::clone(&self.metrics), Arc::clone(&stats));
+        // A child forked from a patched process takes its inherited state
+        // first (see `ops::adopt`).
+        shadowpatch_ops::adopt_if_forked(&self.state_dir, pid)?;
         let mut watcher = match Watcher::start(pid, &self.state_dir, requests, options.clone(), sink()) {
             // An unusable event history (corrupt, or written by a newer
             // shadowpatch) must not leave the target unwatched: watch on

@@ -5,7 +5,7 @@
 
 use crate::hash::{merkle_root, PAGE_SIZE};
 use crate::region::RegionSpec;
-use crate::store::{hex32, GenerationHeader, MirrorFile, MirrorWriter, RegionRecord};
+use crate::store::{hex32, GenerationHeader, MirrorFile, MirrorWriter, RegionRecord, TargetRecord};
 use crate::MirrorError;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -33,6 +33,29 @@ pub fn derive(
     generation: u32,
     edits: &[Edit],
     added: &[AddedRegion],
+    path: &Path,
+) -> Result<GenerationHeader, MirrorError> {
+    derive_inner(previous, generation, edits, added, None, path)
+}
+
+/// Copy generation `previous` to `path` as the generation of another
+/// process, `target`: a child forked from the mirrored process holds the
+/// same memory (fork adoption). Bytes, hashes and key are kept; only the
+/// header names the new owner.
+pub fn copy_for_target(
+    previous: &MirrorFile,
+    target: &TargetRecord,
+    path: &Path,
+) -> Result<GenerationHeader, MirrorError> {
+    derive_inner(previous, previous.header.generation, &[], &[], Some(target), path)
+}
+
+fn derive_inner(
+    previous: &MirrorFile,
+    generation: u32,
+    edits: &[Edit],
+    added: &[AddedRegion],
+    target: Option<&TargetRecord>,
     path: &Path,
 ) -> Result<GenerationHeader, MirrorError> {
     let started = Instant::now();
@@ -132,6 +155,7 @@ pub fn derive(
         hash_section_digest: String::new(),
         capture_us: started.elapsed().as_micros() as u64,
         notes,
+        target: target.cloned().unwrap_or_else(|| previous.header.target.clone()),
         ..previous.header.clone()
     };
     writer.finish(header, &hashes)

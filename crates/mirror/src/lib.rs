@@ -20,7 +20,7 @@ pub mod verify;
 
 pub use capture::{capture, CaptureOptions};
 pub use datamirror::{DataMirror, RefreshReport};
-pub use derive::{derive, AddedRegion, Edit};
+pub use derive::{copy_for_target, derive, AddedRegion, Edit};
 pub use dirty::{detect, Detection, DirtyError, DirtyMethod, DirtyPages, DirtyTracker, MethodStatus, TrackedRange};
 pub use hash::{merkle_root, PageHasher, PAGE_SIZE};
 pub use region::{select_regions, RegionKind, RegionSpec};

@@ -53,6 +53,9 @@ pub struct Applied {
     /// The watch window's verdict, when the apply was watched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch: Option<WatchReport>,
+    /// The target, forked from a patched process, adopted its state first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<crate::adopt::Adopted>,
 }
 
 impl Applied {
@@ -97,6 +100,9 @@ pub fn apply(
     // bytes parsed, surveyed and loaded. The policy decides before the
     // analysis, whose simulation would put breakpoints into the target.
     let (input, signature) = crate::signature::read_and_check(state_dir, &request.manifest)?;
+    // A child forked from a patched process is patched already: it takes
+    // its ancestor's state first, so the new patch stacks on it.
+    let adopted = crate::adopt::adopt_if_forked(state_dir, pid)?;
     // Surveyed once: the analysis judges this survey and the transaction
     // acts on it (surveyed again under the lock only if a patch came or
     // went meanwhile).
@@ -181,6 +187,7 @@ pub fn apply(
         state_snapshot,
         signature,
         watch,
+        adopted,
     })))
 }
 

@@ -4,7 +4,8 @@
 //! `rollback` (with `--restore-state`), `recover`, `heal` (called by the
 //! watcher through `heal::OpsHealer`), `snapshot`, `mirror`,
 //! `build` (a patch from a source diff) and
-//! `gc` (with `list`, its read-only counterpart). The CLI and the agent both call these functions and nothing below them for a
+//! `gc` (with `list`, its read-only counterpart), and `adopt` (a forked
+//! child takes over its patched ancestor's state, before any command on it). The CLI and the agent both call these functions and nothing below them for a
 //! change of state: the CLI parses arguments and renders the typed
 //! outcomes; the agent authenticates, queues and calls. Outcomes derive
 //! Serialize + Deserialize, so the agent's reply is the same value the CLI
@@ -12,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod adopt;
 pub mod analysis;
 pub mod apply;
 pub mod build;
@@ -27,6 +29,7 @@ pub mod targets;
 pub mod variables;
 pub mod window;
 
+pub use adopt::{adopt_if_forked, Adopted};
 pub use analysis::{AnalysisReport, AnalysisSettings};
 pub use apply::{apply, Applied, ApplyRequest, ApplyResult, Refused};
 pub use build::{build, BuildOutcome};
@@ -44,6 +47,10 @@ pub enum OpsError {
     /// nothing was done.
     #[error("{0}")]
     BadInput(String),
+    /// A process forked from a patched one whose state cannot be adopted
+    /// with certainty (see `adopt`): nothing was done.
+    #[error("{0}")]
+    AdoptionRefused(String),
     #[error(transparent)]
     Patch(#[from] shadowpatch_patch::PatchError),
     #[error(transparent)]
@@ -83,6 +90,7 @@ impl Classify for OpsError {
     fn class(&self) -> FailureClass {
         match self {
             OpsError::BadInput(_) => FailureClass::BadInput,
+            OpsError::AdoptionRefused(_) => FailureClass::RefusedForSafety,
             OpsError::Patch(e) => e.class(),
             OpsError::Build(e) => e.class(),
             OpsError::Debian(e) => e.class(),

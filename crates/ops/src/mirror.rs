@@ -22,6 +22,9 @@ pub struct MirrorOutcome {
     pub capture_us: u64,
     pub modules: Vec<ModuleSummary>,
     pub notes: Vec<String>,
+    /// Forked from a patched process: its state was adopted, not captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<crate::adopt::Adopted>,
 }
 
 /// One module of a mirror.
@@ -43,6 +46,18 @@ pub fn mirror(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MirrorOutcome, OpsError> {
     let identity = ProcessIdentity::of(pid)?;
+    // A child forked from a patched process holds patched code: its
+    // baseline is its ancestor's state as of the fork, never a capture.
+    if let Some(adopted) = crate::adopt::adopt_if_forked(state_dir, pid)? {
+        let dir = StateDir::open(state_dir)?.target_dir(pid, identity.start_time);
+        let path = StateDir::generation_path(&dir, adopted.generation);
+        let file = shadowpatch_mirror::MirrorFile::open(&path)?;
+        let mut outcome = outcome(&identity, path, &file.header);
+        outcome.notes.insert(0, adopted.describe());
+        outcome.capture_us = adopted.elapsed_us;
+        outcome.adopted = Some(adopted);
+        return Ok(outcome);
+    }
     let maps = read_maps(pid)?;
     let modules = modules_of(pid, &maps).map_err(MirrorError::from)?;
     let regions = select_regions(pid, &maps, &modules, module)?;
@@ -140,5 +155,6 @@ fn outcome(identity: &ProcessIdentity, path: PathBuf, header: &GenerationHeader)
         capture_us: header.capture_us,
         modules,
         notes: header.notes.clone(),
+        adopted: None,
     }
 }

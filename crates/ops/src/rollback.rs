@@ -24,6 +24,9 @@ pub struct RolledBack {
     pub rollback: RollbackOutcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_state: Option<Restored>,
+    /// The target, forked from a patched process, adopted its state first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<crate::adopt::Adopted>,
 }
 
 /// Roll back, then (with `restore_state`) write the state before the patch
@@ -31,6 +34,8 @@ pub struct RolledBack {
 /// A missing snapshot is refused before anything is rolled back.
 pub fn rollback(state_dir: &Path, request: &RollbackRequest) -> Result<RolledBack, OpsError> {
     let pid = request.pid;
+    // A child forked from a patched process rolls back what it inherited.
+    let adopted = crate::adopt::adopt_if_forked(state_dir, pid)?;
     let pre = if request.restore_state {
         Some(restorable(state_dir, pid, request.patch_id.as_deref())?)
     } else {
@@ -51,6 +56,7 @@ pub fn rollback(state_dir: &Path, request: &RollbackRequest) -> Result<RolledBac
     Ok(RolledBack {
         rollback,
         restored_state,
+        adopted,
     })
 }
 

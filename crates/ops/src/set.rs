@@ -539,6 +539,15 @@ pub fn rollback_set_with_progress(
     };
     let mut wanted_members = Vec::new();
     for member in &all {
+        // A child forked after the apply carries the patch: adopted first
+        // (children come before their ancestors, whose state they copy).
+        if let Err(error) = crate::adopt::adopt_if_forked(state_dir, member.pid) {
+            if !matches!(error, OpsError::Target(_)) {
+                failure.get_or_insert(error.class());
+                results.push(result(member, "failed", None, Some(error.to_string())));
+                continue;
+            }
+        }
         let active = active_patches(state_dir, member.pid);
         let wanted = match patch_id {
             Some(id) => active.iter().any(|a| a == id),

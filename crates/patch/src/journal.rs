@@ -121,6 +121,13 @@ pub enum Record {
         pid: i32,
         start_time: u64,
         unix_ms: u64,
+        /// `CLOCK_BOOTTIME` in ns when the record was written (the clock of
+        /// a process's start time in /proc/PID/stat): with the commit's,
+        /// it brackets when the transaction's writes reached the target,
+        /// which fork adoption compares with a child's start time. Absent
+        /// in records written before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_ns: Option<u64>,
     },
     /// About to map `len` bytes at `address` (written before the mmap).
     Map { txn: u64, address: u64, len: u64 },
@@ -146,7 +153,13 @@ pub enum Record {
         reason: String,
     },
     /// The transaction took full effect.
-    Commit { txn: u64, pause_us: u64 },
+    Commit {
+        txn: u64,
+        pause_us: u64,
+        /// `CLOCK_BOOTTIME` in ns when the commit was written (see `Begin`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_ns: Option<u64>,
+    },
     /// The transaction was undone; the target is as before it.
     Abort { txn: u64, reason: String },
 }
@@ -391,11 +404,85 @@ impl Journal {
     }
 }
 
+/// `CLOCK_BOOTTIME` now, in ns: the clock of process start times
+/// (/proc/PID/stat field 22, in clock ticks), stamped on `Begin` and
+/// `Commit` so a child's fork can be placed among transactions.
+pub fn boot_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// The patch state after one settled transaction (or at the start), with
+/// when that transaction ran: what a process forked from the target at
+/// some instant may hold (see `ops::adopt`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The transaction that led here (`None`: the journal's start).
+    pub txn: Option<u64>,
+    /// `Begin`'s and `Commit`'s `boot_ns`, when recorded.
+    pub begin_boot_ns: Option<u64>,
+    pub commit_boot_ns: Option<u64>,
+    /// Active patches after it, oldest first.
+    pub active: Vec<PatchRecord>,
+    /// Mappings left in place by rollbacks, after it.
+    pub retired: Vec<(u64, u64)>,
+}
+
+impl Journal {
+    /// The state at the journal's start and after each committed
+    /// transaction, in order, with the final state (whose `open` tells
+    /// whether a transaction is in flight or was interrupted).
+    pub fn checkpoints(dir: &Path) -> Result<(Vec<Checkpoint>, JournalState), PatchError> {
+        let path = Self::path_in(dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(PatchError::Journal {
+                    path,
+                    message: e.to_string(),
+                })
+            }
+        };
+        let mut checkpoints = vec![Checkpoint {
+            txn: None,
+            begin_boot_ns: None,
+            commit_boot_ns: None,
+            active: Vec::new(),
+            retired: Vec::new(),
+        }];
+        let mut begun: Option<(u64, Option<u64>)> = None;
+        let state = replay_bytes_with(&path, &bytes, &mut |record, state| match record {
+            Record::Begin { txn, boot_ns, .. } => begun = Some((*txn, *boot_ns)),
+            Record::Commit { txn, boot_ns, .. } => checkpoints.push(Checkpoint {
+                txn: Some(*txn),
+                begin_boot_ns: begun.filter(|(t, _)| t == txn).and_then(|(_, b)| b),
+                commit_boot_ns: *boot_ns,
+                active: state.active.clone(),
+                retired: state.retired.clone(),
+            }),
+            _ => {}
+        })?;
+        Ok((checkpoints, state))
+    }
+}
+
 /// Replay journal bytes. The last record, torn or failing its checksum, is
 /// left out and described in `torn_tail` (its step never started, or its
 /// record cannot be trusted: what the target holds decides, see
 /// `recover`). Damage anywhere else is refused, naming the line.
 pub fn replay_bytes(path: &Path, bytes: &[u8]) -> Result<JournalState, PatchError> {
+    replay_bytes_with(path, bytes, &mut |_, _| {})
+}
+
+/// `replay_bytes`, calling `each` with every intact record and the state
+/// right after it.
+fn replay_bytes_with(
+    path: &Path,
+    bytes: &[u8],
+    each: &mut dyn FnMut(&Record, &JournalState),
+) -> Result<JournalState, PatchError> {
     let mut state = JournalState::default();
     // (line number, start offset, bytes without the newline, has newline)
     let mut lines: Vec<(usize, usize, &[u8], bool)> = Vec::new();
@@ -443,7 +530,8 @@ pub fn replay_bytes(path: &Path, bytes: &[u8]) -> Result<JournalState, PatchErro
                 });
             }
         };
-        apply_record(&mut state, path, number, record)?;
+        apply_record(&mut state, path, number, record.clone())?;
+        each(&record, &state);
     }
     Ok(state)
 }
@@ -619,6 +707,7 @@ mod tests {
             pid: 1,
             start_time: 2,
             unix_ms: 3,
+            boot_ns: None,
         }
     }
 
@@ -636,7 +725,11 @@ mod tests {
                 txn: 0,
                 patch: patch("a"),
             },
-            Record::Commit { txn: 0, pause_us: 50 },
+            Record::Commit {
+                txn: 0,
+                pause_us: 50,
+                boot_ns: None,
+            },
             begin(1, TxnKind::Apply, "b"),
             Record::Map {
                 txn: 1,
@@ -660,7 +753,11 @@ mod tests {
             reason: "test".into(),
         });
         all.push(begin(2, TxnKind::Rollback, "a"));
-        all.push(Record::Commit { txn: 2, pause_us: 40 });
+        all.push(Record::Commit {
+            txn: 2,
+            pause_us: 40,
+            boot_ns: None,
+        });
         let state = replay_bytes(path, &lines(&all)).unwrap();
         assert!(state.active.is_empty() && state.open.is_none());
     }
@@ -696,14 +793,26 @@ mod tests {
         assert!(state.open.unwrap().plan.is_none(), "the damaged plan is not acted on");
         assert!(state.torn_tail.unwrap().why.contains("checksum"));
         // The same damage before the last record is refused, naming the line.
-        bytes.extend(lines(&[Record::Commit { txn: 0, pause_us: 1 }]));
+        bytes.extend(lines(&[Record::Commit {
+            txn: 0,
+            pause_us: 1,
+            boot_ns: None,
+        }]));
         let error = replay_bytes(path, &bytes).unwrap_err().to_string();
         assert!(error.contains("line 2 of 3 is damaged"), "{error}");
         let mut bytes = intact.clone();
         bytes.extend_from_slice(b"garbage\n");
-        bytes.extend(lines(&[Record::Commit { txn: 0, pause_us: 1 }]));
+        bytes.extend(lines(&[Record::Commit {
+            txn: 0,
+            pause_us: 1,
+            boot_ns: None,
+        }]));
         assert!(replay_bytes(path, &bytes).is_err());
-        let bytes = lines(&[Record::Commit { txn: 4, pause_us: 1 }]);
+        let bytes = lines(&[Record::Commit {
+            txn: 4,
+            pause_us: 1,
+            boot_ns: None,
+        }]);
         assert!(replay_bytes(path, &bytes).is_err());
     }
 
@@ -720,12 +829,20 @@ mod tests {
             txn: 0,
             patch: patch("a"),
         }));
-        bytes.extend(lines(&[Record::Commit { txn: 0, pause_us: 1 }]));
+        bytes.extend(lines(&[Record::Commit {
+            txn: 0,
+            pause_us: 1,
+            boot_ns: None,
+        }]));
         let state = replay_bytes(path, &bytes).unwrap();
         assert_eq!(state.active.len(), 1);
         // After a checksummed line an unchecked one is damage.
         bytes.extend(legacy(&begin(1, TxnKind::Rollback, "a")));
-        bytes.extend(lines(&[Record::Commit { txn: 1, pause_us: 1 }]));
+        bytes.extend(lines(&[Record::Commit {
+            txn: 1,
+            pause_us: 1,
+            boot_ns: None,
+        }]));
         assert!(replay_bytes(path, &bytes)
             .unwrap_err()
             .to_string()
@@ -771,14 +888,22 @@ mod tests {
                 txn: 0,
                 patch: patch("a"),
             },
-            Record::Commit { txn: 0, pause_us: 1 },
+            Record::Commit {
+                txn: 0,
+                pause_us: 1,
+                boot_ns: None,
+            },
             begin(1, TxnKind::Heal, "heal"),
             Record::Writes {
                 txn: 1,
                 writes: vec![stub_jump.clone()],
                 patch_id: None,
             },
-            Record::Commit { txn: 1, pause_us: 1 },
+            Record::Commit {
+                txn: 1,
+                pause_us: 1,
+                boot_ns: None,
+            },
             begin(2, TxnKind::Repoint, "a"),
             Record::Writes {
                 txn: 2,
@@ -793,7 +918,11 @@ mod tests {
         // Until the commit the patch keeps the bytes it had.
         assert_eq!(open.active[0].functions[0].write.new, vec![0xe9, 0, 0, 0, 0]);
         let mut committed = records.clone();
-        committed.push(Record::Commit { txn: 2, pause_us: 1 });
+        committed.push(Record::Commit {
+            txn: 2,
+            pause_us: 1,
+            boot_ns: None,
+        });
         let state = replay_bytes(path, &lines(&committed)).unwrap();
         let write = &state.active[0].functions[0].write;
         assert_eq!(write.new, vec![0xe9, 9, 9, 9, 9]);
@@ -839,7 +968,11 @@ mod tests {
         let mut bytes = lines(&[begin(0, TxnKind::Heal, "a")]);
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
-        bytes.extend(lines(&[Record::Commit { txn: 0, pause_us: 1 }]));
+        bytes.extend(lines(&[Record::Commit {
+            txn: 0,
+            pause_us: 1,
+            boot_ns: None,
+        }]));
         let error = replay_bytes(Path::new("journal"), &bytes).unwrap_err().to_string();
         assert!(error.contains("line 2 of 3 is damaged"), "{error}");
         assert_eq!(shadowpatch_symbols::unhex("e9AB"), Some(vec![0xe9, 0xab]));

@@ -222,7 +222,11 @@ fn recover_apply(
     let written = live.iter().filter(|l| matches!(l, Live::New)).count();
     if written == writes.len() {
         let staged = staged_path(&target.dir, plan.generation);
-        target.journal.append(&Record::Commit { txn, pause_us: 0 })?;
+        target.journal.append(&Record::Commit {
+            txn,
+            pause_us: 0,
+            boot_ns: Some(crate::journal::boot_ns()),
+        })?;
         if staged.exists() {
             publish(&staged, &target.dir, plan.generation)?;
         }
@@ -347,7 +351,11 @@ fn recover_writes(
                 &mut |_| Ok(()),
             )?;
         }
-        target.journal.append(&Record::Commit { txn, pause_us: 0 })?;
+        target.journal.append(&Record::Commit {
+            txn,
+            pause_us: 0,
+            boot_ns: Some(crate::journal::boot_ns()),
+        })?;
         return Ok((Recovered::FullyApplied, written, writes.len()));
     }
     let undo = pick(|l| matches!(l, Live::New));

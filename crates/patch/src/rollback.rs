@@ -119,6 +119,7 @@ pub(crate) fn rollback_seized(
         pid,
         start_time: identity.start_time,
         unix_ms: now_ms(),
+        boot_ns: Some(crate::journal::boot_ns()),
     })?;
     fault::point("rollback-begin");
     collect_retired(attached, target, txn);
@@ -225,7 +226,11 @@ pub(crate) fn finish_rollback(
             reason,
         },
     })?;
-    target.journal.append(&Record::Commit { txn, pause_us })?;
+    target.journal.append(&Record::Commit {
+        txn,
+        pause_us,
+        boot_ns: Some(crate::journal::boot_ns()),
+    })?;
     fault::point("rollback-committed");
     let generation = StateDir::generation_path(&target.dir, patch.generation);
     match std::fs::remove_file(&generation).and_then(|_| std::fs::File::open(&target.dir)?.sync_all()) {

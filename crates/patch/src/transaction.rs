@@ -219,6 +219,7 @@ fn apply_transaction(
         pid,
         start_time: prepared.identity.start_time,
         unix_ms: now_ms(),
+        boot_ns: Some(crate::journal::boot_ns()),
     })?;
     fault::point("begin");
     crate::rollback::collect_retired(&mut attached, &mut target, txn);
@@ -300,6 +301,7 @@ fn apply_transaction(
     target.journal.append(&Record::Commit {
         txn,
         pause_us: activation.pause.pause_us,
+        boot_ns: Some(crate::journal::boot_ns()),
     })?;
     fault::point("committed");
     publish(&staged, &target.dir, generation)?;

@@ -47,6 +47,7 @@ impl PlainWrites {
             pid: identity.pid,
             start_time: identity.start_time,
             unix_ms: now_ms(),
+            boot_ns: Some(crate::journal::boot_ns()),
         })?;
         target.journal.append(&Record::Writes {
             txn,
@@ -63,6 +64,7 @@ impl PlainWrites {
         target.journal.append(&Record::Commit {
             txn: self.txn,
             pause_us,
+            boot_ns: Some(crate::journal::boot_ns()),
         })?;
         target.journal_state = crate::journal::Journal::replay(&target.dir)?;
         Ok(())

@@ -86,6 +86,18 @@ impl ProcessIdentity {
     }
 }
 
+/// The parent of `pid` (/proc/PID/stat), `None` when it cannot be read or
+/// the process has none (pid 1, processes the kernel started).
+pub fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    (stat.ppid > 0).then_some(stat.ppid)
+}
+
+/// Clock ticks per second, the unit of a process's start time.
+pub fn ticks_per_second() -> u64 {
+    procfs::ticks_per_second()
+}
+
 /// The per-exec value of `pid`: its `AT_RANDOM` bytes, in hex.
 pub fn exec_id_of(pid: i32) -> Option<String> {
     use std::os::unix::fs::FileExt;

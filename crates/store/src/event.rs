@@ -38,10 +38,13 @@ pub enum EventKind {
     /// A persisted patch: its rule added or removed, or a process of its
     /// scope left unpatched because its build-id changed.
     Persist,
+    /// A process forked from a patched one took over its ancestor's patch
+    /// state as of the fork (fork adoption).
+    Adopt,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 17] = [
+    pub const ALL: [EventKind; 18] = [
         EventKind::Attach,
         EventKind::Mirror,
         EventKind::Verify,
@@ -59,6 +62,7 @@ impl EventKind {
         EventKind::Agent,
         EventKind::Gc,
         EventKind::Persist,
+        EventKind::Adopt,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +84,7 @@ impl EventKind {
             EventKind::Agent => "agent",
             EventKind::Gc => "gc",
             EventKind::Persist => "persist",
+            EventKind::Adopt => "adopt",
         }
     }
 

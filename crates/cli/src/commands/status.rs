@@ -78,6 +78,12 @@ struct GenerationStatus {
 
 pub fn run(context: &Context, pid: i32) -> anyhow::Result<i32> {
     let identity = ProcessIdentity::of(pid)?;
+    // A child forked from a patched process shows the patches it carries.
+    if let Some(adopted) = shadowpatch_ops::adopt_if_forked(&context.state_dir, pid)? {
+        if !context.json {
+            println!("{}", adopted.describe());
+        }
+    }
     let modules = modules_of(pid, &read_maps(pid)?)?;
     let threads = list_threads(pid)?.len();
     let mut status = Status {

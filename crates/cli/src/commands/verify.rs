@@ -25,6 +25,9 @@ pub struct VerifyOutcome {
     pub elapsed_us: u64,
     pub differences: Vec<ReportedDifference>,
     pub truncated: bool,
+    /// Forked from a patched process: its state was adopted first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<shadowpatch_ops::Adopted>,
 }
 
 #[derive(Debug, Serialize)]
@@ -112,6 +115,9 @@ pub fn verify_process(
     show_progress: bool,
 ) -> anyhow::Result<VerifyOutcome> {
     let identity = ProcessIdentity::of(pid)?;
+    // A child forked from a patched process is verified against the
+    // generation it inherited, never against none.
+    let adopted = shadowpatch_ops::adopt_if_forked(state_dir, pid)?;
     let modules = modules_of(pid, &read_maps(pid)?)?;
     let mirror = open_mirror(state_dir, &identity, generation, &modules)?;
     let mut memory = TargetMemory::open(&identity)?;
@@ -149,6 +155,7 @@ pub fn verify_process(
         elapsed_us: report.elapsed_us,
         differences,
         truncated: report.truncated,
+        adopted,
     })
 }
 
@@ -169,6 +176,9 @@ pub fn run(context: &Context, pid: i32, generation: Option<u32>) -> anyhow::Resu
 }
 
 pub fn print_outcome(outcome: &VerifyOutcome) {
+    if let Some(adopted) = &outcome.adopted {
+        println!("{}", adopted.describe());
+    }
     let verdict = if outcome.clean { "clean" } else { "DIFFERS" };
     println!(
         "verify pid {} generation {}: {verdict} — {} regions, {} in {:.1} ms ({:.2} GB/s), {} differing pages",

@@ -141,6 +141,11 @@ pub fn run(context: &Context, pid: i32, args: &WatchArgs) -> anyhow::Result<i32>
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
+    // A child forked from a patched process is watched against the
+    // generation it inherited (a baseline would call its patch clean).
+    if let Some(adopted) = shadowpatch_ops::adopt_if_forked(&context.state_dir, pid)? {
+        warn(json, &adopted.describe());
+    }
     let mut watcher = Watcher::start(
         pid,
         &context.state_dir,

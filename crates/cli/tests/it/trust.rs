@@ -354,6 +354,7 @@ fn an_analysis_waits_for_a_transaction_in_flight_instead_of_calling_it_interrupt
                 .unwrap()
                 .start_time,
             unix_ms: 0,
+            boot_ns: None,
         })
         .unwrap();
     assert!(Journal::replay(&dir).unwrap().open.is_some());

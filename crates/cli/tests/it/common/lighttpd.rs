@@ -19,12 +19,15 @@ pub struct Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // Workers (`server.max-worker`) are the master's children and
-        // outlive a killed master: kill them first.
-        for worker in shadowpatch_fixtures::children_of(self.child.id() as i32) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), nix::sys::signal::Signal::SIGKILL);
-        }
+        // outlive a killed master; killed first, they were replaced by the
+        // master before it died (orphans left running). So: note them,
+        // kill the master, then them.
+        let workers = shadowpatch_fixtures::children_of(self.child.id() as i32);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for worker in workers {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
