@@ -3,5 +3,6 @@
 //! in `tests/data/calc` with the real gcc and make.
 
 mod common;
+mod cxx;
 mod differ;
 mod end_to_end;
