@@ -2,8 +2,9 @@
 //! member function, a virtual method called through the vtable and a
 //! template instance in a header (a COMDAT group) replaced in the running
 //! program and rolled back; a static function of an anonymous namespace
-//! bound by its file; the template refused when an object that may hold
-//! it inlined was not rebuilt; a function with a catch refused.
+//! bound by its file; a new function in the patch; the template refused
+//! when an object that may hold it inlined was not rebuilt; a function
+//! with a catch refused.
 
 use crate::common::{names, Fixture};
 use crate::end_to_end::Running;
@@ -111,4 +112,18 @@ fn cxx_function_with_a_catch_is_refused() {
     };
     assert!(symbol.starts_with("checked(int)"), "{symbol}");
     assert!(reason.contains("exception handling"), "{reason}");
+}
+
+#[test]
+fn cxx_new_function_lives_in_the_patch() {
+    let fixture = Fixture::of("shapes");
+    let diff = fixture.diff(
+        "triple",
+        "counter.cpp",
+        "int Counter::step(int x)\n{\n    total_ += bump(x);",
+        "__attribute__((noinline)) static int triple(int x)\n{\n    return x > 100 ? x : x * 3;\n}\n\nint Counter::step(int x)\n{\n    total_ += triple(bump(x));",
+    );
+    let built = patch_and_roll_back(&fixture, &[diff], ["4 6 9 6", "16 6 9 6", "20 6 9 6"]);
+    assert_eq!(names(&built.functions_changed), ["_ZN7Counter4stepEi"]);
+    assert_eq!(names(&built.functions_new), ["counter.cpp::_ZL6triplei"]);
 }
