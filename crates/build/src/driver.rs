@@ -443,8 +443,7 @@ fn is_source(argument: &str) -> bool {
     )
 }
 
-/// Whether a source is C++ (refused for now: mangled names and COMDAT
-/// instances are not handled yet).
+/// Whether a source is C++.
 pub fn is_cplusplus(source: &Path) -> bool {
     matches!(
         source.extension().and_then(|e| e.to_str()).unwrap_or(""),

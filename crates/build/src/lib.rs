@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cxx;
 pub mod debian;
 pub mod differ;
 pub mod driver;
@@ -210,11 +211,25 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
     let wrapper = Wrapper::create(&work.path().join("wrapper"), Flags::Sections)?;
     let log = logs.join(format!("patched-{hash}.log"));
     let mut recompiled = wrapper.run(&patched_tree, &command, &log)?;
-    if let Some(linked) = wrapper.linked_into(&patched_tree, &target.name)? {
+    let linked = wrapper.linked_into(&patched_tree, &target.name)?;
+    if let Some(linked) = &linked {
         // Only the objects of the target's own link (not another program's
         // copy of the same file, compiled with other flags).
         recompiled.retain(|object, _| linked.contains(object));
     }
+    // The target's objects the patched build did not recompile: they may
+    // hold an old copy of an inline function of a changed header.
+    let not_rebuilt: Vec<PathBuf> = match &linked {
+        Some(linked) => linked
+            .iter()
+            .filter(|o| !recompiled.contains_key(*o))
+            .cloned()
+            .collect(),
+        None => original_objects(&original_tree)
+            .into_iter()
+            .filter(|o| !recompiled.contains_key(o))
+            .collect(),
+    };
     if recompiled.is_empty() {
         return Err(BuildError::NoFunctionalChange {
             detail: " (no object was recompiled)".into(),
@@ -227,13 +242,25 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
     let mut functions = Vec::new();
     let mut line_only = Vec::new();
     let mut origin_of = Vec::new();
+    // Files of the diff that no recompiled object was compiled from:
+    // headers (their functions are inline ones, in every includer).
+    let headers: Vec<&PathBuf> = changed_lines
+        .keys()
+        .filter(|file| {
+            !recompiled
+                .values()
+                .any(|c| c.source.ends_with(file) || file.ends_with(&c.source))
+        })
+        .collect();
+    let mut header_touched = source::TouchedFunctions::default();
+    for header in &headers {
+        let text = std::fs::read_to_string(patched_tree.join(header)).unwrap_or_default();
+        header_touched.extend(source::TouchedFunctions::of(&text, &changed_lines[*header]));
+    }
+    let mut included_globals = std::collections::HashSet::new();
+    let mut cplusplus = false;
     for compiled in recompiled.values() {
-        if driver::is_cplusplus(&compiled.source) {
-            return Err(BuildError::Input(format!(
-                "{}: C++ is not supported by build yet (mangled names, COMDAT instances); write the patch by hand",
-                compiled.source.display()
-            )));
-        }
+        cplusplus |= driver::is_cplusplus(&compiled.source);
         let original_object = original_tree.join(&compiled.object);
         if !original_object.is_file() {
             return Err(BuildError::Refused {
@@ -244,13 +271,39 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
         let original = Unit::open(&original_object)?;
         let patched = Unit::open(&patched_tree.join(&compiled.object))?;
         let patched_source = std::fs::read_to_string(patched_tree.join(&compiled.source)).unwrap_or_default();
-        let touched = source::lines_for(&changed_lines, &compiled.source)
+        let mut touched = source::lines_for(&changed_lines, &compiled.source)
             .map(|lines| source::TouchedFunctions::of(&patched_source, lines))
             .unwrap_or_default();
-        let diff = differ::diff_units(&original, &patched, &touched)?;
-        line_only.extend(diff.line_only);
+        touched.extend(header_touched.clone());
+        let diff = differ::diff_units(&original, &patched, &touched).map_err(demangled_error)?;
+        line_only.extend(diff.line_only.iter().map(|name| cxx::demangle(name)));
         let unit_index = units.len();
+        let with_lsda = patched.sections_with_lsda();
         for included in diff.functions {
+            let symbol = &patched.symbols[included.symbol];
+            if symbol.section.is_some_and(|s| with_lsda.contains(&s)) {
+                return Err(BuildError::Refused {
+                    symbol: cxx::demangle(&symbol.name),
+                    reason: "has exception handling (landing pads in .gcc_except_table: a catch, or destructors run while an exception unwinds); patch code has no unwind table registered in the target, so they would never run: keep try/catch and objects with destructors out of the changed code, or write the patch by hand".into(),
+                });
+            }
+            let comdat = patched.comdat_of(symbol).is_some();
+            if comdat && included.inclusion != Inclusion::New && !headers.is_empty() && !not_rebuilt.is_empty() {
+                return Err(BuildError::Refused {
+                    symbol: cxx::demangle(&symbol.name),
+                    reason: format!(
+                        "an inline function or template instance (COMDAT group) changed through {}, and {} of the target's objects were not rebuilt ({}): they may hold the old version inlined; rebuild every includer (header dependencies in the build) or move the change out of the header",
+                        headers.iter().map(|h| h.display().to_string()).collect::<Vec<_>>().join(", "),
+                        not_rebuilt.len(),
+                        not_rebuilt.iter().take(3).map(|o| o.display().to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+            // A COMDAT instance compiled into several objects is one
+            // function of the target: replaced once.
+            if symbol.global && !included_globals.insert(symbol.name.clone()) {
+                continue;
+            }
             functions.push(PatchFunction {
                 unit: unit_index,
                 symbol: included.symbol,
@@ -259,6 +312,12 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
         }
         units.push(patched);
         origin_of.push(compiled.clone());
+    }
+    if cplusplus && functions.iter().any(|f| f.inclusion != Inclusion::New) {
+        notes.push(
+            "C++: patch code has no unwind table registered in the target: an exception thrown through a replaced function (by a function it calls) ends the process in std::terminate"
+                .into(),
+        );
     }
     if functions.is_empty() {
         let detail = if line_only.is_empty() {
@@ -301,21 +360,27 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
         let symbol = &unit.symbols[function.symbol];
         let file = (!symbol.global).then_some(unit.file.as_str());
         let running = symbols.find(&symbol.name, file).map_err(|why| {
-            BuildError::Mismatch(format!("{} ({}): {why} in {}", symbol.name, unit.file, target.name))
+            BuildError::Mismatch(format!(
+                "{} ({}): {why} in {}",
+                cxx::demangle(&symbol.name),
+                unit.file,
+                target.name
+            ))
         })?;
         let running_code = target::bytes_at(&target.bytes, running.address, running.size).unwrap_or(&[]);
         let reference = reference_symbols.as_ref().and_then(|m| m.find(&symbol.name, file).ok());
         let (Some(reference), Some(reference_bytes)) = (reference, reference_bytes.as_deref()) else {
             return Err(BuildError::Mismatch(format!(
                 "{} is not in the reference build's binary",
-                symbol.name
+                cxx::demangle(&symbol.name)
             )));
         };
         let reference_code = target::bytes_at(reference_bytes, reference.address, reference.size).unwrap_or(&[]);
         if !target::same_code_masked(reference_code, reference.address, running_code, running.address) {
             return Err(BuildError::Mismatch(format!(
                 "{} differs from the running function at {:#x}: the running binary was not built from this source with these flags",
-                symbol.name, running.address
+                cxx::demangle(&symbol.name),
+                running.address
             )));
         }
     }
@@ -449,6 +514,27 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
         manifest,
         notes,
     })
+}
+
+/// A refusal names the symbol as people read it (C++ demangled).
+fn demangled_error(error: BuildError) -> BuildError {
+    match error {
+        BuildError::Refused { symbol, reason } => BuildError::Refused {
+            symbol: cxx::demangle(&symbol),
+            reason,
+        },
+        other => other,
+    }
+}
+
+/// The objects a (cached) build compiled, from its `objects.json`.
+fn original_objects(tree: &Path) -> Vec<PathBuf> {
+    let Some(folder) = tree.parent() else { return Vec::new() };
+    std::fs::read(folder.join("objects.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Vec<CompiledObject>>(&bytes).ok())
+        .map(|objects| objects.into_iter().map(|o| o.object).collect())
+        .unwrap_or_default()
 }
 
 fn default_cache() -> PathBuf {

@@ -4,8 +4,8 @@
 
 use crate::BuildError;
 use object::elf;
-use object::{Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget, SectionIndex};
-use std::collections::HashMap;
+use object::{Object, ObjectComdat, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget, SectionIndex};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,9 @@ pub struct Sec {
     pub flags: u64,
     pub nobits: bool,
     pub relocations: Vec<Rel>,
+    /// The signature of the COMDAT group the section belongs to (C++
+    /// inline functions, template instances, implicit methods, vtables).
+    pub comdat: Option<String>,
 }
 
 /// A parsed relocatable object.
@@ -104,6 +107,7 @@ impl Unit {
                 flags: sh_flags,
                 nobits,
                 relocations: Vec::new(),
+                comdat: None,
             });
         }
         let mut symbols = vec![Sym {
@@ -171,6 +175,18 @@ impl Unit {
             }
             sections[at].relocations.sort_by_key(|r| r.offset);
         }
+        for comdat in file.comdats() {
+            let signature = file
+                .symbol_by_index(comdat.symbol())
+                .ok()
+                .and_then(|s| s.name().ok().map(str::to_string))
+                .unwrap_or_default();
+            for section in comdat.sections() {
+                if let Some(&at) = index_of.get(&section) {
+                    sections[at].comdat = Some(signature.clone());
+                }
+            }
+        }
         let producer = sections
             .iter()
             .find(|s| s.name == ".comment")
@@ -205,6 +221,51 @@ impl Unit {
                 && !s.undefined
                 && matches!(s.kind, SymKind::Function | SymKind::Data | SymKind::Tls)
         })
+    }
+
+    /// The COMDAT group of a defined symbol's section, if any.
+    pub fn comdat_of(&self, symbol: &Sym) -> Option<&str> {
+        symbol.section.and_then(|s| self.sections[s].comdat.as_deref())
+    }
+
+    /// The code sections whose `.eh_frame` entry (FDE) names a language
+    /// specific data area (`.gcc_except_table`): functions with landing
+    /// pads (`catch`, or destructors run while an exception unwinds).
+    pub fn sections_with_lsda(&self) -> HashSet<usize> {
+        let mut found = HashSet::new();
+        for eh in self.sections.iter().filter(|s| s.name == ".eh_frame") {
+            let data = &eh.data;
+            let mut at = 0usize;
+            while at + 8 <= data.len() {
+                let length = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes")) as usize;
+                if length == 0 || length == 0xffff_ffff {
+                    break;
+                }
+                let end = (at + 4 + length).min(data.len());
+                let cie_pointer = u32::from_le_bytes(data[at + 4..at + 8].try_into().expect("4 bytes"));
+                if cie_pointer != 0 {
+                    let targets: Vec<usize> = eh
+                        .relocations
+                        .iter()
+                        .filter(|r| (at as u64..end as u64).contains(&r.offset))
+                        .filter_map(|r| self.symbols[r.symbol].section)
+                        .collect();
+                    let lsda = targets
+                        .iter()
+                        .any(|&s| self.sections[s].name.starts_with(".gcc_except_table"));
+                    if lsda {
+                        found.extend(
+                            targets
+                                .iter()
+                                .copied()
+                                .filter(|&s| self.sections[s].flags & u64::from(elf::SHF_EXECINSTR) != 0),
+                        );
+                    }
+                }
+                at = end;
+            }
+        }
+        found
     }
 
     /// Bytes `[value, value + size)` of a symbol's section.

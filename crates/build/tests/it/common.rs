@@ -8,16 +8,27 @@ use std::process::Command;
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub source: PathBuf,
+    /// The program the tree's Makefile links (and the tree's name).
+    pub program: String,
 }
 
 impl Fixture {
     /// A copy of `tests/data/calc`.
     pub fn new() -> Fixture {
+        Fixture::of("calc")
+    }
+
+    /// A copy of `tests/data/<program>`, whose Makefile links `program`.
+    pub fn of(program: &str) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let source = dir.path().join("calc");
-        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/calc");
+        let source = dir.path().join(program);
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(program);
         run(Command::new("cp").arg("-a").arg(&data).arg(&source));
-        Fixture { dir, source }
+        Fixture {
+            dir,
+            source,
+            program: program.to_string(),
+        }
     }
 
     /// The program built from the pristine tree (as a distribution would
@@ -32,7 +43,7 @@ impl Fixture {
             .dir
             .path()
             .join(if cflags.is_some() { "shipped-other" } else { "shipped" });
-        if !tree.join("calc").exists() {
+        if !tree.join(&self.program).exists() {
             run(Command::new("cp").arg("-a").arg(&self.source).arg(&tree));
             let mut make = Command::new("make");
             make.arg("-s").current_dir(&tree);
@@ -42,10 +53,10 @@ impl Fixture {
             run(&mut make);
         }
         if !stripped {
-            return tree.join("calc");
+            return tree.join(&self.program);
         }
         let out = tree.with_extension("stripped");
-        run(Command::new("strip").arg("-o").arg(&out).arg(tree.join("calc")));
+        run(Command::new("strip").arg("-o").arg(&out).arg(tree.join(&self.program)));
         out
     }
 

@@ -185,7 +185,7 @@ fn new_thread_local_is_refused() {
 }
 
 #[test]
-fn a_cplusplus_tree_is_refused_with_one_line() {
+fn a_cplusplus_tree_builds_with_mangled_names_in_the_manifest() {
     let dir = tempfile::tempdir().unwrap();
     let tree = dir.path().join("cpp");
     std::fs::create_dir_all(&tree).unwrap();
@@ -210,11 +210,11 @@ fn a_cplusplus_tree_is_refused_with_one_line() {
         cache: Some(dir.path().join("cache")),
         ..Default::default()
     };
-    let error = shadowpatch_build::build(&request, &mut |_, _| {})
-        .unwrap_err()
-        .to_string();
-    assert!(error.contains("C++ is not supported by build yet"), "{error}");
-    assert!(!dir.path().join("out").exists());
+    // A `.cc` file compiled by `$(CXX)` (g++ through the wrapper).
+    let built = shadowpatch_build::build(&request, &mut |_, _| {}).unwrap();
+    assert_eq!(crate::common::names(&built.functions_changed), ["_Z5twicei"]);
+    assert_eq!(built.manifest.replacements[0].symbol, "_Z5twicei");
+    assert_eq!(shadowpatch_build::cxx::demangle("_Z5twicei"), "twice(int)");
 }
 
 #[test]

@@ -7,14 +7,14 @@ use shadowpatch_build::target::SymbolOrigin;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-struct Running {
-    child: Child,
+pub struct Running {
+    pub child: Child,
     input: ChildStdin,
     output: BufReader<ChildStdout>,
 }
 
 impl Running {
-    fn start(binary: &std::path::Path) -> Running {
+    pub fn start(binary: &std::path::Path) -> Running {
         let mut child = Command::new(binary)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -28,7 +28,7 @@ impl Running {
         Running { child, input, output }
     }
 
-    fn ask(&mut self, x: i32) -> String {
+    pub fn ask(&mut self, x: i32) -> String {
         writeln!(self.input, "{x}").unwrap();
         let mut answer = String::new();
         self.output.read_line(&mut answer).unwrap();

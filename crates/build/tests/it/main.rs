@@ -1,7 +1,9 @@
 //! `shadowpatch build`'s integration tests, as one test binary: each file
-//! here is a module (see docs/testing.md). They build the small C tree
-//! in `tests/data/calc` with the real gcc and make.
+//! here is a module (see docs/testing.md). They build the small C tree in
+//! `tests/data/calc` and the C++ tree in `tests/data/shapes` with the real
+//! gcc/g++ and make.
 
 mod common;
+mod cxx;
 mod differ;
 mod end_to_end;

@@ -95,7 +95,11 @@ pub(super) fn print_outcome(outcome: &BuildOutcome, target: &str) {
     );
     let list = |label: &str, functions: &[BuiltFunction]| {
         for f in functions {
-            println!("  {label:<22} {} ({})", f.symbol, f.object.display());
+            println!(
+                "  {label:<22} {} ({})",
+                shadowpatch_build::cxx::demangle(&f.symbol),
+                f.object.display()
+            );
         }
     };
     list("changed", &built.functions_changed);
@@ -120,7 +124,7 @@ pub(super) fn print_outcome(outcome: &BuildOutcome, target: &str) {
     for binding in &built.bindings {
         println!(
             "    {:<28} {:#x} size {:<5} {}",
-            binding.symbol,
+            shadowpatch_build::cxx::demangle(&binding.symbol),
             binding.address,
             binding.size,
             serde_json::to_value(binding.how)
