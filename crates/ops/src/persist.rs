@@ -269,8 +269,13 @@ pub fn sweep(state_dir: &Path, rule: &Rule, seen: &mut BTreeSet<(i32, u64)>) -> 
             }
             Err(_) => continue,
         }
-        // Already carries it (the apply that made the rule, or a child
-        // that inherited it and was adopted).
+        // A worker forked from a patched master carries the patch in
+        // memory: it takes over its ancestor's state first (`adopt`), and
+        // then carries it like the apply that made the rule.
+        if let Err(error) = crate::adopt_if_forked(state_dir, pid) {
+            done.failed.push((pid, error.to_string()));
+            continue;
+        }
         let active = crate::journal_if_any(state_dir, &identity)
             .ok()
             .flatten()
