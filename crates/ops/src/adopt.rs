@@ -102,7 +102,10 @@ struct Ancestor {
 /// nothing to adopt (state of its own, no patched ancestor, exec'd since,
 /// or forked when its ancestor had no patch active).
 pub fn adopt_if_forked(state_dir: &Path, pid: i32) -> Result<Option<Adopted>, OpsError> {
-    let Some(state) = StateDir::open_if_present(state_dir)? else {
+    // A folder that is not (yet) a state directory holds no ancestor: the
+    // command itself says what is wrong with it, or makes it one (`mirror`
+    // of a folder where only a refused command's history was written).
+    let Ok(Some(state)) = StateDir::open_if_present(state_dir) else {
         return Ok(None);
     };
     let identity = ProcessIdentity::of(pid)?;
