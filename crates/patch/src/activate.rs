@@ -43,9 +43,9 @@ pub fn switch(
     during: &mut dyn FnMut(&mut Stopped) -> Result<(), PatchError>,
 ) -> Result<Activation, PatchError> {
     for attempt in 1..=max_attempts.max(1) {
-        let mut stopped = attached.stop_reading_rips()?;
+        let mut stopped = attached.stop()?;
         let mut busy = None;
-        for (tid, write) in threads_inside(&mut stopped, writes)? {
+        for (tid, write) in threads_inside(&stopped, writes)? {
             // Move it past the bytes rather than wait for the scheduler to.
             let end = write.address + write.new.len() as u64;
             if !stopped.step_out_of(tid, write.address + 1, end, STEP_OUT_LIMIT)? {
@@ -155,11 +155,12 @@ const STEP_OUT_LIMIT: u32 = 16;
 /// (at the first byte is fine: the thread will execute the new instruction
 /// whole), with the write concerned.
 fn threads_inside<'w>(
-    stopped: &mut Stopped,
+    stopped: &Stopped,
     writes: &'w [Write5],
 ) -> Result<Vec<(nix::unistd::Pid, &'w Write5)>, PatchError> {
     let mut inside = Vec::new();
-    for (tid, rip) in stopped.take_stop_rips()? {
+    for tid in stopped.threads() {
+        let rip = stopped.regs(tid)?.rip;
         if let Some(write) = writes
             .iter()
             .find(|w| rip > w.address && rip < w.address + w.new.len() as u64)

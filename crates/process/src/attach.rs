@@ -99,10 +99,6 @@ pub struct Attached {
     /// Signals held rather than delivered (`watch_signals`): the event
     /// loop and a world stop that meet one hold its thread.
     pub(crate) watched_signals: Vec<Signal>,
-    /// With `stop_reading_rips`: each thread's instruction pointer, read
-    /// the moment its stop is confirmed, while later threads are still on
-    /// their way to stopping (the tracer would otherwise wait idle).
-    stop_rips: Option<BTreeMap<Pid, u64>>,
 }
 
 /// The timings of one stop-the-world window.
@@ -141,7 +137,6 @@ impl Attached {
             queued: VecDeque::new(),
             poll_interval: crate::events::DEFAULT_POLL_INTERVAL,
             watched_signals: Vec::new(),
-            stop_rips: None,
         };
         for _round in 0..MAX_SCAN_ROUNDS {
             if attached.seize_new_threads()? == 0 {
@@ -219,20 +214,6 @@ impl Attached {
     /// Stop every thread. The returned guard resumes them when dropped;
     /// call [`Stopped::resume`] to get the timings.
     pub fn stop(&mut self) -> Result<Stopped<'_>, TargetError> {
-        self.stop_rips = None;
-        self.stop_inner()
-    }
-
-    /// `stop`, reading each thread's instruction pointer as its stop is
-    /// confirmed (`Stopped::take_stop_rips`): an apply's check of where
-    /// every thread is costs one PTRACE_GETREGS per thread, which this
-    /// overlaps with waiting for the others to stop.
-    pub fn stop_reading_rips(&mut self) -> Result<Stopped<'_>, TargetError> {
-        self.stop_rips = Some(BTreeMap::new());
-        self.stop_inner()
-    }
-
-    fn stop_inner(&mut self) -> Result<Stopped<'_>, TargetError> {
         let realtime = match self.priority {
             StopPriority::RealtimeIfPermitted => RealtimeGuard::enter().ok(),
             StopPriority::Normal => None,
@@ -342,17 +323,7 @@ impl Attached {
                 Err(errno) => return Err(TargetError::from_errno(self.identity.pid, "waiting for", errno)),
             };
             match self.absorb(tid, status, crate::events::Mode::Stopping)? {
-                crate::events::Absorbed::Stopped => {
-                    if let Some(rips) = &mut self.stop_rips {
-                        // A thread whose registers cannot be read here is
-                        // read again by the caller.
-                        if let Ok(regs) = ptrace::getregs(tid) {
-                            rips.insert(tid, regs.rip);
-                        }
-                    }
-                    return Ok(());
-                }
-                crate::events::Absorbed::Gone { .. } => return Ok(()),
+                crate::events::Absorbed::Stopped | crate::events::Absorbed::Gone { .. } => return Ok(()),
                 crate::events::Absorbed::Running(event) => self.queued.extend(event),
                 crate::events::Absorbed::Held(_) => unreachable!("stopping mode never holds a thread"),
             }
@@ -649,21 +620,6 @@ impl Stopped<'_> {
     }
 
     /// General-purpose registers of a stopped thread.
-    /// The instruction pointers `Attached::stop_reading_rips` read as each
-    /// thread stopped, handed over once (taken, so none is used after a
-    /// thread of this stop has run). Threads missing from it (a plain
-    /// `stop`, or a thread whose read failed) are read now.
-    pub fn take_stop_rips(&mut self) -> Result<BTreeMap<Pid, u64>, TargetError> {
-        let mut rips = self.attached.stop_rips.take().unwrap_or_default();
-        rips.retain(|tid, _| self.attached.threads.get(tid).is_some_and(|s| s.stopped));
-        for tid in self.threads() {
-            if let std::collections::btree_map::Entry::Vacant(entry) = rips.entry(tid) {
-                entry.insert(self.regs(tid)?.rip);
-            }
-        }
-        Ok(rips)
-    }
-
     pub fn regs(&self, tid: Pid) -> Result<libc::user_regs_struct, TargetError> {
         ptrace::getregs(tid)
             .map_err(|errno| TargetError::from_errno(self.attached.pid(), "reading registers of", errno))
