@@ -20,6 +20,7 @@ pub mod intent;
 /// Findings, verdicts and the analysis record (`shadowpatch-finding`).
 pub use shadowpatch_finding as finding;
 pub mod model;
+pub mod remote;
 pub mod simulate;
 pub mod static_analysis;
 pub mod watch_metrics;
