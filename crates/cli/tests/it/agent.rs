@@ -6,92 +6,21 @@
 //! serving; C and Rust applications linking the runtime library ask it to
 //! roll back their patch.
 
+use crate::common::agent::Agent;
 use crate::common::{assert_untouched, build_id_of, shadowpatch_env, wait_for_patched, write_manifest, Run};
 use shadowpatch_fixtures::{build_c_patch, build_c_source, build_patch, Fixture, Patch, Running};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 
-/// A running agent, killed (SIGKILL) on drop.
-struct AgentProcess {
-    child: Child,
-    _stdout: BufReader<ChildStdout>,
-    ready: serde_json::Value,
-    socket: PathBuf,
-}
-
-impl AgentProcess {
-    fn start(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> AgentProcess {
-        let socket = dir.join("agent.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
-            .arg("agent")
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--agent-socket")
-            .arg(&socket)
-            .arg("--app-socket")
-            .arg(dir.join("app.sock"))
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            // Plain applies unless a test asks for the watch policy.
-            .args(if extra.contains(&"--watch-after-apply") {
-                &[][..]
-            } else {
-                &["--watch-after-apply", "0"][..]
-            })
-            .args(extra)
-            .env_remove("NOTIFY_SOCKET")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the agent starts");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let ready: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line is not JSON ({e}): {line:?}"));
-        assert_eq!(ready["event"], "ready", "{ready}");
-        AgentProcess {
-            child,
-            _stdout: stdout,
-            ready,
-            socket,
-        }
-    }
-
-    fn target(&self, pid: i32) -> serde_json::Value {
-        self.ready["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["pid"] == pid)
-            .cloned()
-            .unwrap_or_else(|| panic!("no target {pid} in the ready line {}", self.ready))
-    }
-
-    fn metrics(&self) -> String {
-        let address = self.ready["metrics"].as_str().unwrap();
-        let mut stream = std::net::TcpStream::connect(address).unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.0 200"), "{response}");
-        response
-    }
-
-    /// Wait for the agent to end; returns how.
-    fn wait(mut self) -> std::process::ExitStatus {
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A test agent that listens for metrics on an ephemeral port.
+fn start_agent(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+    let mut flags = vec!["--metrics-listen", "127.0.0.1:0"];
+    flags.extend_from_slice(extra);
+    Agent::start_with(dir, &flags, env)
 }
 
 /// The CLI with the agent's socket (used if an agent listens there).
@@ -130,7 +59,7 @@ fn the_cli_goes_through_a_running_agent_and_acts_directly_without_one() {
     let pid = target.pid();
     let pid_text = pid.to_string();
     let manifest = busy_patch(dir.path(), &target, "via-agent");
-    let agent = AgentProcess::start(dir.path(), &[], &[]);
+    let agent = start_agent(dir.path(), &[], &[]);
     let mode = std::fs::metadata(&agent.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the control socket is root's only by default");
 
@@ -218,7 +147,7 @@ fn an_agent_killed_mid_apply_recovers_the_target_and_its_watcher_when_restarted(
     let pid = target.pid();
     let pid_text = pid.to_string();
     let manifest = busy_patch(dir.path(), &target, "interrupted");
-    let agent = AgentProcess::start(dir.path(), &[], &[("SHADOWPATCH_FAULT", "written")]);
+    let agent = start_agent(dir.path(), &[], &[("SHADOWPATCH_FAULT", "written")]);
     let watched = cli(dir.path(), &["watch", &pid_text, "--agent"]);
     assert_eq!(watched.code, 0, "{}", watched.stderr);
     let applied = cli(dir.path(), &["apply", &pid_text, &manifest]);
@@ -233,7 +162,7 @@ fn an_agent_killed_mid_apply_recovers_the_target_and_its_watcher_when_restarted(
     // the kernel detached the dead tracer: the target runs on.
     assert_eq!(target.check().unwrap()["errors"], 0);
 
-    let agent = AgentProcess::start(dir.path(), &[], &[]);
+    let agent = start_agent(dir.path(), &[], &[]);
     let recovered = agent.target(pid);
     assert!(
         recovered["outcome"] == "fully_rolled_back" || recovered["outcome"] == "fully_applied",
@@ -265,7 +194,7 @@ fn another_user_cannot_act_on_a_target_through_the_agent() {
     let pid = target.pid();
     let pid_text = pid.to_string();
     let manifest = busy_patch(dir.path(), &target, "roots");
-    let agent = AgentProcess::start(dir.path(), &["--socket-mode", "666"], &[]);
+    let agent = start_agent(dir.path(), &["--socket-mode", "666"], &[]);
     assert_eq!(cli(dir.path(), &["apply", &pid_text, &manifest]).code, 0);
 
     // The build directory may sit under a directory only root can enter
@@ -323,7 +252,7 @@ fn malformed_oversized_and_damaged_input_is_refused_and_the_agent_keeps_serving(
     )
     .unwrap();
 
-    let agent = AgentProcess::start(dir.path(), &[], &[]);
+    let agent = start_agent(dir.path(), &[], &[]);
     let report = agent.target(damaged.pid());
     assert_eq!(report["outcome"], "error", "{report}");
     assert!(report["message"].as_str().unwrap().contains("journal"), "{report}");
@@ -538,7 +467,7 @@ fn request_rollback_from_c_and_rust_applications_rolls_their_patch_back() {
     let dir = tempfile::tempdir().unwrap();
     let c_binary = c_application();
     let rust_binary = rust_application(dir.path());
-    let agent = AgentProcess::start(dir.path(), &[], &[]);
+    let agent = start_agent(dir.path(), &[], &[]);
     request_rollback_case(dir.path(), &c_binary, "c_answer");
     request_rollback_case(dir.path(), &rust_binary, "rust_answer");
     let metrics = agent.metrics();
@@ -558,7 +487,7 @@ fn the_agent_notifies_systemd_and_refuses_a_second_agent_and_bad_options() {
         .set_read_timeout(Some(std::time::Duration::from_secs(30)))
         .unwrap();
     let notify_text = notify_path.to_str().unwrap().to_string();
-    let _agent = AgentProcess::start(dir.path(), &[], &[("NOTIFY_SOCKET", &notify_text)]);
+    let _agent = start_agent(dir.path(), &[], &[("NOTIFY_SOCKET", &notify_text)]);
     let mut buffer = [0u8; 64];
     let read = notify.recv(&mut buffer).unwrap();
     assert_eq!(&buffer[..read], b"READY=1\n");
@@ -621,7 +550,7 @@ fn the_agent_watches_its_applies_and_survives_a_crashing_patch() {
         &build_id_of(&target.binary()),
         &[("work_fn", "work_fn_null")],
     );
-    let agent = AgentProcess::start(dir.path(), &["--watch-after-apply", "5s"], &[]);
+    let agent = start_agent(dir.path(), &["--watch-after-apply", "5s"], &[]);
     let applied = cli(
         dir.path(),
         &[

@@ -4,62 +4,17 @@
 //! refused without blocking, and slow or idle connections of one user do
 //! not keep root's CLI out.
 
+use crate::common::agent::Agent;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 /// An agent whose control socket any user may reach (mode 0666).
-struct OpenAgent {
-    child: Child,
-    socket: PathBuf,
-    app_socket: PathBuf,
-}
-
-impl OpenAgent {
-    fn start(dir: &Path) -> OpenAgent {
-        let socket = dir.join("agent.sock");
-        let app_socket = dir.join("app.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
-            .arg("agent")
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--agent-socket")
-            .arg(&socket)
-            .arg("--app-socket")
-            .arg(&app_socket)
-            .args([
-                "--metrics-listen",
-                "off",
-                "--watch-after-apply",
-                "0",
-                "--socket-mode",
-                "666",
-            ])
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the agent starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("\"ready\""), "ready line: {line:?}");
-        OpenAgent {
-            child,
-            socket,
-            app_socket,
-        }
-    }
-}
-
-impl Drop for OpenAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn open_agent(dir: &Path) -> Agent {
+    Agent::start_with(dir, &["--socket-mode", "666"], &[])
 }
 
 /// A process owned by uid 65534, killed on drop: a target that user may
@@ -80,7 +35,7 @@ impl Drop for NobodysProcess {
 }
 
 /// `shadowpatch apply PID MANIFEST` run as uid 65534 through the agent.
-fn apply_as_nobody(dir: &Path, agent: &OpenAgent, pid: u32, manifest: &Path) -> crate::common::Run {
+fn apply_as_nobody(dir: &Path, agent: &Agent, pid: u32, manifest: &Path) -> crate::common::Run {
     let (_bin_dir, binary) = crate::common::binary_runnable_by_anyone();
     let mut attempts = 0;
     loop {
@@ -115,7 +70,7 @@ fn world_enterable_dir() -> tempfile::TempDir {
 #[test]
 fn a_path_nobody_cannot_see_is_refused_the_same_whether_it_exists_or_not() {
     let dir = world_enterable_dir();
-    let agent = OpenAgent::start(dir.path());
+    let agent = open_agent(dir.path());
     let target = NobodysProcess::start();
     // Root's 0700 directory with one manifest in it.
     let hidden = dir.path().join("roots-only");
@@ -139,7 +94,7 @@ fn a_path_nobody_cannot_see_is_refused_the_same_whether_it_exists_or_not() {
 #[test]
 fn a_symlink_to_roots_file_and_a_fifo_are_refused_without_blocking() {
     let dir = world_enterable_dir();
-    let agent = OpenAgent::start(dir.path());
+    let agent = open_agent(dir.path());
     let target = NobodysProcess::start();
     let own = dir.path().join("nobodys");
     std::fs::create_dir(&own).unwrap();
@@ -218,7 +173,7 @@ fn threads_of(pid: u32) -> usize {
 #[test]
 fn one_users_slow_connections_never_keep_root_out() {
     let dir = world_enterable_dir();
-    let agent = OpenAgent::start(dir.path());
+    let agent = open_agent(dir.path());
     let (mut holder, answer) = hold_connections_as_nobody(&agent.socket, 70);
     assert!(answer.contains("too many connections from this uid"), "{answer}");
     // Root's request is served while nobody holds every slot they may.
@@ -242,11 +197,11 @@ fn one_users_slow_connections_never_keep_root_out() {
 #[test]
 fn idle_application_connections_of_one_user_take_a_bounded_number_of_threads() {
     let dir = world_enterable_dir();
-    let agent = OpenAgent::start(dir.path());
-    let before = threads_of(agent.child.id());
+    let agent = open_agent(dir.path());
+    let before = threads_of(agent.pid());
     let (mut holder, answer) = hold_connections_as_nobody(&agent.app_socket, 200);
     assert!(answer.contains("too many connections from this uid"), "{answer}");
-    let after = threads_of(agent.child.id());
+    let after = threads_of(agent.pid());
     assert!(
         after <= before + 64,
         "{before} threads before, {after} with 200 idle connections"
@@ -269,7 +224,7 @@ fn ask_app(socket: &Path, request: &serde_json::Value) -> serde_json::Value {
 #[test]
 fn an_oversized_variable_is_refused_and_an_exited_processes_variables_are_removed() {
     let dir = world_enterable_dir();
-    let agent = OpenAgent::start(dir.path());
+    let agent = open_agent(dir.path());
     let huge = ask_app(
         &agent.app_socket,
         &serde_json::json!({

@@ -4,61 +4,9 @@
 //! is a field every client must state, and the history records who asked
 //! and whether `force` overrode a refusal.
 
+use crate::common::agent::Agent;
 use crate::common::{anonymous_code_mappings, assert_untouched, build_id_of, shadowpatch, write_manifest};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-/// A running agent (plain applies, no watch policy), killed on drop.
-pub(crate) struct Agent {
-    child: Child,
-    socket: std::path::PathBuf,
-}
-
-impl Agent {
-    pub(crate) fn start(dir: &Path) -> Agent {
-        let socket = dir.join("agent.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
-            .arg("agent")
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--agent-socket")
-            .arg(&socket)
-            .arg("--app-socket")
-            .arg(dir.join("app.sock"))
-            .args(["--metrics-listen", "off", "--watch-after-apply", "0"])
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the agent starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("\"ready\""), "ready line: {line:?}");
-        Agent { child, socket }
-    }
-
-    /// One request line, one reply.
-    pub(crate) fn ask(&self, request: &serde_json::Value) -> serde_json::Value {
-        let mut stream = UnixStream::connect(&self.socket).unwrap();
-        let mut line = serde_json::to_vec(request).unwrap();
-        line.push(b'\n');
-        stream.write_all(&line).unwrap();
-        let mut answer = String::new();
-        BufReader::new(&stream).read_line(&mut answer).unwrap();
-        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {answer:?}"))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn a_raw_client_of_the_agent_gets_the_analysis_gate_and_force_is_stated_and_recorded() {

@@ -5,13 +5,12 @@
 //! generation (verify exit 1), the watcher wrote the stub jump back, and
 //! rollback refused ("someone else changed them").
 
+use crate::common::agent::Agent;
 use crate::common::lighttpd::{get, start_lighttpd_with, LIGHTTPD};
 use crate::common::watch::WatchProcess;
-use crate::common::{build_id_of, shadowpatch, shadowpatch_env, write_manifest, Run};
+use crate::common::{build_id_of, shadowpatch, write_manifest, Run};
 use shadowpatch_fixtures::{build_patch, Patch};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,53 +147,6 @@ fn a_kept_window_is_verified_clean_left_alone_by_watch_heal_and_rolled_back() {
     assert_eq!(load.finish(), 0, "lighttpd answered every request");
 }
 
-/// A running agent (`--watch-after-apply`), killed on drop.
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Agent {
-    fn start(dir: &Path, extra: &[&str]) -> Agent {
-        let socket = dir.join("agent.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
-            .arg("agent")
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--agent-socket")
-            .arg(&socket)
-            .arg("--app-socket")
-            .arg(dir.join("app.sock"))
-            .args(["--metrics-listen", "off", "--watch-interval", "20ms"])
-            .args(extra)
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the agent starts");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("\"ready\""), "{line}");
-        Agent { child, socket }
-    }
-
-    fn cli(&self, state: &Path, args: &[&str]) -> Run {
-        shadowpatch_env(
-            state,
-            args,
-            &[("SHADOWPATCH_AGENT_SOCKET", self.socket.to_str().unwrap())],
-        )
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn the_agents_watcher_leaves_a_window_it_kept_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -202,7 +154,11 @@ fn the_agents_watcher_leaves_a_window_it_kept_alone() {
     let pid_text = server.child.id().to_string();
     let state = dir.path().join("state");
     let load = Load::start(server.port);
-    let agent = Agent::start(dir.path(), &["--watch-after-apply", "1500ms"]);
+    let agent = Agent::start_with(
+        dir.path(),
+        &["--watch-interval", "20ms", "--watch-after-apply", "1500ms"],
+        &[],
+    );
     let watching = agent.cli(&state, &["watch", &pid_text, "--agent", "--heal"]);
     assert_eq!(watching.code, 0, "{}{}", watching.stdout, watching.stderr);
     let manifest = mime_manifest(dir.path());

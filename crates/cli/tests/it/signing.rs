@@ -4,7 +4,7 @@
 //! by the CLI and by the agent; a patch signed by a trusted key applies and
 //! the history names the signer; a malformed policy is bad input.
 
-use crate::agent_gate::Agent;
+use crate::common::agent::Agent;
 use crate::common::{
     anonymous_code_mappings, assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest, Run,
 };

@@ -5,11 +5,10 @@
 //! the policy applied; a patch that recurses without end is survived
 //! through the CLI and the target answers correctly afterwards.
 
+use crate::common::agent::Agent;
 use crate::common::{assert_bad_input, build_id_of, shadowpatch, shadowpatch_env, write_manifest, Run};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn manifest(dir: &Path, target: &Running, id: &str, with: &str) -> String {
@@ -150,73 +149,20 @@ fn endless_recursion_under_watch_is_survived_through_the_cli() {
     assert_eq!(check["errors"], 0, "every call answered correctly: {check:?}");
 }
 
-/// A running agent, killed on drop (SIGKILL: it may be killed earlier).
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-    ready: serde_json::Value,
+/// A test agent that watches every apply for 3 s.
+fn watching_agent(dir: &Path) -> Agent {
+    Agent::start_with(dir, &["--watch-after-apply", "3s"], &[])
 }
 
-impl Agent {
-    fn start(dir: &Path) -> Agent {
-        let socket = dir.join("agent.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
-            .arg("agent")
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--agent-socket")
-            .arg(&socket)
-            .arg("--app-socket")
-            .arg(dir.join("app.sock"))
-            .args(["--metrics-listen", "off", "--watch-after-apply", "3s"])
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the agent starts");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        assert_eq!(ready["event"], "ready", "{ready}");
-        Agent { child, socket, ready }
-    }
-
-    fn cli(&self, state: &Path, args: &[&str]) -> Run {
-        shadowpatch_env(
-            state,
-            args,
-            &[("SHADOWPATCH_AGENT_SOCKET", self.socket.to_str().unwrap())],
-        )
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn window(&self, pid: i32) -> serde_json::Value {
-        self.ready["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["pid"] == pid)
-            .map(|t| t["window"].clone())
-            .unwrap_or_else(|| panic!("no target {pid} in {}", self.ready))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Target `pid`'s window as the agent's ready line reported it.
+fn window_of(agent: &Agent, pid: i32) -> serde_json::Value {
+    agent.target(pid)["window"].clone()
 }
 
 /// Start an agent apply of `id` in the background and kill the agent -9
 /// once the window is live (its saved state appears).
 fn kill_agent_mid_window(dir: &Path, state: &Path, target: &Running, id: &str) -> PathBuf {
-    let agent = Agent::start(dir);
+    let agent = watching_agent(dir);
     let manifest = manifest(dir, target, id, "work_fn_fine");
     let pid_text = target.pid().to_string();
     let (socket, state_for_apply) = (agent.socket.clone(), state.to_path_buf());
@@ -279,8 +225,8 @@ fn an_agent_killed_mid_window_finishes_the_window_when_it_restarts() {
     // Resumed: the saved window is taken up for its remaining time and the
     // (exercised, harmless) patch kept.
     kill_agent_mid_window(dir.path(), &state, &target, "resumed");
-    let agent = Agent::start(dir.path());
-    let window = agent.window(pid);
+    let agent = watching_agent(dir.path());
+    let window = window_of(&agent, pid);
     assert_eq!(window["action"], "resuming", "{}", agent.ready);
     assert_eq!(window["patch_id"], "resumed", "{window}");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -324,8 +270,8 @@ fn an_agent_killed_mid_window_finishes_the_window_when_it_restarts() {
     // Cannot be judged: its saved window is lost, so it is rolled back.
     let saved = kill_agent_mid_window(dir.path(), &state, &target, "lost");
     std::fs::remove_file(&saved).unwrap();
-    let agent = Agent::start(dir.path());
-    let window = agent.window(pid);
+    let agent = watching_agent(dir.path());
+    let window = window_of(&agent, pid);
     assert_eq!(window["action"], "rolled_back", "{}", agent.ready);
     assert!(
         window["reason"].as_str().unwrap().contains("cannot be judged"),
