@@ -27,6 +27,10 @@ pub struct CompiledObject {
     pub source: PathBuf,
     pub object: PathBuf,
     pub arguments: Vec<String>,
+    /// The compiler's working directory, relative to the tree (absolute
+    /// when outside it).
+    #[serde(default)]
+    pub cwd: PathBuf,
 }
 
 /// What a build stage adds to each compile.
@@ -432,6 +436,88 @@ fn compiled_object(cwd: &Path, tree: &Path, arguments: &[String]) -> Option<Comp
         source: relative(cwd.join(source)),
         object: relative(object),
         arguments: arguments.to_vec(),
+        cwd: relative(cwd.to_path_buf()),
+    })
+}
+
+/// Compile `compiled` (recorded by a build of `built_in`) again from the
+/// sources of `tree`, with `flags` added, into `output`; nothing is
+/// written inside `tree`. This gives the original side of the comparison
+/// for exactly the objects the patched build recompiled, with the same
+/// arguments, instead of a second whole build of the tree: `tree` is the
+/// reference build (its generated headers are there), so the compiler
+/// sees the unpatched sources. Paths into `built_in` in the arguments are
+/// mapped into `tree`; dependency-file options are dropped (they would
+/// write beside the sources).
+pub fn recompile(
+    compiled: &CompiledObject,
+    built_in: &Path,
+    tree: &Path,
+    output: &Path,
+    flags: Flags,
+    log: &Path,
+) -> Result<(), BuildError> {
+    let from = built_in.to_string_lossy().into_owned();
+    let to = tree.to_string_lossy().into_owned();
+    let map = |a: &str| {
+        if from.is_empty() {
+            a.to_string()
+        } else {
+            a.replace(&from, &to)
+        }
+    };
+    let mut arguments = Vec::new();
+    let mut i = 0;
+    while i < compiled.arguments.len() {
+        let a = compiled.arguments[i].as_str();
+        match a {
+            "-o" | "-MF" | "-MT" | "-MQ" => i += 2,
+            "-MD" | "-MMD" | "-MP" | "-M" | "-MM" => i += 1,
+            _ if a.starts_with("-o")
+                || a.starts_with("-MF")
+                || a.starts_with("-MT")
+                || a.starts_with("-MQ")
+                || a.starts_with("-Wp,-MD")
+                || a.starts_with("-Wp,-MMD") =>
+            {
+                i += 1
+            }
+            _ => {
+                arguments.push(map(a));
+                i += 1;
+            }
+        }
+    }
+    arguments.extend(flags.extra().split_whitespace().map(str::to_string));
+    arguments.push("-o".into());
+    arguments.push(output.to_string_lossy().into_owned());
+    let cwd = tree.join(&compiled.cwd);
+    let compiler = if is_cplusplus(&compiled.source) { "g++" } else { "gcc" };
+    let real = find_in_path(compiler).ok_or_else(|| BuildError::Input(format!("{compiler} is not installed")))?;
+    let result = Command::new(&real)
+        .args(&arguments)
+        .current_dir(&cwd)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| BuildError::io(&real, e))?;
+    if result.status.success() {
+        return Ok(());
+    }
+    let mut text = format!("cd {} && {} {}\n", cwd.display(), real.display(), arguments.join(" ")).into_bytes();
+    text.extend_from_slice(&result.stderr);
+    let _ = std::fs::write(log, &text);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    let tail = stderr
+        .lines()
+        .find(|l| l.contains("error:"))
+        .or_else(|| stderr.lines().rfind(|l| !l.trim().is_empty()))
+        .unwrap_or("failed")
+        .trim()
+        .to_string();
+    Err(BuildError::BuildFailed {
+        command: format!("{compiler} (the original of {})", compiled.object.display()),
+        tail,
+        log: log.to_path_buf(),
     })
 }
 

@@ -1,7 +1,10 @@
 //! Patches from a source diff (`shadowpatch build`): the tree is built
-//! three times in copies through a recording compiler wrapper — pristine
-//! (the reference, cached by source hash), then original and patched with a
-//! section per function and per variable — the two last are compared
+//! in copies through a recording compiler wrapper — pristine (the
+//! reference, cached by source hash), then, from a copy of it with the
+//! diff applied, the patched build (only what the diff touches is
+//! recompiled, with a section per function and per variable); each
+//! recompiled object's original is compiled again from the reference's
+//! sources with the same arguments and sections. The two are compared
 //! object by object, and the changed functions are written out as a patch
 //! object whose references to unchanged code and data are bound to the
 //! running binary, with the manifest `apply` takes.
@@ -135,8 +138,8 @@ pub struct Built {
 /// The steps reported to a progress display.
 pub const STEPS: [&str; 6] = [
     "reference build",
-    "original build",
     "patched build",
+    "original objects",
     "comparing objects",
     "binding to the target",
     "writing the patch",
@@ -178,30 +181,20 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
     let hash = driver::tree_hash(&source, &command)?;
 
     step(0, STEPS[0]);
-    // The reference and the original are independent builds of the same
-    // tree: run side by side, they take about the time of one on two cores.
-    let (reference, original) = std::thread::scope(|scope| {
-        let reference = scope.spawn(|| match &request.reference_tree {
-            Some(tree) => Ok((tree.clone(), true)),
-            None => cached_build(&cache, &logs, "reference", &hash, &source, &command, Flags::Pristine),
-        });
-        let original = cached_build(&cache, &logs, "original", &hash, &source, &command, Flags::Sections);
-        (
-            reference.join().expect("the reference build thread does not panic"),
-            original,
-        )
-    });
-    let (reference_tree, reference_cached) = reference?;
-    step(1, STEPS[1]);
-    let (original_tree, _) = original?;
+    let (reference_tree, reference_cached) = match &request.reference_tree {
+        Some(tree) => (tree.clone(), true),
+        None => cached_build(&cache, &logs, "reference", &hash, &source, &command, Flags::Pristine)?,
+    };
 
-    step(2, STEPS[2]);
+    step(1, STEPS[1]);
     let work = tempfile::Builder::new()
         .prefix("patched-")
         .tempdir_in(&cache)
         .map_err(|e| BuildError::io(&cache, e))?;
     let patched_tree = work.path().join("tree");
-    driver::copy_tree(&original_tree, &patched_tree)?;
+    // From the reference build, so the build system recompiles only what
+    // the diff touches (with sections added by the wrapper).
+    driver::copy_tree(&reference_tree, &patched_tree)?;
     let mut diff_text = String::new();
     for diff in &request.diffs {
         driver::apply_diff(&patched_tree, diff)?;
@@ -225,7 +218,7 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
             .filter(|o| !recompiled.contains_key(*o))
             .cloned()
             .collect(),
-        None => original_objects(&original_tree)
+        None => original_objects(&reference_tree)
             .into_iter()
             .filter(|o| !recompiled.contains_key(o))
             .collect(),
@@ -235,6 +228,16 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
             detail: " (no object was recompiled)".into(),
         });
     }
+
+    step(2, STEPS[2]);
+    let originals = compile_originals(
+        &recompiled,
+        &patched_tree,
+        &reference_tree,
+        &work.path().join("original"),
+        &logs,
+        &hash,
+    )?;
 
     step(3, STEPS[3]);
     let changed_lines = source::changed_lines(&diff_text);
@@ -261,14 +264,13 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
     let mut cplusplus = false;
     for compiled in recompiled.values() {
         cplusplus |= driver::is_cplusplus(&compiled.source);
-        let original_object = original_tree.join(&compiled.object);
-        if !original_object.is_file() {
+        let Some(original_object) = originals.get(&compiled.object) else {
             return Err(BuildError::Refused {
                 symbol: compiled.object.display().to_string(),
                 reason: "a new source file; add new code to an existing file".into(),
             });
-        }
-        let original = Unit::open(&original_object)?;
+        };
+        let original = Unit::open(original_object)?;
         let patched = Unit::open(&patched_tree.join(&compiled.object))?;
         let patched_source = std::fs::read_to_string(patched_tree.join(&compiled.source)).unwrap_or_default();
         let mut touched = source::lines_for(&changed_lines, &compiled.source)
@@ -525,6 +527,53 @@ fn demangled_error(error: BuildError) -> BuildError {
         },
         other => other,
     }
+}
+
+/// The original of each object the patched build recompiled: compiled
+/// again from the reference tree's sources with the same arguments and
+/// sections added, into `folder` (see [`driver::recompile`]), a few at a
+/// time. A source the reference tree lacks (a new file) has none.
+fn compile_originals(
+    recompiled: &BTreeMap<PathBuf, CompiledObject>,
+    patched_tree: &Path,
+    reference_tree: &Path,
+    folder: &Path,
+    logs: &Path,
+    hash: &str,
+) -> Result<BTreeMap<PathBuf, PathBuf>, BuildError> {
+    std::fs::create_dir_all(folder).map_err(|e| BuildError::io(folder, e))?;
+    let jobs: Vec<(usize, &CompiledObject)> = recompiled
+        .values()
+        .filter(|c| reference_tree.join(&c.source).is_file())
+        .enumerate()
+        .collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(jobs.len().max(1));
+    let results: Vec<Result<(PathBuf, PathBuf), BuildError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|worker| {
+                let jobs = &jobs;
+                scope.spawn(move || {
+                    jobs.iter()
+                        .skip(worker)
+                        .step_by(workers)
+                        .map(|(index, compiled)| {
+                            let output = folder.join(format!("{index}.o"));
+                            let log = logs.join(format!("original-{hash}-{index}.log"));
+                            driver::recompile(compiled, patched_tree, reference_tree, &output, Flags::Sections, &log)?;
+                            Ok((compiled.object.clone(), output))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("an original compile thread does not panic"))
+            .collect()
+    });
+    results.into_iter().collect()
 }
 
 /// The objects a (cached) build compiled, from its `objects.json`.
