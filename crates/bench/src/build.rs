@@ -1,9 +1,9 @@
 //! `shadowpatch bench --only build`: `shadowpatch build`'s time against
 //! its floor measured in the same run: one pristine build of the tree plus
 //! a rebuild of what the diff changes (plain `make`, no wrapper). Cold:
-//! an empty cache (reference, original and patched builds). Warm: the
-//! reference and original cached, as for a second patch to the same
-//! binary. The tree is the build crate's test fixture (embedded).
+//! an empty cache (reference build, patched rebuild, originals of the
+//! recompiled objects). Warm: the reference cached, as for a second patch
+//! to the same binary. The tree is the build crate's test fixture (embedded).
 
 use crate::support::{print_json, Context, Percentiles};
 use serde::Serialize;
@@ -25,7 +25,7 @@ pub struct BuildBench {
     pub floor_ms: Percentiles,
     /// `build` with an empty cache, ms.
     pub cold_ms: Percentiles,
-    /// `build` with the reference and original cached, ms.
+    /// `build` with the reference cached, ms.
     pub warm_ms: Percentiles,
     pub cold_ratio: f64,
     pub warm_ratio: f64,

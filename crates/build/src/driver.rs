@@ -260,10 +260,17 @@ impl Wrapper {
         let cxx_names = ["c++", "g++", "x86_64-linux-gnu-g++"];
         for (names, real) in [(c_names, "gcc"), (cxx_names, "g++")] {
             let real = find_in_path(real).ok_or_else(|| BuildError::Input(format!("{real} is not installed")))?;
+            // Shell builtins only: a compile costs the wrapper's `sh` and
+            // nothing else (each `date`, `tr` or `mv` spawned per compile
+            // was most of a small tree's build time). One file per
+            // process, named by its pid (a pid is never two live
+            // compilers at once; a reused one gets a `+`), NUL-separated
+            // (arguments may hold newlines), ordered by mtime when read.
             let script = format!(
                 "#!/bin/sh\n# shadowpatch build: records each compile, then runs the real compiler.\n\
-                 rec=\"{records}/$$.$(date +%s%N)\"\n\
-                 {{ printf '%s\\n' \"$PWD\"; for a in \"$@\"; do printf '%s\\n' \"$a\" | tr '\\n' ' '; printf '\\n'; done; }} > \"$rec.tmp\" && mv \"$rec.tmp\" \"$rec\"\n\
+                 rec=\"{records}/$$\"\n\
+                 while [ -e \"$rec\" ]; do rec=\"$rec+\"; done\n\
+                 printf '%s\\000' \"$PWD\" \"$@\" > \"$rec\"\n\
                  exec {real} \"$@\" {extra}\n",
                 records = records.display(),
                 real = real.display(),
@@ -383,21 +390,31 @@ impl Wrapper {
         Ok(linked)
     }
 
-    /// Each compiler invocation recorded: its working directory and arguments.
+    /// Each compiler invocation recorded: its working directory and
+    /// arguments, in the order they were written.
     fn records(&self) -> Result<Vec<(PathBuf, Vec<String>)>, BuildError> {
-        let mut entries: Vec<_> = std::fs::read_dir(&self.records)
-            .map_err(|e| BuildError::io(&self.records, e))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_none_or(|e| e != "tmp"))
-            .collect();
+        let mut entries = Vec::new();
+        for entry in std::fs::read_dir(&self.records).map_err(|e| BuildError::io(&self.records, e))? {
+            let entry = entry.map_err(|e| BuildError::io(&self.records, e))?;
+            let written = entry.metadata().and_then(|m| m.modified()).ok();
+            entries.push((written, entry.path()));
+        }
         entries.sort();
         let mut records = Vec::new();
-        for record in entries {
-            let text = std::fs::read_to_string(&record).map_err(|e| BuildError::io(&record, e))?;
-            let mut lines = text.lines();
-            let Some(cwd) = lines.next() else { continue };
-            records.push((PathBuf::from(cwd), lines.map(|l| l.trim_end().to_string()).collect()));
+        for (_, record) in entries {
+            let bytes = std::fs::read(&record).map_err(|e| BuildError::io(&record, e))?;
+            let mut fields = bytes
+                .split(|b| *b == 0)
+                .map(|field| String::from_utf8_lossy(field).into_owned());
+            let Some(cwd) = fields.next().filter(|cwd| !cwd.is_empty()) else {
+                continue;
+            };
+            let mut arguments: Vec<String> = fields.collect();
+            // The terminator after the last argument leaves one empty field.
+            if arguments.last().is_some_and(String::is_empty) {
+                arguments.pop();
+            }
+            records.push((PathBuf::from(cwd), arguments));
         }
         Ok(records)
     }
@@ -569,7 +586,7 @@ mod tests {
             let lines: Vec<&str> = arguments.split(' ').collect();
             std::fs::write(
                 wrapper.records.join(name),
-                format!("{}\n{}\n", cwd.display(), lines.join("\n")),
+                format!("{}\0{}\0", cwd.display(), lines.join("\0")),
             )
             .unwrap();
         };
