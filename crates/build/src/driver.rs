@@ -69,18 +69,32 @@ pub fn default_build_command(tree: &Path) -> Result<String, BuildError> {
             return Ok("make -j2".into());
         }
     }
-    let kind = if tree.join("CMakeLists.txt").is_file() {
-        "a CMake tree"
-    } else if tree.join("meson.build").is_file() {
-        "a Meson tree"
-    } else {
-        "no Makefile"
-    };
+    // CMake and Meson record the absolute source and build folders when
+    // they configure, and the patched build runs in a copy of the built
+    // reference: reusing the copied build folder as is would compile the
+    // reference's sources. CMake is configured again in place (its cache
+    // removed; unchanged objects stay, so only what the diff touches is
+    // recompiled); Meson's build folder cannot be moved, so it is made
+    // anew (every object recompiled: correct, slower).
+    if tree.join("CMakeLists.txt").is_file() {
+        return Ok(format!(
+            "rm -f {CONFIGURED}/CMakeCache.txt && cmake -S . -B {CONFIGURED} >/dev/null && cmake --build {CONFIGURED} -j2"
+        ));
+    }
+    if tree.join("meson.build").is_file() {
+        return Ok(format!(
+            "rm -rf {CONFIGURED} && meson setup {CONFIGURED} >/dev/null && ninja -C {CONFIGURED}"
+        ));
+    }
     Err(BuildError::Input(format!(
-        "{}: {kind}; give the build command with --build-cmd",
+        "{}: no Makefile, CMakeLists.txt, meson.build or debian/rules; give the build command with --build-cmd",
         tree.display()
     )))
 }
+
+/// The build folder of the default CMake and Meson commands, inside the
+/// copy of the tree.
+pub const CONFIGURED: &str = ".shadowpatch-build";
 
 /// Copy `from` into a new folder `to` (which must not exist), keeping
 /// modification times so a later `make` rebuilds only what changed.

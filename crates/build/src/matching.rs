@@ -130,8 +130,12 @@ fn signature(code: &[u8], address: u64) -> blake3::Hash {
         if is_relative(&instruction) {
             for i in 0..instruction.op_count() {
                 hasher.update(&[instruction.op_kind(i) as u8, instruction.op_register(i) as u8]);
+                // Only real immediates: `immediate64()` of an instruction
+                // without one reads the displacement, which differs.
+                if crate::target::is_immediate(instruction.op_kind(i)) {
+                    hasher.update(&instruction.immediate(i).to_le_bytes());
+                }
             }
-            hasher.update(&instruction.immediate64().to_le_bytes());
         } else {
             hasher.update(&code[start..start + instruction.len()]);
         }

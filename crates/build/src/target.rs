@@ -271,6 +271,23 @@ pub fn bytes_at(bytes: &[u8], address: u64, size: u64) -> Option<&[u8]> {
     None
 }
 
+/// Whether an operand is an immediate (its value is `Instruction::immediate(i)`).
+pub(crate) fn is_immediate(kind: iced_x86::OpKind) -> bool {
+    use iced_x86::OpKind::*;
+    matches!(
+        kind,
+        Immediate8
+            | Immediate8_2nd
+            | Immediate16
+            | Immediate32
+            | Immediate64
+            | Immediate8to16
+            | Immediate8to32
+            | Immediate8to64
+            | Immediate32to64
+    )
+}
+
 /// Two functions' code with what linking decides masked: every
 /// instruction's memory displacement and branch target are zeroed, so
 /// the same code linked at other addresses compares equal.
@@ -300,13 +317,49 @@ pub fn same_code_masked(a: &[u8], a_address: u64, b: &[u8], b_address: u64) -> b
         }
         // Same instruction, other displacement: compare everything else
         // (the operands' registers and immediates).
+        // (`immediate64()` of an instruction with no 64-bit immediate
+        // reads storage that holds the displacement: each immediate is
+        // compared by its operand instead.)
         let same_rest = x.op_count() == y.op_count()
-            && (0..x.op_count()).all(|i| x.op_kind(i) == y.op_kind(i) && x.op_register(i) == y.op_register(i))
-            && x.immediate64() == y.immediate64()
+            && (0..x.op_count()).all(|i| {
+                x.op_kind(i) == y.op_kind(i)
+                    && x.op_register(i) == y.op_register(i)
+                    && (!is_immediate(x.op_kind(i)) || x.immediate(i) == y.immediate(i))
+            })
             && x.memory_base() == y.memory_base();
         if !same_rest {
             return false;
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_code_masked;
+
+    #[test]
+    fn masking_ignores_displacements_only() {
+        // lea rcx,[rip+0xdde]; mov edx,0x11 (gcc's assert: the function
+        // name and the line), in two builds whose string layout differs.
+        let a = [0x48, 0x8d, 0x0d, 0xde, 0x0d, 0, 0, 0xba, 0x11, 0, 0, 0];
+        let mut b = a;
+        b[3] = 0xfe;
+        assert!(same_code_masked(&a, 0x124b, &b, 0x124b));
+        // Another line number is another function.
+        let mut line = a;
+        line[8] = 0x12;
+        assert!(!same_code_masked(&a, 0x124b, &line, 0x124b));
+        // Another register, same displacement change: different.
+        let mut register = b;
+        register[2] = 0x35;
+        assert!(!same_code_masked(&a, 0x124b, &register, 0x124b));
+        // An immediate beside a displacement: add dword [rip+d],1 vs ,2.
+        let add = [0x83, 0x05, 0x35, 0x2e, 0, 0, 0x01];
+        let mut other = add;
+        other[2] = 0x45;
+        assert!(same_code_masked(&add, 0x1230, &other, 0x1230));
+        other[6] = 0x02;
+        assert!(!same_code_masked(&add, 0x1230, &other, 0x1230));
+    }
 }

@@ -3,6 +3,7 @@
 //! `tests/data/calc` and the C++ tree in `tests/data/shapes` with the real
 //! gcc/g++ and make.
 
+mod build_systems;
 mod common;
 mod cxx;
 mod differ;
