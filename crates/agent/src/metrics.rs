@@ -84,6 +84,10 @@ pub struct Metrics {
     /// New processes of a persisted patch's scope left unpatched because
     /// their build-id changed (a package upgrade).
     pub persist_build_id_changed: AtomicU64,
+    /// Forked processes that took over their ancestor's patch state.
+    pub adoptions: AtomicU64,
+    /// Forked processes whose adoption was refused (each counted once).
+    pub adoptions_refused: AtomicU64,
     /// The same counts per target (pid, comm, unit; bounded).
     pub per_target: PerTarget,
 }
@@ -106,6 +110,8 @@ impl Default for Metrics {
             recoveries: AtomicU64::new(0),
             persist_applies: AtomicU64::new(0),
             persist_build_id_changed: AtomicU64::new(0),
+            adoptions: AtomicU64::new(0),
+            adoptions_refused: AtomicU64::new(0),
             per_target: PerTarget::default(),
         }
     }
@@ -217,6 +223,18 @@ impl Metrics {
             "counter",
             "Persisted patches applied to processes that appeared after the rule was made.",
             load(&self.persist_applies),
+        );
+        gauge(
+            "shadowpatch_adoptions_total",
+            "counter",
+            "Processes forked from patched targets that the agent adopted (took over their ancestor's patch state).",
+            load(&self.adoptions),
+        );
+        gauge(
+            "shadowpatch_adoptions_refused_total",
+            "counter",
+            "Processes forked from patched targets whose adoption was refused (the history says why).",
+            load(&self.adoptions_refused),
         );
         gauge(
             "shadowpatch_persist_build_id_changed_total",

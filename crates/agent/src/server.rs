@@ -63,6 +63,9 @@ pub struct AgentConfig {
     /// How often persisted patches' scopes are swept for new processes
     /// (`ops::persist`); `None`: never.
     pub persist_interval: Option<std::time::Duration>,
+    /// How often patched targets' descendants are looked for processes to
+    /// adopt (`ops::adopt_descendants`); `None`: never.
+    pub follow_interval: Option<std::time::Duration>,
 }
 
 /// What happened to one target at start-up.
@@ -143,6 +146,28 @@ impl Agent {
         }
     }
 
+    /// Adopt the processes patched targets fork, about every `interval`,
+    /// for as long as the agent runs (`ops::adopt_descendants`).
+    fn follow_loop(&self, interval: std::time::Duration) {
+        let mut tried = std::collections::BTreeSet::new();
+        loop {
+            let followed = shadowpatch_ops::adopt_descendants(&self.config.state_dir, &mut tried);
+            for adopted in &followed.adopted {
+                tracing::info!(pid = adopted.pid, "{}", adopted.describe());
+            }
+            for (pid, error) in &followed.refused {
+                tracing::warn!(pid, %error, "a forked process was not adopted");
+            }
+            self.metrics
+                .adoptions
+                .fetch_add(followed.adopted.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .adoptions_refused
+                .fetch_add(followed.refused.len() as u64, Ordering::Relaxed);
+            std::thread::sleep(interval);
+        }
+    }
+
     /// Recover every target, resume the persisted watchers, bind the
     /// sockets and the metrics port, and start serving on threads.
     pub fn start(config: AgentConfig) -> Result<(Arc<Agent>, StartReport), AgentError> {
@@ -219,6 +244,10 @@ impl Agent {
         if let Some(interval) = config.persist_interval {
             let persisting = Arc::clone(&agent);
             spawn("persist", move || persisting.persist_loop(interval))?;
+        }
+        if let Some(interval) = config.follow_interval {
+            let following = Arc::clone(&agent);
+            spawn("follow", move || following.follow_loop(interval))?;
         }
         let report = StartReport {
             event: "ready",

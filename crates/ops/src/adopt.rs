@@ -293,6 +293,69 @@ pub fn adopt_if_forked(state_dir: &Path, pid: i32) -> Result<Option<Adopted>, Op
     Ok(Some(adopted))
 }
 
+/// What one pass of [`adopt_descendants`] did.
+#[derive(Debug, Default)]
+pub struct Followed {
+    pub adopted: Vec<Adopted>,
+    /// Processes whose adoption was refused (each tried once), with why.
+    pub refused: Vec<(i32, String)>,
+}
+
+/// Adopt every process forked from a patched target that has no state of
+/// its own yet: the agent's fork follower calls this every
+/// `--follow-interval`, so a worker a master forks after an apply (a
+/// reload, a respawn after a crash) is known while its ancestor is
+/// alive: `rollback --tree` reaches it, and it stays adoptable after its
+/// parent exits (an orphan's PPid chain no longer leads to the state).
+///
+/// Polling, not the netlink proc connector: the connector needs
+/// `CAP_NET_ADMIN` and a socket of its own per agent, reports every fork
+/// on the host, and drops events under load (`ENOBUFS`), after which a
+/// scan like this one is needed anyway. A pass reads the process table
+/// once and looks only at descendants of patched targets. `tried` holds
+/// the (pid, start time) of processes refused before: a refusal is
+/// recorded once, not every pass.
+pub fn adopt_descendants(state_dir: &Path, tried: &mut std::collections::BTreeSet<(i32, u64)>) -> Followed {
+    let mut followed = Followed::default();
+    let Ok(listed) = crate::targets::list(state_dir) else {
+        return followed;
+    };
+    let roots: std::collections::BTreeSet<i32> = listed
+        .targets
+        .iter()
+        .filter(|t| t.liveness == crate::targets::Liveness::Alive && !t.active_patches.is_empty())
+        .map(|t| t.pid)
+        .collect();
+    if roots.is_empty() {
+        return followed;
+    }
+    let with_state: std::collections::BTreeSet<(i32, u64)> =
+        listed.targets.iter().map(|t| (t.pid, t.start_time)).collect();
+    for member in crate::set::descendants(&roots) {
+        let Ok(identity) = ProcessIdentity::of(member.pid) else {
+            continue;
+        };
+        let key = (member.pid, identity.start_time);
+        if with_state.contains(&key) || tried.contains(&key) {
+            continue;
+        }
+        match adopt_if_forked(state_dir, member.pid) {
+            Ok(Some(adopted)) => followed.adopted.push(adopted),
+            // Forked before any patch, or exec'd: its own code; look again
+            // only if it ever gets a new start time.
+            Ok(None) => {
+                tried.insert(key);
+            }
+            Err(error) => {
+                tried.insert(key);
+                followed.refused.push((member.pid, error.to_string()));
+            }
+        }
+    }
+    tried.retain(|(pid, start)| ProcessIdentity::of(*pid).is_ok_and(|identity| identity.start_time == *start));
+    followed
+}
+
 /// Whether `dir` holds a target's own state: a generation or a journal
 /// record, and no adoption left half-done.
 fn has_own_state(dir: &Path) -> bool {

@@ -29,7 +29,7 @@ pub mod targets;
 pub mod variables;
 pub mod window;
 
-pub use adopt::{adopt_if_forked, Adopted};
+pub use adopt::{adopt_descendants, adopt_if_forked, Adopted, Followed};
 pub use analysis::{AnalysisReport, AnalysisSettings};
 pub use apply::{apply, Applied, ApplyRequest, ApplyResult, Refused};
 pub use build::{build, BuildOutcome};

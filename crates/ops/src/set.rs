@@ -671,6 +671,26 @@ pub fn with_state(state_dir: &Path, members: Vec<Member>) -> (Vec<Member>, usize
     (kept, without)
 }
 
+/// Every live descendant of `roots` (not the roots), parents before
+/// their children, from one read of the process table.
+pub fn descendants(roots: &BTreeSet<i32>) -> Vec<Member> {
+    let table = process_table();
+    let mut found = Vec::new();
+    let mut frontier: Vec<i32> = roots.iter().copied().collect();
+    let mut seen = roots.clone();
+    while !frontier.is_empty() {
+        let mut next = Vec::new();
+        for member in table.values().filter(|m| frontier.contains(&m.ppid)) {
+            if seen.insert(member.pid) {
+                next.push(member.pid);
+                found.push(member.clone());
+            }
+        }
+        frontier = next;
+    }
+    found
+}
+
 /// Every process: pid → (comm, ppid), from /proc/PID/stat.
 fn process_table() -> BTreeMap<i32, Member> {
     let mut table = BTreeMap::new();

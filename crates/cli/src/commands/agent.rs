@@ -46,6 +46,9 @@ pub struct AgentArgs {
     /// How often the scopes of persisted patches (`apply --persist`) are swept for new processes; 0 to never.
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     pub persist_interval: String,
+    /// How often the processes patched targets fork are looked for and adopted (a reload's or a respawn's new workers); 0 to never.
+    #[arg(long, default_value = "200ms", value_name = "DURATION")]
+    pub follow_interval: String,
 }
 
 pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
@@ -95,9 +98,8 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
                 })?,
         )
     };
-    let persist_interval = humantime::parse_duration(&args.persist_interval)
-        .map_err(|e| BadInput(format!("--persist-interval {}: {e}", args.persist_interval)))?;
-    let persist_interval = (!persist_interval.is_zero()).then_some(persist_interval);
+    let persist_interval = interval("--persist-interval", &args.persist_interval)?;
+    let follow_interval = interval("--follow-interval", &args.follow_interval)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
@@ -111,6 +113,7 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
         watch,
         watch_after_apply,
         persist_interval,
+        follow_interval,
     })
     .map_err(|e| match e.failure_kind() {
         shadowpatch_agent::FailureKind::BadInput => anyhow::Error::new(BadInput(e.to_string())),
@@ -180,4 +183,10 @@ pub fn run_unwatch(context: &Context, pid: i32) -> anyhow::Result<i32> {
         println!("the agent no longer watches pid {pid}");
     }
     Ok(0)
+}
+
+/// A period flag's value; 0 turns the loop off.
+fn interval(flag: &str, text: &str) -> Result<Option<std::time::Duration>, BadInput> {
+    let period = humantime::parse_duration(text).map_err(|e| BadInput(format!("{flag} {text}: {e}")))?;
+    Ok((!period.is_zero()).then_some(period))
 }

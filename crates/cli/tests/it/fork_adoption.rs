@@ -351,3 +351,47 @@ fn nginx_workers_started_by_a_reload_of_the_patched_master_are_adopted_and_rolle
         );
     }
 }
+
+#[test]
+fn the_agent_adopts_a_child_as_it_is_forked() {
+    let mut setup = setup();
+    let home = setup.state.parent().unwrap().to_path_buf();
+    let _agent = crate::common::agent::Agent::start_with(&home, &["--follow-interval", "50ms"], &[]);
+    setup.apply_to_parent();
+    let child = setup.fork("fork");
+    // No command names the child: the agent finds and adopts it, so it is
+    // known (listed, verifiable) even if its parent exits first.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let adopted = loop {
+        let listed = shadowpatch(&setup.state, &["list", "--json"]).json();
+        let entry = listed["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["pid"] == child)
+            .cloned();
+        if let Some(entry) = entry.filter(|e| e["active_patches"] == serde_json::json!(["fork-work"])) {
+            break entry;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never adopted pid {child}: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(adopted["liveness"], "alive", "{adopted}");
+    let history = shadowpatch(&setup.state, &["history", "--kind", "adopt", "--json"]).json();
+    let events = history["events"]
+        .as_array()
+        .or(history.as_array())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        events.iter().any(|e| e["pid"] == child && e["outcome"] == "ok"),
+        "{history}"
+    );
+    let pid = child.to_string();
+    let verified = shadowpatch(&setup.state, &["verify", &pid]);
+    assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
+    assert_eq!(setup.child_exit(child), PATCHED_EXIT);
+}
