@@ -3,7 +3,7 @@
 //! state as of the fork (verify clean against that generation, rollback
 //! restores the original code in the child alone); a child forked before
 //! the patch, or one that exec'd, is its own clean program. Then Debian's
-//! nginx: the master patched, `nginx -s reload`, the new workers known,
+//! nginx: the master patched, `nginx -s reload` and a killed worker respawned, the new workers known,
 //! verified and rolled back as a tree.
 
 use crate::common::{build_id_of, shadowpatch, write_manifest};
@@ -274,7 +274,7 @@ fn nginx_bodies(port: u16, n: usize) -> std::collections::BTreeSet<String> {
 }
 
 #[test]
-fn nginx_workers_started_by_a_reload_of_the_patched_master_are_adopted_and_rolled_back() {
+fn nginx_workers_started_by_a_reload_or_a_respawn_of_the_patched_master_are_adopted_and_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
     let nginx = start_nginx(dir.path());
     let master = nginx.master.id() as i32;
@@ -331,6 +331,31 @@ fn nginx_workers_started_by_a_reload_of_the_patched_master_are_adopted_and_rolle
         assert_eq!(outcome["adopted"]["ancestor_pid"], master, "{outcome}");
     }
 
+    // A worker dies; the master forks its replacement, patched like its
+    // sibling, and `--tree` reaches it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new_workers[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new_workers = loop {
+        let now = children_of(master);
+        if now.len() == 2 && !now.contains(&new_workers[0]) {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the master never respawned the worker: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        nginx_bodies(nginx.port, 20),
+        ["arg=patched".to_string()].into(),
+        "the respawned worker carries the patch"
+    );
+
     let rolled = shadowpatch(&state, &["rollback", &root, "--tree", "--json"]);
     assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
     let members: Vec<i64> = rolled.json()["members"]
@@ -340,7 +365,12 @@ fn nginx_workers_started_by_a_reload_of_the_patched_master_are_adopted_and_rolle
         .filter(|m| m["outcome"] == "rolled_back")
         .map(|m| m["pid"].as_i64().unwrap())
         .collect();
-    assert_eq!(members.len(), 3, "master and both new workers: {}", rolled.stdout);
+    assert_eq!(
+        members.len(),
+        3,
+        "master, the reload's worker and the respawned one: {}",
+        rolled.stdout
+    );
     assert_eq!(nginx_bodies(nginx.port, 20), ["arg=original".to_string()].into());
     for pid in new_workers.iter().chain([&master]) {
         let verified = shadowpatch(&state, &["verify", &pid.to_string(), "--json"]).json();
