@@ -191,6 +191,19 @@ fn a_cgroup_is_patched_member_by_member_and_bad_sets_are_refused() {
     assert_bad_input(&watched, "--watch applies to one process");
     let restore = shadowpatch(&state, &["rollback", &root, "--tree", "--restore-state"]);
     assert_bad_input(&restore, "--restore-state applies to one process");
+    // A tree in which no process maps the manifest's module: analyze and
+    // apply say so, exit 2.
+    let other = Running::start(Fixture::AnalysisTarget, &[]).unwrap();
+    let other_root = other.pid().to_string();
+    for command in ["analyze", "apply"] {
+        let none = shadowpatch(
+            &state,
+            &[command, &other_root, manifest, "--tree", "--context-secs", "0"],
+        );
+        assert_bad_input(&none, "maps");
+        assert!(none.stderr.contains(&other_root), "{command}: {}", none.stderr);
+    }
+    assert_untouched(other.pid());
     // Refused before anything was read or written: no state, target as it was.
     assert!(!state.join("targets").exists(), "nothing recorded for a refused set");
     assert_untouched(first.pid());
