@@ -46,6 +46,8 @@ pub struct AgentArgs {
     /// How often the scopes of persisted patches (`apply --persist`) are swept for new processes; 0 to never.
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     pub persist_interval: String,
+    #[command(flatten)]
+    pub predictor: super::analyze::PredictorArgs,
 }
 
 pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
@@ -98,6 +100,10 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
     let persist_interval = humantime::parse_duration(&args.persist_interval)
         .map_err(|e| BadInput(format!("--persist-interval {}: {e}", args.persist_interval)))?;
     let persist_interval = (!persist_interval.is_zero()).then_some(persist_interval);
+    let predictor = args.predictor.settings();
+    if let Some(settings) = &predictor {
+        settings.check().map_err(|e| BadInput(e.to_string()))?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
@@ -111,6 +117,7 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
         watch,
         watch_after_apply,
         persist_interval,
+        predictor,
     })
     .map_err(|e| match e.failure_kind() {
         shadowpatch_agent::FailureKind::BadInput => anyhow::Error::new(BadInput(e.to_string())),
