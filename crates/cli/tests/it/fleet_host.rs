@@ -4,8 +4,10 @@
 //! target untouched; and with the real service (`shadowpatch predictor
 //! serve`), two hosts whose watches roll a crashing patch back make a
 //! third host's analysis of the same patch refuse with `fleet-history`,
-//! naming the service's model.
+//! naming the service's model. The agent's `--predictor` scores the
+//! applies it makes and its outcomes are queued like the CLI's.
 
+use crate::common::agent::Agent;
 use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest, Run};
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use std::io::{BufRead, BufReader};
@@ -140,6 +142,52 @@ fn with_the_service_down_the_local_model_decides_and_says_why() {
 }
 
 #[test]
+fn the_agent_scores_with_its_predictor_and_queues_what_it_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = closed_port_url();
+    let agent = Agent::start_with(dir.path(), &["--predictor", &url, "--predictor-host", "agent-host"]);
+    // The agent's state directory is DIR/state: the host's is the same.
+    let host = Host::start("state", dir.path());
+    let pid = host.pid();
+    let manifest = host.manifest(dir.path(), "fine", "work_fn_fine");
+    // The request names no predictor: the agent's own is asked.
+    let apply = agent.cli(
+        &host.state,
+        &["apply", &pid, &manifest, "--json", "--context-secs", "0"],
+    );
+    assert_eq!(apply.code, 0, "{}{}", apply.stdout, apply.stderr);
+    let applied = apply.json();
+    assert_eq!(applied["by_agent"], true, "{applied}");
+    assert_eq!(applied["decided_by"]["kind"], "local", "{applied}");
+    assert!(
+        applied["decided_by"]["why"].as_str().unwrap().contains(&url),
+        "{applied}"
+    );
+    let rollback = agent.cli(&host.state, &["rollback", &pid, "--json"]);
+    assert_eq!(rollback.code, 0, "{}{}", rollback.stdout, rollback.stderr);
+    let kinds: Vec<(String, String)> = host
+        .outbox()
+        .iter()
+        .map(|e| {
+            (
+                e["outcome"]["kind"].as_str().unwrap().into(),
+                e["outcome"]["host"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("applied".into(), "agent-host".into()),
+            ("withdrawn".into(), "agent-host".into())
+        ],
+        "{:?}",
+        host.outbox()
+    );
+    assert_untouched(host.target.pid());
+}
+
+#[test]
 fn a_bad_predictor_address_is_refused_before_anything() {
     let dir = tempfile::tempdir().unwrap();
     let host = Host::start("host-a", dir.path());
@@ -168,6 +216,22 @@ fn a_bad_predictor_address_is_refused_before_anything() {
         ],
     );
     assert_bad_input(&run, "--predictor-token /nonexistent/token");
+    let app_socket = dir.path().join("app.sock");
+    let agent = shadowpatch(
+        &host.state,
+        &[
+            "agent",
+            "--predictor",
+            "ftp://127.0.0.1:1",
+            "--metrics-listen",
+            "off",
+            "--agent-socket",
+            dir.path().join("agent.sock").to_str().unwrap(),
+            "--app-socket",
+            app_socket.to_str().unwrap(),
+        ],
+    );
+    assert_bad_input(&agent, "not an http:// URL");
     assert_untouched(host.target.pid());
     assert!(!host.state.join("fleet-outbox.jsonl").exists());
 }

@@ -14,6 +14,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path) -> Agent {
+        Agent::start_with(dir, &[])
+    }
+
+    /// With further `agent` options (e.g. `--predictor URL`).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Agent {
         let socket = dir.join("agent.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_shadowpatch"))
             .arg("agent")
@@ -31,6 +36,7 @@ impl Agent {
                 "--persist-interval",
                 "100ms",
             ])
+            .args(extra)
             .env_remove("NOTIFY_SOCKET")
             .stdout(Stdio::piped())
             .spawn()
