@@ -288,3 +288,91 @@ pub fn watch_outcome(report: &crate::health_watch::WatchReport) -> OutcomeKind {
         (Decision::Rollback, _) => OutcomeKind::RolledBack,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read};
+    use std::net::TcpListener;
+
+    fn context(url: &str) -> FleetContext {
+        FleetContext {
+            predictor: PredictorSettings {
+                url: url.into(),
+                token_file: None,
+                timeout_secs: 0.5,
+                host: Some("host-a".into()),
+            },
+            patch_id: "fix".into(),
+            analysis_id: Some("a-1".into()),
+            build_id: Some("abcd".into()),
+            features: BTreeMap::from([("static.bytes_changed".to_string(), 86.0)]),
+        }
+    }
+
+    /// Answer one `POST /v1/outcomes` with an acknowledgement; its body comes back.
+    fn acknowledging_stub(listener: TcpListener) -> std::thread::JoinHandle<Vec<Outcome>> {
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let outcomes: Vec<Outcome> = serde_json::from_slice(&body).unwrap();
+            let answer = format!(r#"{{"stored":{}}}"#, outcomes.len());
+            write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            )
+            .unwrap();
+            outcomes
+        })
+    }
+
+    #[test]
+    fn an_outcome_waits_in_the_outbox_until_the_service_answers() {
+        let state = tempfile::tempdir().unwrap();
+        // Reserve a port, closed for now: the outcome is queued, not lost.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        report(
+            state.path(),
+            &context(&url),
+            OutcomeKind::Crashed,
+            Some("crash: SIGSEGV".into()),
+        );
+        report(state.path(), &context("http://127.0.0.1:1"), OutcomeKind::Kept, None);
+        assert_eq!(waiting(state.path()), 2);
+        // The service is back: the next contact sends what waits for it, only that.
+        let Ok(listener) = TcpListener::bind(url.trim_start_matches("http://")) else {
+            return; // the port was taken meanwhile: nothing to prove here
+        };
+        let stub = acknowledging_stub(listener);
+        send(state.path(), &context(&url).predictor);
+        let sent = stub.join().unwrap();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].kind, OutcomeKind::Crashed);
+        assert_eq!(sent[0].host, "host-a");
+        assert_eq!(sent[0].analysis_id.as_deref(), Some("a-1"));
+        assert_eq!(sent[0].features["static.bytes_changed"], 86.0);
+        assert_eq!(waiting(state.path()), 1, "the other service's outcome stays");
+    }
+
+    #[test]
+    fn outcomes_follow_the_watch_and_the_rollback_cause() {
+        assert_eq!(rollback_outcome("command"), OutcomeKind::Withdrawn);
+        assert_eq!(rollback_outcome("window-lost"), OutcomeKind::Withdrawn);
+        assert_eq!(rollback_outcome("request"), OutcomeKind::RolledBack);
+    }
+}
