@@ -63,9 +63,10 @@ pub enum ControlRequest {
         manifest: PathBuf,
         attempts: u32,
         force: bool,
-        /// How to analyse (defaults as the CLI's).
+        /// How to analyse (defaults as the CLI's); boxed, as the largest
+        /// request by far.
         #[serde(default)]
-        analysis: shadowpatch_ops::AnalysisSettings,
+        analysis: Box<shadowpatch_ops::AnalysisSettings>,
     },
     Rollback {
         state_dir: PathBuf,

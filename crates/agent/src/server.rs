@@ -66,6 +66,9 @@ pub struct AgentConfig {
     /// How often patched targets' descendants are looked for processes to
     /// adopt (`ops::adopt_descendants`); `None`: never.
     pub follow_interval: Option<std::time::Duration>,
+    /// The fleet predictor for applies whose request names none (and the
+    /// persisted patches' sweeps); their outcomes are reported to it.
+    pub predictor: Option<shadowpatch_predict::PredictorSettings>,
 }
 
 /// What happened to one target at start-up.
@@ -116,7 +119,10 @@ impl Agent {
             match shadowpatch_ops::persist::rules(&self.config.state_dir) {
                 Ok(rules) => {
                     seen.retain(|id, _| rules.iter().any(|r| &r.id == id));
-                    for rule in rules {
+                    for mut rule in rules {
+                        if rule.request.analysis.predictor.is_none() {
+                            rule.request.analysis.predictor = self.config.predictor.clone();
+                        }
                         let sweep = shadowpatch_ops::persist::sweep(
                             &self.config.state_dir,
                             &rule,
@@ -437,7 +443,7 @@ impl Agent {
                 if let Err(error) = private.take(peer.uid, &signature, MAX_MANIFEST_BYTES) {
                     tracing::debug!(%error, "no signature taken");
                 }
-                let mut analysis = analysis.clone();
+                let mut analysis = (**analysis).clone();
                 // The log may grow while the analysis samples it: not
                 // copied, but read through the agent's own descriptor of
                 // the file checked (`/proc/self/fd/N` reopens that inode,
@@ -448,9 +454,17 @@ impl Agent {
                     *log = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)));
                     held_logs.push(file);
                 }
-                for file in [&mut analysis.model, &mut analysis.vectors].into_iter().flatten() {
+                let token = analysis.predictor.as_mut().and_then(|p| p.token_file.as_mut());
+                for file in [analysis.model.as_mut(), analysis.vectors.as_mut(), token]
+                    .into_iter()
+                    .flatten()
+                {
                     let original = crate::inputs::normal_absolute(file)?;
                     *file = private.take(peer.uid, &original, MAX_OBJECT_BYTES)?.1;
+                }
+                if analysis.predictor.is_none() {
+                    // The agent's own predictor (its token is the agent's file).
+                    analysis.predictor = self.config.predictor.clone();
                 }
                 let request = ApplyRequest {
                     pid: *pid,

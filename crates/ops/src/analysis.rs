@@ -4,7 +4,8 @@
 
 use crate::{bad_input, OpsError};
 use shadowpatch_patch::survey::Survey;
-use shadowpatch_predict::engine::{analyze_detailed, AnalysisRequest, Analyzed};
+use shadowpatch_predict::engine::{analyze_detailed, built_in_scorer, AnalysisRequest, Analyzed};
+use shadowpatch_predict::remote_client::{AskedPatch, DecidedBy, Predictor, PredictorSettings, RemoteScorer};
 use shadowpatch_predict::simulate::{
     parse_call, parse_vectors, CaptureLimit, Limits, Progress, SimulationOptions, SimulationSection,
 };
@@ -37,6 +38,9 @@ pub struct AnalysisSettings {
     pub vectors: Option<PathBuf>,
     /// CPU each simulated call may use, in milliseconds.
     pub sim_budget_ms: u64,
+    /// The fleet predictor that scores the risk (`None`: this host's
+    /// model); when it fails, this host's model decides and says why.
+    pub predictor: Option<PredictorSettings>,
 }
 
 impl Default for AnalysisSettings {
@@ -52,6 +56,7 @@ impl Default for AnalysisSettings {
             calls: Vec::new(),
             vectors: None,
             sim_budget_ms: 1000,
+            predictor: None,
         }
     }
 }
@@ -60,7 +65,8 @@ impl AnalysisSettings {
     /// Files the analysis reads on the requester's behalf (the agent checks
     /// they are the requester's own).
     pub fn files(&self) -> Vec<&Path> {
-        [&self.log, &self.model, &self.vectors]
+        let token = self.predictor.as_ref().and_then(|p| p.token_file.as_ref());
+        [self.log.as_ref(), self.model.as_ref(), self.vectors.as_ref(), token]
             .into_iter()
             .flatten()
             .map(PathBuf::as_path)
@@ -142,11 +148,17 @@ pub struct AnalysisReport {
     pub timings_ms: BTreeMap<String, f64>,
     /// What scored the risk.
     pub scorer: String,
+    /// Who scored it: the fleet predictor, or this host's model and why.
+    #[serde(default)]
+    pub decided_by: DecidedBy,
+    /// The build-id the patch targets (manifest), hex.
+    #[serde(default)]
+    pub build_id: Option<String>,
     pub duration_us: u64,
 }
 
 impl AnalysisReport {
-    fn of(analyzed: Analyzed, duration_us: u64) -> Self {
+    fn of(analyzed: Analyzed, build_id: String, duration_us: u64) -> Self {
         AnalysisReport {
             pid: analyzed.identity.pid,
             start_time: analyzed.identity.start_time,
@@ -154,6 +166,8 @@ impl AnalysisReport {
             analysis: analyzed.analysis,
             timings_ms: analyzed.timings_ms,
             scorer: analyzed.scorer,
+            decided_by: analyzed.decided_by,
+            build_id: Some(build_id),
             duration_us,
         }
     }
@@ -204,6 +218,8 @@ struct Parts {
     limits: Limits,
     sections: Vec<Box<dyn shadowpatch_predict::Section>>,
     scorer: Option<Box<dyn shadowpatch_predict::RiskScorer>>,
+    /// The fleet predictor asked first, and its settings.
+    predictor: Option<(Predictor, PredictorSettings)>,
 }
 
 impl Parts {
@@ -225,6 +241,15 @@ impl Parts {
             }
             None => shadowpatch_predict::standard_sections(None),
         };
+        // Checked before any work: a bad address is bad input, while a
+        // service that fails to answer later leaves the local model to decide.
+        let predictor = match &settings.predictor {
+            Some(predictor) => Some((
+                predictor.check().map_err(|e| bad_input(e.to_string()))?,
+                predictor.clone(),
+            )),
+            None => None,
+        };
         let scorer = match model_path(state_dir, settings.model.as_deref()) {
             Some(path) => {
                 let model = ModelRisk::load(&path).map_err(|e| bad_input(e.to_string()))?;
@@ -237,6 +262,7 @@ impl Parts {
             limits: settings.limits(),
             sections,
             scorer,
+            predictor,
         })
     }
 
@@ -256,9 +282,38 @@ impl Parts {
                 })));
         }
         request.scorer = self.scorer;
+        if let Some((predictor, _)) = &self.predictor {
+            // The local model the engine would use decides when the service fails.
+            let local = request.scorer.take().unwrap_or_else(|| {
+                let (scorer, note) = built_in_scorer();
+                if let Some(note) = note {
+                    tracing::warn!("{note}");
+                }
+                scorer
+            });
+            let patch = AskedPatch {
+                patch_id: survey.manifest.id.clone(),
+                build_id: Some(survey.manifest.target.build_id.clone()),
+                program: survey.identity.exe.as_ref().map(|p| p.display().to_string()),
+            };
+            request.scorer = Some(Box::new(RemoteScorer::new(
+                predictor.clone(),
+                patch,
+                request.policy,
+                local,
+            )));
+        }
         let started = Instant::now();
         let analyzed = analyze_detailed(request)?;
-        let report = AnalysisReport::of(analyzed, started.elapsed().as_micros() as u64);
+        let report = AnalysisReport::of(
+            analyzed,
+            survey.manifest.target.build_id.clone(),
+            started.elapsed().as_micros() as u64,
+        );
+        if let (Some((_, settings)), DecidedBy::Service { .. }) = (&self.predictor, &report.decided_by) {
+            // The service answers: outcomes it missed go now.
+            crate::fleet::send(state_dir, settings);
+        }
         if let Err(error) = record(state_dir, &report, cause) {
             // The history is a record, not a safety mechanism.
             tracing::warn!("could not record the analysis in the event history: {error}");
@@ -281,6 +336,7 @@ fn record(state_dir: &Path, report: &AnalysisReport, cause: &str) -> Result<(), 
                 "analysis": report.analysis,
                 "timings_ms": report.timings_ms,
                 "scorer": report.scorer,
+                "decided_by": report.decided_by,
             })),
     )?;
     Ok(())

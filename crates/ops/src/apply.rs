@@ -6,6 +6,7 @@
 //! The CLI and the agent run exactly this.
 
 use crate::analysis::{analyze_surveyed, refusal, AnalysisReport, AnalysisSettings, ProgressSink};
+use crate::fleet::FleetContext;
 use crate::health_watch::{apply_and_watch, WatchArgs, WatchReport};
 use crate::variables::{after_apply, before_apply};
 use crate::OpsError;
@@ -13,6 +14,7 @@ use shadowpatch_failure::{Classify, FailureClass};
 use shadowpatch_health::Decision;
 use shadowpatch_patch::survey::{originals_of, prepare_survey, survey_input, Survey};
 use shadowpatch_patch::{ApplyOptions, ApplyOutcome, PatchInput};
+use shadowpatch_predict::remote::OutcomeKind;
 use shadowpatch_predict::Verdict;
 use shadowpatch_process::ProcessIdentity;
 use shadowpatch_signing::SignatureCheck;
@@ -110,8 +112,12 @@ pub fn apply(
     let manifest = &input.manifest;
     let analysis = analyze_surveyed(state_dir, &survey, &request.analysis, "apply", progress)?;
     let refused = analysis.analysis.verdict == Verdict::Refuse;
+    let fleet = FleetContext::of(&request.analysis, &analysis);
     if refused && !request.force {
         let (message, class) = refusal(&analysis.analysis);
+        if let Some(context) = &fleet {
+            crate::fleet::report(state_dir, context, OutcomeKind::Refused, Some(message.clone()));
+        }
         record(
             state_dir,
             request,
@@ -139,6 +145,12 @@ pub fn apply(
     // `rollback --restore-state` once the patch is active.
     let before = before_apply(state_dir, pid)?;
     let patch_id = manifest.id.clone();
+    // The watch's verdict goes to the predictor that judged the patch.
+    let watch = watch.map(|args| WatchArgs {
+        fleet: fleet.clone(),
+        ..args.clone()
+    });
+    let watch = watch.as_ref();
     let result = prepare_survey(survey).map_err(OpsError::from).and_then(|prepared| {
         let warnings = prepared.warnings.clone();
         let (outcome, report) = match watch {
@@ -174,6 +186,12 @@ pub fn apply(
         },
     );
     let (outcome, watch, warnings) = result?;
+    if let (Some(context), None) = (&fleet, &watch) {
+        // A watched apply reports its window's verdict instead (`run_window`).
+        crate::fleet::remember(state_dir, pid, analysis.start_time, context);
+        let cause = forced.then(|| "applied with --force over the analysis's refusal".to_string());
+        crate::fleet::report(state_dir, context, OutcomeKind::Applied, cause);
+    }
     let kept = watch.as_ref().is_none_or(|w| w.decision == Decision::Keep);
     let state_snapshot = match before {
         Some(taken) if kept => after_apply(state_dir, pid, &outcome.patch_id, taken)?,

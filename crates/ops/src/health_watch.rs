@@ -92,6 +92,11 @@ pub struct WatchArgs {
     pub max_window: Duration,
     #[serde(default = "default_unexercised")]
     pub unexercised: UnexercisedPolicy,
+    /// The fleet predictor the window's verdict is reported to (set by
+    /// `apply` when the analysis had one; saved with the window, so a
+    /// resumed window reports too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::FleetContext>,
 }
 
 fn default_min_calls() -> u64 {
@@ -143,6 +148,7 @@ impl WatchArgs {
             min_calls: DEFAULT_MIN_CALLS,
             max_window: DEFAULT_MAX_WINDOW.max(Duration::from_secs_f64(watch_secs.clamp(0.0, 3600.0))),
             unexercised: UnexercisedPolicy::Rollback,
+            fleet: None,
         })
     }
 
@@ -180,6 +186,9 @@ pub struct HealthRun {
     pub exit_code: Option<i32>,
     pub elapsed_ms: u64,
     pub message: String,
+    /// Killed at `--health-timeout`: the service hung.
+    #[serde(default)]
+    pub timed_out: bool,
 }
 
 /// Run `sh -c CMD` (with SHADOWPATCH_PID set), killed after `timeout`: a
@@ -202,6 +211,7 @@ fn run_health(command: &str, pid: i32, timeout: Duration) -> HealthRun {
                 exit_code: None,
                 elapsed_ms: 0,
                 message: format!("health command `{command}` could not start: {e}"),
+                timed_out: false,
             }
         }
     };
@@ -218,6 +228,7 @@ fn run_health(command: &str, pid: i32, timeout: Duration) -> HealthRun {
                     } else {
                         format!("health command `{command}` failed ({status})")
                     },
+                    timed_out: false,
                 };
             }
             Ok(None) if started.elapsed() >= timeout => {
@@ -231,6 +242,7 @@ fn run_health(command: &str, pid: i32, timeout: Duration) -> HealthRun {
                         "health command `{command}` did not finish within {:.1} s: timed out, treated as a failure",
                         timeout.as_secs_f64()
                     ),
+                    timed_out: true,
                 };
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
@@ -240,6 +252,7 @@ fn run_health(command: &str, pid: i32, timeout: Duration) -> HealthRun {
                     exit_code: None,
                     elapsed_ms: started.elapsed().as_millis() as u64,
                     message: format!("health command `{command}`: {e}"),
+                    timed_out: false,
                 }
             }
         }
@@ -580,6 +593,22 @@ pub(crate) fn run_window(
             .details(serde_json::to_value(&report).unwrap_or_default()),
     );
     crate::window::forget(state_dir, pid);
+    if let Some(context) = &args.fleet {
+        // After the decision is carried out: the service never delays a rollback.
+        crate::fleet::report(
+            state_dir,
+            context,
+            crate::fleet::watch_outcome(&report),
+            Some(format!("{}: {}", report.cause, report.reason)),
+        );
+        // A kept patch's later rollback is reported with the same context.
+        if let Ok(identity) = shadowpatch_process::ProcessIdentity::of(pid) {
+            match report.decision {
+                Decision::Keep => crate::fleet::remember(state_dir, pid, identity.start_time, context),
+                Decision::Rollback => drop(crate::fleet::take(state_dir, pid, identity.start_time, patch_id)),
+            }
+        }
+    }
     Ok(report)
 }
 

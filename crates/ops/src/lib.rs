@@ -18,6 +18,7 @@ pub mod analysis;
 pub mod apply;
 pub mod build;
 pub mod build_debian;
+pub mod fleet;
 pub mod heal;
 pub mod health_watch;
 pub mod mirror;

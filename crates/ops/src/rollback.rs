@@ -42,6 +42,10 @@ pub fn rollback(state_dir: &Path, request: &RollbackRequest) -> Result<RolledBac
         None
     };
     let rollback = shadowpatch_patch::rollback_with_cause(state_dir, pid, request.patch_id.as_deref(), &request.cause)?;
+    // Done: only now is the fleet predictor told (never before the rollback).
+    if let Ok(identity) = shadowpatch_process::ProcessIdentity::of(pid) {
+        crate::fleet::report_rollback(state_dir, pid, identity.start_time, &rollback.patch_id, &request.cause);
+    }
     let restored_state = match &pre {
         Some(pre) => Some(
             restore(state_dir, pid, pre, shadowpatch_patch::activate::DEFAULT_ATTEMPTS).map_err(|error| {

@@ -222,6 +222,18 @@ pub fn finish_left_window(
             Ok(_) => ("rolled_back", reason),
             Err(error) => ("error", format!("{reason} failed: {error}")),
         };
+        let fleet = match &saved {
+            Some(Ok(saved)) => saved.args.fleet.clone().filter(|c| c.patch_id == patch.id),
+            _ => None,
+        };
+        if let (Some(context), Ok(_)) = (fleet, &result) {
+            crate::fleet::report(
+                state_dir,
+                &context,
+                crate::fleet::rollback_outcome("window-lost"),
+                Some(format!("window-lost: {reason}")),
+            );
+        }
         record(
             state_dir,
             &identity,
@@ -284,6 +296,14 @@ pub fn finish_left_window(
                     tracing::warn!(pid, %error, "could not resume the watch window: rolling back");
                     let rolled =
                         shadowpatch_patch::rollback_with_cause(&state_dir, pid, Some(&patch_id), "window-lost");
+                    if let (Some(context), Ok(_)) = (&args.fleet, &rolled) {
+                        crate::fleet::report(
+                            &state_dir,
+                            context,
+                            crate::fleet::rollback_outcome("window-lost"),
+                            Some(format!("window-lost: the window could not be taken up: {error}")),
+                        );
+                    }
                     if let Ok(identity) = ProcessIdentity::of(pid) {
                         record(
                             &state_dir,

@@ -11,6 +11,7 @@
 use crate::context::{read_context, ContextOptions};
 use crate::finding::{Analysis, Class, Evidence, Explanation, Finding, Severity, Source, Term, VerdictPolicy};
 use crate::model::simulated_calls;
+use crate::remote_client::DecidedBy;
 use crate::static_analysis::analyze_static;
 use crate::PredictError;
 use shadowpatch_patch::survey::Survey;
@@ -59,6 +60,33 @@ pub trait RiskScorer: std::fmt::Debug {
             formula: self.describe(),
             ..Explanation::default()
         }
+    }
+    /// Findings the scorer itself makes (the fleet's history of this
+    /// patch), asked after `score`: the engine adds them before the
+    /// verdict (a harm among them blocks).
+    fn extra_findings(&self) -> Vec<Finding> {
+        Vec::new()
+    }
+    /// Who scored, for the report (asked after `score`).
+    fn decided_by(&self) -> DecidedBy {
+        DecidedBy::Local {
+            model: self.describe(),
+            why: None,
+        }
+    }
+}
+
+/// What the simulation gave as evidence, from the analysis's features.
+pub fn evidence_of(features: &BTreeMap<String, f64>) -> Evidence {
+    let simulated = simulated_calls(features);
+    Evidence {
+        simulated_calls: simulated as u32,
+        live_calls: if simulated > 0.0 {
+            count(features, "sim_captured_calls")
+        } else {
+            0
+        },
+        inconclusive_calls: count(features, "sim_inconclusive"),
     }
 }
 
@@ -127,6 +155,18 @@ impl RiskScorer for InterimRisk {
     }
 }
 
+/// The built-in model ([`crate::model::ModelRisk::embedded`]), else
+/// [`InterimRisk`] with the note saying why.
+pub fn built_in_scorer() -> (Box<dyn RiskScorer>, Option<String>) {
+    match crate::model::ModelRisk::embedded() {
+        Ok(model) => (Box::new(model), None),
+        Err(error) => (
+            Box::new(InterimRisk),
+            Some(format!("risk model: {error}; the risk is the interim formula")),
+        ),
+    }
+}
+
 /// One analysis to run, of a patch read and surveyed once by the caller.
 #[derive(Debug)]
 pub struct AnalysisRequest<'a> {
@@ -166,6 +206,8 @@ pub struct Analyzed {
     pub timings_ms: BTreeMap<String, f64>,
     /// What scored the risk ([`RiskScorer::describe`]).
     pub scorer: String,
+    /// Who scored it: the fleet's service or this host's model, and why.
+    pub decided_by: DecidedBy,
 }
 
 /// Run the analysis `request` describes.
@@ -243,26 +285,26 @@ pub fn analyze_detailed(mut request: AnalysisRequest) -> Result<Analyzed, Predic
     let scorer: &dyn RiskScorer = match &request.scorer {
         Some(scorer) => scorer.as_ref(),
         None => {
-            default_scorer = match crate::model::ModelRisk::embedded() {
-                Ok(model) => Box::new(model),
-                Err(error) => {
-                    unavailable.push(format!("risk model: {error}; the risk is the interim formula"));
-                    Box::new(InterimRisk)
-                }
-            };
+            let note;
+            (default_scorer, note) = built_in_scorer();
+            unavailable.extend(note);
             default_scorer.as_ref()
         }
     };
     let risk = scorer.score(&findings, &features);
-    let evidence = Evidence {
-        simulated_calls: simulated as u32,
-        live_calls: if simulated > 0.0 {
-            count(&features, "sim_captured_calls")
-        } else {
-            0
-        },
-        inconclusive_calls: count(&features, "sim_inconclusive"),
-    };
+    // What only the scorer knows (the fleet's outcomes of this patch)
+    // joins the findings before the verdict; a harm among them blocks.
+    for mut finding in scorer.extra_findings() {
+        if finding.class == Class::Harm && finding.severity == Severity::Warning {
+            finding.severity = Severity::Blocking;
+        }
+        findings.push(finding);
+    }
+    let decided_by = scorer.decided_by();
+    if let DecidedBy::Local { why: Some(why), .. } = &decided_by {
+        unavailable.push(format!("{why}: the local model scored the risk"));
+    }
+    let evidence = evidence_of(&features);
     // A refusal on risk alone needs the simulation's evidence: on static
     // evidence only the model barely beats chance (held-out AUC 0.70,
     // PREDICTION.md) and extrapolates on patches unlike its corpus (a
@@ -299,6 +341,7 @@ pub fn analyze_detailed(mut request: AnalysisRequest) -> Result<Analyzed, Predic
         identity: report.identity,
         timings_ms,
         scorer: scorer.describe(),
+        decided_by,
     })
 }
 

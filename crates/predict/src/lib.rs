@@ -21,6 +21,7 @@ pub mod intent;
 pub use shadowpatch_finding as finding;
 pub mod model;
 pub mod remote;
+pub mod remote_client;
 pub mod simulate;
 pub mod static_analysis;
 pub mod watch_metrics;
@@ -33,4 +34,5 @@ pub use engine::{
 pub use error::PredictError;
 pub use finding::{Analysis, Class, Explanation, Finding, Severity, Source, Term, Verdict, VerdictPolicy};
 pub use model::{ModelError, ModelFile, ModelRisk};
+pub use remote_client::{DecidedBy, Predictor, PredictorSettings, RemoteScorer};
 pub use static_analysis::{analyze_static, survey_for_analysis, StaticReport};

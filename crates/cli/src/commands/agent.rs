@@ -49,6 +49,8 @@ pub struct AgentArgs {
     /// How often the processes patched targets fork are looked for and adopted (a reload's or a respawn's new workers); 0 to never.
     #[arg(long, default_value = "200ms", value_name = "DURATION")]
     pub follow_interval: String,
+    #[command(flatten)]
+    pub predictor: super::analyze::PredictorArgs,
 }
 
 pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
@@ -100,6 +102,10 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
     };
     let persist_interval = interval("--persist-interval", &args.persist_interval)?;
     let follow_interval = interval("--follow-interval", &args.follow_interval)?;
+    let predictor = args.predictor.settings();
+    if let Some(settings) = &predictor {
+        settings.check().map_err(|e| BadInput(e.to_string()))?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
@@ -114,6 +120,7 @@ pub fn run(context: &Context, args: &AgentArgs) -> anyhow::Result<i32> {
         watch_after_apply,
         persist_interval,
         follow_interval,
+        predictor,
     })
     .map_err(|e| match e.failure_kind() {
         shadowpatch_agent::FailureKind::BadInput => anyhow::Error::new(BadInput(e.to_string())),

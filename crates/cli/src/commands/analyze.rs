@@ -45,6 +45,43 @@ pub struct AnalysisArgs {
     /// Processor time each simulated call may use before it counts as hung, in milliseconds.
     #[arg(long, default_value_t = 1000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub sim_budget_ms: u64,
+    #[command(flatten)]
+    pub predictor: PredictorArgs,
+}
+
+/// The fleet predictor (`shadowpatch predictor serve`), shared by
+/// `analyze`, `apply` and `agent`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PredictorArgs {
+    /// The fleet prediction service that scores the risk (http://HOST:PORT); when it fails or is slow, this host's model decides and the report says why. Outcomes (applied, refused, kept, rolled back, crashed) are reported to it.
+    #[arg(long, value_name = "URL", env = "SHADOWPATCH_PREDICTOR")]
+    pub predictor: Option<String>,
+    /// A file holding the bearer token for --predictor.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SHADOWPATCH_PREDICTOR_TOKEN",
+        requires = "predictor"
+    )]
+    pub predictor_token: Option<PathBuf>,
+    /// Seconds --predictor may take to answer before this host's model decides.
+    #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
+    pub predictor_timeout: f64,
+    /// This host's name for the fleet (default: the hostname).
+    #[arg(long, value_name = "NAME", env = "SHADOWPATCH_HOST_NAME")]
+    pub predictor_host: Option<String>,
+}
+
+impl PredictorArgs {
+    /// The settings, unchecked (the operations layer checks them before any work).
+    pub fn settings(&self) -> Option<shadowpatch_predict::PredictorSettings> {
+        Some(shadowpatch_predict::PredictorSettings {
+            url: self.predictor.clone()?,
+            token_file: self.predictor_token.clone(),
+            timeout_secs: self.predictor_timeout,
+            host: self.predictor_host.clone(),
+        })
+    }
 }
 
 impl AnalysisArgs {
@@ -61,6 +98,7 @@ impl AnalysisArgs {
             calls: self.calls.clone(),
             vectors: self.vectors.clone(),
             sim_budget_ms: self.sim_budget_ms,
+            predictor: self.predictor.settings(),
         }
     }
 }
@@ -110,6 +148,7 @@ pub fn run(context: &Context, pid: i32, manifest: &Path, args: &AnalysisArgs) ->
             "explanation": report.analysis.explanation,
             "timings_ms": report.timings_ms,
             "scorer": report.scorer,
+            "decided_by": report.decided_by,
             "duration_us": report.duration_us,
         }));
     } else {
@@ -155,7 +194,13 @@ pub fn print_report(report: &AnalysisReport) {
     if analysis.findings.is_empty() {
         println!("  no findings");
     }
-    println!("  risk by {}", report.scorer);
+    // Which model decided, on one line (the service's, or ours and why).
+    match &report.decided_by {
+        shadowpatch_predict::DecidedBy::Local { model, why: None } if model.is_empty() => {
+            println!("  risk by {}", report.scorer)
+        }
+        decided_by => println!("  risk by {}", decided_by.line()),
+    }
     print_explanation(analysis);
     if !analysis.unavailable.is_empty() {
         println!(

@@ -55,7 +55,7 @@ pub fn run_apply(context: &Context, args: ApplyArgs) -> anyhow::Result<i32> {
                 manifest: request.manifest.clone(),
                 attempts: request.attempts,
                 force: request.force,
-                analysis: request.analysis.clone(),
+                analysis: Box::new(request.analysis.clone()),
             };
             match context.through_agent(&message) {
                 Ok(answer) => answer,
@@ -85,6 +85,7 @@ fn show_refused(context: &Context, refused: &Refused) -> i32 {
             "error": refused.message,
             "exit_code": code,
             "analysis": refused.analysis.analysis,
+            "decided_by": refused.analysis.decided_by,
         }));
     } else {
         print_report(&refused.analysis);
@@ -122,6 +123,7 @@ fn show_applied(context: &Context, applied: &Applied, by_agent: bool) -> i32 {
             "safe_point": applied.apply.safe_point,
             "analysis": applied.analysis.analysis,
             "analysis_us": applied.analysis.duration_us,
+            "decided_by": applied.analysis.decided_by,
             "forced": applied.forced,
             "signature": applied.signature,
             "warnings": applied.warnings,

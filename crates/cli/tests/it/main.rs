@@ -17,6 +17,7 @@ mod build_debian;
 mod demo;
 mod exit_codes;
 mod fleet;
+mod fleet_host;
 mod fork_adoption;
 mod history;
 mod keep_generation;
