@@ -6,8 +6,8 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use std::io::IsTerminal;
 use shadowpatch_fleet::serve::{serve, ServeOptions};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -61,23 +61,7 @@ enum Command {
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(error) => {
-            use clap::error::ErrorKind;
-            if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                error.exit();
-            }
-            let text = error.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("shadowpatch-predictor: error: {first} (see shadowpatch-predictor --help)");
-            std::process::exit(2);
-        }
-    };
+    let cli: Cli = shadowpatch_report::parse_args("shadowpatch-predictor");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHADOWPATCH_LOG")

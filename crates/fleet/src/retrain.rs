@@ -61,7 +61,10 @@ pub fn label(rows: &[LabelRow], now_ms: u64, benign_after_ms: u64) -> Vec<Sample
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
         samples.push(Sample {
-            id: format!("fleet:{}:{}:{}:{}", row.host, row.patch_id, row.build_id, row.at_unix_ms),
+            id: format!(
+                "fleet:{}:{}:{}:{}",
+                row.host, row.patch_id, row.build_id, row.at_unix_ms
+            ),
             group: format!("fleet:{}", row.patch_id),
             kind: "fleet".into(),
             harmful,
@@ -126,7 +129,8 @@ pub fn retrain(fleet: &[Sample], corpus: &[Sample], current: &ModelFile, current
         evaluation: serde_json::Value::Null,
     };
     let mut candidate = fitted.model(metadata);
-    let scores = |model: &ModelFile| -> Vec<f64> { split.test.iter().map(|s| model.probability(&s.features)).collect() };
+    let scores =
+        |model: &ModelFile| -> Vec<f64> { split.test.iter().map(|s| model.probability(&s.features)).collect() };
     let candidate_auc = auc(&scores(&candidate), &labels);
     let current_auc = auc(&scores(current), &labels);
     candidate.training.evaluation = serde_json::json!({
@@ -196,8 +200,16 @@ mod tests {
         let mut rows = Vec::new();
         for patch in 0..40 {
             let harmful = patch % 2 == 0;
-            let bytes = if harmful { 400.0 + patch as f64 } else { 10.0 + patch as f64 };
-            let kind = if harmful { OutcomeKind::Crashed } else { OutcomeKind::Kept };
+            let bytes = if harmful {
+                400.0 + patch as f64
+            } else {
+                10.0 + patch as f64
+            };
+            let kind = if harmful {
+                OutcomeKind::Crashed
+            } else {
+                OutcomeKind::Kept
+            };
             rows.push(row("h", &format!("p{patch}"), kind, patch, bytes));
         }
         let samples = label(&rows, 100, 1000);
@@ -217,6 +229,9 @@ mod tests {
             Retrained::Refuse { reason } => panic!("refused: {reason}"),
         }
         let one_class: Vec<Sample> = samples.iter().filter(|s| s.harmful).cloned().collect();
-        assert!(matches!(retrain(&one_class, &[], &current, &version), Retrained::Refuse { .. }));
+        assert!(matches!(
+            retrain(&one_class, &[], &current, &version),
+            Retrained::Refuse { .. }
+        ));
     }
 }

@@ -106,7 +106,9 @@ fn read_token(path: &Path) -> Result<String, ServeError> {
 /// The database URL: given, or SQLite under the state directory.
 pub fn database_url(database: Option<&str>, state_dir: &Path) -> Result<String, ServeError> {
     match database {
-        Some(url) if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+        Some(url)
+            if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") =>
+        {
             Ok(url.to_string())
         }
         Some(url) => Err(bad(format!(

@@ -11,8 +11,8 @@
 use serde::{Deserialize, Serialize};
 use shadowpatch_predict::remote::{ModelVersion, Outcome, OutcomeKind, VerdictRequest};
 use sqlx::any::AnyPoolOptions;
-use sqlx::AnyPool;
 use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
+use sqlx::AnyPool;
 use sqlx::{Row, SqlSafeStr};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -77,7 +77,10 @@ pub enum StorageError {
     #[error("database: {0}")]
     Query(#[from] sqlx::Error),
     #[error("database: stored {what} is not valid JSON: {source}")]
-    Corrupt { what: &'static str, source: serde_json::Error },
+    Corrupt {
+        what: &'static str,
+        source: serde_json::Error,
+    },
 }
 
 /// Outcomes of one patch on one build-id, per host and kind.

@@ -18,8 +18,11 @@ pub const FLEET_HISTORY: &str = "fleet-history";
 /// least one of them was harmful ([`OutcomeKind::is_harm`]), else info.
 /// The asking host's own outcomes are in its own event history.
 pub fn history_finding(history: &FleetHistory, asking_host: &str) -> Option<Finding> {
-    let others: BTreeMap<&String, &BTreeMap<String, u64>> =
-        history.by_host.iter().filter(|(host, _)| host.as_str() != asking_host).collect();
+    let others: BTreeMap<&String, &BTreeMap<String, u64>> = history
+        .by_host
+        .iter()
+        .filter(|(host, _)| host.as_str() != asking_host)
+        .collect();
     if others.is_empty() {
         return None;
     }
@@ -200,7 +203,11 @@ mod tests {
         assert_eq!((finding.code.as_str(), finding.class), (FLEET_HISTORY, Class::Harm));
         assert_eq!(finding.evidence["harmful_outcomes"], 1);
         assert_eq!(finding.evidence["harmed_hosts"], serde_json::json!(["h2"]));
-        assert!(refused.explanation.basis.contains(FLEET_HISTORY), "{}", refused.explanation.basis);
+        assert!(
+            refused.explanation.basis.contains(FLEET_HISTORY),
+            "{}",
+            refused.explanation.basis
+        );
         // h2 asking about its own crash: only h3's kept outcomes are news.
         let own = decide("c".into(), &request("h2"), &model, &version, &harmed);
         assert_ne!(own.verdict, Verdict::Refuse);
