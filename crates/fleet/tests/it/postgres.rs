@@ -1,7 +1,7 @@
 //! The service over a real PostgreSQL, started by the test in a temporary
 //! folder (unix socket only, its own port) and stopped on drop.
 
-use crate::support::{round_trip, Service};
+use crate::support::{outcome, round_trip, verdict_request, Service};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -59,14 +59,31 @@ impl Postgres {
             "-E",
             "UTF8",
         ]));
-        let options = format!("-k {} -p 5432 -c listen_addresses= -c fsync=off", socket_dir.display());
-        run(as_postgres(&bin.join("pg_ctl"))
+        let postgres = Postgres { bin, data, socket_dir };
+        postgres.resume();
+        postgres
+    }
+
+    /// `pg_ctl start` (waits until it accepts connections).
+    fn resume(&self) {
+        let options = format!(
+            "-k {} -p 5432 -c listen_addresses= -c fsync=off",
+            self.socket_dir.display()
+        );
+        run(as_postgres(&self.bin.join("pg_ctl"))
             .arg("-D")
-            .arg(&data)
+            .arg(&self.data)
             .args(["-o", &options, "-l"])
-            .arg(dir.join("postgres.log"))
+            .arg(self.socket_dir.join("postgres.log"))
             .args(["-w", "start"]));
-        Postgres { bin, data, socket_dir }
+    }
+
+    /// `pg_ctl stop -m immediate`: the database goes away under its clients.
+    fn halt(&self) {
+        run(as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]));
     }
 
     fn url(&self) -> String {
@@ -99,7 +116,46 @@ fn the_round_trip_on_postgresql_and_outcomes_survive_a_restart() {
     // Restarted on the same database: migrations already applied, the
     // outcomes still there.
     let service = Service::start(&state, &["--database", &url]);
-    let (_, verdict) = service.post("/v1/verdict", &crate::support::verdict_request("host-z", "fix-parser"));
+    let (_, verdict) = service.post("/v1/verdict", &verdict_request("host-z", "fix-parser"));
     assert_eq!(verdict["verdict"], "refuse", "{verdict}");
     assert_eq!(verdict["fleet_findings"][0]["evidence"]["outcomes"], 3, "{verdict}");
+}
+
+#[test]
+fn a_database_outage_answers_503_acknowledges_nothing_and_the_service_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let postgres = Postgres::start(dir.path());
+    let url = postgres.url();
+    let service = Service::start(
+        &dir.path().join("state"),
+        &["--database", &url, "--database-timeout", "1"],
+    );
+    assert_eq!(service.post("/v1/outcomes", &outcome("host-b", "p", "kept", 1)).0, 200);
+
+    postgres.halt();
+    let (status, body) = service.post("/v1/outcomes", &outcome("host-c", "p", "crashed", 2));
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("storage unavailable"),
+        "{body}"
+    );
+    let (status, body) = service.post("/v1/verdict", &verdict_request("host-a", "p"));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(service.request("GET", "/v1/health", None).0, 503);
+    // What needs no database still answers.
+    let (status, model) = service.request("GET", "/v1/model", None);
+    assert_eq!((status, model["name"].as_str()), (200, Some("built-in")));
+
+    postgres.resume();
+    let (status, verdict) = service.post("/v1/verdict", &verdict_request("host-a", "p"));
+    assert_eq!(status, 200, "{verdict}");
+    // Only the acknowledged outcome is there: the crash sent during the
+    // outage was answered 503 and not stored.
+    let finding = &verdict["fleet_findings"][0];
+    assert_eq!(
+        finding["evidence"]["by_kind"],
+        serde_json::json!({"kept": 1}),
+        "{verdict}"
+    );
+    assert_ne!(verdict["verdict"], "refuse");
 }
