@@ -12,6 +12,7 @@ mod agent;
 mod build;
 mod dirty;
 mod fleet;
+mod fleet_service;
 mod sections;
 mod simulation;
 mod support;
@@ -39,8 +40,8 @@ struct Cli {
     /// Size of the executable-like region for throughput, in MiB.
     #[arg(long)]
     region_mib: Option<u64>,
-    /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets; `build`: patches from a diff against the floor; `pause`: activation and rollback pauses against the floor; `fleet`: apply --all over 1,000 processes mapping a library against the floor, not part of the full run).
-    #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent", "build", "pause", "fleet"])]
+    /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets; `build`: patches from a diff against the floor; `pause`: activation and rollback pauses against the floor; `fleet`: apply --all over 1,000 processes mapping a library against the floor, not part of the full run; `fleet-service`: the fleet predictor's verdict latency against in-process scoring and its outcome ingestion, not part of the full run).
+    #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent", "build", "pause", "fleet", "fleet-service"])]
     only: Option<String>,
     /// Machine-readable JSON on stdout instead of text.
     #[arg(long)]
@@ -48,23 +49,7 @@ struct Cli {
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(error) => {
-            use clap::error::ErrorKind;
-            if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                error.exit();
-            }
-            let text = error.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("shadowpatch-bench: error: {first} (see shadowpatch-bench --help)");
-            std::process::exit(BAD_INPUT);
-        }
-    };
+    let cli: Cli = shadowpatch_report::parse_args("shadowpatch-bench");
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHADOWPATCH_LOG"))
         .with_writer(std::io::stderr)

@@ -171,6 +171,15 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
             }
             return Ok(0);
         }
+        Some("fleet-service") => {
+            let bench = crate::fleet_service::run(context.json, quick)?;
+            if context.json {
+                print_json(&bench);
+            } else {
+                crate::fleet_service::print(&bench);
+            }
+            return Ok(0);
+        }
         Some("dirty") => {
             let report = crate::dirty::run(context, quick)?;
             if context.json {
@@ -191,7 +200,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         }
         Some(other) => {
             return Err(crate::support::BadInput(format!(
-                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent, build, pause, fleet)"
+                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent, build, pause, fleet, fleet-service)"
             ))
             .into())
         }

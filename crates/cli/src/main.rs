@@ -262,10 +262,10 @@ enum Command {
     },
     /// Start a sample service and walk through mirror, verify, tamper, detect, restore.
     Demo,
-    /// The learned risk model: build its corpus, train, evaluate, show (runs `shadowpatch-train ARGS`).
+    /// The learned risk model: build its corpus, train, evaluate, show (runs `shadowpatch-train ARGS`); `serve` runs the fleet service (`shadowpatch-predictor serve ARGS`).
     #[command(disable_help_flag = true)]
     Predictor {
-        /// corpus | train | evaluate | show, and their flags (see `shadowpatch-train --help`).
+        /// corpus | train | evaluate | show, and their flags (see `shadowpatch-train --help`), or serve (see `shadowpatch-predictor serve --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

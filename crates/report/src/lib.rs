@@ -1,6 +1,7 @@
 //! What the `shadowpatch`, `shadowpatch-bench` and `shadowpatch-train`
 //! binaries share for showing results: percentiles of a sample, byte and
-//! throughput formatting, pretty JSON on stdout, and a progress bar. One
+//! throughput formatting, pretty JSON on stdout, a progress bar, and
+//! command-line usage errors on one line. One
 //! crate, so the three binaries (which cannot depend on one another) do not
 //! each carry a copy.
 
@@ -9,6 +10,34 @@
 mod progress;
 
 pub use progress::Progress;
+
+/// Parse the command line; a usage error is one line on stderr
+/// (`BINARY: error: ... (see BINARY --help)`) and exit 2, help and
+/// version print as clap prints them, and a missing subcommand prints the
+/// help and exits 2.
+pub fn parse_args<T: clap::Parser>(binary: &str) -> T {
+    use clap::error::ErrorKind;
+    match T::try_parse() {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                error.exit();
+            }
+            if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = error.print();
+                std::process::exit(2);
+            }
+            let text = error.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("{binary}: error: {first} (see {binary} --help)");
+            std::process::exit(2);
+        }
+    }
+}
 
 /// Min, median, 99th percentile and max of a sample.
 #[derive(Debug, serde::Serialize, Clone, Copy)]

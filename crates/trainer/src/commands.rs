@@ -49,6 +49,10 @@ pub enum PredictorCommand {
         /// How long an applied patch must stay to count as benign in the history (e.g. 24h).
         #[arg(long, default_value = "24h", value_name = "DURATION")]
         benign_after: String,
+        /// Also write the corpus's analysed samples here, one JSON line each (the fleet
+        /// predictor's `--corpus-samples` trains on them with the fleet's outcomes).
+        #[arg(long, value_name = "FILE")]
+        samples_out: Option<PathBuf>,
     },
     /// Evaluate a model (default: the one analyze uses) on its held-out split.
     Evaluate {
@@ -159,7 +163,15 @@ pub fn run(context: &Context, command: &PredictorCommand) -> anyhow::Result<i32>
             output,
             no_history,
             benign_after,
-        } => run_train(context, corpus, output.as_deref(), *no_history, benign_after),
+            samples_out,
+        } => run_train(
+            context,
+            corpus,
+            output.as_deref(),
+            *no_history,
+            benign_after,
+            samples_out.as_deref(),
+        ),
         PredictorCommand::Evaluate { corpus, model } => run_evaluate(context, corpus, model.as_deref()),
         PredictorCommand::Show { model } => run_show(context, model.as_deref()),
     }
@@ -302,12 +314,20 @@ fn run_train(
     output: Option<&Path>,
     no_history: bool,
     benign_after: &str,
+    samples_out: Option<&Path>,
 ) -> anyhow::Result<i32> {
     let benign_after_ms = humantime::parse_duration(benign_after)
         .map_err(|e| BadInput(format!("--benign-after {benign_after}: {e}")))?
         .as_millis() as u64;
     let (records, labels_origin) = args.read(context)?;
     let corpus = samples(context, args, &records)?;
+    if let Some(path) = samples_out {
+        let lines: String = corpus
+            .iter()
+            .map(|sample| serde_json::to_string(sample).expect("a sample serializes") + "\n")
+            .collect();
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
     let history = if no_history {
         Vec::new()
     } else {

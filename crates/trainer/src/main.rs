@@ -93,27 +93,7 @@ fn print_json(value: &impl serde::Serialize) {
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(error) => {
-            use clap::error::ErrorKind;
-            if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                error.exit();
-            }
-            if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                let _ = error.print();
-                std::process::exit(BAD_INPUT);
-            }
-            let text = error.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("shadowpatch-train: error: {first} (see shadowpatch-train --help)");
-            std::process::exit(BAD_INPUT);
-        }
-    };
+    let cli: Cli = shadowpatch_report::parse_args("shadowpatch-train");
     let context = Context {
         state_dir: cli.state_dir,
         json: cli.json,

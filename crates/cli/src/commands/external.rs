@@ -1,6 +1,7 @@
 //! Commands served by a binary of their own, installed next to
-//! `shadowpatch`: `bench` runs `shadowpatch-bench`, `predictor` runs
-//! `shadowpatch-train`. They live apart so
+//! `shadowpatch`: `bench` runs `shadowpatch-bench`, `predictor serve` runs
+//! `shadowpatch-predictor` (the fleet service), the other `predictor`
+//! commands run `shadowpatch-train`. They live apart so
 //! that the shipped binary links neither the risk model's corpus and
 //! fitting nor the test fixtures they build with gcc; the user keeps one
 //! command name. The sibling replaces this process (exec), so its output
@@ -21,8 +22,15 @@ pub fn run_bench(context: &Context, args: &[String]) -> anyhow::Result<i32> {
     exec_sibling("shadowpatch-bench", "shadowpatch-bench", &forwarded)
 }
 
-/// `shadowpatch predictor ARGS`: `shadowpatch-train --state-dir STATE [--json] ARGS`.
+/// `shadowpatch predictor ARGS`: `shadowpatch-train --state-dir STATE [--json] ARGS`,
+/// or for `predictor serve ARGS` the fleet service,
+/// `shadowpatch-predictor --state-dir STATE serve ARGS`.
 pub fn run_trainer(context: &Context, args: &[String]) -> anyhow::Result<i32> {
+    if args.first().map(String::as_str) == Some("serve") {
+        let mut forwarded: Vec<String> = vec!["--state-dir".into(), context.state_dir.display().to_string()];
+        forwarded.extend(args.iter().cloned());
+        return exec_sibling("shadowpatch-predictor", "shadowpatch-fleet", &forwarded);
+    }
     let mut forwarded: Vec<String> = vec!["--state-dir".into(), context.state_dir.display().to_string()];
     if context.json {
         forwarded.push("--json".into());
