@@ -24,13 +24,13 @@ fn thousands_of_captures_never_kill_or_corrupt_a_busy_target() {
     // touching memory) and note, each result checked in the copies.
     let functions = StressFunction::sim_fixture();
     // 2 captures of each function per session, one hit in 3 captured.
-    let figures = capture_stress(&dir.path().join("state"), target.pid(), &functions, 900, 2, 3).unwrap();
+    let figures = capture_stress(&dir.path().join("state"), target.pid(), &functions, 750, 2, 3).unwrap();
     eprintln!("{figures:?}");
     assert_eq!(figures.deaths, 0, "the target died: {figures:?}");
     assert!(target.is_running(), "{figures:?}");
     assert_eq!(figures.wrong, 0, "captured calls gave wrong results: {figures:?}");
-    assert!(figures.captures >= 900, "{figures:?}");
-    assert!(figures.hits >= 2700, "{figures:?}");
+    assert!(figures.captures >= 750, "{figures:?}");
+    assert!(figures.hits >= 2250, "{figures:?}");
     assert!(figures.sessions >= 100, "{figures:?}");
     assert!(
         figures.new_threads > 0 && figures.new_processes > 0,
