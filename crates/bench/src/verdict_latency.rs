@@ -30,8 +30,13 @@ pub struct VerdictLatencyBench {
     pub waiting_for_calls_ms: Percentiles,
     /// Last captured call → last call simulated, ms.
     pub simulating_ms: Percentiles,
-    /// Last call simulated → verdict (scoring, history), ms.
+    /// Last call simulated → verdict (the copies killed and reaped inside
+    /// the target, scoring, the history record), ms.
     pub after_simulation_ms: Percentiles,
+    /// Of the whole analysis, the time outside the engine's timed parts
+    /// (static, context, simulation): reading and surveying the patch,
+    /// scoring, the history record, ms.
+    pub outside_parts_ms: Percentiles,
     /// The whole analysis (static analysis, 0.5 s of context sampling,
     /// arming, capture, simulation, verdict), ms.
     pub total_ms: Percentiles,
@@ -67,8 +72,8 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<VerdictLatencyBench
         capture: Some(3),
         ..AnalysisSettings::default()
     };
-    let (mut latency, mut waiting, mut simulating, mut after, mut total) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut latency, mut waiting, mut simulating, mut after, mut total, mut outside) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         if !context.json {
             eprintln!("verdict-latency: analyze --capture 3, round {}/{rounds} ...", round + 1);
@@ -110,6 +115,8 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<VerdictLatencyBench
         simulating.push(us(*done - *last));
         after.push(us(ended - *done));
         total.push(us(ended - started));
+        let parts_us = (report.timings_ms.values().sum::<f64>() * 1000.0) as u64;
+        outside.push(us(ended - started).saturating_sub(parts_us));
     }
     if !context.json {
         eprintln!("verdict-latency: floors (capture pause, fork of a copy) ...");
@@ -140,6 +147,7 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<VerdictLatencyBench
         waiting_for_calls_ms: in_ms(waiting),
         simulating_ms: in_ms(simulating),
         after_simulation_ms: in_ms(after),
+        outside_parts_ms: in_ms(outside),
         total_ms: in_ms(total),
         capture_pause_us: Percentiles::of(pauses),
         copy_fork_us: Percentiles::of(forks),
@@ -165,7 +173,11 @@ pub fn print(bench: &VerdictLatencyBench) {
     );
     row("  waiting for calls 2 and 3", &bench.waiting_for_calls_ms, "ms");
     row("  simulating the 3 calls", &bench.simulating_ms, "ms");
-    row("  after simulation (score, history)", &bench.after_simulation_ms, "ms");
+    row(
+        "  after simulation (copies reaped, score, history)",
+        &bench.after_simulation_ms,
+        "ms",
+    );
     row(
         "whole analysis (static, context sampling, capture, simulation)",
         &bench.total_ms,
