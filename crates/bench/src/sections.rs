@@ -180,6 +180,24 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
             }
             return Ok(0);
         }
+        Some("verdict-latency") => {
+            let bench = crate::verdict_latency::run(context, quick)?;
+            if context.json {
+                print_json(&bench);
+            } else {
+                crate::verdict_latency::print(&bench);
+            }
+            return Ok(0);
+        }
+        Some("capture-stress") => {
+            let bench = crate::capture_stress::run(context, quick)?;
+            if context.json {
+                print_json(&bench);
+            } else {
+                crate::capture_stress::print(&bench);
+            }
+            return Ok(0);
+        }
         Some("dirty") => {
             let report = crate::dirty::run(context, quick)?;
             if context.json {
@@ -200,7 +218,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
         }
         Some(other) => {
             return Err(crate::support::BadInput(format!(
-                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent, build, pause, fleet, fleet-service)"
+                "--only {other}: unknown section (watch, dirty, prediction, watch-window, agent, build, pause, fleet, capture-stress, verdict-latency, fleet-service)"
             ))
             .into())
         }

@@ -192,7 +192,11 @@ impl Attached {
                 // Auto-attached by PTRACE_O_TRACECLONE before its parent's
                 // clone event reached us: already ours, it reports its
                 // initial stop like any running thread.
-                Err(Errno::EPERM) if crate::events::traced_by_us(pid, tid) => {
+                // (Not a zombie leader: a dying process keeps its leader
+                // listed, still traced by us, until the last thread is
+                // reaped; re-adding it every round made a stop of a target
+                // dying meanwhile end in EAGAIN instead of "exited".)
+                Err(Errno::EPERM) if crate::events::traced_by_us(pid, tid) && !is_zombie(pid, tid) => {
                     self.threads.insert(tid, ThreadState::default());
                     new += 1;
                 }

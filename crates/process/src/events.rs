@@ -294,6 +294,16 @@ impl Attached {
             action: "stepping past an unknown breakpoint in",
             errno: Errno::EINVAL,
         })?;
+        // Removed since the trap (a world stop took the breakpoint out
+        // while this thread's trap was on its way): the thread is already
+        // rewound onto the original instruction, which it runs when
+        // resumed. Re-inserting the `int3` here would leave one in the
+        // target that no journal entry and no disarm knows of.
+        let mut live_byte = [0u8; 1];
+        self.read_in(tid, live, address, &mut live_byte)?;
+        if live_byte[0] != INT3 {
+            return Ok(());
+        }
         let mut regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
         if original == ENDBR64[0] {
             let mut rest = [0u8; 3];
@@ -344,9 +354,26 @@ impl Attached {
     /// Interpret one wait status of live thread `tid`.
     pub(crate) fn absorb(&mut self, tid: Pid, status: WaitStatus, mode: Mode) -> Result<Absorbed, TargetError> {
         let pid = self.pid();
-        let cont = |signal: Option<Signal>| match ptrace::cont(tid, signal) {
+        let plain_cont = |signal: Option<Signal>| match ptrace::cont(tid, signal) {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
             Err(errno) => Err(TargetError::from_errno(pid, "resuming", errno)),
+        };
+        // While stopping, a thread let go from any stop but our interrupt
+        // must meet the interrupt again: the kernel clears a pending
+        // interrupt whenever the thread enters *any* ptrace-stop ("any
+        // trap clears pending STOP trap", kernel/signal.c), so a clone
+        // event (raised inside the syscall, after our interrupt) or a
+        // breakpoint trap taken after it would otherwise run on free, and
+        // the world stop would wait for it for ever. Interrupting twice is
+        // harmless: the request is a flag, answered by one stop.
+        let cont = |signal: Option<Signal>| {
+            if mode == Mode::Stopping {
+                match ptrace::interrupt(tid) {
+                    Ok(()) | Err(Errno::ESRCH) => {}
+                    Err(errno) => return Err(TargetError::from_errno(pid, "interrupting", errno)),
+                }
+            }
+            plain_cont(signal)
         };
         let breakpoint = match status {
             WaitStatus::Stopped(_, Signal::SIGTRAP) => self.breakpoint_trap(tid)?,
@@ -354,6 +381,21 @@ impl Attached {
         };
         match status {
             WaitStatus::PtraceEvent(_, signal, event) if event == PtraceEvent::PTRACE_EVENT_STOP as i32 => {
+                if mode == Mode::Stopping && !is_stop_signal(signal) && self.int3_trap_pending(tid)? {
+                    // Our interrupt overtook the trap of an `int3` the
+                    // thread had just executed: the kernel takes a pending
+                    // interrupt before dequeuing signals, so the thread
+                    // sits one byte past the breakpoint with SIGTRAP still
+                    // queued. Counted as stopped, it would take that
+                    // SIGTRAP on resume — delivered, and fatal, once the
+                    // breakpoint is forgotten. Let it take the trap now:
+                    // its delivery stop comes next, is rewound and
+                    // suppressed below, and interrupted again. (Not
+                    // interrupted now: the interrupt would be taken first
+                    // again.)
+                    plain_cont(None)?;
+                    return Ok(Absorbed::Running(None));
+                }
                 let state = self.threads.entry(tid).or_default();
                 if mode == Mode::Stopping {
                     state.stopped = true;
@@ -403,9 +445,10 @@ impl Attached {
             WaitStatus::Stopped(..) if breakpoint.is_some() => {
                 let address = breakpoint.expect("checked");
                 if mode == Mode::Stopping {
-                    // Our interrupt is pending: it traps right after, with
-                    // the thread at the breakpoint, which it re-executes on
-                    // resume (or runs the original byte, if removed by then).
+                    // Interrupted again (see `cont`): it traps right after,
+                    // with the thread at the breakpoint, which it
+                    // re-executes on resume (or runs the original byte, if
+                    // removed by then). The SIGTRAP is suppressed.
                     cont(None)?;
                     return Ok(Absorbed::Running(None));
                 }
@@ -460,7 +503,7 @@ impl Attached {
                     }));
                 }
                 // Someone else's signal: deliver it now. While stopping,
-                // the pending interrupt traps right after it.
+                // the interrupt (made again by `cont`) traps right after.
                 cont(Some(signal))?;
                 Ok(Absorbed::Running(None))
             }
@@ -507,6 +550,23 @@ impl Attached {
         regs.rip = address;
         ptrace::setregs(tid, regs).map_err(|e| TargetError::from_errno(pid, "rewinding", e))?;
         Ok(Some(address))
+    }
+
+    /// Whether `tid`, in an interrupt stop, executed one of our `int3`s
+    /// whose SIGTRAP is still queued (the interrupt was taken first): its
+    /// instruction pointer is one past a registered breakpoint and a
+    /// SIGTRAP is pending for the thread itself (`SigPnd` of its status).
+    fn int3_trap_pending(&self, tid: Pid) -> Result<bool, TargetError> {
+        if self.breakpoints.is_empty() {
+            return Ok(false);
+        }
+        let Ok(regs) = ptrace::getregs(tid) else {
+            return Ok(false);
+        };
+        if !self.breakpoints.contains_key(&regs.rip.wrapping_sub(1)) {
+            return Ok(false);
+        }
+        Ok(thread_signal_pending(self.pid(), tid, Signal::SIGTRAP))
     }
 
     /// A process the target just created (it is auto-attached). Without a
@@ -655,6 +715,18 @@ pub(crate) fn traced_by_us(pid: i32, tid: Pid) -> bool {
             .find_map(|line| line.strip_prefix("TracerPid:"))
             .and_then(|value| value.trim().parse::<i32>().ok())
             == Some(me)
+    })
+}
+
+/// Whether `signal` is pending for thread `tid` itself (its private
+/// queue: `SigPnd` in /proc/PID/task/TID/status, a hexadecimal mask).
+fn thread_signal_pending(pid: i32, tid: Pid, signal: Signal) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigPnd:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (signal as i32 - 1)) != 0)
     })
 }
 

@@ -267,6 +267,11 @@ fn step_over_syscall(
             WaitStatus::Stopped(_, Signal::SIGTRAP) => {
                 let regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
                 if regs.rip == instruction + SYSCALL_INSTRUCTION.len() as u64 {
+                    if let Some(again) = restart_registers(&regs, instruction) {
+                        ptrace::setregs(tid, again)
+                            .map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
+                        continue;
+                    }
                     return Ok(SyscallRun {
                         result: regs.rax as i64,
                         cloned,
@@ -291,6 +296,31 @@ fn step_over_syscall(
         action: "stepping a remote syscall in",
         errno: Errno::EAGAIN,
     })
+}
+
+/// The kernel's "interrupted, restart me" results (ERESTARTSYS,
+/// ERESTARTNOINTR, ERESTARTNOHAND), never seen by a program: on the way
+/// back to user mode the kernel delivers the pending signal, then restarts
+/// the call.
+const RESTART_RESULTS: [i64; 3] = [-512, -513, -514];
+
+/// At the exit of a borrowed call that a pending signal interrupted
+/// (`clone` refuses to start with a signal pending: -ERESTARTNOINTR; seen
+/// with SIGCHLDs of a target whose children exit all the time): registers
+/// that run the call again from `instruction`. The kernel would restart it
+/// itself, but we stop it at the exit first and would report the internal
+/// code as the result. Not in a syscall (`orig_rax` -1): no restart logic
+/// of the kernel's applies on top of ours. The signal is dequeued on the
+/// way (kept for the thread, as any signal met while borrowed).
+fn restart_registers(regs: &libc::user_regs_struct, instruction: u64) -> Option<libc::user_regs_struct> {
+    if !RESTART_RESULTS.contains(&(regs.rax as i64)) || (regs.orig_rax as i64) < 0 {
+        return None;
+    }
+    let mut again = *regs;
+    again.rip = instruction;
+    again.rax = regs.orig_rax;
+    again.orig_rax = u64::MAX;
+    Some(again)
 }
 
 /// Where a remote clone points the copy's stack pointer: below
@@ -662,10 +692,16 @@ fn run_to_exit_stop(
                         at_stop(true)?;
                     }
                     ptrace_ext::SyscallStop::Exit if entered => {
+                        if let Some(again) = restart_registers(&regs, syscall_ret) {
+                            ptrace::setregs(tid, again)
+                                .map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
+                            entered = false;
+                            continue;
+                        }
                         return Ok(SyscallRun {
                             result: regs.rax as i64,
                             cloned,
-                        })
+                        });
                     }
                     _ => {}
                 }

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod capture_stress;
 mod context;
 mod interrupted;
 mod simulate;

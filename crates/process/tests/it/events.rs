@@ -115,6 +115,58 @@ fn threads_created_during_a_session_are_traced_from_birth() {
     assert_eq!(fixture.check().unwrap()["errors"], 0);
 }
 
+/// Whether SIGTRAP is pending for thread `tid` itself.
+fn sigtrap_pending(pid: i32, tid: Pid) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    let mask = status.lines().find_map(|l| l.strip_prefix("SigPnd:")).unwrap().trim();
+    u64::from_str_radix(mask, 16).unwrap() & (1 << (Signal::SIGTRAP as i32 - 1)) != 0
+}
+
+/// The race behind a live target's death in the capture benchmark: a
+/// thread executes the `int3` just as a world stop interrupts it; the
+/// kernel takes the interrupt before dequeuing the SIGTRAP, so the thread
+/// stops one byte past the breakpoint with the trap still queued. Counted
+/// as stopped, it took the SIGTRAP later — delivered, and fatal, once the
+/// breakpoint was forgotten. Threads let go at a hot breakpoint run
+/// straight back into it as each stop begins: no stop may ever count such
+/// a thread as stopped.
+#[test]
+fn no_world_stop_holds_a_thread_with_a_breakpoint_trap_still_queued() {
+    let mut fixture = Running::start(Fixture::BusyC, &["4"]).unwrap();
+    let pid = fixture.pid();
+    let work = fixture.number("work");
+    let mut attached = Attached::seize(&ProcessIdentity::of(pid).unwrap()).unwrap();
+    let original = arm(&mut attached, work);
+    let (mut queued, mut hits) = (0, 0);
+    for _ in 0..1500 {
+        while let Some(event) = attached.next_event(Duration::ZERO).unwrap() {
+            match event {
+                Event::Breakpoint { tid, address, .. } => {
+                    hits += 1;
+                    attached.step_past_breakpoint(tid, address).unwrap();
+                }
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+        let stopped = attached.stop().unwrap();
+        for tid in stopped.threads() {
+            if stopped.regs(tid).unwrap().rip == work + 1 && sigtrap_pending(pid, tid) {
+                queued += 1;
+            }
+        }
+        drop(stopped);
+    }
+    disarm(&mut attached, work, original);
+    attached.detach().unwrap();
+    assert!(hits > 0);
+    assert_eq!(
+        queued, 0,
+        "threads stopped with their breakpoint trap queued ({hits} hits)"
+    );
+    assert!(fixture.is_running(), "the target survived");
+    assert_eq!(fixture.check().unwrap()["errors"], 0);
+}
+
 #[test]
 fn a_remote_clone_is_an_invisible_child_reaped_inside_the_target() {
     let mut fixture = Running::start(Fixture::BusyC, &["2"]).unwrap();
