@@ -478,6 +478,7 @@ impl Agent {
                         peer.pid,
                         manifest.display()
                     ),
+                    baseline_module_only: false,
                 };
                 // With a watch policy the connection's thread is the
                 // tracer for the window: the reply comes with the verdict.

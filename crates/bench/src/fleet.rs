@@ -110,6 +110,7 @@ pub fn run(json: bool, quick: bool) -> anyhow::Result<FleetBench> {
             ..Default::default()
         },
         requested_by: "bench (fleet)".into(),
+        baseline_module_only: false,
     };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     if !json {

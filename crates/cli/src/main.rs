@@ -366,6 +366,7 @@ fn run_apply_persisting(
             force,
             analysis: analysis.settings(),
             requested_by: "cli".into(),
+            baseline_module_only: false,
         };
         commands::persist::add(context, scope, std::path::Path::new(&manifest), request)?;
     }

@@ -10,7 +10,7 @@ use shadowpatch_predict::simulate::{
     parse_call, parse_vectors, CaptureLimit, Limits, Progress, SimulationOptions, SimulationSection,
 };
 use shadowpatch_predict::{survey_for_analysis, Analysis, ContextOptions, Finding, ModelRisk, Severity, Verdict};
-use shadowpatch_store::{EventKind, NewEvent, Store};
+use shadowpatch_store::{EventKind, NewEvent};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -324,8 +324,8 @@ impl Parts {
 
 fn record(state_dir: &Path, report: &AnalysisReport, cause: &str) -> Result<(), OpsError> {
     shadowpatch_mirror::StateDir::create(state_dir)?;
-    let store = Store::open(state_dir)?;
-    store.record(
+    shadowpatch_store::record_in(
+        state_dir,
         &NewEvent::new(EventKind::Analysis)
             .target(report.pid, report.start_time)
             .patch(report.patch_id.clone())

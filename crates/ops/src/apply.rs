@@ -35,6 +35,10 @@ pub struct ApplyRequest {
     pub analysis: AnalysisSettings,
     /// Who asked (`cli`, or `agent` with the peer's uid), for the history.
     pub requested_by: String,
+    /// A target not mirrored yet is mirrored for the patched module only
+    /// (host-wide sets: see `ApplyOptions::baseline_module_only`).
+    #[serde(default)]
+    pub baseline_module_only: bool,
 }
 
 /// The patch is live (or was, until the watch window rolled it back).
@@ -139,6 +143,7 @@ pub fn apply(
     let forced = refused && request.force;
     let options = ApplyOptions {
         max_attempts: request.attempts,
+        baseline_module_only: request.baseline_module_only,
         ..ApplyOptions::default()
     };
     // The mirrored variables as they are just before activation, kept for

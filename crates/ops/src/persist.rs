@@ -310,6 +310,7 @@ mod tests {
             force: false,
             analysis: Default::default(),
             requested_by: "cli".into(),
+            baseline_module_only: false,
         };
         let rule = Rule {
             id: "p".into(),

@@ -231,8 +231,8 @@ fn file_build_id(path: &Path, device: &str, inode: u64) -> Option<Option<String>
     if meta.ino() != inode || live_major != major || live_minor != minor {
         return None;
     }
-    let image = shadowpatch_symbols::ElfImage::open(path).ok();
-    Some(image.and_then(|i| i.build_id.as_deref().map(shadowpatch_symbols::hex)))
+    let build_id = shadowpatch_symbols::elf::file_build_id(path).ok().flatten();
+    Some(build_id.as_deref().map(shadowpatch_symbols::hex))
 }
 
 pub(crate) fn maps_build_id(pid: i32, build_id: &str) -> Result<bool, String> {
@@ -369,6 +369,14 @@ pub fn apply_set_with_progress(
             )));
         }
     }
+    // Host-wide, a process never mirrored is mirrored for the patched
+    // module only: the rest of its code is not what the patch changes, and
+    // writing every process's own copy of glibc to disk cost more than the
+    // rest of the apply (`shadowpatch mirror PID` mirrors all of it).
+    let template = ApplyRequest {
+        baseline_module_only: template.baseline_module_only || *selector == Selector::All,
+        ..template.clone()
+    };
     let total = found.targets.len();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let slots: std::sync::Mutex<Vec<Option<MemberOutcome>>> = std::sync::Mutex::new(vec![None; total]);
@@ -389,7 +397,7 @@ pub fn apply_set_with_progress(
             phase: "applying",
             pid: member.pid,
         });
-        let (member_result, failed) = apply_member(member, template, apply_one);
+        let (member_result, failed) = apply_member(member, &template, apply_one);
         if member_result.outcome == "applied" {
             done.lock().unwrap_or_else(|p| p.into_inner()).push(member.pid);
         }

@@ -321,8 +321,8 @@ pub fn reconcile_generations(dir: &Path, journal_state: &JournalState) -> Result
     Ok(repairs)
 }
 
-/// The latest generation number, capturing generation 0 (every module)
-/// first if the process was never mirrored. Checks the generations on disk
+/// The latest generation number, capturing generation 0 (every module, or
+/// `only_module`) first if the process was never mirrored. Checks the generations on disk
 /// agree with the journal's active patches.
 pub fn ensure_baseline(
     state: &StateDir,
@@ -330,11 +330,12 @@ pub fn ensure_baseline(
     identity: &ProcessIdentity,
     maps: &[Mapping],
     modules: &[Module],
+    only_module: Option<&str>,
 ) -> Result<u32, PatchError> {
     let _ = state;
     let generations = StateDir::generations(&target.dir);
     if generations.is_empty() {
-        let regions = select_regions(identity.pid, maps, modules, None)?;
+        let regions = select_regions(identity.pid, maps, modules, only_module)?;
         let mut memory = TargetMemory::open(identity)?;
         capture(
             &mut memory,

@@ -36,6 +36,11 @@ pub struct ApplyOptions {
     /// Route each trampoline through a watch-window entry stub
     /// (`watchstub.rs`), for `apply --watch`'s crash-proof window.
     pub watch_stubs: bool,
+    /// A target without a mirror yet gets generation 0 of the patched
+    /// module only (as `mirror --module` makes), not of every module it
+    /// maps: host-wide applies, where writing each process's own copy of
+    /// glibc and the rest to disk cost more than everything else.
+    pub baseline_module_only: bool,
 }
 
 impl Default for ApplyOptions {
@@ -44,6 +49,7 @@ impl Default for ApplyOptions {
             max_attempts: DEFAULT_ATTEMPTS,
             safe_point: None,
             watch_stubs: false,
+            baseline_module_only: false,
         }
     }
 }
@@ -188,7 +194,14 @@ fn apply_transaction(
             id: prepared.manifest.id.clone(),
         });
     }
-    let previous_generation = ensure_baseline(&state, &target, &prepared.identity, &prepared.maps, &prepared.modules)?;
+    let previous_generation = ensure_baseline(
+        &state,
+        &target,
+        &prepared.identity,
+        &prepared.maps,
+        &prepared.modules,
+        options.baseline_module_only.then_some(prepared.module.name.as_str()),
+    )?;
     let generation = previous_generation + 1;
 
     let mut attached = Attached::seize(&prepared.identity)?;

@@ -257,8 +257,70 @@ pub fn record_best_effort(state_dir: &Path, event: &NewEvent) {
     use std::os::unix::fs::DirBuilderExt;
     // The state directory is root's only (0700), as `mirror` creates it.
     let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir);
-    let result = Store::open(state_dir).and_then(|store| store.record(event));
-    if let Err(error) = result {
+    if let Err(error) = record_in(state_dir, event) {
         tracing::warn!(%error, kind = %event.kind, "could not record the event in the history");
+    }
+}
+
+/// Record `event` in the history of `state_dir` (an existing directory),
+/// through a connection kept open between calls (see [`OpenHistories`]);
+/// returns the event's id.
+pub fn record_in(state_dir: &Path, event: &NewEvent) -> Result<i64, StoreError> {
+    OPEN.record(state_dir, event)
+}
+
+/// Histories kept open between [`record_in`] calls: opening one
+/// checks its schema, and closing the last connection checkpoints the WAL
+/// with fsyncs, which cost more than the insert itself when a set
+/// operation records two events per process. A connection is reused only
+/// while the database file is the one it opened, unchanged since our last
+/// write (same device, inode, size and mtime); anything else (the file
+/// replaced, moved away, checkpointed or rewritten by another process)
+/// opens it again, with the same checks as a first open.
+struct OpenHistories {
+    entries: std::sync::Mutex<Vec<(PathBuf, FileStamp, Store)>>,
+}
+
+static OPEN: OpenHistories = OpenHistories {
+    entries: std::sync::Mutex::new(Vec::new()),
+};
+
+/// Device, inode, size and modification time of a file.
+type FileStamp = (u64, u64, u64, i128);
+
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+    ))
+}
+
+impl OpenHistories {
+    /// At most this many state directories' histories stay open.
+    const CAPACITY: usize = 4;
+
+    fn record(&self, state_dir: &Path, event: &NewEvent) -> Result<i64, StoreError> {
+        let path = state_dir.join(DATABASE_FILE);
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let stamp = file_stamp(&path);
+        let at = entries.iter().position(|(p, _, _)| *p == path);
+        let store = match at.map(|at| entries.remove(at)) {
+            Some((_, kept, store)) if Some(kept) == stamp => store,
+            _ => Store::open(state_dir)?,
+        };
+        let recorded = store.record(event);
+        if recorded.is_ok() {
+            if let Some(stamp) = file_stamp(&path) {
+                if entries.len() >= Self::CAPACITY {
+                    entries.remove(0);
+                }
+                entries.push((path, stamp, store));
+            }
+        }
+        recorded
     }
 }

@@ -200,6 +200,30 @@ fn soname_of(file: &object::File) -> Option<String> {
     std::str::from_utf8(&tail[..end]).ok().map(str::to_string)
 }
 
+/// The build-id of the x86-64 ELF file at `path` (`None`: it has none),
+/// reading only the headers and the note that holds it, not the whole
+/// file: host-wide sets ask this of every file every process maps.
+pub fn file_build_id(path: &Path) -> Result<Option<Vec<u8>>, SymbolsError> {
+    use object::ReadCache;
+    let file = std::fs::File::open(path).map_err(|source| SymbolsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let cache = ReadCache::new(file);
+    let malformed = |e: object::Error| SymbolsError::Malformed {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let parsed = object::File::parse(&cache).map_err(malformed)?;
+    if parsed.architecture() != object::Architecture::X86_64 {
+        return Err(SymbolsError::WrongArchitecture {
+            path: path.to_path_buf(),
+            found: format!("{:?}", parsed.architecture()),
+        });
+    }
+    Ok(parsed.build_id().map_err(malformed)?.map(<[u8]>::to_vec))
+}
+
 impl ElfImage {
     pub fn open(path: &Path) -> Result<Self, SymbolsError> {
         let bytes = std::fs::read(path).map_err(|source| SymbolsError::Io {

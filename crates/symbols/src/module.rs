@@ -168,7 +168,7 @@ pub fn modules_of(pid: i32, maps: &[Mapping]) -> Result<Vec<Module>, SymbolsErro
                 end: mapping.end,
                 bias,
                 ranges: vec![(mapping.start, mapping.end)],
-                image: Arc::new(image),
+                image,
                 main,
                 started_as: if main { started_as(pid) } else { Vec::new() },
             });
@@ -186,10 +186,122 @@ pub fn modules_of(pid: i32, maps: &[Mapping]) -> Result<Vec<Module>, SymbolsErro
 /// which names the very inode mapped (even if the path was since replaced
 /// or deleted), falling back to the path inside the target's root.
 /// `None` when the file is not an ELF file at all.
-fn load_image(pid: i32, mapping: &Mapping, path: &Path) -> Option<Result<ElfImage, SymbolsError>> {
+/// Files parsed already are shared (see [`ImageCache`]).
+fn load_image(pid: i32, mapping: &Mapping, path: &Path) -> Option<Result<Arc<ElfImage>, SymbolsError>> {
     let by_inode = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end));
+    let key = FileKey::of(&by_inode, path);
+    if let Some(image) = key.as_ref().and_then(|key| IMAGES.get(key)) {
+        return Some(Ok(image));
+    }
+    let loaded = read_image(pid, &by_inode, path)?;
+    Some(loaded.map(|image| {
+        let image = Arc::new(image);
+        if let Some(key) = key {
+            IMAGES.put(key, image.clone());
+        }
+        image
+    }))
+}
+
+/// What identifies a file's contents without reading it: the mapped
+/// inode's device, number, size and change times (a file rewritten in
+/// place changes its mtime and ctime), and the path the image names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FileKey {
+    device: u64,
+    inode: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    path: PathBuf,
+}
+
+impl FileKey {
+    /// The key of the file `by_inode` (a /proc/PID/map_files link) leads to.
+    fn of(by_inode: &Path, path: &Path) -> Option<FileKey> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(by_inode).ok()?;
+        Some(FileKey {
+            device: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// Parsed module files, shared by every process that maps the same file:
+/// a host-wide apply reads glibc's symbols once, not once per process.
+/// Bounded (the least recently used file goes first), so a long-lived
+/// agent keeps at most [`ImageCache::CAPACITY`] images.
+struct ImageCache {
+    entries: std::sync::Mutex<Vec<CachedImage>>,
+}
+
+/// A cached image: its file, the parsed image, and its debug file's stamp
+/// ([`debug_stamp`]) when it was parsed.
+type CachedImage = (FileKey, Arc<ElfImage>, Option<(u64, i128)>);
+
+/// The installed debug file of `image`'s build-id: inode and mtime.
+fn debug_stamp(image: &ElfImage) -> Option<(u64, i128)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(debug_file_path(image)?).ok()?;
+    Some((
+        meta.ino(),
+        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+    ))
+}
+
+/// Where the debug file of `image`'s build-id would be installed.
+fn debug_file_path(image: &ElfImage) -> Option<PathBuf> {
+    let id = image.build_id.as_deref().filter(|id| id.len() > 1)?;
+    let hex_id = hex(id);
+    Some(PathBuf::from(format!(
+        "/usr/lib/debug/.build-id/{}/{}.debug",
+        &hex_id[..2],
+        &hex_id[2..]
+    )))
+}
+
+static IMAGES: ImageCache = ImageCache {
+    entries: std::sync::Mutex::new(Vec::new()),
+};
+
+impl ImageCache {
+    const CAPACITY: usize = 32;
+
+    /// The image of `key`, if parsed already and its debug file (whose
+    /// symbols it merged) is still the one it read, or still absent.
+    fn get(&self, key: &FileKey) -> Option<Arc<ElfImage>> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let at = entries.iter().position(|(k, _, _)| k == key)?;
+        let entry = entries.remove(at);
+        if debug_stamp(&entry.1) != entry.2 {
+            return None;
+        }
+        let image = entry.1.clone();
+        entries.push(entry);
+        Some(image)
+    }
+
+    fn put(&self, key: FileKey, image: Arc<ElfImage>) {
+        let stamp = debug_stamp(&image);
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|(k, _, _)| *k != key);
+        if entries.len() >= Self::CAPACITY {
+            entries.remove(0);
+        }
+        entries.push((key, image, stamp));
+    }
+}
+
+/// Read and parse the file behind a mapping (with its debug file's
+/// symbols when one is installed).
+fn read_image(pid: i32, by_inode: &Path, path: &Path) -> Option<Result<ElfImage, SymbolsError>> {
     let in_root = PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path));
-    let bytes = std::fs::read(&by_inode).or_else(|_| std::fs::read(&in_root));
+    let bytes = std::fs::read(by_inode).or_else(|_| std::fs::read(&in_root));
     let bytes = match bytes {
         Ok(bytes) => bytes,
         // Both paths go through /proc/PID: a target that died since its
@@ -214,13 +326,7 @@ fn load_image(pid: i32, mapping: &Mapping, path: &Path) -> Option<Result<ElfImag
         Ok(image) => image,
         Err(error) => return Some(Err(error)),
     };
-    if let Some(id) = image.build_id.as_deref().filter(|id| id.len() > 1) {
-        let hex_id = hex(id);
-        let debug_file = PathBuf::from(format!(
-            "/usr/lib/debug/.build-id/{}/{}.debug",
-            &hex_id[..2],
-            &hex_id[2..]
-        ));
+    if let Some(debug_file) = debug_file_path(&image) {
         if let Ok(debug) = ElfImage::open(&debug_file) {
             image.merge_debug_symbols(debug);
         }

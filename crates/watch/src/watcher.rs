@@ -174,7 +174,7 @@ impl Watcher {
             // The lock only while the baseline and registry are written.
             let target = TargetState::open(&state, &identity)?;
             let baseline_taken = StateDir::generations(&target.dir).is_empty();
-            ensure_baseline(&state, &target, &identity, &maps, &modules)?;
+            ensure_baseline(&state, &target, &identity, &maps, &modules, None)?;
             let mut registry =
                 VariableRegistry::load(&target.dir)?.unwrap_or_else(|| VariableRegistry::new(pid, identity.start_time));
             let added = merge(&mut registry, resolved, now_ms(), &mut |address, size| {

@@ -135,6 +135,7 @@ pub fn run_apply(
         force,
         analysis: analysis.settings(),
         requested_by: "cli (set)".into(),
+        baseline_module_only: false,
     };
     let state_dir = context.state_dir.clone();
     let bar = std::sync::Mutex::new(ProgressBar::new(context));

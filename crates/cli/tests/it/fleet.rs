@@ -29,6 +29,49 @@ fn values(processes: &mut [Running]) -> BTreeSet<String> {
     processes.iter_mut().map(|p| p.command("value").unwrap()).collect()
 }
 
+/// Host-wide, a member's mirror holds the patched module only (not its
+/// glibc): a byte changed in libfleet's code, just past the patched
+/// entry's jump, is still found by `verify`, and clean again once put back.
+fn tamper_is_detected_on_a_member(state: &std::path::Path, member: &Running) {
+    let pid = member.pid();
+    let generation = state
+        .join("targets")
+        .read_dir()
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{pid}-")))
+        .expect("the member has state")
+        .join("gen-000000.mirror");
+    let header = shadowpatch_mirror::MirrorFile::open(&generation).unwrap().header;
+    let mirrored: BTreeSet<&str> = header.regions.iter().map(|r| r.spec.module.as_str()).collect();
+    assert!(
+        mirrored.iter().all(|m| m.starts_with("libfleet")),
+        "generation 0 of a host-wide member is its libfleet only: {mirrored:?}"
+    );
+    let maps = shadowpatch_process::maps::read_maps(pid).unwrap();
+    let entry = shadowpatch_symbols::modules_of(pid, &maps)
+        .unwrap()
+        .iter()
+        .flat_map(|m| m.symbol_addresses("fleet_value"))
+        .map(|(address, _)| address)
+        .next()
+        .expect("fleet_value in the member");
+    // Past the 5-byte jump the patch wrote: the original function's bytes.
+    let address = entry + 5;
+    let mut memory =
+        shadowpatch_process::TargetMemory::open(&shadowpatch_process::ProcessIdentity::of(pid).unwrap()).unwrap();
+    let original = memory.read_vec(address, 1).unwrap()[0];
+    memory.write(address, &[original ^ 0x5a]).unwrap();
+    let pid_text = pid.to_string();
+    let dirty = shadowpatch(state, &["verify", &pid_text, "--json"]);
+    memory.write(address, &[original]).unwrap();
+    assert_eq!(dirty.code, 1, "{}{}", dirty.stdout, dirty.stderr);
+    let dirty = dirty.json();
+    assert_eq!(dirty["differences"][0]["address"], address, "{dirty}");
+    let clean = shadowpatch(state, &["verify", &pid_text]);
+    assert_eq!(clean.code, 0, "{}{}", clean.stdout, clean.stderr);
+}
+
 #[test]
 fn apply_all_patches_every_process_mapping_the_library_and_rollback_all_restores_them() {
     let _alone = host_wide();
@@ -81,6 +124,7 @@ fn apply_all_patches_every_process_mapping_the_library_and_rollback_all_restores
         "{}",
         verified.stdout
     );
+    tamper_is_detected_on_a_member(&state, &processes[PROCESSES / 2]);
 
     // Run again with one newcomer: only it is patched, no warning.
     let mut newcomer = Running::start_binary(&fixture.program, &[]).unwrap();

@@ -181,3 +181,32 @@ fn every_kind_round_trips_by_name() {
     }
     assert_eq!(EventKind::parse("nonsense"), None);
 }
+
+/// `record_in` keeps the history open between events, but a database
+/// moved away (or replaced) is never written through the old connection:
+/// the next event goes to the file now at the path.
+#[test]
+fn recording_reuses_the_open_history_only_while_its_file_is_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = |pid| NewEvent::new(EventKind::Apply).target(pid, 1).outcome("ok");
+    shadowpatch_store::record_in(dir.path(), &event(1)).unwrap();
+    shadowpatch_store::record_in(dir.path(), &event(2)).unwrap();
+    let count = |path: &std::path::Path| {
+        Store::open(path)
+            .unwrap()
+            .events(&EventFilter::default())
+            .unwrap()
+            .len()
+    };
+    assert_eq!(count(dir.path()), 2);
+    let aside = tempfile::tempdir().unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let from = dir.path().join(format!("{DATABASE_FILE}{suffix}"));
+        if from.exists() {
+            std::fs::rename(&from, aside.path().join(format!("{DATABASE_FILE}{suffix}"))).unwrap();
+        }
+    }
+    shadowpatch_store::record_in(dir.path(), &event(3)).unwrap();
+    assert_eq!(count(dir.path()), 1, "the new file holds the new event only");
+    assert_eq!(count(aside.path()), 2, "the moved file was not written again");
+}

@@ -70,3 +70,26 @@ fn a_target_that_exits_while_its_modules_are_read_is_reported_as_exited() {
         format!("pid {pid} exited while its modules were being read")
     );
 }
+
+/// Two processes mapping the same libc share one parsed image (a
+/// host-wide apply parses glibc once), each with its own load bias; the
+/// file's build-id read alone (headers and note) is the parsed image's.
+#[test]
+fn processes_mapping_the_same_file_share_its_parsed_image() {
+    let first = Running::start(Fixture::BusyC, &["1"]).unwrap();
+    let second = Running::start(Fixture::BusyC, &["1"]).unwrap();
+    let libc = |pid: i32| {
+        modules_of(pid, &read_maps(pid).unwrap())
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name.starts_with("libc.so"))
+            .expect("libc is a module")
+    };
+    let (a, b) = (libc(first.pid()), libc(second.pid()));
+    assert!(std::sync::Arc::ptr_eq(&a.image, &b.image), "one parsed libc");
+    assert_eq!(a.bias, a.base.wrapping_sub(a.image.first_load_address()));
+    assert_eq!(b.bias, b.base.wrapping_sub(b.image.first_load_address()));
+    let read_alone = shadowpatch_symbols::elf::file_build_id(&a.path).unwrap();
+    assert_eq!(read_alone, a.image.build_id);
+    assert!(read_alone.is_some());
+}
