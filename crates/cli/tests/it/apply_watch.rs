@@ -208,6 +208,16 @@ fn process_state(pid: i32) -> char {
     stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
 }
 
+/// Whether every thread of `pid` is in job-control stop (the leader's
+/// state alone says 'T' while the other threads are still on their way).
+fn all_threads_stopped(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .map(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')))
+            .unwrap_or(true)
+    })
+}
+
 /// Issue 15: SIGSTOP sent to the target as `apply --watch` starts failed
 /// with exit 3 "thread X of pid X is not stopped by us". A target stopped
 /// by job control is refused with one line saying so, left stopped as it
@@ -218,7 +228,7 @@ fn a_job_control_stopped_target_is_refused_and_left_stopped() {
     let pid = s.target.pid();
     assert_eq!(shadowpatch(&s.state, &["mirror", &pid.to_string()]).code, 0);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
-    while process_state(pid) != 'T' {
+    while !all_threads_stopped(pid) {
         std::thread::yield_now();
     }
     let run = s.apply("stopped", "work_fn_fine", &["--watch", "2"]);
@@ -230,7 +240,17 @@ fn a_job_control_stopped_target_is_refused_and_left_stopped() {
         "{}",
         lines[0]
     );
-    assert_eq!(process_state(pid), 'T', "left stopped");
+    // Detaching wakes each thread to re-enter the stop it was found in
+    // (the kernel re-arms a group-stop on detach): under load a thread can
+    // be seen runnable ('R') for a moment on its way back. Left stopped
+    // means every thread is back in 'T' and stays there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !all_threads_stopped(pid) {
+        assert!(std::time::Instant::now() < deadline, "left stopped: state {}", process_state(pid));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(all_threads_stopped(pid), "left stopped: state {}", process_state(pid));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT).unwrap();
     assert_eq!(s.target.command("ask 5").unwrap(), "16");
     let status = shadowpatch(&s.state, &["status", &pid.to_string(), "--json"]).json();
