@@ -211,11 +211,14 @@ fn process_state(pid: i32) -> char {
 /// Whether every thread of `pid` is in job-control stop (the leader's
 /// state alone says 'T' while the other threads are still on their way).
 fn all_threads_stopped(pid: i32) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().all(|task| {
-        std::fs::read_to_string(task.path().join("stat"))
-            .map(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')))
-            .unwrap_or(true)
-    })
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .all(|task| {
+            std::fs::read_to_string(task.path().join("stat"))
+                .map(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')))
+                .unwrap_or(true)
+        })
 }
 
 /// Issue 15: SIGSTOP sent to the target as `apply --watch` starts failed
@@ -246,7 +249,11 @@ fn a_job_control_stopped_target_is_refused_and_left_stopped() {
     // means every thread is back in 'T' and stays there.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !all_threads_stopped(pid) {
-        assert!(std::time::Instant::now() < deadline, "left stopped: state {}", process_state(pid));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left stopped: state {}",
+            process_state(pid)
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     std::thread::sleep(std::time::Duration::from_millis(100));
