@@ -153,9 +153,30 @@ pub fn waiting(state_dir: &Path) -> usize {
     read_lines(&state_dir.join(OUTBOX)).map_or(0, |lines| lines.len())
 }
 
+/// The most outcomes the outbox keeps while no service answers: a host
+/// cut off for weeks must not fill its disk. Beyond it the oldest are
+/// dropped (a warning says how many): the newest outcomes describe the
+/// patches still running.
+pub const OUTBOX_CAPACITY: usize = 10_000;
+
 fn append(state_dir: &Path, entry: &OutboxEntry) -> std::io::Result<()> {
+    append_capped(state_dir, entry, OUTBOX_CAPACITY)
+}
+
+fn append_capped(state_dir: &Path, entry: &OutboxEntry, capacity: usize) -> std::io::Result<()> {
     let line = serde_json::to_string(entry).map_err(std::io::Error::other)?;
     with_outbox_lock(state_dir, |path| {
+        let waiting = read_lines(path)?;
+        if waiting.len() >= capacity {
+            let dropped = waiting.len() + 1 - capacity;
+            tracing::warn!(
+                dropped,
+                capacity,
+                "the fleet outbox is full (no predictor service answered): the oldest outcomes are dropped"
+            );
+            let kept: Vec<String> = waiting[dropped..].iter().cloned().chain([line]).collect();
+            return rewrite(path, &kept);
+        }
         let mut file = OpenOptions::new().create(true).append(true).open(path)?;
         file.write_all(format!("{line}\n").as_bytes())?;
         file.sync_data()
@@ -182,9 +203,14 @@ fn remove_lines(path: &Path, sent: &[String]) -> std::io::Result<()> {
             left.remove(at);
         }
     }
+    rewrite(path, &left)
+}
+
+/// Replace the outbox with `lines`, atomically.
+fn rewrite(path: &Path, lines: &[String]) -> std::io::Result<()> {
     let temporary = path.with_extension("jsonl.tmp");
     let mut file = File::create(&temporary)?;
-    for line in &left {
+    for line in lines {
         writeln!(file, "{line}")?;
     }
     file.sync_data()?;
@@ -367,6 +393,33 @@ mod tests {
         assert_eq!(sent[0].analysis_id.as_deref(), Some("a-1"));
         assert_eq!(sent[0].features["static.bytes_changed"], 86.0);
         assert_eq!(waiting(state.path()), 1, "the other service's outcome stays");
+    }
+
+    #[test]
+    fn a_full_outbox_drops_its_oldest_outcomes() {
+        let state = tempfile::tempdir().unwrap();
+        let entry = |n: u64| OutboxEntry {
+            url: "http://127.0.0.1:1".into(),
+            outcome: Outcome {
+                host: "h".into(),
+                analysis_id: None,
+                patch_id: format!("p{n}"),
+                build_id: None,
+                kind: OutcomeKind::Applied,
+                cause: None,
+                features: BTreeMap::new(),
+                at_unix_ms: n,
+            },
+        };
+        for n in 0..5 {
+            append_capped(state.path(), &entry(n), 3).unwrap();
+        }
+        let left: Vec<String> = read_lines(&state.path().join(OUTBOX))
+            .unwrap()
+            .into_iter()
+            .map(|line| serde_json::from_str::<OutboxEntry>(&line).unwrap().outcome.patch_id)
+            .collect();
+        assert_eq!(left, ["p2", "p3", "p4"]);
     }
 
     #[test]
