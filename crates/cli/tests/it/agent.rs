@@ -524,6 +524,24 @@ fn the_agent_notifies_systemd_and_refuses_a_second_agent_and_bad_options() {
             vec!["--agent-socket", "/nonexistent-dir/x.sock", "--watch-after-apply", "3h"],
             "--watch",
         ),
+        (
+            vec![
+                "--agent-socket",
+                "/nonexistent-dir/x.sock",
+                "--follow-interval",
+                "often",
+            ],
+            "--follow-interval often",
+        ),
+        (
+            vec![
+                "--agent-socket",
+                "/nonexistent-dir/x.sock",
+                "--persist-interval",
+                "weekly",
+            ],
+            "--persist-interval weekly",
+        ),
     ] {
         let state = dir.path().join("state");
         let mut all = vec!["agent", "--app-socket"];
