@@ -365,7 +365,10 @@ impl Walker<'_, '_> {
             return;
         };
         if !self.visited.insert((space, start)) {
-            if (space, start) == self.root {
+            // Recursion is a call (or tail call) of the entry. A jump into
+            // the middle of the function is not: a `.cold` part split off
+            // by the compiler jumps back into its parent's body.
+            if (space, start) == self.root && address == start {
                 self.walk.flags.reaches_entry = true;
             }
             return;
