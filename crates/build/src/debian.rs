@@ -89,7 +89,7 @@ pub enum DebianError {
     #[error("{}: not a Debian source tree (no debian/changelog)", .tree.display())]
     NotDebianTree { tree: PathBuf },
     #[error(
-        "the package's own rebuild of {} loads none of the running bytes (tried: {tries}): the installed binary was not built from this source here; see {}",
+        "the package's own rebuild of {} left no binary of that name (tried: {tries}): the installed binary was not built from this source here; see {}",
         .binary.display(), .log.display()
     )]
     NotReproduced {
@@ -173,7 +173,15 @@ pub fn prepare(request: &DebianRequest, progress: &mut dyn FnMut(usize, &str)) -
         &mut forward,
     )?;
     let reference = reproduction.build;
-    if reference.how == BinaryMatch::None {
+    // No rebuild has the target's build-id (the archive built it with
+    // other headers or tools than any we tried): the build goes on with the
+    // plain rebuild, whose functions are matched one by one against the
+    // running code (relocation-masked, unique matches only, see
+    // `matching`), and every replaced function is checked against the
+    // running one before anything is emitted. Only a rebuild that left no
+    // binary of the target's name has nothing to match with.
+    let name = installed.path.file_name();
+    if reference.how == BinaryMatch::None && !reference.binaries.iter().any(|b| b.path.file_name() == name) {
         return Err(DebianError::NotReproduced {
             binary: installed.path.clone(),
             tries: reproduction

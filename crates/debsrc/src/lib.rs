@@ -42,7 +42,9 @@ pub use elf::{build_id_hex, BuildIdError};
 pub use fetch::{fetch_source, FetchError, SourceTree};
 pub use owner::{resolve_binary, resolve_process, InstalledBinary, ResolveError};
 pub use reference::{reference_build, BinaryMatch, BuiltBinary, ReferenceBuild, ReferenceError, ReferenceOptions};
-pub use reproduce::{header_overlay, reproduce, stale_build_deps, Reproduction, ReproductionTry, StaleBuildDep};
+pub use reproduce::{
+    compiled_files, header_overlay, reproduce, stale_build_deps, Reproduction, ReproductionTry, StaleBuildDep,
+};
 
 /// A long step this crate is taking, for a progress display.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -10,6 +10,7 @@
 //! until one rebuild has the target's build-id.
 
 use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -31,6 +32,9 @@ pub struct StaleBuildDep {
     /// the installed version's release was built with it or a later one),
     /// then older ones (nearest first).
     pub archive_versions: Vec<String>,
+    /// The headers it ships (installed version).
+    #[serde(default)]
+    pub headers: Vec<String>,
 }
 
 /// One build of [`reproduce`].
@@ -51,6 +55,10 @@ pub struct Reproduction {
     /// The header overlay that gave `build`, as `package=version`.
     pub overlay: Option<String>,
     pub stale: Vec<StaleBuildDep>,
+    /// Stale build dependencies not tried: the plain rebuild of the
+    /// target's binary read none of their headers.
+    #[serde(default)]
+    pub unused: Vec<String>,
     pub tries: Vec<ReproductionTry>,
 }
 
@@ -98,16 +106,17 @@ fn installed_version(package: &str) -> Result<Option<String>, CommandError> {
         .map(|(_, version)| version.to_string()))
 }
 
-/// Whether the installed `package` ships headers (files under
-/// /usr/include): `dpkg-dev` ends in `-dev` but an overlay of it changes
-/// nothing.
-fn ships_headers(package: &str) -> Result<bool, CommandError> {
+/// The files the installed `package` ships under /usr/include (none:
+/// `dpkg-dev` ends in `-dev` but an overlay of it changes nothing).
+fn header_files(package: &str) -> Result<Vec<String>, CommandError> {
     let mut list = Command::new("dpkg-query");
     list.args(["-L", package]);
     let output = command::query(&mut list)?;
     Ok(String::from_utf8_lossy(&output.stdout)
         .lines()
-        .any(|line| line.starts_with("/usr/include/")))
+        .filter(|line| line.starts_with("/usr/include/"))
+        .map(str::to_string)
+        .collect())
 }
 
 /// `dpkg --compare-versions`, as an ordering.
@@ -125,21 +134,78 @@ fn compare_versions(left: &str, right: &str) -> Result<Ordering, CommandError> {
     })
 }
 
-/// The archive's versions of `package` (binary archives of the private
-/// configuration), newest first.
-fn archive_versions(apt: &PrivateApt, package: &str) -> Result<Vec<String>, CommandError> {
+/// The archive's versions of each of `packages` (binary archives of the
+/// private configuration), newest first, from one `apt-cache madison`
+/// (one run per package took about a second each: 20 s for lighttpd's
+/// build dependencies).
+fn archive_versions(apt: &PrivateApt, packages: &[&str]) -> Result<HashMap<String, Vec<String>>, CommandError> {
+    let mut versions: HashMap<String, Vec<String>> = HashMap::new();
+    if packages.is_empty() {
+        return Ok(versions);
+    }
     let mut madison = Command::new("apt-cache");
-    madison.args(apt.options(Archives::Binary)).args(["madison", package]);
+    madison
+        .args(apt.options(Archives::Binary))
+        .arg("madison")
+        .args(packages);
     let output = command::query(&mut madison)?;
     command::check(&madison, &output)?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let mut versions: Vec<String> = text
-        .lines()
-        .filter_map(|line| line.split('|').nth(1))
-        .map(|version| version.trim().to_string())
-        .collect();
-    versions.dedup();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let mut fields = line.split('|').map(str::trim);
+        let (Some(package), Some(version)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let known = versions.entry(package.to_string()).or_default();
+        if known.last().map(String::as_str) != Some(version) {
+            known.push(version.to_string());
+        }
+    }
     Ok(versions)
+}
+
+/// The files a linked binary was compiled from, headers included, as
+/// its DWARF line tables name them (absolute paths; relative ones joined
+/// to their directory and compilation directory). `None` when it has no
+/// line tables to read (no overlay can then be ruled out).
+pub fn compiled_files(binary: &Path) -> Option<HashSet<PathBuf>> {
+    use object::{Object, ObjectSection};
+    let bytes = std::fs::read(binary).ok()?;
+    let file = object::File::parse(&*bytes).ok()?;
+    let load = |id: gimli::SectionId| -> Result<std::borrow::Cow<'_, [u8]>, gimli::Error> {
+        Ok(file
+            .section_by_name(id.name())
+            .and_then(|section| section.uncompressed_data().ok())
+            .unwrap_or(std::borrow::Cow::Borrowed(&[])))
+    };
+    let sections = gimli::DwarfSections::load(load).ok()?;
+    let dwarf = sections.borrow(|section| gimli::EndianSlice::new(section, gimli::LittleEndian));
+    let mut files = HashSet::new();
+    let mut units = dwarf.units();
+    while let Ok(Some(header)) = units.next() {
+        let Ok(unit) = dwarf.unit(header) else { continue };
+        let Some(program) = unit.line_program.as_ref() else {
+            continue;
+        };
+        let header = program.header();
+        let comp_dir = unit
+            .comp_dir
+            .map(|dir| PathBuf::from(dir.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        for entry in header.file_names() {
+            let name = dwarf.attr_string(&unit, entry.path_name()).ok();
+            let dir = entry
+                .directory(header)
+                .and_then(|dir| dwarf.attr_string(&unit, dir).ok());
+            let Some(name) = name else { continue };
+            let mut path = comp_dir.clone();
+            if let Some(dir) = dir {
+                path.push(dir.to_string_lossy().as_ref());
+            }
+            path.push(name.to_string_lossy().as_ref());
+            files.insert(path);
+        }
+    }
+    (!files.is_empty()).then_some(files)
 }
 
 /// Orders versions to try: newer than `installed` ascending, then older
@@ -179,7 +245,7 @@ pub fn stale_build_deps(
     if !apt.has_lists(Archives::Binary) {
         apt.update(Archives::Binary, &cache_dir.join("update-binary.log"), progress)?;
     }
-    let mut stale = Vec::new();
+    let mut candidates = Vec::new();
     for package in build_dep_names(&control)
         .into_iter()
         .filter(|name| name.ends_with("-dev"))
@@ -187,10 +253,16 @@ pub fn stale_build_deps(
         let Some(installed) = installed_version(&package)? else {
             continue;
         };
-        if !ships_headers(&package)? {
-            continue;
+        let headers = header_files(&package)?;
+        if !headers.is_empty() {
+            candidates.push((package, installed, headers));
         }
-        let versions = archive_versions(&apt, &package)?;
+    }
+    let names: Vec<&str> = candidates.iter().map(|(package, _, _)| package.as_str()).collect();
+    let mut versions = archive_versions(&apt, &names)?;
+    let mut stale = Vec::new();
+    for (package, installed, headers) in candidates {
+        let versions = versions.remove(&package).unwrap_or_default();
         if versions.is_empty() || versions.contains(&installed) {
             continue;
         }
@@ -199,6 +271,7 @@ pub fn stale_build_deps(
             package,
             installed,
             archive_versions,
+            headers,
         });
     }
     Ok(stale)
@@ -296,12 +369,29 @@ pub fn reproduce(
             build: plain,
             overlay: None,
             stale: Vec::new(),
+            unused: Vec::new(),
             tries,
         });
     }
     let stale = stale_build_deps(source, cache_dir, progress)?;
-    let candidates = stale
+    // An overlay of headers the target's binary was not compiled from
+    // cannot change it (lighttpd's TLS `-dev` packages are for its
+    // modules, not /usr/sbin/lighttpd): each would be a whole package
+    // build for nothing.
+    let target_name = target.file_name();
+    let compiled = plain
+        .binaries
         .iter()
+        .find(|binary| binary.path.file_name() == target_name)
+        .and_then(|binary| compiled_files(&binary.path));
+    let (relevant, unused): (Vec<&StaleBuildDep>, Vec<&StaleBuildDep>) =
+        stale.iter().partition(|dep| match &compiled {
+            Some(files) => dep.headers.iter().any(|header| files.contains(Path::new(header))),
+            None => true,
+        });
+    let unused: Vec<String> = unused.iter().map(|dep| dep.package.clone()).collect();
+    let candidates = relevant
+        .into_iter()
         .flat_map(|dep| {
             dep.archive_versions
                 .iter()
@@ -323,6 +413,7 @@ pub fn reproduce(
                 build,
                 overlay: Some(overlay),
                 stale,
+                unused,
                 tries,
             });
         }
@@ -331,6 +422,7 @@ pub fn reproduce(
         build: plain,
         overlay: None,
         stale,
+        unused,
         tries,
     })
 }

@@ -95,3 +95,42 @@ fn missing_build_dependencies_are_named_in_one_line() {
         "{not_debian}"
     );
 }
+
+/// The overlay filter reads which headers a binary was compiled from: a
+/// header the program includes is listed (as the path gcc opened), one it
+/// does not include is not, and a binary without line tables gives `None`
+/// (nothing can then be ruled out).
+#[test]
+fn compiled_files_lists_the_headers_a_binary_was_built_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("main.c");
+    std::fs::write(
+        &source,
+        "#include <stdio.h>\nint main(void) { return puts(\"x\") < 0; }\n",
+    )
+    .unwrap();
+    let compile = |flags: &[&str], out: &str| {
+        let status = std::process::Command::new("gcc")
+            .args(flags)
+            .arg("-o")
+            .arg(dir.path().join(out))
+            .arg(&source)
+            .status()
+            .unwrap();
+        assert!(status.success(), "gcc {flags:?}");
+        dir.path().join(out)
+    };
+    let with_debug = compile(&["-O2", "-g"], "with-debug");
+    let files = shadowpatch_debsrc::compiled_files(&with_debug).expect("line tables");
+    assert!(
+        files.contains(std::path::Path::new("/usr/include/stdio.h")),
+        "{files:?}"
+    );
+    assert!(files.iter().any(|f| f.ends_with("main.c")), "{files:?}");
+    assert!(
+        !files.contains(std::path::Path::new("/usr/include/zlib.h")),
+        "{files:?}"
+    );
+    let without = compile(&["-O2"], "without-debug");
+    assert_eq!(shadowpatch_debsrc::compiled_files(&without), None);
+}
