@@ -10,6 +10,7 @@
 
 mod agent;
 mod build;
+mod build_debian;
 mod capture_stress;
 mod dirty;
 mod fleet;
@@ -42,8 +43,8 @@ struct Cli {
     /// Size of the executable-like region for throughput, in MiB.
     #[arg(long)]
     region_mib: Option<u64>,
-    /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets; `build`: patches from a diff against the floor; `pause`: activation and rollback pauses against the floor; `fleet`: apply --all over 1,000 processes mapping a library against the floor, not part of the full run; `capture-stress`: 10,000 captures in short sessions on a busy target, deaths and wrong results counted, not part of the full run; `verdict-latency`: analyze --capture 3 of a crashing patch on a loaded server, first captured call to verdict, beside the capture pause and copy fork floors; `fleet-service`: the fleet predictor's verdict latency against in-process scoring and its outcome ingestion, not part of the full run).
-    #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent", "build", "pause", "fleet", "capture-stress", "verdict-latency", "fleet-service"])]
+    /// Run one section only (`watch`: continuous verification; `dirty`: data mirroring per dirty-tracking method; `prediction`: static analysis and simulation; `watch-window`: apply --watch; `agent`: the agent's overhead with many idle targets; `build`: patches from a diff against the floor; `pause`: activation and rollback pauses against the floor; `fleet`: apply --all over 1,000 processes mapping a library against the floor, not part of the full run; `capture-stress`: 10,000 captures in short sessions on a busy target, deaths and wrong results counted, not part of the full run; `verdict-latency`: analyze --capture 3 of a crashing patch on a loaded server, first captured call to verdict, beside the capture pause and copy fork floors; `fleet-service`: the fleet predictor's verdict latency against in-process scoring and its outcome ingestion, not part of the full run; `build-debian`: build --debian of Debian's lighttpd against the package's own build plus its rebuild after the diff, not part of the full run).
+    #[arg(long, value_parser = ["watch", "dirty", "prediction", "watch-window", "agent", "build", "pause", "fleet", "capture-stress", "verdict-latency", "fleet-service", "build-debian"])]
     only: Option<String>,
     /// Machine-readable JSON on stdout instead of text.
     #[arg(long)]

@@ -171,6 +171,7 @@ pub fn run(context: &Context, quick: bool, region_mib: Option<u64>, only: Option
             }
             return Ok(0);
         }
+        Some("build-debian") => return crate::build_debian::run(context, quick),
         Some("fleet-service") => {
             let bench = crate::fleet_service::run(context.json, quick)?;
             if context.json {

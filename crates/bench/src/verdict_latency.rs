@@ -9,6 +9,12 @@
 //! process keeping both cores busy; the analysis is the one `shadowpatch
 //! analyze --capture 3` runs (`ops::analysis::analyze`), its progress
 //! timestamped: calls 1 to 3 captured, simulated, verdict.
+//!
+//! Then the same on a real Debian server, when installed: Debian's
+//! redis-server (stripped as shipped, its own crash reporter on SIGSEGV,
+//! background threads), answering GETs from two load connections, with a
+//! patch of its exported `getCommand` that writes through a null pointer.
+//! Every GET must be answered, before, during and after.
 
 use crate::support::{Context, Percentiles};
 use serde::Serialize;
@@ -22,8 +28,15 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Serialize)]
 pub struct VerdictLatencyBench {
+    /// The fixture server, then Debian's redis-server when installed.
+    pub servers: Vec<ServerLatency>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServerLatency {
+    /// Which server, and its load.
+    pub server: String,
     pub rounds: usize,
-    pub server_threads: u32,
     /// First captured call → verdict, ms.
     pub first_capture_to_verdict_ms: Percentiles,
     /// First → last captured call (waiting for calls 2 and 3), ms.
@@ -46,8 +59,21 @@ pub struct VerdictLatencyBench {
     pub copy_fork_us: Percentiles,
 }
 
+const REDIS: &str = "/usr/bin/redis-server";
+
 pub fn run(context: &Context, quick: bool) -> anyhow::Result<VerdictLatencyBench> {
-    let rounds = if quick { 3 } else { 10 };
+    let mut servers = vec![fixture_server(context, quick)?];
+    if std::path::Path::new(REDIS).exists() {
+        servers.push(redis_server(context, quick)?);
+    } else if !context.json {
+        eprintln!(
+            "verdict-latency: {REDIS} is not installed (apt-get install -y redis-server): the Debian row is left out"
+        );
+    }
+    Ok(VerdictLatencyBench { servers })
+}
+
+fn fixture_server(context: &Context, quick: bool) -> anyhow::Result<ServerLatency> {
     let server_threads = 4u32;
     let dir = tempfile::tempdir()?;
     if !context.json {
@@ -67,7 +93,167 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<VerdictLatencyBench
             shadowpatch_symbols::hex(image.build_id.as_deref().unwrap_or_default())
         ),
     )?;
-    let state = dir.path().join("state");
+    let mut latency = measure(context, quick, dir.path(), server.pid(), &manifest, "handle_command")?;
+    anyhow::ensure!(server.check()?["errors"] == 0, "the live server answered wrong");
+    latency.server = format!(
+        "the `server` fixture ({server_threads} workers, about 10,000 requests a second each, its own SIGSEGV crash reporter; a second process loads both cores)"
+    );
+    Ok(latency)
+}
+
+/// Debian's redis-server on a free port, killed on drop.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One inline-protocol command on `stream`, its reply's first line.
+fn redis_command(stream: &mut std::io::BufReader<std::net::TcpStream>, line: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    stream.get_mut().write_all(format!("{line}\r\n").as_bytes())?;
+    let mut reply = String::new();
+    if stream.read_line(&mut reply)? == 0 {
+        return Err(std::io::Error::other("connection closed"));
+    }
+    if let Some(length) = reply.strip_prefix('$').and_then(|n| n.trim().parse::<usize>().ok()) {
+        let mut value = vec![0u8; length + 2];
+        std::io::Read::read_exact(stream, &mut value)?;
+    }
+    Ok(reply.trim_end().to_string())
+}
+
+fn redis_connect(port: u16) -> std::io::Result<std::io::BufReader<std::net::TcpStream>> {
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(std::io::BufReader::new(stream))
+}
+
+fn redis_server(context: &Context, quick: bool) -> anyhow::Result<ServerLatency> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    if !context.json {
+        eprintln!("verdict-latency: Debian's redis-server on port {port}, GETs from two connections ...");
+    }
+    let child = std::process::Command::new(REDIS)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let redis = Redis { child, port };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut client) = redis_connect(port) {
+            if redis_command(&mut client, "SET key value").is_ok_and(|reply| reply == "+OK") {
+                break;
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "redis-server did not answer on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, answered, failed) = (stop.clone(), answered.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let mut client = redis_connect(port).ok();
+                while !stop.load(Ordering::Relaxed) {
+                    let reply = client.as_mut().map(|c| redis_command(c, "GET key"));
+                    match reply {
+                        Some(Ok(reply)) if reply == "$5" => {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            client = redis_connect(port).ok();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // The crashing replacement, built here: redis's handlers take a client*.
+    let source = dir.path().join("crash.c");
+    std::fs::write(
+        &source,
+        "void getCommand_crash(void *c) { (void)c; *(volatile int *)0 = 1; }\n",
+    )?;
+    let object = dir.path().join("crash.so");
+    let status = std::process::Command::new("gcc")
+        .args(["-O2", "-fPIC", "-shared", "-o"])
+        .arg(&object)
+        .arg(&source)
+        .status()?;
+    anyhow::ensure!(status.success(), "gcc failed on {}", source.display());
+    let binary = std::fs::canonicalize(REDIS)?;
+    let image = shadowpatch_symbols::ElfImage::open(&binary)?;
+    let manifest = dir.path().join("crash.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "id = \"redis-crash\"\nobject = \"{}\"\n[target]\nbuild_id = \"{}\"\n[[replace]]\nsymbol = \"getCommand\"\nwith = \"getCommand_crash\"\n",
+            object.display(),
+            shadowpatch_symbols::hex(image.build_id.as_deref().unwrap_or_default())
+        ),
+    )?;
+    let pid = redis.child.id() as i32;
+    let result = measure(context, quick, dir.path(), pid, &manifest, "getCommand");
+    stop.store(true, Ordering::Relaxed);
+    for thread in load {
+        let _ = thread.join();
+    }
+    let mut latency = result?;
+    let (answered, failed) = (answered.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    anyhow::ensure!(answered > 0, "redis-server answered no GET");
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} GETs of {} failed: the live server was harmed",
+        answered + failed
+    );
+    anyhow::ensure!(
+        redis_connect(redis.port).and_then(|mut c| redis_command(&mut c, "GET key"))? == "$5",
+        "redis-server no longer answers"
+    );
+    latency.server = format!(
+        "Debian's redis-server ({}, stripped, its own crash reporter; two connections answered {answered} GETs, 0 failed)",
+        binary.display()
+    );
+    Ok(latency)
+}
+
+/// `rounds` analyses of `manifest` (a crashing patch of `symbol`) on
+/// `pid`, then the floors.
+fn measure(
+    context: &Context,
+    quick: bool,
+    dir: &std::path::Path,
+    pid: i32,
+    manifest: &std::path::Path,
+    symbol: &str,
+) -> anyhow::Result<ServerLatency> {
+    let rounds = if quick { 3 } else { 10 };
+    let state = dir.join("state");
     let settings = AnalysisSettings {
         capture: Some(3),
         ..AnalysisSettings::default()
@@ -93,7 +279,7 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<VerdictLatencyBench
             })
         };
         let started = Instant::now();
-        let report = analyze(&state, server.pid(), &manifest, &settings, "analyze", Some(sink))?;
+        let report = analyze(&state, pid, manifest, &settings, "analyze", Some(sink))?;
         let ended = Instant::now();
         anyhow::ensure!(
             report.analysis.verdict == Verdict::Refuse,
@@ -121,7 +307,7 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<VerdictLatencyBench
     if !context.json {
         eprintln!("verdict-latency: floors (capture pause, fork of a copy) ...");
     }
-    let mut bench = HitBench::open(&dir.path().join("floor-state"), server.pid(), "handle_command")?;
+    let mut bench = HitBench::open(&dir.join("floor-state"), pid, symbol)?;
     let pauses: Vec<u64> = bench
         .block(
             HitHandling::Capture,
@@ -132,17 +318,12 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<VerdictLatencyBench
         .map(|(pause, _)| pause)
         .collect();
     bench.close()?;
-    let forks = copy_fork_floor(
-        &dir.path().join("floor-state"),
-        server.pid(),
-        if quick { 20 } else { 100 },
-    )?;
-    anyhow::ensure!(server.check()?["errors"] == 0, "the live server answered wrong");
+    let forks = copy_fork_floor(&dir.join("floor-state"), pid, if quick { 20 } else { 100 })?;
     // µs → ms in the percentiles of the latency rows.
     let in_ms = |v: Vec<u64>| Percentiles::of(v.into_iter().map(|us| us / 1000).collect());
-    Ok(VerdictLatencyBench {
+    Ok(ServerLatency {
+        server: String::new(),
         rounds,
-        server_threads,
         first_capture_to_verdict_ms: in_ms(latency),
         waiting_for_calls_ms: in_ms(waiting),
         simulating_ms: in_ms(simulating),
@@ -155,10 +336,16 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<VerdictLatencyBench
 }
 
 pub fn print(bench: &VerdictLatencyBench) {
+    for server in &bench.servers {
+        print_server(server);
+    }
+}
+
+fn print_server(bench: &ServerLatency) {
     println!();
     println!(
-        "## Verdict latency: `analyze --capture 3` of a crashing patch on a loaded server ({} workers, a second process loading both cores), {} rounds",
-        bench.server_threads, bench.rounds
+        "## Verdict latency: `analyze --capture 3` of a crashing patch on {}, {} rounds",
+        bench.server, bench.rounds
     );
     println!();
     println!("| what | median | p99 | max |");
