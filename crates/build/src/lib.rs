@@ -166,6 +166,7 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
     }
     let source = std::fs::canonicalize(&request.source).map_err(|e| BuildError::io(&request.source, e))?;
     let target = Target::open(&request.target, request.module.as_deref())?;
+    refuse_rust(&source, &request.diffs, request.build_command.is_some())?;
     let command = match &request.build_command {
         Some(command) => command.clone(),
         None => driver::default_build_command(&source)?,
@@ -703,6 +704,38 @@ fn find_reference_binary(tree: &Path, target: &Target) -> Result<Option<PathBuf>
         return Ok(linked.pop());
     }
     Ok(by_name)
+}
+
+/// Rust is refused in one line before anything is built: rustc goes
+/// through no CC wrapper, its codegen units and generic instances cross
+/// crate and file boundaries, and its symbol names carry a hash of the
+/// crate's build, so a patched rebuild neither records its objects nor
+/// names its functions as the running binary does. The signs: a diff of
+/// a `.rs` file, or a Cargo tree when no build command is given (the C
+/// part of a mixed tree builds with `--build-cmd`).
+fn refuse_rust(source: &Path, diffs: &[PathBuf], build_command_given: bool) -> Result<(), BuildError> {
+    let advice = "build makes patches of C and C++ code only; write a Rust patch by hand as a #![no_std] cdylib exporting #[no_mangle] extern \"C\" replacements (docs/writing-patches.md)";
+    for diff in diffs {
+        let text = std::fs::read_to_string(diff).unwrap_or_default();
+        let rust_file = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("+++ "))
+            .map(|name| name.split('\t').next().unwrap_or(name).trim())
+            .find(|name| name.ends_with(".rs"));
+        if let Some(file) = rust_file {
+            return Err(BuildError::Input(format!(
+                "{}: changes the Rust file {file}: {advice}",
+                diff.display()
+            )));
+        }
+    }
+    if source.join("Cargo.toml").is_file() && !build_command_given {
+        return Err(BuildError::Input(format!(
+            "{}: a Cargo tree: {advice}, or give --build-cmd for the C part of a mixed tree",
+            source.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The compiler of the patch's objects against the target's `.comment`.

@@ -70,3 +70,60 @@ fn a_meson_tree_builds_with_the_default_command() {
         .stdout(std::process::Stdio::null()));
     patches_build_with_the_default_command(&fixture, &shipped.join("out/calc"));
 }
+
+/// A Rust target is refused before anything is built, in one line that
+/// says what to do instead: a diff of a `.rs` file, or a Cargo tree with
+/// no build command given. The target is a real rustc-built binary.
+#[test]
+fn rust_is_refused_in_one_line_with_what_to_do_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("src")).unwrap();
+    std::fs::write(
+        tree.join("Cargo.toml"),
+        "[package]\nname = \"hello\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    )
+    .unwrap();
+    let main = "fn answer() -> u32 { 41 }\nfn main() { println!(\"{}\", answer()); }\n";
+    std::fs::write(tree.join("src/main.rs"), main).unwrap();
+    std::fs::write(tree.join("helper.c"), "int helper(void) { return 1; }\n").unwrap();
+    let binary = dir.path().join("hello");
+    run(Command::new("rustc")
+        .args(["-O", "-o"])
+        .arg(&binary)
+        .arg(tree.join("src/main.rs")));
+    let rust_diff = dir.path().join("answer.diff");
+    std::fs::write(
+        &rust_diff,
+        "--- a/src/main.rs\n+++ b/src/main.rs\n@@ -1,2 +1,2 @@\n-fn answer() -> u32 { 41 }\n+fn answer() -> u32 { 42 }\n fn main() { println!(\"{}\", answer()); }\n",
+    )
+    .unwrap();
+    let c_diff = dir.path().join("helper.diff");
+    std::fs::write(
+        &c_diff,
+        "--- a/helper.c\n+++ b/helper.c\n@@ -1 +1 @@\n-int helper(void) { return 1; }\n+int helper(void) { return 2; }\n",
+    )
+    .unwrap();
+    let request = |diff: &std::path::Path, out: &str| shadowpatch_build::BuildRequest {
+        source: tree.clone(),
+        diffs: vec![diff.to_path_buf()],
+        target: binary.display().to_string(),
+        out: dir.path().join(out),
+        cache: Some(dir.path().join("cache")),
+        ..Default::default()
+    };
+    let error = shadowpatch_build::build(&request(&rust_diff, "out-rs"), &mut |_, _| {}).unwrap_err();
+    let text = error.to_string();
+    assert!(matches!(error, shadowpatch_build::BuildError::Input(_)), "{text}");
+    assert!(text.contains("changes the Rust file b/src/main.rs"), "{text}");
+    assert!(
+        text.contains("C and C++ code only") && text.contains("docs/writing-patches.md"),
+        "{text}"
+    );
+    assert!(!text.contains('\n'), "one line: {text}");
+    let error = shadowpatch_build::build(&request(&c_diff, "out-c"), &mut |_, _| {}).unwrap_err();
+    let text = error.to_string();
+    assert!(text.contains("a Cargo tree") && text.contains("--build-cmd"), "{text}");
+    assert!(!dir.path().join("out-rs").exists() && !dir.path().join("out-c").exists());
+    assert!(!dir.path().join("cache").join("logs").exists(), "nothing was built");
+}
