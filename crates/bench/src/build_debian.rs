@@ -3,7 +3,9 @@
 //! measured in the same run. The floor is what the package's build system
 //! allows by hand: the package's own build of the pristine source
 //! (`dpkg-buildpackage -T build`, nocheck, exactly as the reference build
-//! runs it) plus the same command again in that tree after the diff.
+//! runs it) plus the rebuild after the diff in that tree with the same
+//! command `build` uses for its patched build (the package's build step:
+//! `dh_auto_build` or the rules' override, else the whole build again).
 //! Cold: empty reference and build caches (the fetched source and the apt
 //! lists are kept: they are downloads, not builds). Warm: the reference
 //! cached, as for a second patch to the same binary. The diff changes the
@@ -114,6 +116,7 @@ pub fn measure(context: &Context, quick: bool) -> anyhow::Result<DebianBuildBenc
     let diff = dir.path().join("errdoc.diff");
     std::fs::write(&diff, DIFF)?;
     let build_command = shadowpatch_build::debian::build_command("");
+    let rebuild_command = shadowpatch_build::debian::rebuild_command(&source.dir, "");
     let mut bench = DebianBuildBench {
         package: installed.source_package.clone(),
         version: installed.source_version.clone(),
@@ -147,7 +150,7 @@ pub fn measure(context: &Context, quick: bool) -> anyhow::Result<DebianBuildBenc
         ));
         let patch = format!("patch -p1 --batch --forward < {}", diff.display());
         run_shell(&tree, &patch, &work.join("floor-patch.log"))?;
-        let rebuild = run_shell(&tree, &build_command, &work.join("floor-rebuild.log"))?;
+        let rebuild = run_shell(&tree, &rebuild_command, &work.join("floor-rebuild.log"))?;
         std::fs::remove_dir_all(&tree)?;
 
         let cache = work.join("debsrc");
