@@ -114,7 +114,15 @@ fn libevent_of(pid: u32) -> std::path::PathBuf {
 
 /// Compile `source` into `dir/name.so` and write `dir/name.toml`
 /// replacing `symbol` with `with`, plus `extra` manifest lines.
-fn patch(dir: &Path, build_id: &str, name: &str, source: &str, symbol: &str, with: &str, extra: &str) -> String {
+pub(crate) fn patch(
+    dir: &Path,
+    build_id: &str,
+    name: &str,
+    source: &str,
+    symbol: &str,
+    with: &str,
+    extra: &str,
+) -> String {
     let c = dir.join(format!("{name}.c"));
     std::fs::write(&c, source).unwrap();
     let object = dir.join(format!("{name}.so"));
