@@ -216,7 +216,9 @@ impl VerdictPolicy {
 
     /// The verdict, in this order: a blocking finding (harm) refuses; a
     /// risk at or above `refuse_at` refuses when simulated calls back it
-    /// (on static evidence alone it warns: the model extrapolates there);
+    /// (on static evidence alone it warns: the model extrapolates there;
+    /// and when live calls showed nothing but a change of behaviour, it
+    /// warns with that change);
     /// a warning warns; no warning and live calls that showed neither harm
     /// nor an undeclared change proceed, whatever the model's risk (with
     /// no finding left, the risk rests on the patch's size, which alone
@@ -241,8 +243,20 @@ impl VerdictPolicy {
                 format!("blocking finding: {}", codes(Severity::Blocking)),
             );
         }
-        let clean_live = !warnings && evidence.live_calls > 0 && evidence.inconclusive_calls == 0;
-        if risk >= self.refuse_at && evidence.simulated_calls > 0 && !clean_live {
+        let live = evidence.live_calls > 0 && evidence.inconclusive_calls == 0;
+        let clean_live = !warnings && live;
+        // Live calls that showed only a change of behaviour (no harm, no
+        // risk finding) do not let the model's risk refuse: changing
+        // behaviour is what a fix does (issue 12), and the model, trained
+        // on one program's tiny functions, refuses a real server's benign
+        // fix on its size terms alone (PREDICTION.md). It warns, with the
+        // examples of the change.
+        let only_change_live = live
+            && findings
+                .iter()
+                .filter(|f| f.severity == Severity::Warning)
+                .all(|f| f.class == Class::BehaviourChange);
+        if risk >= self.refuse_at && evidence.simulated_calls > 0 && !only_change_live {
             return decision(
                 Verdict::Refuse,
                 format!(
@@ -394,9 +408,25 @@ mod tests {
             policy.decide(std::slice::from_ref(&warning), 0.0, &live).verdict,
             Verdict::Warn
         );
-        let refused = policy.decide(&[warning, blocking], 0.0, &live);
+        let refused = policy.decide(&[warning.clone(), blocking], 0.0, &live);
         assert_eq!(refused.verdict, Verdict::Refuse);
         assert!(refused.basis.contains("sim-patched-crashes"), "{}", refused.basis);
+        // Live calls showing only a change of behaviour: the model's risk
+        // warns with it, never refuses; a risk finding beside it, or calls
+        // that were not live, let the risk refuse.
+        let change = Finding::new("sim-return-differs", Severity::Warning, Source::Simulation, "c");
+        let changed = policy.decide(std::slice::from_ref(&change), 0.99, &live);
+        assert_eq!(changed.verdict, Verdict::Warn, "{}", changed.basis);
+        assert!(changed.basis.contains("sim-return-differs"), "{}", changed.basis);
+        assert_eq!(
+            policy.decide(std::slice::from_ref(&change), 0.99, &explicit).verdict,
+            Verdict::Refuse
+        );
+        assert_eq!(
+            policy.decide(&[change.clone(), warning], 0.99, &live).verdict,
+            Verdict::Refuse
+        );
+        assert_eq!(policy.decide(&[change], 0.99, &inconclusive).verdict, Verdict::Refuse);
     }
 
     #[test]

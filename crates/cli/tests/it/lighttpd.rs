@@ -175,11 +175,10 @@ fn lighttpd_live_patch_under_load_changes_responses_and_rolls_back() {
 /// harm; a replacement that dereferences NULL is refused as harm. The
 /// live server answers every request.
 ///
-/// Not asserted: the benign patches' verdicts. The learned model, trained
-/// on one fixture program of tiny functions, scores this 415-byte
-/// function's replacement 0.99 on its sizes alone and refuses it, declared
-/// or not (PREDICTION.md, "What it misses"): the real-program corpus of
-/// issue 12 items 6-7 is what fixes that.
+/// The learned model, trained on one fixture program of tiny functions,
+/// scores this 415-byte function's replacement 0.99 on its sizes alone
+/// (PREDICTION.md, "What it misses"); live calls that showed only the
+/// change keep that risk from refusing.
 #[test]
 fn lighttpd_verdicts_tell_harm_from_intended_change() {
     let dir = tempfile::tempdir().unwrap();
@@ -241,6 +240,7 @@ fn lighttpd_verdicts_tell_harm_from_intended_change() {
         assert!(harm.is_empty(), "{harm:?}");
     };
     let report = analyze(&undeclared);
+    assert_eq!(report["verdict"], "warn", "{report}");
     assert_eq!(
         classes(&report, "sim-return-differs"),
         ["warning behaviour_change"],
@@ -249,6 +249,7 @@ fn lighttpd_verdicts_tell_harm_from_intended_change() {
     assert_eq!(report["features"]["sim_calls"], 3.0, "{report}");
     no_harm(&report);
     let report = analyze(&declared);
+    assert_eq!(report["verdict"], "proceed", "{report}");
     assert_eq!(
         classes(&report, "sim-return-differs"),
         ["info behaviour_change"],
