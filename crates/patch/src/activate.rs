@@ -7,7 +7,7 @@
 use crate::fault;
 use crate::journal::Write5;
 use crate::PatchError;
-use shadowpatch_process::{Attached, PauseReport, Stopped};
+use shadowpatch_process::{Attached, PauseReport, StepOut, Stopped};
 
 /// Picks the expected or the new bytes of a write.
 type BytesOf = fn(&Write5) -> &[u8];
@@ -42,16 +42,34 @@ pub fn switch(
     fault_prefix: &str,
     during: &mut dyn FnMut(&mut Stopped) -> Result<(), PatchError>,
 ) -> Result<Activation, PatchError> {
+    // Everything that does not depend on the stopped threads is done
+    // before stopping them.
+    let spans = Span::cover(writes);
+    let ranges: Vec<(u64, usize)> = spans.iter().map(|s| (s.start, s.len)).collect();
+    let entries = Entries::of(writes);
     for attempt in 1..=max_attempts.max(1) {
         let mut stopped = attached.stop()?;
-        let mut busy = None;
-        for (tid, write) in threads_inside(&stopped, writes)? {
-            // Move it past the bytes rather than wait for the scheduler to.
-            let end = write.address + write.new.len() as u64;
-            if !stopped.step_out_of(tid, write.address + 1, end, STEP_OUT_LIMIT)? {
-                busy = Some(write.address);
-            }
-        }
+        let inside = entries.threads_inside(&stopped)?;
+        let moves: Vec<StepOut> = inside
+            .iter()
+            .map(|&(tid, regs, write)| StepOut {
+                tid,
+                regs,
+                start: write.address + 1,
+                end: write.address + write.new.len() as u64,
+            })
+            .collect();
+        // Move them past the bytes rather than wait for the scheduler to.
+        let moved = if moves.is_empty() {
+            Vec::new()
+        } else {
+            stopped.step_out_of_many(&moves, STEP_OUT_LIMIT)?
+        };
+        let busy = inside
+            .iter()
+            .zip(&moved)
+            .find(|(_, &moved)| !moved)
+            .map(|(&(_, _, write), _)| write.address);
         if let Some(busy) = busy {
             drop(stopped);
             if attempt == max_attempts.max(1) {
@@ -68,8 +86,6 @@ pub fn switch(
             Direction::Forward => (|w| &w.original, |w| &w.new),
             Direction::Backward => (|w| &w.new, |w| &w.original),
         };
-        let spans = Span::cover(writes);
-        let ranges: Vec<(u64, usize)> = spans.iter().map(|s| (s.start, s.len)).collect();
         let live_spans = stopped.memory().read_many(&ranges)?;
         for (span, live) in spans.iter().zip(&live_spans) {
             for &index in &span.writes {
@@ -151,24 +167,50 @@ pub fn switch(
 /// first bytes, and waiting for the scheduler to move it may never work.
 const STEP_OUT_LIMIT: u32 = 16;
 
-/// Threads whose instruction pointer sits strictly inside bytes to rewrite
-/// (at the first byte is fine: the thread will execute the new instruction
-/// whole), with the write concerned.
-fn threads_inside<'w>(
-    stopped: &Stopped,
-    writes: &'w [Write5],
-) -> Result<Vec<(nix::unistd::Pid, &'w Write5)>, PatchError> {
-    let mut inside = Vec::new();
-    for tid in stopped.threads() {
-        let rip = stopped.regs(tid)?.rip;
-        if let Some(write) = writes
-            .iter()
-            .find(|w| rip > w.address && rip < w.address + w.new.len() as u64)
-        {
-            inside.push((tid, write));
-        }
+/// The writes in address order, to find the one a thread's instruction
+/// pointer is inside by binary search: a stop of 64 threads and 100
+/// entries asks 64 times, not 6,400.
+struct Entries<'w> {
+    sorted: Vec<&'w Write5>,
+    /// The longest write: only writes starting less than this before an
+    /// address can cover it.
+    longest: u64,
+}
+
+impl<'w> Entries<'w> {
+    fn of(writes: &'w [Write5]) -> Self {
+        let mut sorted: Vec<&Write5> = writes.iter().collect();
+        sorted.sort_by_key(|w| w.address);
+        let longest = writes.iter().map(|w| w.new.len() as u64).max().unwrap_or(0);
+        Entries { sorted, longest }
     }
-    Ok(inside)
+
+    /// The write whose bytes `rip` lies strictly inside (at the first byte
+    /// is fine: the thread will execute the new instruction whole).
+    fn covering(&self, rip: u64) -> Option<&'w Write5> {
+        let from = self.sorted.partition_point(|w| w.address + self.longest <= rip);
+        let to = self.sorted.partition_point(|w| w.address < rip);
+        self.sorted[from..to.max(from)]
+            .iter()
+            .find(|w| rip < w.address + w.new.len() as u64)
+            .copied()
+    }
+
+    /// Threads whose instruction pointer sits strictly inside bytes to
+    /// rewrite, with their registers and the write concerned.
+    fn threads_inside(
+        &self,
+        stopped: &Stopped,
+    ) -> Result<Vec<(nix::unistd::Pid, libc::user_regs_struct, &'w Write5)>, PatchError> {
+        let mut inside = Vec::new();
+        for tid in stopped.threads() {
+            let regs = stopped.regs(tid)?;
+            if let Some(write) = self.covering(regs.rip) {
+                inside.push((tid, regs, write));
+            }
+        }
+        Ok(inside)
+    }
 }
 
 /// Writes that share a page, read and written as one range: a write to
@@ -254,6 +296,29 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn an_instruction_pointer_is_inside_a_write_after_its_first_byte_only() {
+        let long = Write5 {
+            address: 0x3000,
+            original: vec![0x90; 8],
+            new: vec![0x90; 8],
+        };
+        let writes = [write(0x1005), write(0x1000), long, write(0x3002)];
+        let entries = Entries::of(&writes);
+        let covering = |rip| entries.covering(rip).map(|w| w.address);
+        assert_eq!(covering(0x0fff), None);
+        assert_eq!(covering(0x1000), None);
+        assert_eq!(covering(0x1001), Some(0x1000));
+        assert_eq!(covering(0x1004), Some(0x1000));
+        assert_eq!(covering(0x1005), None);
+        assert_eq!(covering(0x1009), Some(0x1005));
+        assert_eq!(covering(0x100a), None);
+        // A longer write still covers bytes past a shorter one inside it.
+        assert_eq!(covering(0x3001), Some(0x3000));
+        assert_eq!(covering(0x3007), Some(0x3000));
+        assert_eq!(covering(0x3008), None);
     }
 
     #[test]

@@ -29,4 +29,5 @@ pub use events::Event;
 pub use identity::ProcessIdentity;
 pub use maps::{Mapping, MappingKind};
 pub use memory::{MemoryBackend, TargetMemory};
+pub use remote::StepOut;
 pub use sigframe::zeroed_regs;

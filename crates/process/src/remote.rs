@@ -71,36 +71,71 @@ impl Stopped<'_> {
     /// be moved out: it sits in a system call, or meets an instruction we
     /// do not emulate (the caller lets it run on and tries again).
     pub fn step_out_of(&mut self, tid: Pid, start: u64, end: u64, max_steps: u32) -> Result<bool, TargetError> {
-        let attached = self.attached();
-        let pid = attached.pid();
-        // Emulation runs nothing in the thread: one in job-control stop
-        // can be moved too.
-        if !attached.threads.get(&tid).is_some_and(|s| s.stopped && !s.held) {
+        let pid = self.pid();
+        if !self.attached().threads.get(&tid).is_some_and(|s| s.stopped && !s.held) {
             return Err(TargetError::ThreadNotStopped { pid, tid: tid.as_raw() });
         }
-        let mut regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
-        if regs.orig_rax != u64::MAX {
-            return Ok(false);
-        }
-        for _ in 0..max_steps {
-            if !(start..end).contains(&regs.rip) {
-                return Ok(true);
+        let regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
+        let thread = StepOut { tid, regs, start, end };
+        Ok(self.step_out_of_many(&[thread], max_steps)?[0])
+    }
+
+    /// [`Stopped::step_out_of`] for several threads whose registers the
+    /// caller read in this stop; one result per thread, in order. Inside a
+    /// stop of many threads every syscall counts: the code of all of them
+    /// is read in one `process_vm_readv` (every instruction to emulate
+    /// starts before `end` and is at most 15 bytes long), and each thread
+    /// gets its new registers in one `PTRACE_SETREGS`, after the stack
+    /// words its instructions write. A thread that cannot be moved out is
+    /// left unchanged.
+    pub fn step_out_of_many(&mut self, threads: &[StepOut], max_steps: u32) -> Result<Vec<bool>, TargetError> {
+        let attached = self.attached();
+        let pid = attached.pid();
+        for thread in threads {
+            // Emulation runs nothing in the thread: one in job-control
+            // stop can be moved too.
+            if !attached.threads.get(&thread.tid).is_some_and(|s| s.stopped && !s.held) {
+                return Err(TargetError::ThreadNotStopped {
+                    pid,
+                    tid: thread.tid.as_raw(),
+                });
             }
-            let mut code = [0u8; 15];
-            let read = attached.memory().read_partial(regs.rip, &mut code)?;
-            let Some(effect) = crate::emulate::emulate(&regs, &code[..read]) else {
-                return Ok(false);
+        }
+        // From the instruction pointer to 15 bytes past `end`, but not past
+        // the page `end - 1` is on: the bytes to rewrite are mapped, the
+        // next page may not be (an instruction cut there is read again).
+        let windows: Vec<(u64, usize)> = threads
+            .iter()
+            .map(|t| {
+                // Nothing to read for a thread that is not to be moved.
+                if t.regs.orig_rax != u64::MAX || !(t.start..t.end).contains(&t.regs.rip) {
+                    return (t.regs.rip, 0);
+                }
+                let last_page_end = ((t.end - 1) | (PAGE - 1)) + 1;
+                let window_end = (t.end + LONGEST_INSTRUCTION).min(last_page_end);
+                (t.regs.rip, window_end.saturating_sub(t.regs.rip) as usize)
+            })
+            .collect();
+        let code = attached.memory().read_many(&windows)?;
+        let mut moved = Vec::with_capacity(threads.len());
+        for (thread, code) in threads.iter().zip(code) {
+            let Some((regs, stores)) = emulate_out(attached, thread, code, max_steps)? else {
+                moved.push(false);
+                continue;
             };
-            // The stack word first (below the stack pointer: nothing live
+            // The stack words first (below the stack pointer: nothing live
             // there), then every register at once: killed between the two,
             // the thread still holds its old, valid state.
-            if let Some((address, value)) = effect.store {
+            for (address, value) in stores {
                 attached.memory().write(address, &value.to_le_bytes())?;
             }
-            ptrace::setregs(tid, effect.regs).map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
-            regs = effect.regs;
+            if regs.rip != thread.regs.rip {
+                ptrace::setregs(thread.tid, regs)
+                    .map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
+            }
+            moved.push(true);
         }
-        Ok(!(start..end).contains(&regs.rip))
+        Ok(moved)
     }
 
     /// Reap dead copies (pids in the target's namespace) with a remote
@@ -827,4 +862,57 @@ impl Attached {
         self.syscall_instruction = Some(found);
         Ok(found)
     }
+}
+
+/// A thread to move out of `start..end` (see [`Stopped::step_out_of_many`]),
+/// with the registers read in the current stop.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOut {
+    pub tid: Pid,
+    pub regs: libc::user_regs_struct,
+    pub start: u64,
+    pub end: u64,
+}
+
+const LONGEST_INSTRUCTION: u64 = 15;
+const PAGE: u64 = 4096;
+
+/// The registers and stack words (in order) that move `thread` out of its
+/// range, emulated over `code` (read from its instruction pointer on), or
+/// `None` when it cannot be moved: in a system call, an instruction we do
+/// not emulate, still inside after `max_steps`.
+#[allow(clippy::type_complexity)]
+fn emulate_out(
+    attached: &mut Attached,
+    thread: &StepOut,
+    mut code: Vec<u8>,
+    max_steps: u32,
+) -> Result<Option<(libc::user_regs_struct, Vec<(u64, u64)>)>, TargetError> {
+    if thread.regs.orig_rax != u64::MAX {
+        return Ok(None);
+    }
+    let inside = |rip: u64| (thread.start..thread.end).contains(&rip);
+    let mut base = thread.regs.rip;
+    let mut now = thread.regs;
+    let mut stores = Vec::new();
+    for _ in 0..max_steps {
+        if !inside(now.rip) {
+            break;
+        }
+        // A jump landing outside what was read, or an instruction that
+        // may run past it: read from here (as far as it is mapped).
+        if now.rip < base || now.rip - base + LONGEST_INSTRUCTION > code.len() as u64 {
+            base = now.rip;
+            code.resize(LONGEST_INSTRUCTION as usize, 0);
+            let readable = attached.memory().read_partial(base, &mut code)?;
+            code.truncate(readable);
+        }
+        let at = (now.rip - base) as usize;
+        let Some(effect) = crate::emulate::emulate(&now, &code[at..]) else {
+            return Ok(None);
+        };
+        stores.extend(effect.store);
+        now = effect.regs;
+    }
+    Ok((!inside(now.rip)).then_some((now, stores)))
 }
