@@ -219,7 +219,7 @@ impl Attached {
     /// call [`Stopped::resume`] to get the timings.
     pub fn stop(&mut self) -> Result<Stopped<'_>, TargetError> {
         let realtime = match self.priority {
-            StopPriority::RealtimeIfPermitted => RealtimeGuard::enter().ok(),
+            StopPriority::RealtimeIfPermitted => RealtimeWindow::enter(),
             StopPriority::Normal => None,
         };
         let started = Instant::now();
@@ -501,7 +501,7 @@ impl Attached {
         // Detaching needs every thread stopped first: the same starvation
         // as any stop window applies, so run it at real-time priority too.
         let _realtime = match self.priority {
-            StopPriority::RealtimeIfPermitted => RealtimeGuard::enter().ok(),
+            StopPriority::RealtimeIfPermitted => RealtimeWindow::enter(),
             StopPriority::Normal => None,
         };
         let stop_result = self.stop_all_threads();
@@ -567,11 +567,89 @@ impl Drop for Attached {
     }
 }
 
+/// Stop windows at real-time priority at once in this process: at most
+/// one CPU fewer than there are. A window's thread polls its target's
+/// leader (`wait_for_stop`); with as many such threads as CPUs, the
+/// targets (normal priority) never get a CPU to reach their stop, and a
+/// host-wide apply with many workers spent seconds in one pause.
+static REALTIME_SLOTS: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+thread_local! {
+    /// Slots this thread holds (a window inside a window takes none).
+    static SLOTS_HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn realtime_slot_limit() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .saturating_sub(1)
+            .max(1)
+    })
+}
+
+/// A stop window at real-time priority: a slot among the process's
+/// windows (waited for), then `SCHED_FIFO` for the calling thread.
+#[derive(Debug)]
+struct RealtimeWindow {
+    // Dropped first: normal priority again before the slot is given back.
+    _guard: RealtimeGuard,
+    _slot: RealtimeSlot,
+}
+
+impl RealtimeWindow {
+    /// `None` when the thread may not raise its priority (then the window
+    /// runs at normal priority, as before slots existed).
+    fn enter() -> Option<Self> {
+        let slot = RealtimeSlot::take();
+        let guard = RealtimeGuard::enter().ok()?;
+        Some(RealtimeWindow {
+            _guard: guard,
+            _slot: slot,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct RealtimeSlot {
+    counted: bool,
+}
+
+impl RealtimeSlot {
+    fn take() -> Self {
+        if SLOTS_HELD.with(|held| held.get()) > 0 {
+            SLOTS_HELD.with(|held| held.set(held.get() + 1));
+            return RealtimeSlot { counted: false };
+        }
+        let (busy, freed) = &REALTIME_SLOTS;
+        let mut busy = busy.lock().unwrap_or_else(|p| p.into_inner());
+        while *busy >= realtime_slot_limit() {
+            busy = freed.wait(busy).unwrap_or_else(|p| p.into_inner());
+        }
+        *busy += 1;
+        SLOTS_HELD.with(|held| held.set(1));
+        RealtimeSlot { counted: true }
+    }
+}
+
+impl Drop for RealtimeSlot {
+    fn drop(&mut self) {
+        SLOTS_HELD.with(|held| held.set(held.get().saturating_sub(1)));
+        if self.counted {
+            let (busy, freed) = &REALTIME_SLOTS;
+            *busy.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+            freed.notify_one();
+        }
+    }
+}
+
 /// The world, stopped. Resumes every thread when dropped.
 #[derive(Debug)]
 pub struct Stopped<'a> {
     attached: &'a mut Attached,
-    realtime: Option<RealtimeGuard>,
+    realtime: Option<RealtimeWindow>,
     started: Instant,
     stopped_at: Instant,
     resumed: bool,
