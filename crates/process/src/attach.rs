@@ -305,10 +305,15 @@ impl Attached {
         } else {
             WaitPidFlag::__WALL
         };
+        let mut polls: u32 = 0;
         loop {
             let status = match waitpid(tid, Some(flags)) {
                 Ok(WaitStatus::StillAlive) => {
-                    if is_zombie(self.identity.pid, tid) {
+                    // /proc is read every 8th poll (~0.2 ms apart), not
+                    // every one: the read cost more than the wait itself
+                    // when many targets were stopped one after another.
+                    polls = polls.wrapping_add(1);
+                    if polls % 8 == 1 && is_zombie(self.identity.pid, tid) {
                         self.threads.remove(&tid);
                         return Ok(());
                     }
