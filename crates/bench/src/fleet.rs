@@ -2,7 +2,7 @@
 //! libfleet, patched and rolled back through the operations layer exactly
 //! as `shadowpatch apply --all` / `rollback --all` do (each process its own
 //! journaled transaction, the analysis gate with a one-sample context, the
-//! history), beside the floor measured on the same processes in the same
+//! history; members in parallel as the CLI's default `--jobs`), beside the floor measured on the same processes in the same
 //! run: for each process, seize + stop + one 5-byte write (the bytes that
 //! are there) + resume + detach, one after the other.
 
@@ -112,7 +112,8 @@ pub fn run(json: bool, quick: bool) -> anyhow::Result<FleetBench> {
         requested_by: "bench (fleet)".into(),
         baseline_module_only: false,
     };
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // As `apply --all` / `rollback --all` do without `--jobs`.
+    let workers = shadowpatch_ops::set::default_workers();
     if !json {
         eprintln!("fleet: apply --all over {processes} processes ({workers} workers) ...");
     }
@@ -147,6 +148,7 @@ pub fn run(json: bool, quick: bool) -> anyhow::Result<FleetBench> {
         &state_dir,
         &Selector::All,
         None,
+        workers,
         &|request| shadowpatch_ops::rollback(&state_dir, request),
         &|_| {},
     )?;
@@ -176,7 +178,7 @@ pub fn print(bench: &FleetBench) {
         "Floor: seize + stop + one 5-byte write + resume + detach, per process in turn, same processes, same run."
     );
     println!(
-        "apply --all / rollback --all: through the operations layer (survey, analysis with a one-sample context, mirror, journal, history), {} workers for apply, rollback one at a time.",
+        "apply --all / rollback --all: through the operations layer (survey, analysis with a one-sample context, mirror, journal, history), {} workers each.",
         bench.workers
     );
     println!();

@@ -386,7 +386,7 @@ fn run_rollback_positionals(
         Some(_) if restore_state => {
             Err(failure::BadInput("--restore-state applies to one process; roll a set back without it".into()).into())
         }
-        Some(selector) => commands::sets::run_rollback(context, &selector, patch_id.as_deref()),
+        Some(selector) => commands::sets::run_rollback(context, &selector, patch_id.as_deref(), set.jobs),
         None => commands::patching::run_rollback(
             context,
             pid.expect("a PID without a set"),

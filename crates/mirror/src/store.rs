@@ -208,7 +208,15 @@ impl StateDir {
     /// Record which program (exec) the state in `dir` describes.
     pub fn record_program(dir: &Path, identity: &ProcessIdentity) -> std::io::Result<()> {
         match &identity.exec_id {
-            Some(id) if dir.is_dir() => write_atomically(&dir.join(EXEC_ID_FILE), format!("{id}\n").as_bytes()),
+            Some(id) if dir.is_dir() => {
+                let line = format!("{id}\n");
+                // Recorded already (opening the target directory does it
+                // before a first capture): not rewritten, fsyncs and all.
+                if std::fs::read_to_string(dir.join(EXEC_ID_FILE)).is_ok_and(|recorded| recorded == line) {
+                    return Ok(());
+                }
+                write_atomically(&dir.join(EXEC_ID_FILE), line.as_bytes())
+            }
             _ => Ok(()),
         }
     }

@@ -263,6 +263,8 @@ pub(crate) fn retire_or_unmap(
     let mut total_pause = 0;
     for attempt in 1..=UNMAP_ATTEMPTS {
         let stacks = stack_ranges(attached.pid())?;
+        // The remote munmap's instructions are found before the stop, not in it.
+        attached.prepare_remote_calls()?;
         let mut stopped = attached.stop()?;
         let outcome = unmap_unused(&mut stopped, &[range], &stacks);
         total_pause += stopped.resume()?.pause_us;

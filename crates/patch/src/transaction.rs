@@ -357,6 +357,9 @@ fn load(
     address: u64,
     image: &[u8],
 ) -> Result<u64, PatchError> {
+    // The instructions the remote calls borrow are found before the stop
+    // (a search of the target's libc), not in its pause.
+    attached.prepare_remote_calls()?;
     let mut stopped = attached.stop()?;
     let tid = stopped.borrowable_thread();
     map_image(

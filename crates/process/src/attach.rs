@@ -219,7 +219,7 @@ impl Attached {
     /// call [`Stopped::resume`] to get the timings.
     pub fn stop(&mut self) -> Result<Stopped<'_>, TargetError> {
         let realtime = match self.priority {
-            StopPriority::RealtimeIfPermitted => RealtimeGuard::enter().ok(),
+            StopPriority::RealtimeIfPermitted => RealtimeWindow::enter(),
             StopPriority::Normal => None,
         };
         let started = Instant::now();
@@ -305,10 +305,15 @@ impl Attached {
         } else {
             WaitPidFlag::__WALL
         };
+        let mut polls: u32 = 0;
         loop {
             let status = match waitpid(tid, Some(flags)) {
                 Ok(WaitStatus::StillAlive) => {
-                    if is_zombie(self.identity.pid, tid) {
+                    // /proc is read every 8th poll (~0.2 ms apart), not
+                    // every one: the read cost more than the wait itself
+                    // when many targets were stopped one after another.
+                    polls = polls.wrapping_add(1);
+                    if polls % 8 == 1 && is_zombie(self.identity.pid, tid) {
                         self.threads.remove(&tid);
                         return Ok(());
                     }
@@ -501,7 +506,7 @@ impl Attached {
         // Detaching needs every thread stopped first: the same starvation
         // as any stop window applies, so run it at real-time priority too.
         let _realtime = match self.priority {
-            StopPriority::RealtimeIfPermitted => RealtimeGuard::enter().ok(),
+            StopPriority::RealtimeIfPermitted => RealtimeWindow::enter(),
             StopPriority::Normal => None,
         };
         let stop_result = self.stop_all_threads();
@@ -567,11 +572,102 @@ impl Drop for Attached {
     }
 }
 
+/// Stop windows at real-time priority at once in this process: at most
+/// one CPU fewer than there are. A window's thread polls its target's
+/// leader (`wait_for_stop`); with as many such threads as CPUs, the
+/// targets (normal priority) never get a CPU to reach their stop, and a
+/// host-wide apply with many workers spent seconds in one pause. A window
+/// waits up to `REALTIME_SLOT_WAIT` for a slot (windows last a fraction of
+/// a millisecond: waiting kept the median pause at half of what running
+/// at normal priority at once gave), then runs at normal priority (as an
+/// unprivileged tracer's always do): a thread never waits long, nor for
+/// ever, for another one's window.
+static REALTIME_SLOTS: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+const REALTIME_SLOT_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
+thread_local! {
+    /// Slots this thread holds (a window inside a window takes none).
+    static SLOTS_HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn realtime_slot_limit() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .saturating_sub(1)
+            .max(1)
+    })
+}
+
+/// A stop window at real-time priority: a slot among the process's
+/// windows (waited for), then `SCHED_FIFO` for the calling thread.
+#[derive(Debug)]
+struct RealtimeWindow {
+    // Dropped first: normal priority again before the slot is given back.
+    _guard: RealtimeGuard,
+    _slot: RealtimeSlot,
+}
+
+impl RealtimeWindow {
+    /// `None` when every slot is taken or the thread may not raise its
+    /// priority: then the window runs at normal priority.
+    fn enter() -> Option<Self> {
+        let slot = RealtimeSlot::take()?;
+        let guard = RealtimeGuard::enter().ok()?;
+        Some(RealtimeWindow {
+            _guard: guard,
+            _slot: slot,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct RealtimeSlot {
+    counted: bool,
+}
+
+impl RealtimeSlot {
+    /// A slot, if one is free within `REALTIME_SLOT_WAIT` (a window inside
+    /// this thread's window always gets one: it is the same window).
+    fn take() -> Option<Self> {
+        if SLOTS_HELD.with(|held| held.get()) > 0 {
+            SLOTS_HELD.with(|held| held.set(held.get() + 1));
+            return Some(RealtimeSlot { counted: false });
+        }
+        let (busy, freed) = &REALTIME_SLOTS;
+        let deadline = Instant::now() + REALTIME_SLOT_WAIT;
+        let mut busy = busy.lock().unwrap_or_else(|p| p.into_inner());
+        while *busy >= realtime_slot_limit() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            busy = freed.wait_timeout(busy, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        *busy += 1;
+        SLOTS_HELD.with(|held| held.set(1));
+        Some(RealtimeSlot { counted: true })
+    }
+}
+
+impl Drop for RealtimeSlot {
+    fn drop(&mut self) {
+        SLOTS_HELD.with(|held| held.set(held.get().saturating_sub(1)));
+        if self.counted {
+            let (busy, freed) = &REALTIME_SLOTS;
+            *busy.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+            freed.notify_one();
+        }
+    }
+}
+
 /// The world, stopped. Resumes every thread when dropped.
 #[derive(Debug)]
 pub struct Stopped<'a> {
     attached: &'a mut Attached,
-    realtime: Option<RealtimeGuard>,
+    realtime: Option<RealtimeWindow>,
     started: Instant,
     stopped_at: Instant,
     resumed: bool,

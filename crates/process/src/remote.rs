@@ -47,6 +47,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use shadowpatch_sys::{pidfd, ptrace_ext, siginfo};
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 
 /// The x86_64 `syscall` instruction.
@@ -811,14 +812,53 @@ pub(crate) fn clone_result(pid: i32, run: SyscallRun) -> Result<(Pid, i64), Targ
     Ok((ours, run.result))
 }
 
+/// Where in a file (path, inode) a needle was found: its offset in the
+/// file, learnt from one process and tried first in the next one that maps
+/// the same file (a host-wide apply seizes hundreds of processes mapping
+/// the same libc, and searching it took most of a rollback's CPU).
+type GadgetKey = (std::path::PathBuf, u64, Vec<u8>);
+static GADGET_OFFSETS: std::sync::Mutex<BTreeMap<GadgetKey, u64>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// `needle` at the file offset another process had it, if this mapping
+/// maps that offset and the bytes there are the needle (read back: a
+/// cached offset is only a guess).
+fn known_gadget(attached: &mut Attached, candidates: &[crate::maps::Mapping], needle: &[u8]) -> Option<u64> {
+    for mapping in candidates {
+        let crate::maps::MappingKind::File(path) = &mapping.kind else {
+            continue;
+        };
+        let key = (path.clone(), mapping.inode, needle.to_vec());
+        let Some(offset) = GADGET_OFFSETS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied()
+        else {
+            continue;
+        };
+        if offset < mapping.offset || offset + needle.len() as u64 > mapping.offset + mapping.len() {
+            continue;
+        }
+        let address = mapping.start + (offset - mapping.offset);
+        if attached.memory().read_vec(address, needle.len()).ok().as_deref() == Some(needle) {
+            return Some(address);
+        }
+    }
+    None
+}
+
 /// First address of `needle` in an executable, read-only mapping of the
-/// target, preferring the vDSO and libc.
+/// target, preferring the vDSO and libc (or where another process had it
+/// in the same file).
 fn find_bytes(attached: &mut Attached, needle: &[u8]) -> Result<Option<u64>, TargetError> {
     let pid = attached.pid();
     let mut candidates: Vec<_> = read_maps(pid)?
         .into_iter()
         .filter(|m| m.executable && m.readable && !m.writable)
         .collect();
+    if let Some(address) = known_gadget(attached, &candidates, needle) {
+        return Ok(Some(address));
+    }
     // Prefer the vDSO and libc: always present, never patched by us.
     candidates.sort_by_key(|m| {
         let name = m.display_name();
@@ -839,14 +879,36 @@ fn find_bytes(attached: &mut Attached, needle: &[u8]) -> Result<Option<u64>, Tar
                 Ok(n) if n >= needle.len() => n,
                 _ => break,
             };
-            if let Some(offset) = buffer[..n].windows(needle.len()).position(|w| w == needle) {
-                return Ok(Some(address + offset as u64));
+            if let Some(offset) = position_of(&buffer[..n], needle) {
+                let found = address + offset as u64;
+                if let crate::maps::MappingKind::File(path) = &mapping.kind {
+                    GADGET_OFFSETS.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                        (path.clone(), mapping.inode, needle.to_vec()),
+                        mapping.offset + (found - mapping.start),
+                    );
+                }
+                return Ok(Some(found));
             }
             // Overlap so a sequence split across reads is found.
             address += (n - (needle.len() - 1)) as u64;
         }
     }
     Ok(None)
+}
+
+/// Where `needle` (not empty) first occurs in `haystack`: candidates found
+/// by their first byte, then compared (a memcmp at every offset cost more
+/// than the read).
+fn position_of(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(skip) = haystack.get(from..)?.iter().position(|b| *b == needle[0]) {
+        let at = from + skip;
+        if haystack[at..].starts_with(needle) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
 }
 
 impl Attached {
@@ -915,4 +977,18 @@ fn emulate_out(
         now = effect.regs;
     }
     Ok((!inside(now.rip)).then_some((now, stores)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::position_of;
+
+    #[test]
+    fn needles_are_found_at_their_first_place() {
+        assert_eq!(position_of(b"\x0f\x0f\x05\xc3", &[0x0f, 0x05, 0xc3]), Some(1));
+        assert_eq!(position_of(b"ab", b"abc"), None);
+        assert_eq!(position_of(b"xxab", b"ab"), Some(2));
+        assert_eq!(position_of(b"", b"a"), None);
+        assert_eq!(position_of(b"aaab", b"ab"), Some(2));
+    }
 }

@@ -33,7 +33,7 @@ pub struct SetFlags {
     /// Act on every process on the host: for apply, those that map the manifest's module (by build-id); for the others, those with state here. No PID is given.
     #[arg(long, conflicts_with_all = ["tree", "cgroup", "unit"])]
     pub all: bool,
-    /// With --all: processes patched at once, each its own transaction (default: the number of CPUs).
+    /// With --all: processes patched (or rolled back) at once, each its own transaction (default: 8 per CPU, 8 to 32: members mostly wait on fsyncs, which the file system commits together).
     #[arg(long, value_name = "N", requires = "all", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: Option<u32>,
 }
@@ -142,10 +142,7 @@ pub fn run_apply(
     // Host-wide, members are worked on in parallel (each process its own
     // transaction); the other sets one at a time, children first.
     let workers = match selector {
-        Selector::All => jobs.map_or_else(
-            || std::thread::available_parallelism().map_or(1, |n| n.get()),
-            |jobs| jobs as usize,
-        ),
+        Selector::All => jobs.map_or_else(shadowpatch_ops::set::default_workers, |jobs| jobs as usize),
         _ => 1,
     };
     let outcome = apply_set_with_progress(
@@ -190,14 +187,24 @@ impl ProgressBar {
     }
 }
 
-/// `rollback` over a set.
-pub fn run_rollback(context: &Context, selector: &Selector, patch_id: Option<&str>) -> anyhow::Result<i32> {
+/// `rollback` over a set: host-wide, members in parallel as for apply.
+pub fn run_rollback(
+    context: &Context,
+    selector: &Selector,
+    patch_id: Option<&str>,
+    jobs: Option<u32>,
+) -> anyhow::Result<i32> {
     let state_dir = context.state_dir.clone();
     let bar = std::sync::Mutex::new(ProgressBar::new(context));
+    let workers = match selector {
+        Selector::All => jobs.map_or_else(shadowpatch_ops::set::default_workers, |jobs| jobs as usize),
+        _ => 1,
+    };
     let outcome = rollback_set_with_progress(
         &context.state_dir,
         selector,
         patch_id,
+        workers,
         &|request| shadowpatch_ops::rollback(&state_dir, request),
         &|progress| bar.lock().unwrap_or_else(|p| p.into_inner()).update(progress),
     );
