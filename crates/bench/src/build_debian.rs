@@ -171,7 +171,7 @@ pub fn measure(context: &Context, quick: bool) -> anyhow::Result<DebianBuildBenc
         let mut cold_reference = 0.0;
         let mut timed_build = |name: &str| -> anyhow::Result<f64> {
             let started = Instant::now();
-            let prepared = shadowpatch_build::debian::prepare(&debian, &mut |_, _| {})?;
+            let prepared = shadowpatch_build::debian::prepare(&debian, std::slice::from_ref(&diff), &mut |_, _| {})?;
             let mut request = shadowpatch_build::BuildRequest {
                 diffs: vec![diff.clone()],
                 target: BINARY.to_string(),

@@ -78,6 +78,8 @@ pub enum DebianError {
     BuildDeps(#[from] BuildDepsError),
     #[error(transparent)]
     Reference(#[from] ReferenceError),
+    #[error(transparent)]
+    Diff(#[from] Box<crate::BuildError>),
     #[error("{}: source version {found}, but {binary} is from {package} {wanted}: fetch the installed version (omit --source)", .tree.display())]
     WrongVersion {
         tree: PathBuf,
@@ -106,6 +108,7 @@ impl Classify for DebianError {
             DebianError::Fetch(e) => e.class(),
             DebianError::BuildDeps(e) => e.class(),
             DebianError::Reference(e) => e.class(),
+            DebianError::Diff(e) => e.class(),
             _ => FailureClass::BadInput,
         }
     }
@@ -126,10 +129,15 @@ pub fn default_cache() -> PathBuf {
     shadowpatch_debsrc::default_cache_dir(None)
 }
 
-/// Resolve, fetch, check and build the reference for `request`.
+/// Resolve, fetch, check (build dependencies, and that `diffs` apply) and
+/// build the reference for `request`.
 /// `progress(stage, note)`: `stage` indexes [`DEBIAN_STEPS`]; `note` is
 /// the step or output line debsrc reports (empty as a stage starts).
-pub fn prepare(request: &DebianRequest, progress: &mut dyn FnMut(usize, &str)) -> Result<DebianSource, DebianError> {
+pub fn prepare(
+    request: &DebianRequest,
+    diffs: &[PathBuf],
+    progress: &mut dyn FnMut(usize, &str),
+) -> Result<DebianSource, DebianError> {
     progress(0, "");
     let installed = match request.target.parse::<i32>() {
         Ok(pid) => resolve_process(pid, request.module.as_deref())?,
@@ -156,6 +164,8 @@ pub fn prepare(request: &DebianRequest, progress: &mut dyn FnMut(usize, &str)) -
     };
     let fetch_seconds = started.elapsed().as_secs_f64();
 
+    // Before the minutes of the reference build: do the diffs apply?
+    crate::driver::check_diffs(&tree, diffs).map_err(Box::new)?;
     progress(2, "");
     check_build_deps(&tree)?;
 

@@ -186,6 +186,50 @@ fn walk(root: &Path, dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), BuildEr
     Ok(())
 }
 
+/// Whether `diff`'s paths carry `a/` and `b/` (`patch -p1`), else `-p0`.
+fn strips_one(text: &str) -> bool {
+    text.lines().any(|l| l.starts_with("--- a/") || l.starts_with("+++ b/"))
+}
+
+/// Apply `diffs` in order to a scratch copy of the files they touch in
+/// `tree`, so a diff that does not apply is reported (file and hunk)
+/// before any build: a package's reference build takes minutes.
+pub fn check_diffs(tree: &Path, diffs: &[PathBuf]) -> Result<(), BuildError> {
+    let scratch = tempfile::Builder::new()
+        .prefix("shadowpatch-diff-check-")
+        .tempdir()
+        .map_err(|e| BuildError::io(&std::env::temp_dir(), e))?;
+    for diff in diffs {
+        let text = std::fs::read_to_string(diff).map_err(|e| BuildError::io(diff, e))?;
+        let strip = strips_one(&text);
+        for line in text.lines() {
+            let Some(name) = line.strip_prefix("--- ").or_else(|| line.strip_prefix("+++ ")) else {
+                continue;
+            };
+            let name = name.split('\t').next().unwrap_or(name).trim();
+            let relative = if strip {
+                name.split_once('/').map(|(_, rest)| rest)
+            } else {
+                Some(name)
+            };
+            let Some(relative) = relative.filter(|r| !r.is_empty() && !r.split('/').any(|part| part == "..")) else {
+                continue;
+            };
+            let (from, to) = (tree.join(relative), scratch.path().join(relative));
+            if from.is_file() && !to.exists() {
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| BuildError::io(parent, e))?;
+                }
+                std::fs::copy(&from, &to).map_err(|e| BuildError::io(&from, e))?;
+            }
+        }
+    }
+    for diff in diffs {
+        apply_diff(scratch.path(), diff)?;
+    }
+    Ok(())
+}
+
 /// Apply `diff` inside `tree` (`-p1` when its paths carry `a/` and `b/`,
 /// else `-p0`); a diff that does not apply names the file and the hunk.
 pub fn apply_diff(tree: &Path, diff: &Path) -> Result<(), BuildError> {
@@ -196,11 +240,7 @@ pub fn apply_diff(tree: &Path, diff: &Path) -> Result<(), BuildError> {
             diff.display()
         )));
     }
-    let strip = if text.lines().any(|l| l.starts_with("--- a/") || l.starts_with("+++ b/")) {
-        "-p1"
-    } else {
-        "-p0"
-    };
+    let strip = if strips_one(&text) { "-p1" } else { "-p0" };
     let output = Command::new("patch")
         .args([
             strip,

@@ -181,6 +181,7 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
     std::fs::create_dir_all(&logs).map_err(|e| BuildError::io(&logs, e))?;
     let hash = driver::tree_hash(&source, &command)?;
 
+    driver::check_diffs(&source, &request.diffs)?;
     step(0, STEPS[0]);
     let (reference_tree, reference_cached) = match &request.reference_tree {
         Some(tree) => (tree.clone(), true),

@@ -33,7 +33,9 @@ pub fn build_debian(
     request: &BuildRequest,
     progress: &mut dyn FnMut(usize, &str, &str),
 ) -> Result<DebianBuildOutcome, OpsError> {
-    let source = prepare(debian, &mut |stage, note| progress(stage, DEBIAN_STEPS[stage], note))?;
+    let source = prepare(debian, &request.diffs, &mut |stage, note| {
+        progress(stage, DEBIAN_STEPS[stage], note)
+    })?;
     let mut request = request.clone();
     source.fill(&mut request);
     let outcome = crate::build::build(state_dir, &request, &mut |step, name| {

@@ -95,6 +95,21 @@ fn bad_inputs_are_one_line_errors() {
         error.to_string().contains("file a.c") && error.to_string().contains("Hunk #1"),
         "{error}"
     );
+    // Found before any build: no reference was built or cached.
+    let cache = fixture.dir.path().join("cache");
+    let built: Vec<_> = std::fs::read_dir(&cache)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("reference-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        built.is_empty(),
+        "a reference was built for a diff that does not apply: {built:?}"
+    );
 
     let broken = fixture.diff("broken", "a.c", "return x * 2;", "return x * ;");
     let error = fixture.build(&[broken], &target, "out").unwrap_err();

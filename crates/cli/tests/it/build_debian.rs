@@ -150,6 +150,41 @@ fn a_target_from_no_package_is_one_line_and_exit_two() {
     assert!(!out.exists());
 }
 
+/// A diff that does not apply to the package's source is one line naming
+/// the file and the hunk, found before the build dependencies and the
+/// minutes of the reference build (the source comes from the shared
+/// cache, fetched once).
+#[test]
+fn a_diff_that_does_not_apply_is_refused_before_any_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join("stale.diff");
+    let text = std::fs::read_to_string(DIFF)
+        .unwrap()
+        .replace("if (!settings.dump_enabled) {", "if (!settings.dump_enabled_typo) {");
+    std::fs::write(&stale, text).unwrap();
+    let out = dir.path().join("out");
+    let started = Instant::now();
+    let run = shadowpatch(
+        &dir.path().join("state"),
+        &[
+            "build",
+            "--debian",
+            "--diff",
+            stale.to_str().unwrap(),
+            "--target",
+            MEMCACHED,
+            "--out",
+            out.to_str().unwrap(),
+            "--debsrc-cache",
+            cache_dir().to_str().unwrap(),
+        ],
+    );
+    crate::common::assert_bad_input(&run, "proto_text.c");
+    assert!(run.stderr.contains("Hunk #1"), "{}", run.stderr);
+    assert!(!out.exists());
+    eprintln!("refused in {:.1} s", started.elapsed().as_secs_f64());
+}
+
 #[test]
 fn debian_memcached_patched_from_a_diff_under_load() {
     let started = Instant::now();
