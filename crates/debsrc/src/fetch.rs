@@ -45,7 +45,7 @@ pub enum FetchError {
     #[error("`{tool}` is not installed (apt-get source needs it to unpack): install the {package} package")]
     ToolMissing { tool: &'static str, package: &'static str },
     #[error(
-        "source {package} {version} is not in the configured Debian archives (superseded by a newer upload? see snapshot.debian.org) (log: {})",
+        "source {package} {version} is not in the configured Debian archives, or its mirror does not serve its files (superseded by a newer upload? see snapshot.debian.org; or give --source with a tree of that version) (log: {})",
         .log.display()
     )]
     VersionNotFound {
@@ -174,8 +174,12 @@ pub fn fetch_source(
     });
     match fetched {
         Ok(()) => {}
+        // Listed but not served: the archive's index names the version and
+        // the mirror has not its files (a 404); as unusable as unlisted.
         Err(FetchError::Command(CommandError::Failed { tail, .. }))
-            if tail.contains("Can not find version") || tail.contains("Unable to find a source package") =>
+            if tail.contains("Can not find version")
+                || tail.contains("Unable to find a source package")
+                || (tail.contains("Failed to fetch") && tail.contains("404")) =>
         {
             let kept = cache_dir
                 .join("source")
