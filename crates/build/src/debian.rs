@@ -62,6 +62,10 @@ pub struct DebianSource {
     pub overlay_flags: String,
     /// Each reference build tried (plain, then overlays).
     pub tries: Vec<ReproductionTry>,
+    /// Stale `-dev` build dependencies not tried as overlays: the
+    /// target's binary was compiled from none of their headers.
+    #[serde(default)]
+    pub overlays_not_tried: Vec<String>,
     pub reference_seconds: f64,
     /// The command the original and patched builds run.
     pub build_command: String,
@@ -220,6 +224,7 @@ pub fn prepare(
         overlay: reproduction.overlay,
         overlay_flags: reference.overlay_flags,
         tries: reproduction.tries,
+        overlays_not_tried: reproduction.unused,
         reference_seconds: started.elapsed().as_secs_f64(),
         build_command,
     })

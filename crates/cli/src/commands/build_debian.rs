@@ -98,6 +98,12 @@ fn print_debian(debian: &DebianSource) {
             attempt.build_id.as_deref().unwrap_or("(none)"),
         );
     }
+    if !debian.overlays_not_tried.is_empty() {
+        println!(
+            "  header overlays not tried: {} (the target's binary reads none of their headers)",
+            debian.overlays_not_tried.join(", ")
+        );
+    }
     println!(
         "  reference: {}{}",
         debian.reference_tree.display(),
