@@ -178,9 +178,13 @@ pub fn prepare(
     let key = format!("{}_{}", installed.source_package, installed.source_version).replace([':', '/'], "_");
     let options = ReferenceOptions::new(request.cache.join("reference").join(key));
     let mut forward = |p: Progress| progress(3, &describe(&p));
+    // The file itself, not a symlink to it: a library is named by its
+    // soname link (libjansson.so.4 -> libjansson.so.4.14.0), and the
+    // rebuild's binaries are found by the real file's name.
+    let target_file = std::fs::canonicalize(&installed.path).unwrap_or_else(|_| installed.path.clone());
     let reproduction = reproduce(
         &tree,
-        &installed.path,
+        &target_file,
         &options,
         &request.cache,
         request.max_overlay_builds,
@@ -194,7 +198,7 @@ pub fn prepare(
     // `matching`), and every replaced function is checked against the
     // running one before anything is emitted. Only a rebuild that left no
     // binary of the target's name has nothing to match with.
-    let name = installed.path.file_name();
+    let name = target_file.file_name();
     if reference.how == BinaryMatch::None && !reference.binaries.iter().any(|b| b.path.file_name() == name) {
         return Err(DebianError::NotReproduced {
             binary: installed.path.clone(),
