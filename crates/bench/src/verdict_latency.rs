@@ -83,6 +83,9 @@ fn fixture_server(context: &Context, quick: bool) -> anyhow::Result<ServerLatenc
     }
     let _load = Running::start(Fixture::BusyC, &["2"])?;
     let mut server = Running::start(Fixture::Server, &[&server_threads.to_string()])?;
+    // One command binds the server's strstr slot, which the patch object's
+    // strstr (handle_command_libc) is resolved from.
+    server.check()?;
     let image = shadowpatch_symbols::ElfImage::open(&server.binary())?;
     let manifest = dir.path().join("crash.toml");
     std::fs::write(

@@ -63,7 +63,7 @@ pub enum PatchError {
         module: String,
         count: usize,
     },
-    #[error("symbol {symbol} in {module} is an IFUNC without an IRELATIVE slot to read its implementation from")]
+    #[error("symbol {symbol} in {module} is an IFUNC with no implementation chosen yet: no IRELATIVE slot of its own, and no loaded module has bound it (lazy binding: call it once in the target, or link the program with -z now)")]
     UnresolvableIfunc { symbol: String, module: String },
     #[error("relocation for {symbol} at offset {offset:#x} does not fit in 32 bits at the chosen address")]
     RelocationOverflow { symbol: String, offset: u64 },

@@ -8,6 +8,7 @@ mod common;
 mod capture_stress;
 mod context;
 mod interrupted;
+mod libc_ifunc;
 mod simulate;
 mod simulate_returns;
 mod static_checks;

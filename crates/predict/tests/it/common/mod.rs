@@ -61,7 +61,11 @@ impl Live {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("unused.log");
         let fixture = if debug { Fixture::Server } else { Fixture::ServerNoDebug };
-        let target = Running::start(fixture, &["1"]).unwrap();
+        let mut target = Running::start(fixture, &["1"]).unwrap();
+        // One command runs the server's strstr, which binds its lazy GOT
+        // slot: the patch object calls strstr (handle_command_libc), a
+        // libc IFUNC whose implementation is read from that slot.
+        target.check().unwrap();
         Live {
             target,
             dir,

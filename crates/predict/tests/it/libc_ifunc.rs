@@ -1,0 +1,44 @@
+//! A patch that calls a libc IFUNC which libc holds no IRELATIVE slot for
+//! (`strstr`: libc never calls it through its own PLT) binds to the
+//! implementation the dynamic linker chose for the program, read from the
+//! program's GOT, and runs in the live server. Found on Debian's
+//! tinyproxy, where every patch including `process_request` was refused
+//! with "strstr ... is an IFUNC without an IRELATIVE slot".
+
+use crate::common::Live;
+use std::time::Duration;
+
+#[test]
+fn a_patch_calling_strstr_binds_through_the_program_s_got_and_runs() {
+    let mut live = Live::server(true);
+    // The premise: libc defines strstr as an IFUNC and has no IRELATIVE
+    // slot for it, and the server imports it.
+    let maps = shadowpatch_process::maps::read_maps(live.pid()).unwrap();
+    let modules = shadowpatch_symbols::modules_of(live.pid(), &maps).unwrap();
+    let libc = modules.iter().find(|m| m.name.starts_with("libc.so")).unwrap();
+    let (resolver, symbol) = libc
+        .symbol_addresses("strstr")
+        .into_iter()
+        .find(|(_, s)| s.global)
+        .unwrap();
+    assert!(symbol.ifunc);
+    assert!(!libc.image.irelative_slots.contains_key(&(resolver - libc.bias)));
+    let server = modules.iter().find(|m| m.main).unwrap();
+    assert!(server.image.import_slots.values().any(|name| name == "strstr"));
+
+    let manifest = live.manifest("libc", &[("handle_command", "handle_command_libc")]);
+    // `Live::server` ran one command: the server's lazily bound strstr
+    // slot holds the implementation the linker chose.
+    let before = live.target.check().unwrap();
+    shadowpatch_patch::apply(
+        &live.state(),
+        live.pid(),
+        &manifest,
+        &shadowpatch_patch::ApplyOptions::default(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = live.target.check().unwrap();
+    assert!(after["calls"] > before["calls"] + 100, "{before:?} {after:?}");
+    assert_eq!(after["errors"], 0, "every reply checked by the server's workers");
+}
