@@ -62,6 +62,17 @@ pub enum PredictorCommand {
         #[arg(long, value_name = "FILE")]
         model: Option<PathBuf>,
     },
+    /// Make, build, label and analyse the real-program corpus: Debian programs as installed,
+    /// patched from their own Debian source (`shadowpatch build --debian`), labelled on live instances.
+    Programs {
+        #[command(flatten)]
+        args: crate::programs_cmd::ProgramsArgs,
+    },
+    /// Leave-one-program-out evaluation on the real-program samples (and the fixture corpus's).
+    Lopo {
+        #[command(flatten)]
+        args: crate::programs_cmd::LopoArgs,
+    },
     /// Show a model's metadata: estimator, features, calibration, training corpus and evaluation.
     Show {
         /// The model file (default: STATE/risk-model.json if present, else the built-in model).
@@ -174,6 +185,8 @@ pub fn run(context: &Context, command: &PredictorCommand) -> anyhow::Result<i32>
         ),
         PredictorCommand::Evaluate { corpus, model } => run_evaluate(context, corpus, model.as_deref()),
         PredictorCommand::Show { model } => run_show(context, model.as_deref()),
+        PredictorCommand::Programs { args } => crate::programs_cmd::run_programs(context, args),
+        PredictorCommand::Lopo { args } => crate::programs_cmd::run_lopo(context, args),
     }
 }
 

@@ -11,4 +11,5 @@
 #![forbid(unsafe_code)]
 
 pub mod corpus;
+pub mod programs;
 pub mod training;

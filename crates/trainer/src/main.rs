@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod commands;
+mod programs_cmd;
 mod progress;
 
 use clap::Parser;
@@ -61,6 +62,11 @@ fn exit_code(error: &anyhow::Error) -> i32 {
             return BAD_INPUT;
         }
         if let Some(e) = cause.downcast_ref::<shadowpatch_trainer::corpus::CorpusError>() {
+            if e.is_bad_input() {
+                return BAD_INPUT;
+            }
+        }
+        if let Some(e) = cause.downcast_ref::<shadowpatch_trainer::programs::ProgramsError>() {
             if e.is_bad_input() {
                 return BAD_INPUT;
             }

@@ -10,6 +10,7 @@
 pub mod evaluate;
 pub mod features;
 pub mod fit;
+pub mod lopo;
 pub mod split;
 
 pub use evaluate::{auc, evaluate, CalibrationBin, Evaluation, KindRow, SimulationCheck, SystemMetrics};

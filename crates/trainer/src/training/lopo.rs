@@ -1,0 +1,246 @@
+//! Leave-one-program-out evaluation (issue 12, item 7): for each real
+//! program, a model is selected and fitted on every other program (and
+//! the fixture corpus, when given) and judged on the program it never
+//! saw. The label is *harm* (crash, exit, hang, leak); a change of
+//! behaviour (`wrong`) is not harm: the engine warns about it from the
+//! simulation's evidence, so it must not be refused on risk.
+//!
+//! A patch is refused when a finding blocks (a crash, hang or exit in
+//! simulation, a static blocker) or its harm probability
+//! (`ModelFile::harm_probability`, the engine's risk) reaches the
+//! refusal threshold.
+
+use super::{auc, select_and_fit, select_features, TrainError, TrainOptions, CANDIDATES};
+use crate::corpus::dataset::Sample;
+use crate::training::fit::{empty_metadata, Fitted};
+use serde::{Deserialize, Serialize};
+use shadowpatch_predict::model::ModelFile;
+
+/// One held-out program's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgramRow {
+    pub program: String,
+    pub train_samples: usize,
+    pub samples: usize,
+    pub harm: usize,
+    pub change: usize,
+    pub same: usize,
+    /// Harm against everything else, ranked by (blocking, risk).
+    pub auc: Option<f64>,
+    pub refused_harm: usize,
+    /// Refused patches that keep behaviour (the false refusals).
+    pub refused_same: usize,
+    /// Refused changes of behaviour (they should warn).
+    pub refused_change: usize,
+    pub crash_or_hang: usize,
+    pub crash_or_hang_refused: usize,
+    /// What was missed, one `id (outcome, risk)` each.
+    pub missed: Vec<String>,
+    pub falsely_refused: Vec<String>,
+    pub chosen: String,
+}
+
+/// The whole evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lopo {
+    pub refuse_at: f64,
+    pub rows: Vec<ProgramRow>,
+    /// Every held-out sample pooled: AUC and the reliability of the risk.
+    pub pooled_auc: Option<f64>,
+    pub calibration: Vec<(f64, f64, usize, f64, f64)>,
+}
+
+/// The program a sample belongs to (`memcached:process_update_command` → `memcached`).
+pub fn program_of(sample: &Sample) -> &str {
+    sample.group.split(':').next().unwrap_or("")
+}
+
+fn is_crash_or_hang(sample: &Sample) -> bool {
+    matches!(sample.outcome.as_str(), "crash" | "hang")
+}
+
+fn view(model: &ModelFile, sample: &Sample, refuse_at: f64) -> (f64, f64, bool) {
+    let risk = model.harm_probability(&sample.features);
+    let refused = sample.blocking || risk >= refuse_at;
+    (if sample.blocking { 1.0 + risk } else { risk }, risk, refused)
+}
+
+/// Fit on `train` the way `shadowpatch-train train` does.
+pub fn fit_all(train: &[Sample], options: &TrainOptions) -> Result<Fitted, TrainError> {
+    let features = select_features(train, &|_| true);
+    select_and_fit(train, features, CANDIDATES, options)
+}
+
+/// Leave each program of `real` out in turn; `extra` (the fixture corpus)
+/// always trains. Samples must carry the harm label in `harmful`.
+pub fn leave_one_program_out(real: &[Sample], extra: &[Sample], options: &TrainOptions) -> Result<Lopo, TrainError> {
+    let refuse_at = options.policy.refuse_at;
+    let mut programs: Vec<&str> = real.iter().map(program_of).collect();
+    programs.sort();
+    programs.dedup();
+    let mut rows = Vec::new();
+    let (mut pooled_scores, mut pooled_risks, mut pooled_harm) = (Vec::new(), Vec::new(), Vec::new());
+    for program in programs {
+        let (test, train): (Vec<&Sample>, Vec<&Sample>) = real.iter().partition(|s| program_of(s) == program);
+        let train: Vec<Sample> = train.into_iter().chain(extra).cloned().collect();
+        let fitted = fit_all(&train, options)?;
+        let model = fitted.model(empty_metadata());
+        let mut row = ProgramRow {
+            program: program.to_string(),
+            train_samples: train.len(),
+            samples: test.len(),
+            harm: 0,
+            change: 0,
+            same: 0,
+            auc: None,
+            refused_harm: 0,
+            refused_same: 0,
+            refused_change: 0,
+            crash_or_hang: 0,
+            crash_or_hang_refused: 0,
+            missed: Vec::new(),
+            falsely_refused: Vec::new(),
+            chosen: fitted.chosen.name(),
+        };
+        let mut scores = Vec::new();
+        let mut harm = Vec::new();
+        for sample in &test {
+            let (score, risk, refused) = view(&model, sample, refuse_at);
+            scores.push(score);
+            harm.push(sample.harmful);
+            pooled_scores.push(score);
+            pooled_risks.push(risk);
+            pooled_harm.push(sample.harmful);
+            let line = format!("{} ({}, risk {:.2})", sample.id, sample.outcome, risk);
+            if sample.harmful {
+                row.harm += 1;
+                row.refused_harm += usize::from(refused);
+                if !refused {
+                    row.missed.push(line.clone());
+                }
+            } else if sample.outcome == "wrong" {
+                row.change += 1;
+                row.refused_change += usize::from(refused);
+            } else {
+                row.same += 1;
+                row.refused_same += usize::from(refused);
+                if refused {
+                    row.falsely_refused.push(line.clone());
+                }
+            }
+            if is_crash_or_hang(sample) {
+                row.crash_or_hang += 1;
+                row.crash_or_hang_refused += usize::from(refused);
+            }
+        }
+        row.auc = auc(&scores, &harm);
+        rows.push(row);
+    }
+    let mut calibration = Vec::new();
+    for bin in 0..5 {
+        let (from, to) = (bin as f64 / 5.0, (bin + 1) as f64 / 5.0);
+        let inside: Vec<usize> = (0..pooled_risks.len())
+            .filter(|i| pooled_risks[*i] >= from && (pooled_risks[*i] < to || bin == 4))
+            .collect();
+        let count = inside.len();
+        let mean = |f: &dyn Fn(usize) -> f64| {
+            if count == 0 {
+                0.0
+            } else {
+                inside.iter().map(|i| f(*i)).sum::<f64>() / count as f64
+            }
+        };
+        calibration.push((
+            from,
+            to,
+            count,
+            mean(&|i| pooled_risks[i]),
+            mean(&|i| f64::from(u8::from(pooled_harm[i]))),
+        ));
+    }
+    Ok(Lopo {
+        refuse_at,
+        rows,
+        pooled_auc: auc(&pooled_scores, &pooled_harm),
+        calibration,
+    })
+}
+
+/// The fixture corpus's samples with the harm label: a wrong answer is a
+/// change of behaviour, not harm.
+pub fn harm_labelled(samples: &[Sample], prefix: &str) -> Vec<Sample> {
+    samples
+        .iter()
+        .cloned()
+        .map(|mut s| {
+            s.harmful = matches!(s.outcome.as_str(), "crash" | "hang" | "exit" | "leak");
+            if !s.group.contains(':') {
+                s.group = format!("{prefix}:{}", s.group);
+            }
+            s
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn sample(group: &str, id: usize, harmful: bool, x: f64, blocking: bool) -> Sample {
+        let mut features = BTreeMap::new();
+        features.insert("static.signal".to_string(), x);
+        Sample {
+            id: format!("{group}-{id}"),
+            group: group.to_string(),
+            kind: "k".into(),
+            harmful,
+            outcome: if harmful { "crash" } else { "ok" }.into(),
+            features,
+            blocking,
+            static_blocking: false,
+            simulation_failed: None,
+        }
+    }
+
+    #[test]
+    fn each_program_is_judged_by_a_model_that_never_saw_it() {
+        let mut real = Vec::new();
+        for (p, program) in ["a", "b", "c"].iter().enumerate() {
+            for f in 0..3 {
+                for i in 0..6 {
+                    let harmful = i % 2 == 0;
+                    let x = if harmful {
+                        3.0 + (i + p) as f64 * 0.1
+                    } else {
+                        -3.0 - f as f64 * 0.1
+                    };
+                    real.push(sample(&format!("{program}:f{f}"), i, harmful, x, false));
+                }
+            }
+        }
+        // One benign patch of program c that blocks (a false refusal) and is reported.
+        real.push(sample("c:f9", 0, false, -3.0, true));
+        let lopo = leave_one_program_out(&real, &[], &TrainOptions::default()).unwrap();
+        assert_eq!(lopo.rows.len(), 3);
+        for row in &lopo.rows {
+            assert_eq!(row.train_samples + row.samples, real.len());
+            assert_eq!(row.refused_harm, row.harm, "{row:?}");
+        }
+        let c = &lopo.rows[2];
+        assert_eq!(
+            (c.program.as_str(), c.refused_same, c.falsely_refused.len()),
+            ("c", 1, 1)
+        );
+        assert!(lopo.pooled_auc.unwrap() > 0.9);
+    }
+
+    #[test]
+    fn wrong_answers_of_the_fixture_corpus_are_not_harm() {
+        let mut wrong = sample("fixture_fn", 0, true, 0.0, false);
+        wrong.outcome = "wrong".into();
+        let labelled = harm_labelled(&[wrong, sample("g", 1, true, 0.0, false)], "fixture");
+        assert!(!labelled[0].harmful && labelled[1].harmful);
+        assert_eq!(labelled[0].group, "fixture:fixture_fn");
+    }
+}
