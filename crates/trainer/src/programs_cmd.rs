@@ -187,6 +187,12 @@ pub fn run_lopo(context: &Context, args: &LopoArgs) -> anyhow::Result<i32> {
     let lopo = leave_one_program_out(&real, &fixture, &TrainOptions::default())?;
     let recorded = recorded_verdicts(&records);
     if context.json {
+        let recorded: Vec<serde_json::Value> = recorded
+            .iter()
+            .map(|((program, class), counts)| {
+                serde_json::json!({ "program": program, "class": class, "verdicts": counts })
+            })
+            .collect();
         print_json(&serde_json::json!({ "lopo": lopo, "recorded_verdicts": recorded }));
         return Ok(0);
     }
