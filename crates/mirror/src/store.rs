@@ -273,7 +273,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&temporary)?;
-    let result = file.write_all(bytes).and_then(|_| file.sync_all());
+    let result = file
+        .write_all(bytes)
+        .and_then(|_| shadowpatch_process::durable::sync_file(&file));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&temporary);
         return Err(e);
@@ -290,7 +292,7 @@ fn temporary_name(path: &Path) -> PathBuf {
 
 fn sync_parent(path: &Path) -> std::io::Result<()> {
     match path.parent() {
-        Some(parent) => File::open(parent)?.sync_all(),
+        Some(parent) => shadowpatch_process::durable::sync_dir(parent),
         None => Ok(()),
     }
 }
@@ -407,7 +409,7 @@ impl MirrorWriter {
             self.out.write_all(&header_offset.to_le_bytes())?;
             self.out.write_all(END_MAGIC)?;
             self.out.flush()?;
-            self.out.get_ref().sync_all()
+            shadowpatch_process::durable::sync_file(self.out.get_ref())
         })();
         if let Err(source) = result {
             let _ = std::fs::remove_file(&self.temporary);
