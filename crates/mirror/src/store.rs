@@ -241,6 +241,14 @@ impl StateDir {
     /// that belongs to another incarnation of the same pid, or to the
     /// program it ran before an `exec`.
     pub fn dir_for_live(&self, identity: &ProcessIdentity) -> Result<PathBuf, MirrorError> {
+        // This incarnation's own directory, looked up by name: listing
+        // `targets/` (thousands of entries after a host-wide apply) is
+        // only for naming another incarnation or none.
+        let dir = self.target_dir(identity.pid, identity.start_time);
+        if dir.is_dir() {
+            Self::check_same_program(&dir, identity)?;
+            return Ok(dir);
+        }
         let incarnations = self.incarnations(identity.pid);
         if let Some((_, dir)) = incarnations.iter().find(|(start, _)| *start == identity.start_time) {
             Self::check_same_program(dir, identity)?;
