@@ -345,9 +345,16 @@ pub fn apply_set_with_progress(
     // patched is refused whole (all or none), as it always was.
     if let (Some(state_dir), Selector::All) = (state_dir, selector) {
         let id = &input.manifest.id;
+        // Only a pid with a target directory can have the patch: one
+        // listing of targets/ instead of identifying every member.
+        let with_dirs: BTreeSet<i32> = with_state(state_dir, found.targets.clone())
+            .0
+            .iter()
+            .map(|m| m.pid)
+            .collect();
         let (already, to_do): (Vec<Member>, Vec<Member>) = std::mem::take(&mut found.targets)
             .into_iter()
-            .partition(|m| active_patches(state_dir, m.pid).contains(id));
+            .partition(|m| with_dirs.contains(&m.pid) && active_patches(state_dir, m.pid).contains(id));
         found.targets = to_do;
         already_patched.extend(already.iter().map(|m| m.pid));
         if *selector == Selector::All {
