@@ -30,7 +30,7 @@ pub struct AgentBench {
 }
 
 /// utime + stime of `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let rest = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or_default();
     let fields: Vec<&str> = rest.split_whitespace().collect();

@@ -23,6 +23,13 @@ pub struct FleetBench {
     pub floor_ms: f64,
     pub apply_all_ms: f64,
     pub rollback_all_ms: f64,
+    /// The tool's own CPU time (all its threads, user + system) over the
+    /// apply and the rollback, ms: unlike the wall time, what other load
+    /// on a shared machine does not inflate.
+    #[serde(default)]
+    pub apply_cpu_ms: f64,
+    #[serde(default)]
+    pub rollback_cpu_ms: f64,
     /// Median activation pause per process, µs.
     pub apply_pause_median_us: u64,
     pub rollback_pause_median_us: u64,
@@ -117,6 +124,8 @@ pub fn run(json: bool, quick: bool) -> anyhow::Result<FleetBench> {
     if !json {
         eprintln!("fleet: apply --all over {processes} processes ({workers} workers) ...");
     }
+    let me = std::process::id();
+    let cpu_before = crate::agent::cpu_seconds(me)?;
     let started = Instant::now();
     let applied = apply_set_with_progress(
         Some(&state_dir),
@@ -129,6 +138,7 @@ pub fn run(json: bool, quick: bool) -> anyhow::Result<FleetBench> {
         &|_| {},
     )?;
     let apply_all_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let apply_cpu_ms = (crate::agent::cpu_seconds(me)? - cpu_before) * 1000.0;
     anyhow::ensure!(
         applied.ok(),
         "apply --all failed: {:?}",
@@ -143,6 +153,7 @@ pub fn run(json: bool, quick: bool) -> anyhow::Result<FleetBench> {
     if !json {
         eprintln!("fleet: rollback --all ...");
     }
+    let cpu_before = crate::agent::cpu_seconds(me)?;
     let started = Instant::now();
     let rolled = rollback_set_with_progress(
         &state_dir,
@@ -153,6 +164,7 @@ pub fn run(json: bool, quick: bool) -> anyhow::Result<FleetBench> {
         &|_| {},
     )?;
     let rollback_all_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let rollback_cpu_ms = (crate::agent::cpu_seconds(me)? - cpu_before) * 1000.0;
     anyhow::ensure!(rolled.ok(), "rollback --all failed");
     let median = |outcome: &shadowpatch_ops::set::SetOutcome| {
         shadowpatch_report::Percentiles::of(outcome.members.iter().filter_map(|m| m.pause_us).collect()).median
@@ -163,6 +175,8 @@ pub fn run(json: bool, quick: bool) -> anyhow::Result<FleetBench> {
         floor_ms,
         apply_all_ms,
         rollback_all_ms,
+        apply_cpu_ms,
+        rollback_cpu_ms,
         apply_pause_median_us: median(&applied),
         rollback_pause_median_us: median(&rolled),
     })
@@ -182,27 +196,34 @@ pub fn print(bench: &FleetBench) {
         bench.workers
     );
     println!();
-    println!("| what | total ms | per process ms | / floor | median pause µs |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| what | total ms | per process ms | / floor | median pause µs | CPU ms per process |");
+    println!("|---|---:|---:|---:|---:|---:|");
     let n = bench.processes as f64;
     let floor = bench.floor_ms.max(0.001);
     println!(
-        "| floor | {:.0} | {:.3} | 1.00× | |",
+        "| floor | {:.0} | {:.3} | 1.00× | | |",
         bench.floor_ms,
         bench.floor_ms / n
     );
-    println!(
-        "| apply --all | {:.0} | {:.3} | {:.1}× | {} |",
-        bench.apply_all_ms,
-        bench.apply_all_ms / n,
-        bench.apply_all_ms / floor,
-        bench.apply_pause_median_us
-    );
-    println!(
-        "| rollback --all | {:.0} | {:.3} | {:.1}× | {} |",
-        bench.rollback_all_ms,
-        bench.rollback_all_ms / n,
-        bench.rollback_all_ms / floor,
-        bench.rollback_pause_median_us
-    );
+    for (what, total_ms, pause_us, cpu_ms) in [
+        (
+            "apply --all",
+            bench.apply_all_ms,
+            bench.apply_pause_median_us,
+            bench.apply_cpu_ms,
+        ),
+        (
+            "rollback --all",
+            bench.rollback_all_ms,
+            bench.rollback_pause_median_us,
+            bench.rollback_cpu_ms,
+        ),
+    ] {
+        println!(
+            "| {what} | {total_ms:.0} | {:.3} | {:.1}× | {pause_us} | {:.2} |",
+            total_ms / n,
+            total_ms / floor,
+            cpu_ms / n
+        );
+    }
 }

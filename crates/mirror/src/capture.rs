@@ -35,7 +35,10 @@ pub fn capture(
     let mut hashes: Vec<u128> = Vec::with_capacity((total / PAGE_SIZE as u64) as usize);
     let mut records = Vec::with_capacity(regions.len());
     let mut notes = Vec::new();
-    let mut buffer = vec![0u8; READ_CHUNK];
+    // No larger than the largest region (a module-only capture is a few
+    // pages: a whole chunk per target was most of its allocations).
+    let largest = regions.iter().map(RegionSpec::len).max().unwrap_or(0);
+    let mut buffer = vec![0u8; (largest as usize).min(READ_CHUNK)];
     let mut done = 0u64;
     for spec in regions {
         let first_hash = hashes.len() as u64;

@@ -64,7 +64,9 @@ fn derive_inner(
     let mut records = Vec::new();
     let mut notes = previous.header.notes.clone();
     let mut covered = vec![false; edits.len()];
-    let mut chunk = vec![0u8; 256 * PAGE_SIZE];
+    // No larger than the largest region (see `capture`).
+    let largest = previous.header.regions.iter().map(|r| r.pages).max().unwrap_or(0);
+    let mut chunk = vec![0u8; (largest.min(256) as usize) * PAGE_SIZE];
     let result = (|| {
         for (index, region) in previous.header.regions.iter().enumerate() {
             let first_hash = hashes.len() as u64;

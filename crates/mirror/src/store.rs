@@ -241,6 +241,14 @@ impl StateDir {
     /// that belongs to another incarnation of the same pid, or to the
     /// program it ran before an `exec`.
     pub fn dir_for_live(&self, identity: &ProcessIdentity) -> Result<PathBuf, MirrorError> {
+        // This incarnation's own directory, looked up by name: listing
+        // `targets/` (thousands of entries after a host-wide apply) is
+        // only for naming another incarnation or none.
+        let dir = self.target_dir(identity.pid, identity.start_time);
+        if dir.is_dir() {
+            Self::check_same_program(&dir, identity)?;
+            return Ok(dir);
+        }
         let incarnations = self.incarnations(identity.pid);
         if let Some((_, dir)) = incarnations.iter().find(|(start, _)| *start == identity.start_time) {
             Self::check_same_program(dir, identity)?;
@@ -273,7 +281,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&temporary)?;
-    let result = file.write_all(bytes).and_then(|_| file.sync_all());
+    let result = file
+        .write_all(bytes)
+        .and_then(|_| shadowpatch_process::durable::sync_file(&file));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&temporary);
         return Err(e);
@@ -290,7 +300,7 @@ fn temporary_name(path: &Path) -> PathBuf {
 
 fn sync_parent(path: &Path) -> std::io::Result<()> {
     match path.parent() {
-        Some(parent) => File::open(parent)?.sync_all(),
+        Some(parent) => shadowpatch_process::durable::sync_dir(parent),
         None => Ok(()),
     }
 }
@@ -407,7 +417,7 @@ impl MirrorWriter {
             self.out.write_all(&header_offset.to_le_bytes())?;
             self.out.write_all(END_MAGIC)?;
             self.out.flush()?;
-            self.out.get_ref().sync_all()
+            shadowpatch_process::durable::sync_file(self.out.get_ref())
         })();
         if let Err(source) = result {
             let _ = std::fs::remove_file(&self.temporary);

@@ -32,7 +32,7 @@ use crate::OpsError;
 use shadowpatch_mirror::{copy_for_target, verify, MirrorFile, StateDir, TargetRecord};
 use shadowpatch_patch::journal::{encode_line, Checkpoint, Journal, PatchRecord, Record, TxnKind};
 use shadowpatch_patch::state::{SharedTargetLock, TargetLock};
-use shadowpatch_process::identity::{parent_pid, ticks_per_second};
+use shadowpatch_process::identity::{parent_and_start_time, ticks_per_second};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
@@ -108,12 +108,25 @@ pub fn adopt_if_forked(state_dir: &Path, pid: i32) -> Result<Option<Adopted>, Op
     let Ok(Some(state)) = StateDir::open_if_present(state_dir) else {
         return Ok(None);
     };
-    let identity = ProcessIdentity::of(pid)?;
+    adopt_in(&state, &ProcessIdentity::of(pid)?)
+}
+
+/// [`adopt_if_forked`] of a process whose identity the caller has just
+/// read (an apply reads it once and passes it down).
+pub fn adopt_if_forked_of(state_dir: &Path, identity: &ProcessIdentity) -> Result<Option<Adopted>, OpsError> {
+    let Ok(Some(state)) = StateDir::open_if_present(state_dir) else {
+        return Ok(None);
+    };
+    adopt_in(&state, identity)
+}
+
+fn adopt_in(state: &StateDir, identity: &ProcessIdentity) -> Result<Option<Adopted>, OpsError> {
+    let (pid, identity) = (identity.pid, identity.clone());
     let dir = state.target_dir(pid, identity.start_time);
     if has_own_state(&dir) {
         return Ok(None);
     }
-    let Some(ancestor) = find_ancestor(&state, &identity) else {
+    let Some(ancestor) = find_ancestor(state, &identity) else {
         return Ok(None);
     };
     let started = Instant::now();
@@ -274,7 +287,7 @@ pub fn adopt_if_forked(state_dir: &Path, pid: i32) -> Result<Option<Adopted>, Op
     let marker = dir.join(ADOPTING_MARKER);
     std::fs::remove_file(&marker).map_err(|e| io(&marker, e))?;
     shadowpatch_store::record_best_effort(
-        state_dir,
+        state.root(),
         &shadowpatch_store::NewEvent::new(shadowpatch_store::EventKind::Adopt)
             .target(pid, identity.start_time)
             .outcome("ok")
@@ -368,15 +381,28 @@ fn has_own_state(dir: &Path) -> bool {
 /// The nearest ancestor of `child` with state of its own that describes it
 /// and runs the same program image as `child`.
 fn find_ancestor(state: &StateDir, child: &ProcessIdentity) -> Option<Ancestor> {
-    let mut below = child.clone();
+    // The start time of the process below the one looked at.
+    let mut below_start = child.start_time;
+    let (mut parent_pid, _) = parent_and_start_time(child.pid)?;
     let mut between = Vec::new();
     for _ in 0..MAX_DEPTH {
-        let parent = ProcessIdentity::of(parent_pid(below.pid)?).ok()?;
-        if parent.start_time > below.start_time {
+        if parent_pid <= 0 {
             return None;
         }
-        let dir = state.target_dir(parent.pid, parent.start_time);
+        // The parent's start time alone names its state directory: its
+        // whole identity (status, auxv, AT_RANDOM) is read only when it
+        // has state (most parents, e.g. pid 1, have none).
+        let (grandparent_pid, parent_start) = parent_and_start_time(parent_pid)?;
+        if parent_start > below_start {
+            return None;
+        }
+        let dir = state.target_dir(parent_pid, parent_start);
         if !StateDir::generations(&dir).is_empty() {
+            let parent = ProcessIdentity::of(parent_pid).ok()?;
+            if parent.start_time != parent_start {
+                // The pid was recycled between the two reads.
+                return None;
+            }
             if !StateDir::describes_live(&dir, parent.pid, parent.start_time) {
                 tracing::debug!(
                     pid = parent.pid,
@@ -393,12 +419,13 @@ fn find_ancestor(state: &StateDir, child: &ProcessIdentity) -> Option<Ancestor> 
             return Some(Ancestor {
                 identity: parent,
                 dir,
-                fork_start_time: below.start_time,
+                fork_start_time: below_start,
                 between,
             });
         }
-        between.push(parent.pid);
-        below = parent;
+        between.push(parent_pid);
+        below_start = parent_start;
+        parent_pid = grandparent_pid;
     }
     None
 }

@@ -12,7 +12,7 @@ use crate::variables::{after_apply, before_apply};
 use crate::OpsError;
 use shadowpatch_failure::{Classify, FailureClass};
 use shadowpatch_health::Decision;
-use shadowpatch_patch::survey::{originals_of, prepare_survey, survey_input, Survey};
+use shadowpatch_patch::survey::{originals_of, prepare_survey, survey_input_of, Survey};
 use shadowpatch_patch::{ApplyOptions, ApplyOutcome, PatchInput};
 use shadowpatch_predict::remote::OutcomeKind;
 use shadowpatch_predict::Verdict;
@@ -101,18 +101,20 @@ pub fn apply(
 ) -> Result<ApplyResult, OpsError> {
     let pid = request.pid;
     // The target first (the first argument): a wrong pid is named as such.
-    ProcessIdentity::of(pid)?;
+    // Read once here and passed down to what only needs to know who it is
+    // (the transaction checks it again under the lock, before any write).
+    let identity = ProcessIdentity::of(pid)?;
     // Read once, bounded: the bytes the signature policy checks are the
     // bytes parsed, surveyed and loaded. The policy decides before the
     // analysis, whose simulation would put breakpoints into the target.
     let (input, signature) = crate::signature::read_and_check(state_dir, &request.manifest)?;
     // A child forked from a patched process is patched already: it takes
     // its ancestor's state first, so the new patch stacks on it.
-    let adopted = crate::adopt::adopt_if_forked(state_dir, pid)?;
+    let adopted = crate::adopt::adopt_if_forked_of(state_dir, &identity)?;
     // Surveyed once: the analysis judges this survey and the transaction
     // acts on it (surveyed again under the lock only if a patch came or
     // went meanwhile).
-    let survey = survey_once(state_dir, pid, &input)?;
+    let survey = survey_once(state_dir, &identity, &input)?;
     let manifest = &input.manifest;
     let analysis = analyze_surveyed(state_dir, &survey, &request.analysis, "apply", progress)?;
     let refused = analysis.analysis.verdict == Verdict::Refuse;
@@ -148,7 +150,7 @@ pub fn apply(
     };
     // The mirrored variables as they are just before activation, kept for
     // `rollback --restore-state` once the patch is active.
-    let before = before_apply(state_dir, pid)?;
+    let before = before_apply(state_dir, &identity)?;
     let patch_id = manifest.id.clone();
     // The watch's verdict goes to the predictor that judged the patch.
     let watch = watch.map(|args| WatchArgs {
@@ -217,12 +219,11 @@ pub fn apply(
 /// Survey the patch read once against the live target, as the journal
 /// says its active patches rewrote it (read without the lock: the
 /// transaction surveys again if a patch came or went since).
-fn survey_once(state_dir: &Path, pid: i32, input: &PatchInput) -> Result<Survey, OpsError> {
-    let identity = ProcessIdentity::of(pid)?;
-    let originals = crate::journal_if_any(state_dir, &identity)?
+fn survey_once(state_dir: &Path, identity: &ProcessIdentity, input: &PatchInput) -> Result<Survey, OpsError> {
+    let originals = crate::journal_if_any(state_dir, identity)?
         .map(|journal| originals_of(&journal))
         .unwrap_or_default();
-    Ok(survey_input(pid, input, &originals)?)
+    Ok(survey_input_of(identity, input, &originals)?)
 }
 
 /// An apply that did not happen, as the history records it.

@@ -149,9 +149,8 @@ pub type BeforeApply = Vec<(CriticalVariable, Snapshot)>;
 
 /// `apply`, before activating: read the registered mirrored variables of
 /// `pid` (None when it has none).
-pub fn before_apply(state_dir: &Path, pid: i32) -> Result<Option<BeforeApply>, OpsError> {
-    let identity = ProcessIdentity::of(pid)?;
-    let Some(dir) = live_target_dir(state_dir, &identity)? else {
+pub fn before_apply(state_dir: &Path, identity: &ProcessIdentity) -> Result<Option<BeforeApply>, OpsError> {
+    let Some(dir) = live_target_dir(state_dir, identity)? else {
         return Ok(None);
     };
     let mirrored: Vec<CriticalVariable> = VariableRegistry::load(&dir)?
@@ -163,7 +162,7 @@ pub fn before_apply(state_dir: &Path, pid: i32) -> Result<Option<BeforeApply>, O
     if mirrored.is_empty() {
         return Ok(None);
     }
-    Ok(Some(read_now(&identity, &mirrored, "apply", None)?))
+    Ok(Some(read_now(identity, &mirrored, "apply", None)?))
 }
 
 /// `apply`, once the patch is active: keep the snapshot as the one to

@@ -367,7 +367,8 @@ impl Journal {
         Ok((Journal { path, file, len }, kept))
     }
 
-    /// Append one record and make it durable before returning.
+    /// Append one record and make it durable before returning (inside a
+    /// batch: before the thread's next stop or write of a target).
     pub fn append(&mut self, record: &Record) -> Result<(), PatchError> {
         let mut line = encode_line(record);
         line.push(b'\n');
@@ -375,7 +376,12 @@ impl Journal {
             path: self.path.clone(),
             message: e.to_string(),
         };
-        let written = self.file.write_all(&line).and_then(|_| self.file.sync_data());
+        // Durable now, or (inside a batch) before this thread next stops or
+        // writes a target (`durable`).
+        let written = self
+            .file
+            .write_all(&line)
+            .and_then(|_| shadowpatch_process::durable::sync_data(&self.file));
         if let Err(e) = written {
             // Cut off whatever part of the line reached the file: the next
             // record must not follow torn bytes.

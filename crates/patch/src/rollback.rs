@@ -233,7 +233,13 @@ pub(crate) fn finish_rollback(
     })?;
     fault::point("rollback-committed");
     let generation = StateDir::generation_path(&target.dir, patch.generation);
-    match std::fs::remove_file(&generation).and_then(|_| std::fs::File::open(&target.dir)?.sync_all()) {
+    // The commit is durable before the generation goes (inside a batch,
+    // its sync may still be pending: made now).
+    let removed = shadowpatch_process::durable::flush()
+        .map_err(std::io::Error::from)
+        .and_then(|_| std::fs::remove_file(&generation))
+        .and_then(|_| shadowpatch_process::durable::sync_dir(&target.dir));
+    match removed {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {

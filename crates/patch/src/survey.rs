@@ -177,8 +177,18 @@ pub fn survey(pid: i32, manifest_path: &Path, originals: &[(u64, Vec<u8>)]) -> R
 
 /// [`survey`] of a patch already read (the operations layer reads it once).
 pub fn survey_input(pid: i32, input: &PatchInput, originals: &[(u64, Vec<u8>)]) -> Result<Survey, PatchError> {
+    survey_input_of(&ProcessIdentity::of(pid)?, input, originals)
+}
+
+/// [`survey_input`] of a process whose identity the caller has just read
+/// (an apply reads it once and passes it down).
+pub fn survey_input_of(
+    identity: &ProcessIdentity,
+    input: &PatchInput,
+    originals: &[(u64, Vec<u8>)],
+) -> Result<Survey, PatchError> {
     survey_parsed(
-        pid,
+        Whom::Known(identity.clone()),
         input.manifest.clone(),
         &input.manifest_path,
         &input.object_path,
@@ -187,13 +197,19 @@ pub fn survey_input(pid: i32, input: &PatchInput, originals: &[(u64, Vec<u8>)]) 
     )
 }
 
+/// Whose memory a survey reads: a pid to identify, or an identity just read.
+enum Whom {
+    Pid(i32),
+    Known(ProcessIdentity),
+}
+
 impl Survey {
     /// Survey the same parsed patch again with other active patches'
     /// originals (read under the target's lock): the target is read again,
     /// the patch files are not.
     pub fn again(&self, originals: &[(u64, Vec<u8>)]) -> Result<Survey, PatchError> {
         survey_parsed(
-            self.identity.pid,
+            Whom::Pid(self.identity.pid),
             self.manifest.clone(),
             &self.manifest_path,
             &self.object_path,
@@ -207,7 +223,7 @@ impl Survey {
 /// object bytes it holds.
 pub fn survey_prepared(prepared: Prepared, originals: &[(u64, Vec<u8>)]) -> Result<Survey, PatchError> {
     survey_parsed(
-        prepared.identity.pid,
+        Whom::Pid(prepared.identity.pid),
         prepared.manifest,
         &prepared.manifest_path,
         &prepared.object.path,
@@ -218,7 +234,7 @@ pub fn survey_prepared(prepared: Prepared, originals: &[(u64, Vec<u8>)]) -> Resu
 
 /// The survey proper, of a parsed manifest and the object's bytes.
 fn survey_parsed(
-    pid: i32,
+    whom: Whom,
     manifest: Manifest,
     manifest_path: &Path,
     object_path: &Path,
@@ -255,7 +271,11 @@ fn survey_parsed(
             }
         }
     }
-    let identity = ProcessIdentity::of(pid)?;
+    let identity = match whom {
+        Whom::Pid(pid) => ProcessIdentity::of(pid)?,
+        Whom::Known(identity) => identity,
+    };
+    let pid = identity.pid;
     let maps = read_maps(pid)?;
     let modules = modules_of(pid, &maps)?;
     let module = match find_target_module(pid, &manifest, &modules) {

@@ -490,11 +490,14 @@ fn undo_apply(
     }
 }
 
-/// Move a staged generation into place.
+/// Move a staged generation into place, once the commit that decides it
+/// is durable (inside a batch, its sync may still be pending: made now).
 pub(crate) fn publish(staged: &Path, dir: &Path, generation: u32) -> Result<(), PatchError> {
     let final_path = StateDir::generation_path(dir, generation);
-    std::fs::rename(staged, &final_path)
-        .and_then(|_| std::fs::File::open(dir)?.sync_all())
+    shadowpatch_process::durable::flush()
+        .map_err(std::io::Error::from)
+        .and_then(|_| std::fs::rename(staged, &final_path))
+        .and_then(|_| shadowpatch_process::durable::sync_dir(dir))
         .map_err(|e| PatchError::Journal {
             path: final_path,
             message: format!("publishing generation: {e}"),

@@ -218,6 +218,13 @@ impl Attached {
     /// Stop every thread. The returned guard resumes them when dropped;
     /// call [`Stopped::resume`] to get the timings.
     pub fn stop(&mut self) -> Result<Stopped<'_>, TargetError> {
+        // Whatever a stop is for, the journal records announcing it are
+        // durable first (deferred inside a batch: `durable`).
+        crate::durable::flush().map_err(|errno| TargetError::Sys {
+            pid: self.identity.pid,
+            action: "syncing the state files (syncfs) before stopping",
+            errno,
+        })?;
         let realtime = match self.priority {
             StopPriority::RealtimeIfPermitted => RealtimeWindow::enter(),
             StopPriority::Normal => None,

@@ -60,8 +60,25 @@ impl ProcessIdentity {
 
     /// Check that `self.pid` still names the same process (same start time)
     /// and that it is still alive.
+    /// Whether the process is still this one: same start time, not a
+    /// zombie, same program (exec id). Reads only what tells that (stat,
+    /// and auxv + AT_RANDOM for the exec id), not the whole identity: a
+    /// pid whose start time matches is the leader identified before, so
+    /// status (its tgid) and the exe link need no second read. Called
+    /// around every seize and memory open.
     pub fn check_alive(&self) -> Result<(), TargetError> {
-        let live = ProcessIdentity::of(self.pid)?;
+        let pid = self.pid;
+        let stat = procfs::process::Process::new(pid)
+            .and_then(|process| process.stat())
+            .map_err(|e| proc_error(pid, "stat", e))?;
+        if stat.state == 'Z' || stat.state == 'X' {
+            return Err(TargetError::Zombie { pid });
+        }
+        let live = ProcessIdentity {
+            start_time: stat.starttime,
+            exec_id: self.exec_id.as_ref().and_then(|_| exec_id_of(pid)),
+            ..self.clone()
+        };
         self.check_same(&live)
     }
 
@@ -88,6 +105,18 @@ impl ProcessIdentity {
 
 /// The parent of `pid` (/proc/PID/stat), `None` when it cannot be read or
 /// the process has none (pid 1, processes the kernel started).
+/// From one read of /proc/PID/stat: the parent's pid (0 when none) and the
+/// start time of a live user process; `None` for a zombie, a kernel
+/// thread or a pid that is gone. Enough to name a state directory without
+/// reading the whole identity (status, auxv, mem).
+pub fn parent_and_start_time(pid: i32) -> Option<(i32, u64)> {
+    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    if stat.flags & PF_KTHREAD != 0 || stat.state == 'Z' || stat.state == 'X' {
+        return None;
+    }
+    Some((stat.ppid, stat.starttime))
+}
+
 pub fn parent_pid(pid: i32) -> Option<i32> {
     let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
     (stat.ppid > 0).then_some(stat.ppid)
@@ -100,8 +129,15 @@ pub fn ticks_per_second() -> u64 {
 
 /// The per-exec value of `pid`: its `AT_RANDOM` bytes, in hex.
 pub fn exec_id_of(pid: i32) -> Option<String> {
+    use std::io::Read;
     use std::os::unix::fs::FileExt;
-    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).ok()?;
+    // One read: the vector is about 400 bytes, and /proc reports size 0
+    // (`fs::read` would grow its buffer from 32 bytes, a read each time).
+    let mut auxv = Vec::with_capacity(1024);
+    std::fs::File::open(format!("/proc/{pid}/auxv"))
+        .ok()?
+        .read_to_end(&mut auxv)
+        .ok()?;
     let address = auxv.chunks_exact(16).find_map(|pair| {
         let key = u64::from_ne_bytes(pair[..8].try_into().ok()?);
         (key == AT_RANDOM).then(|| u64::from_ne_bytes(pair[8..].try_into().expect("8 bytes")))

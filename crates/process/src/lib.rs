@@ -12,6 +12,7 @@
 
 pub mod attach;
 pub mod copy;
+pub mod durable;
 mod emulate;
 pub mod error;
 pub mod events;

@@ -223,6 +223,13 @@ impl TargetMemory {
     /// Write `bytes` at `address` through /proc/PID/mem (works on read-only
     /// text, as the kernel uses FOLL_FORCE for it).
     pub fn write(&mut self, address: u64, bytes: &[u8]) -> Result<(), TargetError> {
+        // The journal records announcing this write are durable first
+        // (deferred inside a batch: `durable`).
+        crate::durable::flush().map_err(|errno| TargetError::Sys {
+            pid: self.pid,
+            action: "syncing the state files (syncfs) before writing to",
+            errno,
+        })?;
         let mut done = 0;
         while done < bytes.len() {
             match self.mem.write_at(&bytes[done..], address + done as u64) {

@@ -1,10 +1,11 @@
 //! Host-wide library patches: a hundred processes mapping libfleet (a
 //! small shared library), `apply --all` patches every one of them (each its
 //! own journaled transaction) and no other process, `verify --all` finds
-//! them clean, `rollback --all` restores them all; bad input exits 2 with
-//! nothing touched.
+//! them clean, `rollback --all` restores them all; a batch killed after
+//! its members' journal appends, before any stop, is recovered member by
+//! member; bad input exits 2 with nothing touched.
 
-use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, write_manifest};
+use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, shadowpatch_env, write_manifest};
 use shadowpatch_fixtures::{build_library_fixture, build_patch, Fixture, Patch, Running};
 use std::collections::BTreeSet;
 
@@ -201,4 +202,69 @@ fn host_wide_bad_input_exits_2_and_touches_nothing() {
     assert_eq!(process.command("value").unwrap(), "value=1");
     assert!(!state.join("targets").exists(), "nothing recorded");
     assert_untouched(process.pid());
+}
+
+/// Host-wide, members' journal records are synced together, before each
+/// worker's next stop. Killed (SIGKILL) when the first member has appended
+/// `Begin` and `Map` (the batch's sync not yet made, no member's target
+/// stopped or written): every process still runs the original code,
+/// untraced, each member's journal replays, `recover` closes what was
+/// open, and the next `apply --all` patches every one of them.
+#[test]
+fn apply_all_killed_after_the_batch_appends_before_any_stop_is_recovered() {
+    const MEMBERS: usize = 24;
+    let _alone = host_wide();
+    let fixture = build_library_fixture().unwrap();
+    let mut processes: Vec<Running> = (0..MEMBERS)
+        .map(|_| Running::start_binary(&fixture.program, &[]).unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let manifest = fleet_manifest(dir.path(), "fleet1", &build_id_of(&fixture.library));
+    let manifest = manifest.as_str();
+
+    let killed = shadowpatch_env(
+        &state,
+        &["apply", "--all", "--jobs", "8", manifest],
+        &[("SHADOWPATCH_FAULT", "map")],
+    );
+    assert_eq!(killed.code, -1, "killed by SIGKILL: {}{}", killed.stdout, killed.stderr);
+    assert_eq!(values(&mut processes), BTreeSet::from(["value=1".to_string()]));
+    for process in &processes {
+        assert_untouched(process.pid());
+    }
+
+    let mut interrupted = 0;
+    for process in &processes {
+        let pid = process.pid().to_string();
+        let recovered = shadowpatch(&state, &["recover", &pid, "--json"]);
+        if recovered.code == 2 {
+            // A member the batch had not reached: no state to recover.
+            assert!(recovered.stderr.contains("no mirror"), "{}", recovered.stderr);
+            continue;
+        }
+        assert_eq!(recovered.code, 0, "{pid}: {}{}", recovered.stdout, recovered.stderr);
+        let recovered = recovered.json();
+        match recovered["state"].as_str() {
+            Some("fully_rolled_back") => {
+                interrupted += 1;
+                assert_eq!(recovered["interrupted"], "apply", "{recovered}");
+                assert_eq!(recovered["written"], 0, "no trampoline was written: {recovered}");
+            }
+            Some("consistent") => {}
+            other => panic!("{pid}: recovered to {other:?}: {recovered}"),
+        }
+        assert_untouched(process.pid());
+    }
+    assert!(interrupted >= 1, "the member killed at `map` had an open transaction");
+    assert_eq!(values(&mut processes), BTreeSet::from(["value=1".to_string()]));
+
+    let applied = shadowpatch(&state, &["apply", "--all", manifest, "--json"]);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    assert_eq!(values(&mut processes), BTreeSet::from(["value=2".to_string()]));
+    let verified = shadowpatch(&state, &["verify", "--all"]);
+    assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
+    let rolled = shadowpatch(&state, &["rollback", "--all"]);
+    assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
+    assert_eq!(values(&mut processes), BTreeSet::from(["value=1".to_string()]));
 }

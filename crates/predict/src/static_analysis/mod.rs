@@ -104,7 +104,9 @@ pub fn survey_for_analysis(pid: i32, manifest_path: &Path, state_dir: &Path) -> 
 /// patches than the survey saw, the same parsed patch is surveyed again.
 pub fn analyze_static(surveyed: &Survey, state_dir: &Path) -> Result<StaticReport, PredictError> {
     let pid = surveyed.identity.pid;
-    let identity = ProcessIdentity::of(pid)?;
+    // Still the process surveyed (checked, not identified again).
+    let identity = surveyed.identity.clone();
+    identity.check_alive()?;
     let mut unavailable = Vec::new();
     let journal = read_journal(state_dir, &identity, &mut unavailable);
     let originals = originals_of(&journal);
