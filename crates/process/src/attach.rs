@@ -102,7 +102,7 @@ pub struct Attached {
 }
 
 /// The timings of one stop-the-world window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PauseReport {
     /// Threads stopped.
     pub threads: usize,
