@@ -49,6 +49,38 @@ struct PatchRow {
     floor_us: u64,
     apply_us: u64,
     rollback_us: u64,
+    /// Medians of each phase of the same stops.
+    floor_phases: Phases,
+    apply_phases: Phases,
+    rollback_phases: Phases,
+}
+
+/// Where a pause goes, medians over the rounds: stopping every thread,
+/// the work done while they are stopped, resuming them.
+#[derive(Debug, Serialize)]
+struct Phases {
+    stop_us: u64,
+    work_us: u64,
+    resume_us: u64,
+}
+
+impl Phases {
+    fn of(reports: &[shadowpatch_process::PauseReport]) -> Phases {
+        let median = |phase: fn(&shadowpatch_process::PauseReport) -> u64| {
+            Percentiles::of(reports.iter().map(phase).collect()).median
+        };
+        Phases {
+            stop_us: median(|r| r.stop_us),
+            work_us: median(|r| r.work_us),
+            resume_us: median(|r| r.resume_us),
+        }
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} / {} / {}", self.stop_us, self.work_us, self.resume_us)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -536,6 +568,17 @@ fn print_patching(patching: &[PatchRow], call_cost: &CallCost) {
         );
     }
     println!();
+    println!("Per phase, µs (medians: stop all threads / work while stopped / resume all threads):");
+    println!();
+    println!("| threads | functions | floor | apply | rollback |");
+    println!("|---:|---:|---:|---:|---:|");
+    for r in patching {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.threads, r.functions, r.floor_phases, r.apply_phases, r.rollback_phases
+        );
+    }
+    println!();
     println!(
         "Per call of a patched function (direct jump): {:.3} ns unpatched, {:.3} ns patched, {:+.3} ns extra",
         call_cost.unpatched_ns, call_cost.patched_ns, call_cost.extra_ns
@@ -591,20 +634,27 @@ fn patch_pauses(context: &Context, quick: bool) -> anyhow::Result<(Vec<PatchRow>
                 let mut stopped = attached.stop()?;
                 let bytes = stopped.memory().read_vec(f0, 5)?;
                 stopped.memory().write(f0, &bytes)?;
-                floor.push(stopped.resume()?.pause_us);
+                floor.push(stopped.resume()?);
                 attached.detach()?;
                 let options = shadowpatch_patch::ApplyOptions::default();
-                applied.push(shadowpatch_patch::apply(state.path(), target.pid(), &manifest, &options)?.pause_us);
-                rolled.push(shadowpatch_patch::rollback(state.path(), target.pid(), None)?.pause_us);
+                applied.push(
+                    shadowpatch_patch::apply(state.path(), target.pid(), &manifest, &options)?
+                        .activation
+                        .pause,
+                );
+                rolled.push(shadowpatch_patch::rollback(state.path(), target.pid(), None)?.pause);
             }
             anyhow::ensure!(target.check()?["errors"] == 0, "wrong results while benchmarking");
             rows.push(PatchRow {
                 threads,
                 functions,
                 rounds,
-                floor_us: Percentiles::of(floor).median,
-                apply_us: Percentiles::of(applied).median,
-                rollback_us: Percentiles::of(rolled).median,
+                floor_us: Percentiles::of(floor.iter().map(|r| r.pause_us).collect()).median,
+                apply_us: Percentiles::of(applied.iter().map(|r| r.pause_us).collect()).median,
+                rollback_us: Percentiles::of(rolled.iter().map(|r| r.pause_us).collect()).median,
+                floor_phases: Phases::of(&floor),
+                apply_phases: Phases::of(&applied),
+                rollback_phases: Phases::of(&rolled),
             });
         }
     }

@@ -46,10 +46,33 @@ pub fn switch(
     // before stopping them.
     let spans = Span::cover(writes);
     let ranges: Vec<(u64, usize)> = spans.iter().map(|s| (s.start, s.len)).collect();
+    // The first read in the stop also covers the code a thread inside an
+    // entry may run to leave it (an instruction starting in the span runs
+    // at most 15 bytes past it), on the pages already read.
+    let read_ranges: Vec<(u64, usize)> = spans.iter().map(Span::with_code_after).collect();
     let entries = Entries::of(writes);
     for attempt in 1..=max_attempts.max(1) {
         let mut stopped = attached.stop()?;
         let inside = entries.threads_inside(&stopped)?;
+        let (expected_of, new_of): (BytesOf, BytesOf) = match direction {
+            Direction::Forward => (|w| &w.original, |w| &w.new),
+            Direction::Backward => (|w| &w.new, |w| &w.original),
+        };
+        let mut live_spans = stopped.memory().read_many(&read_ranges)?;
+        for (span, live) in spans.iter().zip(&live_spans) {
+            for &index in &span.writes {
+                let write = &writes[index];
+                let at = (write.address - span.start) as usize;
+                let live = &live[at..at + write.new.len()];
+                if live != expected_of(write) {
+                    return Err(PatchError::Tampered {
+                        address: write.address,
+                        expected: shadowpatch_symbols::hex(expected_of(write)),
+                        live: shadowpatch_symbols::hex(live),
+                    });
+                }
+            }
+        }
         let moves: Vec<StepOut> = inside
             .iter()
             .map(|&(tid, regs, write)| StepOut {
@@ -59,11 +82,17 @@ pub fn switch(
                 end: write.address + write.new.len() as u64,
             })
             .collect();
-        // Move them past the bytes rather than wait for the scheduler to.
+        // Move them past the bytes rather than wait for the scheduler to,
+        // over the code just read and checked.
         let moved = if moves.is_empty() {
             Vec::new()
         } else {
-            stopped.step_out_of_many(&moves, STEP_OUT_LIMIT)?
+            let known: Vec<(u64, &[u8])> = spans
+                .iter()
+                .zip(&live_spans)
+                .map(|(span, live)| (span.start, live.as_slice()))
+                .collect();
+            stopped.step_out_of_many_over(&moves, &known, STEP_OUT_LIMIT)?
         };
         let busy = inside
             .iter()
@@ -82,24 +111,8 @@ pub fn switch(
             std::thread::yield_now();
             continue;
         }
-        let (expected_of, new_of): (BytesOf, BytesOf) = match direction {
-            Direction::Forward => (|w| &w.original, |w| &w.new),
-            Direction::Backward => (|w| &w.new, |w| &w.original),
-        };
-        let live_spans = stopped.memory().read_many(&ranges)?;
-        for (span, live) in spans.iter().zip(&live_spans) {
-            for &index in &span.writes {
-                let write = &writes[index];
-                let at = (write.address - span.start) as usize;
-                let live = &live[at..at + write.new.len()];
-                if live != expected_of(write) {
-                    return Err(PatchError::Tampered {
-                        address: write.address,
-                        expected: shadowpatch_symbols::hex(expected_of(write)),
-                        live: shadowpatch_symbols::hex(live),
-                    });
-                }
-            }
+        for (live, span) in live_spans.iter_mut().zip(&spans) {
+            live.truncate(span.len);
         }
         // Each span's bytes as read in this stop with the writes laid in:
         // one write per span instead of one per function.
@@ -197,16 +210,17 @@ impl<'w> Entries<'w> {
     }
 
     /// Threads whose instruction pointer sits strictly inside bytes to
-    /// rewrite, with their registers and the write concerned.
+    /// rewrite, with their registers and the write concerned. Only the
+    /// instruction pointer of each thread is read; all the registers only
+    /// of the threads to move.
     fn threads_inside(
         &self,
         stopped: &Stopped,
     ) -> Result<Vec<(nix::unistd::Pid, libc::user_regs_struct, &'w Write5)>, PatchError> {
         let mut inside = Vec::new();
         for tid in stopped.threads() {
-            let regs = stopped.regs(tid)?;
-            if let Some(write) = self.covering(regs.rip) {
-                inside.push((tid, regs, write));
+            if let Some(write) = self.covering(stopped.instruction_pointer(tid)?) {
+                inside.push((tid, stopped.regs(tid)?, write));
             }
         }
         Ok(inside)
@@ -229,8 +243,20 @@ struct Span {
 }
 
 const PAGE: u64 = 4096;
+const LONGEST_INSTRUCTION: u64 = 15;
 
 impl Span {
+    /// The span and up to 15 bytes after it, not past the page its last
+    /// byte is on (that page is mapped; the next may not be).
+    fn with_code_after(&self) -> (u64, usize) {
+        let end = self.start + self.len as u64;
+        let page_end = ((end - 1) | (PAGE - 1)) + 1;
+        (
+            self.start,
+            ((end + LONGEST_INSTRUCTION).min(page_end) - self.start) as usize,
+        )
+    }
+
     fn cover(writes: &[Write5]) -> Vec<Span> {
         let mut order: Vec<usize> = (0..writes.len()).collect();
         order.sort_by_key(|&i| writes[i].address);
@@ -319,6 +345,19 @@ mod tests {
         assert_eq!(covering(0x3001), Some(0x3000));
         assert_eq!(covering(0x3007), Some(0x3000));
         assert_eq!(covering(0x3008), None);
+    }
+
+    #[test]
+    fn the_first_read_covers_15_bytes_after_a_span_but_not_the_next_page() {
+        let span = |start, len| Span {
+            start,
+            len,
+            writes: vec![0],
+        };
+        assert_eq!(span(0x1000, 5).with_code_after(), (0x1000, 20));
+        assert_eq!(span(0x1ff0, 5).with_code_after(), (0x1ff0, 16));
+        // Ending on the last byte of a page: nothing after it.
+        assert_eq!(span(0x1ffb, 5).with_code_after(), (0x1ffb, 5));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::journal::{PatchRecord, Record, TxnKind, Write5};
 use crate::state::{now_ms, TargetState};
 use crate::PatchError;
 use shadowpatch_mirror::StateDir;
-use shadowpatch_process::{Attached, ProcessIdentity, Stopped};
+use shadowpatch_process::{Attached, PauseReport, ProcessIdentity, Stopped};
 use std::path::Path;
 
 /// How much of each thread's stack is scanned for return addresses into
@@ -28,6 +28,10 @@ pub struct RollbackOutcome {
     pub generation: u32,
     pub functions: Vec<String>,
     pub pause_us: u64,
+    /// The switching stop's phases (`pause_us` is its `pause_us`); absent
+    /// from an older agent's answer.
+    #[serde(default)]
+    pub pause: PauseReport,
     pub attempts: u32,
     /// The second stop, in which the patch's memory was checked and unmapped.
     pub unmap_pause_us: u64,
@@ -153,6 +157,7 @@ pub(crate) fn rollback_seized(
         generation: patch.generation - 1,
         functions: patch.functions.iter().map(|f| f.site.symbol.clone()).collect(),
         pause_us: activation.pause.pause_us,
+        pause: activation.pause,
         attempts: activation.attempts,
         unmap_pause_us,
         unmapped: retired_reason.is_none(),

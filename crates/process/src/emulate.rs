@@ -27,6 +27,10 @@ pub(crate) struct Effect {
     pub regs: libc::user_regs_struct,
     /// A stack word it writes (`push`, `call`): address, value.
     pub store: Option<(u64, u64)>,
+    /// Whether the instruction pointer is the only register it changes
+    /// (`endbr64`, `nop`, `jmp`): the thread can then be moved with one
+    /// word written, not the whole register set.
+    pub rip_only: bool,
 }
 
 /// What instruction `bytes` (at `regs.rip`) does to the thread, or `None`
@@ -40,6 +44,10 @@ pub(crate) fn emulate(regs: &libc::user_regs_struct, bytes: &[u8]) -> Option<Eff
     let mut next = *regs;
     next.rip = instruction.next_ip();
     let mut store = None;
+    let rip_only = matches!(
+        instruction.mnemonic(),
+        Mnemonic::Endbr64 | Mnemonic::Nop | Mnemonic::Jmp
+    );
     match instruction.mnemonic() {
         Mnemonic::Endbr64 | Mnemonic::Nop => {}
         Mnemonic::Push if instruction.op0_kind() == OpKind::Register && is_gpr64(instruction.op0_register()) => {
@@ -103,7 +111,11 @@ pub(crate) fn emulate(regs: &libc::user_regs_struct, bytes: &[u8]) -> Option<Eff
     }
     // Every arm above takes registers and immediates only (a `nop`'s or
     // `lea`'s memory operand is never accessed): no memory is read.
-    Some(Effect { regs: next, store })
+    Some(Effect {
+        regs: next,
+        store,
+        rip_only,
+    })
 }
 
 /// EFLAGS after an arithmetic result (`width` bits): CF, PF, AF, ZF, SF, OF
@@ -248,8 +260,10 @@ mod tests {
         assert_eq!(effect.regs.rip, 0x1001);
         assert_eq!(effect.regs.rsp, 0x7000_0ff8);
         assert_eq!(effect.store, Some((0x7000_0ff8, 0xdead)));
+        assert!(!effect.rip_only);
         // endbr64
-        assert_eq!(emulate(&start, &[0xf3, 0x0f, 0x1e, 0xfa]).unwrap().regs.rip, 0x1004);
+        let effect = emulate(&start, &[0xf3, 0x0f, 0x1e, 0xfa]).unwrap();
+        assert_eq!((effect.regs.rip, effect.rip_only), (0x1004, true));
         // call rel32 (+0x10)
         let effect = emulate(&start, &[0xe8, 0x10, 0, 0, 0]).unwrap();
         assert_eq!((effect.regs.rip, effect.store), (0x1015, Some((0x7000_0ff8, 0x1005))));

@@ -90,6 +90,20 @@ impl Stopped<'_> {
     /// words its instructions write. A thread that cannot be moved out is
     /// left unchanged.
     pub fn step_out_of_many(&mut self, threads: &[StepOut], max_steps: u32) -> Result<Vec<bool>, TargetError> {
+        self.step_out_of_many_over(threads, &[], max_steps)
+    }
+
+    /// [`Stopped::step_out_of_many`] over code the caller read in this
+    /// stop, as `(address, bytes)` ranges: a thread whose code lies inside
+    /// one costs no read (an activation reads the entries to check them
+    /// anyway; reading them a second time for the threads inside cost as
+    /// much as the check's own read). Code outside them is read.
+    pub fn step_out_of_many_over(
+        &mut self,
+        threads: &[StepOut],
+        known: &[(u64, &[u8])],
+        max_steps: u32,
+    ) -> Result<Vec<bool>, TargetError> {
         let attached = self.attached();
         let pid = attached.pid();
         for thread in threads {
@@ -117,23 +131,48 @@ impl Stopped<'_> {
                 (t.regs.rip, window_end.saturating_sub(t.regs.rip) as usize)
             })
             .collect();
-        let code = attached.memory().read_many(&windows)?;
+        let copied: Vec<Option<Vec<u8>>> = windows
+            .iter()
+            .map(|&(address, len)| known_code(known, address, len))
+            .collect();
+        let unknown: Vec<(u64, usize)> = windows
+            .iter()
+            .zip(&copied)
+            .filter(|(_, copied)| copied.is_none())
+            .map(|(&window, _)| window)
+            .collect();
+        let mut read = attached.memory().read_many(&unknown)?.into_iter();
+        let code: Vec<Vec<u8>> = copied
+            .into_iter()
+            .map(|copied| copied.or_else(|| read.next()).unwrap_or_default())
+            .collect();
         let mut moved = Vec::with_capacity(threads.len());
         for (thread, code) in threads.iter().zip(code) {
-            let Some((regs, stores)) = emulate_out(attached, thread, code, max_steps)? else {
+            let Some(out) = emulate_out(attached, thread, code, max_steps)? else {
                 moved.push(false);
                 continue;
             };
             // The stack words first (below the stack pointer: nothing live
             // there), then every register at once: killed between the two,
             // the thread still holds its old, valid state.
-            for (address, value) in stores {
+            for (address, value) in out.stores {
                 attached.memory().write(address, &value.to_le_bytes())?;
             }
-            if regs.rip != thread.regs.rip {
-                ptrace::setregs(thread.tid, regs)
-                    .map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
-            }
+            let written = if out.regs.rip == thread.regs.rip {
+                Ok(())
+            } else if out.rip_only {
+                // One word (PTRACE_POKEUSER costs half a PTRACE_SETREGS, and
+                // a stop may move dozens of threads over `nop`s): still all
+                // of the change at once.
+                ptrace::write_user(
+                    thread.tid,
+                    RIP_OFFSET as ptrace::AddressType,
+                    out.regs.rip as libc::c_long,
+                )
+            } else {
+                ptrace::setregs(thread.tid, out.regs)
+            };
+            written.map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
             moved.push(true);
         }
         Ok(moved)
@@ -939,17 +978,38 @@ pub struct StepOut {
 const LONGEST_INSTRUCTION: u64 = 15;
 const PAGE: u64 = 4096;
 
-/// The registers and stack words (in order) that move `thread` out of its
-/// range, emulated over `code` (read from its instruction pointer on), or
-/// `None` when it cannot be moved: in a system call, an instruction we do
-/// not emulate, still inside after `max_steps`.
-#[allow(clippy::type_complexity)]
+/// The `len` bytes at `address` if one of the `known` ranges holds them
+/// all.
+fn known_code(known: &[(u64, &[u8])], address: u64, len: usize) -> Option<Vec<u8>> {
+    known.iter().find_map(|&(start, bytes)| {
+        let at = usize::try_from(address.checked_sub(start)?).ok()?;
+        bytes.get(at..at.checked_add(len)?).map(<[u8]>::to_vec)
+    })
+}
+
+/// Where `rip` lies in the tracee's `struct user` (its registers come
+/// first), for `PTRACE_PEEKUSER` and `PTRACE_POKEUSER`.
+pub(crate) const RIP_OFFSET: usize = std::mem::offset_of!(libc::user_regs_struct, rip);
+
+/// What moves a thread out of its range: its registers after the
+/// emulated instructions and the stack words they write, in order.
+struct MovedOut {
+    regs: libc::user_regs_struct,
+    stores: Vec<(u64, u64)>,
+    /// No instruction changed anything but the instruction pointer.
+    rip_only: bool,
+}
+
+/// How `thread` leaves its range, emulated over `code` (read from its
+/// instruction pointer on), or `None` when it cannot be moved: in a
+/// system call, an instruction we do not emulate, still inside after
+/// `max_steps`.
 fn emulate_out(
     attached: &mut Attached,
     thread: &StepOut,
     mut code: Vec<u8>,
     max_steps: u32,
-) -> Result<Option<(libc::user_regs_struct, Vec<(u64, u64)>)>, TargetError> {
+) -> Result<Option<MovedOut>, TargetError> {
     if thread.regs.orig_rax != u64::MAX {
         return Ok(None);
     }
@@ -957,6 +1017,7 @@ fn emulate_out(
     let mut base = thread.regs.rip;
     let mut now = thread.regs;
     let mut stores = Vec::new();
+    let mut rip_only = true;
     for _ in 0..max_steps {
         if !inside(now.rip) {
             break;
@@ -974,14 +1035,30 @@ fn emulate_out(
             return Ok(None);
         };
         stores.extend(effect.store);
+        rip_only &= effect.rip_only;
         now = effect.regs;
     }
-    Ok((!inside(now.rip)).then_some((now, stores)))
+    Ok((!inside(now.rip)).then_some(MovedOut {
+        regs: now,
+        stores,
+        rip_only,
+    }))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::position_of;
+    use super::{known_code, position_of};
+
+    #[test]
+    fn code_is_taken_from_a_known_range_only_when_it_holds_all_of_it() {
+        let page = [0x90u8; 32];
+        let known: [(u64, &[u8]); 2] = [(0x1000, &page[..20]), (0x2000, &page)];
+        assert_eq!(known_code(&known, 0x1003, 17), Some(vec![0x90; 17]));
+        assert_eq!(known_code(&known, 0x1003, 18), None, "runs past the first range");
+        assert_eq!(known_code(&known, 0x0fff, 2), None, "starts before it");
+        assert_eq!(known_code(&known, 0x2010, 16), Some(vec![0x90; 16]));
+        assert_eq!(known_code(&[], 0x1000, 1), None);
+    }
 
     #[test]
     fn needles_are_found_at_their_first_place() {
