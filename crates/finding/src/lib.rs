@@ -270,6 +270,26 @@ impl VerdictPolicy {
         if warnings {
             return decision(Verdict::Warn, format!("warning: {}", codes(Severity::Warning)));
         }
+        // Identical behaviour on live calls is evidence only if the calls
+        // reached the change. A call that showed any change (declared or
+        // not) did; calls that showed nothing may have taken another path
+        // through a replaced function (a dispatcher replaced because a
+        // changed handler is inlined in it: on Debian's memcached a patch
+        // crashing every `delete` proceeded at risk 0.96 on 8 captured
+        // sets and gets, PREDICTION.md). With a risk at the refusal
+        // threshold, such calls warn instead of proceeding.
+        let showed_change = findings.iter().any(|f| f.class == Class::BehaviourChange);
+        if clean_live && risk >= self.refuse_at && !showed_change {
+            return decision(
+                Verdict::Warn,
+                format!(
+                    "risk {risk:.2} at or above {:.2}; {} live call{} simulated showed no difference, but may not have reached the changed code (capture more calls, or give --call inputs that reach it)",
+                    self.refuse_at,
+                    evidence.live_calls,
+                    plural(evidence.live_calls)
+                ),
+            );
+        }
         if clean_live {
             return decision(
                 Verdict::Proceed,
@@ -392,9 +412,20 @@ mod tests {
         assert_eq!(policy.decide(&[], 0.9, &none).verdict, Verdict::Warn);
         // ... simulated calls let it, unless live calls were clean.
         assert_eq!(policy.decide(&[], 0.9, &explicit).verdict, Verdict::Refuse);
-        let clean = policy.decide(&[], 0.9, &live);
+        let clean = policy.decide(&[], 0.5, &live);
         assert_eq!(clean.verdict, Verdict::Proceed, "{}", clean.basis);
         assert!(clean.basis.contains("3 live calls"), "{}", clean.basis);
+        // Clean live calls with a risk at the refusal threshold may not
+        // have reached the change: they warn, not proceed...
+        let unreached = policy.decide(&[], 0.9, &live);
+        assert_eq!(unreached.verdict, Verdict::Warn, "{}", unreached.basis);
+        assert!(unreached.basis.contains("may not have reached"), "{}", unreached.basis);
+        // ... unless a call showed the (declared) change: it reached it.
+        let declared = Finding::new("sim-return-differs", Severity::Info, Source::Simulation, "d");
+        assert_eq!(
+            policy.decide(std::slice::from_ref(&declared), 0.9, &live).verdict,
+            Verdict::Proceed
+        );
         // An inconclusive call is no evidence of identity.
         let inconclusive = Evidence {
             inconclusive_calls: 1,
