@@ -8,7 +8,7 @@ use shadowpatch_trainer::corpus::dataset::Sample;
 use shadowpatch_trainer::programs::generate::{generate, GenerateOptions};
 use shadowpatch_trainer::programs::mutate::Template;
 use shadowpatch_trainer::programs::{
-    parse_records, parse_spec, read_spec, ProgramRecord, EMBEDDED_PROGRAMS, EMBEDDED_SAMPLES,
+    harm_samples, parse_records, parse_spec, read_spec, ProgramRecord, EMBEDDED_PROGRAMS, EMBEDDED_SAMPLES,
 };
 use shadowpatch_trainer::training::lopo::{harm_labelled, leave_one_program_out, Lopo};
 use shadowpatch_trainer::training::TrainOptions;
@@ -143,18 +143,6 @@ pub fn run_programs(context: &Context, args: &ProgramsArgs) -> anyhow::Result<i3
     Ok(0)
 }
 
-/// The real samples with the harm label, from the records that have one.
-pub fn real_samples(records: &[ProgramRecord]) -> Vec<Sample> {
-    records
-        .iter()
-        .filter_map(|r| {
-            let mut sample = r.sample.clone()?;
-            sample.harmful = r.harm()?;
-            Some(sample)
-        })
-        .collect()
-}
-
 pub fn run_lopo(context: &Context, args: &LopoArgs) -> anyhow::Result<i32> {
     let records = match &args.samples {
         Some(path) => {
@@ -165,7 +153,7 @@ pub fn run_lopo(context: &Context, args: &LopoArgs) -> anyhow::Result<i32> {
         }
         None => parse_records(EMBEDDED_SAMPLES, "(built in)")?,
     };
-    let real = real_samples(&records);
+    let real = harm_samples(&records);
     if real.is_empty() {
         return Err(BadInput("no labelled real-program samples (run shadowpatch-train programs)".into()).into());
     }
@@ -273,8 +261,11 @@ fn print_lopo(lopo: &Lopo, real: usize, fixture: usize) {
     );
     println!("| risk | samples | mean risk | harm fraction |");
     println!("|---|---|---|---|");
-    for (from, to, count, mean, harm) in &lopo.calibration {
-        println!("| {from:.1}–{to:.1} | {count} | {mean:.2} | {harm:.2} |");
+    for bin in &lopo.calibration {
+        println!(
+            "| {:.1}–{:.1} | {} | {:.2} | {:.2} |",
+            bin.from, bin.to, bin.count, bin.mean_risk, bin.harmful_fraction
+        );
     }
     for row in &lopo.rows {
         for line in &row.missed {

@@ -179,6 +179,19 @@ impl ProgramRecord {
     }
 }
 
+/// The analysed samples of the labelled records, `harmful` meaning harm
+/// (a change of behaviour is not).
+pub fn harm_samples(records: &[ProgramRecord]) -> Vec<crate::corpus::dataset::Sample> {
+    records
+        .iter()
+        .filter_map(|r| {
+            let mut sample = r.sample.clone()?;
+            sample.harmful = r.harm()?;
+            Some(sample)
+        })
+        .collect()
+}
+
 /// Parse `samples.jsonl` text.
 pub fn parse_records(text: &str, origin: &str) -> Result<Vec<ProgramRecord>, ProgramsError> {
     text.lines()
@@ -230,14 +243,7 @@ mod tests {
     #[test]
     fn leave_one_program_out_refuses_patches_that_always_hang_or_crash() {
         let records = parse_records(EMBEDDED_SAMPLES, "samples.jsonl").unwrap();
-        let samples: Vec<_> = records
-            .iter()
-            .filter_map(|r| {
-                let mut sample = r.sample.clone()?;
-                sample.harmful = r.harm()?;
-                Some(sample)
-            })
-            .collect();
+        let samples = harm_samples(&records);
         let lopo =
             crate::training::lopo::leave_one_program_out(&samples, &[], &crate::training::TrainOptions::default())
                 .unwrap();

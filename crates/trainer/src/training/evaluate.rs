@@ -176,29 +176,7 @@ pub fn evaluate(
         &size_refused,
     ));
 
-    let mut calibration = Vec::new();
-    for bin in 0..5 {
-        let (from, to) = (bin as f64 / 5.0, (bin + 1) as f64 / 5.0);
-        let inside: Vec<usize> = (0..test.len())
-            .filter(|i| full_risks[*i] >= from && (full_risks[*i] < to || (bin == 4 && full_risks[*i] <= 1.0)))
-            .collect();
-        let count = inside.len();
-        calibration.push(CalibrationBin {
-            from,
-            to,
-            count,
-            mean_risk: if count > 0 {
-                inside.iter().map(|i| full_risks[*i]).sum::<f64>() / count as f64
-            } else {
-                0.0
-            },
-            harmful_fraction: if count > 0 {
-                inside.iter().filter(|i| harmful[**i]).count() as f64 / count as f64
-            } else {
-                0.0
-            },
-        });
-    }
+    let calibration = calibration_bins(&full_risks, &harmful);
 
     let simulated: Vec<usize> = (0..test.len())
         .filter(|i| test[*i].simulation_failed.is_some())
@@ -238,6 +216,34 @@ pub fn evaluate(
         simulation,
         by_kind: by_kind.into_values().collect(),
     })
+}
+
+/// The reliability table: five bins of risk, each with its count, mean
+/// risk and harmful fraction.
+pub fn calibration_bins(risks: &[f64], harmful: &[bool]) -> Vec<CalibrationBin> {
+    (0..5)
+        .map(|bin| {
+            let (from, to) = (bin as f64 / 5.0, (bin + 1) as f64 / 5.0);
+            let inside: Vec<usize> = (0..risks.len())
+                .filter(|i| risks[*i] >= from && (risks[*i] < to || (bin == 4 && risks[*i] <= 1.0)))
+                .collect();
+            let count = inside.len();
+            let mean = |f: &dyn Fn(usize) -> f64| {
+                if count == 0 {
+                    0.0
+                } else {
+                    inside.iter().map(|i| f(*i)).sum::<f64>() / count as f64
+                }
+            };
+            CalibrationBin {
+                from,
+                to,
+                count,
+                mean_risk: mean(&|i| risks[i]),
+                harmful_fraction: mean(&|i| f64::from(u8::from(harmful[i]))),
+            }
+        })
+        .collect()
 }
 
 fn unzip3(views: &[(f64, f64, bool)]) -> (Vec<f64>, Vec<f64>, Vec<bool>) {

@@ -10,7 +10,8 @@
 //! (`ModelFile::harm_probability`, the engine's risk) reaches the
 //! refusal threshold.
 
-use super::{auc, select_and_fit, select_features, TrainError, TrainOptions, CANDIDATES};
+use super::evaluate::calibration_bins;
+use super::{auc, select_and_fit, select_features, CalibrationBin, TrainError, TrainOptions, CANDIDATES};
 use crate::corpus::dataset::Sample;
 use crate::training::fit::{empty_metadata, Fitted};
 use serde::{Deserialize, Serialize};
@@ -47,7 +48,7 @@ pub struct Lopo {
     pub rows: Vec<ProgramRow>,
     /// Every held-out sample pooled: AUC and the reliability of the risk.
     pub pooled_auc: Option<f64>,
-    pub calibration: Vec<(f64, f64, usize, f64, f64)>,
+    pub calibration: Vec<CalibrationBin>,
 }
 
 /// The program a sample belongs to (`memcached:process_update_command` → `memcached`).
@@ -136,28 +137,7 @@ pub fn leave_one_program_out(real: &[Sample], extra: &[Sample], options: &TrainO
         row.auc = auc(&scores, &harm);
         rows.push(row);
     }
-    let mut calibration = Vec::new();
-    for bin in 0..5 {
-        let (from, to) = (bin as f64 / 5.0, (bin + 1) as f64 / 5.0);
-        let inside: Vec<usize> = (0..pooled_risks.len())
-            .filter(|i| pooled_risks[*i] >= from && (pooled_risks[*i] < to || bin == 4))
-            .collect();
-        let count = inside.len();
-        let mean = |f: &dyn Fn(usize) -> f64| {
-            if count == 0 {
-                0.0
-            } else {
-                inside.iter().map(|i| f(*i)).sum::<f64>() / count as f64
-            }
-        };
-        calibration.push((
-            from,
-            to,
-            count,
-            mean(&|i| pooled_risks[i]),
-            mean(&|i| f64::from(u8::from(pooled_harm[i]))),
-        ));
-    }
+    let calibration = calibration_bins(&pooled_risks, &pooled_harm);
     Ok(Lopo {
         refuse_at,
         rows,
