@@ -101,6 +101,7 @@ fn chosen_by_an_importer(
     modules: &[Module],
     memory: &mut TargetMemory,
 ) -> Result<Option<u64>, PatchError> {
+    let resolver = address_of_resolver(defining, name);
     for module in modules.iter().filter(|m| m.base != defining.base) {
         let mut slots: Vec<u64> = module
             .image
@@ -112,7 +113,7 @@ fn chosen_by_an_importer(
         slots.sort_unstable();
         for slot in slots {
             let value = read_slot(memory, slot + module.bias)?;
-            if value != address_of_resolver(defining, name) && defining.contains(value) {
+            if value != resolver && defining.contains(value) {
                 return Ok(Some(value));
             }
         }
