@@ -42,3 +42,36 @@ fn a_patch_calling_strstr_binds_through_the_program_s_got_and_runs() {
     assert!(after["calls"] > before["calls"] + 100, "{before:?} {after:?}");
     assert_eq!(after["errors"], 0, "every reply checked by the server's workers");
 }
+
+/// Before the program has called strstr, lazy binding has not chosen an
+/// implementation: the apply is refused in one line that says so, and the
+/// server is left as it was (no mapping added, the entry unchanged, no
+/// active patch).
+#[test]
+fn a_strstr_no_module_has_bound_yet_is_refused_and_the_target_untouched() {
+    let mut live = Live::server_before_any_command(true);
+    let handle = live.target.number("handle");
+    let original = live.byte_at(handle);
+    let maps = || std::fs::read_to_string(format!("/proc/{}/maps", live.pid())).unwrap();
+    let before = maps();
+    let manifest = live.manifest("libc", &[("handle_command", "handle_command_libc")]);
+    let error = shadowpatch_patch::apply(
+        &live.state(),
+        live.pid(),
+        &manifest,
+        &shadowpatch_patch::ApplyOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("strstr") && error.contains("lazy binding"), "{error}");
+    assert!(!error.contains('\n'), "{error}");
+    assert_eq!(maps(), before, "no mapping added or left behind");
+    for target in std::fs::read_dir(live.state().join("targets")).into_iter().flatten() {
+        let journal = shadowpatch_patch::journal::Journal::replay(&target.unwrap().path()).unwrap();
+        assert!(
+            journal.active.is_empty() && journal.open.is_none(),
+            "no patch left: {journal:?}"
+        );
+    }
+    live.assert_untouched(&[(handle, original)]);
+}

@@ -58,14 +58,20 @@ impl Live {
 
     /// server.c with one worker: with DWARF (`debug`) or without.
     pub fn server(debug: bool) -> Live {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("unused.log");
-        let fixture = if debug { Fixture::Server } else { Fixture::ServerNoDebug };
-        let mut target = Running::start(fixture, &["1"]).unwrap();
+        let mut live = Live::server_before_any_command(debug);
         // One command runs the server's strstr, which binds its lazy GOT
         // slot: the patch object calls strstr (handle_command_libc), a
         // libc IFUNC whose implementation is read from that slot.
-        target.check().unwrap();
+        live.target.check().unwrap();
+        live
+    }
+
+    /// server.c as started: its lazily bound strstr slot not filled yet.
+    pub fn server_before_any_command(debug: bool) -> Live {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("unused.log");
+        let fixture = if debug { Fixture::Server } else { Fixture::ServerNoDebug };
+        let target = Running::start(fixture, &["1"]).unwrap();
         Live {
             target,
             dir,
