@@ -104,14 +104,15 @@ fn report(load: &mut Running) -> std::collections::BTreeMap<String, u64> {
         .collect()
 }
 
+/// `.html` typed, and every request looks the content type up again (no
+/// stat cache): the mime patches' function runs on each request.
+const HTML_WITHOUT_STAT_CACHE: &str =
+    "mimetype.assign = (\".html\" => \"text/html\")\nserver.stat-cache-engine = \"disable\"\n";
+
 #[test]
 fn lighttpd_live_patch_under_load_changes_responses_and_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
-    // Every request looks the content type up again (no stat cache).
-    let server = start_lighttpd_with(
-        dir.path(),
-        "mimetype.assign = (\".html\" => \"text/html\")\nserver.stat-cache-engine = \"disable\"\n",
-    );
+    let server = start_lighttpd_with(dir.path(), HTML_WITHOUT_STAT_CACHE);
     let pid = server.child.id() as i32;
     let pid_text = pid.to_string();
     let state = dir.path().join("state");
@@ -182,10 +183,7 @@ fn lighttpd_live_patch_under_load_changes_responses_and_rolls_back() {
 #[test]
 fn lighttpd_verdicts_tell_harm_from_intended_change() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_lighttpd_with(
-        dir.path(),
-        "mimetype.assign = (\".html\" => \"text/html\")\nserver.stat-cache-engine = \"disable\"\n",
-    );
+    let server = start_lighttpd_with(dir.path(), HTML_WITHOUT_STAT_CACHE);
     let pid = server.child.id() as i32;
     let pid_text = pid.to_string();
     let state = dir.path().join("state");
