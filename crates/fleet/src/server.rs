@@ -307,6 +307,16 @@ pub async fn retrain_loop(state: Arc<AppState>, options: RetrainOptions) {
                     tracing::warn!(%error, model = %version.name, "promotion not stored; the current model stays");
                     continue;
                 }
+                let risk = ModelRisk {
+                    model: Arc::new(*model),
+                    origin: format!("fleet database ({})", version.name),
+                };
+                // Served first, then said: whoever reads the log line and
+                // asks for the model gets the one it names.
+                *state.model.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(CurrentModel {
+                    risk,
+                    version: version.clone(),
+                });
                 tracing::info!(
                     model = %version.name,
                     held_out_auc = ?version.held_out_auc,
@@ -315,11 +325,6 @@ pub async fn retrain_loop(state: Arc<AppState>, options: RetrainOptions) {
                     trained_on = version.trained_on,
                     "promoted a retrained model"
                 );
-                let risk = ModelRisk {
-                    model: Arc::new(*model),
-                    origin: format!("fleet database ({})", version.name),
-                };
-                *state.model.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(CurrentModel { risk, version });
             }
             Ok(Retrained::Refuse { reason }) => {
                 tracing::info!(model = %current.version.name, %reason, "retraining kept the current model");
