@@ -38,10 +38,17 @@ pub struct AnalysisSettings {
     pub vectors: Option<PathBuf>,
     /// CPU each simulated call may use, in milliseconds.
     pub sim_budget_ms: u64,
+    /// Each simulated call both copies returned from runs again this many
+    /// times in the same copies (0: never), for harm one call does not
+    /// show: a failure on a later call, a leak.
+    pub sim_repeat: u32,
     /// The fleet predictor that scores the risk (`None`: this host's
     /// model); when it fails, this host's model decides and says why.
     pub predictor: Option<PredictorSettings>,
 }
+
+/// Repeats of a simulated call at most (each may take a budget).
+pub const MAX_REPEATS: u32 = 100;
 
 impl Default for AnalysisSettings {
     fn default() -> Self {
@@ -56,6 +63,7 @@ impl Default for AnalysisSettings {
             calls: Vec::new(),
             vectors: None,
             sim_budget_ms: 1000,
+            sim_repeat: shadowpatch_predict::simulate::DEFAULT_REPEATS,
             predictor: None,
         }
     }
@@ -95,6 +103,12 @@ impl AnalysisSettings {
                 self.sim_budget_ms
             )));
         }
+        if self.sim_repeat > MAX_REPEATS {
+            return Err(bad_input(format!(
+                "--sim-repeat {}: must be between 0 and {MAX_REPEATS}",
+                self.sim_repeat
+            )));
+        }
         let capture = match (self.capture, within) {
             (Some(calls), within) => Some(CaptureLimit {
                 calls,
@@ -120,6 +134,7 @@ impl AnalysisSettings {
             capture,
             calls,
             limits: self.limits(),
+            repeat: self.sim_repeat,
             ..SimulationOptions::default()
         }))
     }

@@ -30,6 +30,7 @@ pub mod capture;
 pub mod compare;
 pub mod fork;
 pub mod policy;
+pub mod repeat;
 pub mod report;
 pub mod returns;
 pub mod sandbox;
@@ -43,6 +44,7 @@ pub use sandbox::{Limits, Outcome, RunResult};
 
 use fork::{explicit_entry, prepare_pair, register_arguments, CallPair, PairSetup};
 use policy::Descriptors;
+pub use repeat::{Repeats, DEFAULT_REPEATS};
 use shadowpatch_finding::Finding;
 use shadowpatch_mirror::StateDir;
 use shadowpatch_patch::load::{plan_load, LoadPlan};
@@ -121,6 +123,9 @@ pub struct SimulationOptions {
     /// (each hang costs a whole time budget, and they tell the same story).
     /// 0: simulate them all.
     pub stop_after_failures: u32,
+    /// Each call both copies returned from runs again this many times in
+    /// the same copies (`repeat`): 0 for none.
+    pub repeat: u32,
     /// Set to end a capture early (e.g. on Ctrl-C): the breakpoints are
     /// removed and what was captured is simulated.
     pub cancel: Option<Arc<AtomicBool>>,
@@ -134,6 +139,7 @@ impl Default for SimulationOptions {
             critical: Vec::new(),
             limits: Limits::default(),
             stop_after_failures: 3,
+            repeat: repeat::DEFAULT_REPEATS,
             cancel: None,
         }
     }
@@ -309,7 +315,8 @@ pub fn simulate(
         let symbol = &prepared.sites[function].0.symbol;
         let shape = &returns[function];
         let pair = prepare_pair(copy, entry, setup, &mut |pid| copies.made(pid))?;
-        let (original, patched, comparison) = run_pair(pair, &entry, &plan, sentinel, shape, options, &mut dying)?;
+        let (original, patched, comparison, repeats) =
+            run_pair(pair, &entry, &plan, sentinel, shape, options, &mut dying)?;
         Ok(SimulatedCall {
             symbol: symbol.to_string(),
             origin,
@@ -317,6 +324,7 @@ pub fn simulate(
             original,
             patched,
             comparison,
+            repeats,
         })
     };
     let mut failures = vec![0u32; prepared.sites.len()];
@@ -331,7 +339,7 @@ pub fn simulate(
             continue;
         }
         let call = one(item.copy, item.entry, item.function, origin, &mut copies)?;
-        if call.comparison.verdict == CallVerdict::PatchedFailed {
+        if call.comparison.verdict == CallVerdict::PatchedFailed || call.failed_on_repeat() {
             failures[item.function] += 1;
         }
         calls.push(call);
@@ -398,16 +406,17 @@ fn run_pair(
     shape: &ReturnShape,
     options: &SimulationOptions,
     dying: &mut Vec<ProcessCopy>,
-) -> Result<(RunResult, RunResult, Comparison), SimulateError> {
-    let descriptors = |copy: &ProcessCopy, pair: &CallPair| Descriptors {
-        inherited: pair.inherited.clone(),
+) -> Result<(RunResult, RunResult, Comparison, Option<Repeats>), SimulateError> {
+    let (inherited, shared) = (pair.inherited.clone(), pair.shared.clone());
+    let descriptors = |copy: &ProcessCopy| Descriptors {
+        inherited: inherited.clone(),
         own_pid: copy.pid_in_target(),
-        shared: pair.shared.clone(),
+        shared: shared.clone(),
     };
-    let fds = descriptors(&pair.original, &pair);
+    let fds = descriptors(&pair.original);
     let original = sandbox::run(&mut pair.original, sentinel, fds, &options.limits)?;
-    let fds = descriptors(&pair.patched, &pair);
     let limits = options.limits.for_patched(original.elapsed_us);
+    let fds = descriptors(&pair.patched);
     let patched = sandbox::run(&mut pair.patched, sentinel, fds, &limits)?;
     // Dead memory: the stack below the call's entry, and the patch itself.
     let maps = shadowpatch_process::maps::read_maps(pair.original.pid().as_raw())?;
@@ -424,13 +433,28 @@ fn run_pair(
         &options.critical,
         &excluded,
     )?;
+    // Both returned: the call again, in the same copies, for harm one
+    // call does not show (after the comparison, which reads their memory
+    // as the first run left it).
+    let repeats = if options.repeat > 0 && original.outcome.returned() && patched.outcome.returned() {
+        Some(repeat::repeat(
+            (&mut pair.original, &mut pair.patched),
+            &descriptors,
+            entry,
+            sentinel,
+            &options.limits,
+            options.repeat,
+        )?)
+    } else {
+        None
+    };
     // Killed now, reaped at the end: a big copy's teardown takes
     // milliseconds that need not hold up the next call.
     pair.original.kill_soon();
     pair.patched.kill_soon();
     dying.push(pair.original);
     dying.push(pair.patched);
-    Ok((original, patched, comparison))
+    Ok((original, patched, comparison, repeats))
 }
 
 /// An address for the return sentinel: low (below vm.mmap_min_addr where

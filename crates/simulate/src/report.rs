@@ -12,6 +12,7 @@
 
 use super::capture::CaptureStats;
 use super::compare::{CallVerdict, Comparison};
+use super::repeat::{Repeats, LEAK_KIB_PER_CALL};
 use super::returns::{ReturnKind, ReturnShape};
 use super::sandbox::{show_value, Outcome, RunResult};
 use shadowpatch_finding::{Finding, Severity, Source};
@@ -40,9 +41,22 @@ pub struct SimulatedCall {
     pub original: RunResult,
     pub patched: RunResult,
     pub comparison: Comparison,
+    /// The call repeated in the same copies, when both returned from it.
+    pub repeats: Option<Repeats>,
 }
 
 impl SimulatedCall {
+    /// The patched copy crashed, hung or exited on a repeat of the call
+    /// that the original returned from.
+    pub fn failed_on_repeat(&self) -> bool {
+        self.repeats.as_ref().is_some_and(|r| r.patched_failed.is_some())
+    }
+
+    /// The patched copy's memory grew on repeats beyond the original's.
+    pub fn leaked_on_repeat(&self) -> bool {
+        self.repeats.as_ref().is_some_and(Repeats::leaks)
+    }
+
     /// `compute(5)` for an explicit call, `compute(rdi=5, rsi=0, rdx=7)`
     /// for a captured one (the arity is unknown: the first registers).
     pub fn describe(&self) -> String {
@@ -72,6 +86,7 @@ impl SimulatedCall {
             "patched_side_effects": self.patched.side_effects,
             "critical": self.comparison.critical,
             "memory_pages_differing": self.comparison.memory_pages_differing,
+            "repeats": self.repeats,
         })
     }
 }
@@ -152,6 +167,38 @@ pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> V
                 .copied()
                 .collect(),
             &outcome_change,
+        );
+        add(
+            "sim-patched-fails-on-repeat",
+            Severity::Blocking,
+            calls.iter().filter(|c| c.failed_on_repeat()).copied().collect(),
+            &|call| {
+                let repeats = call.repeats.as_ref().expect("failed on a repeat");
+                let (run, outcome) = repeats.patched_failed.as_ref().expect("failed on a repeat");
+                format!(
+                    "{}: the patched {} on repeat {run} of {}; the original returned each time",
+                    call.describe(),
+                    outcome.describe(),
+                    repeats.asked
+                )
+            },
+        );
+        add(
+            "sim-patched-leaks",
+            Severity::Blocking,
+            calls.iter().filter(|c| c.leaked_on_repeat()).copied().collect(),
+            &|call| {
+                let repeats = call.repeats.as_ref().expect("leaked on repeats");
+                format!(
+                    "{}: over {} repeats the patched copy's data grew {} KiB, the original's {} KiB \
+                     ({} KiB a call beyond the original's; {LEAK_KIB_PER_CALL} KiB is a leak)",
+                    call.describe(),
+                    repeats.completed,
+                    repeats.patched_growth_kib,
+                    repeats.original_growth_kib,
+                    repeats.excess_kib_per_call()
+                )
+            },
         );
         let ran = |c: &&&SimulatedCall| c.comparison.verdict == CallVerdict::Diverged;
         let unknown_type = shape.is_some_and(|s| s.kind == ReturnKind::Unknown);
@@ -305,6 +352,8 @@ fn kind_phrase(code: &str) -> &'static str {
         "sim-patched-crashes" => "the patched function crashed where the original returned",
         "sim-patched-hangs" => "the patched function did not return where the original did",
         "sim-patched-exits" => "the patched function ended the process where the original returned",
+        "sim-patched-fails-on-repeat" => "the patched function failed when the call was repeated",
+        "sim-patched-leaks" => "the patched function's memory grew when the call was repeated",
         "sim-return-differs" => "the patched function returned a different value",
         "sim-fd-writes-differ" => "the patched function wrote different bytes to file descriptors (not performed)",
         "sim-side-effects-differ" => "the patched function had different side effects (not performed)",
@@ -386,6 +435,17 @@ pub fn features(calls: &[SimulatedCall], stats: &CaptureStats) -> BTreeMap<Strin
     put(
         "sim_exits",
         count(&|c| failed(c, |o| matches!(o, Outcome::Exited { .. }))),
+    );
+    put("sim_repeat_failures", count(&|c| c.failed_on_repeat()));
+    put("sim_repeat_leaks", count(&|c| c.leaked_on_repeat()));
+    put(
+        "sim_live_repeated_clean",
+        count(&|c| {
+            matches!(c.origin, CallOrigin::Captured { .. })
+                && c.repeats
+                    .as_ref()
+                    .is_some_and(|r| r.completed == r.asked && r.patched_failed.is_none() && !r.leaks())
+        }),
     );
     put(
         "sim_divergent_returns",

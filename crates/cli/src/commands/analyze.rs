@@ -45,6 +45,9 @@ pub struct AnalysisArgs {
     /// Processor time each simulated call may use before it counts as hung, in milliseconds.
     #[arg(long, default_value_t = 1000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub sim_budget_ms: u64,
+    /// Run each simulated call that both copies returned from this many more times in the same copies (0: never), to catch harm one call does not show: a crash on a later call, a leak.
+    #[arg(long, value_name = "N", default_value_t = shadowpatch_predict::simulate::DEFAULT_REPEATS)]
+    pub sim_repeat: u32,
     #[command(flatten)]
     pub predictor: PredictorArgs,
 }
@@ -98,6 +101,7 @@ impl AnalysisArgs {
             calls: self.calls.clone(),
             vectors: self.vectors.clone(),
             sim_budget_ms: self.sim_budget_ms,
+            sim_repeat: self.sim_repeat,
             predictor: self.predictor.settings(),
         }
     }

@@ -95,6 +95,77 @@ fn rust_patches_that_crash_hang_or_answer_wrong_are_caught_on_live_calls() {
     catches_crash_hang_and_wrong_answer(live, "rust_work", "rust_work");
 }
 
+/// A crash on every third call and a leak on every call: one simulated
+/// call shows neither (each copy is made afresh from the live process);
+/// the repeats of each call in the same copies show both, and refuse.
+#[test]
+fn harm_one_call_does_not_show_is_caught_when_the_call_is_repeated() {
+    let mut live = Live::sim(2);
+    let compute = live.target.number("compute");
+    let original = live.byte_at(compute);
+    for (with, code) in [
+        ("compute_crash_third", "sim-patched-fails-on-repeat"),
+        ("compute_leaky", "sim-patched-leaks"),
+    ] {
+        let manifest = live.manifest(with, &[("compute", with)]);
+        let once = SimulationOptions {
+            repeat: 0,
+            ..capturing(2)
+        };
+        let report = live.simulate(&manifest, &once).unwrap();
+        assert!(
+            report
+                .calls
+                .iter()
+                .all(|c| c.patched.outcome.returned() && c.repeats.is_none()),
+            "{with}: one call each shows nothing: {:?}",
+            codes(&report)
+        );
+        assert!(blocking(&report).is_empty(), "{with}: {:?}", codes(&report));
+
+        let report = live.simulate(&manifest, &capturing(3)).unwrap();
+        let found = finding(&report, code);
+        assert_eq!(found.severity, Severity::Blocking, "{}", found.message);
+        assert_eq!(found.evidence["count"], 3, "{}", found.message);
+        for call in &report.calls {
+            let repeats = call.repeats.as_ref().expect("both returned: repeated");
+            assert_eq!(
+                repeats.original_failed, None,
+                "the original repeats cleanly: {repeats:?}"
+            );
+            if with == "compute_crash_third" {
+                // The first run was call 1, repeats 1 and 2 calls 2 and 3.
+                assert!(
+                    matches!(&repeats.patched_failed, Some((2, Outcome::Crashed { signal, .. })) if signal == "SIGSEGV"),
+                    "{repeats:?}"
+                );
+            } else {
+                assert_eq!(repeats.completed, repeats.asked);
+                assert!(repeats.patched_growth_kib >= 4 * 256, "{repeats:?}");
+                assert!(repeats.original_growth_kib < 64, "{repeats:?}");
+            }
+        }
+        assert_eq!(
+            VerdictPolicy::default().verdict(&report.findings, 0.0),
+            Verdict::Refuse,
+            "{with}"
+        );
+        live.assert_untouched(&[(compute, original)]);
+    }
+    // The benign rewrite repeats cleanly too: no finding of either kind.
+    let manifest = live.manifest("same-repeated", &[("compute", "compute_same")]);
+    let report = live.simulate(&manifest, &capturing(3)).unwrap();
+    assert!(
+        report
+            .calls
+            .iter()
+            .all(|c| c.repeats.as_ref().is_some_and(|r| r.completed == r.asked && !r.leaks())),
+        "{:#?}",
+        report.calls.iter().map(|c| &c.repeats).collect::<Vec<_>>()
+    );
+    assert!(blocking(&report).is_empty(), "{:?}", codes(&report));
+}
+
 #[test]
 fn a_function_starting_with_endbr64_is_captured_too() {
     let mut live = Live::sim(1);
