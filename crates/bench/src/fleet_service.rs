@@ -62,6 +62,7 @@ fn request() -> VerdictRequest {
             simulated_calls: 8,
             live_calls: 8,
             inconclusive_calls: 0,
+            repeated_calls: 0,
         },
         policy: VerdictPolicy::default(),
     }

@@ -58,6 +58,8 @@ impl Class {
             "sim-patched-crashes"
             | "sim-patched-hangs"
             | "sim-patched-exits"
+            | "sim-patched-fails-on-repeat"
+            | "sim-patched-leaks"
             | "sim-critical-differs"
             | "sim-unsupported-syscall" => Class::Harm,
             "sim-return-differs"
@@ -192,6 +194,10 @@ pub struct Evidence {
     pub live_calls: u32,
     /// Calls on which the original itself failed: they say nothing.
     pub inconclusive_calls: u32,
+    /// Of the live calls, those repeated in the same copies (so the
+    /// patch's own state advanced) to the end, without harm or leak.
+    #[serde(default)]
+    pub repeated_calls: u32,
 }
 
 /// A verdict and the rule that gave it.
@@ -256,7 +262,15 @@ impl VerdictPolicy {
                 .iter()
                 .filter(|f| f.severity == Severity::Warning)
                 .all(|f| f.class == Class::BehaviourChange);
-        if risk >= self.refuse_at && evidence.simulated_calls > 0 && !only_change_live {
+        // Live calls, each repeated, that showed no harm: a risk finding
+        // beside them (a new static, a new loop) is a reason to look, not
+        // to refuse; the model's risk warns with it. Harm refuses (issue
+        // 12): a benign call counter of a real server's handler was refused
+        // at 0.71–0.98 on its `patch-global-state` warning alone, because
+        // the fixture corpus's leaks keep state too (PREDICTION.md).
+        let harmless_repeated_live =
+            live && evidence.repeated_calls >= evidence.live_calls && !findings.iter().any(|f| f.class == Class::Harm);
+        if risk >= self.refuse_at && evidence.simulated_calls > 0 && !only_change_live && !harmless_repeated_live {
             return decision(
                 Verdict::Refuse,
                 format!(
@@ -268,7 +282,16 @@ impl VerdictPolicy {
             );
         }
         if warnings {
-            return decision(Verdict::Warn, format!("warning: {}", codes(Severity::Warning)));
+            let mut basis = format!("warning: {}", codes(Severity::Warning));
+            if risk >= self.refuse_at && harmless_repeated_live && !only_change_live {
+                basis.push_str(&format!(
+                    "; risk {risk:.2} at or above {:.2}, but {} live call{}, each repeated, showed no harm",
+                    self.refuse_at,
+                    evidence.live_calls,
+                    plural(evidence.live_calls)
+                ));
+            }
+            return decision(Verdict::Warn, basis);
         }
         // Identical behaviour on live calls is evidence only if the calls
         // reached the change. A call that showed any change (declared or
@@ -402,11 +425,13 @@ mod tests {
             simulated_calls: 3,
             live_calls: 3,
             inconclusive_calls: 0,
+            repeated_calls: 0,
         };
         let explicit = Evidence {
             simulated_calls: 3,
             live_calls: 0,
             inconclusive_calls: 0,
+            repeated_calls: 0,
         };
         // Static evidence alone never refuses on risk...
         assert_eq!(policy.decide(&[], 0.9, &none).verdict, Verdict::Warn);
@@ -454,10 +479,49 @@ mod tests {
             Verdict::Refuse
         );
         assert_eq!(
-            policy.decide(&[change.clone(), warning], 0.99, &live).verdict,
+            policy.decide(&[change.clone(), warning.clone()], 0.99, &live).verdict,
             Verdict::Refuse
         );
         assert_eq!(policy.decide(&[change], 0.99, &inconclusive).verdict, Verdict::Refuse);
+    }
+
+    #[test]
+    fn live_calls_repeated_without_harm_turn_a_risky_refusal_into_a_warning() {
+        let policy = VerdictPolicy::default();
+        let repeated = Evidence {
+            simulated_calls: 3,
+            live_calls: 3,
+            inconclusive_calls: 0,
+            repeated_calls: 3,
+        };
+        let state = Finding::new("patch-global-state", Severity::Warning, Source::Static, "s");
+        let warned = policy.decide(std::slice::from_ref(&state), 0.95, &repeated);
+        assert_eq!(warned.verdict, Verdict::Warn, "{}", warned.basis);
+        assert!(
+            warned.basis.contains("each repeated, showed no harm"),
+            "{}",
+            warned.basis
+        );
+        // Not every live call repeated to the end: the risk refuses.
+        let partly = Evidence {
+            repeated_calls: 2,
+            ..repeated
+        };
+        assert_eq!(
+            policy.decide(std::slice::from_ref(&state), 0.95, &partly).verdict,
+            Verdict::Refuse
+        );
+        // A harm finding beside them (a warning of class harm) refuses.
+        let critical = Finding::new("sim-critical-differs", Severity::Warning, Source::Simulation, "c");
+        assert_eq!(
+            policy.decide(&[state.clone(), critical], 0.95, &repeated).verdict,
+            Verdict::Refuse
+        );
+        // Repeats do not turn an unreached change into a proceed.
+        assert_eq!(policy.decide(&[], 0.95, &repeated).verdict, Verdict::Warn);
+        // Blocking still refuses.
+        let leak = Finding::new("sim-patched-leaks", Severity::Blocking, Source::Simulation, "l");
+        assert_eq!(policy.decide(&[state, leak], 0.1, &repeated).verdict, Verdict::Refuse);
     }
 
     #[test]

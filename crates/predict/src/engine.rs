@@ -87,6 +87,7 @@ pub fn evidence_of(features: &BTreeMap<String, f64>) -> Evidence {
             0
         },
         inconclusive_calls: count(features, "sim_inconclusive"),
+        repeated_calls: count(features, "sim_live_repeated_clean"),
     }
 }
 

@@ -248,6 +248,50 @@ fn debian_memcached_verdicts_tell_harm_from_intended_change_and_no_evidence_from
         crash["risk"],
         undeclared["risk"]
     );
+
+    // Harm one call does not show: right twice, then a NULL dereference
+    // (a counter of the patch's own, which starts at 0 in every copy).
+    // Alone, each simulated call is clean; the repeats of each call in the
+    // same copies crash on the third, and refuse.
+    let third = patch(
+        dir.path(),
+        &build_id,
+        "third",
+        "const char *event_get_version_third(void) {\n\
+         static volatile unsigned calls;\n\
+         if (++calls % 3 == 0) return *(const char *volatile *)0;\n\
+         return \"2.1.12-stable\";\n}\n",
+        "event_get_version",
+        "event_get_version_third",
+        "",
+    );
+    let once = analyze(&third, &["--capture", "3", "--sim-repeat", "0"]);
+    assert!(classes(&once, "sim-patched-crashes").is_empty(), "{once}");
+    assert!(classes(&once, "sim-patched-fails-on-repeat").is_empty(), "{once}");
+    let repeated = analyze(&third, &["--capture", "3"]);
+    assert_eq!(repeated["verdict"], "refuse", "{repeated}");
+    assert_eq!(
+        classes(&repeated, "sim-patched-fails-on-repeat"),
+        vec![("blocking".to_string(), "harm".to_string())]
+    );
+    // A benign counter keeps state of its own too (a risk finding); live
+    // calls, each repeated without harm, warn with it, never refuse.
+    let counter = patch(
+        dir.path(),
+        &build_id,
+        "counter",
+        "const char *event_get_version_counted(void) {\n\
+         static volatile unsigned long calls;\n\
+         calls++;\n\
+         return \"2.1.12-stable\";\n}\n",
+        "event_get_version",
+        "event_get_version_counted",
+        "",
+    );
+    let counted = analyze(&counter, &["--capture", "3"]);
+    assert_eq!(counted["verdict"], "warn", "{counted}");
+    assert_eq!(classes(&counted, "patch-global-state").len(), 1, "{counted}");
+    assert_eq!(counted["features"]["sim_live_repeated_clean"], 3.0, "{counted}");
     drop(traffic);
 
     // Like with like: libevent calls its own exported evbuffer_add_vprintf
