@@ -35,6 +35,11 @@ pub struct ProgramsArgs {
     /// Rounds of the program's requests while patched.
     #[arg(long, default_value_t = 40)]
     rounds: usize,
+    /// Analyse the labelled variants already in the samples file again
+    /// (their patches kept in --work), e.g. after the engine changed; their
+    /// labels are kept.
+    #[arg(long)]
+    reanalyse: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -99,6 +104,7 @@ pub fn run_programs(context: &Context, args: &ProgramsArgs) -> anyhow::Result<i3
         rounds: args.rounds,
         only: args.only.clone(),
         templates,
+        reanalyse: args.reanalyse,
     };
     let mut records: BTreeMap<String, ProgramRecord> = existing.iter().map(|r| (r.id.clone(), r.clone())).collect();
     let mut made = Vec::new();

@@ -33,6 +33,8 @@ pub struct GenerateOptions {
     pub rounds: usize,
     pub only: Option<String>,
     pub templates: Vec<Template>,
+    /// Analyse kept (labelled) variants again from their built patches.
+    pub reanalyse: bool,
 }
 
 /// Resident growth beyond the unpatched program's that counts as a leak.
@@ -250,6 +252,36 @@ fn analyse(
         .map_err(|e| fail(program, format!("analysis: {e}")))
 }
 
+/// Analyse a labelled variant's built patch on a fresh instance and keep
+/// the engine's verdict, risk and features in the record.
+fn analyse_into(
+    record: &mut ProgramRecord,
+    program: &Program,
+    driver: &Path,
+    manifest: &Path,
+    dir: &Path,
+) -> Result<(), ProgramsError> {
+    let Some(harm) = record.harm() else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let analysis = analyse(program, driver, manifest, dir)?;
+    record
+        .timings_s
+        .insert("analyse".into(), started.elapsed().as_secs_f64());
+    record.verdict = Some(format!("{:?}", analysis.verdict).to_lowercase());
+    record.risk = Some(analysis.risk);
+    record.sample = Some(Sample::from_analysis(
+        &record.id,
+        &format!("{}:{}", program.name, record.function),
+        record.template.as_str(),
+        harm,
+        &record.outcome,
+        &analysis,
+    ));
+    Ok(())
+}
+
 /// Generate every variant of `spec` not already in `existing` (same id
 /// and diff), calling `emit` with each record as it is made.
 pub fn generate(
@@ -311,14 +343,28 @@ pub fn generate(
                 // Labelled variants are kept; one that did not build or
                 // apply runs again (its build dependencies may be there now).
                 let kept = known.get(&(id.as_str(), record.diff_hash.as_str()));
-                if let Some(done) = kept.filter(|r| r.harm().is_some()) {
-                    emit(done)?;
-                    continue;
-                }
-                progress(&format!("{id}: build"));
                 let variant_dir = home
                     .join("variants")
                     .join(format!("{}-{}", function.name, template.as_str()));
+                let manifest = variant_dir.join("patch").join("manifest.toml");
+                if let Some(done) = kept.filter(|r| r.harm().is_some()) {
+                    if !options.reanalyse {
+                        emit(done)?;
+                        continue;
+                    }
+                    if !manifest.exists() {
+                        return Err(fail(
+                            program,
+                            format!("--reanalyse: {id} has no built patch at {}", manifest.display()),
+                        ));
+                    }
+                    let mut again = (*done).clone();
+                    progress(&format!("{id}: analyse again ({})", again.outcome));
+                    analyse_into(&mut again, program, &driver, &manifest, &home.join("run"))?;
+                    emit(&again)?;
+                    continue;
+                }
+                progress(&format!("{id}: build"));
                 fresh(&variant_dir)?;
                 let diff_path = variant_dir.join("change.diff");
                 std::fs::write(&diff_path, &diff).map_err(io(&diff_path))?;
@@ -349,30 +395,15 @@ pub fn generate(
                         "functions_included_for_inlining": report["functions_included_for_inlining"],
                     });
                 }
-                let manifest = out.join("manifest.toml");
                 progress(&format!("{id}: label"));
                 let started = Instant::now();
                 let (outcome, reason) = label(program, options, &driver, &manifest, &home.join("run"), &base)?;
                 record.timings_s.insert("label".into(), started.elapsed().as_secs_f64());
                 record.outcome = outcome;
                 record.reason = reason;
-                if let Some(harm) = record.harm() {
+                if record.harm().is_some() {
                     progress(&format!("{id}: analyse ({})", record.outcome));
-                    let started = Instant::now();
-                    let analysis = analyse(program, &driver, &manifest, &home.join("run"))?;
-                    record
-                        .timings_s
-                        .insert("analyse".into(), started.elapsed().as_secs_f64());
-                    record.verdict = Some(format!("{:?}", analysis.verdict).to_lowercase());
-                    record.risk = Some(analysis.risk);
-                    record.sample = Some(Sample::from_analysis(
-                        &id,
-                        &format!("{}:{}", program.name, function.name),
-                        template.as_str(),
-                        harm,
-                        &record.outcome,
-                        &analysis,
-                    ));
+                    analyse_into(&mut record, program, &driver, &manifest, &home.join("run"))?;
                 }
                 emit(&record)?;
             }
