@@ -34,6 +34,8 @@ pub struct HitRow {
 #[derive(Debug, Serialize)]
 pub struct EndToEnd {
     pub calls: usize,
+    /// Repeats of each call in the same copies.
+    pub repeat: u32,
     pub total_ms: f64,
     /// Simulating the captured calls (after capture), ms.
     pub simulate_ms: f64,
@@ -47,6 +49,8 @@ pub struct SimulationBench {
     pub rss_mib: u64,
     pub rows: Vec<HitRow>,
     pub end_to_end: EndToEnd,
+    /// The same, each call run once (no repeats): the repeats' cost.
+    pub end_to_end_once: EndToEnd,
 }
 
 pub fn run(context: &Context, quick: bool) -> anyhow::Result<SimulationBench> {
@@ -128,16 +132,37 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<SimulationBench> {
             shadowpatch_symbols::hex(image.build_id.as_deref().unwrap_or_default())
         ),
     )?;
+    let survey = shadowpatch_predict::survey_for_analysis(target.pid(), &manifest, &state)?;
+    // Side by side: the calls repeated (the default) and run once.
+    let repeated = end_to_end(&mut target, &state, &survey, calls, SimulationOptions::default().repeat)?;
+    let once = end_to_end(&mut target, &state, &survey, calls, 0)?;
+    drop(udp);
+    Ok(SimulationBench {
+        rss_mib,
+        rows,
+        end_to_end: repeated,
+        end_to_end_once: once,
+    })
+}
+
+/// Capture and simulate `calls` live calls, each repeated `repeat` times.
+fn end_to_end(
+    target: &mut Running,
+    state: &std::path::Path,
+    survey: &shadowpatch_patch::survey::Survey,
+    calls: u32,
+    repeat: u32,
+) -> anyhow::Result<EndToEnd> {
     let options = SimulationOptions {
         capture: Some(CaptureLimit {
             calls,
             within: Some(Duration::from_secs(60)),
         }),
         limits: Limits::default(),
+        repeat,
         ..SimulationOptions::default()
     };
-    let survey = shadowpatch_predict::survey_for_analysis(target.pid(), &manifest, &state)?;
-    let report = simulate(&state, &survey, &options, &mut |_: Progress| {})?;
+    let report = simulate(state, survey, &options, &mut |_: Progress| {})?;
     anyhow::ensure!(
         report.calls.len() == calls as usize,
         "captured {} calls",
@@ -145,19 +170,14 @@ pub fn run(context: &Context, quick: bool) -> anyhow::Result<SimulationBench> {
     );
     anyhow::ensure!(target.check()?["errors"] == 0, "wrong results while simulating");
     let pauses = Percentiles::of(report.capture.as_ref().map(|c| c.pauses_us.clone()).unwrap_or_default());
-    let end_to_end = EndToEnd {
+    Ok(EndToEnd {
         calls: report.calls.len(),
+        repeat,
         total_ms: report.total_us as f64 / 1000.0,
         simulate_ms: report.simulate_us as f64 / 1000.0,
         per_call_ms: report.total_us as f64 / 1000.0 / report.calls.len().max(1) as f64,
         pause_median_us: pauses.median,
         pause_max_us: pauses.max,
-    };
-    drop(udp);
-    Ok(SimulationBench {
-        rss_mib,
-        rows,
-        end_to_end,
     })
 }
 
@@ -196,12 +216,29 @@ pub fn print(bench: &SimulationBench) {
             row.target_us.median as f64 / fork_floor
         );
     }
-    let e = &bench.end_to_end;
     println!();
-    println!(
-        "End to end: {} captured calls simulated in {:.0} ms ({:.0} ms simulating after capture, {:.1} ms per call); live pause per capture median {} µs, max {} µs",
-        e.calls, e.total_ms, e.simulate_ms, e.per_call_ms, e.pause_median_us, e.pause_max_us
-    );
+    println!("End to end, the same captures simulated with the default repeats and with each call run once:");
+    println!();
+    println!("| each call | calls | total ms | simulating ms | per call ms | simulating / once | live pause median µs | max µs |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let once = bench.end_to_end_once.simulate_ms.max(0.001);
+    for e in [&bench.end_to_end, &bench.end_to_end_once] {
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.1} | {:.2}× | {} | {} |",
+            if e.repeat == 0 {
+                "run once".to_string()
+            } else {
+                format!("run, then repeated {} times", e.repeat)
+            },
+            e.calls,
+            e.total_ms,
+            e.simulate_ms,
+            e.per_call_ms,
+            e.simulate_ms / once,
+            e.pause_median_us,
+            e.pause_max_us
+        );
+    }
 }
 
 /// `slow=N calls=X1:D1,X2:D2,...` → (argument, µs) pairs.

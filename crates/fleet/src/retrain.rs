@@ -73,6 +73,7 @@ pub fn label(rows: &[LabelRow], now_ms: u64, benign_after_ms: u64) -> Vec<Sample
             blocking: false,
             static_blocking: false,
             simulation_failed: None,
+            findings: Vec::new(),
         });
     }
     samples

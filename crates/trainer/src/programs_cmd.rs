@@ -265,6 +265,22 @@ fn print_lopo(lopo: &Lopo, real: usize, fixture: usize) {
         "pooled AUC {}",
         lopo.pooled_auc.map_or("–".into(), |a| format!("{a:.3}"))
     );
+    println!();
+    println!("by the engine's whole verdict rule (the held-out model's risk with each sample's findings and simulation evidence):");
+    println!("| held out | harm refused | crash+hang refused | false refusals (same) | changes refused |");
+    println!("|---|---|---|---|---|");
+    for row in &lopo.rows {
+        let v = &row.verdict;
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            row.program,
+            percent(v.refused_harm, row.harm),
+            percent(v.crash_or_hang_refused, row.crash_or_hang),
+            percent(v.refused_same, row.same),
+            percent(v.refused_change, row.change)
+        );
+    }
+    println!();
     println!("| risk | samples | mean risk | harm fraction |");
     println!("|---|---|---|---|");
     for bin in &lopo.calibration {
@@ -279,6 +295,12 @@ fn print_lopo(lopo: &Lopo, real: usize, fixture: usize) {
         }
         for line in &row.falsely_refused {
             println!("false refusal {line}");
+        }
+        for line in &row.verdict.missed {
+            println!("missed harm by the verdict   {line}");
+        }
+        for line in &row.verdict.falsely_refused {
+            println!("false refusal by the verdict {line}");
         }
     }
 }

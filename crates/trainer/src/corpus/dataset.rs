@@ -36,6 +36,23 @@ pub struct Sample {
     /// `Some(true)` when the simulation saw the patched copy crash or hang;
     /// `None` when no simulation ran.
     pub simulation_failed: Option<bool>,
+    /// Every finding's code and severity: what the verdict rule reads
+    /// beside the risk (absent from samples made before 2026-12-07).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<BriefFinding>,
+}
+
+/// A finding as the verdict rule sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BriefFinding {
+    pub code: String,
+    pub severity: Severity,
+}
+
+impl BriefFinding {
+    pub fn finding(&self) -> shadowpatch_predict::Finding {
+        shadowpatch_predict::Finding::new(&self.code, self.severity, Source::Static, "")
+    }
 }
 
 impl Sample {
@@ -69,6 +86,14 @@ impl Sample {
                 .iter()
                 .any(|f| f.severity == Severity::Blocking && f.source == Source::Static),
             simulation_failed: simulated.then_some(failed),
+            findings: analysis
+                .findings
+                .iter()
+                .map(|f| BriefFinding {
+                    code: f.code.clone(),
+                    severity: f.severity,
+                })
+                .collect(),
         }
     }
 }

@@ -15,7 +15,9 @@ use super::{auc, select_and_fit, select_features, CalibrationBin, TrainError, Tr
 use crate::corpus::dataset::Sample;
 use crate::training::fit::{empty_metadata, Fitted};
 use serde::{Deserialize, Serialize};
+use shadowpatch_predict::engine::evidence_of;
 use shadowpatch_predict::model::ModelFile;
+use shadowpatch_predict::{Verdict, VerdictPolicy};
 
 /// One held-out program's results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +41,22 @@ pub struct ProgramRow {
     pub missed: Vec<String>,
     pub falsely_refused: Vec<String>,
     pub chosen: String,
+    /// The same counts by the engine's whole verdict rule (the held-out
+    /// model's risk, the sample's findings and simulation evidence):
+    /// what a user would see. Samples without findings recorded count by
+    /// the rule above.
+    pub verdict: VerdictCounts,
+}
+
+/// Refusals by the verdict rule.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VerdictCounts {
+    pub refused_harm: usize,
+    pub refused_same: usize,
+    pub refused_change: usize,
+    pub crash_or_hang_refused: usize,
+    pub missed: Vec<String>,
+    pub falsely_refused: Vec<String>,
 }
 
 /// The whole evaluation.
@@ -64,6 +82,15 @@ fn view(model: &ModelFile, sample: &Sample, refuse_at: f64) -> (f64, f64, bool) 
     let risk = model.harm_probability(&sample.features);
     let refused = sample.blocking || risk >= refuse_at;
     (if sample.blocking { 1.0 + risk } else { risk }, risk, refused)
+}
+
+/// Whether the engine's verdict rule refuses `sample` at `risk`.
+fn verdict_refuses(policy: &VerdictPolicy, sample: &Sample, risk: f64, refused_by_model: bool) -> bool {
+    if sample.findings.is_empty() {
+        return refused_by_model;
+    }
+    let findings: Vec<_> = sample.findings.iter().map(|f| f.finding()).collect();
+    policy.decide(&findings, risk, &evidence_of(&sample.features)).verdict == Verdict::Refuse
 }
 
 /// Fit on `train` the way `shadowpatch-train train` does.
@@ -102,6 +129,7 @@ pub fn leave_one_program_out(real: &[Sample], extra: &[Sample], options: &TrainO
             missed: Vec::new(),
             falsely_refused: Vec::new(),
             chosen: fitted.chosen.name(),
+            verdict: VerdictCounts::default(),
         };
         let mut scores = Vec::new();
         let mut harm = Vec::new();
@@ -113,6 +141,24 @@ pub fn leave_one_program_out(real: &[Sample], extra: &[Sample], options: &TrainO
             pooled_risks.push(risk);
             pooled_harm.push(sample.harmful);
             let line = format!("{} ({}, risk {:.2})", sample.id, sample.outcome, risk);
+            let by_verdict = verdict_refuses(&options.policy, sample, risk, refused);
+            let counts = &mut row.verdict;
+            if sample.harmful {
+                counts.refused_harm += usize::from(by_verdict);
+                if !by_verdict {
+                    counts.missed.push(line.clone());
+                }
+            } else if sample.outcome == "wrong" {
+                counts.refused_change += usize::from(by_verdict);
+            } else {
+                counts.refused_same += usize::from(by_verdict);
+                if by_verdict {
+                    counts.falsely_refused.push(line.clone());
+                }
+            }
+            if is_crash_or_hang(sample) {
+                counts.crash_or_hang_refused += usize::from(by_verdict);
+            }
             if sample.harmful {
                 row.harm += 1;
                 row.refused_harm += usize::from(refused);
@@ -180,6 +226,7 @@ mod tests {
             blocking,
             static_blocking: false,
             simulation_failed: None,
+            findings: Vec::new(),
         }
     }
 
@@ -222,5 +269,33 @@ mod tests {
         let labelled = harm_labelled(&[wrong, sample("g", 1, true, 0.0, false)], "fixture");
         assert!(!labelled[0].harmful && labelled[1].harmful);
         assert_eq!(labelled[0].group, "fixture:fixture_fn");
+    }
+
+    #[test]
+    fn the_verdict_rule_reads_the_findings_and_the_live_evidence() {
+        use crate::corpus::dataset::BriefFinding;
+        use shadowpatch_predict::Severity;
+        let policy = VerdictPolicy::default();
+        let mut counter = sample("p:f", 0, false, 0.0, false);
+        counter.findings = vec![BriefFinding {
+            code: "patch-global-state".into(),
+            severity: Severity::Warning,
+        }];
+        for (name, value) in [
+            ("sim_calls", 3.0),
+            ("sim_captured_calls", 3.0),
+            ("sim_live_repeated_clean", 3.0),
+        ] {
+            counter.features.insert(name.into(), value);
+        }
+        // The model refuses it; live calls repeated without harm warn.
+        assert!(!verdict_refuses(&policy, &counter, 0.9, true));
+        // Without the repeats, the risk finding lets the risk refuse.
+        counter.features.insert("sim_live_repeated_clean".into(), 0.0);
+        assert!(verdict_refuses(&policy, &counter, 0.9, true));
+        // A sample without findings recorded counts by the model's rule.
+        let old = sample("p:f", 1, false, 0.0, false);
+        assert!(verdict_refuses(&policy, &old, 0.1, true));
+        assert!(!verdict_refuses(&policy, &old, 0.9, false));
     }
 }
