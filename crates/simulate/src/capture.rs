@@ -290,7 +290,8 @@ fn run_loop(
                 let pause_us = noticed.elapsed().as_micros() as u64;
                 let (copy_pid, in_target) = cloned?;
                 made(in_target);
-                let copy = attached.adopt_copy(copy_pid, in_target)?;
+                let mut copy = attached.adopt_copy(copy_pid, in_target)?;
+                crate::fork::release_descriptors_or_warn(&mut copy);
                 fault::point("capture-copied");
                 stats.captured += 1;
                 stats.pauses_us.push(pause_us);

@@ -117,6 +117,74 @@ pub fn register_arguments(regs: &libc::user_regs_struct) -> [u64; 6] {
     [regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9]
 }
 
+/// Give a fresh copy its own stand-ins for the service's sockets and
+/// pipes, at the same numbers: one unconnected `AF_UNIX` datagram socket
+/// of its own `dup3`'d over each (which closes the copy's reference to
+/// the service's). A copy is a fork: left alone it holds the service's
+/// connections open for as long as it lives, so a client the service has
+/// answered and closed waits for its end of file until the simulation is
+/// over (on Debian's tinyproxy, an error page sent without a length: each
+/// such request hung while copies existed, and a capture window's load
+/// stalled). The sandbox never reads, writes or connects through an
+/// inherited descriptor, so the stand-in changes nothing it lets a call
+/// see, and both copies of a pair see the same one. Files, terminals and
+/// other kinds keep their descriptions. Returns how many were replaced.
+pub fn release_descriptors(copy: &mut ProcessCopy) -> Result<usize, SimulateError> {
+    let dir = format!("/proc/{}/fd", copy.pid());
+    let shared: Vec<i32> = std::fs::read_dir(&dir)
+        .map_err(|source| SimulateError::Copy {
+            pid: copy.pid().as_raw(),
+            message: format!("cannot list {dir}: {source}"),
+        })?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let target = std::fs::read_link(entry.path()).ok()?;
+            let target = target.to_str()?;
+            (target.starts_with("socket:[") || target.starts_with("pipe:["))
+                .then(|| entry.file_name().to_str()?.parse().ok())
+                .flatten()
+        })
+        .collect();
+    if shared.is_empty() {
+        return Ok(0);
+    }
+    let failed = |copy: &ProcessCopy, what: String, rc: i64| SimulateError::Copy {
+        pid: copy.pid().as_raw(),
+        message: format!("{what} (errno {})", -rc),
+    };
+    let stand_in = copy.remote_syscall(
+        libc::SYS_socket,
+        [
+            libc::AF_UNIX as u64,
+            (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64,
+            0,
+            0,
+            0,
+            0,
+        ],
+    )?;
+    if stand_in < 0 {
+        return Err(failed(copy, "cannot make a stand-in socket".into(), stand_in));
+    }
+    for &fd in &shared {
+        let rc = copy.remote_syscall(libc::SYS_dup3, [stand_in as u64, fd as u64, 0, 0, 0, 0])?;
+        if rc < 0 {
+            return Err(failed(copy, format!("cannot replace descriptor {fd}"), rc));
+        }
+    }
+    copy.remote_syscall(libc::SYS_close, [stand_in as u64, 0, 0, 0, 0, 0])?;
+    Ok(shared.len())
+}
+
+/// `release_descriptors`, a failure logged: the copy then holds the
+/// service's descriptors as any fork does, which delays a close, never
+/// changes what the service reads or writes.
+pub fn release_descriptors_or_warn(copy: &mut ProcessCopy) {
+    if let Err(error) = release_descriptors(copy) {
+        tracing::warn!("copy {} keeps the service's sockets and pipes: {error}", copy.pid());
+    }
+}
+
 fn open_descriptors(pid: Pid) -> BTreeSet<i32> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|entries| {

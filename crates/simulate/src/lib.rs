@@ -264,7 +264,9 @@ pub fn simulate(
         stopped.resume()?;
         let (copy_pid, in_target) = cloned?;
         copies.made(in_target);
-        template = Some((attached.adopt_copy(copy_pid, in_target)?, live_regs));
+        let mut copy = attached.adopt_copy(copy_pid, in_target)?;
+        fork::release_descriptors_or_warn(&mut copy);
+        template = Some((copy, live_regs));
     }
     let mut capture_stats = None;
     let mut unavailable = Vec::new();

@@ -5,7 +5,7 @@
 
 use crate::common::{blocking, capturing, codes, finding, Live};
 use shadowpatch_predict::simulate::{
-    parse_call, parse_vectors, CallOrigin, CallVerdict, Outcome, SimulateError, SimulationOptions,
+    parse_call, parse_vectors, CallOrigin, CallVerdict, Outcome, Progress, SimulateError, SimulationOptions,
 };
 use shadowpatch_predict::{Severity, Source, Verdict, VerdictPolicy};
 use std::time::Duration;
@@ -164,6 +164,62 @@ fn harm_one_call_does_not_show_is_caught_when_the_call_is_repeated() {
         report.calls.iter().map(|c| &c.repeats).collect::<Vec<_>>()
     );
     assert!(blocking(&report).is_empty(), "{:?}", codes(&report));
+}
+
+/// The sockets and pipes a process holds, by what they link to.
+fn sockets_and_pipes(pid: i32) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| target.to_str().map(str::to_string))
+        .filter(|target| target.starts_with("socket:[") || target.starts_with("pipe:["))
+        .collect()
+}
+
+/// A copy is a fork of the service: left holding the service's
+/// connections, a client the service answered and closed waits for its end
+/// of file until the simulation ends (Debian's tinyproxy: its error pages
+/// have no length, and every such request hung while copies lived). Each
+/// copy, as soon as it is made, holds none of the service's sockets and
+/// pipes (its UDP socket, its stdin and stdout pipes here).
+#[test]
+fn a_copy_holds_none_of_the_services_sockets_or_pipes() {
+    let live = Live::sim(2);
+    let pid = live.pid();
+    let service = sockets_and_pipes(pid);
+    assert!(
+        service.len() >= 3,
+        "the fixture holds a socket and two pipes: {service:?}"
+    );
+    let manifest = live.manifest("same-fds", &[("compute", "compute_same")]);
+    let survey = shadowpatch_patch::survey::survey(pid, &manifest, &[]).unwrap();
+    let mut copies_seen = 0;
+    let mut shared = Vec::new();
+    let report = shadowpatch_predict::simulate::simulate(&live.state(), &survey, &capturing(3), &mut |step| {
+        if let Progress::Captured { .. } = step {
+            let children = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+                .flat_map(|text| {
+                    text.split_whitespace()
+                        .filter_map(|c| c.parse::<i32>().ok())
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>();
+            for child in children {
+                copies_seen += 1;
+                let held = sockets_and_pipes(child);
+                assert!(!held.is_empty(), "the copy has stand-ins at the same numbers");
+                shared.extend(held.into_iter().filter(|h| service.contains(h)));
+            }
+        }
+    })
+    .unwrap();
+    assert_eq!(report.calls.len(), 3);
+    assert!(copies_seen >= 3, "{copies_seen} copies seen");
+    assert!(shared.is_empty(), "copies hold the service's {shared:?}");
 }
 
 #[test]
