@@ -157,6 +157,7 @@ fn end_to_end(
         capture: Some(CaptureLimit {
             calls,
             within: Some(Duration::from_secs(60)),
+            spread: false,
         }),
         limits: Limits::default(),
         repeat,

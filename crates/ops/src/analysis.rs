@@ -113,10 +113,13 @@ impl AnalysisSettings {
             (Some(calls), within) => Some(CaptureLimit {
                 calls,
                 within: Some(within.unwrap_or(Duration::from_secs(60))),
+                spread: true,
             }),
             (None, Some(within)) => Some(CaptureLimit {
                 calls: 1000,
                 within: Some(within),
+                // Every call of the window, up to 1000: none skipped.
+                spread: false,
             }),
             (None, None) => None,
         };

@@ -32,7 +32,23 @@ pub struct CaptureLimit {
     /// Give up waiting after this long (None: wait until every function has
     /// its calls, or the caller cancels).
     pub within: Option<Duration>,
+    /// Spread the captures over the calls instead of taking the first
+    /// ones: after each capture of a function, skip twice as many of its
+    /// calls as before (0, 1, 2, 4, ... at most `SPREAD_MAX_GAP`), unless
+    /// `SPREAD_WAIT` passed since its last capture. Consecutive calls of a
+    /// dispatcher come from one request: the first 8 of Debian memcached's
+    /// command dispatcher were the sets and gets of two connections, never
+    /// a delete, and a patch crashing every delete looked clean.
+    #[serde(default)]
+    pub spread: bool,
 }
+
+/// The most calls skipped between two captures of one function when
+/// spreading.
+pub const SPREAD_MAX_GAP: u32 = 64;
+/// A call this long after the function's last capture is taken whatever
+/// the gap (a rarely called function is not skipped past its window).
+pub const SPREAD_WAIT: Duration = Duration::from_millis(200);
 
 /// A live call, frozen in a copy of the process at the function's entry.
 #[derive(Debug)]
@@ -55,6 +71,8 @@ pub struct CaptureStats {
     /// Breakpoint hits (captured or not).
     pub hits: u64,
     pub captured: u64,
+    /// Hits passed over to spread the captures (`CaptureLimit::spread`).
+    pub skipped: u64,
     /// Per captured call, the live thread's pause (µs).
     pub pauses_us: Vec<u64>,
     /// Breakpoints in place, first written → last removed (µs).
@@ -253,6 +271,11 @@ fn run_loop(
     let pid = probe.attached.pid();
     let deadline = limit.within.map(|within| Instant::now() + within);
     let mut counts = vec![0u32; sites.len()];
+    // Spreading: calls skipped since each function's last capture, the
+    // gap wanted before its next, and when the last was taken.
+    let mut skipped = vec![0u32; sites.len()];
+    let mut gaps = vec![0u32; sites.len()];
+    let mut last = vec![Instant::now(); sites.len()];
     const SLICE: Duration = Duration::from_millis(50);
     while probe.armed.iter().any(|a| *a) {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
@@ -284,6 +307,14 @@ fn run_loop(
                     attached.step_past_breakpoint(tid, address)?;
                     continue;
                 }
+                if limit.spread && skipped[index] < gaps[index] && last[index].elapsed() < SPREAD_WAIT {
+                    skipped[index] += 1;
+                    stats.skipped += 1;
+                    attached.step_past_breakpoint(tid, address)?;
+                    continue;
+                }
+                skipped[index] = 0;
+                gaps[index] = (gaps[index] * 2).clamp(1, SPREAD_MAX_GAP);
                 let cloned = attached.remote_clone(tid);
                 // The live thread goes on first, whatever the clone did.
                 attached.step_past_breakpoint(tid, address)?;
@@ -296,6 +327,7 @@ fn run_loop(
                 stats.captured += 1;
                 stats.pauses_us.push(pause_us);
                 counts[index] += 1;
+                last[index] = Instant::now();
                 captured.push(Captured {
                     function: index,
                     copy,

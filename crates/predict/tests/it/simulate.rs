@@ -222,6 +222,27 @@ fn a_copy_holds_none_of_the_services_sockets_or_pipes() {
     assert!(shared.is_empty(), "copies hold the service's {shared:?}");
 }
 
+/// `--capture N` spreads its captures over the calls: after each, twice
+/// as many calls are passed over as before, so 5 captures of a function
+/// called thousands of times a second span at least 20 calls (1, 3, 6,
+/// 11, 20), not the first 5 of one burst.
+#[test]
+fn spread_captures_pass_over_ever_more_calls_between_them() {
+    let live = Live::sim(1);
+    let manifest = live.manifest("spread", &[("compute", "compute_same")]);
+    let mut options = capturing(5);
+    let first = live.simulate(&manifest, &options).unwrap();
+    let first = first.capture.unwrap();
+    assert_eq!((first.captured, first.skipped), (5, 0), "{first:?}");
+    options.capture.as_mut().unwrap().spread = true;
+    let report = live.simulate(&manifest, &options).unwrap();
+    assert_eq!(report.calls.len(), 5);
+    let spread = report.capture.unwrap();
+    assert_eq!(spread.captured, 5, "{spread:?}");
+    assert!(spread.skipped >= 15, "{spread:?}");
+    assert!(spread.hits >= 20, "{spread:?}");
+}
+
 #[test]
 fn a_function_starting_with_endbr64_is_captured_too() {
     let mut live = Live::sim(1);

@@ -118,6 +118,8 @@ pub fn corpus_simulation() -> SimulationOptions {
         capture: Some(CaptureLimit {
             calls: CORPUS_CAPTURED_CALLS,
             within: Some(Duration::from_secs(10)),
+            // As `analyze --capture N` takes them.
+            spread: true,
         }),
         limits: Limits {
             cpu: Duration::from_millis(250),

@@ -178,6 +178,7 @@ pub fn capturing(calls: u32) -> SimulationOptions {
         capture: Some(CaptureLimit {
             calls,
             within: Some(Duration::from_secs(30)),
+            spread: false,
         }),
         limits: Limits {
             cpu: Duration::from_millis(300),
