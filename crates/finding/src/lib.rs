@@ -184,6 +184,10 @@ impl Default for VerdictPolicy {
     }
 }
 
+/// Risk findings that live calls repeated without harm answer (the
+/// repeats advance the patch's own state and measure its allocations).
+pub const REPEATS_ANSWER: &[&str] = &["patch-global-state", "new-allocation", "allocation-unbalanced"];
+
 /// What the simulation observed, as the verdict rule needs it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Evidence {
@@ -262,14 +266,21 @@ impl VerdictPolicy {
                 .iter()
                 .filter(|f| f.severity == Severity::Warning)
                 .all(|f| f.class == Class::BehaviourChange);
-        // Live calls, each repeated, that showed no harm: a risk finding
-        // beside them (a new static, a new loop) is a reason to look, not
-        // to refuse; the model's risk warns with it. Harm refuses (issue
-        // 12): a benign call counter of a real server's handler was refused
-        // at 0.71–0.98 on its `patch-global-state` warning alone, because
-        // the fixture corpus's leaks keep state too (PREDICTION.md).
-        let harmless_repeated_live =
-            live && evidence.repeated_calls >= evidence.live_calls && !findings.iter().any(|f| f.class == Class::Harm);
+        // Live calls, each repeated, that showed no harm answer the risk
+        // findings repeats test: state of the patch's own (it advanced
+        // over the repeats) and allocation (the leak measure). With only
+        // those beside them, the model's risk warns instead of refusing:
+        // a benign call counter of a real server's handler was refused at
+        // 0.71–0.98 on its `patch-global-state` warning alone, because the
+        // fixture corpus's leaks keep state too (PREDICTION.md). Any other
+        // risk finding (a new system call, a new loop) keeps the rule.
+        let harmless_repeated_live = live
+            && evidence.repeated_calls >= evidence.live_calls
+            && findings.iter().all(|f| match f.class {
+                Class::Harm => false,
+                Class::Risk if f.severity != Severity::Info => REPEATS_ANSWER.contains(&f.code.as_str()),
+                _ => true,
+            });
         if risk >= self.refuse_at && evidence.simulated_calls > 0 && !only_change_live && !harmless_repeated_live {
             return decision(
                 Verdict::Refuse,
@@ -515,6 +526,13 @@ mod tests {
         let critical = Finding::new("sim-critical-differs", Severity::Warning, Source::Simulation, "c");
         assert_eq!(
             policy.decide(&[state.clone(), critical], 0.95, &repeated).verdict,
+            Verdict::Refuse
+        );
+        // A risk finding repeats do not test (a new system call) keeps
+        // the rule: the risk refuses.
+        let syscall = Finding::new("new-syscall", Severity::Warning, Source::Static, "n");
+        assert_eq!(
+            policy.decide(&[state.clone(), syscall], 0.95, &repeated).verdict,
             Verdict::Refuse
         );
         // Repeats do not turn an unreached change into a proceed.
