@@ -234,32 +234,28 @@ mod tests {
         parse_records(EMBEDDED_SAMPLES, "samples.jsonl").unwrap();
     }
 
-    /// On the committed samples, a model that never saw the program
-    /// refuses every patch that hangs on every call and nearly every one
-    /// that crashes on every call (one memcached crash sits on a path the
-    /// captured calls did not take). Crashes on every third call, counted
-    /// in the patch's own static that each simulated copy starts at zero,
-    /// are what it cannot see (PREDICTION.md).
+    /// On the committed samples, a model that never saw the program, with
+    /// the findings that block, refuses every patch that crashed or hung
+    /// its program: on every call, and on every third (the simulation's
+    /// repeats), and the samples rank harm above the rest (pooled AUC).
     #[test]
-    fn leave_one_program_out_refuses_patches_that_always_hang_or_crash() {
+    fn leave_one_program_out_refuses_every_crash_and_hang() {
         let records = parse_records(EMBEDDED_SAMPLES, "samples.jsonl").unwrap();
         let samples = harm_samples(&records);
         let lopo =
             crate::training::lopo::leave_one_program_out(&samples, &[], &crate::training::TrainOptions::default())
                 .unwrap();
         assert!(lopo.rows.len() >= 4);
-        let always_crashing = samples.iter().filter(|s| s.kind == "crash-always").count();
-        let mut missed_crashes = 0;
+        assert!(samples.iter().filter(|s| s.kind == "crash-sometimes").count() >= 12);
         for row in &lopo.rows {
             assert!(row.samples >= 20 && row.harm >= 10 && row.same >= 5, "{row:?}");
-            for missed in &row.missed {
-                assert!(!missed.contains(":hang-always "), "{missed}");
-                missed_crashes += usize::from(missed.contains(":crash-always "));
-            }
+            assert_eq!(row.crash_or_hang_refused, row.crash_or_hang, "{row:#?}");
+            // By the whole verdict rule, no hang is let through.
+            assert!(
+                !row.verdict.missed.iter().any(|m| m.contains(":hang-always ")),
+                "{row:#?}"
+            );
         }
-        assert!(
-            always_crashing >= 12 && missed_crashes * 10 <= always_crashing,
-            "{lopo:#?}"
-        );
+        assert!(lopo.pooled_auc.unwrap() >= 0.95, "{lopo:#?}");
     }
 }
