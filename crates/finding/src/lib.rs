@@ -199,7 +199,8 @@ pub struct Evidence {
     /// Calls on which the original itself failed: they say nothing.
     pub inconclusive_calls: u32,
     /// Of the live calls, those repeated in the same copies (so the
-    /// patch's own state advanced) to the end, without harm or leak.
+    /// patch's own state advanced) without harm or leak: to the end, or as
+    /// far as the original could repeat them (0 unless one went to the end).
     #[serde(default)]
     pub repeated_calls: u32,
 }

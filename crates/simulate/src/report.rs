@@ -438,15 +438,22 @@ pub fn features(calls: &[SimulatedCall], stats: &CaptureStats) -> BTreeMap<Strin
     );
     put("sim_repeat_failures", count(&|c| c.failed_on_repeat()));
     put("sim_repeat_leaks", count(&|c| c.leaked_on_repeat()));
-    put(
-        "sim_live_repeated_clean",
-        count(&|c| {
-            matches!(c.origin, CallOrigin::Captured { .. })
-                && c.repeats
-                    .as_ref()
-                    .is_some_and(|r| r.completed == r.asked && r.patched_failed.is_none() && !r.leaks())
-        }),
-    );
+    // Live calls whose repeats showed no harm: run to the end, or as far
+    // as the original could repeat the call (a dispatcher's `quit` closes
+    // its connection: the call is not repeatable, which says nothing of
+    // the patch). Counted only if at least one ran every repeat.
+    fn live_repeats(c: &SimulatedCall) -> Option<&Repeats> {
+        c.repeats
+            .as_ref()
+            .filter(|_| matches!(c.origin, CallOrigin::Captured { .. }))
+    }
+    let clean = count(&|c| {
+        live_repeats(c).is_some_and(|r| {
+            r.patched_failed.is_none() && !r.leaks() && (r.completed == r.asked || r.original_failed.is_some())
+        })
+    });
+    let complete = count(&|c| live_repeats(c).is_some_and(|r| r.completed == r.asked && r.asked > 0));
+    put("sim_live_repeated_clean", if complete > 0.0 { clean } else { 0.0 });
     put(
         "sim_divergent_returns",
         count(&|c| diverged(c) && c.comparison.return_differs),
