@@ -52,11 +52,42 @@ pub fn diff_units(original: &Unit, patched: &Unit, touched: &TouchedFunctions) -
     let before = original.defined();
     let mut result = UnitDiff::default();
     let constructors = constructors(patched);
+    let (users_before, users_after) = (data_users(original), data_users(patched));
+    let functions_after: HashSet<String> = patched
+        .symbols
+        .iter()
+        .filter(|s| s.kind == SymKind::Function && !s.undefined && s.section.is_some())
+        .map(|s| normalize(&s.name))
+        .collect();
     for (index, symbol) in patched.symbols.iter().enumerate() {
         if symbol.undefined || symbol.section.is_none() {
             continue;
         }
         let old = find(original, &before, &symbol.name, symbol.kind);
+        if let Some(old) = old.filter(|_| symbol.kind == SymKind::Data && normalize(&symbol.name) != symbol.name) {
+            let old_index = before.get(old.name.as_str()).copied();
+            let (was, is) = (old_index.and_then(|i| users_before.get(&i)), users_after.get(&index));
+            if let (Some(was), Some(is)) = (was, is) {
+                // gcc numbers a unit's static locals with one counter: a
+                // new static, or a use made dead, shifts the numbers of
+                // others, and the same name now holds another function's
+                // variable. Bound by name, the patch would use that one.
+                // Renumbered: none of the functions that used this name
+                // uses it now, though one of them is still there (not
+                // merely inlined away).
+                let still_there = was.iter().any(|user| functions_after.contains(user));
+                if was.is_disjoint(is) && still_there {
+                    return Err(BuildError::Refused {
+                        symbol: symbol.name.clone(),
+                        reason: format!(
+                            "static locals renumbered by the compiler: this name was used by {}, is now used by {} (bound by name, the patch would use another function's variable)",
+                            list(was),
+                            list(is)
+                        ),
+                    });
+                }
+            }
+        }
         match symbol.kind {
             SymKind::Function => {
                 let inclusion = match old {
@@ -111,6 +142,34 @@ pub fn diff_units(original: &Unit, patched: &Unit, touched: &TouchedFunctions) -
         }
     }
     Ok(result)
+}
+
+/// For each variable of `unit`, the functions whose code refers to it
+/// (names without numbering).
+fn data_users(unit: &Unit) -> std::collections::HashMap<usize, std::collections::BTreeSet<String>> {
+    let mut users: std::collections::HashMap<usize, std::collections::BTreeSet<String>> = Default::default();
+    for function in unit
+        .symbols
+        .iter()
+        .filter(|s| s.kind == SymKind::Function && !s.undefined)
+    {
+        let Some(section) = function.section else { continue };
+        for rel in &unit.sections[section].relocations {
+            if rel.offset < function.value || rel.offset >= function.value + function.size.max(1) {
+                continue;
+            }
+            if let Some((_, _, Some(inner))) = unit.place(rel.symbol, rel.addend, rel.r_type) {
+                if unit.symbols[inner].kind == SymKind::Data {
+                    users.entry(inner).or_default().insert(normalize(&function.name));
+                }
+            }
+        }
+    }
+    users
+}
+
+fn list(names: &std::collections::BTreeSet<String>) -> String {
+    names.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
 }
 
 fn find<'u>(
