@@ -64,7 +64,14 @@ pub fn diff_units(original: &Unit, patched: &Unit, touched: &TouchedFunctions) -
             continue;
         }
         let old = find(original, &before, &symbol.name, symbol.kind);
-        if let Some(old) = old.filter(|_| symbol.kind == SymKind::Data && normalize(&symbol.name) != symbol.name) {
+        // Only writable data: a read-only copy with the same bytes (a
+        // `__func__` string whose users moved with inlining) is as good as
+        // the target's, and one with other bytes is refused below.
+        let writable = symbol
+            .section
+            .is_some_and(|s| patched.sections[s].flags & u64::from(object::elf::SHF_WRITE) != 0);
+        let numbered = symbol.kind == SymKind::Data && writable && normalize(&symbol.name) != symbol.name;
+        if let Some(old) = old.filter(|_| numbered) {
             let old_index = before.get(old.name.as_str()).copied();
             let (was, is) = (old_index.and_then(|i| users_before.get(&i)), users_after.get(&index));
             if let (Some(was), Some(is)) = (was, is) {
