@@ -52,49 +52,11 @@ pub fn diff_units(original: &Unit, patched: &Unit, touched: &TouchedFunctions) -
     let before = original.defined();
     let mut result = UnitDiff::default();
     let constructors = constructors(patched);
-    let (users_before, users_after) = (data_users(original), data_users(patched));
-    let functions_after: HashSet<String> = patched
-        .symbols
-        .iter()
-        .filter(|s| s.kind == SymKind::Function && !s.undefined && s.section.is_some())
-        .map(|s| normalize(&s.name))
-        .collect();
     for (index, symbol) in patched.symbols.iter().enumerate() {
         if symbol.undefined || symbol.section.is_none() {
             continue;
         }
         let old = find(original, &before, &symbol.name, symbol.kind);
-        // Only writable data: a read-only copy with the same bytes (a
-        // `__func__` string whose users moved with inlining) is as good as
-        // the target's, and one with other bytes is refused below.
-        let writable = symbol
-            .section
-            .is_some_and(|s| patched.sections[s].flags & u64::from(object::elf::SHF_WRITE) != 0);
-        let numbered = symbol.kind == SymKind::Data && writable && normalize(&symbol.name) != symbol.name;
-        if let Some(old) = old.filter(|_| numbered) {
-            let old_index = before.get(old.name.as_str()).copied();
-            let (was, is) = (old_index.and_then(|i| users_before.get(&i)), users_after.get(&index));
-            if let (Some(was), Some(is)) = (was, is) {
-                // gcc numbers a unit's static locals with one counter: a
-                // new static, or a use made dead, shifts the numbers of
-                // others, and the same name now holds another function's
-                // variable. Bound by name, the patch would use that one.
-                // Renumbered: none of the functions that used this name
-                // uses it now, though one of them is still there (not
-                // merely inlined away).
-                let still_there = was.iter().any(|user| functions_after.contains(user));
-                if was.is_disjoint(is) && still_there {
-                    return Err(BuildError::Refused {
-                        symbol: symbol.name.clone(),
-                        reason: format!(
-                            "static locals renumbered by the compiler: this name was used by {}, is now used by {} (bound by name, the patch would use another function's variable)",
-                            list(was),
-                            list(is)
-                        ),
-                    });
-                }
-            }
-        }
         match symbol.kind {
             SymKind::Function => {
                 let inclusion = match old {
@@ -148,7 +110,52 @@ pub fn diff_units(original: &Unit, patched: &Unit, touched: &TouchedFunctions) -
             _ => {}
         }
     }
+    refuse_renumbered(original, patched, &result)?;
     Ok(result)
+}
+
+/// gcc numbers a unit's static locals with one counter: a new static, or
+/// a use made dead, shifts the numbers of others, and a name can then
+/// hold another function's variable. Existing data is bound by name, so a
+/// function going into the patch would use that one. Refused: a writable
+/// numbered variable of an included function whose users in the original
+/// are all other functions, one of which is still there (not merely
+/// inlined away). Read-only data is left to the size and value checks: a
+/// copy with the same bytes (a `__func__` string whose users moved with
+/// inlining) is as good as the target's.
+fn refuse_renumbered(original: &Unit, patched: &Unit, result: &UnitDiff) -> Result<(), BuildError> {
+    let included: HashSet<String> = result.functions.iter().map(|f| normalize(&f.name)).collect();
+    let (users_before, users_after) = (data_users(original), data_users(patched));
+    let functions_after: HashSet<String> = patched
+        .symbols
+        .iter()
+        .filter(|s| s.kind == SymKind::Function && !s.undefined && s.section.is_some())
+        .map(|s| normalize(&s.name))
+        .collect();
+    let before = original.defined();
+    for (&index, is) in &users_after {
+        let symbol = &patched.symbols[index];
+        let writable = symbol
+            .section
+            .is_some_and(|s| patched.sections[s].flags & u64::from(object::elf::SHF_WRITE) != 0);
+        if !writable || normalize(&symbol.name) == symbol.name || !is.iter().any(|user| included.contains(user)) {
+            continue;
+        }
+        let Some(was) = before.get(symbol.name.as_str()).and_then(|old| users_before.get(old)) else {
+            continue;
+        };
+        if was.is_disjoint(is) && was.iter().any(|user| functions_after.contains(user)) {
+            return Err(BuildError::Refused {
+                symbol: symbol.name.clone(),
+                reason: format!(
+                    "static locals renumbered by the compiler: this name was used by {}, is now used by {} (bound by name, the patch would use another function's variable)",
+                    list(was),
+                    list(is)
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// For each variable of `unit`, the functions whose code refers to it
