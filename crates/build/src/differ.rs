@@ -110,7 +110,80 @@ pub fn diff_units(original: &Unit, patched: &Unit, touched: &TouchedFunctions) -
             _ => {}
         }
     }
+    refuse_renumbered(original, patched, &result)?;
     Ok(result)
+}
+
+/// gcc numbers a unit's static locals with one counter: a new static, or
+/// a use made dead, shifts the numbers of others, and a name can then
+/// hold another function's variable. Existing data is bound by name, so a
+/// function going into the patch would use that one. Refused: a writable
+/// numbered variable of an included function whose users in the original
+/// are all other functions, one of which is still there (not merely
+/// inlined away). Read-only data is left to the size and value checks: a
+/// copy with the same bytes (a `__func__` string whose users moved with
+/// inlining) is as good as the target's.
+fn refuse_renumbered(original: &Unit, patched: &Unit, result: &UnitDiff) -> Result<(), BuildError> {
+    let included: HashSet<String> = result.functions.iter().map(|f| normalize(&f.name)).collect();
+    let (users_before, users_after) = (data_users(original), data_users(patched));
+    let functions_after: HashSet<String> = patched
+        .symbols
+        .iter()
+        .filter(|s| s.kind == SymKind::Function && !s.undefined && s.section.is_some())
+        .map(|s| normalize(&s.name))
+        .collect();
+    let before = original.defined();
+    for (&index, is) in &users_after {
+        let symbol = &patched.symbols[index];
+        let writable = symbol
+            .section
+            .is_some_and(|s| patched.sections[s].flags & u64::from(object::elf::SHF_WRITE) != 0);
+        if !writable || normalize(&symbol.name) == symbol.name || !is.iter().any(|user| included.contains(user)) {
+            continue;
+        }
+        let Some(was) = before.get(symbol.name.as_str()).and_then(|old| users_before.get(old)) else {
+            continue;
+        };
+        if was.is_disjoint(is) && was.iter().any(|user| functions_after.contains(user)) {
+            return Err(BuildError::Refused {
+                symbol: symbol.name.clone(),
+                reason: format!(
+                    "static locals renumbered by the compiler: this name was used by {}, is now used by {} (bound by name, the patch would use another function's variable)",
+                    list(was),
+                    list(is)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// For each variable of `unit`, the functions whose code refers to it
+/// (names without numbering).
+fn data_users(unit: &Unit) -> std::collections::HashMap<usize, std::collections::BTreeSet<String>> {
+    let mut users: std::collections::HashMap<usize, std::collections::BTreeSet<String>> = Default::default();
+    for function in unit
+        .symbols
+        .iter()
+        .filter(|s| s.kind == SymKind::Function && !s.undefined)
+    {
+        let Some(section) = function.section else { continue };
+        for rel in &unit.sections[section].relocations {
+            if rel.offset < function.value || rel.offset >= function.value + function.size.max(1) {
+                continue;
+            }
+            if let Some((_, _, Some(inner))) = unit.place(rel.symbol, rel.addend, rel.r_type) {
+                if unit.symbols[inner].kind == SymKind::Data {
+                    users.entry(inner).or_default().insert(normalize(&function.name));
+                }
+            }
+        }
+    }
+    users
+}
+
+fn list(names: &std::collections::BTreeSet<String>) -> String {
+    names.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
 }
 
 fn find<'u>(

@@ -1,15 +1,26 @@
 /* A small TCP server that exercises a Debian library for the real-program
- * corpus (crates/trainer/src/programs): one connection at a time, the
- * request is everything the client sends before it shuts down its side,
- * the reply is a deterministic rendering of what the library made of it.
+ * corpus (crates/trainer/src/programs): the reply is a deterministic
+ * rendering of what the library made of the request.
  *
- *   driver sqlite PORT  run the SQL on an in-memory database, answer each row
+ *   driver sqlite PORT    one connection at a time, the request everything
+ *                         the client sends before it shuts down its side:
+ *                         run the SQL on an in-memory database, answer
+ *                         each row
+ *   driver libevent PORT  an evhttp server (libevent's own HTTP parser and
+ *                         connection handling): each request answered with
+ *                         its decoded, HTML-escaped path, its query's
+ *                         pairs and its body; /missing* with a 404
  *
- * The library is a Debian update (libsqlite3-0 3.40.1-2+deb12u2) built by
- * the gcc installed here, so `shadowpatch build --debian` can match its
- * code; libraries last built by an older gcc (jansson, libyaml) cannot be.
+ * The libraries are Debian updates (libsqlite3-0 3.40.1-2+deb12u2,
+ * libevent-2.1-7 2.1.12-stable-8+deb12u1) built by the gcc installed
+ * here, so `shadowpatch build --debian` can match their code; libraries
+ * last built by an older gcc (jansson, libyaml) cannot be.
  */
 #include <sqlite3.h>
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <event2/keyvalq_struct.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
 #include <signal.h>
@@ -66,13 +77,60 @@ static void answer_sqlite(int fd, const char *request) {
     sqlite3_close(db);
 }
 
+static void on_http(struct evhttp_request *request, void *unused) {
+    (void)unused;
+    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(request);
+    const char *path = uri ? evhttp_uri_get_path(uri) : NULL;
+    const char *query = uri ? evhttp_uri_get_query(uri) : NULL;
+    char *decoded = evhttp_decode_uri(path ? path : "");
+    if (!decoded || !strncmp(decoded, "/missing", 8)) {
+        evhttp_send_error(request, HTTP_NOTFOUND, NULL);
+        free(decoded);
+        return;
+    }
+    struct evbuffer *body = evbuffer_new();
+    char *escaped = evhttp_htmlescape(decoded);
+    evbuffer_add_printf(body, "<p>%s</p>\n", escaped ? escaped : "?");
+    free(escaped);
+    free(decoded);
+    struct evkeyvalq pairs;
+    if (query && evhttp_parse_query_str(query, &pairs) == 0) {
+        for (struct evkeyval *pair = pairs.tqh_first; pair; pair = pair->next.tqe_next)
+            evbuffer_add_printf(body, "%s=%s\n", pair->key, pair->value);
+        evhttp_clear_headers(&pairs);
+    }
+    struct evbuffer *input = evhttp_request_get_input_buffer(request);
+    size_t length = evbuffer_get_length(input);
+    if (length > 0) {
+        evbuffer_add_printf(body, "body %zu: ", length);
+        evbuffer_add_buffer(body, input);
+        evbuffer_add(body, "\n", 1);
+    }
+    evhttp_add_header(evhttp_request_get_output_headers(request), "Content-Type", "text/html");
+    evhttp_send_reply(request, HTTP_OK, "OK", body);
+    evbuffer_free(body);
+}
+
+static int serve_libevent(const char *port) {
+    struct event_base *base = event_base_new();
+    struct evhttp *http = base ? evhttp_new(base) : NULL;
+    if (!http || evhttp_bind_socket(http, "127.0.0.1", (unsigned short)atoi(port))) {
+        fprintf(stderr, "driver: libevent could not listen on %s\n", port);
+        return 1;
+    }
+    evhttp_set_gencb(http, on_http, NULL);
+    return event_base_dispatch(base) < 0;
+}
+
 int main(int argc, char **argv) {
     static char request[65536];
-    if (argc != 3 || strcmp(argv[1], "sqlite")) {
-        fprintf(stderr, "usage: driver sqlite PORT\n");
+    if (argc != 3 || (strcmp(argv[1], "sqlite") && strcmp(argv[1], "libevent"))) {
+        fprintf(stderr, "usage: driver sqlite|libevent PORT\n");
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
+    if (!strcmp(argv[1], "libevent"))
+        return serve_libevent(argv[2]);
     int listener = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);

@@ -270,3 +270,40 @@ fn constructor_code_is_refused() {
         "{error}"
     );
 }
+
+/// gcc numbers a unit's static locals with one counter: a static added to
+/// `tens` takes the name `ticks`'s counter had (count.1). Bound by name,
+/// the patch's new variable would be `ticks`'s live counter (it then
+/// advanced twice a second); the build refuses instead.
+#[test]
+fn a_static_local_renumbered_onto_another_functions_is_refused() {
+    let fixture = Fixture::of("statics");
+    let target = fixture.target_binary(false);
+    let diff = fixture.diff(
+        "inner",
+        "statics.c",
+        "    static int count;\n    return count += 10;",
+        "    static int count;\n    { static int count; count++; }\n    return count += 10;",
+    );
+    let error = fixture.build(&[diff], &target, "inner").unwrap_err();
+    assert!(matches!(error, BuildError::Refused { .. }), "{error}");
+    let text = error.to_string();
+    assert!(
+        text.contains("renumbered") && text.contains("ticks") && text.contains("tens"),
+        "{text}"
+    );
+
+    // A new static of a name of its own shifts `ticks`'s number too, but
+    // no existing name changes hands: built, and nothing of `ticks` bound.
+    let diff = fixture.diff(
+        "seen",
+        "statics.c",
+        "    static int count;\n    return count += 10;",
+        "    static int count;\n    static int seen;\n    seen++;\n    return count += 10;",
+    );
+    let built = fixture.build(&[diff], &target, "seen").unwrap();
+    assert_eq!(names(&built.functions_changed), vec!["tens"]);
+    let bound: Vec<&str> = built.bindings.iter().map(|b| b.symbol.as_str()).collect();
+    assert_eq!(bound.len(), 1, "{bound:?}");
+    assert!(bound[0].starts_with("statics.c::count"), "{bound:?}");
+}

@@ -71,14 +71,14 @@ fn build_driver(work: &Path) -> Result<PathBuf, ProgramsError> {
         .args(["-O2", "-o"])
         .arg(&built)
         .arg(&source)
-        .args(["-lsqlite3"])
+        .args(["-lsqlite3", "-levent"])
         .output()
         .map_err(io(Path::new("gcc")))?;
     if !output.status.success() {
         return Err(ProgramsError::Program {
             program: "driver".into(),
             message: format!(
-                "gcc failed (install libsqlite3-dev): {}",
+                "gcc failed (install libsqlite3-dev and libevent-dev): {}",
                 String::from_utf8_lossy(&output.stderr).lines().next().unwrap_or("")
             ),
         });
