@@ -55,7 +55,7 @@ use shadowpatch_process::{Attached, ProcessCopy, ProcessIdentity, TargetError};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -281,16 +281,21 @@ pub fn simulate(
             progress,
             &mut |pid| copies.made(pid),
         )?;
+        let within = limit
+            .within
+            .map(|w| format!(" within {:.1} s", w.as_secs_f64()))
+            .unwrap_or_default();
+        let cancelled = options.cancel.as_deref().is_some_and(|c| c.load(Ordering::Relaxed));
         for (index, (site, _)) in prepared.sites.iter().enumerate() {
             let got = calls.iter().filter(|c| c.function == index).count();
             if got == 0 {
+                unavailable.push(format!("simulation: no live call of {} captured{within}", site.symbol));
+            } else if (got as u32) < limit.calls && !cancelled {
+                // Fewer calls than asked is less evidence than asked: said,
+                // so that a verdict on 2 calls is not read as one on 8.
                 unavailable.push(format!(
-                    "simulation: no live call of {} captured{}",
-                    site.symbol,
-                    limit
-                        .within
-                        .map(|w| format!(" within {:.1} s", w.as_secs_f64()))
-                        .unwrap_or_default()
+                    "simulation: only {got} of {} live calls of {} captured{within}",
+                    limit.calls, site.symbol
                 ));
             }
         }

@@ -243,6 +243,27 @@ fn spread_captures_pass_over_ever_more_calls_between_them() {
     assert!(spread.hits >= 20, "{spread:?}");
 }
 
+/// Fewer calls than asked within the window is said, with the count.
+#[test]
+fn fewer_calls_than_asked_are_reported_with_their_count() {
+    let live = Live::sim(1);
+    let manifest = live.manifest("fewer", &[("compute", "compute_same")]);
+    let mut options = capturing(1000);
+    let capture = options.capture.as_mut().unwrap();
+    capture.within = Some(Duration::from_millis(300));
+    capture.spread = true;
+    options.repeat = 0;
+    let report = live.simulate(&manifest, &options).unwrap();
+    let got = report.calls.len();
+    assert!(got > 0 && got < 1000, "{got} calls");
+    let note = format!("only {got} of 1000 live calls of compute captured within 0.3 s");
+    assert!(
+        report.unavailable.iter().any(|u| u.contains(&note)),
+        "{:?}",
+        report.unavailable
+    );
+}
+
 #[test]
 fn a_function_starting_with_endbr64_is_captured_too() {
     let mut live = Live::sim(1);
