@@ -326,6 +326,11 @@ fn bad_arguments_are_one_line_errors_and_leave_the_target_untouched() {
         (vec!["analyze", &pid, "/nonexistent/m.toml"], "/nonexistent/m.toml"),
         (vec!["analyze", "2147483646", m], "no process"),
         (vec!["apply", &pid, m, "--metrics-url", "http://"], "--metrics-url"),
+        (
+            vec!["analyze", &pid, m, "--capture", "1", "--sim-repeat", "101"],
+            "--sim-repeat 101",
+        ),
+        (vec!["apply", &pid, m, "--sim-repeat", "101"], "--sim-repeat 101"),
     ];
     for (args, needle) in cases {
         assert_bad_input(&shadowpatch(&state, &args), needle);
