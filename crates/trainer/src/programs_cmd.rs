@@ -10,7 +10,7 @@ use shadowpatch_trainer::programs::mutate::Template;
 use shadowpatch_trainer::programs::{
     harm_samples, parse_records, parse_spec, read_spec, ProgramRecord, EMBEDDED_PROGRAMS, EMBEDDED_SAMPLES,
 };
-use shadowpatch_trainer::training::lopo::{harm_labelled, leave_one_program_out, Lopo};
+use shadowpatch_trainer::training::lopo::{harm_labelled, leave_one_program_out, Lopo, ProgramRow, Refusals};
 use shadowpatch_trainer::training::TrainOptions;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -247,17 +247,14 @@ fn print_lopo(lopo: &Lopo, real: usize, fixture: usize) {
     println!("|---|---|---|---|---|---|---|---|");
     for row in &lopo.rows {
         println!(
-            "| {} | {} ({}/{}/{}) | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} ({}/{}/{}) | {} | {} | {} |",
             row.program,
             row.samples,
             row.harm,
             row.change,
             row.same,
             row.auc.map_or("–".into(), |a| format!("{a:.3}")),
-            percent(row.refused_harm, row.harm),
-            percent(row.crash_or_hang_refused, row.crash_or_hang),
-            percent(row.refused_same, row.same),
-            percent(row.refused_change, row.change),
+            refusal_cells(row, &row.model),
             row.chosen
         );
     }
@@ -270,15 +267,7 @@ fn print_lopo(lopo: &Lopo, real: usize, fixture: usize) {
     println!("| held out | harm refused | crash+hang refused | false refusals (same) | changes refused |");
     println!("|---|---|---|---|---|");
     for row in &lopo.rows {
-        let v = &row.verdict;
-        println!(
-            "| {} | {} | {} | {} | {} |",
-            row.program,
-            percent(v.refused_harm, row.harm),
-            percent(v.crash_or_hang_refused, row.crash_or_hang),
-            percent(v.refused_same, row.same),
-            percent(v.refused_change, row.change)
-        );
+        println!("| {} | {} |", row.program, refusal_cells(row, &row.verdict));
     }
     println!();
     println!("| risk | samples | mean risk | harm fraction |");
@@ -290,17 +279,24 @@ fn print_lopo(lopo: &Lopo, real: usize, fixture: usize) {
         );
     }
     for row in &lopo.rows {
-        for line in &row.missed {
-            println!("missed harm   {line}");
-        }
-        for line in &row.falsely_refused {
-            println!("false refusal {line}");
-        }
-        for line in &row.verdict.missed {
-            println!("missed harm by the verdict   {line}");
-        }
-        for line in &row.verdict.falsely_refused {
-            println!("false refusal by the verdict {line}");
+        for (by, refusals) in [("", &row.model), (" by the verdict", &row.verdict)] {
+            for line in &refusals.missed {
+                println!("missed harm{by}   {line}");
+            }
+            for line in &refusals.falsely_refused {
+                println!("false refusal{by} {line}");
+            }
         }
     }
+}
+
+/// A rule's four refusal cells of a row: harm, crash+hang, same, change.
+fn refusal_cells(row: &ProgramRow, refusals: &Refusals) -> String {
+    [
+        percent(refusals.refused_harm, row.harm),
+        percent(refusals.crash_or_hang_refused, row.crash_or_hang),
+        percent(refusals.refused_same, row.same),
+        percent(refusals.refused_change, row.change),
+    ]
+    .join(" | ")
 }

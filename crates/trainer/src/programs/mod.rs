@@ -262,7 +262,7 @@ mod tests {
         let mut missed_made = Vec::new();
         for row in &lopo.rows {
             assert!(row.samples >= 20 && row.harm >= 10 && row.same >= 5, "{row:?}");
-            for missed in &row.missed {
+            for missed in &row.model.missed {
                 if [":crash-always ", ":crash-sometimes ", ":hang-always "]
                     .iter()
                     .any(|made| missed.contains(made))

@@ -30,33 +30,54 @@ pub struct ProgramRow {
     pub same: usize,
     /// Harm against everything else, ranked by (blocking, risk).
     pub auc: Option<f64>,
+    pub crash_or_hang: usize,
+    /// Refusals by the model rule (a blocking finding, or the risk at the
+    /// threshold), flattened into the row.
+    #[serde(flatten)]
+    pub model: Refusals,
+    pub chosen: String,
+    /// The same counts by the engine's whole verdict rule (the held-out
+    /// model's risk, the sample's findings and simulation evidence):
+    /// what a user would see. Samples without findings recorded count by
+    /// the model rule.
+    pub verdict: Refusals,
+}
+
+/// What one rule refused of a held-out program.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Refusals {
     pub refused_harm: usize,
     /// Refused patches that keep behaviour (the false refusals).
     pub refused_same: usize,
     /// Refused changes of behaviour (they should warn).
     pub refused_change: usize,
-    pub crash_or_hang: usize,
     pub crash_or_hang_refused: usize,
     /// What was missed, one `id (outcome, risk)` each.
     pub missed: Vec<String>,
     pub falsely_refused: Vec<String>,
-    pub chosen: String,
-    /// The same counts by the engine's whole verdict rule (the held-out
-    /// model's risk, the sample's findings and simulation evidence):
-    /// what a user would see. Samples without findings recorded count by
-    /// the rule above.
-    pub verdict: VerdictCounts,
 }
 
-/// Refusals by the verdict rule.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct VerdictCounts {
-    pub refused_harm: usize,
-    pub refused_same: usize,
-    pub refused_change: usize,
-    pub crash_or_hang_refused: usize,
-    pub missed: Vec<String>,
-    pub falsely_refused: Vec<String>,
+impl Refusals {
+    /// Count `sample` (described by `line`), refused or not.
+    fn tally(&mut self, sample: &Sample, refused: bool, line: &str) {
+        let refused_count = usize::from(refused);
+        if sample.harmful {
+            self.refused_harm += refused_count;
+            if !refused {
+                self.missed.push(line.to_string());
+            }
+        } else if sample.outcome == "wrong" {
+            self.refused_change += refused_count;
+        } else {
+            self.refused_same += refused_count;
+            if refused {
+                self.falsely_refused.push(line.to_string());
+            }
+        }
+        if is_crash_or_hang(sample) {
+            self.crash_or_hang_refused += refused_count;
+        }
+    }
 }
 
 /// The whole evaluation.
@@ -121,15 +142,10 @@ pub fn leave_one_program_out(real: &[Sample], extra: &[Sample], options: &TrainO
             change: 0,
             same: 0,
             auc: None,
-            refused_harm: 0,
-            refused_same: 0,
-            refused_change: 0,
             crash_or_hang: 0,
-            crash_or_hang_refused: 0,
-            missed: Vec::new(),
-            falsely_refused: Vec::new(),
+            model: Refusals::default(),
             chosen: fitted.chosen.name(),
-            verdict: VerdictCounts::default(),
+            verdict: Refusals::default(),
         };
         let mut scores = Vec::new();
         let mut harm = Vec::new();
@@ -141,44 +157,17 @@ pub fn leave_one_program_out(real: &[Sample], extra: &[Sample], options: &TrainO
             pooled_risks.push(risk);
             pooled_harm.push(sample.harmful);
             let line = format!("{} ({}, risk {:.2})", sample.id, sample.outcome, risk);
+            row.model.tally(sample, refused, &line);
             let by_verdict = verdict_refuses(&options.policy, sample, risk, refused);
-            let counts = &mut row.verdict;
-            if sample.harmful {
-                counts.refused_harm += usize::from(by_verdict);
-                if !by_verdict {
-                    counts.missed.push(line.clone());
-                }
-            } else if sample.outcome == "wrong" {
-                counts.refused_change += usize::from(by_verdict);
-            } else {
-                counts.refused_same += usize::from(by_verdict);
-                if by_verdict {
-                    counts.falsely_refused.push(line.clone());
-                }
-            }
-            if is_crash_or_hang(sample) {
-                counts.crash_or_hang_refused += usize::from(by_verdict);
-            }
+            row.verdict.tally(sample, by_verdict, &line);
             if sample.harmful {
                 row.harm += 1;
-                row.refused_harm += usize::from(refused);
-                if !refused {
-                    row.missed.push(line.clone());
-                }
             } else if sample.outcome == "wrong" {
                 row.change += 1;
-                row.refused_change += usize::from(refused);
             } else {
                 row.same += 1;
-                row.refused_same += usize::from(refused);
-                if refused {
-                    row.falsely_refused.push(line.clone());
-                }
             }
-            if is_crash_or_hang(sample) {
-                row.crash_or_hang += 1;
-                row.crash_or_hang_refused += usize::from(refused);
-            }
+            row.crash_or_hang += usize::from(is_crash_or_hang(sample));
         }
         row.auc = auc(&scores, &harm);
         rows.push(row);
@@ -252,11 +241,11 @@ mod tests {
         assert_eq!(lopo.rows.len(), 3);
         for row in &lopo.rows {
             assert_eq!(row.train_samples + row.samples, real.len());
-            assert_eq!(row.refused_harm, row.harm, "{row:?}");
+            assert_eq!(row.model.refused_harm, row.harm, "{row:?}");
         }
         let c = &lopo.rows[2];
         assert_eq!(
-            (c.program.as_str(), c.refused_same, c.falsely_refused.len()),
+            (c.program.as_str(), c.model.refused_same, c.model.falsely_refused.len()),
             ("c", 1, 1)
         );
         assert!(lopo.pooled_auc.unwrap() > 0.9);
