@@ -21,6 +21,7 @@ pub mod debian;
 pub mod differ;
 pub mod driver;
 pub mod emit;
+pub mod inlined;
 pub mod matching;
 pub mod source;
 pub mod target;
@@ -263,6 +264,8 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
         header_touched.extend(source::TouchedFunctions::of(&text, &changed_lines[*header]));
     }
     let mut included_globals = std::collections::HashSet::new();
+    // Per unit: the functions whose source the diff changed.
+    let mut touched_of: Vec<source::TouchedFunctions> = Vec::new();
     let mut cplusplus = false;
     for compiled in recompiled.values() {
         cplusplus |= driver::is_cplusplus(&compiled.source);
@@ -315,6 +318,7 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
             });
         }
         units.push(patched);
+        touched_of.push(touched);
         origin_of.push(compiled.clone());
     }
     if cplusplus && functions.iter().any(|f| f.inclusion != Inclusion::New) {
@@ -443,11 +447,34 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
                 kind: BoundKind::Function,
             });
         }
+        // A function carrying only inlined changed code: where that code
+        // is, so that a simulated call that never runs it is not taken as
+        // evidence about the change.
+        let changed_code = if function.inclusion == Inclusion::Inlined {
+            match inlined::changed_code(&unit.path, &symbol.name, &touched_of[function.unit], work.path()) {
+                Ok(ranges) if !ranges.is_empty() => ranges,
+                Ok(_) => {
+                    notes.push(format!(
+                        "{name}: no inlined code of a changed function found in its debug information; every simulated call of it counts as running the change"
+                    ));
+                    Vec::new()
+                }
+                Err(why) => {
+                    notes.push(format!(
+                        "{name}: where the inlined change is was not found ({why}); every simulated call of it counts as running the change"
+                    ));
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
         replacements.push(Replacement {
             symbol: name.clone(),
             with: with.clone(),
             behaviour: Default::default(),
             expect: Vec::new(),
+            changed_code,
         });
     }
     bound.sort_by(|a, b| a.name.cmp(&b.name));

@@ -31,6 +31,15 @@
 //! `--call` takes them); `returns` is compared with rax, or with eax only
 //! when it fits in 32 bits (an `int` leaves rax's upper half undefined).
 //!
+//! `changed_code` (written by `shadowpatch build`) says where the change
+//! is when a replacement only carries it, as code of a changed function
+//! the compiler inlined into it; a simulated call that runs none of it is
+//! no evidence about the change:
+//!
+//! ```toml
+//! changed_code = [{ offset = 0x2d0, size = 0x58, function = "process_delete_command" }]
+//! ```
+//!
 //! Optional `[[symbol]]` entries name functions and variables of the
 //! target module by file address, for this exact build-id: `shadowpatch
 //! build` writes them when the target is stripped or two files have
@@ -107,6 +116,24 @@ pub struct Replacement {
     /// Expected results for given inputs (`behaviour = "changed"` only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expect: Vec<Expectation>,
+    /// Where the change is inside `with`, when `with` only carries it: the
+    /// code of changed functions the compiler inlined into it (`shadowpatch
+    /// build` writes these from the patched object's DWARF). Empty: all of
+    /// `with` is the change. A simulated call is evidence about the change
+    /// only if it runs code in one of these ranges.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_code: Vec<CodeRange>,
+}
+
+/// Code inside a replacement: `size` bytes at `offset` from its first
+/// byte, holding an inlined copy of `function`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodeRange {
+    pub offset: u64,
+    pub size: u64,
+    /// The changed function whose code this is.
+    pub function: String,
 }
 
 /// What a replacement means to do to the function's behaviour.
@@ -224,6 +251,14 @@ impl Manifest {
                     "replace[{i}] ({}): expect needs behaviour = \"changed\" (a preserved behaviour is checked against the original)",
                     r.symbol
                 ));
+            }
+            for (j, range) in r.changed_code.iter().enumerate() {
+                if range.size == 0 || range.offset.checked_add(range.size).is_none() || range.function.is_empty() {
+                    return Err(format!(
+                        "replace[{i}].changed_code[{j}] ({}): needs a function and a non-empty range (offset {}, size {})",
+                        r.symbol, range.offset, range.size
+                    ));
+                }
             }
             for (j, expectation) in r.expect.iter().enumerate() {
                 if expectation.args.len() > 6 {
@@ -414,6 +449,30 @@ with = "pingCommand_fixed"
         ];
         for (text, needle) in cases {
             let error = Manifest::parse(&text).unwrap_err();
+            assert!(error.contains(needle), "{needle:?} not in {error:?}");
+            assert!(!error.contains('\n'), "{error:?}");
+        }
+    }
+
+    #[test]
+    fn changed_code_parses_and_bad_ranges_name_where() {
+        let text = format!("{GOOD}changed_code = [{{ offset = 0x10, size = 8, function = \"inner\" }}]\n");
+        let m = Manifest::parse(&text).unwrap();
+        assert_eq!(m.replacements[0].changed_code[0].offset, 16);
+        assert_eq!(Manifest::parse(&toml::to_string(&m).unwrap()).unwrap(), m);
+        for (bad, needle) in [
+            (
+                "{ offset = 1, size = 0, function = \"f\" }",
+                "replace[0].changed_code[0]",
+            ),
+            ("{ offset = 1, size = 2, function = \"\" }", "needs a function"),
+            ("{ offset = 1, size = 2 }", "missing field `function`"),
+            (
+                "{ offset = 1, size = 2, function = \"f\", at = 3 }",
+                "unknown field `at`",
+            ),
+        ] {
+            let error = Manifest::parse(&format!("{GOOD}changed_code = [{bad}]\n")).unwrap_err();
             assert!(error.contains(needle), "{needle:?} not in {error:?}");
             assert!(!error.contains('\n'), "{error:?}");
         }

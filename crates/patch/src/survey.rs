@@ -264,9 +264,28 @@ fn survey_parsed(
         })
         .collect();
     if let Some(object) = &object {
-        for replacement in &mut replacements {
+        for (replacement, declared) in replacements.iter_mut().zip(&manifest.replacements) {
             match object.function(&replacement.with) {
-                Ok(function) => replacement.new_function = Some(function.clone()),
+                Ok(function) => {
+                    if let Some(range) = declared
+                        .changed_code
+                        .iter()
+                        .find(|range| range.offset + range.size > function.size)
+                    {
+                        problems.push(PatchError::Manifest {
+                            path: manifest_path.to_path_buf(),
+                            message: format!(
+                                "replace {}: changed_code of {} ends at offset {:#x}, past the end of {} ({:#x} bytes)",
+                                replacement.symbol,
+                                range.function,
+                                range.offset + range.size,
+                                replacement.with,
+                                function.size
+                            ),
+                        });
+                    }
+                    replacement.new_function = Some(function.clone());
+                }
                 Err(problem) => problems.push(problem),
             }
         }

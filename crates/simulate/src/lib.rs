@@ -30,6 +30,7 @@ pub mod capture;
 pub mod compare;
 pub mod fork;
 pub mod policy;
+pub mod probe;
 pub mod repeat;
 pub mod report;
 pub mod returns;
@@ -247,6 +248,23 @@ pub fn simulate(
         attached.memory(),
         &site_list,
     );
+    // Per replacement carrying an inlined change: where that code is in
+    // the copies, to tell the calls that run it from those that do not.
+    let changed: Vec<Option<probe::ChangedCode>> = prepared
+        .sites
+        .iter()
+        .map(|(site, with)| {
+            let declared = prepared
+                .manifest
+                .replacements
+                .iter()
+                .find(|r| r.symbol == site.symbol && &r.with == with)
+                .or_else(|| prepared.manifest.replacements.iter().find(|r| &r.with == with))?;
+            let function = plan.functions.iter().find(|f| &f.with == with)?;
+            let start = (function.new_address - plan.address) as usize;
+            probe::ChangedCode::new(function.new_address, plan.image.get(start..)?, &declared.changed_code)
+        })
+        .collect();
     // The entry bytes a capture's breakpoints replace, for the copies.
     let mut breakpoints = Vec::new();
     for (site, _) in &prepared.sites {
@@ -322,8 +340,15 @@ pub fn simulate(
         let symbol = &prepared.sites[function].0.symbol;
         let shape = &returns[function];
         let pair = prepare_pair(copy, entry, setup, &mut |pid| copies.made(pid))?;
-        let (original, patched, comparison, repeats) =
-            run_pair(pair, &entry, &plan, sentinel, shape, options, &mut dying)?;
+        let (original, patched, comparison, repeats) = run_pair(
+            pair,
+            &entry,
+            &plan,
+            sentinel,
+            (shape, changed[function].as_ref()),
+            options,
+            &mut dying,
+        )?;
         Ok(SimulatedCall {
             symbol: symbol.to_string(),
             origin,
@@ -372,6 +397,31 @@ pub fn simulate(
             });
         }
     }
+    for (index, changed) in changed.iter().enumerate() {
+        let Some(changed) = changed else { continue };
+        let symbol = &prepared.sites[index].0.symbol;
+        let of_site: Vec<&SimulatedCall> = calls.iter().filter(|c| &c.symbol == symbol).collect();
+        let ran = of_site.iter().filter(|c| c.ran_change()).count();
+        if of_site.is_empty() || ran == of_site.len() {
+            continue;
+        }
+        // A call that never ran the changed code is no evidence about it,
+        // however clean: said, so that a verdict on it is not read as one
+        // on the change.
+        unavailable.push(if ran == 0 {
+            format!(
+                "simulation: none of the {} simulated calls of {symbol} ran the changed code ({}, inlined into it): they are no evidence about the change",
+                of_site.len(),
+                changed.names()
+            )
+        } else {
+            format!(
+                "simulation: only {ran} of the {} simulated calls of {symbol} ran the changed code ({}, inlined into it)",
+                of_site.len(),
+                changed.names()
+            )
+        });
+    }
     for (index, count) in skipped.iter().enumerate().filter(|(_, count)| **count > 0) {
         unavailable.push(format!(
             "simulation: {count} more captured calls of {} not simulated: the patched function already failed on {}",
@@ -410,7 +460,7 @@ fn run_pair(
     entry: &libc::user_regs_struct,
     plan: &LoadPlan,
     sentinel: u64,
-    shape: &ReturnShape,
+    (shape, changed): (&ReturnShape, Option<&probe::ChangedCode>),
     options: &SimulationOptions,
     dying: &mut Vec<ProcessCopy>,
 ) -> Result<(RunResult, RunResult, Comparison, Option<Repeats>), SimulateError> {
@@ -424,7 +474,7 @@ fn run_pair(
     let original = sandbox::run(&mut pair.original, sentinel, fds, &options.limits)?;
     let limits = options.limits.for_patched(original.elapsed_us);
     let fds = descriptors(&pair.patched);
-    let patched = sandbox::run(&mut pair.patched, sentinel, fds, &limits)?;
+    let patched = sandbox::run_probed(&mut pair.patched, sentinel, fds, &limits, changed)?;
     // Dead memory: the stack below the call's entry, and the patch itself.
     let maps = shadowpatch_process::maps::read_maps(pair.original.pid().as_raw())?;
     let stack_start = maps
@@ -451,6 +501,7 @@ fn run_pair(
             sentinel,
             &options.limits,
             options.repeat,
+            changed,
         )?)
     } else {
         None

@@ -13,6 +13,7 @@
 //! crash or hang: the call is not repeatable) nothing more is concluded.
 
 use super::policy::Descriptors;
+use super::probe::ChangedCode;
 use super::sandbox::{self, Limits, Outcome};
 use super::SimulateError;
 use shadowpatch_process::ProcessCopy;
@@ -43,6 +44,12 @@ pub struct Repeats {
     /// repeats, KiB.
     pub original_growth_kib: i64,
     pub patched_growth_kib: i64,
+    /// Repeats whose patched run ran the changed code, when the
+    /// replacement carries an inlined change (`probe`): a repeat that
+    /// never ran it (the call's input consumed by the first run, say)
+    /// shows nothing about the change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ran_changed_code: Option<u32>,
 }
 
 impl Repeats {
@@ -53,6 +60,13 @@ impl Repeats {
             return 0;
         }
         (self.patched_growth_kib - self.original_growth_kib) / i64::from(self.completed)
+    }
+
+    /// Every repeat that ran, ran the changed code (trivially so when the
+    /// whole replacement is the change).
+    pub fn each_ran_change(&self) -> bool {
+        self.ran_changed_code
+            .is_none_or(|ran| ran >= self.completed + u32::from(self.patched_failed.is_some()))
     }
 
     /// Leaks by the finding's measure.
@@ -95,6 +109,7 @@ pub fn repeat(
     sentinel: u64,
     limits: &Limits,
     runs: u32,
+    changed: Option<&ChangedCode>,
 ) -> Result<Repeats, SimulateError> {
     let mut repeats = Repeats {
         asked: runs,
@@ -103,6 +118,7 @@ pub fn repeat(
         patched_failed: None,
         original_growth_kib: 0,
         patched_growth_kib: 0,
+        ran_changed_code: changed.map(|_| 0),
     };
     let original_before = data_kib(original_copy)?;
     let patched_before = data_kib(patched_copy)?;
@@ -116,7 +132,16 @@ pub fn repeat(
         }
         rewind(patched_copy, entry, sentinel)?;
         let fds = descriptors(patched_copy);
-        let patched = sandbox::run(patched_copy, sentinel, fds, &limits.for_patched(original.elapsed_us))?;
+        let patched = sandbox::run_probed(
+            patched_copy,
+            sentinel,
+            fds,
+            &limits.for_patched(original.elapsed_us),
+            changed,
+        )?;
+        if patched.ran_changed_code == Some(true) {
+            *repeats.ran_changed_code.get_or_insert(0) += 1;
+        }
         if !patched.outcome.returned() {
             // A write to memory shared with the service is stopped by the
             // sandbox on the first run already; on a repeat it is the same
@@ -147,7 +172,25 @@ mod tests {
             patched_failed: None,
             original_growth_kib: original,
             patched_growth_kib: patched,
+            ran_changed_code: None,
         }
+    }
+
+    #[test]
+    fn repeats_that_never_ran_the_changed_code_are_not_each_running_it() {
+        let mut r = repeats(4, 0, 0);
+        assert!(r.each_ran_change());
+        r.ran_changed_code = Some(4);
+        assert!(r.each_ran_change());
+        r.ran_changed_code = Some(0);
+        assert!(!r.each_ran_change());
+        // A failed repeat ran too.
+        r.completed = 2;
+        r.patched_failed = Some((3, Outcome::Exited { code: 1 }));
+        r.ran_changed_code = Some(2);
+        assert!(!r.each_ran_change());
+        r.ran_changed_code = Some(3);
+        assert!(r.each_ran_change());
     }
 
     #[test]

@@ -52,6 +52,13 @@ impl SimulatedCall {
         self.repeats.as_ref().is_some_and(|r| r.patched_failed.is_some())
     }
 
+    /// Whether the call ran the code the patch changes: false only when
+    /// the replacement carries an inlined change (`changed_code`) and the
+    /// patched run never entered it.
+    pub fn ran_change(&self) -> bool {
+        self.patched.ran_changed_code != Some(false)
+    }
+
     /// The patched copy's memory grew on repeats beyond the original's.
     pub fn leaked_on_repeat(&self) -> bool {
         self.repeats.as_ref().is_some_and(Repeats::leaks)
@@ -441,19 +448,25 @@ pub fn features(calls: &[SimulatedCall], stats: &CaptureStats) -> BTreeMap<Strin
     // Live calls whose repeats showed no harm: run to the end, or as far
     // as the original could repeat the call (a dispatcher's `quit` closes
     // its connection: the call is not repeatable, which says nothing of
-    // the patch). Counted only if at least one ran every repeat.
+    // the patch). Counted only if at least one ran every repeat, and only
+    // calls that ran the changed code: a dispatcher's `get` says nothing of
+    // its inlined `delete` handler's change.
     fn live_repeats(c: &SimulatedCall) -> Option<&Repeats> {
         c.repeats
             .as_ref()
-            .filter(|_| matches!(c.origin, CallOrigin::Captured { .. }))
+            .filter(|_| matches!(c.origin, CallOrigin::Captured { .. }) && c.ran_change())
     }
     let clean = count(&|c| {
         live_repeats(c).is_some_and(|r| {
-            r.patched_failed.is_none() && !r.leaks() && (r.completed == r.asked || r.original_failed.is_some())
+            r.patched_failed.is_none()
+                && !r.leaks()
+                && r.each_ran_change()
+                && (r.completed == r.asked || r.original_failed.is_some())
         })
     });
     let complete = count(&|c| live_repeats(c).is_some_and(|r| r.completed == r.asked && r.asked > 0));
     put("sim_live_repeated_clean", if complete > 0.0 { clean } else { 0.0 });
+    put("sim_unreached_calls", count(&|c| !c.ran_change()));
     put(
         "sim_divergent_returns",
         count(&|c| diverged(c) && c.comparison.return_differs),

@@ -5,6 +5,7 @@
 //! there), crashes, calls `exit`, or exceeds its time or syscall budget.
 
 use super::policy::{decide, opens_for_writing, After, Decision, Descriptors, EffectKind, SideEffect};
+use super::probe::ChangedCode;
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
 use shadowpatch_process::{CopyStop, Deadline, ProcessCopy, Resume, TargetError};
@@ -150,6 +151,10 @@ pub struct RunResult {
     pub elapsed_us: u64,
     /// The budgets it ran under.
     pub budget: Budget,
+    /// Whether the call ran the changed code the run watched for (see
+    /// `probe`); `None` when it watched for none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ran_changed_code: Option<bool>,
 }
 
 /// What to do at the exit of the syscall in progress.
@@ -165,12 +170,22 @@ enum AtExit {
 
 /// Run `copy` (registers already at the function's entry, its return
 /// address the `sentinel`) to the end of the call.
-pub fn run(
+pub fn run(copy: &mut ProcessCopy, sentinel: u64, fds: Descriptors, limits: &Limits) -> Result<RunResult, TargetError> {
+    run_probed(copy, sentinel, fds, limits, None)
+}
+
+/// `run`, watching whether the call runs `changed` code (its traps are
+/// armed for the run and gone after it).
+pub fn run_probed(
     copy: &mut ProcessCopy,
     sentinel: u64,
     mut fds: Descriptors,
     limits: &Limits,
+    changed: Option<&ChangedCode>,
 ) -> Result<RunResult, TargetError> {
+    if let Some(changed) = changed {
+        changed.arm(copy)?;
+    }
     let started = Instant::now();
     let deadline = Deadline::arm(copy, limits.cpu, started + limits.wall);
     let mut result = RunResult {
@@ -187,6 +202,7 @@ pub fn run(
             wall_ms: limits.wall.as_millis() as u64,
             syscalls: limits.syscalls,
         },
+        ran_changed_code: changed.map(|_| false),
     };
     let mut at_exit: Option<AtExit> = None;
     let mut deliver: Option<Signal> = None;
@@ -234,7 +250,18 @@ pub fn run(
                 }
             }
             CopyStop::Signal { signal, code, address } => {
-                let regs = copy.regs()?;
+                let mut regs = copy.regs()?;
+                if let Some(changed) = changed.filter(|_| result.ran_changed_code == Some(false)) {
+                    if signal == Signal::SIGTRAP && changed.trapped_at(regs.rip) {
+                        // One of our traps: every byte back, and the
+                        // instruction runs as if nothing happened.
+                        changed.disarm(copy)?;
+                        regs.rip -= 1;
+                        copy.set_regs(regs)?;
+                        result.ran_changed_code = Some(true);
+                        continue;
+                    }
+                }
                 if signal == Signal::SIGSEGV && regs.rip == sentinel {
                     let fp = copy.fp_regs()?;
                     let xmm0 = fp.xmm_space[..4]
@@ -284,6 +311,11 @@ pub fn run(
     }
     drop(deadline);
     result.elapsed_us = started.elapsed().as_micros() as u64;
+    if let Some(changed) = changed.filter(|_| result.ran_changed_code == Some(false)) {
+        // Never reached: the traps come out before the copy runs again (a
+        // repeat); a copy that died has no memory left to mend.
+        let _ = changed.disarm(copy);
+    }
     Ok(result)
 }
 

@@ -137,31 +137,10 @@ impl DebugInfo {
     /// `.debug_info`. Only functions and variables whose name `wanted`
     /// accepts have their types resolved (the rest costs a skip).
     pub fn parse(path: &Path, bytes: &[u8], wanted: &dyn Fn(&str) -> bool) -> Result<Option<Self>, SymbolsError> {
-        let malformed = |message: String| SymbolsError::Malformed {
-            path: path.to_path_buf(),
-            message,
-        };
-        let file = object::File::parse(bytes).map_err(|e| malformed(e.to_string()))?;
-        if file.section_by_name(".debug_info").is_none_or(|s| s.size() == 0) {
-            return Ok(None);
-        }
-        let sections = gimli::DwarfSections::load(|id| -> Result<Cow<[u8]>, SymbolsError> {
-            Ok(match file.section_by_name(id.name()) {
-                Some(section) => section
-                    .uncompressed_data()
-                    .map_err(|e| malformed(format!("section {}: {e}", id.name())))?,
-                None => Cow::Borrowed(&[]),
-            })
-        })?;
-        let dwarf = sections.borrow(|section| EndianSlice::new(section, LittleEndian));
-        let dwarf_error = |e: gimli::Error| malformed(format!("DWARF: {e}"));
         let mut info = DebugInfo::default();
-        let mut headers = dwarf.units();
-        while let Some(header) = headers.next().map_err(dwarf_error)? {
-            let unit = dwarf.unit(header).map_err(dwarf_error)?;
-            let unit = unit.unit_ref(&dwarf);
+        let found = for_each_unit(path, bytes, &mut |unit| {
             let mut entries = unit.entries();
-            while let Some(entry) = entries.next_dfs().map_err(dwarf_error)? {
+            while let Some(entry) = entries.next_dfs()? {
                 let tag = entry.tag();
                 if entry.depth() != 1 || (tag != gimli::DW_TAG_subprogram && tag != gimli::DW_TAG_variable) {
                     continue;
@@ -186,7 +165,7 @@ impl DebugInfo {
                         _ => None,
                     };
                     let return_type = type_of(&unit, entry.attr_value(gimli::DW_AT_type), 0);
-                    let (parameters, variadic) = parameters_of(&unit, offset).map_err(dwarf_error)?;
+                    let (parameters, variadic) = parameters_of(&unit, offset)?;
                     info.functions.push(FunctionInfo {
                         name,
                         low_pc,
@@ -209,8 +188,9 @@ impl DebugInfo {
                     });
                 }
             }
-        }
-        Ok(Some(info))
+            Ok(())
+        })?;
+        Ok(found.then_some(info))
     }
 
     /// The definition of function `name` (the one at `low_pc`, when given
@@ -240,6 +220,110 @@ impl DebugInfo {
             .or_else(|| named.first())
             .copied()
     }
+}
+
+/// Visit each compilation unit of an ELF file's DWARF; `false` when the
+/// file has no `.debug_info`.
+fn for_each_unit(
+    path: &Path,
+    bytes: &[u8],
+    visit: &mut dyn FnMut(gimli::UnitRef<'_, Slice<'_>>) -> gimli::Result<()>,
+) -> Result<bool, SymbolsError> {
+    let malformed = |message: String| SymbolsError::Malformed {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = object::File::parse(bytes).map_err(|e| malformed(e.to_string()))?;
+    if file.section_by_name(".debug_info").is_none_or(|s| s.size() == 0) {
+        return Ok(false);
+    }
+    let sections = gimli::DwarfSections::load(|id| -> Result<Cow<[u8]>, SymbolsError> {
+        Ok(match file.section_by_name(id.name()) {
+            Some(section) => section
+                .uncompressed_data()
+                .map_err(|e| malformed(format!("section {}: {e}", id.name())))?,
+            None => Cow::Borrowed(&[]),
+        })
+    })?;
+    let dwarf = sections.borrow(|section| EndianSlice::new(section, LittleEndian));
+    let mut walk = || -> gimli::Result<()> {
+        let mut headers = dwarf.units();
+        while let Some(header) = headers.next()? {
+            let unit = dwarf.unit(header)?;
+            visit(unit.unit_ref(&dwarf))?;
+        }
+        Ok(())
+    };
+    walk().map_err(|e| malformed(format!("DWARF: {e}")))?;
+    Ok(true)
+}
+
+/// One inlined copy of a function (`DW_TAG_inlined_subroutine`): the
+/// function's name and the `[start, end)` address ranges of its code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InlinedCode {
+    pub function: String,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// Every inlined copy of the functions `wanted` accepts, in an ELF file
+/// with its DWARF (addresses as the file has them: a linked file's).
+/// Empty when the file has no `.debug_info`.
+pub fn inlined_code(
+    path: &Path,
+    bytes: &[u8],
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<Vec<InlinedCode>, SymbolsError> {
+    let mut found = Vec::new();
+    for_each_unit(path, bytes, &mut |unit| {
+        let mut entries = unit.entries();
+        while let Some(entry) = entries.next_dfs()? {
+            if entry.tag() != gimli::DW_TAG_inlined_subroutine {
+                continue;
+            }
+            let Some(function) = origin_name(&unit, entry, 4) else {
+                continue;
+            };
+            if !wanted(&function) {
+                continue;
+            }
+            let mut ranges = Vec::new();
+            let mut iter = unit.die_ranges(entry)?;
+            while let Some(range) = iter.next()? {
+                if range.end > range.begin {
+                    ranges.push((range.begin, range.end));
+                }
+            }
+            if !ranges.is_empty() {
+                found.push(InlinedCode { function, ranges });
+            }
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
+/// The name of an entry, or of what it is an instance of (abstract origin,
+/// specification), following at most `depth` links.
+fn origin_name<'a>(
+    unit: &gimli::UnitRef<'_, Slice<'a>>,
+    entry: &gimli::DebuggingInformationEntry<Slice<'a>>,
+    depth: u32,
+) -> Option<String> {
+    if let Some(name) = name_of(unit, entry) {
+        return Some(name);
+    }
+    if depth == 0 {
+        return None;
+    }
+    let link = entry
+        .attr_value(gimli::DW_AT_abstract_origin)
+        .or_else(|| entry.attr_value(gimli::DW_AT_specification))?;
+    let AttributeValue::UnitRef(offset) = link else {
+        return None;
+    };
+    let origin = unit.entry(offset).ok()?;
+    origin_name(unit, &origin, depth - 1)
 }
 
 /// The `DW_AT_name` of an entry.

@@ -9,7 +9,7 @@ pub mod dwarf;
 pub mod elf;
 pub mod module;
 
-pub use dwarf::{DebugInfo, DebugSource, FunctionInfo, TypeClass, TypeShape, VariableInfo};
+pub use dwarf::{inlined_code, DebugInfo, DebugSource, FunctionInfo, InlinedCode, TypeClass, TypeShape, VariableInfo};
 pub use elf::{ElfImage, Segment, Symbol, SymbolKind, SymbolSource, SymbolTable};
 pub use module::{modules_of, Location, Module};
 

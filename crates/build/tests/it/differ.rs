@@ -40,6 +40,22 @@ fn new_function_and_inlined_callee() {
     let built = fixture.build(&[inlined], &target, "inlined").unwrap();
     assert!(built.functions_changed.is_empty(), "{:?}", built.functions_changed);
     assert_eq!(names(&built.functions_included_for_inlining), vec!["compute"]);
+    // Where scale's inlined code is inside compute, from the patched
+    // object's DWARF: inside compute, not all of it.
+    let changed = &built.manifest.replacements[0].changed_code;
+    assert!(!changed.is_empty(), "{:?}", built.notes);
+    assert!(
+        changed.iter().all(|r| r.function == "scale" && r.size > 0),
+        "{changed:?}"
+    );
+    let with = shadowpatch_patch::object::PatchObject::parse(
+        &built.out.join("patch.so"),
+        std::fs::read(built.out.join("patch.so")).unwrap(),
+    )
+    .unwrap();
+    let compute = with.function(&built.manifest.replacements[0].with).unwrap();
+    let covered: u64 = changed.iter().map(|r| r.size).sum();
+    assert!(changed.iter().all(|r| r.offset + r.size <= compute.size) && covered < compute.size);
 
     let new = fixture.diff(
         "helper",

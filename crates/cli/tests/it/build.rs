@@ -30,20 +30,7 @@ fn builds_for_a_file_and_refuses_bad_input_with_exit_two() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let tree = fixture_tree(dir.path());
-    let shipped = dir.path().join("shipped");
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(&tree)
-        .arg(&shipped)
-        .status()
-        .unwrap()
-        .success());
-    assert!(Command::new("make")
-        .arg("-s")
-        .current_dir(&shipped)
-        .status()
-        .unwrap()
-        .success());
+    let shipped = crate::common::shipped_build(&tree, dir.path());
     let target = shipped.join("calc").display().to_string();
     let cache = dir.path().join("cache").display().to_string();
     let tree = tree.display().to_string();

@@ -20,6 +20,7 @@ mod fleet;
 mod fleet_host;
 mod fork_adoption;
 mod history;
+mod inlined_change;
 mod keep_generation;
 mod kill_anywhere;
 mod lighttpd;

@@ -198,3 +198,21 @@ pub fn wait_for_patched(target: &mut shadowpatch_fixtures::Running, want_patched
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// A copy of the source `tree` at `dir/shipped`, built with `make`: the
+/// binary "as shipped" that `shadowpatch build` tests patch.
+pub fn shipped_build(tree: &Path, dir: &Path) -> PathBuf {
+    let shipped = dir.join("shipped");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(tree)
+        .arg(&shipped)
+        .status();
+    assert!(copied.unwrap().success());
+    let made = std::process::Command::new("make")
+        .arg("-s")
+        .current_dir(&shipped)
+        .status();
+    assert!(made.unwrap().success());
+    shipped
+}
