@@ -23,6 +23,7 @@ pub mod driver;
 pub mod emit;
 pub mod inlined;
 pub mod matching;
+pub mod reach;
 pub mod source;
 pub mod target;
 pub mod unit;
@@ -427,6 +428,7 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
         })
         .collect();
     let mut replacements = Vec::new();
+    let mut roots = Vec::new();
     for (function, (name, with)) in functions
         .iter()
         .filter(|f| f.inclusion != Inclusion::New)
@@ -439,6 +441,7 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
         }
         let file = (!symbol.global).then_some(unit.file.as_str());
         let running = symbols.find(&symbol.name, file).map_err(BuildError::Mismatch)?;
+        roots.push(running.address);
         if !bound.iter().any(|b| &b.name == name) {
             bound.push(BoundSymbol {
                 name: name.clone(),
@@ -476,6 +479,9 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
             expect: Vec::new(),
             changed_code,
         });
+    }
+    if symbols.origin != target::SymbolOrigin::TargetSymtab {
+        reach::bind_reached(&mut bound, &target.bytes, &symbols, &roots);
     }
     bound.sort_by(|a, b| a.name.cmp(&b.name));
     let manifest = Manifest {

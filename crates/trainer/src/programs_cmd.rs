@@ -40,6 +40,11 @@ pub struct ProgramsArgs {
     /// labels are kept.
     #[arg(long)]
     reanalyse: bool,
+    /// With --reanalyse: build each kept variant's patch again from its
+    /// diff first (same source, same compiler: the same code), e.g. after
+    /// `shadowpatch build` learned to write more into the manifest.
+    #[arg(long, requires = "reanalyse")]
+    rebuild: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -105,6 +110,7 @@ pub fn run_programs(context: &Context, args: &ProgramsArgs) -> anyhow::Result<i3
         only: args.only.clone(),
         templates,
         reanalyse: args.reanalyse,
+        rebuild: args.rebuild,
     };
     let mut records: BTreeMap<String, ProgramRecord> = existing.iter().map(|r| (r.id.clone(), r.clone())).collect();
     let mut made = Vec::new();

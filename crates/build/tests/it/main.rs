@@ -8,3 +8,4 @@ mod common;
 mod cxx;
 mod differ;
 mod end_to_end;
+mod reach;

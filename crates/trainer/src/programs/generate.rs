@@ -35,6 +35,8 @@ pub struct GenerateOptions {
     pub templates: Vec<Template>,
     /// Analyse kept (labelled) variants again from their built patches.
     pub reanalyse: bool,
+    /// With `reanalyse`: build those patches again first.
+    pub rebuild: bool,
 }
 
 /// Resident growth beyond the unpatched program's that counts as a leak.
@@ -252,6 +254,26 @@ fn analyse(
         .map_err(|e| fail(program, format!("analysis: {e}")))
 }
 
+/// `shadowpatch build --debian` of one variant's diff into `out`.
+fn build_variant(
+    options: &GenerateOptions,
+    program: &Program,
+    diff: &Path,
+    out: &Path,
+) -> Result<std::process::Output, ProgramsError> {
+    Command::new(&options.shadowpatch)
+        .args(["build", "--debian", "--json", "--diff"])
+        .arg(diff)
+        .args(["--target", &program.target, "--out"])
+        .arg(out)
+        .arg("--debsrc-cache")
+        .arg(options.work.join("debsrc"))
+        .arg("--cache")
+        .arg(options.work.join("build-cache"))
+        .output()
+        .map_err(io(&options.shadowpatch))
+}
+
 /// Analyse a labelled variant's built patch on a fresh instance and keep
 /// the engine's verdict, risk and features in the record.
 fn analyse_into(
@@ -358,6 +380,18 @@ pub fn generate(
                             format!("--reanalyse: {id} has no built patch at {}", manifest.display()),
                         ));
                     }
+                    if options.rebuild {
+                        progress(&format!("{id}: build again"));
+                        let out = variant_dir.join("patch");
+                        std::fs::remove_dir_all(&out).map_err(io(&out))?;
+                        let built = build_variant(options, program, &variant_dir.join("change.diff"), &out)?;
+                        if !built.status.success() {
+                            return Err(fail(
+                                program,
+                                format!("--rebuild: {id} no longer builds: {}", last_line(&built.stderr)),
+                            ));
+                        }
+                    }
                     let mut again = (*done).clone();
                     progress(&format!("{id}: analyse again ({})", again.outcome));
                     analyse_into(&mut again, program, &driver, &manifest, &home.join("run"))?;
@@ -370,17 +404,7 @@ pub fn generate(
                 std::fs::write(&diff_path, &diff).map_err(io(&diff_path))?;
                 let out = variant_dir.join("patch");
                 let started = Instant::now();
-                let built = Command::new(&options.shadowpatch)
-                    .args(["build", "--debian", "--json", "--diff"])
-                    .arg(&diff_path)
-                    .args(["--target", &program.target, "--out"])
-                    .arg(&out)
-                    .arg("--debsrc-cache")
-                    .arg(options.work.join("debsrc"))
-                    .arg("--cache")
-                    .arg(options.work.join("build-cache"))
-                    .output()
-                    .map_err(io(&options.shadowpatch))?;
+                let built = build_variant(options, program, &diff_path, &out)?;
                 record.timings_s.insert("build".into(), started.elapsed().as_secs_f64());
                 if !built.status.success() {
                     record.outcome = "build-refused".into();

@@ -33,6 +33,20 @@ fn fill(text: &str, port: u16, dir: &Path, driver: &Path) -> String {
         .replace("{driver}", &driver.display().to_string())
 }
 
+/// Files `www/many/0.txt` … `www/many/{MANY_FILES - 1}.txt`, for requests
+/// that must reach a new file each time (`{k}`): a server's per-file cache
+/// (lighttpd's stat cache and the ETag it keeps) then runs the code it
+/// skips for a file it has seen.
+pub const MANY_FILES: usize = 256;
+
+/// A request template with its number: `{i}` is `n`, `{k}` is `n` modulo
+/// `MANY_FILES`.
+fn numbered(template: &str, n: usize) -> String {
+    template
+        .replace("{i}", &n.to_string())
+        .replace("{k}", &(n % MANY_FILES).to_string())
+}
+
 impl Instance {
     /// Start `program` in `dir` (created, with `www/` for HTTP servers)
     /// and wait until it accepts connections.
@@ -47,11 +61,17 @@ impl Instance {
         };
         let www = dir.join("www");
         std::fs::create_dir_all(www.join("sub")).map_err(|e| io(&www, e))?;
-        for (name, text) in [
+        std::fs::create_dir_all(www.join("many")).map_err(|e| io(&www, e))?;
+        let many = (0..MANY_FILES).map(|k| (format!("many/{k}.txt"), format!("file {k}\n")));
+        let files = [
             ("index.html", "<html><body>corpus</body></html>\n"),
             ("a.txt", "plain text\n"),
             ("style.css", "body { color: black; }\n"),
-        ] {
+        ]
+        .into_iter()
+        .map(|(name, text)| (name.to_string(), text.to_string()))
+        .chain(many);
+        for (name, text) in files {
             let path = www.join(name);
             std::fs::write(&path, text).map_err(|e| io(&path, e))?;
             // One modification time for every instance: replies carry it
@@ -227,7 +247,7 @@ pub fn run(program: &Program, port: u16, rounds: usize) -> Vec<Reply> {
     let mut n = 0;
     for _ in 0..rounds {
         for template in &program.requests {
-            let reply = request(program, port, &template.replace("{i}", &n.to_string()), &masks);
+            let reply = request(program, port, &numbered(template, n), &masks);
             n += 1;
             let stop = !matches!(reply, Reply::Text(_));
             replies.push(reply);
@@ -248,7 +268,7 @@ pub fn background(program: &Program, port: u16, running: Arc<AtomicBool>) -> std
         let mut n = 0usize;
         while running.load(Ordering::Relaxed) {
             for template in &program.requests {
-                let _ = request(&program, port, &template.replace("{i}", &n.to_string()), &masks);
+                let _ = request(&program, port, &numbered(template, n), &masks);
                 n += 1;
             }
             std::thread::sleep(Duration::from_millis(2));
