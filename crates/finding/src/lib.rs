@@ -59,6 +59,8 @@ impl Class {
             | "sim-patched-hangs"
             | "sim-patched-exits"
             | "sim-patched-fails-on-repeat"
+            | "sim-patched-leaves-client-waiting"
+            | "sim-patched-caller-fails"
             | "sim-patched-leaks"
             | "sim-critical-differs"
             | "sim-unsupported-syscall" => Class::Harm,

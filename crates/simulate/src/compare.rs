@@ -78,7 +78,10 @@ pub fn compare(
     let failed = |outcome: &Outcome| {
         matches!(
             outcome,
-            Outcome::Crashed { .. } | Outcome::Hung { .. } | Outcome::SharedMemoryWrite { .. }
+            Outcome::Crashed { .. }
+                | Outcome::Hung { .. }
+                | Outcome::SharedMemoryWrite { .. }
+                | Outcome::Waiting { .. }
         )
     };
     let (original_copy, patched_copy) = copies;

@@ -26,6 +26,9 @@ pub struct CallPair {
     pub shared: Vec<(u64, u64)>,
     /// Descriptors both inherited from the service.
     pub inherited: BTreeSet<i32>,
+    /// The call's real return address (the sentinel replaced it): where
+    /// a continuation resumes the caller.
+    pub return_address: u64,
 }
 
 /// What every pair of a simulation shares.
@@ -50,6 +53,8 @@ pub fn prepare_pair(
     for &(address, original) in setup.breakpoints {
         copy.memory().write(address, &[original])?;
     }
+    let return_address = copy.memory().read_vec(entry.rsp, 8)?;
+    let return_address = u64::from_le_bytes(return_address.try_into().expect("8 bytes"));
     copy.memory().write(entry.rsp, &setup.sentinel.to_le_bytes())?;
     let mut shared = Vec::new();
     for mapping in read_maps(copy.pid().as_raw())? {
@@ -86,6 +91,7 @@ pub fn prepare_pair(
         patched,
         shared,
         inherited,
+        return_address,
     })
 }
 

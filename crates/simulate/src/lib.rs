@@ -28,6 +28,7 @@ pub mod call;
 pub mod call_sites;
 pub mod capture;
 pub mod compare;
+pub mod continuation;
 pub mod fork;
 pub mod policy;
 pub mod probe;
@@ -127,6 +128,9 @@ pub struct SimulationOptions {
     /// Each call both copies returned from runs again this many times in
     /// the same copies (`repeat`): 0 for none.
     pub repeat: u32,
+    /// After a captured call (and its repeats) both copies resume their
+    /// caller until it waits for its next event (`continuation`).
+    pub continuation: bool,
     /// Set to end a capture early (e.g. on Ctrl-C): the breakpoints are
     /// removed and what was captured is simulated.
     pub cancel: Option<Arc<AtomicBool>>,
@@ -141,6 +145,7 @@ impl Default for SimulationOptions {
             limits: Limits::default(),
             stop_after_failures: 3,
             repeat: repeat::DEFAULT_REPEATS,
+            continuation: true,
             cancel: None,
         }
     }
@@ -320,6 +325,8 @@ pub fn simulate(
         captured = calls;
         capture_stats = Some(stats);
     }
+    // Where replies go: the service's sockets as the calls were captured.
+    let sockets = continuation::sockets_of(pid);
     // The live target runs free while the copies are simulated.
     attached.detach()?;
 
@@ -340,15 +347,13 @@ pub fn simulate(
         let symbol = &prepared.sites[function].0.symbol;
         let shape = &returns[function];
         let pair = prepare_pair(copy, entry, setup, &mut |pid| copies.made(pid))?;
-        let (original, patched, comparison, repeats) = run_pair(
-            pair,
-            &entry,
-            &plan,
-            sentinel,
-            (shape, changed[function].as_ref()),
-            options,
-            &mut dying,
-        )?;
+        let context = CallContext {
+            shape,
+            changed: changed[function].as_ref(),
+            sockets: matches!(origin, CallOrigin::Captured { .. }).then_some(&sockets),
+        };
+        let (original, patched, comparison, repeats, continuation) =
+            run_pair(pair, &entry, &plan, sentinel, &context, options, &mut dying)?;
         Ok(SimulatedCall {
             symbol: symbol.to_string(),
             origin,
@@ -357,6 +362,7 @@ pub fn simulate(
             patched,
             comparison,
             repeats,
+            continuation,
         })
     };
     let mut failures = vec![0u32; prepared.sites.len()];
@@ -460,10 +466,11 @@ fn run_pair(
     entry: &libc::user_regs_struct,
     plan: &LoadPlan,
     sentinel: u64,
-    (shape, changed): (&ReturnShape, Option<&probe::ChangedCode>),
+    context: &CallContext<'_>,
     options: &SimulationOptions,
     dying: &mut Vec<ProcessCopy>,
-) -> Result<(RunResult, RunResult, Comparison, Option<Repeats>), SimulateError> {
+) -> Result<PairRuns, SimulateError> {
+    let CallContext { shape, changed, .. } = *context;
     let (inherited, shared) = (pair.inherited.clone(), pair.shared.clone());
     let descriptors = |copy: &ProcessCopy| Descriptors {
         inherited: inherited.clone(),
@@ -506,14 +513,50 @@ fn run_pair(
     } else {
         None
     };
+    // A captured call both copies came back from, every time: what their
+    // callers do next (a continuation has no caller for an explicit call).
+    let repeated_alike = repeats
+        .as_ref()
+        .is_none_or(|r| r.patched_failed.is_none() && r.original_failed.is_none() && r.completed == r.asked);
+    let continuation = match context.sockets {
+        Some(sockets)
+            if options.continuation && original.outcome.returned() && patched.outcome.returned() && repeated_alike =>
+        {
+            Some(continuation::continue_both(
+                (&mut pair.original, &mut pair.patched),
+                &descriptors,
+                pair.return_address,
+                sockets,
+            )?)
+        }
+        _ => None,
+    };
     // Killed now, reaped at the end: a big copy's teardown takes
     // milliseconds that need not hold up the next call.
     pair.original.kill_soon();
     pair.patched.kill_soon();
     dying.push(pair.original);
     dying.push(pair.patched);
-    Ok((original, patched, comparison, repeats))
+    Ok((original, patched, comparison, repeats, continuation))
 }
+
+/// What `run_pair` needs to know of the call besides its copies.
+#[derive(Clone, Copy)]
+struct CallContext<'a> {
+    shape: &'a ReturnShape,
+    changed: Option<&'a probe::ChangedCode>,
+    /// A captured call: the service's sockets, for its continuation.
+    sockets: Option<&'a std::collections::BTreeSet<i32>>,
+}
+
+/// Both first runs, their comparison, the repeats and the continuation.
+type PairRuns = (
+    RunResult,
+    RunResult,
+    Comparison,
+    Option<Repeats>,
+    Option<continuation::Continuation>,
+);
 
 /// An address for the return sentinel: low (below vm.mmap_min_addr where
 /// possible), canonical, and not mapped in the target, so that the

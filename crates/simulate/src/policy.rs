@@ -108,7 +108,7 @@ pub struct Descriptors {
 }
 
 impl Descriptors {
-    fn inherited(&self, fd: u64) -> bool {
+    pub(crate) fn inherited(&self, fd: u64) -> bool {
         self.inherited.contains(&(fd as i32))
     }
 

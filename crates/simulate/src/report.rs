@@ -43,6 +43,10 @@ pub struct SimulatedCall {
     pub comparison: Comparison,
     /// The call repeated in the same copies, when both returned from it.
     pub repeats: Option<Repeats>,
+    /// What both callers did next (a captured call both copies returned
+    /// from, every time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continuation: Option<crate::continuation::Continuation>,
 }
 
 impl SimulatedCall {
@@ -57,6 +61,12 @@ impl SimulatedCall {
     /// patched run never entered it.
     pub fn ran_change(&self) -> bool {
         self.patched.ran_changed_code != Some(false)
+    }
+
+    /// After the call, the original's caller answered on a socket that the
+    /// patched one left untouched before waiting again.
+    pub fn leaves_client_waiting(&self) -> bool {
+        self.continuation.as_ref().is_some_and(|k| !k.left_waiting().is_empty())
     }
 
     /// The patched copy's memory grew on repeats beyond the original's.
@@ -204,6 +214,44 @@ pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> V
                     repeats.patched_growth_kib,
                     repeats.original_growth_kib,
                     repeats.excess_kib_per_call()
+                )
+            },
+        );
+        add(
+            "sim-patched-leaves-client-waiting",
+            Severity::Blocking,
+            calls.iter().filter(|c| c.leaves_client_waiting()).copied().collect(),
+            &|call| {
+                let continuation = call.continuation.as_ref().expect("continued");
+                let left = continuation.left_waiting();
+                format!(
+                    "{}: the original's caller then wrote {} before waiting; the patched one went back to waiting ({}) without writing to {}, closing or shutting down {}: a client there waits for an answer that never comes",
+                    call.describe(),
+                    left.iter()
+                        .map(|(fd, bytes)| format!("{bytes} bytes to socket fd {fd}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    continuation.patched.outcome.describe(),
+                    if left.len() == 1 { "it" } else { "them" },
+                    if left.len() == 1 { "it" } else { "them" },
+                )
+            },
+        );
+        add(
+            "sim-patched-caller-fails",
+            Severity::Blocking,
+            calls
+                .iter()
+                .filter(|c| c.continuation.as_ref().is_some_and(|k| k.patched_failed()))
+                .copied()
+                .collect(),
+            &|call| {
+                let continuation = call.continuation.as_ref().expect("continued");
+                format!(
+                    "{}: both returned; then the original's caller {}, the patched one's {}",
+                    call.describe(),
+                    continuation.original.outcome.describe(),
+                    continuation.patched.outcome.describe()
                 )
             },
         );
@@ -361,6 +409,12 @@ fn kind_phrase(code: &str) -> &'static str {
         "sim-patched-exits" => "the patched function ended the process where the original returned",
         "sim-patched-fails-on-repeat" => "the patched function failed when the call was repeated",
         "sim-patched-leaks" => "the patched function's memory grew when the call was repeated",
+        "sim-patched-leaves-client-waiting" => {
+            "after the patched function returned, its caller left a client without the reply the original's caller wrote"
+        }
+        "sim-patched-caller-fails" => {
+            "after the patched function returned, its caller failed where the original's went on to wait"
+        }
         "sim-return-differs" => "the patched function returned a different value",
         "sim-fd-writes-differ" => "the patched function wrote different bytes to file descriptors (not performed)",
         "sim-side-effects-differ" => "the patched function had different side effects (not performed)",
@@ -467,6 +521,22 @@ pub fn features(calls: &[SimulatedCall], stats: &CaptureStats) -> BTreeMap<Strin
     let complete = count(&|c| live_repeats(c).is_some_and(|r| r.completed == r.asked && r.asked > 0));
     put("sim_live_repeated_clean", if complete > 0.0 { clean } else { 0.0 });
     put("sim_unreached_calls", count(&|c| !c.ran_change()));
+    put("sim_callers_left_waiting", count(&|c| c.leaves_client_waiting()));
+    put(
+        "sim_callers_failed",
+        count(&|c| c.continuation.as_ref().is_some_and(|k| k.patched_failed())),
+    );
+    // Calls whose callers, continued, both reached their next wait: the
+    // continuation is evidence (0 where it could not be made).
+    put(
+        "sim_continued_calls",
+        count(&|c| {
+            c.continuation.as_ref().is_some_and(|k| {
+                matches!(k.original.outcome, Outcome::Waiting { .. })
+                    && matches!(k.patched.outcome, Outcome::Waiting { .. })
+            })
+        }),
+    );
     put(
         "sim_divergent_returns",
         count(&|c| diverged(c) && c.comparison.return_differs),

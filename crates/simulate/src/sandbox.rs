@@ -94,6 +94,10 @@ pub enum Outcome {
     /// The sandbox stopped the function: it wrote to memory shared with the
     /// service (kept read-only in copies), at `address`.
     SharedMemoryWrite { address: u64 },
+    /// A continuation (`run_until_wait`) reached a system call where a
+    /// service waits for its next event (`epoll_wait`, `poll`, `accept`, a
+    /// futex wait...): the caller's work after the call is done.
+    Waiting { syscall: String },
 }
 
 impl Outcome {
@@ -112,6 +116,7 @@ impl Outcome {
             Outcome::Hung { budget } => format!("did not return within its {budget} budget"),
             Outcome::Exited { code } => format!("ended the process with exit code {code}"),
             Outcome::SharedMemoryWrite { address } => format!("wrote to shared memory at {address:#x}"),
+            Outcome::Waiting { syscall } => format!("went back to waiting ({syscall})"),
         }
     }
 }
@@ -155,6 +160,10 @@ pub struct RunResult {
     /// `probe`); `None` when it watched for none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ran_changed_code: Option<bool>,
+    /// Inherited descriptors a continuation closed (the copy's own table:
+    /// the service's stay open), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub closed_inherited: Vec<i32>,
 }
 
 /// What to do at the exit of the syscall in progress.
@@ -174,11 +183,56 @@ pub fn run(copy: &mut ProcessCopy, sentinel: u64, fds: Descriptors, limits: &Lim
     run_probed(copy, sentinel, fds, limits, None)
 }
 
+/// Where a run ends besides a crash, an exit or a budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The function's `ret` reaching this address.
+    Sentinel(u64),
+    /// The first system call that waits for an event.
+    Wait,
+}
+
+/// Run `copy` from where it is (a caller's code, after the call) until it
+/// waits for its next event (`Outcome::Waiting`): what the caller does
+/// with the call's result, up to writing its answer.
+pub fn run_until_wait(copy: &mut ProcessCopy, fds: Descriptors, limits: &Limits) -> Result<RunResult, TargetError> {
+    drive(copy, End::Wait, fds, limits, None)
+}
+
+/// System calls where a service waits for its next event. A futex wait
+/// counts: in a copy (one thread) no other thread will ever wake it.
+// libc names syscalls in lower case, as `policy::decide` matches them.
+#[allow(non_upper_case_globals)]
+fn waits(number: i64, args: &[u64; 6]) -> bool {
+    use libc::*;
+    const FUTEX_CMD_MASK: u64 = 0x7f;
+    match number {
+        SYS_epoll_wait | SYS_epoll_pwait | SYS_epoll_pwait2 | SYS_poll | SYS_ppoll | SYS_select | SYS_pselect6
+        | SYS_accept | SYS_accept4 | SYS_pause | SYS_rt_sigsuspend | SYS_rt_sigtimedwait | SYS_nanosleep
+        | SYS_clock_nanosleep | SYS_wait4 | SYS_waitid => true,
+        SYS_futex => matches!(
+            args[1] & FUTEX_CMD_MASK,
+            x if x == FUTEX_WAIT as u64 || x == FUTEX_WAIT_BITSET as u64
+        ),
+        _ => false,
+    }
+}
+
 /// `run`, watching whether the call runs `changed` code (its traps are
 /// armed for the run and gone after it).
 pub fn run_probed(
     copy: &mut ProcessCopy,
     sentinel: u64,
+    fds: Descriptors,
+    limits: &Limits,
+    changed: Option<&ChangedCode>,
+) -> Result<RunResult, TargetError> {
+    drive(copy, End::Sentinel(sentinel), fds, limits, changed)
+}
+
+fn drive(
+    copy: &mut ProcessCopy,
+    end: End,
     mut fds: Descriptors,
     limits: &Limits,
     changed: Option<&ChangedCode>,
@@ -203,6 +257,7 @@ pub fn run_probed(
             syscalls: limits.syscalls,
         },
         ran_changed_code: changed.map(|_| false),
+        closed_inherited: Vec::new(),
     };
     let mut at_exit: Option<AtExit> = None;
     let mut deliver: Option<Signal> = None;
@@ -221,6 +276,20 @@ pub fn run_probed(
                         budget: "syscalls".into(),
                     };
                     break;
+                }
+                if end == End::Wait {
+                    let regs = copy.regs()?;
+                    let number = regs.orig_rax as i64;
+                    let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
+                    if end == End::Wait && waits(number, &args) {
+                        result.outcome = Outcome::Waiting {
+                            syscall: super::policy::syscall_name(number).to_string(),
+                        };
+                        break;
+                    }
+                    if number == libc::SYS_close && fds.inherited(args[0]) {
+                        result.closed_inherited.push(args[0] as i32);
+                    }
                 }
                 match entry(copy, &fds, &mut result)? {
                     Entry::Continue(next) => at_exit = next,
@@ -262,7 +331,7 @@ pub fn run_probed(
                         continue;
                     }
                 }
-                if signal == Signal::SIGSEGV && regs.rip == sentinel {
+                if signal == Signal::SIGSEGV && end == End::Sentinel(regs.rip) {
                     let fp = copy.fp_regs()?;
                     let xmm0 = fp.xmm_space[..4]
                         .iter()

@@ -1,0 +1,133 @@
+//! What the caller does after the call: harm downstream of the function.
+//! A patched function may return, without a crash, an answer its caller
+//! cannot live with: libevent's `evhttp_find_header` with a flipped
+//! comparison returns "no such header", and the server then waits for a
+//! request body that never comes; the client waits for its reply for ever.
+//! Simulating the function alone shows only "another return value".
+//!
+//! So once both copies returned from a captured call (and from its
+//! repeats), each resumes its caller at the call's real return address and
+//! runs, sandboxed as the call was, until it waits for its next event
+//! (`epoll_wait`, `poll`, `accept`, a futex wait...). Two things are harm:
+//!
+//! - the original's caller wrote to a socket of the service (its reply),
+//!   and the patched one neither wrote to it, closed it nor shut it down
+//!   before waiting: the client there waits for an answer that never comes
+//!   (`sim-patched-leaves-client-waiting`);
+//! - the original's caller reached its wait and the patched one crashed or
+//!   ended the process on the way (`sim-patched-caller-fails`).
+//!
+//! Another reply, or a connection closed instead of answered, is a change
+//! of behaviour (a fix may well refuse a request): not these findings.
+
+use super::policy::Descriptors;
+use super::repeat::DescriptorsOf;
+use super::sandbox::{self, Limits, Outcome, RunResult};
+use super::SimulateError;
+use shadowpatch_process::ProcessCopy;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// Budgets of each continuation: a caller's work up to its next wait is
+/// short; a copy that does not wait within them is inconclusive.
+pub const LIMITS: Limits = Limits {
+    cpu: Duration::from_millis(500),
+    wall: Duration::from_secs(2),
+    syscalls: 2_000,
+};
+
+/// Both callers after the call.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Continuation {
+    pub original: RunResult,
+    pub patched: RunResult,
+    /// The service's sockets (descriptor numbers) when the call was
+    /// captured: where a reply goes.
+    pub sockets: BTreeSet<i32>,
+}
+
+impl Continuation {
+    /// Sockets the original's caller wrote to and the patched one left
+    /// alone (no write, no close, no shutdown) before waiting, with the
+    /// bytes the original wrote there. Empty unless both waited.
+    pub fn left_waiting(&self) -> Vec<(i32, u64)> {
+        let waited = |run: &RunResult| matches!(run.outcome, Outcome::Waiting { .. });
+        if !waited(&self.original) || !waited(&self.patched) {
+            return Vec::new();
+        }
+        let mut written: Vec<(i32, u64)> = Vec::new();
+        for write in self.original.fd_writes.iter().filter(|w| self.sockets.contains(&w.fd)) {
+            match written.iter_mut().find(|(fd, _)| *fd == write.fd) {
+                Some((_, bytes)) => *bytes += write.len,
+                None => written.push((write.fd, write.len)),
+            }
+        }
+        let shut = |fd: i32| {
+            self.patched
+                .side_effects
+                .iter()
+                .any(|e| e.syscall == "shutdown" && e.detail == format!("fd {fd}"))
+        };
+        written
+            .into_iter()
+            .filter(|(fd, bytes)| {
+                *bytes > 0
+                    && !self.patched.fd_writes.iter().any(|w| w.fd == *fd)
+                    && !self.patched.closed_inherited.contains(fd)
+                    && !shut(*fd)
+            })
+            .collect()
+    }
+
+    /// The original's caller reached its wait; the patched one crashed or
+    /// ended the process first (a budget is not counted: a loaded machine
+    /// can exhaust it).
+    pub fn patched_failed(&self) -> bool {
+        matches!(self.original.outcome, Outcome::Waiting { .. })
+            && matches!(self.patched.outcome, Outcome::Crashed { .. } | Outcome::Exited { .. })
+    }
+}
+
+/// The service's sockets, by descriptor number, from `/proc/PID/fd`.
+pub fn sockets_of(pid: i32) -> BTreeSet<i32> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return BTreeSet::new();
+    };
+    entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let target = std::fs::read_link(entry.path()).ok()?;
+            target
+                .to_string_lossy()
+                .starts_with("socket:[")
+                .then(|| entry.file_name().to_str()?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// Resume both copies (each just back from the call, at the sentinel) at
+/// `return_address` and run each until it waits.
+pub fn continue_both(
+    (original_copy, patched_copy): (&mut ProcessCopy, &mut ProcessCopy),
+    descriptors: DescriptorsOf<'_>,
+    return_address: u64,
+    sockets: &BTreeSet<i32>,
+) -> Result<Continuation, SimulateError> {
+    let resume = |copy: &mut ProcessCopy| -> Result<RunResult, SimulateError> {
+        let mut regs = copy.regs()?;
+        // The `ret` already popped the (sentinel) return address.
+        regs.rip = return_address;
+        regs.orig_rax = u64::MAX;
+        copy.set_regs(regs)?;
+        let fds: Descriptors = descriptors(copy);
+        Ok(sandbox::run_until_wait(copy, fds, &LIMITS)?)
+    };
+    let original = resume(original_copy)?;
+    let patched = resume(patched_copy)?;
+    Ok(Continuation {
+        original,
+        patched,
+        sockets: sockets.clone(),
+    })
+}
