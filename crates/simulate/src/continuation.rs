@@ -90,19 +90,11 @@ impl Continuation {
 
 /// The service's sockets, by descriptor number, from `/proc/PID/fd`.
 pub fn sockets_of(pid: i32) -> BTreeSet<i32> {
-    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return BTreeSet::new();
-    };
-    entries
-        .filter_map(|entry| {
-            let entry = entry.ok()?;
-            let target = std::fs::read_link(entry.path()).ok()?;
-            target
-                .to_string_lossy()
-                .starts_with("socket:[")
-                .then(|| entry.file_name().to_str()?.parse().ok())
-                .flatten()
-        })
+    super::fork::descriptors(pid)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, target)| target.starts_with("socket:["))
+        .map(|(fd, _)| fd)
         .collect()
 }
 

@@ -136,20 +136,14 @@ pub fn register_arguments(regs: &libc::user_regs_struct) -> [u64; 6] {
 /// see, and both copies of a pair see the same one. Files, terminals and
 /// other kinds keep their descriptions. Returns how many were replaced.
 pub fn release_descriptors(copy: &mut ProcessCopy) -> Result<usize, SimulateError> {
-    let dir = format!("/proc/{}/fd", copy.pid());
-    let shared: Vec<i32> = std::fs::read_dir(&dir)
-        .map_err(|source| SimulateError::Copy {
+    let shared: Vec<i32> = descriptors(copy.pid().as_raw())
+        .map_err(|(dir, source)| SimulateError::Copy {
             pid: copy.pid().as_raw(),
             message: format!("cannot list {dir}: {source}"),
         })?
-        .filter_map(|entry| {
-            let entry = entry.ok()?;
-            let target = std::fs::read_link(entry.path()).ok()?;
-            let target = target.to_str()?;
-            (target.starts_with("socket:[") || target.starts_with("pipe:["))
-                .then(|| entry.file_name().to_str()?.parse().ok())
-                .flatten()
-        })
+        .into_iter()
+        .filter(|(_, target)| target.starts_with("socket:[") || target.starts_with("pipe:["))
+        .map(|(fd, _)| fd)
         .collect();
     if shared.is_empty() {
         return Ok(0);
@@ -192,13 +186,27 @@ pub fn release_descriptors_or_warn(copy: &mut ProcessCopy) {
 }
 
 fn open_descriptors(pid: Pid) -> BTreeSet<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|entries| {
-            entries
-                .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
+    descriptors(pid.as_raw())
+        .map(|list| list.into_iter().map(|(fd, _)| fd).collect())
         .unwrap_or_default()
+}
+
+/// A process's open descriptors and what each refers to (`socket:[…]`,
+/// `pipe:[…]`, a path; empty when the link cannot be read), from
+/// `/proc/PID/fd`; the error names the folder.
+pub fn descriptors(pid: i32) -> Result<Vec<(i32, String)>, (String, std::io::Error)> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).map_err(|source| (dir.clone(), source))?;
+    Ok(entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let fd = entry.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(entry.path())
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Some((fd, target))
+        })
+        .collect())
 }
 
 #[cfg(test)]
