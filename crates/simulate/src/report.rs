@@ -601,4 +601,8 @@ const RATED: &[&str] = &[
     "sim_critical_divergences",
     "sim_unsupported_syscalls",
     "sim_inconclusive",
+    "sim_repeat_failures",
+    "sim_repeat_leaks",
+    "sim_callers_left_waiting",
+    "sim_callers_failed",
 ];
