@@ -63,6 +63,9 @@ pub struct Captured {
     /// How long the live thread was held, from our noticing the trap to
     /// its resumption.
     pub pause_us: u64,
+    /// The service's sockets when the call was captured (descriptor
+    /// numbers): where its caller's reply goes.
+    pub sockets: std::collections::BTreeSet<i32>,
 }
 
 /// What a capture session did.
@@ -316,13 +319,22 @@ fn run_loop(
                 skipped[index] = 0;
                 gaps[index] = (gaps[index] * 2).clamp(1, SPREAD_MAX_GAP);
                 let cloned = attached.remote_clone(tid);
-                // The live thread goes on first, whatever the clone did.
+                // The copy gives back the service's sockets and pipes before
+                // the live thread goes on: while a copy holds a socket the
+                // service has closed, the socket stays in the service's
+                // epoll set, and its next event reaches the service with a
+                // pointer to a connection it freed (a single-threaded epoll
+                // server aborted on "double free"). If the clone failed, the
+                // live thread goes on at once.
+                let adopted = cloned.and_then(|(copy_pid, in_target)| {
+                    made(in_target);
+                    let mut copy = attached.adopt_copy(copy_pid, in_target)?;
+                    let sockets = crate::fork::release_descriptors_or_warn(&mut copy);
+                    Ok((copy, sockets))
+                });
                 attached.step_past_breakpoint(tid, address)?;
                 let pause_us = noticed.elapsed().as_micros() as u64;
-                let (copy_pid, in_target) = cloned?;
-                made(in_target);
-                let mut copy = attached.adopt_copy(copy_pid, in_target)?;
-                crate::fork::release_descriptors_or_warn(&mut copy);
+                let (copy, sockets) = adopted?;
                 fault::point("capture-copied");
                 stats.captured += 1;
                 stats.pauses_us.push(pause_us);
@@ -334,6 +346,7 @@ fn run_loop(
                     entry: *regs,
                     thread: tid.as_raw(),
                     pause_us,
+                    sockets,
                 });
                 progress(Progress::Captured {
                     symbol: sites[index].0.symbol.clone(),

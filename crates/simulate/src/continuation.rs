@@ -42,7 +42,7 @@ pub struct Continuation {
     pub original: RunResult,
     pub patched: RunResult,
     /// The service's sockets (descriptor numbers) when the call was
-    /// captured: where a reply goes.
+    /// captured (`fork::release_descriptors`): where a reply goes.
     pub sockets: BTreeSet<i32>,
 }
 
@@ -86,16 +86,6 @@ impl Continuation {
         matches!(self.original.outcome, Outcome::Waiting { .. })
             && matches!(self.patched.outcome, Outcome::Crashed { .. } | Outcome::Exited { .. })
     }
-}
-
-/// The service's sockets, by descriptor number, from `/proc/PID/fd`.
-pub fn sockets_of(pid: i32) -> BTreeSet<i32> {
-    super::fork::descriptors(pid)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(_, target)| target.starts_with("socket:["))
-        .map(|(fd, _)| fd)
-        .collect()
 }
 
 /// Resume both copies (each just back from the call, at the sentinel) at

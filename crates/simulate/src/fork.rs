@@ -134,19 +134,25 @@ pub fn register_arguments(regs: &libc::user_regs_struct) -> [u64; 6] {
 /// stalled). The sandbox never reads, writes or connects through an
 /// inherited descriptor, so the stand-in changes nothing it lets a call
 /// see, and both copies of a pair see the same one. Files, terminals and
-/// other kinds keep their descriptions. Returns how many were replaced.
-pub fn release_descriptors(copy: &mut ProcessCopy) -> Result<usize, SimulateError> {
-    let shared: Vec<i32> = descriptors(copy.pid().as_raw())
-        .map_err(|(dir, source)| SimulateError::Copy {
-            pid: copy.pid().as_raw(),
-            message: format!("cannot list {dir}: {source}"),
-        })?
-        .into_iter()
+/// other kinds keep their descriptions. Returns the descriptors that were
+/// the service's sockets (where its replies go: `continuation`).
+pub fn release_descriptors(copy: &mut ProcessCopy) -> Result<BTreeSet<i32>, SimulateError> {
+    let listed = descriptors(copy.pid().as_raw()).map_err(|(dir, source)| SimulateError::Copy {
+        pid: copy.pid().as_raw(),
+        message: format!("cannot list {dir}: {source}"),
+    })?;
+    let sockets: BTreeSet<i32> = listed
+        .iter()
+        .filter(|(_, target)| target.starts_with("socket:["))
+        .map(|(fd, _)| *fd)
+        .collect();
+    let shared: Vec<i32> = listed
+        .iter()
         .filter(|(_, target)| target.starts_with("socket:[") || target.starts_with("pipe:["))
-        .map(|(fd, _)| fd)
+        .map(|(fd, _)| *fd)
         .collect();
     if shared.is_empty() {
-        return Ok(0);
+        return Ok(sockets);
     }
     let failed = |copy: &ProcessCopy, what: String, rc: i64| SimulateError::Copy {
         pid: copy.pid().as_raw(),
@@ -173,16 +179,17 @@ pub fn release_descriptors(copy: &mut ProcessCopy) -> Result<usize, SimulateErro
         }
     }
     copy.remote_syscall(libc::SYS_close, [stand_in as u64, 0, 0, 0, 0, 0])?;
-    Ok(shared.len())
+    Ok(sockets)
 }
 
 /// `release_descriptors`, a failure logged: the copy then holds the
 /// service's descriptors as any fork does, which delays a close, never
 /// changes what the service reads or writes.
-pub fn release_descriptors_or_warn(copy: &mut ProcessCopy) {
-    if let Err(error) = release_descriptors(copy) {
+pub fn release_descriptors_or_warn(copy: &mut ProcessCopy) -> BTreeSet<i32> {
+    release_descriptors(copy).unwrap_or_else(|error| {
         tracing::warn!("copy {} keeps the service's sockets and pipes: {error}", copy.pid());
-    }
+        BTreeSet::new()
+    })
 }
 
 fn open_descriptors(pid: Pid) -> BTreeSet<i32> {

@@ -283,13 +283,17 @@ pub fn simulate(
         let mut stopped = attached.stop()?;
         let tid = stopped.borrowable_thread();
         let live_regs = stopped.regs(tid)?;
-        let cloned = stopped.attached().remote_clone(tid);
+        // The copy gives back the service's sockets before the service
+        // runs on (see `capture`: a socket the service closes while a copy
+        // holds it stays in its epoll set).
+        let adopted = stopped.attached().remote_clone(tid).and_then(|(copy_pid, in_target)| {
+            copies.made(in_target);
+            let mut copy = stopped.attached().adopt_copy(copy_pid, in_target)?;
+            fork::release_descriptors_or_warn(&mut copy);
+            Ok(copy)
+        });
         stopped.resume()?;
-        let (copy_pid, in_target) = cloned?;
-        copies.made(in_target);
-        let mut copy = attached.adopt_copy(copy_pid, in_target)?;
-        fork::release_descriptors_or_warn(&mut copy);
-        template = Some((copy, live_regs));
+        template = Some((adopted?, live_regs));
     }
     let mut capture_stats = None;
     let mut unavailable = Vec::new();
@@ -325,8 +329,6 @@ pub fn simulate(
         captured = calls;
         capture_stats = Some(stats);
     }
-    // Where replies go: the service's sockets as the calls were captured.
-    let sockets = continuation::sockets_of(pid);
     // The live target runs free while the copies are simulated.
     attached.detach()?;
 
@@ -342,6 +344,7 @@ pub fn simulate(
                    entry: libc::user_regs_struct,
                    function: usize,
                    origin: CallOrigin,
+                   sockets: Option<&std::collections::BTreeSet<i32>>,
                    copies: &mut CopiesGuard|
      -> Result<SimulatedCall, SimulateError> {
         let symbol = &prepared.sites[function].0.symbol;
@@ -350,7 +353,7 @@ pub fn simulate(
         let context = CallContext {
             shape,
             changed: changed[function].as_ref(),
-            sockets: matches!(origin, CallOrigin::Captured { .. }).then_some(&sockets),
+            sockets,
         };
         let (original, patched, comparison, repeats, continuation) =
             run_pair(pair, &entry, &plan, sentinel, &context, options, &mut dying)?;
@@ -376,7 +379,14 @@ pub fn simulate(
             skipped[item.function] += 1;
             continue;
         }
-        let call = one(item.copy, item.entry, item.function, origin, &mut copies)?;
+        let call = one(
+            item.copy,
+            item.entry,
+            item.function,
+            origin,
+            Some(&item.sockets),
+            &mut copies,
+        )?;
         if call.comparison.verdict == CallVerdict::PatchedFailed || call.failed_on_repeat() {
             failures[item.function] += 1;
         }
@@ -396,7 +406,7 @@ pub fn simulate(
                 text: call.text.clone(),
                 given: call.origin.clone(),
             };
-            calls.push(one(copy, entry, *index, origin, &mut copies)?);
+            calls.push(one(copy, entry, *index, origin, None, &mut copies)?);
             progress(Progress::Simulated {
                 done: calls.len(),
                 total,

@@ -4,7 +4,8 @@
 //! of it; a patch that flips that answer returns normally, and the server
 //! then waits for more of a request that is already whole: the client
 //! never gets its reply. The simulation resumes both callers after the
-//! call and sees the original answer and the patched one wait.
+//! call and sees the original answer and the patched one wait; and a
+//! pointer returned cleanly that the caller then crashes on.
 
 use crate::common::{build_id_of, shadowpatch, write_manifest};
 use std::io::{Read, Write};
@@ -28,6 +29,13 @@ struct conn { int fd; int len; char buf[128]; };
 __attribute__((noinline)) int request_complete(const char *buf, int len)
 {
     return len > 0 && buf[len - 1] == '\n';
+}
+
+/* The reply's format. */
+__attribute__((noinline)) const char *reply_format(void)
+{
+    __asm__ volatile("" ::: "memory");
+    return "answer %d\n";
 }
 
 int main(void)
@@ -60,7 +68,8 @@ int main(void)
             c->len += got;
             if (!request_complete(c->buf, c->len)) continue;
             char reply[64];
-            int length = snprintf(reply, sizeof reply, "answer %d\n", 2 * atoi(c->buf + 4));
+            const char *format = reply_format();
+            int length = snprintf(reply, sizeof reply, format, 2 * atoi(c->buf + 4));
             write(c->fd, reply, length);
             c->len = 0;
         }
@@ -78,6 +87,12 @@ int complete_same(const char *buf, int len)
 int complete_flipped(const char *buf, int len)
 {
     return !(len > 0 && buf[len - 1] == '\n');
+}
+
+/* Returns cleanly; the caller's snprintf then reads through it. */
+const char *format_gone(void)
+{
+    return (const char *)16;
 }
 "#;
 
@@ -127,7 +142,7 @@ fn a_reply_the_patched_caller_never_writes_is_harm_caught_after_the_call() {
     let load = {
         let running = running.clone();
         std::thread::spawn(move || {
-            let mut answered = 0u32;
+            let (mut answered, mut failed) = (0u32, 0u32);
             let mut n = 0;
             while running.load(Ordering::Relaxed) {
                 n += 1;
@@ -139,20 +154,24 @@ fn a_reply_the_patched_caller_never_writes_is_harm_caught_after_the_call() {
                     .unwrap();
                 socket.write_all(format!("ask {n}\n").as_bytes()).unwrap();
                 let mut reply = [0u8; 64];
-                if let Ok(got) = socket.read(&mut reply) {
-                    if String::from_utf8_lossy(&reply[..got]) == format!("answer {}\n", 2 * n) {
-                        answered += 1;
-                    }
+                match socket.read(&mut reply) {
+                    Ok(got) if String::from_utf8_lossy(&reply[..got]) == format!("answer {}\n", 2 * n) => answered += 1,
+                    _ => failed += 1,
                 }
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
-            answered
+            (answered, failed)
         })
     };
     let build_id = build_id_of(&binary);
     let pid = server.0.id().to_string();
     let analyze = |with: &str| {
-        let manifest = write_manifest(dir.path(), with, &patches, &build_id, &[("request_complete", with)]);
+        let symbol = if with == "format_gone" {
+            "reply_format"
+        } else {
+            "request_complete"
+        };
+        let manifest = write_manifest(dir.path(), with, &patches, &build_id, &[(symbol, with)]);
         let run = shadowpatch(
             &state,
             &[
@@ -203,10 +222,20 @@ fn a_reply_the_patched_caller_never_writes_is_harm_caught_after_the_call() {
     );
     assert_eq!(flipped["verdict"], "refuse", "{flipped:#}");
 
+    // A bad pointer returned cleanly: the caller crashes on it after the
+    // call, where the original's caller went on to answer and wait.
+    let gone = analyze("format_gone");
+    assert!(codes(&gone).iter().any(|c| c == "sim-patched-caller-fails"), "{gone:#}");
+    assert!(!codes(&gone).iter().any(|c| c == "sim-patched-crashes"), "{gone:#}");
+    assert_eq!(gone["verdict"], "refuse", "{gone:#}");
+
     running.store(false, Ordering::Relaxed);
-    let answered = load.join().unwrap();
-    assert!(answered > 0);
-    // The live server was never patched: it answered throughout.
+    let (answered, failed) = load.join().unwrap();
+    // Captures never harmed the live server: every request was answered
+    // right (a copy holding a socket the server closed once made this
+    // epoll server free a connection twice).
+    assert!(answered > 100 && failed == 0, "{answered} answered, {failed} failed");
+    // The live server was never patched: it answers as before.
     let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     socket.write_all(b"ask 21\n").unwrap();
     let mut reply = [0u8; 64];
