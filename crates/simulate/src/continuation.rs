@@ -10,9 +10,11 @@
 //! runs, sandboxed as the call was, until it waits for its next event
 //! (`epoll_wait`, `poll`, `accept`, a futex wait...). Two things are harm:
 //!
-//! - the original's caller wrote to a socket of the service (its reply),
-//!   and the patched one neither wrote to it, closed it nor shut it down
-//!   before waiting: the client there waits for an answer that never comes
+//! - the original's caller answered on a socket of the service (wrote its
+//!   reply, or asked its event loop to report the socket writable: a reply
+//!   queued for the next turn, as libevent does), and the patched one did
+//!   neither, nor closed the socket or shut it down, before waiting: the
+//!   client there waits for an answer that never comes
 //!   (`sim-patched-leaves-client-waiting`);
 //! - the original's caller reached its wait and the patched one crashed or
 //!   ended the process on the way (`sim-patched-caller-fails`).
@@ -47,19 +49,36 @@ pub struct Continuation {
 }
 
 impl Continuation {
-    /// Sockets the original's caller wrote to and the patched one left
-    /// alone (no write, no close, no shutdown) before waiting, with the
-    /// bytes the original wrote there. Empty unless both waited.
+    /// Sockets the original's caller answered on (wrote to, or asked its
+    /// event loop to report writable: a reply queued for the next turn)
+    /// and the patched one left alone (no write, no such request, no
+    /// close, no shutdown) before waiting, with the bytes the original
+    /// wrote there (0: queued). Empty unless both waited.
     pub fn left_waiting(&self) -> Vec<(i32, u64)> {
         let waited = |run: &RunResult| matches!(run.outcome, Outcome::Waiting { .. });
         if !waited(&self.original) || !waited(&self.patched) {
             return Vec::new();
         }
         let mut written: Vec<(i32, u64)> = Vec::new();
-        for write in self.original.fd_writes.iter().filter(|w| self.sockets.contains(&w.fd)) {
+        for write in self
+            .original
+            .fd_writes
+            .iter()
+            .filter(|w| self.sockets.contains(&w.fd) && w.len > 0)
+        {
             match written.iter_mut().find(|(fd, _)| *fd == write.fd) {
                 Some((_, bytes)) => *bytes += write.len,
                 None => written.push((write.fd, write.len)),
+            }
+        }
+        for &fd in self
+            .original
+            .output_wanted
+            .iter()
+            .filter(|fd| self.sockets.contains(fd))
+        {
+            if !written.iter().any(|(known, _)| *known == fd) {
+                written.push((fd, 0));
             }
         }
         let shut = |fd: i32| {
@@ -70,9 +89,9 @@ impl Continuation {
         };
         written
             .into_iter()
-            .filter(|(fd, bytes)| {
-                *bytes > 0
-                    && !self.patched.fd_writes.iter().any(|w| w.fd == *fd)
+            .filter(|(fd, _)| {
+                !self.patched.fd_writes.iter().any(|w| w.fd == *fd)
+                    && !self.patched.output_wanted.contains(fd)
                     && !self.patched.closed_inherited.contains(fd)
                     && !shut(*fd)
             })

@@ -104,6 +104,16 @@ impl SimulatedCall {
             "critical": self.comparison.critical,
             "memory_pages_differing": self.comparison.memory_pages_differing,
             "repeats": self.repeats,
+            "continuation": self.continuation.as_ref().map(|k| serde_json::json!({
+                "sockets": k.sockets,
+                "original": k.original.outcome,
+                "patched": k.patched.outcome,
+                "original_writes": k.original.fd_writes.iter().map(|w| (w.fd, w.len)).collect::<Vec<_>>(),
+                "patched_writes": k.patched.fd_writes.iter().map(|w| (w.fd, w.len)).collect::<Vec<_>>(),
+                "patched_closed": k.patched.closed_inherited,
+                "original_output_wanted": k.original.output_wanted,
+                "patched_output_wanted": k.patched.output_wanted,
+            })),
         })
     }
 }
@@ -225,10 +235,13 @@ pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> V
                 let continuation = call.continuation.as_ref().expect("continued");
                 let left = continuation.left_waiting();
                 format!(
-                    "{}: the original's caller then wrote {} before waiting; the patched one went back to waiting ({}) without writing to {}, closing or shutting down {}: a client there waits for an answer that never comes",
+                    "{}: the original's caller then answered ({}) before waiting; the patched one went back to waiting ({}) without answering on {}, closing or shutting down {}: a client there waits for an answer that never comes",
                     call.describe(),
                     left.iter()
-                        .map(|(fd, bytes)| format!("{bytes} bytes to socket fd {fd}"))
+                        .map(|(fd, bytes)| match bytes {
+                            0 => format!("a reply queued on socket fd {fd} (asked to be told it is writable)"),
+                            _ => format!("{bytes} bytes to socket fd {fd}"),
+                        })
                         .collect::<Vec<_>>()
                         .join(", "),
                     continuation.patched.outcome.describe(),

@@ -164,6 +164,11 @@ pub struct RunResult {
     /// the service's stay open), in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub closed_inherited: Vec<i32>,
+    /// Descriptors the run asked the service's epoll set to report as
+    /// writable (`epoll_ctl` ADD/MOD with `EPOLLOUT`, emulated): output on
+    /// its way.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub output_wanted: Vec<i32>,
 }
 
 /// What to do at the exit of the syscall in progress.
@@ -258,6 +263,7 @@ fn drive(
         },
         ran_changed_code: changed.map(|_| false),
         closed_inherited: Vec::new(),
+        output_wanted: Vec::new(),
     };
     let mut at_exit: Option<AtExit> = None;
     let mut deliver: Option<Signal> = None;
@@ -409,7 +415,37 @@ fn entry(copy: &mut ProcessCopy, fds: &Descriptors, result: &mut RunResult) -> R
     };
     match decide(number, args, fds) {
         Decision::Run(after) => Ok(Entry::Continue(Some(AtExit::After(after)))),
-        Decision::Emulate { result: value, effect } => {
+        Decision::Emulate {
+            result: value,
+            mut effect,
+        } => {
+            if number == libc::SYS_epoll_ctl {
+                // What the service's event loop was asked to watch: for a
+                // continuation, interest in output on a socket is a reply
+                // on its way (libevent writes on the next loop turn).
+                let events = copy
+                    .memory()
+                    .read_vec(args[3], 4)
+                    .ok()
+                    .map(|bytes| u32::from_le_bytes(bytes.try_into().expect("4 bytes")));
+                let (op, target) = (args[1] as i32, args[2] as i32);
+                if let Some(effect) = effect.as_mut() {
+                    effect.detail = format!(
+                        "{} {} fd {target}{}",
+                        effect.detail,
+                        match op {
+                            libc::EPOLL_CTL_ADD => "add",
+                            libc::EPOLL_CTL_MOD => "mod",
+                            libc::EPOLL_CTL_DEL => "del",
+                            _ => "op?",
+                        },
+                        events.map(|e| format!(" events {e:#x}")).unwrap_or_default()
+                    );
+                }
+                if op != libc::EPOLL_CTL_DEL && events.is_some_and(|e| e & libc::EPOLLOUT as u32 != 0) {
+                    result.output_wanted.push(target);
+                }
+            }
             result.side_effects.extend(effect);
             skip(copy, regs)?;
             Ok(Entry::Continue(Some(AtExit::Result(value))))

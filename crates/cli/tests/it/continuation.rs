@@ -23,7 +23,7 @@ const SERVER: &str = r#"/* One-thread epoll server: "ask N\n" -> "answer 2N\n". 
 #include <sys/socket.h>
 #include <unistd.h>
 
-struct conn { int fd; int len; char buf[128]; };
+struct conn { int fd; int len; char buf[128]; int out; char reply[64]; };
 
 /* Whether the request so far is whole (it ends its line). */
 __attribute__((noinline)) int request_complete(const char *buf, int len)
@@ -38,8 +38,11 @@ __attribute__((noinline)) const char *reply_format(void)
     return "answer %d\n";
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    /* deferred: queue the reply and write it when epoll says the socket
+       is writable (as libevent does), instead of at once. */
+    int deferred = argc > 1;
     int listener = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_in at = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
@@ -63,6 +66,12 @@ int main(void)
                 epoll_ctl(poller, EPOLL_CTL_ADD, c->fd, &e);
                 continue;
             }
+            if (ready[i].events & EPOLLOUT) {
+                write(c->fd, c->reply, c->out);
+                struct epoll_event e = { .events = EPOLLIN, .data.ptr = c };
+                epoll_ctl(poller, EPOLL_CTL_MOD, c->fd, &e);
+                continue;
+            }
             int got = read(c->fd, c->buf + c->len, sizeof c->buf - 1 - c->len);
             if (got <= 0) { close(c->fd); free(c); continue; }
             c->len += got;
@@ -70,8 +79,15 @@ int main(void)
             char reply[64];
             const char *format = reply_format();
             int length = snprintf(reply, sizeof reply, format, 2 * atoi(c->buf + 4));
-            write(c->fd, reply, length);
             c->len = 0;
+            if (deferred) {
+                memcpy(c->reply, reply, length);
+                c->out = length;
+                struct epoll_event e = { .events = EPOLLIN | EPOLLOUT, .data.ptr = c };
+                epoll_ctl(poller, EPOLL_CTL_MOD, c->fd, &e);
+                continue;
+            }
+            write(c->fd, reply, length);
         }
     }
 }
@@ -123,11 +139,26 @@ fn gcc(dir: &Path, source: &str, text: &str, out: &str, extra: &[&str]) -> std::
 
 #[test]
 fn a_reply_the_patched_caller_never_writes_is_harm_caught_after_the_call() {
+    judged_after_the_call(false);
+}
+
+/// The same when the server queues its reply for the next turn of its
+/// loop (it asks epoll to report the socket writable), as libevent does.
+#[test]
+fn a_reply_the_patched_caller_never_queues_is_harm_caught_after_the_call() {
+    judged_after_the_call(true);
+}
+
+fn judged_after_the_call(deferred: bool) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let binary = gcc(dir.path(), "server.c", SERVER, "server", &[]);
     let patches = gcc(dir.path(), "patches.c", PATCHES, "patches.so", &["-shared", "-fPIC"]);
-    let mut child = Command::new(&binary).stdout(Stdio::piped()).spawn().unwrap();
+    let mut command = Command::new(&binary);
+    if deferred {
+        command.arg("deferred");
+    }
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     let mut stdout = child.stdout.take().unwrap();
     let mut byte = [0u8; 1];
