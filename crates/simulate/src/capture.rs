@@ -89,8 +89,9 @@ pub struct CaptureStats {
     pub faults: u64,
 }
 
-/// Run a capture session on `attached` for `sites`. `made` hears of every
-/// copy (its pid in the target) as soon as it exists.
+/// Run a capture session on `attached` for `sites`, `wanted[i]` calls of
+/// site `i` (`limit.calls` each when empty). `made` hears of every copy
+/// (its pid in the target) as soon as it exists.
 #[allow(clippy::too_many_arguments)]
 pub fn capture(
     attached: &mut Attached,
@@ -98,6 +99,7 @@ pub fn capture(
     label: &str,
     sites: &[(FunctionSite, String)],
     limit: &CaptureLimit,
+    wanted: &[u32],
     cancel: Option<&AtomicBool>,
     progress: &mut dyn FnMut(Progress),
     made: &mut dyn FnMut(i64),
@@ -110,10 +112,14 @@ pub fn capture(
         ..CaptureStats::default()
     };
     let mut captured = Vec::new();
+    let wanted: Vec<u32> = (0..sites.len())
+        .map(|index| wanted.get(index).copied().unwrap_or(limit.calls))
+        .collect();
     let result = run_loop(
         &mut probe,
         sites,
         limit,
+        &wanted,
         cancel,
         &mut stats,
         &mut captured,
@@ -265,6 +271,7 @@ fn run_loop(
     probe: &mut Probe,
     sites: &[(FunctionSite, String)],
     limit: &CaptureLimit,
+    wanted: &[u32],
     cancel: Option<&AtomicBool>,
     stats: &mut CaptureStats,
     captured: &mut Vec<Captured>,
@@ -306,7 +313,7 @@ fn run_loop(
                     attached.step_past_breakpoint(tid, address)?;
                     continue;
                 };
-                if !probe.armed[index] || counts[index] >= limit.calls {
+                if !probe.armed[index] || counts[index] >= wanted[index] {
                     attached.step_past_breakpoint(tid, address)?;
                     continue;
                 }
@@ -351,9 +358,9 @@ fn run_loop(
                 progress(Progress::Captured {
                     symbol: sites[index].0.symbol.clone(),
                     count: counts[index],
-                    wanted: limit.calls,
+                    wanted: wanted[index],
                 });
-                if counts[index] >= limit.calls {
+                if counts[index] >= wanted[index] {
                     // Done with this function: its callers stop paying.
                     probe.disarm(index)?;
                 }

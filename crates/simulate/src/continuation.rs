@@ -16,8 +16,10 @@
 //!   neither, nor closed the socket or shut it down, before waiting: the
 //!   client there waits for an answer that never comes
 //!   (`sim-patched-leaves-client-waiting`);
-//! - the original's caller reached its wait and the patched one crashed or
-//!   ended the process on the way (`sim-patched-caller-fails`).
+//! - the original's caller reached its wait and the patched one crashed,
+//!   ended the process or spun through its processor-time budget on the
+//!   way (`sim-patched-caller-fails`): memcached's caller runs the next
+//!   commands of the same request, patched ones included.
 //!
 //! Another reply, or a connection closed instead of answered, is a change
 //! of behaviour (a fix may well refuse a request): not these findings.
@@ -98,12 +100,17 @@ impl Continuation {
             .collect()
     }
 
-    /// The original's caller reached its wait; the patched one crashed or
-    /// ended the process first (a budget is not counted: a loaded machine
-    /// can exhaust it).
+    /// The original's caller reached its wait; the patched one crashed,
+    /// ended the process, or spun through its processor-time or syscall
+    /// budget first (its wall-time budget is not counted: a loaded machine
+    /// can exhaust that).
     pub fn patched_failed(&self) -> bool {
         matches!(self.original.outcome, Outcome::Waiting { .. })
-            && matches!(self.patched.outcome, Outcome::Crashed { .. } | Outcome::Exited { .. })
+            && match &self.patched.outcome {
+                Outcome::Crashed { .. } | Outcome::Exited { .. } => true,
+                Outcome::Hung { budget } => budget != "wall time",
+                _ => false,
+            }
     }
 }
 

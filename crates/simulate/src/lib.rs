@@ -162,6 +162,10 @@ pub enum Progress {
     Simulated { done: usize, total: usize },
 }
 
+/// How many more calls are captured of a replacement that only carries an
+/// inlined change (`changed_code`) than of one that is the change.
+pub const INLINED_CAPTURE_FACTOR: u32 = 4;
+
 /// Everything a simulation found.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SimulationReport {
@@ -298,12 +302,23 @@ pub fn simulate(
     let mut capture_stats = None;
     let mut unavailable = Vec::new();
     if let Some(limit) = &options.capture {
+        // A replacement that only carries an inlined change runs other code
+        // on most calls (a dispatcher's other commands): more of its calls
+        // are taken, so that some run the change.
+        let wanted: Vec<u32> = changed
+            .iter()
+            .map(|c| match c {
+                Some(_) => limit.calls.saturating_mul(INLINED_CAPTURE_FACTOR),
+                None => limit.calls,
+            })
+            .collect();
         let (calls, stats) = capture::capture(
             &mut attached,
             &mut target,
             &format!("simulate:{patch_id}"),
             &prepared.sites,
             limit,
+            &wanted,
             options.cancel.as_deref(),
             progress,
             &mut |pid| copies.made(pid),
@@ -322,7 +337,7 @@ pub fn simulate(
                 // so that a verdict on 2 calls is not read as one on 8.
                 unavailable.push(format!(
                     "simulation: only {got} of {} live calls of {} captured{within}",
-                    limit.calls, site.symbol
+                    wanted[index], site.symbol
                 ));
             }
         }

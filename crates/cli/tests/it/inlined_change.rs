@@ -144,17 +144,19 @@ fn calls_that_never_run_an_inlined_change_are_no_evidence_about_it() {
             .unwrap_or_default()
     };
 
-    // Only the unchanged handler runs: four clean calls, none of them
+    // Only the unchanged handler runs: clean calls (four times the four
+    // asked: the replacement only carries the change), none of them
     // evidence about the change, and said so.
     let gets = Process(Command::new(&binary).arg("0").spawn().unwrap());
     std::thread::sleep(std::time::Duration::from_millis(100));
     let json = analyze(gets.0.id());
     let said = unavailable(&json);
     assert!(
-        said.contains("none of the 4 simulated calls of dispatch ran the changed code (handle_del"),
+        said.contains("none of the 16 simulated calls of dispatch ran the changed code (handle_del"),
         "{json:#}"
     );
-    assert_eq!(json["features"]["sim_unreached_calls"], 4.0, "{json:#}");
+    assert_eq!(json["features"]["sim_calls"], 16.0, "{json:#}");
+    assert_eq!(json["features"]["sim_unreached_calls"], 16.0, "{json:#}");
     assert_eq!(json["features"]["sim_live_repeated_clean"], 0.0, "{json:#}");
     assert!(
         !json["findings"]
