@@ -4,7 +4,8 @@
 //! Race-freedom: seizing re-scans /proc/PID/task until a scan finds no new
 //! thread, and every stop re-scans again once all known threads are stopped
 //! (a stopped thread cannot create another, so a scan that finds nothing new
-//! with everything stopped is final). Signals that arrive while we stop a
+//! with everything stopped is final; the kernel's thread count equal to
+//! ours stands for that scan). Signals that arrive while we stop a
 //! thread are re-injected, never swallowed; a thread in job-control stop
 //! (SIGSTOP/SIGTSTP...) is left stopped with `PTRACE_LISTEN`.
 //!
@@ -286,6 +287,13 @@ impl Attached {
             // Everything we know is stopped; threads created before their
             // parent stopped appear now (or were registered from a clone
             // event met while waiting). None new: the world is stopped.
+            // The kernel's count says so in one `stat` when it equals ours
+            // (every thread we count has just reported a stop, so it is
+            // alive and in the group); the directory, ~30-80 µs of the stop
+            // at 64 threads, is read only when a thread is missing or gone.
+            if self.threads.values().all(|s| s.stopped) && thread_count(pid) == Some(self.threads.len()) {
+                return Ok(());
+            }
             if self.seize_new_threads()? == 0 && self.threads.values().all(|s| s.stopped) {
                 return Ok(());
             }
@@ -800,6 +808,15 @@ pub(crate) fn is_stop_signal(signal: Signal) -> bool {
         signal,
         Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
     )
+}
+
+/// How many threads `pid` has, from the link count of /proc/PID/task
+/// (two plus one per thread: the kernel's own count, in one `stat`);
+/// `None` when it cannot be read.
+pub fn thread_count(pid: i32) -> Option<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let links = std::fs::metadata(format!("/proc/{pid}/task")).ok()?.nlink();
+    usize::try_from(links.checked_sub(2)?).ok()
 }
 
 /// List the thread ids of `pid`. Reads the directory directly instead of
