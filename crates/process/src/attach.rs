@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 /// give up (a process creating threads faster than we can seize them).
 const MAX_SCAN_ROUNDS: usize = 1000;
 
+/// How long the tracer sleeps between polls of a leader not yet stopped:
+/// short, since the stop usually comes within microseconds of its wake-up.
+const LEADER_POLL: Duration = Duration::from_micros(10);
+
 /// Whether the stop window may raise the tracer to real-time priority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopPriority {
@@ -268,14 +272,11 @@ impl Attached {
             // other thread is reaped, which waiting for them does.
             let mut to_stop = to_stop;
             to_stop.sort_by_key(|tid| tid.as_raw() == pid);
+            // A zombie leader (it exited, or the whole process was killed)
+            // is reported by waitpid only once every other thread is
+            // reaped: `wait_for_stop` polls the leader and asks /proc
+            // whether it is one only when it does not stop at once.
             for tid in to_stop {
-                // A zombie leader (it exited, or the whole process was
-                // killed) is reported by waitpid only once every other
-                // thread is reaped: waiting for it first would block forever.
-                if tid.as_raw() == pid && is_zombie(pid, tid) {
-                    self.threads.remove(&tid);
-                    continue;
-                }
                 self.wait_for_stop(tid)?;
             }
             if self.threads.is_empty() {
@@ -324,17 +325,22 @@ impl Attached {
         loop {
             let status = match waitpid(tid, Some(flags)) {
                 Ok(WaitStatus::StillAlive) => {
-                    // /proc is read every 8th poll (~0.2 ms apart), not
-                    // every one: the read cost more than the wait itself
-                    // when many targets were stopped one after another.
+                    // /proc says whether it is a zombie at the second poll
+                    // and then every 16th (~0.2 ms apart), never the first:
+                    // a live leader (woken from a blocking call by the
+                    // interrupt) is usually stopped within microseconds,
+                    // and a read of /proc (~10-20 µs) before every leader's
+                    // wait lengthened every stop; reading it at every poll
+                    // cost more than the wait when many targets were
+                    // stopped one after another.
                     polls = polls.wrapping_add(1);
-                    if polls % 8 == 1 && is_zombie(self.identity.pid, tid) {
+                    if (polls == 2 || polls.is_multiple_of(16)) && is_zombie(self.identity.pid, tid) {
                         self.threads.remove(&tid);
                         return Ok(());
                     }
                     // A real sleep, not a yield: at SCHED_FIFO a yield
                     // would not let the (normal-priority) leader run.
-                    std::thread::sleep(std::time::Duration::from_micros(20));
+                    std::thread::sleep(LEADER_POLL);
                     continue;
                 }
                 Ok(status) => status,
