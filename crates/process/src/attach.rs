@@ -4,7 +4,8 @@
 //! Race-freedom: seizing re-scans /proc/PID/task until a scan finds no new
 //! thread, and every stop re-scans again once all known threads are stopped
 //! (a stopped thread cannot create another, so a scan that finds nothing new
-//! with everything stopped is final). Signals that arrive while we stop a
+//! with everything stopped is final; the kernel's thread count equal to
+//! ours stands for that scan). Signals that arrive while we stop a
 //! thread are re-injected, never swallowed; a thread in job-control stop
 //! (SIGSTOP/SIGTSTP...) is left stopped with `PTRACE_LISTEN`.
 //!
@@ -26,6 +27,10 @@ use std::time::{Duration, Instant};
 /// How many scans of /proc/PID/task may still find new threads before we
 /// give up (a process creating threads faster than we can seize them).
 const MAX_SCAN_ROUNDS: usize = 1000;
+
+/// How long the tracer sleeps between polls of a leader not yet stopped:
+/// short, since the stop usually comes within microseconds of its wake-up.
+const LEADER_POLL: Duration = Duration::from_micros(10);
 
 /// Whether the stop window may raise the tracer to real-time priority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,14 +272,11 @@ impl Attached {
             // other thread is reaped, which waiting for them does.
             let mut to_stop = to_stop;
             to_stop.sort_by_key(|tid| tid.as_raw() == pid);
+            // A zombie leader (it exited, or the whole process was killed)
+            // is reported by waitpid only once every other thread is
+            // reaped: `wait_for_stop` polls the leader and asks /proc
+            // whether it is one only when it does not stop at once.
             for tid in to_stop {
-                // A zombie leader (it exited, or the whole process was
-                // killed) is reported by waitpid only once every other
-                // thread is reaped: waiting for it first would block forever.
-                if tid.as_raw() == pid && is_zombie(pid, tid) {
-                    self.threads.remove(&tid);
-                    continue;
-                }
                 self.wait_for_stop(tid)?;
             }
             if self.threads.is_empty() {
@@ -286,6 +288,13 @@ impl Attached {
             // Everything we know is stopped; threads created before their
             // parent stopped appear now (or were registered from a clone
             // event met while waiting). None new: the world is stopped.
+            // The kernel's count says so in one `stat` when it equals ours
+            // (every thread we count has just reported a stop, so it is
+            // alive and in the group); the directory, ~30-80 µs of the stop
+            // at 64 threads, is read only when a thread is missing or gone.
+            if self.threads.values().all(|s| s.stopped) && thread_count(pid) == Some(self.threads.len()) {
+                return Ok(());
+            }
             if self.seize_new_threads()? == 0 && self.threads.values().all(|s| s.stopped) {
                 return Ok(());
             }
@@ -316,17 +325,22 @@ impl Attached {
         loop {
             let status = match waitpid(tid, Some(flags)) {
                 Ok(WaitStatus::StillAlive) => {
-                    // /proc is read every 8th poll (~0.2 ms apart), not
-                    // every one: the read cost more than the wait itself
-                    // when many targets were stopped one after another.
+                    // /proc says whether it is a zombie at the second poll
+                    // and then every 16th (~0.2 ms apart), never the first:
+                    // a live leader (woken from a blocking call by the
+                    // interrupt) is usually stopped within microseconds,
+                    // and a read of /proc (~10-20 µs) before every leader's
+                    // wait lengthened every stop; reading it at every poll
+                    // cost more than the wait when many targets were
+                    // stopped one after another.
                     polls = polls.wrapping_add(1);
-                    if polls % 8 == 1 && is_zombie(self.identity.pid, tid) {
+                    if (polls == 2 || polls.is_multiple_of(16)) && is_zombie(self.identity.pid, tid) {
                         self.threads.remove(&tid);
                         return Ok(());
                     }
                     // A real sleep, not a yield: at SCHED_FIFO a yield
                     // would not let the (normal-priority) leader run.
-                    std::thread::sleep(std::time::Duration::from_micros(20));
+                    std::thread::sleep(LEADER_POLL);
                     continue;
                 }
                 Ok(status) => status,
@@ -800,6 +814,15 @@ pub(crate) fn is_stop_signal(signal: Signal) -> bool {
         signal,
         Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
     )
+}
+
+/// How many threads `pid` has, from the link count of /proc/PID/task
+/// (two plus one per thread: the kernel's own count, in one `stat`);
+/// `None` when it cannot be read.
+pub fn thread_count(pid: i32) -> Option<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let links = std::fs::metadata(format!("/proc/{pid}/task")).ok()?.nlink();
+    usize::try_from(links.checked_sub(2)?).ok()
 }
 
 /// List the thread ids of `pid`. Reads the directory directly instead of

@@ -157,6 +157,15 @@ fn threads_created_after_attach_are_stopped_too() {
 }
 
 #[test]
+fn the_kernel_thread_count_a_stop_trusts_is_the_number_of_listed_threads() {
+    let fixture = Running::start(Fixture::BusyC, &["8"]).unwrap();
+    let listed = shadowpatch_process::attach::list_threads(fixture.pid()).unwrap().len();
+    assert_eq!(listed, 9);
+    assert_eq!(shadowpatch_process::attach::thread_count(fixture.pid()), Some(listed));
+    assert_eq!(shadowpatch_process::attach::thread_count(i32::MAX), None);
+}
+
+#[test]
 fn remote_syscalls_in_threads_blocked_in_read_nanosleep_and_futex() {
     let mut fixture = Running::start(Fixture::BusyC, &["1", "--blockers"]).unwrap();
     let blocked: Vec<Pid> = ["tid_read", "tid_sleep", "tid_futex"]

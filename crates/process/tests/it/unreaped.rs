@@ -63,3 +63,52 @@ fn a_target_killed_while_running_is_not_waited_for() {
 fn a_target_killed_while_stopped_is_not_waited_for() {
     killed(true);
 }
+
+/// A main thread that exits (`pthread_exit`) while a worker runs on.
+const LEADER_EXITS: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static volatile unsigned long spins;
+static void *spin(void *unused) { for (;;) spins++; return unused; }
+int main(void) {
+    pthread_t worker;
+    pthread_create(&worker, 0, spin, 0);
+    char line[8];
+    if (read(0, line, sizeof line) > 0) pthread_exit(0);
+    return 0;
+}
+"#;
+
+fn leader_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+#[test]
+fn a_leader_that_exited_while_seized_is_dropped_and_its_worker_stopped() {
+    use std::io::Write;
+    let binary = shadowpatch_fixtures::build_c_source("leader-exits", LEADER_EXITS).unwrap();
+    let mut child = std::process::Command::new(&binary)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    while shadowpatch_process::attach::thread_count(pid) != Some(2) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    let outcome = finishes("exited leader", move || {
+        let mut attached = Attached::seize(&ProcessIdentity::of(pid).unwrap()).unwrap();
+        stdin.write_all(b"exit\n").unwrap();
+        while leader_state(pid) != Some('Z') {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let threads = attached.stop().map(|stopped| stopped.threads().len());
+        let detach = attached.detach();
+        format!("stopped: {threads:?}; detach: {detach:?}")
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(outcome, "stopped: Ok(1); detach: Ok(())");
+}
