@@ -245,11 +245,13 @@ mod tests {
     /// On the committed samples, a model that never saw the program, with
     /// the findings that block, refuses the patches made to crash or hang
     /// in the function itself (on every call, and on every third: the
-    /// simulation's repeats) in every program but one whose captured calls
-    /// may not reach the change, and the samples rank harm
-    /// above the rest (pooled AUC). A flipped comparison whose wrong answer
-    /// leaves the server waiting (libevent: no reply) is a change in
-    /// simulation, harm only downstream: not asked here (PREDICTION.md).
+    /// simulation's repeats) in every program but one (memcached's delete
+    /// handler, inlined into a dispatcher that consumes its input: its
+    /// third run is never reached), refuses no patch that keeps behaviour
+    /// and no change, and the samples rank harm above the rest (pooled
+    /// AUC). A flipped comparison whose harm comes a loop turn later
+    /// (libevent keeps a connection the client asked to close) is not
+    /// asked here (PREDICTION.md).
     #[test]
     fn leave_one_program_out_refuses_every_crash_and_hang_made_in_the_function() {
         let records = parse_records(EMBEDDED_SAMPLES, "samples.jsonl").unwrap();
@@ -275,9 +277,16 @@ mod tests {
                 !row.verdict.missed.iter().any(|m| m.contains(":hang-always ")),
                 "{row:#?}"
             );
+            // No patch that keeps behaviour is refused, by either rule
+            // (memcached's -O1 dispatcher was, before stripped targets'
+            // reached functions were bound; lighttpd's ETag leak was
+            // labelled ok before its requests reached new files).
+            assert!(row.model.refused_same == 0 && row.verdict.refused_same == 0, "{row:#?}");
+            // No change of behaviour is refused: it warns.
+            assert_eq!(row.verdict.refused_change, 0, "{row:#?}");
         }
-        // At most one: memcached's delete handler, inlined in the
-        // dispatcher whose captured calls may include no delete.
+        // At most one: memcached's delete handler's crash on every third
+        // delete (see above).
         assert!(missed_made.len() <= 1, "{missed_made:?}");
         assert!(lopo.pooled_auc.unwrap() >= 0.95, "{lopo:#?}");
     }
