@@ -8,7 +8,8 @@
 //! So once both copies returned from a captured call (and from its
 //! repeats), each resumes its caller at the call's real return address and
 //! runs, sandboxed as the call was, until it waits for its next event
-//! (`epoll_wait`, `poll`, `accept`, a futex wait...). Two things are harm:
+//! (`epoll_wait`, `poll`, `accept`, a futex wait...) or writes to memory it
+//! shares with the service (`ended`). Two things are harm:
 //!
 //! - the original's caller answered on a socket of the service (wrote its
 //!   reply, or asked its event loop to report the socket writable: a reply
@@ -57,8 +58,7 @@ impl Continuation {
     /// close, no shutdown) before waiting, with the bytes the original
     /// wrote there (0: queued). Empty unless both waited.
     pub fn left_waiting(&self) -> Vec<(i32, u64)> {
-        let waited = |run: &RunResult| matches!(run.outcome, Outcome::Waiting { .. });
-        if !waited(&self.original) || !waited(&self.patched) {
+        if !ended(&self.original) || !ended(&self.patched) {
             return Vec::new();
         }
         let mut written: Vec<(i32, u64)> = Vec::new();
@@ -105,13 +105,21 @@ impl Continuation {
     /// budget first (its wall-time budget is not counted: a loaded machine
     /// can exhaust that).
     pub fn patched_failed(&self) -> bool {
-        matches!(self.original.outcome, Outcome::Waiting { .. })
+        ended(&self.original)
             && match &self.patched.outcome {
                 Outcome::Crashed { .. } | Outcome::Exited { .. } => true,
                 Outcome::Hung { budget } => budget != "wall time",
                 _ => false,
             }
     }
+}
+
+/// Whether a continuation came to an end that says something: it waited
+/// for the next event, or it reached the service's shared memory (kept
+/// read-only in copies: nginx counts its requests there after answering),
+/// where simulating further would be guessing.
+pub fn ended(run: &RunResult) -> bool {
+    matches!(run.outcome, Outcome::Waiting { .. } | Outcome::SharedMemoryWrite { .. })
 }
 
 /// Resume both copies (each just back from the call, at the sentinel) at
@@ -138,4 +146,92 @@ pub fn continue_both(
         patched,
         sockets: sockets.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::{Budget, FdWrite};
+
+    fn run(outcome: Outcome, writes: &[(i32, u64)]) -> RunResult {
+        RunResult {
+            outcome,
+            fd_writes: writes
+                .iter()
+                .map(|&(fd, len)| FdWrite {
+                    fd,
+                    syscall: "writev".into(),
+                    len,
+                    shown: String::new(),
+                    digest: String::new(),
+                })
+                .collect(),
+            side_effects: Vec::new(),
+            syscalls: 0,
+            foreign_signals: 0,
+            elapsed_us: 0,
+            budget: Budget {
+                cpu_ms: 500,
+                wall_ms: 2000,
+                syscalls: 2000,
+            },
+            ran_changed_code: None,
+            closed_inherited: Vec::new(),
+            output_wanted: Vec::new(),
+        }
+    }
+
+    fn waiting() -> Outcome {
+        Outcome::Waiting {
+            syscall: "epoll_wait".into(),
+        }
+    }
+
+    #[test]
+    fn a_socket_answered_by_the_original_only_leaves_its_client_waiting() {
+        let sockets: BTreeSet<i32> = [5].into();
+        let both = |original: RunResult, patched: RunResult| Continuation {
+            original,
+            patched,
+            sockets: sockets.clone(),
+        };
+        // Answered, then silence before the wait (or the shared memory).
+        let silent = both(run(waiting(), &[(5, 235)]), run(waiting(), &[]));
+        assert_eq!(silent.left_waiting(), vec![(5, 235)]);
+        let shared = Outcome::SharedMemoryWrite { address: 0x1000 };
+        assert_eq!(
+            both(run(waiting(), &[(5, 9)]), run(shared, &[])).left_waiting(),
+            vec![(5, 9)]
+        );
+        // Another answer, a close, a queued answer: not left waiting.
+        assert!(both(run(waiting(), &[(5, 235)]), run(waiting(), &[(5, 339)]))
+            .left_waiting()
+            .is_empty());
+        let mut closed = run(waiting(), &[]);
+        closed.closed_inherited.push(5);
+        assert!(both(run(waiting(), &[(5, 235)]), closed).left_waiting().is_empty());
+        let mut queued = run(waiting(), &[]);
+        queued.output_wanted.push(5);
+        assert!(both(run(waiting(), &[(5, 235)]), queued).left_waiting().is_empty());
+        // A queued answer of the original's counts as one.
+        let mut original = run(waiting(), &[]);
+        original.output_wanted.push(5);
+        assert_eq!(both(original, run(waiting(), &[])).left_waiting(), vec![(5, 0)]);
+        // Not a socket (a log file), or a continuation that did not end.
+        assert!(both(run(waiting(), &[(3, 80)]), run(waiting(), &[]))
+            .left_waiting()
+            .is_empty());
+        let spun = Outcome::Hung {
+            budget: "cpu time".into(),
+        };
+        assert!(both(run(waiting(), &[(5, 235)]), run(spun.clone(), &[]))
+            .left_waiting()
+            .is_empty());
+        // ... which is the caller failing, unless only the wall clock ran out.
+        assert!(both(run(waiting(), &[]), run(spun, &[])).patched_failed());
+        let slow = Outcome::Hung {
+            budget: "wall time".into(),
+        };
+        assert!(!both(run(waiting(), &[]), run(slow, &[])).patched_failed());
+    }
 }

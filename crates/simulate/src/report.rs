@@ -544,10 +544,9 @@ pub fn features(calls: &[SimulatedCall], stats: &CaptureStats) -> BTreeMap<Strin
     put(
         "sim_continued_calls",
         count(&|c| {
-            c.continuation.as_ref().is_some_and(|k| {
-                matches!(k.original.outcome, Outcome::Waiting { .. })
-                    && matches!(k.patched.outcome, Outcome::Waiting { .. })
-            })
+            c.continuation
+                .as_ref()
+                .is_some_and(|k| crate::continuation::ended(&k.original) && crate::continuation::ended(&k.patched))
         }),
     );
     put(
