@@ -449,7 +449,30 @@ fn analyze_and_apply_simulate_live_calls_and_refuse_a_crashing_patch() {
     let m = same.to_str().unwrap();
     let vectors = dir.path().join("vectors.txt");
     std::fs::write(&vectors, "compute(1)\ncompute(2\n").unwrap();
+    // An inlined change said to lie past the end of the replacement, or
+    // an empty one.
+    let text = std::fs::read_to_string(&same).unwrap();
+    let past_end = dir.path().join("past-end.toml");
+    std::fs::write(
+        &past_end,
+        format!("{text}changed_code = [{{ offset = 0, size = 1048576, function = \"inner\" }}]\n"),
+    )
+    .unwrap();
+    let empty_range = dir.path().join("empty-range.toml");
+    std::fs::write(
+        &empty_range,
+        format!("{text}changed_code = [{{ offset = 4, size = 0, function = \"inner\" }}]\n"),
+    )
+    .unwrap();
     for (args, needle) in [
+        (
+            vec!["analyze", &pid, past_end.to_str().unwrap(), "--call", "compute(1)"],
+            "changed_code of inner ends at offset 0x100000, past the end",
+        ),
+        (
+            vec!["analyze", &pid, empty_range.to_str().unwrap()],
+            "changed_code[0]",
+        ),
         (vec!["analyze", &pid, m, "--call", "compute(1"], "--call"),
         (vec!["analyze", &pid, m, "--call", "not_replaced(1)"], "not_replaced"),
         (
