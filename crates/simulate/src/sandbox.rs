@@ -283,11 +283,12 @@ fn drive(
                     };
                     break;
                 }
+                // One read of the registers for every decision at this stop.
+                let regs = copy.regs()?;
                 if end == End::Wait {
-                    let regs = copy.regs()?;
                     let number = regs.orig_rax as i64;
                     let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
-                    if end == End::Wait && waits(number, &args) {
+                    if waits(number, &args) {
                         result.outcome = Outcome::Waiting {
                             syscall: super::policy::syscall_name(number).to_string(),
                         };
@@ -297,7 +298,7 @@ fn drive(
                         result.closed_inherited.push(args[0] as i32);
                     }
                 }
-                match entry(copy, &fds, &mut result)? {
+                match entry(copy, regs, &fds, &mut result)? {
                     Entry::Continue(next) => at_exit = next,
                     Entry::End(code) => {
                         result.outcome = Outcome::Exited { code };
@@ -403,9 +404,13 @@ enum Entry {
     End(i32),
 }
 
-/// Decide and carry out a syscall at its entry stop.
-fn entry(copy: &mut ProcessCopy, fds: &Descriptors, result: &mut RunResult) -> Result<Entry, TargetError> {
-    let mut regs = copy.regs()?;
+/// Decide and carry out a syscall at its entry stop (`regs` as read there).
+fn entry(
+    copy: &mut ProcessCopy,
+    mut regs: libc::user_regs_struct,
+    fds: &Descriptors,
+    result: &mut RunResult,
+) -> Result<Entry, TargetError> {
     let number = regs.orig_rax as i64;
     let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
     let skip = |copy: &mut ProcessCopy, mut regs: libc::user_regs_struct| {
