@@ -14,59 +14,80 @@ use object::{Object, ObjectSymbol};
 use shadowpatch_patch::manifest::CodeRange;
 use std::path::Path;
 
-/// The ranges of `carrier` (a symbol of the relocatable `object`) that
-/// hold inlined code of the `touched` functions, merged and in order.
-/// `Err` says why they could not be found (no debug information, the
-/// object does not link alone): the caller then treats all of the carrier
-/// as changed.
-pub fn changed_code(
-    object_path: &Path,
-    carrier: &str,
-    touched: &TouchedFunctions,
-    scratch: &Path,
-) -> Result<Vec<CodeRange>, String> {
-    let linked = scratch.join(format!(
-        "inlined-{}.elf",
-        object_path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    // Static, not shared: a non-PIC object's references to undefined
-    // symbols would not link into a shared object; here they resolve to 0,
-    // which no DWARF range of ours depends on.
-    let output = std::process::Command::new("gcc")
-        .args([
-            "-nostdlib",
-            "-static",
-            "-no-pie",
-            "-Wl,--unresolved-symbols=ignore-all",
-            "-Wl,-e,0",
-            "-o",
-        ])
-        .arg(&linked)
-        .arg(object_path)
-        .output()
-        .map_err(|e| format!("gcc: {e}"))?;
-    if !output.status.success() {
-        let text = String::from_utf8_lossy(&output.stderr);
-        return Err(format!(
-            "{} does not link on its own: {}",
-            object_path.display(),
-            text.lines().rfind(|l| !l.contains("warning")).unwrap_or("").trim()
+/// One patched object linked alone: its function symbols and the inlined
+/// copies of its changed functions, read once for every carrier in it.
+#[derive(Debug)]
+pub struct LinkedUnit {
+    object: String,
+    /// Function symbols: name, address, size.
+    symbols: Vec<(String, u64, u64)>,
+    copies: Vec<shadowpatch_symbols::InlinedCode>,
+}
+
+impl LinkedUnit {
+    /// Link the relocatable `object_path` in `scratch` and read the inlined
+    /// copies of the `touched` functions. `Err` says why they could not be
+    /// found (no debug information, the object does not link alone): the
+    /// caller then treats all of each carrier as changed.
+    pub fn link(object_path: &Path, touched: &TouchedFunctions, scratch: &Path) -> Result<LinkedUnit, String> {
+        let linked = scratch.join(format!(
+            "inlined-{}.elf",
+            object_path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ));
+        // Static, not shared: a non-PIC object's references to undefined
+        // symbols would not link into a shared object; here they resolve
+        // to 0, which no DWARF range of ours depends on.
+        let output = std::process::Command::new("gcc")
+            .args([
+                "-nostdlib",
+                "-static",
+                "-no-pie",
+                "-Wl,--unresolved-symbols=ignore-all",
+                "-Wl,-e,0",
+                "-o",
+            ])
+            .arg(&linked)
+            .arg(object_path)
+            .output()
+            .map_err(|e| format!("gcc: {e}"))?;
+        if !output.status.success() {
+            let text = String::from_utf8_lossy(&output.stderr);
+            return Err(format!(
+                "{} does not link on its own: {}",
+                object_path.display(),
+                text.lines().rfind(|l| !l.contains("warning")).unwrap_or("").trim()
+            ));
+        }
+        let bytes = std::fs::read(&linked).map_err(|e| format!("{}: {e}", linked.display()))?;
+        let _ = std::fs::remove_file(&linked);
+        let file = object::File::parse(&*bytes).map_err(|e| format!("{}: {e}", linked.display()))?;
+        let symbols = file
+            .symbols()
+            .filter(|s| s.size() > 0)
+            .filter_map(|s| Some((s.name().ok()?.to_string(), s.address(), s.size())))
+            .collect();
+        let copies = shadowpatch_symbols::inlined_code(&linked, &bytes, &|name| touched.contains(name))
+            .map_err(|e| e.to_string())?;
+        Ok(LinkedUnit {
+            object: object_path.display().to_string(),
+            symbols,
+            copies,
+        })
     }
-    let bytes = std::fs::read(&linked).map_err(|e| format!("{}: {e}", linked.display()))?;
-    let _ = std::fs::remove_file(&linked);
-    let file = object::File::parse(&*bytes).map_err(|e| format!("{}: {e}", linked.display()))?;
-    let (start, size) = file
-        .symbols()
-        .find(|s| s.name() == Ok(carrier) && s.size() > 0)
-        .map(|s| (s.address(), s.size()))
-        .ok_or_else(|| format!("{carrier} is not in {} once linked", object_path.display()))?;
-    let copies = shadowpatch_symbols::inlined_code(&linked, &bytes, &|name| touched.contains(name))
-        .map_err(|e| e.to_string())?;
-    Ok(ranges_within(&copies, start, start + size))
+
+    /// The ranges of `carrier` that hold inlined code of the changed
+    /// functions, merged and in order.
+    pub fn changed_code(&self, carrier: &str) -> Result<Vec<CodeRange>, String> {
+        let (_, start, size) = self
+            .symbols
+            .iter()
+            .find(|(name, _, _)| name == carrier)
+            .ok_or_else(|| format!("{carrier} is not in {} once linked", self.object))?;
+        Ok(ranges_within(&self.copies, *start, start + size))
+    }
 }
 
 /// The parts of `copies` inside `[start, end)`, as offsets from `start`,

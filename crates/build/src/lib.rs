@@ -429,6 +429,9 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
         .collect();
     let mut replacements = Vec::new();
     let mut roots = Vec::new();
+    // Each unit carrying inlined changes, linked alone once.
+    let mut linked_units: std::collections::HashMap<usize, Result<inlined::LinkedUnit, String>> =
+        std::collections::HashMap::new();
     for (function, (name, with)) in functions
         .iter()
         .filter(|f| f.inclusion != Inclusion::New)
@@ -454,7 +457,14 @@ pub fn build(request: &BuildRequest, step: &mut dyn FnMut(usize, &str)) -> Resul
         // is, so that a simulated call that never runs it is not taken as
         // evidence about the change.
         let changed_code = if function.inclusion == Inclusion::Inlined {
-            match inlined::changed_code(&unit.path, &symbol.name, &touched_of[function.unit], work.path()) {
+            let linked = linked_units
+                .entry(function.unit)
+                .or_insert_with(|| inlined::LinkedUnit::link(&unit.path, &touched_of[function.unit], work.path()));
+            match linked
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|l| l.changed_code(&symbol.name))
+            {
                 Ok(ranges) if !ranges.is_empty() => ranges,
                 Ok(_) => {
                     notes.push(format!(
