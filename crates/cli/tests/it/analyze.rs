@@ -469,10 +469,7 @@ fn analyze_and_apply_simulate_live_calls_and_refuse_a_crashing_patch() {
             vec!["analyze", &pid, past_end.to_str().unwrap(), "--call", "compute(1)"],
             "changed_code of inner ends at offset 0x100000, past the end",
         ),
-        (
-            vec!["analyze", &pid, empty_range.to_str().unwrap()],
-            "changed_code[0]",
-        ),
+        (vec!["analyze", &pid, empty_range.to_str().unwrap()], "changed_code[0]"),
         (vec!["analyze", &pid, m, "--call", "compute(1"], "--call"),
         (vec!["analyze", &pid, m, "--call", "not_replaced(1)"], "not_replaced"),
         (
