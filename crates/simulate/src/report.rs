@@ -12,6 +12,7 @@
 
 use super::capture::CaptureStats;
 use super::compare::{CallVerdict, Comparison};
+use super::continuation::LeftWaiting;
 use super::repeat::{Repeats, LEAK_KIB_PER_CALL};
 use super::returns::{ReturnKind, ReturnShape};
 use super::sandbox::{show_value, Outcome, RunResult};
@@ -234,20 +235,35 @@ pub fn findings(calls: &[SimulatedCall], returns: &[(String, ReturnShape)]) -> V
             &|call| {
                 let continuation = call.continuation.as_ref().expect("continued");
                 let left = continuation.left_waiting();
-                format!(
-                    "{}: the original's caller then answered ({}) before waiting; the patched one went back to waiting ({}) without answering on {}, closing or shutting down {}: a client there waits for an answer that never comes",
-                    call.describe(),
-                    left.iter()
-                        .map(|(fd, bytes)| match bytes {
-                            0 => format!("a reply queued on socket fd {fd} (asked to be told it is writable)"),
-                            _ => format!("{bytes} bytes to socket fd {fd}"),
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    continuation.patched.outcome.describe(),
-                    if left.len() == 1 { "it" } else { "them" },
-                    if left.len() == 1 { "it" } else { "them" },
-                )
+                let (kept, silent): (Vec<&LeftWaiting>, Vec<&LeftWaiting>) = left.iter().partition(|l| l.kept_open);
+                let mut told = Vec::new();
+                if !silent.is_empty() {
+                    told.push(format!(
+                        "the original's caller answered ({}) before waiting; the patched one went back to waiting ({}) without answering on {}, closing or shutting down {}: a client there waits for an answer that never comes",
+                        silent
+                            .iter()
+                            .map(|l| match l.bytes {
+                                0 => format!("a reply queued on socket fd {} (asked to be told it is writable)", l.fd),
+                                bytes => format!("{bytes} bytes to socket fd {}", l.fd),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        continuation.patched.outcome.describe(),
+                        if silent.len() == 1 { "it" } else { "them" },
+                        if silent.len() == 1 { "it" } else { "them" },
+                    ));
+                }
+                if !kept.is_empty() {
+                    told.push(format!(
+                        "the original's caller wrote its reply ({}) and closed the connection{}; the patched one answered but kept it open and went back to waiting: a client reading the reply to its end (Connection: close, HTTP/1.0) waits for ever",
+                        kept.iter()
+                            .map(|l| format!("{} bytes to socket fd {}", l.bytes, l.fd))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        if continuation.next.is_some() { " in the event loop's next turn" } else { "" },
+                    ));
+                }
+                format!("{}: {}", call.describe(), told.join("; "))
             },
         );
         add(
@@ -423,7 +439,7 @@ fn kind_phrase(code: &str) -> &'static str {
         "sim-patched-fails-on-repeat" => "the patched function failed when the call was repeated",
         "sim-patched-leaks" => "the patched function's memory grew when the call was repeated",
         "sim-patched-leaves-client-waiting" => {
-            "after the patched function returned, its caller left a client without the reply the original's caller wrote"
+            "after the patched function returned, its caller left a client waiting: no reply where the original's caller wrote one, or a connection kept open that the original's closed"
         }
         "sim-patched-caller-fails" => {
             "after the patched function returned, its caller failed where the original's went on to wait"

@@ -169,6 +169,23 @@ pub struct RunResult {
     /// its way.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub output_wanted: Vec<i32>,
+    /// The same requests in full, last one per descriptor: what the
+    /// service's epoll set would report once the socket is writable
+    /// (`next_turn`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub output_interest: Vec<Interest>,
+}
+
+/// A request to an epoll set to report output on a descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Interest {
+    /// The epoll set's descriptor.
+    pub epoll: i32,
+    pub fd: i32,
+    /// The events asked for.
+    pub events: u32,
+    /// The caller's `epoll_data`, handed back with each event.
+    pub data: u64,
 }
 
 /// What to do at the exit of the syscall in progress.
@@ -202,6 +219,59 @@ enum End {
 /// with the call's result, up to writing its answer.
 pub fn run_until_wait(copy: &mut ProcessCopy, fds: Descriptors, limits: &Limits) -> Result<RunResult, TargetError> {
     drive(copy, End::Wait, fds, limits, None)
+}
+
+/// `sizeof(struct epoll_event)` on x86-64 (packed).
+const EPOLL_EVENT_SIZE: usize = 12;
+
+/// A copy stopped at the entry of its `epoll_wait` (where `run_until_wait`
+/// left it): end the wait as the kernel would once `ready` became
+/// writable, reporting each with `EPOLLOUT` and its `epoll_data`, so the
+/// service's next loop turn runs (`run_until_wait` again). Only the
+/// interests registered on the epoll set it waits on are reported, no
+/// more than it asked for. `false`: the copy does not wait in an
+/// `epoll_wait` of that set, or nothing of `ready` is registered there
+/// (nothing was changed), or it did not come back to the wait's exit
+/// (it died: no turn to run).
+pub fn end_wait_writable(copy: &mut ProcessCopy, ready: &[Interest]) -> Result<bool, TargetError> {
+    let mut regs = copy.regs()?;
+    let number = regs.orig_rax as i64;
+    if !matches!(
+        number,
+        libc::SYS_epoll_wait | libc::SYS_epoll_pwait | libc::SYS_epoll_pwait2
+    ) {
+        return Ok(false);
+    }
+    let (epoll, events, most) = (regs.rdi as i32, regs.rsi, regs.rdx as i64);
+    let reported: Vec<&Interest> = ready
+        .iter()
+        .filter(|i| i.epoll == epoll)
+        .take(most.max(0) as usize)
+        .collect();
+    if reported.is_empty() {
+        return Ok(false);
+    }
+    let mut bytes = Vec::with_capacity(reported.len() * EPOLL_EVENT_SIZE);
+    for interest in &reported {
+        bytes.extend_from_slice(&(libc::EPOLLOUT as u32).to_le_bytes());
+        bytes.extend_from_slice(&interest.data.to_le_bytes());
+    }
+    copy.memory().write(events, &bytes)?;
+    // Skipped at its entry; its exit stop gets the count.
+    regs.orig_rax = u64::MAX;
+    copy.set_regs(regs)?;
+    copy.resume(Resume::Syscall, None)?;
+    match copy.wait()? {
+        CopyStop::Syscall => {
+            let mut regs = copy.regs()?;
+            regs.rax = reported.len() as u64;
+            copy.set_regs(regs)?;
+            Ok(true)
+        }
+        // Gone or signalled instead: no turn to run (the copy is only
+        // killed after this).
+        _ => Ok(false),
+    }
 }
 
 /// System calls where a service waits for its next event. A futex wait
@@ -264,6 +334,7 @@ fn drive(
         ran_changed_code: changed.map(|_| false),
         closed_inherited: Vec::new(),
         output_wanted: Vec::new(),
+        output_interest: Vec::new(),
     };
     let mut at_exit: Option<AtExit> = None;
     let mut deliver: Option<Signal> = None;
@@ -428,11 +499,15 @@ fn entry(
                 // What the service's event loop was asked to watch: for a
                 // continuation, interest in output on a socket is a reply
                 // on its way (libevent writes on the next loop turn).
-                let events = copy
-                    .memory()
-                    .read_vec(args[3], 4)
-                    .ok()
-                    .map(|bytes| u32::from_le_bytes(bytes.try_into().expect("4 bytes")));
+                // `struct epoll_event` is packed on x86-64: the events'
+                // u32, then the caller's 8 bytes of `epoll_data`.
+                let event = copy.memory().read_vec(args[3], EPOLL_EVENT_SIZE).ok().map(|bytes| {
+                    (
+                        u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")),
+                        u64::from_le_bytes(bytes[4..].try_into().expect("8 bytes")),
+                    )
+                });
+                let events = event.map(|(events, _)| events);
                 let (op, target) = (args[1] as i32, args[2] as i32);
                 if let Some(effect) = effect.as_mut() {
                     effect.detail = format!(
@@ -447,8 +522,19 @@ fn entry(
                         events.map(|e| format!(" events {e:#x}")).unwrap_or_default()
                     );
                 }
-                if op != libc::EPOLL_CTL_DEL && events.is_some_and(|e| e & libc::EPOLLOUT as u32 != 0) {
+                result
+                    .output_interest
+                    .retain(|i| i.fd != target || i.epoll != args[0] as i32);
+                if let Some((events, data)) =
+                    event.filter(|(e, _)| op != libc::EPOLL_CTL_DEL && e & libc::EPOLLOUT as u32 != 0)
+                {
                     result.output_wanted.push(target);
+                    result.output_interest.push(Interest {
+                        epoll: args[0] as i32,
+                        fd: target,
+                        events,
+                        data,
+                    });
                 }
             }
             result.side_effects.extend(effect);

@@ -7,10 +7,9 @@
 //! call and sees the original answer and the patched one wait; and a
 //! pointer returned cleanly that the caller then crashes on.
 
-use crate::common::{build_id_of, shadowpatch, write_manifest};
+use crate::common::{analyze_three_live_calls, build_id_of, finding_codes, gcc, write_manifest, Killed};
 use std::io::{Read, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -23,7 +22,13 @@ const SERVER: &str = r#"/* One-thread epoll server: "ask N\n" -> "answer 2N\n". 
 #include <sys/socket.h>
 #include <unistd.h>
 
-struct conn { int fd; int len; char buf[128]; int out; char reply[64]; };
+struct conn { int fd; int len; char buf[128]; int out; char reply[64]; int close; };
+
+/* Whether the client asked the connection to end after the reply. */
+__attribute__((noinline)) int connection_close(const char *buf)
+{
+    return strstr(buf, " close") != NULL;
+}
 
 /* Whether the request so far is whole (it ends its line). */
 __attribute__((noinline)) int request_complete(const char *buf, int len)
@@ -68,6 +73,7 @@ int main(int argc, char **argv)
             }
             if (ready[i].events & EPOLLOUT) {
                 write(c->fd, c->reply, c->out);
+                if (c->close) { close(c->fd); free(c); continue; }
                 struct epoll_event e = { .events = EPOLLIN, .data.ptr = c };
                 epoll_ctl(poller, EPOLL_CTL_MOD, c->fd, &e);
                 continue;
@@ -79,6 +85,8 @@ int main(int argc, char **argv)
             char reply[64];
             const char *format = reply_format();
             int length = snprintf(reply, sizeof reply, format, 2 * atoi(c->buf + 4));
+            c->buf[c->len] = 0;
+            c->close = connection_close(c->buf);
             c->len = 0;
             if (deferred) {
                 memcpy(c->reply, reply, length);
@@ -93,7 +101,9 @@ int main(int argc, char **argv)
 }
 "#;
 
-const PATCHES: &str = r#"/* Replacements for request_complete. */
+const PATCHES: &str = r#"/* Replacements for request_complete and connection_close. */
+#include <string.h>
+
 int complete_same(const char *buf, int len)
 {
     if (len <= 0) return 0;
@@ -105,37 +115,24 @@ int complete_flipped(const char *buf, int len)
     return !(len > 0 && buf[len - 1] == '\n');
 }
 
+int close_same(const char *buf)
+{
+    return strstr(buf, " close") ? 1 : 0;
+}
+
+/* Never ends a connection: a client reading its reply to the end waits. */
+int close_never(const char *buf)
+{
+    (void)buf;
+    return 0;
+}
+
 /* Returns cleanly; the caller's snprintf then reads through it. */
 const char *format_gone(void)
 {
     return (const char *)16;
 }
 "#;
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn gcc(dir: &Path, source: &str, text: &str, out: &str, extra: &[&str]) -> std::path::PathBuf {
-    let path = dir.join(source);
-    std::fs::write(&path, text).unwrap();
-    let output = dir.join(out);
-    let built = Command::new("gcc")
-        .args(["-O2", "-g", "-Wl,--build-id"])
-        .args(extra)
-        .arg("-o")
-        .arg(&output)
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(built.success());
-    output
-}
 
 #[test]
 fn a_reply_the_patched_caller_never_writes_is_harm_caught_after_the_call() {
@@ -149,100 +146,131 @@ fn a_reply_the_patched_caller_never_queues_is_harm_caught_after_the_call() {
     judged_after_the_call(true);
 }
 
-fn judged_after_the_call(deferred: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let binary = gcc(dir.path(), "server.c", SERVER, "server", &[]);
-    let patches = gcc(dir.path(), "patches.c", PATCHES, "patches.so", &["-shared", "-fPIC"]);
-    let mut command = Command::new(&binary);
-    if deferred {
-        command.arg("deferred");
-    }
-    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut byte = [0u8; 1];
-    while !line.ends_with('\n') {
-        assert_eq!(stdout.read(&mut byte).unwrap(), 1);
-        line.push(byte[0] as char);
-    }
-    let server = Server(child);
-    let port: u16 = line.trim().strip_prefix("port ").unwrap().parse().unwrap();
-    // Clients: one request per connection, each reply read.
-    let running = Arc::new(AtomicBool::new(true));
-    let load = {
-        let running = running.clone();
-        std::thread::spawn(move || {
-            let (mut answered, mut failed) = (0u32, 0u32);
-            let mut n = 0;
-            while running.load(Ordering::Relaxed) {
-                n += 1;
-                let Ok(mut socket) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-                    continue;
-                };
-                socket
-                    .set_read_timeout(Some(std::time::Duration::from_secs(2)))
-                    .unwrap();
-                socket.write_all(format!("ask {n}\n").as_bytes()).unwrap();
-                let mut reply = [0u8; 64];
-                match socket.read(&mut reply) {
-                    Ok(got) if String::from_utf8_lossy(&reply[..got]) == format!("answer {}\n", 2 * n) => answered += 1,
-                    _ => failed += 1,
+/// The server under load, and `analyze` of its patches.
+struct Fixture {
+    dir: tempfile::TempDir,
+    binary: std::path::PathBuf,
+    patches: std::path::PathBuf,
+    server: Killed,
+    port: u16,
+    running: Arc<AtomicBool>,
+    load: std::thread::JoinHandle<(u32, u32)>,
+}
+
+impl Fixture {
+    /// The server (`deferred`: replies queued for the next loop turn),
+    /// and a client asking one request per connection; with `close`, each
+    /// request asks the server to end the connection after its reply, and
+    /// the client reads the reply to the end of the connection.
+    fn start(deferred: bool, close: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = gcc(dir.path(), "server.c", SERVER, "server", &[]);
+        let patches = gcc(dir.path(), "patches.c", PATCHES, "patches.so", &["-shared", "-fPIC"]);
+        let mut command = Command::new(&binary);
+        if deferred {
+            command.arg("deferred");
+        }
+        let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut byte = [0u8; 1];
+        while !line.ends_with('\n') {
+            assert_eq!(stdout.read(&mut byte).unwrap(), 1);
+            line.push(byte[0] as char);
+        }
+        let server = Killed(child);
+        let port: u16 = line.trim().strip_prefix("port ").unwrap().parse().unwrap();
+        let running = Arc::new(AtomicBool::new(true));
+        let load = {
+            let running = running.clone();
+            std::thread::spawn(move || {
+                let (mut answered, mut failed) = (0u32, 0u32);
+                let mut n = 0;
+                while running.load(Ordering::Relaxed) {
+                    n += 1;
+                    let Ok(mut socket) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                        continue;
+                    };
+                    socket
+                        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                        .unwrap();
+                    let ending = if close { " close" } else { "" };
+                    socket.write_all(format!("ask {n}{ending}\n").as_bytes()).unwrap();
+                    let mut reply = Vec::new();
+                    let read = if close {
+                        socket.read_to_end(&mut reply).map(|_| ())
+                    } else {
+                        let mut some = [0u8; 64];
+                        socket.read(&mut some).map(|got| reply.extend_from_slice(&some[..got]))
+                    };
+                    match read {
+                        Ok(()) if String::from_utf8_lossy(&reply) == format!("answer {}\n", 2 * n) => answered += 1,
+                        _ => failed += 1,
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
                 }
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            (answered, failed)
-        })
-    };
-    let build_id = build_id_of(&binary);
-    let pid = server.0.id().to_string();
-    let analyze = |with: &str| {
-        let symbol = if with == "format_gone" {
-            "reply_format"
-        } else {
-            "request_complete"
+                (answered, failed)
+            })
         };
-        let manifest = write_manifest(dir.path(), with, &patches, &build_id, &[(symbol, with)]);
-        let run = shadowpatch(
-            &state,
-            &[
-                "--json",
-                "analyze",
-                &pid,
-                manifest.to_str().unwrap(),
-                "--capture",
-                "3",
-                "--capture-for",
-                "20",
-            ],
-        );
-        assert!(run.code == 0 || run.code == 1, "{}{}", run.stdout, run.stderr);
-        run.json()
-    };
-    let codes = |json: &serde_json::Value| -> Vec<String> {
-        json["findings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["code"].as_str().unwrap().to_string())
-            .collect()
-    };
+        Fixture {
+            dir,
+            binary,
+            patches,
+            server,
+            port,
+            running,
+            load,
+        }
+    }
 
-    // Same answers: both callers write the reply, then wait.
-    let same = analyze("complete_same");
-    assert_eq!(same["features"]["sim_continued_calls"], 3.0, "{same:#}");
-    assert_eq!(same["features"]["sim_callers_left_waiting"], 0.0, "{same:#}");
-    assert!(!codes(&same).iter().any(|c| c.starts_with("sim-patched")), "{same:#}");
+    /// `analyze --capture 3` of `symbol` replaced by `with`.
+    fn analyze(&self, symbol: &str, with: &str) -> serde_json::Value {
+        let build_id = build_id_of(&self.binary);
+        let manifest = write_manifest(self.dir.path(), with, &self.patches, &build_id, &[(symbol, with)]);
+        analyze_three_live_calls(&self.dir.path().join("state"), self.server.0.id(), &manifest)
+    }
 
-    // The flipped answer: the function returns, the caller waits for more
-    // of a request that is whole, and the client never hears back.
-    let flipped = analyze("complete_flipped");
-    let found = flipped["findings"]
+    /// The load stopped: captures never harmed the live server (every
+    /// request answered right: a copy holding a socket the server closed
+    /// once made this epoll server free a connection twice), and it was
+    /// never patched.
+    fn finish(self) {
+        self.running.store(false, Ordering::Relaxed);
+        let (answered, failed) = self.load.join().unwrap();
+        assert!(answered > 100 && failed == 0, "{answered} answered, {failed} failed");
+        let mut socket = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        socket.write_all(b"ask 21\n").unwrap();
+        let mut reply = [0u8; 64];
+        let got = socket.read(&mut reply).unwrap();
+        assert_eq!(&reply[..got], b"answer 42\n");
+    }
+}
+
+fn finding<'a>(json: &'a serde_json::Value, code: &str) -> &'a serde_json::Value {
+    json["findings"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|f| f["code"] == "sim-patched-leaves-client-waiting")
-        .unwrap_or_else(|| panic!("{flipped:#}"));
+        .find(|f| f["code"] == code)
+        .unwrap_or_else(|| panic!("no {code}: {json:#}"))
+}
+
+fn judged_after_the_call(deferred: bool) {
+    let fixture = Fixture::start(deferred, false);
+
+    // Same answers: both callers write the reply, then wait.
+    let same = fixture.analyze("request_complete", "complete_same");
+    assert_eq!(same["features"]["sim_continued_calls"], 3.0, "{same:#}");
+    assert_eq!(same["features"]["sim_callers_left_waiting"], 0.0, "{same:#}");
+    assert!(
+        !finding_codes(&same).iter().any(|c| c.starts_with("sim-patched")),
+        "{same:#}"
+    );
+
+    // The flipped answer: the function returns, the caller waits for more
+    // of a request that is whole, and the client never hears back.
+    let flipped = fixture.analyze("request_complete", "complete_flipped");
+    let found = finding(&flipped, "sim-patched-leaves-client-waiting");
     assert_eq!(found["class"], "harm", "{found:#}");
     assert!(
         found["message"]
@@ -255,21 +283,45 @@ fn judged_after_the_call(deferred: bool) {
 
     // A bad pointer returned cleanly: the caller crashes on it after the
     // call, where the original's caller went on to answer and wait.
-    let gone = analyze("format_gone");
-    assert!(codes(&gone).iter().any(|c| c == "sim-patched-caller-fails"), "{gone:#}");
-    assert!(!codes(&gone).iter().any(|c| c == "sim-patched-crashes"), "{gone:#}");
+    let gone = fixture.analyze("reply_format", "format_gone");
+    assert!(
+        finding_codes(&gone).iter().any(|c| c == "sim-patched-caller-fails"),
+        "{gone:#}"
+    );
+    assert!(
+        !finding_codes(&gone).iter().any(|c| c == "sim-patched-crashes"),
+        "{gone:#}"
+    );
     assert_eq!(gone["verdict"], "refuse", "{gone:#}");
+    fixture.finish();
+}
 
-    running.store(false, Ordering::Relaxed);
-    let (answered, failed) = load.join().unwrap();
-    // Captures never harmed the live server: every request was answered
-    // right (a copy holding a socket the server closed once made this
-    // epoll server free a connection twice).
-    assert!(answered > 100 && failed == 0, "{answered} answered, {failed} failed");
-    // The live server was never patched: it answers as before.
-    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    socket.write_all(b"ask 21\n").unwrap();
-    let mut reply = [0u8; 64];
-    let got = socket.read(&mut reply).unwrap();
-    assert_eq!(&reply[..got], b"answer 42\n");
+/// The request asks the connection closed after its reply, which the
+/// server queues; a patch that never reads that request still queues the
+/// reply (the same first turn as the original's), and in the loop's next
+/// turn writes it, and keeps the connection open where the original's
+/// caller closed it: the client reading its reply to the end waits for
+/// ever (libevent's `evhttp_find_header` with a flipped comparison, which
+/// no longer finds `Connection: close`). Seen by running both copies'
+/// next loop turn with their queued sockets writable.
+#[test]
+fn a_connection_the_patched_caller_keeps_open_is_harm_caught_in_the_next_loop_turn() {
+    let fixture = Fixture::start(true, true);
+    let same = fixture.analyze("connection_close", "close_same");
+    assert!(
+        !finding_codes(&same).iter().any(|c| c.starts_with("sim-patched")),
+        "{same:#}"
+    );
+    assert_eq!(same["features"]["sim_callers_left_waiting"], 0.0, "{same:#}");
+
+    let never = fixture.analyze("connection_close", "close_never");
+    let found = finding(&never, "sim-patched-leaves-client-waiting");
+    assert_eq!(found["class"], "harm", "{found:#}");
+    let message = found["message"].as_str().unwrap();
+    assert!(
+        message.contains("closed the connection in the event loop's next turn") && message.contains("kept it open"),
+        "{found:#}"
+    );
+    assert_eq!(never["verdict"], "refuse", "{never:#}");
+    fixture.finish();
 }

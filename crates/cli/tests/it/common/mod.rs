@@ -101,6 +101,64 @@ pub fn build_id_of(path: &Path) -> String {
     shadowpatch_symbols::hex(image.build_id.as_deref().expect("has a build-id"))
 }
 
+/// A process the test started, killed and reaped when dropped.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `gcc -O2 -g` of `text` (written to `dir/source`) into `dir/out`, with
+/// `extra` flags (`-shared -fPIC` for a patch object).
+pub fn gcc(dir: &Path, source: &str, text: &str, out: &str, extra: &[&str]) -> std::path::PathBuf {
+    let path = dir.join(source);
+    std::fs::write(&path, text).unwrap();
+    let output = dir.join(out);
+    let built = std::process::Command::new("gcc")
+        .args(["-O2", "-g", "-Wl,--build-id"])
+        .args(extra)
+        .arg("-o")
+        .arg(&output)
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(built.success(), "gcc {source}");
+    output
+}
+
+/// `analyze --json PID MANIFEST --capture 3 --capture-for 20`: a verdict
+/// on three live calls (exit 0 or 1, else the test fails).
+pub fn analyze_three_live_calls(state: &Path, pid: u32, manifest: &Path) -> serde_json::Value {
+    let run = shadowpatch(
+        state,
+        &[
+            "--json",
+            "analyze",
+            &pid.to_string(),
+            manifest.to_str().unwrap(),
+            "--capture",
+            "3",
+            "--capture-for",
+            "20",
+        ],
+    );
+    assert!(run.code == 0 || run.code == 1, "{}{}", run.stdout, run.stderr);
+    run.json()
+}
+
+/// The codes of an analysis's findings.
+pub fn finding_codes(json: &serde_json::Value) -> Vec<String> {
+    json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Write a manifest for `object` into `dir`; returns its path.
 pub fn write_manifest(
     dir: &Path,
