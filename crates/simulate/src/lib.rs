@@ -27,6 +27,7 @@ pub mod bench;
 pub mod call;
 pub mod call_sites;
 pub mod capture;
+pub mod carry;
 pub mod compare;
 pub mod continuation;
 pub mod fork;
@@ -281,7 +282,7 @@ pub fn simulate(
     }
     let mut template: Option<(ProcessCopy, libc::user_regs_struct)> = None;
     let mut captured = Vec::new();
-    let mut dying: Vec<ProcessCopy> = Vec::new();
+    let mut across = AcrossCalls::default();
 
     if !explicit.is_empty() {
         let mut stopped = attached.stop()?;
@@ -371,7 +372,7 @@ pub fn simulate(
             sockets,
         };
         let (original, patched, comparison, repeats, continuation) =
-            run_pair(pair, &entry, &plan, sentinel, &context, options, &mut dying)?;
+            run_pair(pair, &entry, &plan, sentinel, &context, options, &mut across)?;
         Ok(SimulatedCall {
             symbol: symbol.to_string(),
             origin,
@@ -460,7 +461,7 @@ pub fn simulate(
         ));
     }
     drop(template);
-    drop(dying);
+    drop(across);
     let simulate_us = simulate_started.elapsed().as_micros() as u64;
     copies.reap()?;
     let stats = capture_stats.clone().unwrap_or_default();
@@ -485,7 +486,7 @@ pub fn simulate(
 }
 
 /// Run both copies of a pair and compare them; the copies are killed and
-/// left in `dying` to be reaped.
+/// left in `across.dying` to be reaped.
 fn run_pair(
     mut pair: CallPair,
     entry: &libc::user_regs_struct,
@@ -493,8 +494,9 @@ fn run_pair(
     sentinel: u64,
     context: &CallContext<'_>,
     options: &SimulationOptions,
-    dying: &mut Vec<ProcessCopy>,
+    across: &mut AcrossCalls,
 ) -> Result<PairRuns, SimulateError> {
+    let AcrossCalls { carry, dying } = across;
     let CallContext { shape, changed, .. } = *context;
     let (inherited, shared) = (pair.inherited.clone(), pair.shared.clone());
     let descriptors = |copy: &ProcessCopy| Descriptors {
@@ -505,6 +507,10 @@ fn run_pair(
     let fds = descriptors(&pair.original);
     let original = sandbox::run(&mut pair.original, sentinel, fds, &options.limits)?;
     let limits = options.limits.for_patched(original.elapsed_us);
+    let carried = carry.give(&mut pair.patched, plan)?;
+    if carried > 0 {
+        tracing::debug!(carried, "the patch's own words as the last call left them");
+    }
     let fds = descriptors(&pair.patched);
     let patched = sandbox::run_probed(&mut pair.patched, sentinel, fds, &limits, changed)?;
     // Dead memory: the stack below the call's entry, and the patch itself.
@@ -556,6 +562,7 @@ fn run_pair(
         }
         _ => None,
     };
+    carry.take(&mut pair.patched, plan);
     // Killed now, reaped at the end: a big copy's teardown takes
     // milliseconds that need not hold up the next call.
     pair.original.kill_soon();
@@ -563,6 +570,16 @@ fn run_pair(
     dying.push(pair.original);
     dying.push(pair.patched);
     Ok((original, patched, comparison, repeats, continuation))
+}
+
+/// What one call's pair leaves to the next ones.
+#[derive(Default)]
+struct AcrossCalls {
+    /// The patch's own statics, from each call to the next (`carry`).
+    carry: carry::Carry,
+    /// Copies killed, to be reaped at the end: a big copy's teardown takes
+    /// milliseconds that need not hold up the next call.
+    dying: Vec<ProcessCopy>,
 }
 
 /// What `run_pair` needs to know of the call besides its copies.

@@ -250,9 +250,11 @@ fn debian_memcached_verdicts_tell_harm_from_intended_change_and_no_evidence_from
     );
 
     // Harm one call does not show: right twice, then a NULL dereference
-    // (a counter of the patch's own, which starts at 0 in every copy).
-    // Alone, each simulated call is clean; the repeats of each call in the
-    // same copies crash on the third, and refuse.
+    // (a counter of the patch's own). Each call's copies are made afresh,
+    // but the patch's own statics go from each simulated call to the next
+    // as they would live: without repeats, the third captured call
+    // crashes; with them, the repeats of the first call in the same copies
+    // crash on its third run. Either refuses.
     let third = patch(
         dir.path(),
         &build_id,
@@ -266,8 +268,13 @@ fn debian_memcached_verdicts_tell_harm_from_intended_change_and_no_evidence_from
         "",
     );
     let once = analyze(&third, &["--capture", "3", "--sim-repeat", "0"]);
-    assert!(classes(&once, "sim-patched-crashes").is_empty(), "{once}");
+    assert_eq!(
+        classes(&once, "sim-patched-crashes"),
+        vec![("blocking".to_string(), "harm".to_string())],
+        "{once}"
+    );
     assert!(classes(&once, "sim-patched-fails-on-repeat").is_empty(), "{once}");
+    assert_eq!(once["verdict"], "refuse", "{once}");
     let repeated = analyze(&third, &["--capture", "3"]);
     assert_eq!(repeated["verdict"], "refuse", "{repeated}");
     assert_eq!(

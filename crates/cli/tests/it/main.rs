@@ -14,6 +14,7 @@ mod ansible;
 mod apply_watch;
 mod build;
 mod build_debian;
+mod carried_state;
 mod continuation;
 mod demo;
 mod exit_codes;

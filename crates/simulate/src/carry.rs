@@ -1,0 +1,83 @@
+//! The patch's own state, carried from one simulated call to the next.
+//! Every pair of copies is made afresh from the live process, where the
+//! patch never ran: a patch that keeps a counter of its own (a static it
+//! adds) starts each simulated call at zero, though live it would count
+//! every call. A crash on every third call then shows only if one call
+//! and its repeats reach three, and a dispatcher whose input is consumed
+//! by its first run (memcached's command handler, a delete inlined into
+//! it) never runs the changed code again in a repeat.
+//!
+//! So the patched copy's writable pages of the patch (its data and bss)
+//! as each call left them (after its repeats and its caller's
+//! continuation) become the starting state of the next call's patched
+//! copy, in the order the calls were captured: the patch's statics advance
+//! as they would live. Only values that cannot be pointers into the
+//! copies are carried: an 8-byte word the patch set to an address of
+//! anything mapped (a buffer it allocated in the last copy, whose heap is
+//! gone) keeps its fresh value, so a carried word is a number the patch
+//! computed, never a dangling pointer.
+
+use super::SimulateError;
+use shadowpatch_patch::load::LoadPlan;
+use shadowpatch_process::maps::read_maps;
+use shadowpatch_process::ProcessCopy;
+
+/// The patch's writable bytes as the last patched copy left them.
+#[derive(Debug, Default)]
+pub struct Carry {
+    /// `(address, bytes)` per writable range of the patch.
+    ranges: Vec<(u64, Vec<u8>)>,
+}
+
+/// The patch's writable ranges in the copies: `(address, offset in the
+/// image, length)`.
+fn writable(plan: &LoadPlan) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
+    plan.protections
+        .iter()
+        .filter(|(_, _, prot)| prot & libc::PROT_WRITE != 0)
+        .map(|&(start, end, _)| (plan.address + start, start as usize, (end - start) as usize))
+}
+
+impl Carry {
+    /// Read the patch's writable pages from `patched` (a copy whose run
+    /// is over). A copy that died keeps the state carried before it.
+    pub fn take(&mut self, patched: &mut ProcessCopy, plan: &LoadPlan) {
+        let read: Result<Vec<(u64, Vec<u8>)>, _> = writable(plan)
+            .map(|(address, _, len)| patched.memory().read_vec(address, len).map(|bytes| (address, bytes)))
+            .collect();
+        if let Ok(ranges) = read {
+            self.ranges = ranges;
+        }
+    }
+
+    /// Put the carried words into a fresh patched copy (the patch just
+    /// mapped into it from `plan`): each 8-byte word that differs from the
+    /// image and is not an address inside any mapping of the copy. The
+    /// number of words carried.
+    pub fn give(&self, patched: &mut ProcessCopy, plan: &LoadPlan) -> Result<usize, SimulateError> {
+        if self.ranges.is_empty() {
+            return Ok(0);
+        }
+        let maps = read_maps(patched.pid().as_raw())?;
+        let mapped = |value: u64| maps.iter().any(|m| m.contains(value));
+        let mut carried = 0;
+        for ((address, offset, len), (taken_at, taken)) in writable(plan).zip(&self.ranges) {
+            if address != *taken_at || taken.len() != len {
+                continue;
+            }
+            // Beyond the image (bss past its bytes) the fresh value is 0.
+            let fresh: Vec<u8> = (offset..offset + len)
+                .map(|i| plan.image.get(i).copied().unwrap_or(0))
+                .collect();
+            for (index, (word, initial)) in taken.chunks_exact(8).zip(fresh.chunks_exact(8)).enumerate() {
+                let value = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+                if word == initial || mapped(value) {
+                    continue;
+                }
+                patched.memory().write(address + (index * 8) as u64, word)?;
+                carried += 1;
+            }
+        }
+        Ok(carried)
+    }
+}
