@@ -11,11 +11,13 @@
 //! as each call left them (after its repeats and its caller's
 //! continuation) become the starting state of the next call's patched
 //! copy, in the order the calls were captured: the patch's statics advance
-//! as they would live. Only values that cannot be pointers into the
-//! copies are carried: an 8-byte word the patch set to an address of
-//! anything mapped (a buffer it allocated in the last copy, whose heap is
-//! gone) keeps its fresh value, so a carried word is a number the patch
-//! computed, never a dangling pointer.
+//! as they would live. Only a state that means the same in the next copy
+//! is carried: numbers (values that are no address of anything mapped),
+//! and addresses inside the patch itself or inside a file's mapping (the
+//! same in every copy). If the patch left an address of anonymous memory
+//! (a buffer it allocated in the last copy, whose heap is not the next
+//! copy's), nothing is carried for that call: a flag saying "allocated"
+//! without its buffer would be a state no live process has.
 
 use super::SimulateError;
 use shadowpatch_patch::load::LoadPlan;
@@ -52,32 +54,39 @@ impl Carry {
 
     /// Put the carried words into a fresh patched copy (the patch just
     /// mapped into it from `plan`): each 8-byte word that differs from the
-    /// image and is not an address inside any mapping of the copy. The
-    /// number of words carried.
+    /// image, unless one of them is an address of anonymous memory (then
+    /// none). The number of words carried.
     pub fn give(&self, patched: &mut ProcessCopy, plan: &LoadPlan) -> Result<usize, SimulateError> {
         if self.ranges.is_empty() {
             return Ok(0);
         }
         let maps = read_maps(patched.pid().as_raw())?;
-        let mapped = |value: u64| maps.iter().any(|m| m.contains(value));
-        let mut carried = 0;
+        let patch = plan.address..plan.address + plan.span;
+        // Whether `value`, as an address, would mean another thing in the
+        // next copy: inside anonymous memory other than the patch's own.
+        let unstable =
+            |value: u64| !patch.contains(&value) && maps.iter().any(|m| m.contains(value) && m.file().is_none());
+        let mut writes = Vec::new();
         for ((address, offset, len), (taken_at, taken)) in writable(plan).zip(&self.ranges) {
             if address != *taken_at || taken.len() != len {
                 continue;
             }
-            // Beyond the image (bss past its bytes) the fresh value is 0.
-            let fresh: Vec<u8> = (offset..offset + len)
-                .map(|i| plan.image.get(i).copied().unwrap_or(0))
-                .collect();
-            for (index, (word, initial)) in taken.chunks_exact(8).zip(fresh.chunks_exact(8)).enumerate() {
-                let value = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-                if word == initial || mapped(value) {
+            for (index, word) in taken.chunks_exact(8).enumerate() {
+                let at = offset + index * 8;
+                // Beyond the image (bss past its bytes) the fresh value is 0.
+                let fresh: Vec<u8> = (at..at + 8).map(|i| plan.image.get(i).copied().unwrap_or(0)).collect();
+                if word == fresh.as_slice() {
                     continue;
                 }
-                patched.memory().write(address + (index * 8) as u64, word)?;
-                carried += 1;
+                if unstable(u64::from_le_bytes(word.try_into().expect("8 bytes"))) {
+                    return Ok(0);
+                }
+                writes.push((address + (index * 8) as u64, word));
             }
         }
-        Ok(carried)
+        for (address, word) in &writes {
+            patched.memory().write(*address, word)?;
+        }
+        Ok(writes.len())
     }
 }

@@ -3,7 +3,8 @@
 //! call. Each simulated call is made in fresh copies of the live process,
 //! where the patch never ran, and here a repeat of the call does not run
 //! it again (the first run consumed the job), so only carrying the patch's
-//! statics from each simulated call to the next shows the crash.
+//! statics from each simulated call to the next shows the crash. A state
+//! holding a heap pointer is not carried: the pointer would dangle.
 
 use crate::common::{analyze_three_live_calls, build_id_of, finding_codes, gcc, write_manifest, Killed};
 use std::process::{Command, Stdio};
@@ -37,7 +38,9 @@ int main(void)
 }
 "#;
 
-const PATCHES: &str = r#"struct job { int pending; int value; };
+const PATCHES: &str = r#"#include <stdlib.h>
+
+struct job { int pending; int value; };
 static int taken;
 
 /* The same, counting the jobs taken. */
@@ -47,6 +50,19 @@ int consume_counted(struct job *j)
     j->pending = 0;
     taken++;
     return j->value * 2;
+}
+
+/* Allocates its box on the first job, then reuses it: a flag and a
+   heap pointer that only make sense together. */
+static int ready;
+static int *box;
+int consume_boxed(struct job *j)
+{
+    if (!j->pending) return 0;
+    j->pending = 0;
+    if (!ready) { box = malloc(sizeof *box); ready = 1; }
+    *box = j->value;
+    return *box * 2;
 }
 
 /* Crashes on every third job taken. */
@@ -81,6 +97,15 @@ fn a_patch_counting_in_its_own_static_crashes_on_the_third_captured_call() {
     assert!(
         !finding_codes(&counted).iter().any(|c| c.starts_with("sim-patched")),
         "{counted:#}"
+    );
+
+    // A flag set beside a heap pointer: the pointer means nothing in the
+    // next call's copies, so neither is carried (carrying the flag alone
+    // would crash on a NULL box no live process has).
+    let boxed = analyze("consume_boxed");
+    assert!(
+        !finding_codes(&boxed).iter().any(|c| c.starts_with("sim-patched")),
+        "{boxed:#}"
     );
 
     // The first two calls take jobs one and two; the third crashes.
