@@ -114,6 +114,14 @@ impl SimulatedCall {
                 "patched_closed": k.patched.closed_inherited,
                 "original_output_wanted": k.original.output_wanted,
                 "patched_output_wanted": k.patched.output_wanted,
+                "next_turn": k.next.as_ref().map(|turn| serde_json::json!({
+                    "original": turn.original.outcome,
+                    "patched": turn.patched.outcome,
+                    "original_writes": turn.original.fd_writes.iter().map(|w| (w.fd, w.len)).collect::<Vec<_>>(),
+                    "patched_writes": turn.patched.fd_writes.iter().map(|w| (w.fd, w.len)).collect::<Vec<_>>(),
+                    "original_closed": turn.original.closed_inherited,
+                    "patched_closed": turn.patched.closed_inherited,
+                })),
             })),
         })
     }

@@ -323,5 +323,12 @@ fn a_connection_the_patched_caller_keeps_open_is_harm_caught_in_the_next_loop_tu
         "{found:#}"
     );
     assert_eq!(never["verdict"], "refuse", "{never:#}");
+    // The evidence shows the turn: the original closed the socket it wrote
+    // to, the patched one wrote and closed nothing.
+    let turn = &found["evidence"]["examples"][0]["continuation"]["next_turn"];
+    let written = turn["original_writes"][0][0].clone();
+    assert_eq!(turn["original_closed"], serde_json::json!([written]), "{turn:#}");
+    assert_eq!(turn["patched_writes"][0][0], written, "{turn:#}");
+    assert_eq!(turn["patched_closed"], serde_json::json!([]), "{turn:#}");
     fixture.finish();
 }
