@@ -446,40 +446,6 @@ fn run_apply_command(
     )
 }
 
-/// A missing-argument error on one line that names the arguments and the
-/// subcommand (clap puts the names on the lines after its first).
-fn missing_arguments(error: &clap::Error) -> Option<String> {
-    use clap::error::{ContextKind, ContextValue, ErrorKind};
-    if error.kind() != ErrorKind::MissingRequiredArgument {
-        return None;
-    }
-    let names = match error.get(ContextKind::InvalidArg) {
-        Some(ContextValue::Strings(names)) => names.join(", "),
-        Some(ContextValue::String(name)) => name.clone(),
-        _ => return None,
-    };
-    let usage = match error.get(ContextKind::Usage) {
-        Some(ContextValue::StyledStr(usage)) => usage.to_string(),
-        _ => String::new(),
-    };
-    // "Usage: shadowpatch status <PID>" → "shadowpatch status".
-    let command: Vec<&str> = usage
-        .trim()
-        .trim_start_matches("Usage:")
-        .split_whitespace()
-        .take_while(|word| !word.starts_with('<') && !word.starts_with('[') && !word.starts_with('-'))
-        .collect();
-    let command = if command.is_empty() {
-        "shadowpatch".to_string()
-    } else {
-        command.join(" ")
-    };
-    Some(format!(
-        "missing required argument{} {names} (see {command} --help)",
-        if names.contains(',') { "s" } else { "" }
-    ))
-}
-
 /// `shadowpatch … | head`: once the reader has gone, the print macros
 /// panic with "failed printing to stdout: Broken pipe". That is not a
 /// failure of ours: end quietly with the shell's SIGPIPE status (141).
@@ -503,32 +469,8 @@ fn quiet_on_closed_stdout() {
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(error) => {
-            use clap::error::ErrorKind;
-            if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                error.exit();
-            }
-            if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                let _ = error.print();
-                std::process::exit(failure::Exit::BadInput.code());
-            }
-            // Usage errors on one line, like every other bad input.
-            if let Some(line) = missing_arguments(&error) {
-                eprintln!("shadowpatch: error: {line}");
-                std::process::exit(failure::Exit::BadInput.code());
-            }
-            let text = error.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("shadowpatch: error: {first} (see shadowpatch --help)");
-            std::process::exit(failure::Exit::BadInput.code());
-        }
-    };
+    // Usage errors on one line, like every other bad input (exit 2).
+    let cli: Cli = shadowpatch_report::parse_args("shadowpatch");
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("SHADOWPATCH_LOG"))
         .with_writer(std::io::stderr)

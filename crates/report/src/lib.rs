@@ -27,6 +27,10 @@ pub fn parse_args<T: clap::Parser>(binary: &str) -> T {
                 let _ = error.print();
                 std::process::exit(2);
             }
+            if let Some(line) = missing_arguments(binary, &error) {
+                eprintln!("{binary}: error: {line}");
+                std::process::exit(2);
+            }
             let text = error.to_string();
             let first = text
                 .lines()
@@ -37,6 +41,40 @@ pub fn parse_args<T: clap::Parser>(binary: &str) -> T {
             std::process::exit(2);
         }
     }
+}
+
+/// A missing-argument error on one line that names the arguments and the
+/// subcommand (clap puts the names on the lines after its first).
+fn missing_arguments(binary: &str, error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() != ErrorKind::MissingRequiredArgument {
+        return None;
+    }
+    let names = match error.get(ContextKind::InvalidArg) {
+        Some(ContextValue::Strings(names)) => names.join(", "),
+        Some(ContextValue::String(name)) => name.clone(),
+        _ => return None,
+    };
+    let usage = match error.get(ContextKind::Usage) {
+        Some(ContextValue::StyledStr(usage)) => usage.to_string(),
+        _ => String::new(),
+    };
+    // "Usage: shadowpatch status <PID>" → "shadowpatch status".
+    let command: Vec<&str> = usage
+        .trim()
+        .trim_start_matches("Usage:")
+        .split_whitespace()
+        .take_while(|word| !word.starts_with('<') && !word.starts_with('[') && !word.starts_with('-'))
+        .collect();
+    let command = if command.is_empty() {
+        binary.to_string()
+    } else {
+        command.join(" ")
+    };
+    Some(format!(
+        "missing required argument{} {names} (see {command} --help)",
+        if names.contains(',') { "s" } else { "" }
+    ))
 }
 
 /// Min, median, 99th percentile and max of a sample.

@@ -304,6 +304,43 @@ fn analyse_into(
     Ok(())
 }
 
+/// Where a variant's diff and built patch are kept, under its program's
+/// folder of the work folder.
+fn variant_dir(home: &Path, function: &str, template: Template) -> PathBuf {
+    home.join("variants").join(format!("{function}-{}", template.as_str()))
+}
+
+/// `--reanalyse` needs every labelled variant's built patch: a work folder
+/// other than the one the samples were made in is said before anything is
+/// fetched, built or run, naming the first variant whose patch is missing.
+fn patches_kept(spec: &Spec, options: &GenerateOptions, existing: &[ProgramRecord]) -> Result<(), ProgramsError> {
+    for program in &spec.program {
+        if options.only.as_ref().is_some_and(|only| *only != program.name) {
+            continue;
+        }
+        let home = options.work.join(&program.name);
+        for record in existing
+            .iter()
+            .filter(|r| r.program == program.name && r.harm().is_some() && options.templates.contains(&r.template))
+        {
+            let manifest = variant_dir(&home, &record.function, record.template)
+                .join("patch")
+                .join("manifest.toml");
+            if !manifest.exists() {
+                return Err(fail(
+                    program,
+                    format!(
+                        "--reanalyse: {} has no built patch at {} (give the --work folder the samples were made in)",
+                        record.id,
+                        manifest.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Generate every variant of `spec` not already in `existing` (same id
 /// and diff), calling `emit` with each record as it is made.
 pub fn generate(
@@ -313,6 +350,9 @@ pub fn generate(
     emit: &mut dyn FnMut(&ProgramRecord) -> Result<(), ProgramsError>,
     progress: &dyn Fn(&str),
 ) -> Result<(), ProgramsError> {
+    if options.reanalyse {
+        patches_kept(spec, options, existing)?;
+    }
     std::fs::create_dir_all(&options.work).map_err(io(&options.work))?;
     let driver = if spec.program.iter().any(Program::uses_driver) {
         build_driver(&options.work)?
@@ -365,9 +405,7 @@ pub fn generate(
                 // Labelled variants are kept; one that did not build or
                 // apply runs again (its build dependencies may be there now).
                 let kept = known.get(&(id.as_str(), record.diff_hash.as_str()));
-                let variant_dir = home
-                    .join("variants")
-                    .join(format!("{}-{}", function.name, template.as_str()));
+                let variant_dir = variant_dir(&home, &function.name, *template);
                 let manifest = variant_dir.join("patch").join("manifest.toml");
                 if let Some(done) = kept.filter(|r| r.harm().is_some()) {
                     if !options.reanalyse {

@@ -67,6 +67,37 @@ fn bad_programs_input_is_one_line_and_exit_2() {
         "nothing made before the input was checked"
     );
 
+    // --rebuild only means something with --reanalyse: the flag is named.
+    let stderr = one_line_exit_2(&train(&["programs", "--samples", samples, "--work", work, "--rebuild"]));
+    assert!(stderr.contains("missing required argument --reanalyse"), "{stderr}");
+
+    // --reanalyse in a work folder without the samples' built patches: the
+    // first labelled variant is named, before any source is fetched.
+    let committed = include_str!("../../programs/samples.jsonl");
+    let labelled = committed
+        .lines()
+        .find(|line| line.contains("\"program\":\"tinyproxy\"") && line.contains("\"outcome\":\"crash\""))
+        .expect("a labelled tinyproxy variant");
+    std::fs::write(samples, format!("{labelled}\n")).unwrap();
+    let stderr = one_line_exit_2(&train(&[
+        "programs",
+        "--samples",
+        samples,
+        "--work",
+        work,
+        "--only",
+        "tinyproxy",
+        "--reanalyse",
+    ]));
+    assert!(
+        stderr.contains("has no built patch at") && stderr.contains("tinyproxy:"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("work").exists(),
+        "nothing fetched or built before the missing patch was said"
+    );
+
     let stderr = one_line_exit_2(&train(&["lopo", "--samples", "/nonexistent/samples.jsonl"]));
     assert!(stderr.contains("/nonexistent/samples.jsonl"), "{stderr}");
 }
