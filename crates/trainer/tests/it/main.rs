@@ -24,27 +24,17 @@ fn bad_programs_input_is_one_line_and_exit_2() {
     let samples = dir.path().join("samples.jsonl");
     let work = dir.path().join("work");
     let (samples, work) = (samples.to_str().unwrap(), work.to_str().unwrap());
+    // `programs --samples S --work W` and `more`.
+    let programs = |more: &[&str]| {
+        let mut args = vec!["programs", "--samples", samples, "--work", work];
+        args.extend_from_slice(more);
+        train(&args)
+    };
 
-    let stderr = one_line_exit_2(&train(&[
-        "programs",
-        "--samples",
-        samples,
-        "--work",
-        work,
-        "--only",
-        "nosuch",
-    ]));
+    let stderr = one_line_exit_2(&programs(&["--only", "nosuch"]));
     assert!(stderr.contains("--only nosuch"), "{stderr}");
 
-    let stderr = one_line_exit_2(&train(&[
-        "programs",
-        "--samples",
-        samples,
-        "--work",
-        work,
-        "--templates",
-        "crash-always,explode",
-    ]));
+    let stderr = one_line_exit_2(&programs(&["--templates", "crash-always,explode"]));
     assert!(stderr.contains("\"explode\""), "{stderr}");
 
     let spec = dir.path().join("programs.toml");
@@ -68,7 +58,7 @@ fn bad_programs_input_is_one_line_and_exit_2() {
     );
 
     // --rebuild only means something with --reanalyse: the flag is named.
-    let stderr = one_line_exit_2(&train(&["programs", "--samples", samples, "--work", work, "--rebuild"]));
+    let stderr = one_line_exit_2(&programs(&["--rebuild"]));
     assert!(stderr.contains("missing required argument --reanalyse"), "{stderr}");
 
     // --reanalyse in a work folder without the samples' built patches: the
@@ -79,16 +69,7 @@ fn bad_programs_input_is_one_line_and_exit_2() {
         .find(|line| line.contains("\"program\":\"tinyproxy\"") && line.contains("\"outcome\":\"crash\""))
         .expect("a labelled tinyproxy variant");
     std::fs::write(samples, format!("{labelled}\n")).unwrap();
-    let stderr = one_line_exit_2(&train(&[
-        "programs",
-        "--samples",
-        samples,
-        "--work",
-        work,
-        "--only",
-        "tinyproxy",
-        "--reanalyse",
-    ]));
+    let stderr = one_line_exit_2(&programs(&["--only", "tinyproxy", "--reanalyse"]));
     assert!(
         stderr.contains("has no built patch at") && stderr.contains("tinyproxy:"),
         "{stderr}"
