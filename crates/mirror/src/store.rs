@@ -257,8 +257,10 @@ impl StateDir {
                 }
                 shadowpatch_process::durable::sync_dir(dir)
             }
-            Err(rustix::io::Errno::NOTSUP) => write_atomically(&dir.join(EXEC_ID_FILE), format!("{id}\n").as_bytes()),
-            Err(errno) => Err(errno.into()),
+            // A file system that refuses the attribute (EOPNOTSUPP, or
+            // EPERM, ENOSPC... from one that limits user attributes) still
+            // takes the file, as before the attribute existed.
+            Err(_) => write_atomically(&dir.join(EXEC_ID_FILE), format!("{id}\n").as_bytes()),
         }
     }
 
