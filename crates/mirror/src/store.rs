@@ -26,8 +26,13 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const MARKER_FILE: &str = "SHADOWPATCH_STATE";
-/// In a target directory: the per-exec value of the program the state
-/// describes (`ProcessIdentity::exec_id`).
+/// The per-exec value of the program a target directory's state
+/// describes (`ProcessIdentity::exec_id`): an extended attribute of the
+/// directory itself (no file: a host-wide apply creates a thousand target
+/// directories, and every file created is an inode to allocate), or, where
+/// the file system takes no user attributes (and in state written before
+/// the attribute was used), the file `exec-id` in it.
+const EXEC_ID_ATTRIBUTE: &str = "user.shadowpatch.exec-id";
 const EXEC_ID_FILE: &str = "exec-id";
 const MARKER_TEXT: &str = "shadowpatch state directory, format 1\n";
 const MAGIC: &[u8; 8] = b"SHPMIRR1";
@@ -168,13 +173,13 @@ impl StateDir {
         let Some(live) = &identity.exec_id else {
             return Ok(());
         };
-        match std::fs::read_to_string(dir.join(EXEC_ID_FILE)) {
-            Ok(recorded) if recorded.trim() == live => Ok(()),
-            Ok(_) => Err(MirrorError::Target(shadowpatch_process::TargetError::Execd {
+        match Self::recorded_program(dir) {
+            Ok(Some(recorded)) if recorded == *live => Ok(()),
+            Ok(Some(_)) => Err(MirrorError::Target(shadowpatch_process::TargetError::Execd {
                 pid: identity.pid,
                 since: format!("its state in {} was recorded", dir.display()),
             })),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None) => {
                 // Best effort: a read-only state directory is still readable.
                 let _ = Self::record_program(dir, identity);
                 Ok(())
@@ -183,6 +188,26 @@ impl StateDir {
                 path: dir.join(EXEC_ID_FILE),
                 source: e,
             }),
+        }
+    }
+
+    /// The exec id the state in target directory `dir` records: its
+    /// attribute, else its `exec-id` file (`None`: neither, or no such
+    /// directory).
+    pub fn recorded_program(dir: &Path) -> std::io::Result<Option<String>> {
+        let mut value = [0u8; 128];
+        match rustix::fs::getxattr(dir, EXEC_ID_ATTRIBUTE, &mut value[..]) {
+            Ok(len) => return Ok(Some(String::from_utf8_lossy(&value[..len]).trim().to_string())),
+            // No attribute (a file, or nothing, recorded it), or a file
+            // system without user attributes.
+            Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => {}
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(errno) => return Err(errno.into()),
+        }
+        match std::fs::read_to_string(dir.join(EXEC_ID_FILE)) {
+            Ok(recorded) => Ok(Some(recorded.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -205,19 +230,37 @@ impl StateDir {
         }
     }
 
-    /// Record which program (exec) the state in `dir` describes.
+    /// Record which program (exec) the state in `dir` describes: as the
+    /// directory's attribute, made durable as a directory entry is (the
+    /// directory's fsync, or the batch's sync), or as the `exec-id` file
+    /// where the file system takes no user attributes.
     pub fn record_program(dir: &Path, identity: &ProcessIdentity) -> std::io::Result<()> {
-        match &identity.exec_id {
-            Some(id) if dir.is_dir() => {
-                let line = format!("{id}\n");
-                // Recorded already (opening the target directory does it
-                // before a first capture): not rewritten, fsyncs and all.
-                if std::fs::read_to_string(dir.join(EXEC_ID_FILE)).is_ok_and(|recorded| recorded == line) {
-                    return Ok(());
+        let Some(id) = &identity.exec_id else {
+            return Ok(());
+        };
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        // Recorded already (opening the target directory does it before a
+        // first capture): not rewritten, fsyncs and all.
+        if Self::recorded_program(dir)?.as_deref() == Some(id.as_str()) {
+            return Ok(());
+        }
+        match rustix::fs::setxattr(dir, EXEC_ID_ATTRIBUTE, id.as_bytes(), rustix::fs::XattrFlags::empty()) {
+            Ok(()) => {
+                // A file left by an earlier version would be read after a
+                // lost attribute only: removed, so no reader can see it.
+                match std::fs::remove_file(dir.join(EXEC_ID_FILE)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
                 }
-                write_atomically(&dir.join(EXEC_ID_FILE), line.as_bytes())
+                shadowpatch_process::durable::sync_dir(dir)
             }
-            _ => Ok(()),
+            // A file system that refuses the attribute (EOPNOTSUPP, or
+            // EPERM, ENOSPC... from one that limits user attributes) still
+            // takes the file, as before the attribute existed.
+            Err(_) => write_atomically(&dir.join(EXEC_ID_FILE), format!("{id}\n").as_bytes()),
         }
     }
 
@@ -226,8 +269,8 @@ impl StateDir {
     pub fn describes_live(dir: &Path, pid: i32, start_time: u64) -> bool {
         ProcessIdentity::of(pid).is_ok_and(|identity| {
             identity.start_time == start_time
-                && match (&identity.exec_id, std::fs::read_to_string(dir.join(EXEC_ID_FILE))) {
-                    (Some(live), Ok(recorded)) => recorded.trim() == live,
+                && match (&identity.exec_id, Self::recorded_program(dir)) {
+                    (Some(live), Ok(Some(recorded))) => recorded == *live,
                     _ => true,
                 }
         })

@@ -34,8 +34,16 @@ pub struct RolledBack {
 /// A missing snapshot is refused before anything is rolled back.
 pub fn rollback(state_dir: &Path, request: &RollbackRequest) -> Result<RolledBack, OpsError> {
     let pid = request.pid;
+    // Read once: who the target is, for the adoption check and the fleet
+    // report (the transaction identifies it again before its lock).
+    let identity = shadowpatch_process::ProcessIdentity::of(pid);
     // A child forked from a patched process rolls back what it inherited.
-    let adopted = crate::adopt::adopt_if_forked(state_dir, pid)?;
+    let adopted = match &identity {
+        Ok(identity) => crate::adopt::adopt_if_forked_of(state_dir, identity)?,
+        // No such process (or not one to roll back): the transaction says
+        // so, and the history records the refused rollback.
+        Err(_) => None,
+    };
     let pre = if request.restore_state {
         Some(restorable(state_dir, pid, request.patch_id.as_deref())?)
     } else {
@@ -43,7 +51,7 @@ pub fn rollback(state_dir: &Path, request: &RollbackRequest) -> Result<RolledBac
     };
     let rollback = shadowpatch_patch::rollback_with_cause(state_dir, pid, request.patch_id.as_deref(), &request.cause)?;
     // Done: only now is the fleet predictor told (never before the rollback).
-    if let Ok(identity) = shadowpatch_process::ProcessIdentity::of(pid) {
+    if let Ok(identity) = &identity {
         crate::fleet::report_rollback(state_dir, pid, identity.start_time, &rollback.patch_id, &request.cause);
     }
     let restored_state = match &pre {

@@ -627,16 +627,24 @@ pub fn rollback_set_with_progress(
     };
     let mut wanted_members = Vec::new();
     for member in &all {
+        // Identified once for the adoption check and the journal lookup (a
+        // member gone meanwhile has no active patch).
+        let identity = ProcessIdentity::of(member.pid).ok();
         // A child forked after the apply carries the patch: adopted first
         // (children come before their ancestors, whose state they copy).
-        if let Err(error) = crate::adopt::adopt_if_forked(state_dir, member.pid) {
-            if !matches!(error, OpsError::Target(_)) {
-                failure.get_or_insert(error.class());
-                results.push(result(member, "failed", None, Some(error.to_string())));
-                continue;
+        if let Some(identity) = &identity {
+            if let Err(error) = crate::adopt::adopt_if_forked_of(state_dir, identity) {
+                if !matches!(error, OpsError::Target(_)) {
+                    failure.get_or_insert(error.class());
+                    results.push(result(member, "failed", None, Some(error.to_string())));
+                    continue;
+                }
             }
         }
-        let active = active_patches(state_dir, member.pid);
+        let active = identity
+            .as_ref()
+            .map(|identity| active_patches_of(state_dir, identity))
+            .unwrap_or_default();
         let wanted = match patch_id {
             Some(id) => active.iter().any(|a| a == id),
             None => !active.is_empty(),
@@ -712,7 +720,12 @@ fn active_patches(state_dir: &Path, pid: i32) -> Vec<String> {
     let Ok(identity) = ProcessIdentity::of(pid) else {
         return Vec::new();
     };
-    crate::journal_if_any(state_dir, &identity)
+    active_patches_of(state_dir, &identity)
+}
+
+/// [`active_patches`] of a process whose identity the caller has read.
+fn active_patches_of(state_dir: &Path, identity: &ProcessIdentity) -> Vec<String> {
+    crate::journal_if_any(state_dir, identity)
         .ok()
         .flatten()
         .map(|journal| journal.active.iter().map(|p| p.id.clone()).collect())

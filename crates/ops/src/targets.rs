@@ -290,12 +290,12 @@ fn refusal(entry: &TargetEntry, request: &GcRequest, forks: &mut Option<Processe
     None
 }
 
-/// The exec id a target directory records (`exec-id`, written by
-/// `StateDir` beside the mirror), if any.
+/// The exec id a target directory records (`StateDir::record_program`),
+/// if any.
 fn recorded_exec_id(dir: &Path) -> Option<String> {
-    std::fs::read_to_string(dir.join("exec-id"))
+    StateDir::recorded_program(dir)
         .ok()
-        .map(|id| id.trim().to_string())
+        .flatten()
         .filter(|id| !id.is_empty())
 }
 

@@ -17,9 +17,12 @@ fn outcome_of(error: &PatchError) -> &'static str {
 
 fn event(kind: EventKind, pid: i32) -> NewEvent {
     let event = NewEvent::new(kind);
-    match shadowpatch_process::ProcessIdentity::of(pid) {
-        Ok(identity) => event.target(identity.pid, identity.start_time),
-        Err(_) => NewEvent {
+    // Only the start time names the target in the history: one read of
+    // /proc/PID/stat, not the whole identity (status, exe, auxv, mem),
+    // once per member of a host-wide rollback.
+    match shadowpatch_process::identity::parent_and_start_time(pid) {
+        Some((_, start_time)) => event.target(pid, start_time),
+        None => NewEvent {
             pid: Some(pid),
             ..event
         },

@@ -10,8 +10,7 @@ use shadowpatch_mirror::{capture, select_regions, CaptureOptions, StateDir};
 use shadowpatch_process::{Attached, Mapping, ProcessIdentity, TargetMemory};
 use shadowpatch_symbols::Module;
 use std::fs::File;
-use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -26,10 +25,13 @@ fn lock_wait() -> Duration {
         .unwrap_or(Duration::from_secs(10))
 }
 
-/// Exclusive right to change one target: an advisory `flock` on
-/// `targets/<pid>-<start>/lock`, released by the kernel when the holder
-/// exits however it exits. So a transaction found open in the journal by a
-/// process holding the lock is an interrupted one, never one in progress.
+/// Exclusive right to change one target: an advisory `flock` on the
+/// target's directory `targets/<pid>-<start>` itself (no lock file: a
+/// host-wide apply creates a thousand target directories, and every file
+/// created is an inode to allocate), released by the kernel when the
+/// holder exits however it exits. So a transaction found open in the
+/// journal by a process holding the lock is an interrupted one, never one
+/// in progress.
 #[derive(Debug)]
 pub struct TargetLock {
     _lock: Flock<File>,
@@ -39,48 +41,70 @@ impl TargetLock {
     /// Take the lock of the target directory `dir`, waiting up to
     /// `lock_wait()` for another holder.
     pub fn acquire(dir: &Path) -> Result<Self, PatchError> {
-        let path = dir.join("lock");
         let journal_error = |message: String| PatchError::Journal {
-            path: path.clone(),
+            path: dir.to_path_buf(),
             message,
         };
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| not_writable_or(&path, e, journal_error))?;
-        let wait = lock_wait();
-        let deadline = Instant::now() + wait;
-        loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(mut lock) => {
-                    // Say who holds it, for the next one's error message.
-                    let _ = lock.set_len(0);
-                    let _ = lock.rewind();
-                    let _ = write!(lock, "{}", std::process::id());
-                    return Ok(TargetLock { _lock: lock });
-                }
-                Err((returned, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                    file = returned;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err((mut returned, Errno::EWOULDBLOCK)) => {
-                    let mut holder = String::new();
-                    let _ = returned.rewind();
-                    let _ = returned.read_to_string(&mut holder);
-                    return Err(PatchError::Locked {
-                        dir: dir.to_path_buf(),
-                        holder: holder.trim().to_string(),
-                        waited_ms: wait.as_millis() as u64,
-                    });
-                }
-                Err((_, errno)) => return Err(journal_error(format!("locking: {errno}"))),
+        let file = File::open(dir).map_err(|e| not_writable_or(dir, e, journal_error))?;
+        Ok(TargetLock {
+            _lock: flock_waiting(dir, file, FlockArg::LockExclusiveNonblock)?,
+        })
+    }
+}
+
+/// `flock` `file` (the directory `dir`) as `how` (non-blocking), trying
+/// again for up to `lock_wait()` while another holder has it.
+fn flock_waiting(dir: &Path, mut file: File, how: FlockArg) -> Result<Flock<File>, PatchError> {
+    let wait = lock_wait();
+    let deadline = Instant::now() + wait;
+    loop {
+        match Flock::lock(file, how) {
+            Ok(lock) => return Ok(lock),
+            Err((returned, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                file = returned;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err((returned, Errno::EWOULDBLOCK)) => {
+                return Err(PatchError::Locked {
+                    dir: dir.to_path_buf(),
+                    holder: lock_holder(&returned),
+                    waited_ms: wait.as_millis() as u64,
+                });
+            }
+            Err((_, errno)) => {
+                return Err(PatchError::Journal {
+                    path: dir.to_path_buf(),
+                    message: format!("locking: {errno}"),
+                })
             }
         }
     }
+}
+
+/// Who holds the `flock` on `file`, for the waiter's error message: the
+/// pid /proc/locks gives for its device and inode (empty if not found).
+fn lock_holder(file: &File) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = file.metadata() else {
+        return String::new();
+    };
+    let (major, minor) = (nix::sys::stat::major(meta.dev()), nix::sys::stat::minor(meta.dev()));
+    let key = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    holder_in(&locks, &key).unwrap_or_default()
+}
+
+/// The pid of the first granted `FLOCK` on `key` (`MM:mm:inode`) in the
+/// text of /proc/locks (waiters' lines, marked `->`, are skipped).
+fn holder_in(locks: &str, key: &str) -> Option<String> {
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&"FLOCK") {
+            return None;
+        }
+        let at = fields.iter().position(|field| *field == key)?;
+        Some(fields.get(at.checked_sub(1)?)?.to_string())
+    })
 }
 
 /// A state directory that cannot take a write is the operator's to fix
@@ -159,45 +183,21 @@ pub struct SharedTargetLock {
 
 impl SharedTargetLock {
     /// Wait up to `lock_wait()` for writers of `dir` to finish. `None`:
-    /// the target never had a writer (no lock file), nothing to wait for.
+    /// the target has no directory, so never had a writer.
     pub fn acquire(dir: &Path) -> Result<Option<Self>, PatchError> {
-        let path = dir.join("lock");
-        let mut file = match File::open(&path) {
+        let file = match File::open(dir) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => {
                 return Err(PatchError::Journal {
-                    path,
+                    path: dir.to_path_buf(),
                     message: e.to_string(),
                 })
             }
         };
-        let wait = lock_wait();
-        let deadline = Instant::now() + wait;
-        loop {
-            match Flock::lock(file, FlockArg::LockSharedNonblock) {
-                Ok(lock) => return Ok(Some(SharedTargetLock { _lock: lock })),
-                Err((returned, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                    file = returned;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err((mut returned, Errno::EWOULDBLOCK)) => {
-                    let mut holder = String::new();
-                    let _ = returned.read_to_string(&mut holder);
-                    return Err(PatchError::Locked {
-                        dir: dir.to_path_buf(),
-                        holder: holder.trim().to_string(),
-                        waited_ms: wait.as_millis() as u64,
-                    });
-                }
-                Err((_, errno)) => {
-                    return Err(PatchError::Journal {
-                        path,
-                        message: format!("locking: {errno}"),
-                    })
-                }
-            }
-        }
+        Ok(Some(SharedTargetLock {
+            _lock: flock_waiting(dir, file, FlockArg::LockSharedNonblock)?,
+        }))
     }
 }
 
@@ -385,4 +385,19 @@ pub fn unmap(attached: &mut Attached, address: u64, len: u64) -> Result<(), Patc
 /// Whether anything of `[address, address + len)` is mapped in the target.
 pub fn is_mapped(maps: &[Mapping], address: u64, len: u64) -> bool {
     maps.iter().any(|m| m.start < address + len && address < m.end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_holder_of_a_flock_is_read_from_proc_locks() {
+        let locks = "1: POSIX  ADVISORY  WRITE 17 fe:00:99 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 4242 fe:00:5924005 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 77 fe:00:5924005 0 EOF\n";
+        assert_eq!(holder_in(locks, "fe:00:5924005").as_deref(), Some("4242"));
+        assert_eq!(holder_in(locks, "fe:00:99"), None, "a POSIX lock is not a flock");
+        assert_eq!(holder_in(locks, "fe:00:1"), None);
+    }
 }

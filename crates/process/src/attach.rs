@@ -31,6 +31,18 @@ const MAX_SCAN_ROUNDS: usize = 1000;
 /// How long the tracer sleeps between polls of a leader not yet stopped:
 /// short, since the stop usually comes within microseconds of its wake-up.
 const LEADER_POLL: Duration = Duration::from_micros(10);
+/// A leader still not stopped after this many polls is waiting for a CPU
+/// (many targets stopped at once on few CPUs: a host-wide apply): the
+/// sleep doubles every this many polls, up to `LEADER_POLL_LONGEST`, so
+/// that the poller's wake-ups do not take the CPU the leader waits for.
+const LEADER_POLLS_PER_STEP: u32 = 16;
+const LEADER_POLL_LONGEST: Duration = Duration::from_micros(160);
+
+/// The sleep after the `polls`-th poll of a leader not yet stopped.
+fn leader_poll(polls: u32) -> Duration {
+    let doublings = (polls / LEADER_POLLS_PER_STEP).min(8);
+    (LEADER_POLL * (1 << doublings)).min(LEADER_POLL_LONGEST)
+}
 
 /// Whether the stop window may raise the tracer to real-time priority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -340,7 +352,7 @@ impl Attached {
                     }
                     // A real sleep, not a yield: at SCHED_FIFO a yield
                     // would not let the (normal-priority) leader run.
-                    std::thread::sleep(LEADER_POLL);
+                    std::thread::sleep(leader_poll(polls));
                     continue;
                 }
                 Ok(status) => status,
@@ -845,4 +857,20 @@ pub fn list_threads(pid: i32) -> Result<Vec<Pid>, TargetError> {
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .map(Pid::from_raw)
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_is_polled_quickly_first_then_less_often() {
+        assert_eq!(leader_poll(1), LEADER_POLL);
+        assert_eq!(leader_poll(LEADER_POLLS_PER_STEP - 1), LEADER_POLL);
+        assert_eq!(leader_poll(LEADER_POLLS_PER_STEP), LEADER_POLL * 2);
+        let sleeps: Vec<Duration> = (0..1000).map(leader_poll).collect();
+        assert!(sleeps.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(sleeps.last(), Some(&LEADER_POLL_LONGEST));
+        assert_eq!(leader_poll(u32::MAX), LEADER_POLL_LONGEST);
+    }
 }

@@ -607,8 +607,21 @@ impl Attached {
     /// Find the instructions remote syscalls and clones borrow, now rather
     /// than in the first one's pause (the search reads memory).
     pub fn prepare_remote_calls(&mut self) -> Result<(), TargetError> {
-        self.syscall_instruction()?;
-        self.return_path()?;
+        // One read of the maps for the three searches (each alone reads
+        // them: a host-wide rollback read them three times per process).
+        let candidates = gadget_candidates(self.pid())?;
+        if self.syscall_instruction.is_none() {
+            let found = find_bytes_in(self, candidates.clone(), &SYSCALL_INSTRUCTION)?
+                .ok_or(TargetError::NoSyscallInstruction { pid: self.pid() })?;
+            self.syscall_instruction = Some(found);
+        }
+        if self.restore_rt.is_none() {
+            self.restore_rt = Some(find_bytes_in(self, candidates.clone(), &RESTORE_RT)?);
+        }
+        // As `return_path`: the `syscall; ret` only serves with a restorer.
+        if self.restore_rt.flatten().is_some() && self.syscall_return_gadget.is_none() {
+            self.syscall_return_gadget = Some(find_bytes_in(self, candidates, &SYSCALL_RETURN)?);
+        }
         Ok(())
     }
 
@@ -890,11 +903,24 @@ fn known_gadget(attached: &mut Attached, candidates: &[crate::maps::Mapping], ne
 /// target, preferring the vDSO and libc (or where another process had it
 /// in the same file).
 fn find_bytes(attached: &mut Attached, needle: &[u8]) -> Result<Option<u64>, TargetError> {
-    let pid = attached.pid();
-    let mut candidates: Vec<_> = read_maps(pid)?
+    let candidates = gadget_candidates(attached.pid())?;
+    find_bytes_in(attached, candidates, needle)
+}
+
+/// The mappings `find_bytes` searches: executable and read-only.
+fn gadget_candidates(pid: i32) -> Result<Vec<crate::maps::Mapping>, TargetError> {
+    Ok(read_maps(pid)?
         .into_iter()
         .filter(|m| m.executable && m.readable && !m.writable)
-        .collect();
+        .collect())
+}
+
+/// [`find_bytes`] in `candidates` (from [`gadget_candidates`]).
+fn find_bytes_in(
+    attached: &mut Attached,
+    mut candidates: Vec<crate::maps::Mapping>,
+    needle: &[u8],
+) -> Result<Option<u64>, TargetError> {
     if let Some(address) = known_gadget(attached, &candidates, needle) {
         return Ok(Some(address));
     }

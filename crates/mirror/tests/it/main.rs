@@ -4,4 +4,5 @@
 //! one with a `mod foo;` line below (see docs/testing.md).
 
 mod dirty;
+mod exec_id;
 mod file_format;
