@@ -90,11 +90,19 @@ fn lopo_on_the_committed_samples_reports_every_program() {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let rows = report["lopo"]["rows"].as_array().unwrap();
     let programs: Vec<&str> = rows.iter().map(|r| r["program"].as_str().unwrap()).collect();
-    for name in ["lighttpd", "memcached", "redis", "tinyproxy"] {
+    for name in ["libevent", "lighttpd", "memcached", "redis", "tinyproxy"] {
         assert!(programs.contains(&name), "{programs:?}");
     }
+    // Issue 12's goals, each program held out, on the committed samples
+    // (analysed by the engine of PREDICTION.md's fourth run): AUC ≥ 0.95,
+    // no false refusal (≤ 2 % of 6 is none), every crash and hang refused,
+    // by the model rule and by the whole verdict rule.
     for row in rows {
-        assert!(row["auc"].as_f64().unwrap() > 0.5, "{row}");
+        assert!(row["auc"].as_f64().unwrap() >= 0.95, "{row}");
+        assert_eq!(row["refused_same"], 0, "{row}");
+        assert_eq!(row["crash_or_hang_refused"], row["crash_or_hang"], "{row}");
+        assert_eq!(row["verdict"]["refused_same"], 0, "{row}");
+        assert_eq!(row["verdict"]["crash_or_hang_refused"], row["crash_or_hang"], "{row}");
     }
     let recorded = report["recorded_verdicts"].as_array().unwrap();
     assert!(recorded
