@@ -196,10 +196,10 @@ fn load_image(pid: i32, mapping: &Mapping, path: &Path) -> Option<Result<Arc<Elf
     let loaded = read_image(pid, &by_inode, path)?;
     Some(loaded.map(|image| {
         let image = Arc::new(image);
-        if let Some(key) = key {
-            IMAGES.put(key, image.clone());
+        match key {
+            Some(key) => IMAGES.put(key, image),
+            None => image,
         }
-        image
     }))
 }
 
@@ -286,14 +286,25 @@ impl ImageCache {
         Some(image)
     }
 
-    fn put(&self, key: FileKey, image: Arc<ElfImage>) {
+    /// Keep `image` as `key`'s, and return the image every caller is to
+    /// share: one parsed meanwhile by another thread (workers of a
+    /// host-wide apply parse the same glibc at once) stays, and is returned
+    /// instead, so that all of them hold the same image.
+    fn put(&self, key: FileKey, image: Arc<ElfImage>) -> Arc<ElfImage> {
         let stamp = debug_stamp(&image);
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = entries.iter().position(|(k, _, s)| *k == key && *s == stamp) {
+            let entry = entries.remove(at);
+            let kept = entry.1.clone();
+            entries.push(entry);
+            return kept;
+        }
         entries.retain(|(k, _, _)| *k != key);
         if entries.len() >= Self::CAPACITY {
             entries.remove(0);
         }
-        entries.push((key, image, stamp));
+        entries.push((key, image.clone(), stamp));
+        image
     }
 }
 
