@@ -74,8 +74,8 @@ impl Carry {
             for (index, word) in taken.chunks_exact(8).enumerate() {
                 let at = offset + index * 8;
                 // Beyond the image (bss past its bytes) the fresh value is 0.
-                let fresh: Vec<u8> = (at..at + 8).map(|i| plan.image.get(i).copied().unwrap_or(0)).collect();
-                if word == fresh.as_slice() {
+                let fresh = plan.image.get(at..at + 8).unwrap_or(&[0; 8]);
+                if word == fresh {
                     continue;
                 }
                 if unstable(u64::from_le_bytes(word.try_into().expect("8 bytes"))) {

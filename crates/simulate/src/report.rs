@@ -109,22 +109,27 @@ impl SimulatedCall {
                 "sockets": k.sockets,
                 "original": k.original.outcome,
                 "patched": k.patched.outcome,
-                "original_writes": k.original.fd_writes.iter().map(|w| (w.fd, w.len)).collect::<Vec<_>>(),
-                "patched_writes": k.patched.fd_writes.iter().map(|w| (w.fd, w.len)).collect::<Vec<_>>(),
+                "original_writes": writes(&k.original),
+                "patched_writes": writes(&k.patched),
                 "patched_closed": k.patched.closed_inherited,
                 "original_output_wanted": k.original.output_wanted,
                 "patched_output_wanted": k.patched.output_wanted,
                 "next_turn": k.next.as_ref().map(|turn| serde_json::json!({
                     "original": turn.original.outcome,
                     "patched": turn.patched.outcome,
-                    "original_writes": turn.original.fd_writes.iter().map(|w| (w.fd, w.len)).collect::<Vec<_>>(),
-                    "patched_writes": turn.patched.fd_writes.iter().map(|w| (w.fd, w.len)).collect::<Vec<_>>(),
+                    "original_writes": writes(&turn.original),
+                    "patched_writes": writes(&turn.patched),
                     "original_closed": turn.original.closed_inherited,
                     "patched_closed": turn.patched.closed_inherited,
                 })),
             })),
         })
     }
+}
+
+/// A run's writes as (descriptor, bytes), for the evidence.
+fn writes(run: &RunResult) -> Vec<(i32, u64)> {
+    run.fd_writes.iter().map(|w| (w.fd, w.len)).collect()
 }
 
 /// The findings of a set of calls; `returns` says what each function
