@@ -48,7 +48,16 @@ pub fn binary_runnable_by_anyone() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let binary = dir.path().join("shadowpatch");
-    std::fs::copy(env!("CARGO_BIN_EXE_shadowpatch"), &binary).unwrap();
+    // Copied by `cp`, not by this process: a file this process held open
+    // for writing is inherited by every child another test thread forks
+    // meanwhile, until that child execs, and executing the copy then
+    // fails with ETXTBSY ("Text file busy", seen in CI).
+    let copied = std::process::Command::new("cp")
+        .arg(env!("CARGO_BIN_EXE_shadowpatch"))
+        .arg(&binary)
+        .status()
+        .unwrap();
+    assert!(copied.success(), "cp of the shadowpatch binary");
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
     (dir, binary)
 }
