@@ -29,6 +29,41 @@ fn c_patch_changes_answers_and_rollback_restores_them() {
     let applied = shadowpatch(&state, &["apply", &pid, manifest.to_str().unwrap(), "--json"]);
     assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
     let applied = applied.json();
+    // The load's pages have the object's protections, page by page (it is
+    // mapped with one and the others are set after), never writable and
+    // executable at once.
+    let object_bytes = std::fs::read(&object).unwrap();
+    let expected = shadowpatch_patch::object::PatchObject::parse(&object, object_bytes)
+        .unwrap()
+        .page_protections();
+    let status = shadowpatch(&state, &["status", &pid, "--json"]).json();
+    let mapping = status["patches"][0]["mapping"].as_str().unwrap().to_string();
+    let (base, len) = mapping.split_once('+').unwrap();
+    let base = u64::from_str_radix(base.trim_start_matches("0x"), 16).unwrap();
+    let len = u64::from_str_radix(len.trim_start_matches("0x"), 16).unwrap();
+    let loaded: Vec<(u64, u64, String)> = anonymous_mappings(target.pid())
+        .into_iter()
+        .filter(|(start, end, _)| base <= *start && *end <= base + len)
+        .collect();
+    for (start, end, protection) in expected {
+        let perms = format!(
+            "{}{}{}",
+            if protection & 1 != 0 { 'r' } else { '-' },
+            if protection & 2 != 0 { 'w' } else { '-' },
+            if protection & 4 != 0 { 'x' } else { '-' }
+        );
+        let (at, to) = (base + start, base + end);
+        assert!(
+            loaded
+                .iter()
+                .any(|(s, e, p)| *s <= at && to <= *e && p.starts_with(&perms)),
+            "pages {start:#x}..{end:#x} of the object are not {perms}: {loaded:x?}"
+        );
+    }
+    assert!(
+        loaded.iter().all(|(_, _, p)| !(p.contains('w') && p.contains('x'))),
+        "a writable code page: {loaded:x?}"
+    );
     assert_eq!(applied["patch_id"], "fix1");
     assert_eq!(applied["generation"], 1);
     assert_eq!(applied["functions"].as_array().unwrap().len(), 2);
@@ -330,4 +365,24 @@ fn a_target_exiting_mid_apply_is_a_one_line_error() {
         "{}",
         lines[0]
     );
+}
+
+/// The anonymous mappings of `pid`: start, end and permissions.
+fn anonymous_mappings(pid: i32) -> Vec<(u64, u64, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() != 5 {
+                return None;
+            }
+            let (start, end) = fields[0].split_once('-')?;
+            Some((
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+                fields[1].to_string(),
+            ))
+        })
+        .collect()
 }
