@@ -210,3 +210,54 @@ fn recording_reuses_the_open_history_only_while_its_file_is_the_same() {
     assert_eq!(count(dir.path()), 1, "the new file holds the new event only");
     assert_eq!(count(aside.path()), 2, "the moved file was not written again");
 }
+
+/// Threads recording at once (a host-wide apply's workers) each get their
+/// own event written, with its own id and the time of its call, in two
+/// histories at once; an event for a history that cannot be opened fails
+/// alone.
+#[test]
+fn threads_recording_at_once_each_get_their_event_committed() {
+    let first = tempfile::tempdir().unwrap();
+    let second = tempfile::tempdir().unwrap();
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(
+        broken.path().join(DATABASE_FILE),
+        b"not a database at all, not even close",
+    )
+    .unwrap();
+    let before = shadowpatch_store::now_ms();
+    let results: Vec<(i32, Result<i64, StoreError>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..48)
+            .map(|pid| {
+                let (first, second, broken) = (first.path(), second.path(), broken.path());
+                scope.spawn(move || {
+                    let dir = match pid % 8 {
+                        7 => broken,
+                        n if n % 2 == 0 => first,
+                        _ => second,
+                    };
+                    let event = NewEvent::new(EventKind::Apply).target(pid, 1).outcome("ok");
+                    (pid, shadowpatch_store::record_in(dir, &event))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (pid, result) in &results {
+        match pid % 8 {
+            7 => assert!(result.is_err(), "pid {pid} went into a broken history"),
+            _ => assert!(result.as_ref().is_ok_and(|id| *id > 0), "pid {pid}: {result:?}"),
+        }
+    }
+    for (dir, parity) in [(first.path(), 0), (second.path(), 1)] {
+        let events = Store::open(dir).unwrap().events(&EventFilter::default()).unwrap();
+        let mut pids: Vec<i32> = events.iter().filter_map(|e| e.pid).collect();
+        pids.sort_unstable();
+        let expected: Vec<i32> = (0..48).filter(|p| p % 8 != 7 && p % 8 % 2 == parity).collect();
+        assert_eq!(pids, expected);
+        let mut ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), events.len(), "one id per event");
+        assert!(events.iter().all(|e| e.unix_ms >= before));
+    }
+}
