@@ -81,9 +81,51 @@ impl Drop for RealtimeGuard {
     }
 }
 
+/// Lower the calling thread's share of the CPU to `nice` (on Linux a
+/// nice value is per thread). A host-wide apply's workers run below the
+/// services they patch: with dozens of them busy on two CPUs, a target
+/// woken by the stop waited behind them for a CPU, and that wait is its
+/// pause. The stop window itself still runs at `SCHED_FIFO`, and leaving
+/// it restores this nice value, not 0.
+pub fn set_thread_nice(nice: i32) -> Result<(), Errno> {
+    let tid = nix::unistd::gettid().as_raw();
+    // SAFETY: setpriority only changes the scheduling weight of the thread
+    // `tid`, the caller's own; no memory is passed.
+    Errno::result(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) }).map(drop)
+}
+
+/// The calling thread's nice value.
+pub fn thread_nice() -> Result<i32, Errno> {
+    let tid = nix::unistd::gettid().as_raw();
+    Errno::clear();
+    // SAFETY: getpriority only reads the calling thread's nice value.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+    // -1 is also a valid nice value: only errno tells an error.
+    match Errno::last_raw() {
+        0 => Ok(nice),
+        errno => Err(Errno::from_raw(errno)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_keeps_its_nice_value_through_a_stop_window() {
+        std::thread::spawn(|| {
+            set_thread_nice(7).unwrap();
+            assert_eq!(thread_nice().unwrap(), 7);
+            if let Ok(guard) = RealtimeGuard::enter() {
+                drop(guard);
+            }
+            assert_eq!(thread_nice().unwrap(), 7);
+        })
+        .join()
+        .unwrap();
+        // Another thread's value is its own.
+        assert_ne!(thread_nice().unwrap(), 7);
+    }
 
     #[test]
     fn realtime_guard_restores_previous_policy() {

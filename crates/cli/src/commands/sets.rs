@@ -33,7 +33,7 @@ pub struct SetFlags {
     /// Act on every process on the host: for apply, those that map the manifest's module (by build-id); for the others, those with state here. No PID is given.
     #[arg(long, conflicts_with_all = ["tree", "cgroup", "unit"])]
     pub all: bool,
-    /// With --all: processes patched (or rolled back) at once, each its own transaction (default: 8 per CPU, 8 to 32: members mostly wait on fsyncs, which the file system commits together).
+    /// With --all: processes patched (or rolled back) at once, each its own transaction (default: 32 per CPU, 8 to 64: members mostly wait on the syncs they share and on their targets).
     #[arg(long, value_name = "N", requires = "all", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: Option<u32>,
 }
