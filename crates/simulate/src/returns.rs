@@ -15,7 +15,7 @@ use super::call_sites::{uses_at_call_sites, uses_through_slot, CallerUse};
 use super::sandbox::{show_value, Outcome};
 use shadowpatch_patch::trampoline::FunctionSite;
 use shadowpatch_process::{Mapping, ProcessCopy, TargetMemory};
-use shadowpatch_symbols::dwarf::{module_debug_info, TypeClass, TypeShape};
+use shadowpatch_symbols::dwarf::{module_debug_info_named, TypeClass, TypeShape};
 use shadowpatch_symbols::Module;
 
 /// Bytes of a returned string read from each copy at most.
@@ -100,8 +100,8 @@ pub fn infer(
     memory: &mut TargetMemory,
     sites: &[&FunctionSite],
 ) -> Vec<ReturnShape> {
-    let names: Vec<&str> = sites.iter().map(|s| s.symbol.as_str()).collect();
-    let debug = match module_debug_info(pid, module, &|name| names.contains(&name)) {
+    let names: std::collections::BTreeSet<String> = sites.iter().map(|s| s.symbol.clone()).collect();
+    let debug = match module_debug_info_named(pid, module, &names) {
         Ok(debug) => debug,
         Err(error) => {
             tracing::debug!("no DWARF for the return types of {}: {error}", module.name);

@@ -539,6 +539,113 @@ pub fn module_debug_info(
     Ok(DebugInfo::parse(&debug_file, &bytes, wanted)?.map(|info| (info, DebugSource::SeparateFile(debug_file))))
 }
 
+/// [`module_debug_info`] of the functions and variables named `names`,
+/// shared by every process that maps the same file: a host-wide apply of
+/// a glibc patch read and walked glibc's 4 MB debug file once per process.
+/// Kept by the mapped file (device, inode, size, change times), the
+/// separate debug file's inode and mtime (an upgraded `-dbg` package is
+/// read again) and the names; a failure is not kept. One thread reads a
+/// given key at a time, the others wait for its result.
+pub fn module_debug_info_named(
+    pid: i32,
+    module: &Module,
+    names: &std::collections::BTreeSet<String>,
+) -> Result<Option<(DebugInfo, DebugSource)>, SymbolsError> {
+    let (start, end) = module.ranges.first().copied().unwrap_or((module.base, module.end));
+    let by_inode = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
+    let key = DebugKey::of(&by_inode, module, names);
+    let _reading = key.as_ref().map(|key| READING.claim(key));
+    if let Some(found) = key.as_ref().and_then(|key| DEBUG_INFOS.get(key)) {
+        return Ok(found);
+    }
+    let found = module_debug_info(pid, module, &|name| names.contains(name))?;
+    if let Some(key) = key {
+        DEBUG_INFOS.put(key, found.clone());
+    }
+    Ok(found)
+}
+
+/// What [`module_debug_info_named`] keeps its results by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DebugKey {
+    /// Device, inode, size, mtime and ctime of the mapped file.
+    file: (u64, u64, u64, i128, i128),
+    /// Inode and mtime of the separate debug file, if installed.
+    debug_file: Option<(u64, i128)>,
+    names: std::collections::BTreeSet<String>,
+}
+
+impl DebugKey {
+    fn of(by_inode: &Path, module: &Module, names: &std::collections::BTreeSet<String>) -> Option<DebugKey> {
+        use std::os::unix::fs::MetadataExt;
+        let nanos = |seconds: i64, nanos: i64| i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
+        let meta = std::fs::metadata(by_inode).ok()?;
+        let debug_file = module
+            .image
+            .build_id
+            .as_deref()
+            .filter(|id| id.len() > 1)
+            .and_then(|id| {
+                let hex_id = hex(id);
+                std::fs::metadata(format!(
+                    "/usr/lib/debug/.build-id/{}/{}.debug",
+                    &hex_id[..2],
+                    &hex_id[2..]
+                ))
+                .ok()
+            })
+            .map(|m| (m.ino(), nanos(m.mtime(), m.mtime_nsec())));
+        Some(DebugKey {
+            file: (
+                meta.dev(),
+                meta.ino(),
+                meta.size(),
+                nanos(meta.mtime(), meta.mtime_nsec()),
+                nanos(meta.ctime(), meta.ctime_nsec()),
+            ),
+            debug_file,
+            names: names.clone(),
+        })
+    }
+}
+
+static READING: crate::claim::Claims<DebugKey> = crate::claim::Claims::new();
+
+/// What a module's debug information lookup found.
+type Found = Option<(DebugInfo, DebugSource)>;
+
+/// The debug information read by [`module_debug_info_named`], the least
+/// recently used dropped first.
+struct DebugInfos {
+    entries: std::sync::Mutex<Vec<(DebugKey, Found)>>,
+}
+
+static DEBUG_INFOS: DebugInfos = DebugInfos {
+    entries: std::sync::Mutex::new(Vec::new()),
+};
+
+impl DebugInfos {
+    const CAPACITY: usize = 8;
+
+    fn get(&self, key: &DebugKey) -> Option<Found> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let at = entries.iter().position(|(k, _)| k == key)?;
+        let entry = entries.remove(at);
+        let found = entry.1.clone();
+        entries.push(entry);
+        Some(found)
+    }
+
+    fn put(&self, key: DebugKey, found: Found) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|(k, _)| *k != key);
+        if entries.len() >= Self::CAPACITY {
+            entries.remove(0);
+        }
+        entries.push((key, found));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

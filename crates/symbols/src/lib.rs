@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod claim;
 pub mod dwarf;
 pub mod elf;
 pub mod module;

@@ -318,45 +318,7 @@ impl ImageCache {
 }
 
 /// The files being parsed now, each by one thread.
-struct Parsing {
-    keys: std::sync::Mutex<Vec<FileKey>>,
-    done: std::sync::Condvar,
-}
-
-static PARSING: Parsing = Parsing {
-    keys: std::sync::Mutex::new(Vec::new()),
-    done: std::sync::Condvar::new(),
-};
-
-impl Parsing {
-    /// Wait until no other thread parses `key`, then claim it until the
-    /// guard drops.
-    fn claim(&'static self, key: &FileKey) -> ParsingGuard {
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        while keys.contains(key) {
-            keys = self.done.wait(keys).unwrap_or_else(|p| p.into_inner());
-        }
-        keys.push(key.clone());
-        ParsingGuard {
-            parsing: self,
-            key: key.clone(),
-        }
-    }
-}
-
-/// Releases a claimed file (also when its parse panicked or failed).
-struct ParsingGuard {
-    parsing: &'static Parsing,
-    key: FileKey,
-}
-
-impl Drop for ParsingGuard {
-    fn drop(&mut self) {
-        let mut keys = self.parsing.keys.lock().unwrap_or_else(|p| p.into_inner());
-        keys.retain(|k| *k != self.key);
-        self.parsing.done.notify_all();
-    }
-}
+static PARSING: crate::claim::Claims<FileKey> = crate::claim::Claims::new();
 
 /// Read and parse the file behind a mapping (with its debug file's
 /// symbols when one is installed).
@@ -450,45 +412,5 @@ impl Location {
             offset: None,
             location: format!("{name}+{:#x}", address - region_start),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(name: &str) -> FileKey {
-        FileKey {
-            device: 1,
-            inode: 2,
-            size: 3,
-            mtime_ns: 4,
-            ctime_ns: 5,
-            path: PathBuf::from(name),
-        }
-    }
-
-    /// A file claimed by one parser is not claimed by a second until the
-    /// first lets go; another file is claimed meanwhile.
-    #[test]
-    fn one_thread_parses_a_file_at_a_time() {
-        let first = PARSING.claim(&key("/parse-once/a"));
-        let claimed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let second = {
-            let claimed = claimed.clone();
-            std::thread::spawn(move || {
-                let _guard = PARSING.claim(&key("/parse-once/a"));
-                claimed.store(true, std::sync::atomic::Ordering::SeqCst);
-            })
-        };
-        drop(PARSING.claim(&key("/parse-once/b")));
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(
-            !claimed.load(std::sync::atomic::Ordering::SeqCst),
-            "claimed twice at once"
-        );
-        drop(first);
-        second.join().unwrap();
-        assert!(claimed.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

@@ -21,7 +21,7 @@ use apply_checks::{conflicts, read_journal, resolve_imports, survey_findings};
 use serde_json::json;
 use shadowpatch_patch::survey::{originals_of, survey, Survey};
 use shadowpatch_process::{ProcessIdentity, TargetMemory};
-use shadowpatch_symbols::dwarf::{module_debug_info, DebugInfo, DebugSource};
+use shadowpatch_symbols::dwarf::{module_debug_info_named, DebugInfo, DebugSource};
 use signature::signature_findings;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -143,7 +143,8 @@ pub fn analyze_static(surveyed: &Survey, state_dir: &Path) -> Result<StaticRepor
                     .map(|s| s.name.clone())
             })
             .collect();
-        let target_names: HashSet<String> = survey
+        // A set the DWARF cache can key by (one read per file host-wide).
+        let target_names: std::collections::BTreeSet<String> = survey
             .replacements
             .iter()
             .map(|r| r.symbol.clone())
@@ -155,7 +156,7 @@ pub fn analyze_static(surveyed: &Survey, state_dir: &Path) -> Result<StaticRepor
             .map(|r| r.with.clone())
             .chain(imported.iter().cloned())
             .collect();
-        let target_dwarf = match module_debug_info(pid, module, &|name| target_names.contains(name)) {
+        let target_dwarf = match module_debug_info_named(pid, module, &target_names) {
             Ok(found) => found,
             Err(error) => {
                 unavailable.push(format!("DWARF of {}: {error}", module.name));

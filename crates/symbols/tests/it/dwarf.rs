@@ -48,3 +48,47 @@ fn signatures_and_variable_types_come_from_debug_info() {
     let bytes = std::fs::read(&stripped).unwrap();
     assert!(DebugInfo::parse(&stripped, &bytes, &|_| true).unwrap().is_none());
 }
+
+/// The debug information of a mapped module is read once per file and
+/// names: processes mapping the same libc get what an uncached read gives
+/// (from libc6-dbg's file when installed), and other names are read anew,
+/// not served the first names' answer.
+#[test]
+fn a_modules_debug_information_is_shared_by_file_and_names() {
+    use shadowpatch_fixtures::{Fixture, Running};
+    use shadowpatch_symbols::dwarf::{module_debug_info, module_debug_info_named};
+    let first = Running::start(Fixture::BusyC, &["1"]).unwrap();
+    let second = Running::start(Fixture::BusyC, &["1"]).unwrap();
+    let libc = |pid: i32| {
+        shadowpatch_symbols::modules_of(pid, &shadowpatch_process::maps::read_maps(pid).unwrap())
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name.starts_with("libc.so"))
+            .expect("libc is a module")
+    };
+    let names = |list: &[&str]| {
+        list.iter()
+            .map(|n| n.to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let function_names = |found: &Option<(DebugInfo, shadowpatch_symbols::DebugSource)>| {
+        found
+            .as_ref()
+            .map(|(info, _)| info.functions.iter().map(|f| f.name.clone()).collect::<Vec<_>>())
+    };
+    let (a, b) = (libc(first.pid()), libc(second.pid()));
+    let getenv = names(&["getenv"]);
+    let once = module_debug_info_named(first.pid(), &a, &getenv).unwrap();
+    let again = module_debug_info_named(second.pid(), &b, &getenv).unwrap();
+    let uncached = module_debug_info(second.pid(), &b, &|n| n == "getenv").unwrap();
+    assert_eq!(function_names(&once), function_names(&uncached));
+    assert_eq!(function_names(&again), function_names(&uncached));
+    assert_eq!(once.as_ref().map(|(_, s)| s), uncached.as_ref().map(|(_, s)| s));
+    let atoi = module_debug_info_named(first.pid(), &a, &names(&["atoi"])).unwrap();
+    let uncached_atoi = module_debug_info(first.pid(), &a, &|n| n == "atoi").unwrap();
+    assert_eq!(function_names(&atoi), function_names(&uncached_atoi));
+    if let Some(found) = function_names(&once) {
+        assert!(found.iter().all(|n| n == "getenv"), "{found:?}");
+        assert!(!found.is_empty(), "getenv is in libc's debug information");
+    }
+}
