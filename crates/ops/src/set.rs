@@ -836,19 +836,17 @@ fn process_table() -> BTreeMap<i32, Member> {
     table
 }
 
-/// comm and ppid from a /proc/PID/stat line (comm may hold spaces and
-/// parentheses: it ends at the last ')').
+/// comm and ppid from a /proc/PID/stat line; `None` for a zombie.
 fn parse_stat(pid: i32, stat: &str) -> Option<Member> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?.to_string();
-    let mut rest = stat.get(close + 1..)?.split_whitespace();
-    let state = rest.next()?;
-    if state == "Z" || state == "X" {
+    let fields = shadowpatch_process::identity::parse_stat(stat)?;
+    if fields.state == 'Z' || fields.state == 'X' {
         return None;
     }
-    let ppid = rest.next()?.parse().ok()?;
-    Some(Member { pid, comm, ppid })
+    Some(Member {
+        pid,
+        comm: fields.comm,
+        ppid: fields.ppid,
+    })
 }
 
 /// The mounted cgroup hierarchies, from /proc/self/mountinfo: cgroup v2
@@ -1003,10 +1001,11 @@ mod tests {
 
     #[test]
     fn stat_lines_with_odd_names_parse() {
-        let member = parse_stat(42, "42 (a (b) c) S 7 42 42 0 -1").unwrap();
+        let rest = "42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 5000";
+        let member = parse_stat(42, &format!("42 (a (b) c) S 7 {rest}")).unwrap();
         assert_eq!(member.comm, "a (b) c");
         assert_eq!(member.ppid, 7);
-        assert!(parse_stat(43, "43 (zombie) Z 1 43").is_none());
+        assert!(parse_stat(43, &format!("43 (zombie) Z 1 {rest}")).is_none());
         assert!(parse_stat(44, "garbage").is_none());
     }
 

@@ -119,14 +119,14 @@ pub fn parent_pid(pid: i32) -> Option<i32> {
     (stat.ppid > 0).then_some(stat.ppid)
 }
 
-/// The fields of /proc/PID/stat an identity needs.
+/// The fields of /proc/PID/stat an identity (and a process tree) needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct StatFields {
-    comm: String,
-    state: char,
-    ppid: i32,
-    flags: u32,
-    starttime: u64,
+pub struct StatFields {
+    pub comm: String,
+    pub state: char,
+    pub ppid: i32,
+    pub flags: u32,
+    pub starttime: u64,
 }
 
 /// /proc/PID/stat, read with one open and one read and parsed by hand.
@@ -145,7 +145,7 @@ fn read_stat(pid: i32) -> Result<StatFields, TargetError> {
 
 /// The fields of a /proc/PID/stat line. `comm` may hold spaces and
 /// parentheses: it ends at the last ')'.
-fn parse_stat(text: &str) -> Option<StatFields> {
+pub fn parse_stat(text: &str) -> Option<StatFields> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let comm = text.get(open + 1..close)?.to_string();
