@@ -553,7 +553,11 @@ pub fn module_debug_info_named(
 ) -> Result<Option<(DebugInfo, DebugSource)>, SymbolsError> {
     let (start, end) = module.ranges.first().copied().unwrap_or((module.base, module.end));
     let by_inode = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
-    let key = DebugKey::of(&by_inode, module, names);
+    let key = crate::module::FileKey::of(&by_inode, &module.path).map(|file| DebugKey {
+        file,
+        debug_file: crate::module::debug_stamp(&module.image),
+        names: names.clone(),
+    });
     let _reading = key.as_ref().map(|key| READING.claim(key));
     if let Some(found) = key.as_ref().and_then(|key| DEBUG_INFOS.get(key)) {
         return Ok(found);
@@ -568,45 +572,10 @@ pub fn module_debug_info_named(
 /// What [`module_debug_info_named`] keeps its results by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct DebugKey {
-    /// Device, inode, size, mtime and ctime of the mapped file.
-    file: (u64, u64, u64, i128, i128),
+    file: crate::module::FileKey,
     /// Inode and mtime of the separate debug file, if installed.
     debug_file: Option<(u64, i128)>,
     names: std::collections::BTreeSet<String>,
-}
-
-impl DebugKey {
-    fn of(by_inode: &Path, module: &Module, names: &std::collections::BTreeSet<String>) -> Option<DebugKey> {
-        use std::os::unix::fs::MetadataExt;
-        let nanos = |seconds: i64, nanos: i64| i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
-        let meta = std::fs::metadata(by_inode).ok()?;
-        let debug_file = module
-            .image
-            .build_id
-            .as_deref()
-            .filter(|id| id.len() > 1)
-            .and_then(|id| {
-                let hex_id = hex(id);
-                std::fs::metadata(format!(
-                    "/usr/lib/debug/.build-id/{}/{}.debug",
-                    &hex_id[..2],
-                    &hex_id[2..]
-                ))
-                .ok()
-            })
-            .map(|m| (m.ino(), nanos(m.mtime(), m.mtime_nsec())));
-        Some(DebugKey {
-            file: (
-                meta.dev(),
-                meta.ino(),
-                meta.size(),
-                nanos(meta.mtime(), meta.mtime_nsec()),
-                nanos(meta.ctime(), meta.ctime_nsec()),
-            ),
-            debug_file,
-            names: names.clone(),
-        })
-    }
 }
 
 static READING: crate::claim::Claims<DebugKey> = crate::claim::Claims::new();

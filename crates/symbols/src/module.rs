@@ -216,7 +216,7 @@ fn load_image(pid: i32, mapping: &Mapping, path: &Path) -> Option<Result<Arc<Elf
 /// inode's device, number, size and change times (a file rewritten in
 /// place changes its mtime and ctime), and the path the image names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct FileKey {
+pub(crate) struct FileKey {
     device: u64,
     inode: u64,
     size: u64,
@@ -227,7 +227,7 @@ struct FileKey {
 
 impl FileKey {
     /// The key of the file `by_inode` (a /proc/PID/map_files link) leads to.
-    fn of(by_inode: &Path, path: &Path) -> Option<FileKey> {
+    pub(crate) fn of(by_inode: &Path, path: &Path) -> Option<FileKey> {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(by_inode).ok()?;
         Some(FileKey {
@@ -254,7 +254,7 @@ struct ImageCache {
 type CachedImage = (FileKey, Arc<ElfImage>, Option<(u64, i128)>);
 
 /// The installed debug file of `image`'s build-id: inode and mtime.
-fn debug_stamp(image: &ElfImage) -> Option<(u64, i128)> {
+pub(crate) fn debug_stamp(image: &ElfImage) -> Option<(u64, i128)> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(debug_file_path(image)?).ok()?;
     Some((
