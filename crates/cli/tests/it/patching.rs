@@ -3,7 +3,8 @@
 //! the target untouched.
 
 use crate::common::{
-    anonymous_code_mappings, assert_untouched, build_id_of, shadowpatch, wait_for_patched, write_manifest,
+    anonymous_code_mappings, anonymous_mappings, assert_untouched, build_id_of, shadowpatch, wait_for_patched,
+    write_manifest,
 };
 use shadowpatch_fixtures::{build_patch, Fixture, Patch, Running};
 use std::time::{Duration, Instant};
@@ -365,24 +366,4 @@ fn a_target_exiting_mid_apply_is_a_one_line_error() {
         "{}",
         lines[0]
     );
-}
-
-/// The anonymous mappings of `pid`: start, end and permissions.
-fn anonymous_mappings(pid: i32) -> Vec<(u64, u64, String)> {
-    std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .unwrap()
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() != 5 {
-                return None;
-            }
-            let (start, end) = fields[0].split_once('-')?;
-            Some((
-                u64::from_str_radix(start, 16).ok()?,
-                u64::from_str_radix(end, 16).ok()?,
-                fields[1].to_string(),
-            ))
-        })
-        .collect()
 }

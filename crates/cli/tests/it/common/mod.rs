@@ -190,14 +190,30 @@ pub fn write_manifest(
 
 /// Anonymous executable mappings of a process (where patches live).
 pub fn anonymous_code_mappings(pid: i32) -> usize {
+    anonymous_mappings(pid)
+        .iter()
+        .filter(|(_, _, perms)| perms.contains('x'))
+        .count()
+}
+
+/// The anonymous mappings of `pid`: start, end and permissions.
+pub fn anonymous_mappings(pid: i32) -> Vec<(u64, u64, String)> {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .unwrap()
         .lines()
-        .filter(|line| {
+        .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.len() == 5 && fields[1].contains('x')
+            if fields.len() != 5 {
+                return None;
+            }
+            let (start, end) = fields[0].split_once('-')?;
+            Some((
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+                fields[1].to_string(),
+            ))
         })
-        .count()
+        .collect()
 }
 
 /// The target's anonymous code mappings are back to `before`, except for
