@@ -150,6 +150,15 @@ fn lighttpd_live_patch_under_load_changes_responses_and_rolls_back() {
     let rolled = shadowpatch(&state, &["rollback", &pid_text, "--json"]);
     assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
     assert_eq!(content_type(server.port), "text/html", "original responses again");
+    // The load makes one request at a time: the one in flight during the
+    // rollback may have been answered by the patch before it, and counted
+    // after. Two more answers later, every request counted was made after.
+    let settling = report(&mut load)["ok"];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while report(&mut load)["ok"] < settling + 2 {
+        assert!(Instant::now() < deadline, "the load stopped after the rollback");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let after_rollback = report(&mut load);
     std::thread::sleep(Duration::from_millis(200));
     let later = report(&mut load);
