@@ -103,7 +103,9 @@ pub fn apply(
     // The target first (the first argument): a wrong pid is named as such.
     // Read once here and passed down to what only needs to know who it is
     // (the transaction checks it again under the lock, before any write).
-    let identity = ProcessIdentity::of(pid)?;
+    // Probed: the survey, analysis and transaction check it again about
+    // ten times, each then two system calls (`Probe`).
+    let identity = ProcessIdentity::of_probed(pid)?;
     // Read once, bounded: the bytes the signature policy checks are the
     // bytes parsed, surveyed and loaded. The policy decides before the
     // analysis, whose simulation would put breakpoints into the target.

@@ -60,7 +60,8 @@ pub fn rollback_with_cause(
 }
 
 fn rollback_transaction(state_dir: &Path, pid: i32, patch_id: Option<&str>) -> Result<RollbackOutcome, PatchError> {
-    let identity = ProcessIdentity::of(pid)?;
+    // Probed: checked again at each memory open, seize and stop.
+    let identity = ProcessIdentity::of_probed(pid)?;
     let state = StateDir::open(state_dir)?;
     let mut target = TargetState::open_existing(&state, &identity)?;
     if let Some(open) = &target.journal_state.open {

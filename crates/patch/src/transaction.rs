@@ -169,7 +169,16 @@ fn apply_transaction(
     keep_seized: bool,
 ) -> Result<(ApplyOutcome, Option<Attached>), PatchError> {
     let started = Instant::now();
-    let identity = ProcessIdentity::of(pid)?;
+    // Who the target is now, before its lock: a surveyed patch's identity
+    // is checked (still this process, same program), not read afresh, so
+    // its probe goes on.
+    let identity = match &source {
+        Source::Prepared(prepared) => {
+            prepared.identity.check_alive()?;
+            prepared.identity.clone()
+        }
+        Source::Path(_) => ProcessIdentity::of_probed(pid)?,
+    };
     let state = StateDir::create(state_dir)?;
     let mut target = TargetState::open(&state, &identity)?;
     // Entries rewritten by active patches, as they were before the first.

@@ -28,12 +28,64 @@ pub struct ProcessIdentity {
     /// Changes on every `exec` (hex of the `AT_RANDOM` bytes); `None` when
     /// it cannot be read (then only pid + start time are compared).
     pub exec_id: Option<String>,
+    /// What makes [`check_alive`](Self::check_alive) cheap, when asked
+    /// for ([`of_probed`](Self::of_probed)); not part of the identity.
+    pub probe: Probe,
+}
+
+/// A pidfd of the identified process and where its `AT_RANDOM` bytes are.
+/// Then "still this process, alive, same program" is two system calls
+/// (read those 16 bytes, then ask the pidfd whether the process was
+/// reaped), not two /proc files opened and parsed: the pidfd alive after
+/// the read means the pid named this very process at the read (a pid is
+/// recycled only once its process is reaped), and the same random bytes
+/// mean no exec since. A host-wide apply checks each member about ten
+/// times. Held only for the length of one operation: a descriptor each.
+#[derive(Debug, Clone, Default)]
+pub struct Probe(Option<std::sync::Arc<ProbeFd>>);
+
+#[derive(Debug)]
+pub struct ProbeFd {
+    pidfd: std::os::fd::OwnedFd,
+    /// The identity probed, as it was: a copy of it changed by hand (a
+    /// test's other start time or exec id) is not vouched for.
+    start_time: u64,
+    at_random: u64,
+    random: [u8; AT_RANDOM_LEN],
+}
+
+/// Identities are equal whether probed or not.
+impl PartialEq for Probe {
+    fn eq(&self, _: &Probe) -> bool {
+        true
+    }
+}
+impl Eq for Probe {}
+impl std::hash::Hash for Probe {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
 }
 
 impl ProcessIdentity {
     /// Identify a live user process, refusing zombies, kernel threads and
     /// thread ids that are not the thread-group leader.
     pub fn of(pid: i32) -> Result<Self, TargetError> {
+        Self::identify(pid, None)
+    }
+
+    /// [`of`](Self::of), with a [`Probe`] for cheap checks of it while an
+    /// operation on it lasts (without one when the pidfd cannot be had).
+    pub fn of_probed(pid: i32) -> Result<Self, TargetError> {
+        // The pidfd first: alive after the reads below, the process it
+        // names is the one they read.
+        let pidfd = if pid > 0 {
+            shadowpatch_sys::pidfd::pidfd_open(pid).ok()
+        } else {
+            None
+        };
+        Self::identify(pid, pidfd)
+    }
+
+    fn identify(pid: i32, pidfd: Option<std::os::fd::OwnedFd>) -> Result<Self, TargetError> {
         if pid <= 0 {
             return Err(TargetError::NoSuchProcess { pid });
         }
@@ -48,13 +100,40 @@ impl ProcessIdentity {
         if tgid != pid {
             return Err(TargetError::NotThreadGroupLeader { pid, tgid });
         }
+        let random = at_random_of(pid);
+        let probe = match (pidfd, random) {
+            (Some(pidfd), Some((at_random, random)))
+                if shadowpatch_sys::pidfd::pidfd_alive(std::os::fd::AsFd::as_fd(&pidfd)).is_ok() =>
+            {
+                Probe(Some(std::sync::Arc::new(ProbeFd {
+                    pidfd,
+                    start_time: stat.starttime,
+                    at_random,
+                    random,
+                })))
+            }
+            _ => Probe::default(),
+        };
         Ok(ProcessIdentity {
             pid,
             start_time: stat.starttime,
             comm: stat.comm,
             exe: std::fs::read_link(format!("/proc/{pid}/exe")).ok(),
-            exec_id: exec_id_of(pid),
+            exec_id: random.map(|(_, random)| hex(&random)),
+            probe,
         })
+    }
+
+    /// Whether the probe (if any) says this is still the live process
+    /// identified, not exec'd since: `false` means "ask /proc".
+    fn probe_says_same(&self) -> bool {
+        let Some(probe) = &self.probe.0 else {
+            return false;
+        };
+        probe.start_time == self.start_time
+            && self.exec_id.as_deref() == Some(hex(&probe.random).as_str())
+            && read_random(self.pid, probe.at_random) == Some(probe.random)
+            && shadowpatch_sys::pidfd::pidfd_alive(std::os::fd::AsFd::as_fd(&probe.pidfd)).is_ok()
     }
 
     /// Check that `self.pid` still names the same process (same start time)
@@ -66,6 +145,11 @@ impl ProcessIdentity {
     /// status (its tgid) and the exe link need no second read. Called
     /// around every seize and memory open.
     pub fn check_alive(&self) -> Result<(), TargetError> {
+        // A zombie has no memory to read: it takes the path below, which
+        // names it.
+        if self.probe_says_same() {
+            return Ok(());
+        }
         let pid = self.pid;
         let stat = read_stat(pid)?;
         if stat.state == 'Z' || stat.state == 'X' {
@@ -204,6 +288,11 @@ pub fn ticks_per_second() -> u64 {
 
 /// The per-exec value of `pid`: its `AT_RANDOM` bytes, in hex.
 pub fn exec_id_of(pid: i32) -> Option<String> {
+    at_random_of(pid).map(|(_, random)| hex(&random))
+}
+
+/// Where `pid`'s `AT_RANDOM` bytes are, and what they are.
+fn at_random_of(pid: i32) -> Option<(u64, [u8; AT_RANDOM_LEN])> {
     use std::io::Read;
     // One read: the vector is about 400 bytes, and /proc reports size 0
     // (`fs::read` would grow its buffer from 32 bytes, a read each time).
@@ -216,8 +305,12 @@ pub fn exec_id_of(pid: i32) -> Option<String> {
         let key = u64::from_ne_bytes(pair[..8].try_into().ok()?);
         (key == AT_RANDOM).then(|| u64::from_ne_bytes(pair[8..].try_into().expect("8 bytes")))
     })?;
-    // One process_vm_readv rather than opening /proc/PID/mem for 16 bytes
-    // (the same access check: ptrace read access to the process).
+    Some((address, read_random(pid, address)?))
+}
+
+/// The 16 bytes at `address` of `pid`: one process_vm_readv rather than
+/// opening /proc/PID/mem (the same access check: ptrace read access).
+fn read_random(pid: i32, address: u64) -> Option<[u8; AT_RANDOM_LEN]> {
     let mut random = [0u8; AT_RANDOM_LEN];
     let read = nix::sys::uio::process_vm_readv(
         nix::unistd::Pid::from_raw(pid),
@@ -228,10 +321,11 @@ pub fn exec_id_of(pid: i32) -> Option<String> {
         }],
     )
     .ok()?;
-    if read != AT_RANDOM_LEN {
-        return None;
-    }
-    Some(random.iter().map(|b| format!("{b:02x}")).collect())
+    (read == AT_RANDOM_LEN).then_some(random)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub(crate) fn proc_error(pid: i32, file: &'static str, error: procfs::ProcError) -> TargetError {
@@ -303,6 +397,58 @@ mod tests {
         // compare as before.
         let legacy = ProcessIdentity { exec_id: None, ..me };
         legacy.check_alive().unwrap();
+    }
+
+    #[test]
+    fn a_probed_identity_still_sees_an_exec_a_zombie_and_a_reaped_process() {
+        use std::io::Write;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read line; exec sleep 30"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        // spawn returns once exec began; its auxv is set a moment later.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while exec_id_of(pid).is_none() {
+            assert!(std::time::Instant::now() < deadline, "sh's auxv never showed");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let probed = ProcessIdentity::of_probed(pid).unwrap();
+        assert!(probed.probe.0.is_some(), "a child of ours can be probed");
+        assert!(probed.probe_says_same());
+        probed.check_alive().unwrap();
+        assert_eq!(
+            probed,
+            ProcessIdentity::of(pid).unwrap(),
+            "the probe is not part of the identity"
+        );
+        // A copy changed by hand is checked against /proc, not vouched for.
+        let other = ProcessIdentity {
+            start_time: probed.start_time + 1,
+            ..probed.clone()
+        };
+        assert!(matches!(other.check_alive(), Err(TargetError::Recycled { .. })));
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        while exec_id_of(pid).is_none_or(|id| Some(id) == probed.exec_id) {
+            assert!(std::time::Instant::now() < deadline, "sh did not exec sleep");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!probed.probe_says_same());
+        assert!(matches!(probed.check_alive(), Err(TargetError::Execd { .. })));
+        let after_exec = ProcessIdentity::of_probed(pid).unwrap();
+        after_exec.check_alive().unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        while read_stat(pid).unwrap().state != 'Z' {
+            assert!(std::time::Instant::now() < deadline, "sleep did not die");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(matches!(after_exec.check_alive(), Err(TargetError::Zombie { .. })));
+        child.wait().unwrap();
+        assert!(matches!(
+            after_exec.check_alive(),
+            Err(TargetError::NoSuchProcess { .. })
+        ));
     }
 
     #[test]

@@ -15,6 +15,26 @@ pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Whether the process behind `pidfd` has not been reaped yet
+/// (`pidfd_send_signal(2)` with signal 0, Linux 5.1): `Err(ESRCH)` once it
+/// has. A zombie still counts, as for `kill(pid, 0)`; unlike that, a
+/// recycled pid never does, since the pidfd names one process.
+pub fn pidfd_alive(pidfd: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: pidfd_send_signal takes a pidfd, a signal number (0: only
+    // the permission and existence checks), a null siginfo and flags (0);
+    // no memory is passed.
+    Errno::result(unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
 /// Duplicate descriptor `target_fd` of the process behind `pidfd` into our
 /// own table (close-on-exec). Needs PTRACE_MODE_ATTACH_REALCREDS over that
 /// process, which a tracer has.
@@ -40,5 +60,15 @@ mod tests {
         let link = |fd: i32| std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
         assert_eq!(link(copy.as_raw_fd()), link(file.as_raw_fd()));
         assert_eq!(pidfd_getfd(pidfd.as_fd(), 1 << 20).unwrap_err(), Errno::EBADF);
+    }
+
+    #[test]
+    fn a_reaped_child_is_no_longer_alive() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pidfd = pidfd_open(child.id() as i32).unwrap();
+        pidfd_alive(pidfd.as_fd()).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(pidfd_alive(pidfd.as_fd()).unwrap_err(), Errno::ESRCH);
     }
 }
