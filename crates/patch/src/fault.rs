@@ -7,9 +7,9 @@
 pub const APPLY_POINTS: &[&str] = &[
     "begin",
     "map",
-    "loaded",
     "staged",
     "planned",
+    "loaded",
     "partial-write",
     "written",
     "activated",

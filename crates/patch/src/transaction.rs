@@ -256,10 +256,12 @@ fn apply_transaction(
             len: span,
         })?;
         fault::point("map");
-        let load_pause_us = load(&mut attached, &protections, address, &image)?;
-        mapped = true;
-        fault::point("loaded");
-        fault::target_point("loaded", pid);
+        // The next generation is derived from the image and the plan
+        // journaled before the load, so that the load's stop makes them
+        // durable with the Begin and Map records (one sync, not two, per
+        // member of a host-wide batch). Recovery of a Plan whose
+        // trampolines were never written undoes the mapping if it was
+        // made, as it does before a Plan.
         stage(
             &mut attached,
             &target,
@@ -275,6 +277,11 @@ fn apply_transaction(
             patch: record.clone(),
         })?;
         fault::point("planned");
+        let load_pause_us = load(&mut attached, &protections, address, &image)?;
+        mapped = true;
+        fault::point("loaded");
+        fault::target_point("loaded", pid);
+        check_loaded(&mut attached, &record, &image)?;
         if let Some(safe_point) = &options.safe_point {
             // Announce the held write before making it (see safepoint.rs).
             held = vec![safe_point.pending_write()];
@@ -383,7 +390,9 @@ fn load(
     Ok(stopped.resume()?.pause_us)
 }
 
-/// Derive the next generation and check the loaded bytes against it.
+/// Derive the next generation from the image about to be loaded, and
+/// check that it describes exactly that image (and the target's other
+/// patches as they are in it).
 fn stage(
     attached: &mut Attached,
     target: &TargetState,
@@ -393,13 +402,6 @@ fn stage(
     image: &[u8],
     staged: &Path,
 ) -> Result<(), PatchError> {
-    let live = attached.memory().read_vec(record.mapping_address, image.len())?;
-    if live != image {
-        let offset = live.iter().zip(image).position(|(a, b)| a != b).unwrap_or(0);
-        return Err(PatchError::StagingMismatch {
-            address: record.mapping_address + offset as u64,
-        });
-    }
     let previous = MirrorFile::open(&StateDir::generation_path(&target.dir, previous_generation))?;
     let edits: Vec<Edit> = record
         .functions
@@ -435,7 +437,9 @@ fn stage(
         });
     }
     derive(&previous, record.generation, &edits, &added, staged)?;
-    // The staged generation must describe exactly what is in the target.
+    // The staged generation must describe exactly the image (which
+    // `check_loaded` then finds in the target) and the patches already in
+    // the target.
     let generation = MirrorFile::open(staged)?;
     for (index, region) in generation
         .header
@@ -444,9 +448,20 @@ fn stage(
         .enumerate()
         .filter(|(_, r)| r.spec.module.starts_with("patch:"))
     {
-        let bytes = attached
-            .memory()
-            .read_vec(region.spec.start, region.spec.len() as usize)?;
+        // This patch's pages are in the image (by address: an older mapping
+        // of a patch with the same id may have been retired, not unmapped).
+        let in_image = region
+            .spec
+            .start
+            .checked_sub(record.mapping_address)
+            .and_then(|offset| image.get(offset as usize..offset as usize + region.spec.len() as usize));
+        let bytes = if let Some(bytes) = in_image {
+            bytes.to_vec()
+        } else {
+            attached
+                .memory()
+                .read_vec(region.spec.start, region.spec.len() as usize)?
+        };
         for (page, page_bytes) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
             if generation.hasher.hash(page_bytes) != generation.region_hashes(index)[page] {
                 return Err(PatchError::StagingMismatch {
@@ -454,6 +469,18 @@ fn stage(
                 });
             }
         }
+    }
+    Ok(())
+}
+
+/// The loaded image read back: what the staged generation describes.
+fn check_loaded(attached: &mut Attached, record: &PatchRecord, image: &[u8]) -> Result<(), PatchError> {
+    let live = attached.memory().read_vec(record.mapping_address, image.len())?;
+    if live != image {
+        let offset = live.iter().zip(image).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(PatchError::StagingMismatch {
+            address: record.mapping_address + offset as u64,
+        });
     }
     Ok(())
 }
