@@ -37,6 +37,11 @@ const LEADER_POLL: Duration = Duration::from_micros(10);
 /// that the poller's wake-ups do not take the CPU the leader waits for.
 const LEADER_POLLS_PER_STEP: u32 = 16;
 const LEADER_POLL_LONGEST: Duration = Duration::from_micros(160);
+/// How long the tracer blocks in `waitpid` for a leader's stop before it
+/// polls (`wait_for_stop`): long enough for a leader waiting for a CPU
+/// behind a host-wide apply's workers, short enough that a zombie leader
+/// (which never reports) costs little.
+const LEADER_BLOCK: Duration = Duration::from_millis(5);
 
 /// The sleep after the `polls`-th poll of a leader not yet stopped.
 fn leader_poll(polls: u32) -> Duration {
@@ -323,7 +328,7 @@ impl Attached {
     /// other stops met on the way are absorbed as `events::absorb` says
     /// (breakpoint traps rewound and suppressed, clone events registered).
     fn wait_for_stop(&mut self, tid: Pid) -> Result<(), TargetError> {
-        // The leader is polled, never waited for blindly: if the process
+        // The leader is never waited for without a deadline: if the process
         // dies meanwhile (a thread we count as stopped killed with it), its
         // report can wait for ever on a thread nobody reaps, and a dead
         // target its parent has not reaped stays a zombie. /proc says so.
@@ -334,8 +339,25 @@ impl Attached {
             WaitPidFlag::__WALL
         };
         let mut polls: u32 = 0;
+        // The leader is first waited for blocking, up to `LEADER_BLOCK`:
+        // woken the moment it stops, with no poll's sleep and wake-up (a
+        // twentieth of a host-wide apply's CPU went to those). Past the
+        // deadline (or without a timer), it is polled as below.
+        let mut blocking = leader;
         loop {
-            let status = match waitpid(tid, Some(flags)) {
+            let result = if blocking {
+                match shadowpatch_sys::alarm::interrupt_after(LEADER_BLOCK, || waitpid(tid, Some(WaitPidFlag::__WALL)))
+                {
+                    Some(Err(Errno::EINTR)) | None => {
+                        blocking = false;
+                        continue;
+                    }
+                    Some(result) => result,
+                }
+            } else {
+                waitpid(tid, Some(flags))
+            };
+            let status = match result {
                 Ok(WaitStatus::StillAlive) => {
                     // /proc says whether it is a zombie at the second poll
                     // and then every 16th (~0.2 ms apart), never the first:

@@ -5,6 +5,7 @@
 //! blocks, results checked with `Errno::result`, and every `unsafe` block
 //! carries a `// SAFETY:` comment naming the invariant it relies on.
 
+pub mod alarm;
 pub mod pagemap;
 pub mod pidfd;
 pub mod ptrace_ext;
