@@ -297,6 +297,9 @@ fn apply_transaction(
             // From activation on, a fatal signal is held for the window.
             attached.watch_signals(&crate::watchwindow::FATAL_SIGNALS);
         }
+        // Not kept for a watch window: the activation's stop is the last,
+        // and it lets go of the target instead of resuming it.
+        attached.release_at_next_resume(!keep_seized);
         let activation = switch(
             &mut attached,
             &writes,
@@ -304,7 +307,10 @@ fn apply_transaction(
             options.max_attempts,
             "",
             &mut |stopped| crate::safepoint::release_in_stop(stopped, &held),
-        )?;
+        );
+        // Still set if the activation failed: undoing it needs the target.
+        attached.release_at_next_resume(false);
+        let activation = activation?;
         fault::point("activated");
         Ok::<_, PatchError>((load_pause_us, activation))
     })();

@@ -121,6 +121,9 @@ pub struct Attached {
     /// Signals held rather than delivered (`watch_signals`): the event
     /// loop and a world stop that meet one hold its thread.
     pub(crate) watched_signals: Vec<Signal>,
+    /// The next explicit [`Stopped::resume`] detaches every thread instead
+    /// of resuming it (`release_at_next_resume`).
+    release_at_resume: bool,
 }
 
 /// The timings of one stop-the-world window.
@@ -159,6 +162,7 @@ impl Attached {
             queued: VecDeque::new(),
             poll_interval: crate::events::DEFAULT_POLL_INTERVAL,
             watched_signals: Vec::new(),
+            release_at_resume: false,
         };
         for _round in 0..MAX_SCAN_ROUNDS {
             if attached.seize_new_threads()? == 0 {
@@ -565,6 +569,13 @@ impl Attached {
             StopPriority::Normal => None,
         };
         let stop_result = self.stop_all_threads();
+        self.detach_stopped();
+        self.detach_strays();
+        stop_result.map(drop)
+    }
+
+    /// Detach every thread, each in a ptrace-stop (which a detach ends).
+    fn detach_stopped(&mut self) {
         self.disarm_leftover_breakpoints();
         self.release_foreign();
         let threads = std::mem::take(&mut self.threads);
@@ -574,8 +585,21 @@ impl Attached {
             let signal = if state.group_stop { None } else { state.pending_signal };
             let _ = ptrace::detach(tid, signal);
         }
-        self.detach_strays();
-        stop_result.map(drop)
+    }
+
+    /// Make the next explicit [`Stopped::resume`] (not a stop dropped
+    /// unresumed) detach the target instead of resuming it: a transaction
+    /// whose last stop is its activation lets go of the target there,
+    /// rather than stop every thread once more only to detach (a third of
+    /// a host-wide apply's stops). `false` takes it back (the activation
+    /// failed, and undoing it needs the target seized).
+    pub fn release_at_next_resume(&mut self, release: bool) {
+        self.release_at_resume = release;
+    }
+
+    /// Whether this tracer has let go of the target (no thread traced).
+    pub fn released(&self) -> bool {
+        self.threads.is_empty()
     }
 
     /// Let go of any thread of the target still traced by this thread
@@ -800,7 +824,30 @@ impl Stopped<'_> {
 
     /// Resume every thread; returns the window's timings.
     pub fn resume(mut self) -> Result<PauseReport, TargetError> {
+        if std::mem::take(&mut self.attached.release_at_resume) {
+            return Ok(self.detach_instead());
+        }
         self.resume_inner()
+    }
+
+    /// End the stop by detaching every thread (`release_at_next_resume`).
+    fn detach_instead(&mut self) -> PauseReport {
+        let resume_started = Instant::now();
+        let threads = self.threads().len();
+        self.resumed = true;
+        self.attached.detach_stopped();
+        let resumed_at = Instant::now();
+        let realtime = self.realtime.take().is_some();
+        // After the pause: threads this tracer lost track of, if any.
+        self.attached.detach_strays();
+        PauseReport {
+            threads,
+            stop_us: micros(self.stopped_at - self.started),
+            work_us: micros(resume_started - self.stopped_at),
+            resume_us: micros(resumed_at - resume_started),
+            pause_us: micros(resumed_at - self.started),
+            realtime,
+        }
     }
 
     fn resume_inner(&mut self) -> Result<PauseReport, TargetError> {

@@ -286,3 +286,47 @@ fn a_descriptor_created_remotely_moves_to_the_tracer_and_leaves_the_fd_table_as_
     assert_eq!(fixture.command("wake").unwrap(), "woken");
     assert_eq!(fixture.check().unwrap()["errors"], 0);
 }
+
+#[test]
+fn a_stop_asked_to_release_detaches_at_its_resume_and_only_there() {
+    let mut fixture = Running::start(Fixture::BusyC, &["8"]).unwrap();
+    let pid = fixture.pid();
+    let tracer = |pid: i32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("TracerPid:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let identity = ProcessIdentity::of(pid).unwrap();
+    let mut attached = Attached::seize(&identity).unwrap();
+    attached.release_at_next_resume(true);
+    // A stop dropped without an explicit resume (a failed attempt) resumes
+    // the threads and stays attached.
+    drop(attached.stop().unwrap());
+    assert_ne!(tracer(pid), "0");
+    assert!(!attached.released());
+    let report = attached.stop().unwrap().resume().unwrap();
+    assert_eq!(report.threads, 9, "every thread was stopped, then let go");
+    assert!(attached.released());
+    assert_eq!(tracer(pid), "0", "no tracer left after the resume");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        assert!(status.contains("TracerPid:\t0"), "a thread left traced: {status}");
+    }
+    // Detaching again (or dropping) is a no-op, and the flag was used up:
+    // a new seize resumes normally.
+    attached.detach().unwrap();
+    let mut again = Attached::seize(&identity).unwrap();
+    again.stop().unwrap().resume().unwrap();
+    assert_ne!(tracer(pid), "0");
+    again.detach().unwrap();
+    let calls = fixture.check().unwrap()["calls"];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while fixture.check().unwrap()["calls"] <= calls {
+        assert!(std::time::Instant::now() < deadline, "workers did not run on");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
