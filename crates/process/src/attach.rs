@@ -825,36 +825,31 @@ impl Stopped<'_> {
     /// Resume every thread; returns the window's timings.
     pub fn resume(mut self) -> Result<PauseReport, TargetError> {
         if std::mem::take(&mut self.attached.release_at_resume) {
-            return Ok(self.detach_instead());
+            let report = self.end(|attached| {
+                attached.detach_stopped();
+                Ok(())
+            });
+            // After the pause: threads this tracer lost track of, if any.
+            self.attached.detach_strays();
+            return report;
         }
         self.resume_inner()
     }
 
-    /// End the stop by detaching every thread (`release_at_next_resume`).
-    fn detach_instead(&mut self) -> PauseReport {
-        let resume_started = Instant::now();
-        let threads = self.threads().len();
-        self.resumed = true;
-        self.attached.detach_stopped();
-        let resumed_at = Instant::now();
-        let realtime = self.realtime.take().is_some();
-        // After the pause: threads this tracer lost track of, if any.
-        self.attached.detach_strays();
-        PauseReport {
-            threads,
-            stop_us: micros(self.stopped_at - self.started),
-            work_us: micros(resume_started - self.stopped_at),
-            resume_us: micros(resumed_at - resume_started),
-            pause_us: micros(resumed_at - self.started),
-            realtime,
-        }
+    fn resume_inner(&mut self) -> Result<PauseReport, TargetError> {
+        self.end(Attached::resume_all_threads)
     }
 
-    fn resume_inner(&mut self) -> Result<PauseReport, TargetError> {
+    /// End the stop with `let_go` (resume every thread, or detach every
+    /// one: `release_at_next_resume`), timed.
+    fn end(
+        &mut self,
+        let_go: impl FnOnce(&mut Attached) -> Result<(), TargetError>,
+    ) -> Result<PauseReport, TargetError> {
         let resume_started = Instant::now();
         let threads = self.threads().len();
         self.resumed = true;
-        let result = self.attached.resume_all_threads();
+        let result = let_go(self.attached);
         let resumed_at = Instant::now();
         let realtime = self.realtime.take().is_some();
         result?;
