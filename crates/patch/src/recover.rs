@@ -22,7 +22,7 @@
 
 use crate::activate::{switch, Direction, DEFAULT_ATTEMPTS};
 use crate::journal::{OpenTxn, Record, TxnKind, Write5};
-use crate::rollback::{check_restores_against_mirror, collect_retired, finish_rollback, retire_or_unmap};
+use crate::rollback::{check_restores_against_mirror, collect_retired, finish_rollback, retire_or_unmap, Release};
 use crate::state::{copies_log_path, is_mapped, staged_path, unmap, Repairs, TargetState};
 use crate::transaction::publish;
 use crate::PatchError;
@@ -254,7 +254,7 @@ fn recover_apply(
     // (or hold a return address into it), so unmap only what no thread
     // uses, as rollback does, and otherwise retire the mapping.
     if is_mapped(&read_maps(attached.pid())?, plan.mapping_address, plan.mapping_len) {
-        if let (Some(reason), _) = retire_or_unmap(attached, plan)? {
+        if let (Some(reason), _) = retire_or_unmap(attached, plan, Release::Never)? {
             target.journal.append(&Record::Retire {
                 txn,
                 address: plan.mapping_address,
@@ -307,7 +307,7 @@ fn recover_rollback(
         )?;
     }
     let reason = if is_mapped(&read_maps(attached.pid())?, patch.mapping_address, patch.mapping_len) {
-        retire_or_unmap(attached, &patch)?.0
+        retire_or_unmap(attached, &patch, Release::Never)?.0
     } else {
         None
     };

@@ -97,9 +97,25 @@ fn rollback_transaction(state_dir: &Path, pid: i32, patch_id: Option<&str>) -> R
         }
     };
     let mut attached = Attached::seize(&identity)?;
-    let outcome = rollback_seized(&mut attached, &mut target, &patch, &mut |_| Ok(()), &mut |_| Ok(()))?;
+    let outcome = rollback_seized(
+        &mut attached,
+        &mut target,
+        &patch,
+        Release::AtTheLastStop,
+        &mut |_| Ok(()),
+        &mut |_| Ok(()),
+    )?;
     attached.detach()?;
     Ok(outcome)
+}
+
+/// Whether the tracer lets go of the target at the last stop of a
+/// rollback (its unmap), instead of stopping it once more to detach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Release {
+    AtTheLastStop,
+    /// The caller goes on with the target seized (a watch window, recover).
+    Never,
 }
 
 /// The rollback transaction on an already seized target: `in_stop` runs
@@ -110,6 +126,7 @@ pub(crate) fn rollback_seized(
     attached: &mut Attached,
     target: &mut TargetState,
     patch: &PatchRecord,
+    release: Release,
     in_stop: &mut dyn FnMut(&mut Stopped) -> Result<(), PatchError>,
     switched: &mut dyn FnMut(&mut Attached) -> Result<(), PatchError>,
 ) -> Result<RollbackOutcome, PatchError> {
@@ -149,7 +166,7 @@ pub(crate) fn rollback_seized(
         }
     };
     switched(attached)?;
-    let (retired_reason, unmap_pause_us) = retire_or_unmap(attached, patch)?;
+    let (retired_reason, unmap_pause_us) = retire_or_unmap(attached, patch, release)?;
     finish_rollback(target, txn, patch, retired_reason.clone(), activation.pause.pause_us)?;
     target.journal_state = crate::journal::Journal::replay(&target.dir)?;
     Ok(RollbackOutcome {
@@ -270,6 +287,7 @@ const UNMAP_ATTEMPTS: u32 = 3;
 pub(crate) fn retire_or_unmap(
     attached: &mut Attached,
     patch: &PatchRecord,
+    release: Release,
 ) -> Result<(Option<String>, u64), PatchError> {
     let range = (patch.mapping_address, patch.mapping_len);
     let mut total_pause = 0;
@@ -279,6 +297,11 @@ pub(crate) fn retire_or_unmap(
         attached.prepare_remote_calls()?;
         let mut stopped = attached.stop()?;
         let outcome = unmap_unused(&mut stopped, &[range], &stacks);
+        // The last stop (unmapped, failed, or the last attempt) lets go.
+        let last = !matches!(&outcome, Ok(busy) if !busy.is_empty()) || attempt == UNMAP_ATTEMPTS;
+        if last && release == Release::AtTheLastStop {
+            stopped.attached().release_at_next_resume(true);
+        }
         total_pause += stopped.resume()?.pause_us;
         let busy = outcome?;
         match busy.into_iter().next() {

@@ -294,6 +294,7 @@ impl WatchWindow {
             &mut self.attached,
             &mut self.target,
             &self.patch,
+            crate::rollback::Release::Never,
             &mut |stopped| {
                 if let Some((tid, regs, xmms, _)) = &rewind {
                     stopped.attached().set_held_registers(*tid, *regs, xmms)?;
