@@ -510,7 +510,7 @@ type MemberOutcome = (MemberResult, Option<FailureClass>);
 
 /// Members worked on at once host-wide when not told (`--jobs`): a
 /// member spends most of its time waiting, for the `syncfs` rounds its
-/// worker shares with the others (`durable::GroupSync`, three per member)
+/// worker shares with the others (`durable::GroupSync`, two per member)
 /// and for its target to stop, not computing. The more members wait at
 /// each round, the fewer rounds: on 2 CPUs, 1,000 members took 1.8 s with
 /// 16 workers, 1.7 s with 32 and 1.4 s with 64 (`apply --all`, CLI,
