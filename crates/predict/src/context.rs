@@ -186,6 +186,51 @@ pub fn slope(points: &[(f64, f64)]) -> f64 {
     }
 }
 
+/// The machine's RAM: available (or free, on kernels without the
+/// estimate) and total, in bytes.
+#[derive(Debug, Clone, Copy)]
+struct MachineMemory {
+    available: u64,
+    total: u64,
+}
+
+/// How long one read of /proc/meminfo stands for the machine's memory.
+const MEMINFO_FRESH: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// /proc/meminfo, read at most every `MEMINFO_FRESH` per process: it is
+/// the machine's, not the target's, and a host-wide apply read and parsed
+/// it once per member (about 2 % of its CPU). A quarter-second-old
+/// figure is as good a headroom as a fresh one.
+fn machine_memory() -> Result<MachineMemory, procfs::ProcError> {
+    static LAST: std::sync::Mutex<Option<(Instant, MachineMemory)>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((at, memory)) = *last {
+        if at.elapsed() < MEMINFO_FRESH {
+            return Ok(memory);
+        }
+    }
+    let meminfo = procfs::Meminfo::current()?;
+    let memory = MachineMemory {
+        available: meminfo.mem_available.unwrap_or(meminfo.mem_free),
+        total: meminfo.mem_total,
+    };
+    *last = Some((Instant::now(), memory));
+    Ok(memory)
+}
+
+/// The soft limit on open files of `pid` (`Some(None)`: unlimited), by
+/// `prlimit`, else from /proc/PID/limits; `None` when neither can be read.
+fn open_files_limit(pid: i32) -> Option<Option<u64>> {
+    if let Ok(limit) = shadowpatch_sys::rlimit::open_files_soft_limit(pid) {
+        return Some(limit);
+    }
+    let limits = procfs::process::Process::new(pid).and_then(|p| p.limits()).ok()?;
+    Some(match limits.max_open_files.soft_limit {
+        procfs::process::LimitValue::Value(max) => Some(max),
+        procfs::process::LimitValue::Unlimited => None,
+    })
+}
+
 /// The cgroup v2 memory limit and usage of the process, if it has one.
 fn cgroup_memory(pid: i32) -> Result<(Option<u64>, Option<u64>, String), String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|e| e.to_string())?;
@@ -294,16 +339,13 @@ pub fn read_context(identity: &ProcessIdentity, options: &ContextOptions) -> Res
         }
         Err(why) => report.unavailable.push(format!("cgroup memory limit: {why}")),
     }
-    match procfs::Meminfo::current() {
-        Ok(meminfo) => {
-            let available = meminfo.mem_available.unwrap_or(meminfo.mem_free);
+    match machine_memory() {
+        Ok(MachineMemory { available, total }) => {
             limits.push((
                 format!("the machine's available RAM ({})", mib(available)),
                 available as f64,
             ));
-            report
-                .features
-                .insert("context.ram_total_bytes".into(), meminfo.mem_total as f64);
+            report.features.insert("context.ram_total_bytes".into(), total as f64);
         }
         Err(error) => report.unavailable.push(format!("/proc/meminfo: {error}")),
     }
@@ -339,31 +381,29 @@ pub fn read_context(identity: &ProcessIdentity, options: &ContextOptions) -> Res
         .insert("context.memory_time_to_limit_s".into(), time_to_limit.min(86_400.0));
 
     // File descriptors against RLIMIT_NOFILE.
-    if let Ok(limits) = procfs::process::Process::new(pid).and_then(|p| p.limits()) {
-        if let procfs::process::LimitValue::Value(max) = limits.max_open_files.soft_limit {
-            let fraction = last.fds as f64 / max as f64;
-            report.features.insert("context.fd_fraction".into(), fraction);
-            let time_to_fd_limit = if fd_slope > 0.0 {
-                (max as f64 - last.fds as f64) / fd_slope
-            } else {
-                f64::INFINITY
-            };
-            if fraction >= 0.9 || time_to_fd_limit < HORIZON_SECS {
-                report.findings.push(context_finding(
-                    "fd-exhaustion",
-                    Severity::Warning,
-                    format!(
-                        "the target has {} of {max} file descriptors open{}",
-                        last.fds,
-                        if time_to_fd_limit.is_finite() {
-                            format!(", growing {fd_slope:.1}/s: the limit in about {time_to_fd_limit:.0} s")
-                        } else {
-                            String::new()
-                        }
-                    ),
-                    json!({ "fds": samples.iter().map(|s| s.fds).collect::<Vec<_>>(), "limit": max, "growth_per_s": fd_slope }),
-                ));
-            }
+    if let Some(Some(max)) = open_files_limit(pid) {
+        let fraction = last.fds as f64 / max as f64;
+        report.features.insert("context.fd_fraction".into(), fraction);
+        let time_to_fd_limit = if fd_slope > 0.0 {
+            (max as f64 - last.fds as f64) / fd_slope
+        } else {
+            f64::INFINITY
+        };
+        if fraction >= 0.9 || time_to_fd_limit < HORIZON_SECS {
+            report.findings.push(context_finding(
+                "fd-exhaustion",
+                Severity::Warning,
+                format!(
+                    "the target has {} of {max} file descriptors open{}",
+                    last.fds,
+                    if time_to_fd_limit.is_finite() {
+                        format!(", growing {fd_slope:.1}/s: the limit in about {time_to_fd_limit:.0} s")
+                    } else {
+                        String::new()
+                    }
+                ),
+                json!({ "fds": samples.iter().map(|s| s.fds).collect::<Vec<_>>(), "limit": max, "growth_per_s": fd_slope }),
+            ));
         }
     }
     if cpu_percent >= 95.0 {

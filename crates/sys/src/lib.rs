@@ -9,6 +9,7 @@ pub mod alarm;
 pub mod pagemap;
 pub mod pidfd;
 pub mod ptrace_ext;
+pub mod rlimit;
 pub mod sched;
 pub mod scratch;
 pub mod siginfo;

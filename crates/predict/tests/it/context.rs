@@ -181,3 +181,49 @@ fn prometheus_error_counters_rising_are_a_finding_and_an_unreachable_endpoint_a_
     assert_eq!(report.unavailable.len(), 1, "{:?}", report.unavailable);
     assert!(report.findings.iter().any(|f| f.code == "context-source-unavailable"));
 }
+
+#[test]
+fn open_files_near_the_limit_are_a_finding_against_the_targets_own_limit() {
+    // A process whose soft limit on open files is 16 and that holds 13 or
+    // more of them: the limit is the target's (read by prlimit), not ours.
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import resource,sys,time\n\
+             resource.setrlimit(resource.RLIMIT_NOFILE, (16, 64))\n\
+             held = [open('/dev/null') for _ in range(10)]\n\
+             print('ready', flush=True)\n\
+             sys.stdin.read()",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let pid = child.id() as i32;
+    let identity = ProcessIdentity::of(pid).unwrap();
+    let report = read_context(&identity, &options(0)).unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as f64;
+    assert!(fds >= 13.0, "{fds} descriptors");
+    let fraction = report.features["context.fd_fraction"];
+    assert!(
+        (fraction - fds / 16.0).abs() < 1e-9,
+        "fraction {fraction} for {fds} of 16"
+    );
+    let finding = report
+        .findings
+        .iter()
+        .find(|f| f.code == "fd-exhaustion")
+        .unwrap_or_else(|| panic!("no fd-exhaustion finding: {:?}", report.findings));
+    assert!(
+        finding.message.contains("of 16 file descriptors"),
+        "{}",
+        finding.message
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
