@@ -228,6 +228,18 @@ pub fn analyze_surveyed(
     Parts::of(state_dir, settings, progress)?.run(state_dir, survey, cause)
 }
 
+/// [`analyze_surveyed`] without its history record: the caller records
+/// [`analysis_event`] itself (an apply, with its own event, in one
+/// transaction).
+pub(crate) fn analyze_surveyed_unrecorded(
+    state_dir: &Path,
+    survey: &Survey,
+    settings: &AnalysisSettings,
+    progress: Option<ProgressSink>,
+) -> Result<AnalysisReport, OpsError> {
+    Parts::of(state_dir, settings, progress)?.run_unrecorded(state_dir, survey)
+}
+
 /// What the settings ask the engine to run, checked before any work.
 struct Parts {
     context: ContextOptions,
@@ -285,6 +297,15 @@ impl Parts {
     }
 
     fn run(self, state_dir: &Path, survey: &Survey, cause: &str) -> Result<AnalysisReport, OpsError> {
+        let report = self.run_unrecorded(state_dir, survey)?;
+        if let Err(error) = record(state_dir, &report, cause) {
+            // The history is a record, not a safety mechanism.
+            tracing::warn!("could not record the analysis in the event history: {error}");
+        }
+        Ok(report)
+    }
+
+    fn run_unrecorded(self, state_dir: &Path, survey: &Survey) -> Result<AnalysisReport, OpsError> {
         let mut request = AnalysisRequest::new(survey, state_dir);
         request.context = Some(self.context);
         request.sections = self.sections;
@@ -332,32 +353,32 @@ impl Parts {
             // The service answers: outcomes it missed go now.
             crate::fleet::send(state_dir, settings);
         }
-        if let Err(error) = record(state_dir, &report, cause) {
-            // The history is a record, not a safety mechanism.
-            tracing::warn!("could not record the analysis in the event history: {error}");
-        }
         Ok(report)
     }
 }
 
 fn record(state_dir: &Path, report: &AnalysisReport, cause: &str) -> Result<(), OpsError> {
     shadowpatch_mirror::StateDir::create(state_dir)?;
-    shadowpatch_store::record_in(
-        state_dir,
-        &NewEvent::new(EventKind::Analysis)
-            .target(report.pid, report.start_time)
-            .patch(report.patch_id.clone())
-            .cause(cause)
-            .outcome(verdict_name(report.analysis.verdict))
-            .duration_us(report.duration_us)
-            .details(serde_json::json!({
-                "analysis": report.analysis,
-                "timings_ms": report.timings_ms,
-                "scorer": report.scorer,
-                "decided_by": report.decided_by,
-            })),
-    )?;
+    shadowpatch_store::record_in(state_dir, &analysis_event(report, cause))?;
     Ok(())
+}
+
+/// The history's event for an analysis (`cause`: `analyze` or `apply`),
+/// timed now.
+pub(crate) fn analysis_event(report: &AnalysisReport, cause: &str) -> NewEvent {
+    NewEvent::new(EventKind::Analysis)
+        .at(shadowpatch_store::now_ms())
+        .target(report.pid, report.start_time)
+        .patch(report.patch_id.clone())
+        .cause(cause)
+        .outcome(verdict_name(report.analysis.verdict))
+        .duration_us(report.duration_us)
+        .details(serde_json::json!({
+            "analysis": report.analysis,
+            "timings_ms": report.timings_ms,
+            "scorer": report.scorer,
+            "decided_by": report.decided_by,
+        }))
 }
 
 pub fn verdict_name(verdict: Verdict) -> &'static str {

@@ -5,7 +5,9 @@
 //! records who asked, whether `force` overrode a refusal, and the outcome.
 //! The CLI and the agent run exactly this.
 
-use crate::analysis::{analyze_surveyed, refusal, AnalysisReport, AnalysisSettings, ProgressSink};
+use crate::analysis::{
+    analysis_event, analyze_surveyed_unrecorded, refusal, AnalysisReport, AnalysisSettings, ProgressSink,
+};
 use crate::fleet::FleetContext;
 use crate::health_watch::{apply_and_watch, WatchArgs, WatchReport};
 use crate::variables::{after_apply, before_apply};
@@ -18,7 +20,7 @@ use shadowpatch_predict::remote::OutcomeKind;
 use shadowpatch_predict::Verdict;
 use shadowpatch_process::ProcessIdentity;
 use shadowpatch_signing::SignatureCheck;
-use shadowpatch_store::{record_best_effort, EventKind, NewEvent};
+use shadowpatch_store::{record_all_best_effort, EventKind, NewEvent};
 use std::path::{Path, PathBuf};
 
 /// One apply to make.
@@ -117,8 +119,12 @@ pub fn apply(
     // acts on it (surveyed again under the lock only if a patch came or
     // went meanwhile).
     let survey = survey_once(state_dir, &identity, &input)?;
-    let manifest = &input.manifest;
-    let analysis = analyze_surveyed(state_dir, &survey, &request.analysis, "apply", progress)?;
+    // Its history event is recorded with the apply's, in one transaction.
+    let analysis = analyze_surveyed_unrecorded(state_dir, &survey, &request.analysis, progress)?;
+    let analysis_event = analysis_event(&analysis, "apply");
+    // What recording the analysis did first: the folder is a state
+    // directory from here on, whatever the apply's outcome.
+    shadowpatch_mirror::StateDir::create(state_dir)?;
     let refused = analysis.analysis.verdict == Verdict::Refuse;
     let fleet = FleetContext::of(&request.analysis, &analysis);
     if refused && !request.force {
@@ -128,8 +134,8 @@ pub fn apply(
         }
         record(
             state_dir,
+            analysis_event,
             request,
-            &manifest.id,
             &analysis,
             &signature,
             false,
@@ -153,7 +159,6 @@ pub fn apply(
     // The mirrored variables as they are just before activation, kept for
     // `rollback --restore-state` once the patch is active.
     let before = before_apply(state_dir, &identity)?;
-    let patch_id = manifest.id.clone();
     // The watch's verdict goes to the predictor that judged the patch.
     let watch = watch.map(|args| WatchArgs {
         fleet: fleet.clone(),
@@ -183,8 +188,8 @@ pub fn apply(
     };
     record(
         state_dir,
+        analysis_event,
         request,
-        &patch_id,
         &analysis,
         &signature,
         forced,
@@ -247,8 +252,8 @@ fn class_name(class: FailureClass) -> &'static str {
 /// be written never fails the apply).
 fn record(
     state_dir: &Path,
+    analysis_event: NewEvent,
     request: &ApplyRequest,
-    patch_id: &str,
     analysis: &AnalysisReport,
     signature: &SignatureCheck,
     forced: bool,
@@ -256,7 +261,7 @@ fn record(
 ) {
     let event = NewEvent::new(EventKind::Apply)
         .target(analysis.pid, analysis.start_time)
-        .patch(patch_id)
+        .patch(analysis.patch_id.as_str())
         .cause(request.requested_by.clone());
     let common = serde_json::json!({
         "manifest": request.manifest,
@@ -295,5 +300,5 @@ fn record(
     if let (Some(details), serde_json::Value::Object(common)) = (details.as_object_mut(), common) {
         details.extend(common);
     }
-    record_best_effort(state_dir, &event.details(details));
+    record_all_best_effort(state_dir, &[&analysis_event, &event.details(details)]);
 }

@@ -138,6 +138,18 @@ impl Store {
         Ok(())
     }
 
+    /// Append `events` in one transaction (all or none); returns their
+    /// ids, in order.
+    pub fn record_all(&self, events: &[&NewEvent]) -> Result<Vec<i64>, StoreError> {
+        let transaction = self.connection.unchecked_transaction().map_err(|e| self.sqlite(e))?;
+        let ids = events
+            .iter()
+            .map(|event| self.record(event))
+            .collect::<Result<Vec<_>, _>>()?;
+        transaction.commit().map_err(|e| self.sqlite(e))?;
+        Ok(ids)
+    }
+
     /// Append one event; returns its id.
     pub fn record(&self, event: &NewEvent) -> Result<i64, StoreError> {
         let details = serde_json::to_string(&event.details).expect("JSON values serialize");
@@ -259,11 +271,19 @@ pub fn now_ms() -> u64 {
 /// Record `event` in the history of `state_dir`, logging (never returning)
 /// a failure: the history must not make an operation on a target fail.
 pub fn record_best_effort(state_dir: &Path, event: &NewEvent) {
+    record_all_best_effort(state_dir, &[event]);
+}
+
+/// [`record_best_effort`] of several events, in one transaction: an apply
+/// records its analysis and its outcome together (one commit of the
+/// shared history per member of a host-wide apply, not two).
+pub fn record_all_best_effort(state_dir: &Path, events: &[&NewEvent]) {
     use std::os::unix::fs::DirBuilderExt;
     // The state directory is root's only (0700), as `mirror` creates it.
     let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir);
-    if let Err(error) = record_in(state_dir, event) {
-        tracing::warn!(%error, kind = %event.kind, "could not record the event in the history");
+    if let Err(error) = OPEN.record(state_dir, events) {
+        let kinds: Vec<String> = events.iter().map(|e| e.kind.to_string()).collect();
+        tracing::warn!(%error, kinds = %kinds.join(", "), "could not record the events in the history");
     }
 }
 
@@ -271,7 +291,7 @@ pub fn record_best_effort(state_dir: &Path, event: &NewEvent) {
 /// through a connection kept open between calls (see [`OpenHistories`]);
 /// returns the event's id.
 pub fn record_in(state_dir: &Path, event: &NewEvent) -> Result<i64, StoreError> {
-    OPEN.record(state_dir, event)
+    Ok(OPEN.record(state_dir, &[event])?[0])
 }
 
 /// Histories kept open between [`record_in`] calls: opening one
@@ -308,7 +328,7 @@ impl OpenHistories {
     /// At most this many state directories' histories stay open.
     const CAPACITY: usize = 4;
 
-    fn record(&self, state_dir: &Path, event: &NewEvent) -> Result<i64, StoreError> {
+    fn record(&self, state_dir: &Path, events: &[&NewEvent]) -> Result<Vec<i64>, StoreError> {
         let path = state_dir.join(DATABASE_FILE);
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let stamp = file_stamp(&path);
@@ -317,7 +337,10 @@ impl OpenHistories {
             Some((_, kept, store)) if Some(kept) == stamp => store,
             _ => Store::open(state_dir)?,
         };
-        let recorded = store.record(event);
+        let recorded = match events {
+            [event] => store.record(event).map(|id| vec![id]),
+            _ => store.record_all(events),
+        };
         if recorded.is_ok() {
             if let Some(stamp) = file_stamp(&path) {
                 if entries.len() >= Self::CAPACITY {

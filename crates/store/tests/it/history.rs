@@ -261,3 +261,35 @@ fn threads_recording_at_once_each_get_their_event_committed() {
         assert!(events.iter().all(|e| e.unix_ms >= before));
     }
 }
+
+/// Several events recorded together (an apply's analysis and outcome) are
+/// one transaction: all of them, in order, or none.
+#[test]
+fn events_recorded_together_are_all_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = |patch: &str| NewEvent::new(EventKind::Apply).target(7, 1).patch(patch).outcome("ok");
+    drop(Store::open(dir.path()).unwrap());
+    // A trigger that refuses one patch id, to make the second insert fail.
+    rusqlite::Connection::open(dir.path().join(DATABASE_FILE))
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON events WHEN NEW.patch_id = 'poison'
+             BEGIN SELECT RAISE(ABORT, 'poison refused'); END;",
+        )
+        .unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let error = store.record_all(&[&event("first"), &event("poison")]).unwrap_err();
+    assert!(error.to_string().contains("poison refused"), "{error}");
+    assert!(store.events(&EventFilter::default()).unwrap().is_empty(), "none kept");
+    let ids = store.record_all(&[&event("a"), &event("b")]).unwrap();
+    assert_eq!(ids.len(), 2);
+    assert!(ids[0] < ids[1]);
+    let patches: Vec<String> = store
+        .events(&EventFilter::default())
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| e.patch_id)
+        .collect();
+    assert_eq!(patches.len(), 2);
+    assert!(patches.contains(&"a".to_string()) && patches.contains(&"b".to_string()));
+}
