@@ -50,6 +50,7 @@ pub struct ProbeFd {
     /// The identity probed, as it was: a copy of it changed by hand (a
     /// test's other start time or exec id) is not vouched for.
     start_time: u64,
+    exec_id: String,
     at_random: u64,
     random: [u8; AT_RANDOM_LEN],
 }
@@ -101,13 +102,15 @@ impl ProcessIdentity {
             return Err(TargetError::NotThreadGroupLeader { pid, tgid });
         }
         let random = at_random_of(pid);
-        let probe = match (pidfd, random) {
-            (Some(pidfd), Some((at_random, random)))
+        let exec_id = random.map(|(_, random)| hex(&random));
+        let probe = match (pidfd, random, &exec_id) {
+            (Some(pidfd), Some((at_random, random)), Some(exec_id))
                 if shadowpatch_sys::pidfd::pidfd_alive(std::os::fd::AsFd::as_fd(&pidfd)).is_ok() =>
             {
                 Probe(Some(std::sync::Arc::new(ProbeFd {
                     pidfd,
                     start_time: stat.starttime,
+                    exec_id: exec_id.clone(),
                     at_random,
                     random,
                 })))
@@ -119,7 +122,7 @@ impl ProcessIdentity {
             start_time: stat.starttime,
             comm: stat.comm,
             exe: std::fs::read_link(format!("/proc/{pid}/exe")).ok(),
-            exec_id: random.map(|(_, random)| hex(&random)),
+            exec_id,
             probe,
         })
     }
@@ -131,7 +134,7 @@ impl ProcessIdentity {
             return false;
         };
         probe.start_time == self.start_time
-            && self.exec_id.as_deref() == Some(hex(&probe.random).as_str())
+            && self.exec_id.as_ref() == Some(&probe.exec_id)
             && read_random(self.pid, probe.at_random) == Some(probe.random)
             && shadowpatch_sys::pidfd::pidfd_alive(std::os::fd::AsFd::as_fd(&probe.pidfd)).is_ok()
     }
