@@ -122,9 +122,12 @@ pub fn apply(
     // Its history event is recorded with the apply's, in one transaction.
     let analysis = analyze_surveyed_unrecorded(state_dir, &survey, &request.analysis, progress)?;
     let analysis_event = analysis_event(&analysis, "apply");
-    // What recording the analysis did first: the folder is a state
-    // directory from here on, whatever the apply's outcome.
-    shadowpatch_mirror::StateDir::create(state_dir)?;
+    // What recording the analysis did first, best effort as it was: the
+    // folder is a state directory from here on, whatever the apply's
+    // outcome (the transaction names the folder if it cannot be one).
+    if let Err(error) = shadowpatch_mirror::StateDir::create(state_dir) {
+        tracing::warn!("could not make {} a state directory: {error}", state_dir.display());
+    }
     let refused = analysis.analysis.verdict == Verdict::Refuse;
     let fleet = FleetContext::of(&request.analysis, &analysis);
     if refused && !request.force {
