@@ -337,10 +337,7 @@ impl OpenHistories {
             Some((_, kept, store)) if Some(kept) == stamp => store,
             _ => Store::open(state_dir)?,
         };
-        let recorded = match events {
-            [event] => store.record(event).map(|id| vec![id]),
-            _ => store.record_all(events),
-        };
+        let recorded = store.record_all(events);
         if recorded.is_ok() {
             if let Some(stamp) = file_stamp(&path) {
                 if entries.len() >= Self::CAPACITY {
