@@ -2,11 +2,12 @@
 //! at any step) to a consistent state, from the journal alone.
 //!
 //! - An apply cut short before its `Plan` had written nothing into the
-//!   target (the plan is journaled before the load): rolled back, any
-//!   mapping unmapped.
+//!   target (the plan is journaled before the load) → rolled back; a
+//!   mapping an older tool made before its plan is unmapped.
 //! - An apply with a `Plan`: if every trampoline holds the new bytes it had
 //!   finished → commit (fully applied); otherwise restore the ones written
-//!   and unmap the patch if it was loaded (no thread in it) → rolled back. Writes it held (a safe-point request) are undone first.
+//!   and unmap the patch if it was loaded (no thread in it) → rolled back.
+//!   Writes it held (a safe-point request) are undone first.
 //! - A rollback: finish restoring → rolled back.
 //! - Plain writes (heal, repoint): finish them → fully applied; a probe's
 //!   breakpoints: remove them → rolled back.
