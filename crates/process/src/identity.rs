@@ -263,10 +263,8 @@ fn read_tgid(pid: i32) -> Result<i32, TargetError> {
 /// /proc/PID/`file` in one read (they are generated whole on the first
 /// read), with the errors `procfs` would give.
 fn read_proc(pid: i32, file: &'static str, capacity: usize) -> Result<String, TargetError> {
-    use std::io::Read;
-    let mut text = String::with_capacity(capacity);
     std::fs::File::open(format!("/proc/{pid}/{file}"))
-        .and_then(|mut f| f.read_to_string(&mut text))
+        .and_then(|f| read_small(&f, capacity))
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => TargetError::NoSuchProcess { pid },
             // A process that exited between the open and the read.
@@ -280,8 +278,31 @@ fn read_proc(pid: i32, file: &'static str, capacity: usize) -> Result<String, Ta
                 file,
                 message: e.to_string(),
             },
-        })?;
-    Ok(text)
+        })
+}
+
+/// The whole of a small file, read until its end into `capacity` bytes
+/// (grown if needed). Not `read_to_string`, which asks the file for its
+/// size (`statx`) and position (`lseek`) first: /proc files answer 0 to
+/// both, two system calls for nothing on every read of a host-wide
+/// apply's dozens per member.
+pub fn read_small(mut file: &std::fs::File, capacity: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; capacity.max(64)];
+    let mut len = 0;
+    loop {
+        if len == bytes.len() {
+            bytes.resize(bytes.len() * 2, 0);
+        }
+        match file.read(&mut bytes[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    bytes.truncate(len);
+    String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Clock ticks per second, the unit of a process's start time.
