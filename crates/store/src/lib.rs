@@ -278,12 +278,100 @@ pub fn record_best_effort(state_dir: &Path, event: &NewEvent) {
 /// records its analysis and its outcome together (one commit of the
 /// shared history per member of a host-wide apply, not two).
 pub fn record_all_best_effort(state_dir: &Path, events: &[&NewEvent]) {
+    if !HELD.hold(state_dir, events) {
+        write_best_effort(state_dir, events);
+    }
+}
+
+fn write_best_effort(state_dir: &Path, events: &[&NewEvent]) {
     use std::os::unix::fs::DirBuilderExt;
     // The state directory is root's only (0700), as `mirror` creates it.
     let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir);
     if let Err(error) = OPEN.record(state_dir, events) {
         let kinds: Vec<String> = events.iter().map(|e| e.kind.to_string()).collect();
         tracing::warn!(%error, kinds = %kinds.join(", "), "could not record the events in the history");
+    }
+}
+
+/// While a host-wide set works (a [`HistoryGroup`] is open), the events
+/// [`record_all_best_effort`] is given for its state directory are held
+/// and written [`GROUP`] at a time, in one transaction, instead of one
+/// commit per member: each commit rewrote the same table and index pages
+/// into the write-ahead log. The cost: a tool killed in the middle of the
+/// set loses the events it held (at most `GROUP - 1`); the members'
+/// journals, which recovery reads, are unaffected, and recovery records
+/// what it finds. Each event keeps the time it was given at.
+#[derive(Debug)]
+pub struct HistoryGroup {
+    state_dir: PathBuf,
+}
+
+/// Held events are written once this many wait.
+pub const GROUP: usize = 64;
+
+impl HistoryGroup {
+    /// Hold the events of `state_dir` until the group is dropped (groups
+    /// may nest or overlap: events are held while one is open).
+    pub fn open(state_dir: &Path) -> HistoryGroup {
+        let mut held = HELD.lock();
+        match held.iter_mut().find(|(dir, _, _)| dir == state_dir) {
+            Some((_, open, _)) => *open += 1,
+            None => held.push((state_dir.to_path_buf(), 1, Vec::new())),
+        }
+        HistoryGroup {
+            state_dir: state_dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for HistoryGroup {
+    /// Writes what is held (best effort, as each event would have been).
+    fn drop(&mut self) {
+        let mut held = HELD.lock();
+        let Some(at) = held.iter().position(|(dir, _, _)| *dir == self.state_dir) else {
+            return;
+        };
+        let events = std::mem::take(&mut held[at].2);
+        held[at].1 -= 1;
+        if held[at].1 == 0 {
+            held.remove(at);
+        }
+        // Written under the lock: held events reach the history in the
+        // order they were given.
+        if !events.is_empty() {
+            write_best_effort(&self.state_dir, &events.iter().collect::<Vec<_>>());
+        }
+    }
+}
+
+/// State directories with open groups: how many, and their held events.
+struct HeldEvents(std::sync::Mutex<Vec<(PathBuf, usize, Vec<NewEvent>)>>);
+
+static HELD: HeldEvents = HeldEvents(std::sync::Mutex::new(Vec::new()));
+
+impl HeldEvents {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, usize, Vec<NewEvent>)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hold `events` if a group is open for `state_dir` (false: write
+    /// them yourself); the group's events are written once it is full.
+    fn hold(&self, state_dir: &Path, events: &[&NewEvent]) -> bool {
+        let mut held = self.lock();
+        let Some((_, _, waiting)) = held.iter_mut().find(|(dir, _, _)| dir == state_dir) else {
+            return false;
+        };
+        let now = now_ms();
+        waiting.extend(events.iter().map(|event| NewEvent {
+            unix_ms: Some(event.unix_ms.unwrap_or(now)),
+            ..(*event).clone()
+        }));
+        if waiting.len() >= GROUP {
+            // Under the lock, as a group's last events are: in order.
+            let full = std::mem::take(waiting);
+            write_best_effort(state_dir, &full.iter().collect::<Vec<_>>());
+        }
+        true
     }
 }
 

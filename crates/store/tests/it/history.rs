@@ -293,3 +293,49 @@ fn events_recorded_together_are_all_or_none() {
     assert_eq!(patches.len(), 2);
     assert!(patches.contains(&"a".to_string()) && patches.contains(&"b".to_string()));
 }
+
+/// While a group is open, best-effort events of its state directory are
+/// held and written a group at a time, in the order given, each with the
+/// time it was given at; the rest when the group closes. Another state
+/// directory's events are written at once.
+#[test]
+fn a_history_group_holds_events_until_it_is_full_or_closed() {
+    let grouped = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let count = |dir: &std::path::Path| Store::open(dir).unwrap().events(&EventFilter::default()).unwrap().len();
+    let event = |pid: i32| NewEvent::new(EventKind::Apply).target(pid, 1).outcome("ok");
+    let before = shadowpatch_store::now_ms();
+    let group = shadowpatch_store::HistoryGroup::open(grouped.path());
+    shadowpatch_store::record_best_effort(other.path(), &event(1));
+    assert_eq!(count(other.path()), 1, "another directory's event is written at once");
+    let full = shadowpatch_store::GROUP as i32;
+    for pid in 0..full - 1 {
+        shadowpatch_store::record_all_best_effort(grouped.path(), &[&event(pid)]);
+    }
+    assert_eq!(count(grouped.path()), 0, "held while the group is not full");
+    shadowpatch_store::record_best_effort(grouped.path(), &event(full - 1));
+    assert_eq!(count(grouped.path()), full as usize, "written once full");
+    let given = shadowpatch_store::now_ms();
+    shadowpatch_store::record_all_best_effort(grouped.path(), &[&event(full), &event(full + 1)]);
+    let after = shadowpatch_store::now_ms();
+    // Written at least this much later (when the group closes).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(count(grouped.path()), full as usize);
+    drop(group);
+    let events = Store::open(grouped.path())
+        .unwrap()
+        .events(&EventFilter::default())
+        .unwrap();
+    let pids: Vec<i32> = events.iter().filter_map(|e| e.pid).collect();
+    assert_eq!(pids, (0..full + 2).collect::<Vec<_>>(), "all of them, in order");
+    assert!(events.iter().all(|e| e.unix_ms >= before));
+    let last = events.last().unwrap();
+    assert!(
+        (given..=after).contains(&last.unix_ms),
+        "the time it was given at ({given}), not written at: {}",
+        last.unix_ms
+    );
+    // Closed: written at once again.
+    shadowpatch_store::record_best_effort(grouped.path(), &event(99));
+    assert_eq!(count(grouped.path()), full as usize + 3);
+}
