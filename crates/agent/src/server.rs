@@ -479,6 +479,7 @@ impl Agent {
                         manifest.display()
                     ),
                     baseline_module_only: false,
+                    no_ancestor_state: false,
                 };
                 // With a watch policy the connection's thread is the
                 // tracer for the window: the reply comes with the verdict.

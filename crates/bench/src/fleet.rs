@@ -118,6 +118,7 @@ pub fn run(json: bool, quick: bool) -> anyhow::Result<FleetBench> {
         },
         requested_by: "bench (fleet)".into(),
         baseline_module_only: false,
+        no_ancestor_state: false,
     };
     // As `apply --all` / `rollback --all` do without `--jobs`.
     let workers = shadowpatch_ops::set::default_workers();

@@ -367,6 +367,7 @@ fn run_apply_persisting(
             analysis: analysis.settings(),
             requested_by: "cli".into(),
             baseline_module_only: false,
+            no_ancestor_state: false,
         };
         commands::persist::add(context, scope, std::path::Path::new(&manifest), request)?;
     }

@@ -41,6 +41,14 @@ pub struct ApplyRequest {
     /// (host-wide sets: see `ApplyOptions::baseline_module_only`).
     #[serde(default)]
     pub baseline_module_only: bool,
+    /// Set only by a set operation, never taken from the wire: from one
+    /// process table and one listing of `targets/`, read before any member
+    /// was worked on, no ancestor of the target had state, so there is
+    /// nothing to adopt (an ancestor patched later, within the set, was
+    /// patched after the target forked) and the walk up its ancestors,
+    /// two reads of /proc per level, is skipped.
+    #[serde(skip)]
+    pub no_ancestor_state: bool,
 }
 
 /// The patch is live (or was, until the watch window rolled it back).
@@ -114,7 +122,11 @@ pub fn apply(
     let (input, signature) = crate::signature::read_and_check(state_dir, &request.manifest)?;
     // A child forked from a patched process is patched already: it takes
     // its ancestor's state first, so the new patch stacks on it.
-    let adopted = crate::adopt::adopt_if_forked_of(state_dir, &identity)?;
+    let adopted = if request.no_ancestor_state {
+        None
+    } else {
+        crate::adopt::adopt_if_forked_of(state_dir, &identity)?
+    };
     // Surveyed once: the analysis judges this survey and the transaction
     // acts on it (surveyed again under the lock only if a patch came or
     // went meanwhile).

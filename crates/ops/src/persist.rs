@@ -311,6 +311,7 @@ mod tests {
             analysis: Default::default(),
             requested_by: "cli".into(),
             baseline_module_only: false,
+            no_ancestor_state: false,
         };
         let rule = Rule {
             id: "p".into(),

@@ -69,12 +69,20 @@ pub struct Members {
     /// instead of listed in `skipped`.
     #[serde(default)]
     pub passed_over: BTreeMap<String, usize>,
+    /// Every process's parent (pid → ppid) in the table the set was
+    /// resolved from: a set's members' ancestors, without reading /proc
+    /// again for each.
+    #[serde(skip)]
+    pub parents: BTreeMap<i32, i32>,
 }
 
 /// The processes `selector` names, sorted children first. An empty set,
 /// or a cgroup or unit that does not exist, is bad input.
 pub fn resolve(selector: &Selector) -> Result<Vec<Member>, OpsError> {
-    let table = process_table();
+    resolve_in(selector, &process_table())
+}
+
+fn resolve_in(selector: &Selector, table: &BTreeMap<i32, Member>) -> Result<Vec<Member>, OpsError> {
     let pids: BTreeSet<i32> = match selector {
         Selector::Tree(root) => {
             ProcessIdentity::of(*root)?;
@@ -127,7 +135,8 @@ pub fn members(selector: &Selector, build_id: &str) -> Result<Members, OpsError>
     // file's read once, instead of parsing every module of every process.
     let mut by_file = BuildIdsByFile::default();
     let mut passed_over = BTreeMap::new();
-    for member in resolve(selector)? {
+    let table = process_table();
+    for member in resolve_in(selector, &table)? {
         let maps = if *selector == Selector::All {
             by_file.maps_build_id(member.pid, build_id)
         } else {
@@ -154,6 +163,7 @@ pub fn members(selector: &Selector, build_id: &str) -> Result<Members, OpsError>
         targets,
         skipped,
         passed_over,
+        parents: table.values().map(|m| (m.pid, m.ppid)).collect(),
     })
 }
 
@@ -384,6 +394,11 @@ pub fn apply_set_with_progress(
         baseline_module_only: template.baseline_module_only || *selector == Selector::All,
         ..template.clone()
     };
+    // Members none of whose ancestors has state: nothing to adopt (see
+    // `ApplyRequest::no_ancestor_state`).
+    let orphans = state_dir
+        .map(|state_dir| without_ancestor_state(state_dir, &found))
+        .unwrap_or_default();
     let total = found.targets.len();
     // Applied members, in the order their transactions committed.
     let done: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
@@ -393,6 +408,7 @@ pub fn apply_set_with_progress(
         shadowpatch_mirror::StateDir::create(state_dir)?;
     }
     let group = batch_sync(state_dir, selector)?;
+    let _history = history_group(state_dir, selector);
     let slots = in_parallel(total, workers, &|index| {
         let member = &found.targets[index];
         progress(SetProgress {
@@ -402,7 +418,9 @@ pub fn apply_set_with_progress(
             pid: member.pid,
         });
         let _batch = group.as_ref().map(|group| group.enter());
-        let (member_result, failed) = apply_member(member, &template, apply_one);
+        let host_wide = *selector == Selector::All;
+        let (member_result, failed) =
+            apply_member(member, &template, orphans.contains(&member.pid), host_wide, apply_one);
         if member_result.outcome == "applied" {
             done.lock().unwrap_or_else(|p| p.into_inner()).push(member.pid);
         }
@@ -488,6 +506,15 @@ fn batch_sync(
         })
 }
 
+/// Host-wide, the members' history events are written a group at a time
+/// (`shadowpatch_store::HistoryGroup`), the last ones when the set ends.
+fn history_group(state_dir: Option<&Path>, selector: &Selector) -> Option<shadowpatch_store::HistoryGroup> {
+    match (state_dir, selector) {
+        (Some(state_dir), Selector::All) => Some(shadowpatch_store::HistoryGroup::open(state_dir)),
+        _ => None,
+    }
+}
+
 /// The last members' publications (their generation files renamed or
 /// removed after their commits) made durable before the set reports.
 fn finish_batch(
@@ -567,9 +594,20 @@ fn in_parallel<T: Send>(total: usize, workers: usize, one: &(dyn Fn(usize) -> (T
 }
 
 /// One member's apply.
-fn apply_member(member: &Member, template: &ApplyRequest, apply_one: &ApplyOne<'_>) -> MemberOutcome {
+/// Host-wide (`host_wide`), a member found to carry the patch already
+/// (forked from a process that had it: adopting its ancestor's state
+/// showed the patch active) is passed over as `already_active`, as a
+/// member known to have it is before the set starts.
+fn apply_member(
+    member: &Member,
+    template: &ApplyRequest,
+    no_ancestor_state: bool,
+    host_wide: bool,
+    apply_one: &ApplyOne<'_>,
+) -> MemberOutcome {
     let request = ApplyRequest {
         pid: member.pid,
+        no_ancestor_state,
         ..template.clone()
     };
     match apply_one(&request) {
@@ -586,6 +624,21 @@ fn apply_member(member: &Member, template: &ApplyRequest, apply_one: &ApplyOne<'
                 result(member, "rolled_back", None, Some(message)),
                 Some(FailureClass::FailedMidway),
             )
+        }
+        Ok(ApplyResult::Refused(refused))
+            if host_wide
+                && refused
+                    .analysis
+                    .analysis
+                    .findings
+                    .iter()
+                    .any(|f| f.code == DUPLICATE_PATCH_ID) =>
+        {
+            (result(member, "already_active", None, None), None)
+        }
+        // Forced past the analysis, the transaction says so.
+        Err(OpsError::Patch(shadowpatch_patch::PatchError::DuplicateId { .. })) if host_wide => {
+            (result(member, "already_active", None, None), None)
         }
         Ok(ApplyResult::Refused(refused)) => (
             result(member, "refused", None, Some(refused.message.clone())),
@@ -669,6 +722,7 @@ pub fn rollback_set_with_progress(
     }
     let total = wanted_members.len();
     let group = batch_sync(Some(state_dir), selector)?;
+    let _history = history_group(Some(state_dir), selector);
     // Every member is attempted, whatever the others did.
     let rolled = in_parallel(total, workers, &|index| {
         let member = wanted_members[index];
@@ -770,11 +824,44 @@ fn appeared(selector: &Selector, before: &Members, also_known: &BTreeSet<i32>, b
         .collect()
 }
 
-/// The members that have a target directory in `state_dir` (any
-/// incarnation of their pid: the operation checks which), and how many
-/// do not.
-pub fn with_state(state_dir: &Path, members: Vec<Member>) -> (Vec<Member>, usize) {
-    let pids: BTreeSet<i32> = std::fs::read_dir(state_dir.join("targets"))
+/// The finding of a target that has the patch active already.
+const DUPLICATE_PATCH_ID: &str = "duplicate-patch-id";
+
+/// The members of `found` none of whose ancestors (in the process table
+/// the set was resolved from) has a target directory in `state_dir`, any
+/// incarnation of its pid, read now, before any member is worked on. A
+/// member whose ancestry is not all in the table is not among them.
+fn without_ancestor_state(state_dir: &Path, found: &Members) -> BTreeSet<i32> {
+    let with_state = pids_with_state(state_dir);
+    found
+        .targets
+        .iter()
+        .filter(|member| {
+            let mut at = member.ppid;
+            for _ in 0..MAX_ANCESTORS {
+                if at <= 0 {
+                    return true;
+                }
+                if with_state.contains(&at) {
+                    return false;
+                }
+                match found.parents.get(&at) {
+                    Some(&parent) => at = parent,
+                    None => return false,
+                }
+            }
+            false
+        })
+        .map(|member| member.pid)
+        .collect()
+}
+
+/// Ancestors looked at above a member, at most (as `adopt` does).
+const MAX_ANCESTORS: usize = 64;
+
+/// The pids that have a target directory in `state_dir`, from one listing.
+fn pids_with_state(state_dir: &Path) -> BTreeSet<i32> {
+    std::fs::read_dir(state_dir.join("targets"))
         .map(|entries| {
             entries
                 .flatten()
@@ -788,7 +875,14 @@ pub fn with_state(state_dir: &Path, members: Vec<Member>) -> (Vec<Member>, usize
                 })
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// The members that have a target directory in `state_dir` (any
+/// incarnation of their pid: the operation checks which), and how many
+/// do not.
+pub fn with_state(state_dir: &Path, members: Vec<Member>) -> (Vec<Member>, usize) {
+    let pids = pids_with_state(state_dir);
     let total = members.len();
     let kept: Vec<Member> = members.into_iter().filter(|m| pids.contains(&m.pid)).collect();
     let without = total - kept.len();

@@ -44,6 +44,7 @@ pub fn run_apply(context: &Context, args: ApplyArgs) -> anyhow::Result<i32> {
         analysis: args.analysis.settings(),
         requested_by: "cli".into(),
         baseline_module_only: false,
+        no_ancestor_state: false,
     };
     // The watch window needs the target seized from activation on by the
     // process that watches: `apply --watch` runs here, never in the agent.

@@ -136,6 +136,7 @@ pub fn run_apply(
         analysis: analysis.settings(),
         requested_by: "cli (set)".into(),
         baseline_module_only: false,
+        no_ancestor_state: false,
     };
     let state_dir = context.state_dir.clone();
     let bar = std::sync::Mutex::new(ProgressBar::new(context));

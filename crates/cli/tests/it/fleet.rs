@@ -268,3 +268,81 @@ fn apply_all_killed_after_the_batch_appends_before_any_stop_is_recovered() {
     assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
     assert_eq!(values(&mut processes), BTreeSet::from(["value=1".to_string()]));
 }
+
+/// Host-wide, a process forked from a patched one carries the patch: the
+/// apply adopts its ancestor's state and passes it over as
+/// `already_active` (neither a failure nor a second patch), patches the
+/// others, and records every member's events in the history (written a
+/// group at a time); `rollback --all` then restores the child too.
+#[test]
+fn apply_all_passes_over_a_child_that_carries_the_patch_by_fork() {
+    let _alone = host_wide();
+    let fixture = build_library_fixture().unwrap();
+    let mut processes: Vec<Running> = (0..3)
+        .map(|_| Running::start_binary(&fixture.program, &[]).unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let manifest = fleet_manifest(dir.path(), "fleet-fork", &build_id_of(&fixture.library));
+    let manifest = manifest.as_str();
+    let parent = processes[0].pid();
+    let single = shadowpatch(&state, &["apply", &parent.to_string(), manifest, "--context-secs", "0"]);
+    assert_eq!(single.code, 0, "{}{}", single.stdout, single.stderr);
+    let child: i32 = processes[0]
+        .command("fork")
+        .unwrap()
+        .strip_prefix("child=")
+        .expect("child=PID")
+        .parse()
+        .unwrap();
+
+    let applied = shadowpatch(&state, &["apply", "--all", manifest, "--json"]);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    let applied = applied.json();
+    let outcome_of = |pid: i32| {
+        applied["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["pid"] == pid)
+            .map(|m| m["outcome"].as_str().unwrap().to_string())
+    };
+    assert_eq!(outcome_of(child).as_deref(), Some("already_active"), "{applied}");
+    assert_eq!(outcome_of(parent), None, "passed over before the set: {applied}");
+    for process in &processes[1..] {
+        assert_eq!(outcome_of(process.pid()).as_deref(), Some("applied"), "{applied}");
+    }
+    assert_eq!(applied["failure"], serde_json::Value::Null, "{applied}");
+    assert_eq!(values(&mut processes), BTreeSet::from(["value=2".to_string()]));
+    // The child is known, at the generation it adopted, and clean.
+    let verified = shadowpatch(&state, &["verify", &child.to_string(), "--json"]);
+    assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
+    assert_eq!(verified.json()["generation"], 1, "{}", verified.stdout);
+    // Every member's apply event is in the history once the set is done.
+    for process in &processes[1..] {
+        let history = shadowpatch(
+            &state,
+            &["history", &process.pid().to_string(), "--kind", "apply", "--json"],
+        );
+        assert_eq!(history.code, 0, "{}", history.stderr);
+        let events = history.json().as_array().unwrap().clone();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["outcome"], "ok", "{}", events[0]);
+    }
+
+    let rolled = shadowpatch(&state, &["rollback", "--all", "--json"]);
+    assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
+    assert_eq!(values(&mut processes), BTreeSet::from(["value=1".to_string()]));
+    let verified = shadowpatch(&state, &["verify", &child.to_string(), "--json"]);
+    assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
+    assert_eq!(
+        verified.json()["generation"],
+        0,
+        "the child rolled back: {}",
+        verified.stdout
+    );
+    for process in &processes {
+        assert_untouched(process.pid());
+    }
+    assert_untouched(child);
+}

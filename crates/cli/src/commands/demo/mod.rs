@@ -187,6 +187,7 @@ pub fn run(context: &Context) -> anyhow::Result<i32> {
         },
         requested_by: "demo".into(),
         baseline_module_only: false,
+        no_ancestor_state: false,
     };
     let applied = match shadowpatch_ops::apply(state.path(), &request, None, None)? {
         shadowpatch_ops::ApplyResult::Applied(applied) => applied.apply,
