@@ -60,6 +60,11 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> MirrorError + '_ {
 impl StateDir {
     /// Open for writing, creating the directory (mode 0700) if needed.
     pub fn create(root: &Path) -> Result<Self, MirrorError> {
+        // Made already (the common case: a host-wide apply asks twice per
+        // member): its marker read alone, not two existence checks first.
+        if let Ok(opened) = Self::open(root) {
+            return Ok(opened);
+        }
         let state = |message: String| MirrorError::StateDir {
             path: root.to_path_buf(),
             message,
@@ -118,10 +123,15 @@ impl StateDir {
     /// Open for reading if anything was ever stored there: `None` for a
     /// missing or empty directory, an error for a foreign or corrupt one.
     pub fn open_if_present(root: &Path) -> Result<Option<Self>, MirrorError> {
-        if !root.exists() || is_empty_dir(root) {
-            return Ok(None);
+        // Its marker first: a state directory in use is read once, not
+        // stat'ed and listed before (a host-wide apply asks about five
+        // times per member). Only without a good marker does it matter
+        // whether the directory is missing or empty.
+        match Self::open(root) {
+            Ok(opened) => Ok(Some(opened)),
+            Err(_) if !root.exists() || is_empty_dir(root) => Ok(None),
+            Err(error) => Err(error),
         }
-        Self::open(root).map(Some)
     }
 
     pub fn root(&self) -> &Path {
@@ -708,4 +718,40 @@ fn decode_secret(text: &str) -> Option<[u8; SECRET_LEN]> {
         *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Read marker first or not, the answers are those of a directory
+    /// looked at before its marker: missing or empty is nothing stored,
+    /// someone else's files or an unknown format are errors.
+    #[test]
+    fn open_if_present_and_create_tell_each_kind_of_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        assert!(StateDir::open_if_present(&missing).unwrap().is_none());
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        assert!(StateDir::open_if_present(&empty).unwrap().is_none());
+        let foreign = dir.path().join("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+        assert!(StateDir::open_if_present(&foreign).is_err());
+        assert!(StateDir::create(&foreign).is_err());
+        assert!(!foreign.join(MARKER_FILE).exists(), "nothing written into it");
+        let other_format = dir.path().join("other-format");
+        std::fs::create_dir(&other_format).unwrap();
+        std::fs::write(other_format.join(MARKER_FILE), "format 99\n").unwrap();
+        assert!(StateDir::open_if_present(&other_format).is_err());
+        assert!(StateDir::create(&other_format).is_err());
+
+        let made = StateDir::create(&missing).unwrap();
+        assert_eq!(made.root(), missing);
+        assert!(StateDir::open_if_present(&missing).unwrap().is_some());
+        assert!(StateDir::create(&missing).is_ok(), "made already");
+        StateDir::create(&empty).unwrap();
+        assert_eq!(std::fs::read_to_string(empty.join(MARKER_FILE)).unwrap(), MARKER_TEXT);
+    }
 }
