@@ -141,18 +141,23 @@ impl Store {
     /// Append `events` in one transaction (all or none); returns their
     /// ids, in order.
     pub fn record_all(&self, events: &[&NewEvent]) -> Result<Vec<i64>, StoreError> {
-        let transaction = self.connection.unchecked_transaction().map_err(|e| self.sqlite(e))?;
-        let ids = events
-            .iter()
-            .map(|event| self.record(event))
-            .collect::<Result<Vec<_>, _>>()?;
-        transaction.commit().map_err(|e| self.sqlite(e))?;
-        Ok(ids)
+        let now = now_ms();
+        self.insert_all(&events.iter().map(|event| Row::of(event, now)).collect::<Vec<_>>())
     }
 
     /// Append one event; returns its id.
     pub fn record(&self, event: &NewEvent) -> Result<i64, StoreError> {
-        let details = serde_json::to_string(&event.details).expect("JSON values serialize");
+        self.insert(&Row::of(event, now_ms()))
+    }
+
+    fn insert_all(&self, rows: &[Row]) -> Result<Vec<i64>, StoreError> {
+        let transaction = self.connection.unchecked_transaction().map_err(|e| self.sqlite(e))?;
+        let ids = rows.iter().map(|row| self.insert(row)).collect::<Result<Vec<_>, _>>()?;
+        transaction.commit().map_err(|e| self.sqlite(e))?;
+        Ok(ids)
+    }
+
+    fn insert(&self, row: &Row) -> Result<i64, StoreError> {
         // Cached: a connection kept open (`OpenHistories`) records two
         // events per member of a host-wide apply, and parsing the
         // statement each time was a sixth of the insert.
@@ -163,15 +168,15 @@ impl Store {
             )
             .and_then(|mut insert| {
                 insert.execute(params![
-                    event.unix_ms.unwrap_or_else(now_ms) as i64,
-                    event.kind.as_str(),
-                    event.pid,
-                    event.start_time.map(|t| t as i64),
-                    event.patch_id,
-                    event.cause,
-                    event.outcome,
-                    event.duration_us.map(|d| d as i64),
-                    details,
+                    row.unix_ms as i64,
+                    row.kind.as_str(),
+                    row.pid,
+                    row.start_time.map(|t| t as i64),
+                    row.patch_id,
+                    row.cause,
+                    row.outcome,
+                    row.duration_us.map(|d| d as i64),
+                    row.details,
                 ])
             })
             .map_err(|e| self.sqlite(e))?;
@@ -278,18 +283,55 @@ pub fn record_best_effort(state_dir: &Path, event: &NewEvent) {
 /// records its analysis and its outcome together (one commit of the
 /// shared history per member of a host-wide apply, not two).
 pub fn record_all_best_effort(state_dir: &Path, events: &[&NewEvent]) {
-    if !HELD.hold(state_dir, events) {
-        write_best_effort(state_dir, events);
+    // Rendered (details as JSON text) before any lock is taken.
+    let now = now_ms();
+    let rows: Vec<Row> = events.iter().map(|event| Row::of(event, now)).collect();
+    if let Some(rows) = HELD.hold(state_dir, rows) {
+        write_best_effort(state_dir, &rows);
     }
 }
 
-fn write_best_effort(state_dir: &Path, events: &[&NewEvent]) {
+fn write_best_effort(state_dir: &Path, rows: &[Row]) {
     use std::os::unix::fs::DirBuilderExt;
     // The state directory is root's only (0700), as `mirror` creates it.
     let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir);
-    if let Err(error) = OPEN.record(state_dir, events) {
-        let kinds: Vec<String> = events.iter().map(|e| e.kind.to_string()).collect();
+    if let Err(error) = OPEN.record(state_dir, rows) {
+        let kinds: Vec<&str> = rows.iter().map(|row| row.kind.as_str()).collect();
         tracing::warn!(%error, kinds = %kinds.join(", "), "could not record the events in the history");
+    }
+}
+
+/// An event as the row it is inserted as: its time decided, its details
+/// JSON text. Events are rendered before any lock is taken: the details
+/// of an analysis are a large tree, and cloning or serializing it under
+/// the history's lock made a host-wide set's workers queue there.
+#[derive(Debug)]
+struct Row {
+    unix_ms: u64,
+    kind: EventKind,
+    pid: Option<i32>,
+    start_time: Option<u64>,
+    patch_id: Option<String>,
+    cause: Option<String>,
+    outcome: Option<String>,
+    duration_us: Option<u64>,
+    details: String,
+}
+
+impl Row {
+    /// `event`, at `now` unless it says when it happened.
+    fn of(event: &NewEvent, now: u64) -> Row {
+        Row {
+            unix_ms: event.unix_ms.unwrap_or(now),
+            kind: event.kind,
+            pid: event.pid,
+            start_time: event.start_time,
+            patch_id: event.patch_id.clone(),
+            cause: event.cause.clone(),
+            outcome: event.outcome.clone(),
+            duration_us: event.duration_us,
+            details: serde_json::to_string(&event.details).expect("JSON values serialize"),
+        }
     }
 }
 
@@ -339,39 +381,36 @@ impl Drop for HistoryGroup {
         // Written under the lock: held events reach the history in the
         // order they were given.
         if !events.is_empty() {
-            write_best_effort(&self.state_dir, &events.iter().collect::<Vec<_>>());
+            write_best_effort(&self.state_dir, &events);
         }
     }
 }
 
 /// State directories with open groups: how many, and their held events.
-struct HeldEvents(std::sync::Mutex<Vec<(PathBuf, usize, Vec<NewEvent>)>>);
+struct HeldEvents(std::sync::Mutex<Vec<(PathBuf, usize, Vec<Row>)>>);
 
 static HELD: HeldEvents = HeldEvents(std::sync::Mutex::new(Vec::new()));
 
 impl HeldEvents {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, usize, Vec<NewEvent>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, usize, Vec<Row>)>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hold `events` if a group is open for `state_dir` (false: write
-    /// them yourself); the group's events are written once it is full.
-    fn hold(&self, state_dir: &Path, events: &[&NewEvent]) -> bool {
+    /// Hold `rows` if a group is open for `state_dir` (or give them
+    /// back: write them yourself); the group's rows are written once it
+    /// is full.
+    fn hold(&self, state_dir: &Path, rows: Vec<Row>) -> Option<Vec<Row>> {
         let mut held = self.lock();
         let Some((_, _, waiting)) = held.iter_mut().find(|(dir, _, _)| dir == state_dir) else {
-            return false;
+            return Some(rows);
         };
-        let now = now_ms();
-        waiting.extend(events.iter().map(|event| NewEvent {
-            unix_ms: Some(event.unix_ms.unwrap_or(now)),
-            ..(*event).clone()
-        }));
+        waiting.extend(rows);
         if waiting.len() >= GROUP {
             // Under the lock, as a group's last events are: in order.
             let full = std::mem::take(waiting);
-            write_best_effort(state_dir, &full.iter().collect::<Vec<_>>());
+            write_best_effort(state_dir, &full);
         }
-        true
+        None
     }
 }
 
@@ -379,7 +418,7 @@ impl HeldEvents {
 /// through a connection kept open between calls (see [`OpenHistories`]);
 /// returns the event's id.
 pub fn record_in(state_dir: &Path, event: &NewEvent) -> Result<i64, StoreError> {
-    Ok(OPEN.record(state_dir, &[event])?[0])
+    Ok(OPEN.record(state_dir, &[Row::of(event, now_ms())])?[0])
 }
 
 /// Histories kept open between [`record_in`] calls: opening one
@@ -416,7 +455,7 @@ impl OpenHistories {
     /// At most this many state directories' histories stay open.
     const CAPACITY: usize = 4;
 
-    fn record(&self, state_dir: &Path, events: &[&NewEvent]) -> Result<Vec<i64>, StoreError> {
+    fn record(&self, state_dir: &Path, rows: &[Row]) -> Result<Vec<i64>, StoreError> {
         let path = state_dir.join(DATABASE_FILE);
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let stamp = file_stamp(&path);
@@ -425,7 +464,7 @@ impl OpenHistories {
             Some((_, kept, store)) if Some(kept) == stamp => store,
             _ => Store::open(state_dir)?,
         };
-        let recorded = store.record_all(events);
+        let recorded = store.insert_all(rows);
         if recorded.is_ok() {
             if let Some(stamp) = file_stamp(&path) {
                 if entries.len() >= Self::CAPACITY {
