@@ -680,9 +680,19 @@ pub fn rollback_set_with_progress(
     let mut failure = None;
     let all = resolve(selector)?;
     let all = if *selector == Selector::All {
-        let with_state = with_state(state_dir, all);
-        passed_over.insert("have no state here".to_string(), with_state.1);
-        with_state.0
+        // Those with state, and those forked from one (a worker a patched
+        // master forked after the apply carries the patch with no state of
+        // its own): adopted below, before their ancestors roll back and
+        // the generations that describe them are gone.
+        let with_state = pids_with_state(state_dir);
+        let parents: BTreeMap<i32, i32> = all.iter().map(|m| (m.pid, m.ppid)).collect();
+        let total = all.len();
+        let kept: Vec<Member> = all
+            .into_iter()
+            .filter(|m| with_state.contains(&m.pid) || has_ancestor_in(m.ppid, &parents, &with_state))
+            .collect();
+        passed_over.insert("have no state here".to_string(), total - kept.len());
+        kept
     } else {
         all
     };
@@ -858,6 +868,25 @@ fn without_ancestor_state(state_dir: &Path, found: &Members) -> BTreeSet<i32> {
 
 /// Ancestors looked at above a member, at most (as `adopt` does).
 const MAX_ANCESTORS: usize = 64;
+
+/// Whether `parent` or one of its ancestors (by `parents`: pid → ppid) is
+/// in `pids`.
+fn has_ancestor_in(parent: i32, parents: &BTreeMap<i32, i32>, pids: &BTreeSet<i32>) -> bool {
+    let mut at = parent;
+    for _ in 0..MAX_ANCESTORS {
+        if at <= 0 {
+            return false;
+        }
+        if pids.contains(&at) {
+            return true;
+        }
+        match parents.get(&at) {
+            Some(&next) => at = next,
+            None => return false,
+        }
+    }
+    false
+}
 
 /// The pids that have a target directory in `state_dir`, from one listing.
 fn pids_with_state(state_dir: &Path) -> BTreeSet<i32> {

@@ -273,7 +273,8 @@ fn apply_all_killed_after_the_batch_appends_before_any_stop_is_recovered() {
 /// apply adopts its ancestor's state and passes it over as
 /// `already_active` (neither a failure nor a second patch), patches the
 /// others, and records every member's events in the history (written a
-/// group at a time); `rollback --all` then restores the child too.
+/// group at a time); `rollback --all` then restores the child too, and a
+/// child forked from a member after the set.
 #[test]
 fn apply_all_passes_over_a_child_that_carries_the_patch_by_fork() {
     let _alone = host_wide();
@@ -330,19 +331,42 @@ fn apply_all_passes_over_a_child_that_carries_the_patch_by_fork() {
         assert_eq!(events[0]["outcome"], "ok", "{}", events[0]);
     }
 
+    // A child forked from a member after the set, with no state of its
+    // own: `rollback --all` adopts it before its parent rolls back.
+    let late: i32 = processes[1]
+        .command("fork")
+        .unwrap()
+        .strip_prefix("child=")
+        .expect("child=PID")
+        .parse()
+        .unwrap();
     let rolled = shadowpatch(&state, &["rollback", "--all", "--json"]);
     assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
+    let rolled = rolled.json();
+    let rolled_back: BTreeSet<i64> = rolled["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["outcome"] == "rolled_back")
+        .map(|m| m["pid"].as_i64().unwrap())
+        .collect();
+    for pid in [parent, child, late, processes[1].pid(), processes[2].pid()] {
+        assert!(rolled_back.contains(&i64::from(pid)), "{pid} rolled back: {rolled}");
+    }
     assert_eq!(values(&mut processes), BTreeSet::from(["value=1".to_string()]));
-    let verified = shadowpatch(&state, &["verify", &child.to_string(), "--json"]);
-    assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
-    assert_eq!(
-        verified.json()["generation"],
-        0,
-        "the child rolled back: {}",
-        verified.stdout
-    );
+    for forked in [child, late] {
+        let verified = shadowpatch(&state, &["verify", &forked.to_string(), "--json"]);
+        assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
+        assert_eq!(
+            verified.json()["generation"],
+            0,
+            "{forked} rolled back: {}",
+            verified.stdout
+        );
+    }
     for process in &processes {
         assert_untouched(process.pid());
     }
     assert_untouched(child);
+    assert_untouched(late);
 }
