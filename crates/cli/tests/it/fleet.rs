@@ -26,6 +26,16 @@ fn fleet_manifest(dir: &std::path::Path, id: &str, build_id: &str) -> String {
     manifest.to_str().unwrap().to_string()
 }
 
+/// Ask a fleet process to fork a child that waits; the child's pid.
+fn fork_child(process: &mut Running) -> i32 {
+    let answer = process.command("fork").unwrap();
+    answer
+        .strip_prefix("child=")
+        .unwrap_or_else(|| panic!("fork: {answer}"))
+        .parse()
+        .unwrap()
+}
+
 fn values(processes: &mut [Running]) -> BTreeSet<String> {
     processes.iter_mut().map(|p| p.command("value").unwrap()).collect()
 }
@@ -289,13 +299,7 @@ fn apply_all_passes_over_a_child_that_carries_the_patch_by_fork() {
     let parent = processes[0].pid();
     let single = shadowpatch(&state, &["apply", &parent.to_string(), manifest, "--context-secs", "0"]);
     assert_eq!(single.code, 0, "{}{}", single.stdout, single.stderr);
-    let child: i32 = processes[0]
-        .command("fork")
-        .unwrap()
-        .strip_prefix("child=")
-        .expect("child=PID")
-        .parse()
-        .unwrap();
+    let child = fork_child(&mut processes[0]);
 
     let applied = shadowpatch(&state, &["apply", "--all", manifest, "--json"]);
     assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
@@ -333,13 +337,7 @@ fn apply_all_passes_over_a_child_that_carries_the_patch_by_fork() {
 
     // A child forked from a member after the set, with no state of its
     // own: `rollback --all` adopts it before its parent rolls back.
-    let late: i32 = processes[1]
-        .command("fork")
-        .unwrap()
-        .strip_prefix("child=")
-        .expect("child=PID")
-        .parse()
-        .unwrap();
+    let late = fork_child(&mut processes[1]);
     let rolled = shadowpatch(&state, &["rollback", "--all", "--json"]);
     assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
     let rolled = rolled.json();
