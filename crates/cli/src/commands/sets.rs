@@ -283,10 +283,12 @@ fn render(context: &Context, outcome: &SetOutcome) -> i32 {
         print_json(outcome);
         return code;
     }
+    // A member found to have the patch already (forked from a patched
+    // process) is where the apply would have left it: done.
     let done = outcome
         .members
         .iter()
-        .filter(|m| m.outcome == "applied" || m.outcome == "rolled_back")
+        .filter(|m| matches!(m.outcome.as_str(), "applied" | "rolled_back" | "already_active"))
         .count();
     println!(
         "{} on {}: {done} of {} process{} done",
