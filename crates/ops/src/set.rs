@@ -689,7 +689,7 @@ pub fn rollback_set_with_progress(
         let total = all.len();
         let kept: Vec<Member> = all
             .into_iter()
-            .filter(|m| with_state.contains(&m.pid) || has_ancestor_in(m.ppid, &parents, &with_state))
+            .filter(|m| with_state.contains(&m.pid) || ancestor_in(m.ppid, &parents, &with_state) == Some(true))
             .collect();
         passed_over.insert("have no state here".to_string(), total - kept.len());
         kept
@@ -846,22 +846,8 @@ fn without_ancestor_state(state_dir: &Path, found: &Members) -> BTreeSet<i32> {
     found
         .targets
         .iter()
-        .filter(|member| {
-            let mut at = member.ppid;
-            for _ in 0..MAX_ANCESTORS {
-                if at <= 0 {
-                    return true;
-                }
-                if with_state.contains(&at) {
-                    return false;
-                }
-                match found.parents.get(&at) {
-                    Some(&parent) => at = parent,
-                    None => return false,
-                }
-            }
-            false
-        })
+        // An ancestry not all in the table may have state: walked.
+        .filter(|member| ancestor_in(member.ppid, &found.parents, &with_state) == Some(false))
         .map(|member| member.pid)
         .collect()
 }
@@ -870,22 +856,20 @@ fn without_ancestor_state(state_dir: &Path, found: &Members) -> BTreeSet<i32> {
 const MAX_ANCESTORS: usize = 64;
 
 /// Whether `parent` or one of its ancestors (by `parents`: pid → ppid) is
-/// in `pids`.
-fn has_ancestor_in(parent: i32, parents: &BTreeMap<i32, i32>, pids: &BTreeSet<i32>) -> bool {
+/// in `pids`: `None` when the walk leaves the table (or goes on past
+/// [`MAX_ANCESTORS`]) before reaching the top.
+fn ancestor_in(parent: i32, parents: &BTreeMap<i32, i32>, pids: &BTreeSet<i32>) -> Option<bool> {
     let mut at = parent;
     for _ in 0..MAX_ANCESTORS {
         if at <= 0 {
-            return false;
+            return Some(false);
         }
         if pids.contains(&at) {
-            return true;
+            return Some(true);
         }
-        match parents.get(&at) {
-            Some(&next) => at = next,
-            None => return false,
-        }
+        at = *parents.get(&at)?;
     }
-    false
+    None
 }
 
 /// The pids that have a target directory in `state_dir`, from one listing.
@@ -1139,6 +1123,18 @@ mod tests {
         for mount in cgroup_mounts() {
             assert!(mount.join("cgroup.procs").is_file(), "{}", mount.display());
         }
+    }
+
+    #[test]
+    fn an_ancestor_is_found_the_top_reached_or_the_table_left() {
+        // 1 ← 10 ← 20 ← 30, and 40 whose parent 99 is not in the table.
+        let parents = BTreeMap::from([(1, 0), (10, 1), (20, 10), (30, 20), (40, 99)]);
+        let with_state = BTreeSet::from([10]);
+        assert_eq!(ancestor_in(20, &parents, &with_state), Some(true));
+        assert_eq!(ancestor_in(10, &parents, &with_state), Some(true));
+        assert_eq!(ancestor_in(1, &parents, &with_state), Some(false));
+        assert_eq!(ancestor_in(99, &parents, &with_state), None);
+        assert_eq!(ancestor_in(20, &parents, &BTreeSet::new()), Some(false));
     }
 
     #[test]
