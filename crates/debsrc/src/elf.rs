@@ -48,7 +48,7 @@ pub(crate) struct ElfFacts {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    hex::encode(bytes)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, BuildIdError> {

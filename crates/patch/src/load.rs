@@ -1,8 +1,9 @@
 //! Loading a patch object into the target: choose an address within
 //! `jmp rel32` reach of the module being patched, relocate the image
 //! ourselves, lay out register-preserving thunks and each entry's jump
-//! (`plan_load`), then (inside a stop) map it with a remote `mmap`, write it
-//! and set each page's protection with remote `mprotect` (`map_image`).
+//! (`plan_load`), then (inside a stop) map it and set each page's
+//! protection in one chain of remote calls (`mmap`, then `mprotect`s) and
+//! write it (`map_image`).
 //! Both work on any process that can run remote syscalls: the live target
 //! (`apply`) or a copy of it (simulation).
 
@@ -17,7 +18,7 @@ use crate::PatchError;
 use nix::unistd::Pid;
 use shadowpatch_mirror::PAGE_SIZE;
 use shadowpatch_process::remote::check_result;
-use shadowpatch_process::{Mapping, ProcessCopy, Stopped, TargetMemory};
+use shadowpatch_process::{Mapping, ProcessCopy, RemoteCall, Stopped, TargetMemory};
 use shadowpatch_symbols::Module;
 
 /// A process stopped under our control that can run syscalls and have its
@@ -26,6 +27,20 @@ pub trait RemoteProcess {
     fn pid(&self) -> i32;
     /// Run a syscall; the raw result (negative errno on failure).
     fn syscall(&mut self, number: i64, args: [u64; 6]) -> Result<i64, PatchError>;
+    /// Run `calls` in turn, each only when the one before returned what it
+    /// expects; the results of those run. One call at a time unless the
+    /// process can chain them (a thread of the live target borrows once).
+    fn syscalls(&mut self, calls: &[RemoteCall]) -> Result<Vec<i64>, PatchError> {
+        let mut results = Vec::with_capacity(calls.len());
+        for call in calls {
+            let result = self.syscall(call.number, call.args)?;
+            results.push(result);
+            if call.expect.is_some_and(|expected| expected != result) {
+                break;
+            }
+        }
+        Ok(results)
+    }
     fn memory(&mut self) -> &mut TargetMemory;
 }
 
@@ -43,6 +58,10 @@ impl RemoteProcess for StoppedThread<'_, '_> {
 
     fn syscall(&mut self, number: i64, args: [u64; 6]) -> Result<i64, PatchError> {
         Ok(self.stopped.remote_syscall(self.tid, number, args)?)
+    }
+
+    fn syscalls(&mut self, calls: &[RemoteCall]) -> Result<Vec<i64>, PatchError> {
+        Ok(self.stopped.remote_syscalls(self.tid, calls)?)
     }
 
     fn memory(&mut self) -> &mut TargetMemory {
@@ -198,14 +217,26 @@ pub fn map_image(
     // which writes a private mapping whatever its protection (as the
     // trampolines are written into the module's text).
     let initial = mapped_protection(protections);
-    let got = process.syscall(
+    // The mmap and every mprotect in one borrowing of the thread, each
+    // mprotect only after the mmap placed the mapping exactly at `address`
+    // (and the mprotect before it succeeded): never on someone else's pages.
+    let mut calls = vec![RemoteCall::expecting(
         libc::SYS_mmap,
         [address, span, initial as u64, flags as u64, u64::MAX, 0],
-    )?;
-    let got = check_result(pid, "remote mmap in", got)?;
+        address as i64,
+    )];
+    for &(start, end, protection) in protections.iter().filter(|(_, _, p)| *p != initial) {
+        calls.push(RemoteCall::expecting(
+            libc::SYS_mprotect,
+            [address + start, end - start, protection as u64, 0, 0, 0],
+            0,
+        ));
+    }
     let unmap = |process: &mut dyn RemoteProcess, at: u64| {
         let _ = process.syscall(libc::SYS_munmap, [at, span, 0, 0, 0, 0]);
     };
+    let results = process.syscalls(&calls)?;
+    let got = check_result(pid, "remote mmap in", results[0])?;
     if got as u64 != address {
         // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and map elsewhere.
         unmap(process, got as u64);
@@ -215,14 +246,12 @@ pub fn map_image(
         });
     }
     let result = (|| {
-        process.memory().write(address, image)?;
-        for &(start, end, protection) in protections.iter().filter(|(_, _, p)| *p != initial) {
-            let rc = process.syscall(
-                libc::SYS_mprotect,
-                [address + start, end - start, protection as u64, 0, 0, 0],
-            )?;
-            check_result(pid, "remote mprotect in", rc)?;
+        // The chain stops at the first mprotect that failed: its result is
+        // the last one.
+        for &result in &results[1..] {
+            check_result(pid, "remote mprotect in", result)?;
         }
+        process.memory().write(address, image)?;
         Ok::<(), PatchError>(())
     })();
     if let Err(error) = result {

@@ -183,6 +183,15 @@ impl Attached {
         &self.identity
     }
 
+    /// The ptrace options each thread is seized (or set) with: the
+    /// session's, plus PTRACE_O_TRACESYSGOOD always. That option only marks
+    /// the syscall stops of our remote calls (the only PTRACE_SYSCALL we
+    /// make) as no signal; set once here rather than set and cleared
+    /// around each call (two requests a call).
+    pub(crate) fn thread_options(&self) -> ptrace::Options {
+        self.options | ptrace::Options::PTRACE_O_TRACESYSGOOD
+    }
+
     pub fn pid(&self) -> i32 {
         self.identity.pid
     }
@@ -208,7 +217,7 @@ impl Attached {
             if self.threads.contains_key(&tid) {
                 continue;
             }
-            match ptrace::seize(tid, self.options) {
+            match ptrace::seize(tid, self.thread_options()) {
                 Ok(()) => {
                     self.threads.insert(tid, ThreadState::default());
                     new += 1;

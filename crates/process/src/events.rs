@@ -142,6 +142,7 @@ impl Stopped<'_> {
             .filter(|(_, s)| s.stopped && !s.group_stop)
             .map(|(tid, _)| *tid)
             .collect();
+        let options = attached.thread_options();
         for tid in tids {
             match ptrace::setoptions(tid, options) {
                 Ok(()) | Err(Errno::ESRCH) => {}

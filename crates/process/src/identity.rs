@@ -349,7 +349,7 @@ fn read_random(pid: i32, address: u64) -> Option<[u8; AT_RANDOM_LEN]> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 pub(crate) fn proc_error(pid: i32, file: &'static str, error: procfs::ProcError) -> TargetError {

@@ -30,5 +30,5 @@ pub use events::Event;
 pub use identity::ProcessIdentity;
 pub use maps::{Mapping, MappingKind};
 pub use memory::{MemoryBackend, TargetMemory};
-pub use remote::StepOut;
+pub use remote::{RemoteCall, StepOut};
 pub use sigframe::zeroed_regs;

@@ -63,6 +63,12 @@ impl Stopped<'_> {
         self.attached().remote_syscall(tid, number, args)
     }
 
+    /// Run `calls` one after the other in thread `tid` (stopped by us); see
+    /// [`Attached::remote_syscalls`].
+    pub fn remote_syscalls(&mut self, tid: Pid, calls: &[RemoteCall]) -> Result<Vec<i64>, TargetError> {
+        self.attached().remote_syscalls(tid, calls)
+    }
+
     /// Move thread `tid` (the others stay stopped) forward until its
     /// instruction pointer is outside `start..end`, at most `max_steps`
     /// instructions, by emulating them (`emulate`: never a single step,
@@ -417,15 +423,40 @@ impl Attached {
     /// event while the others run); returns the raw result. The thread ends
     /// in an interrupt stop with its registers as they were.
     pub fn remote_syscall(&mut self, tid: Pid, number: i64, args: [u64; 6]) -> Result<i64, TargetError> {
+        let results = self.remote_syscalls(tid, &[RemoteCall::new(number, args)])?;
+        Ok(results[0])
+    }
+
+    /// Run `calls` in thread `tid` one after the other, each only when the
+    /// one before returned what it `expect`s; the results of those run (a
+    /// shorter list when one returned something else). One borrowing of the
+    /// thread for all of them: its state is saved and its signal frame
+    /// written once, and each further call starts from the exit stop of the
+    /// one before (a `mmap` and the `mprotect`s of its pages were three
+    /// whole remote calls, a tenth of a host-wide apply's CPU). Killed
+    /// between two calls, the thread runs the next one and restores itself
+    /// as after any call.
+    pub fn remote_syscalls(&mut self, tid: Pid, calls: &[RemoteCall]) -> Result<Vec<i64>, TargetError> {
         if !self.is_stopped(tid) {
             return Err(self.not_borrowable(tid, "a remote system call"));
         }
-        let run = match self.return_path()? {
-            Some(path) => self.self_restoring_call(tid, path, number, args, ptrace::Options::empty()),
-            None => self.stepped_call(tid, number, args, None),
+        let runs = match self.return_path()? {
+            Some(path) => self.self_restoring_call(tid, path, calls, ptrace::Options::empty()),
+            None => {
+                let mut runs = Vec::with_capacity(calls.len());
+                for call in calls {
+                    let run = self.stepped_call(tid, call.number, call.args, None);
+                    let run = run.map_err(|error| self.forget_if_exited(tid, error))?;
+                    runs.push(run);
+                    if !call.accepts(run.result) {
+                        break;
+                    }
+                }
+                Ok(runs)
+            }
         };
-        match run {
-            Ok(run) => Ok(run.result),
+        match runs {
+            Ok(runs) => Ok(runs.into_iter().map(|run| run.result).collect()),
             Err(error) => Err(self.forget_if_exited(tid, error)),
         }
     }
@@ -446,7 +477,9 @@ impl Attached {
         let args = [COPY_CLONE_FLAGS, CLONE_STACK_TRAP, 0, 0, 0, 0];
         let run = match self.return_path()? {
             Some(path) => {
-                self.self_restoring_call(tid, path, libc::SYS_clone, args, ptrace::Options::PTRACE_O_TRACECLONE)
+                let call = RemoteCall::new(libc::SYS_clone, args);
+                let runs = self.self_restoring_call(tid, path, &[call], ptrace::Options::PTRACE_O_TRACECLONE);
+                runs.map(|runs| runs[0])
             }
             None => self.stepped_call(tid, libc::SYS_clone, args, Some(CLONE_STACK_TRAP)),
         };
@@ -468,11 +501,13 @@ impl Attached {
         &mut self,
         tid: Pid,
         path: ReturnPath,
-        number: i64,
-        args: [u64; 6],
+        calls: &[RemoteCall],
         extra_options: ptrace::Options,
-    ) -> Result<SyscallRun, TargetError> {
+    ) -> Result<Vec<SyscallRun>, TargetError> {
         let pid = self.pid();
+        let Some(first) = calls.first() else {
+            return Ok(Vec::new());
+        };
         let regs_error = |e| TargetError::from_errno(pid, "reading registers of", e);
         let saved = ptrace::getregs(tid).map_err(regs_error)?;
         let fpu = ptrace_ext::regset_bytes(tid, ptrace_ext::NT_X86_XSTATE)
@@ -492,47 +527,90 @@ impl Attached {
                 tid = tid.as_raw(),
                 "no room for a signal frame: stepped remote call"
             );
-            let clone_stack = (number == libc::SYS_clone).then_some(args[1]);
-            return self.stepped_call(tid, number, args, clone_stack);
+            let mut runs = Vec::with_capacity(calls.len());
+            for call in calls {
+                let clone_stack = (call.number == libc::SYS_clone).then_some(call.args[1]);
+                let run = self.stepped_call(tid, call.number, call.args, clone_stack)?;
+                runs.push(run);
+                if !call.accepts(run.result) {
+                    break;
+                }
+            }
+            return Ok(runs);
         }
         fault::point("remote-framed");
-        // TRACESYSGOOD before the thread can reach a syscall stop: a stop
-        // code of SIGTRAP | 0x80 is no signal, so a tracer dying in a
-        // syscall stop makes the kernel send nothing.
-        let options = self.options | ptrace::Options::PTRACE_O_TRACESYSGOOD | extra_options;
-        ptrace::setoptions(tid, options).map_err(|e| TargetError::from_errno(pid, "setting ptrace options of", e))?;
-        let mut call = syscall_registers(saved, path.syscall_ret, number, args);
-        call.rsp = frame.address;
-        // Never run the call with the trap flag.
-        call.eflags &= !TRAP_FLAG;
-        ptrace::setregs(tid, call).map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
+        // Every thread carries PTRACE_O_TRACESYSGOOD from its seize (see
+        // `Attached::thread_options`): a stop code of SIGTRAP | 0x80 is no
+        // signal, so a tracer dying in a syscall stop makes the kernel send
+        // nothing. Only a clone adds an option, for its call alone.
+        if !extra_options.is_empty() {
+            ptrace::setoptions(tid, self.thread_options() | extra_options)
+                .map_err(|e| TargetError::from_errno(pid, "setting ptrace options of", e))?;
+        }
+        let registers_of = |call: &RemoteCall| {
+            let mut registers = syscall_registers(saved, path.syscall_ret, call.number, call.args);
+            registers.rsp = frame.address;
+            // Never run the call with the trap flag.
+            registers.eflags &= !TRAP_FLAG;
+            registers
+        };
+        ptrace::setregs(tid, registers_of(first))
+            .map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
         // From here on the thread restores itself whenever it is let go.
         fault::point("remote-borrowed");
         // Signals met on the way are kept from the thread while it is
         // borrowed and sent back to it at the end (see `requeue`).
         let mut kept = Vec::new();
-        let run = run_to_exit_stop(
-            pid,
-            tid,
-            path.syscall_ret,
-            &mut |signal| kept.push(signal),
-            &mut |at_entry| {
-                // Leaving the interrupt stop ran restore_saved_sigmask(): the
-                // mask now is the one the thread lives with (the one read above
-                // was a ppoll/pselect/sigsuspend call's temporary mask if the
-                // thread was stopped inside one). The frame must restore it.
-                if at_entry {
-                    if let Ok(now) = ptrace_ext::sigmask(tid) {
-                        if now != mask {
-                            self.memory().write(frame.address + UC_SIGMASK, &now.to_le_bytes())?;
-                        }
-                    }
-                    fault::point("remote-entered");
+        let mut runs = Vec::with_capacity(calls.len());
+        let mut ran = Ok(());
+        for (index, call) in calls.iter().enumerate() {
+            if index > 0 {
+                // At the exit stop of the call before: the thread, let go
+                // now, would return to the `syscall; ret` with these
+                // registers, make this call and restore itself.
+                if let Err(e) = ptrace::setregs(tid, registers_of(call)) {
+                    ran = Err(TargetError::from_errno(pid, "writing registers of", e));
+                    break;
                 }
-                Ok(())
-            },
-        );
-        let run = run.and_then(|run| {
+                fault::point("remote-chained");
+            }
+            let run = run_to_exit_stop(
+                pid,
+                tid,
+                path.syscall_ret,
+                &mut |signal| kept.push(signal),
+                &mut |at_entry| {
+                    // Leaving the interrupt stop ran restore_saved_sigmask():
+                    // the mask now is the one the thread lives with (the one
+                    // read above was a ppoll/pselect/sigsuspend call's
+                    // temporary mask if the thread was stopped inside one).
+                    // The frame must restore it. Only the first call of a
+                    // chain left an interrupt stop.
+                    if at_entry && index == 0 {
+                        if let Ok(now) = ptrace_ext::sigmask(tid) {
+                            if now != mask {
+                                self.memory().write(frame.address + UC_SIGMASK, &now.to_le_bytes())?;
+                            }
+                        }
+                        fault::point("remote-entered");
+                    }
+                    Ok(())
+                },
+            );
+            match run {
+                Ok(run) => {
+                    runs.push(run);
+                    if !call.accepts(run.result) {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    ran = Err(error);
+                    break;
+                }
+            }
+        }
+        let ran = ran.and_then(|()| {
             fault::point("remote-returned");
             interrupt_stop(pid, tid, &mut |signal| kept.push(signal))?;
             fault::point("remote-trapped");
@@ -540,11 +618,13 @@ impl Attached {
             // saved registers resume exactly as they would have (restart
             // included).
             ptrace::setregs(tid, saved).map_err(|e| TargetError::from_errno(pid, "restoring registers of", e))?;
-            let _ = ptrace::setoptions(tid, self.options);
-            Ok(run)
+            if !extra_options.is_empty() {
+                let _ = ptrace::setoptions(tid, self.thread_options());
+            }
+            Ok(runs)
         });
         requeue(pid, tid, &kept);
-        run
+        ran
     }
 
     /// The single-stepped call (no way back if we die mid-call): for a
@@ -557,7 +637,7 @@ impl Attached {
         clone_stack: Option<u64>,
     ) -> Result<SyscallRun, TargetError> {
         let pid = self.pid();
-        let options = self.options;
+        let options = self.thread_options();
         let with_clone = options | ptrace::Options::PTRACE_O_TRACECLONE;
         let instruction = match clone_stack {
             Some(_) => {
@@ -716,6 +796,39 @@ fn requeue(pid: i32, tid: Pid, signals: &[Signal]) {
     }
 }
 
+/// One system call of [`Attached::remote_syscalls`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteCall {
+    pub number: i64,
+    pub args: [u64; 6],
+    /// The result that lets the next call of the chain run (`None`: any).
+    pub expect: Option<i64>,
+}
+
+impl RemoteCall {
+    /// A call whose result, whatever it is, lets the next one run.
+    pub fn new(number: i64, args: [u64; 6]) -> Self {
+        RemoteCall {
+            number,
+            args,
+            expect: None,
+        }
+    }
+
+    /// A call after which the chain goes on only if it returned `result`.
+    pub fn expecting(number: i64, args: [u64; 6], result: i64) -> Self {
+        RemoteCall {
+            number,
+            args,
+            expect: Some(result),
+        }
+    }
+
+    fn accepts(&self, result: i64) -> bool {
+        self.expect.is_none_or(|expected| expected == result)
+    }
+}
+
 /// Where a self-restoring call runs and returns through.
 #[derive(Debug, Clone, Copy)]
 struct ReturnPath {
@@ -727,12 +840,14 @@ struct ReturnPath {
 
 /// The names of the points of a self-restoring call where tests kill us
 /// (`SHADOWPATCH_FAULT`), in order: frame written; call registers set;
-/// the call's entry stop; its exit stop; the interrupt stop before the
-/// registers are put back.
+/// the call's entry stop; the registers of a chain's next call set at the
+/// exit stop of the one before; the last call's exit stop; the interrupt
+/// stop before the registers are put back.
 pub const REMOTE_CALL_POINTS: &[&str] = &[
     "remote-framed",
     "remote-borrowed",
     "remote-entered",
+    "remote-chained",
     "remote-returned",
     "remote-trapped",
 ];
@@ -763,31 +878,36 @@ fn run_to_exit_stop(
         ptrace::syscall(tid, None).map_err(|e| TargetError::from_errno(pid, "resuming (PTRACE_SYSCALL)", e))?;
         match wait_any(pid, tid)? {
             WaitStatus::PtraceSyscall(_) => {
-                let stop = ptrace_ext::syscall_stop(tid)
+                // The stop, the instruction pointer and the result in one
+                // request; the registers only for a call to restart.
+                let info = ptrace_ext::syscall_info(tid)
                     .map_err(|e| TargetError::from_errno(pid, "reading the syscall stop of", e))?;
-                let regs = ptrace::getregs(tid).map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
                 // Our call's stops are at the instruction after `syscall`.
-                if regs.rip != syscall_ret + SYSCALL_INSTRUCTION.len() as u64 {
+                if info.instruction_pointer != syscall_ret + SYSCALL_INSTRUCTION.len() as u64 {
                     return Err(TargetError::Sys {
                         pid,
                         action: "running a remote syscall (a syscall stop elsewhere) in",
                         errno: Errno::EFAULT,
                     });
                 }
-                match stop {
+                match info.stop {
                     ptrace_ext::SyscallStop::Entry => {
                         entered = true;
                         at_stop(true)?;
                     }
                     ptrace_ext::SyscallStop::Exit if entered => {
-                        if let Some(again) = restart_registers(&regs, syscall_ret) {
-                            ptrace::setregs(tid, again)
-                                .map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
-                            entered = false;
-                            continue;
+                        if RESTART_RESULTS.contains(&info.result) {
+                            let regs = ptrace::getregs(tid)
+                                .map_err(|e| TargetError::from_errno(pid, "reading registers of", e))?;
+                            if let Some(again) = restart_registers(&regs, syscall_ret) {
+                                ptrace::setregs(tid, again)
+                                    .map_err(|e| TargetError::from_errno(pid, "writing registers of", e))?;
+                                entered = false;
+                                continue;
+                            }
                         }
                         return Ok(SyscallRun {
-                            result: regs.rax as i64,
+                            result: info.result,
                             cloned,
                         });
                     }

@@ -287,7 +287,7 @@ fn malformed(path: &Path, reason: String) -> SigningError {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    hex::encode(bytes)
 }
 
 fn unhex_array<const N: usize>(path: &Path, field: &str, text: &str) -> Result<[u8; N], SigningError> {

@@ -118,6 +118,41 @@ fn a_signal_met_during_a_remote_syscall_is_delivered_afterwards() {
     assert_eq!(fixture.command("ask 5").unwrap(), "16");
 }
 
+/// A chain of remote calls runs each call in turn in one borrowing, stops
+/// at the first result that is not the one expected (the calls after it
+/// never run), and leaves the thread as it was: a signal met on the way
+/// is delivered afterwards, once.
+#[test]
+fn a_chain_of_remote_syscalls_stops_at_the_first_unexpected_result() {
+    use shadowpatch_process::RemoteCall;
+    let mut fixture = Running::start(Fixture::BusyC, &["1"]).unwrap();
+    let pid = Pid::from_raw(fixture.pid());
+    let own = i64::from(pid.as_raw());
+    let mut attached = Attached::seize(&ProcessIdentity::of(fixture.pid()).unwrap()).unwrap();
+    let mut stopped = attached.stop().unwrap();
+    shadowpatch_sys::siginfo::tgkill(pid, pid, Signal::SIGUSR1).unwrap();
+    let all = [
+        RemoteCall::expecting(libc::SYS_getpid, [0; 6], own),
+        RemoteCall::expecting(libc::SYS_gettid, [0; 6], own),
+        RemoteCall::new(libc::SYS_getppid, [0; 6]),
+    ];
+    let parent = i64::from(nix::unistd::getpid().as_raw());
+    assert_eq!(stopped.remote_syscalls(pid, &all).unwrap(), vec![own, own, parent]);
+    // The second call's expectation fails: the third (a kill of the
+    // target, were it run) never runs.
+    let cut = [
+        RemoteCall::expecting(libc::SYS_getpid, [0; 6], own),
+        RemoteCall::expecting(libc::SYS_getppid, [0; 6], own),
+        RemoteCall::new(libc::SYS_kill, [own as u64, libc::SIGKILL as u64, 0, 0, 0, 0]),
+    ];
+    assert_eq!(stopped.remote_syscalls(pid, &cut).unwrap(), vec![own, parent]);
+    assert_eq!(stopped.remote_syscalls(pid, &[]).unwrap(), Vec::<i64>::new());
+    stopped.resume().unwrap();
+    attached.detach().unwrap();
+    assert_eq!(fixture.check().unwrap()["usr1"], 1);
+    assert_eq!(fixture.command("ask 5").unwrap(), "16");
+}
+
 #[test]
 fn a_job_control_stopped_process_stays_stopped() {
     let mut fixture = Running::start(Fixture::BusyC, &["1"]).unwrap();
