@@ -1,8 +1,8 @@
 //! Host-wide library patches (`apply --all`): N processes mapping
 //! libfleet, patched and rolled back through the operations layer exactly
 //! as `shadowpatch apply --all` / `rollback --all` do (each process its own
-//! journaled transaction, the analysis gate with a one-sample context, the
-//! history; members in parallel as the CLI's default `--jobs`), beside the floor measured on the same processes in the same
+//! journaled transaction, the analysis gate with one context sample per
+//! process as `--all` takes by default, the history; members in parallel as the CLI's default `--jobs`), beside the floor measured on the same processes in the same
 //! run: for each process, seize + stop + one 5-byte write (the bytes that
 //! are there) + resume + detach, one after the other.
 

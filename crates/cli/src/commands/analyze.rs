@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 /// The analysis options `analyze` and `apply` share.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AnalysisArgs {
-    /// Seconds over which the target's CPU, RSS and open files are sampled (0: one sample, no trends).
-    #[arg(long, default_value_t = 0.5, value_name = "SECONDS")]
-    pub context_secs: f64,
+    /// Seconds over which the target's CPU, RSS and open files are sampled (0: one sample, no trends) [default: 0.5; with --all: 0].
+    #[arg(long, value_name = "SECONDS")]
+    pub context_secs: Option<f64>,
     /// A Prometheus text-format endpoint of the target (http://...), scraped at both ends of the window.
     #[arg(long, value_name = "URL")]
     pub metrics_url: Option<String>,
@@ -88,10 +88,22 @@ impl PredictorArgs {
 }
 
 impl AnalysisArgs {
+    /// The context window when `--context-secs` is not given: 0.5 s of
+    /// sampling per process.
+    pub const DEFAULT_CONTEXT_SECS: f64 = 0.5;
+
     /// The settings the operations layer analyses with.
     pub fn settings(&self) -> AnalysisSettings {
+        self.settings_with_context_default(Self::DEFAULT_CONTEXT_SECS)
+    }
+
+    /// [`Self::settings`] with another context window when
+    /// `--context-secs` is not given: a host-wide apply takes one sample per
+    /// process (half a second of sampling each was 8 s of a 1,000-process
+    /// apply with 64 workers, eight times the patching itself).
+    pub fn settings_with_context_default(&self, context_secs: f64) -> AnalysisSettings {
         AnalysisSettings {
-            context_secs: self.context_secs,
+            context_secs: self.context_secs.unwrap_or(context_secs),
             metrics_url: self.metrics_url.clone(),
             log: self.log.clone(),
             error_pattern: self.error_pattern.clone(),

@@ -133,7 +133,10 @@ pub fn run_apply(
         manifest: std::path::absolute(manifest)?,
         attempts,
         force,
-        analysis: analysis.settings(),
+        analysis: match selector {
+            Selector::All => analysis.settings_with_context_default(0.0),
+            _ => analysis.settings(),
+        },
         requested_by: "cli (set)".into(),
         baseline_module_only: false,
         no_ancestor_state: false,

@@ -119,6 +119,16 @@ fn apply_all_patches_every_process_mapping_the_library_and_rollback_all_restores
         "{applied}"
     );
     assert_eq!(values(&mut processes), BTreeSet::from(["value=2".to_string()]));
+    // Host-wide, the analysis gate takes one context sample per process
+    // unless --context-secs asks for a window (a single apply samples for
+    // 0.5 s).
+    let first = processes[0].pid().to_string();
+    let history = shadowpatch(&state, &["history", &first, "--kind", "analysis", "--json"]);
+    assert_eq!(history.code, 0, "{}", history.stderr);
+    let events = history.json().as_array().unwrap().clone();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let window = &events[0]["details"]["analysis"]["features"]["context.window_s"];
+    assert_eq!(window.as_f64(), Some(0.0), "{}", events[0]);
     assert!(
         !state.join("targets").read_dir().unwrap().any(|e| e
             .unwrap()
