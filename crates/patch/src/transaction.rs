@@ -277,7 +277,7 @@ fn apply_transaction(
             patch: record.clone(),
         })?;
         fault::point("planned");
-        let load_pause_us = load(&mut attached, &protections, address, &image)?;
+        let load_pause_us = load(&mut attached, &prepared.maps, &protections, address, &image)?;
         mapped = true;
         fault::point("loaded");
         fault::target_point("loaded", pid);
@@ -375,13 +375,15 @@ fn apply_transaction(
 /// Map, write and protect the image in one stop; returns the pause (µs).
 fn load(
     attached: &mut Attached,
+    maps: &[shadowpatch_process::Mapping],
     protections: &[(u64, u64, i32)],
     address: u64,
     image: &[u8],
 ) -> Result<u64, PatchError> {
     // The instructions the remote calls borrow are found before the stop
-    // (a search of the target's libc), not in its pause.
-    attached.prepare_remote_calls()?;
+    // (a search of the target's libc), not in its pause; in the survey's
+    // maps, which placed the patch too.
+    attached.prepare_remote_calls_from(maps)?;
     let mut stopped = attached.stop()?;
     let tid = stopped.borrowable_thread();
     map_image(

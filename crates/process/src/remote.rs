@@ -690,6 +690,20 @@ impl Attached {
         // One read of the maps for the three searches (each alone reads
         // them: a host-wide rollback read them three times per process).
         let candidates = gadget_candidates(self.pid())?;
+        self.prepare_remote_calls_in(candidates)
+    }
+
+    /// [`Self::prepare_remote_calls`] with the target's maps as the caller
+    /// read them moments ago (an apply's survey, whose maps also place the
+    /// patch): one read of /proc/PID/maps fewer per process. Libraries'
+    /// code does not move while a process lives, and every address found
+    /// is read back from memory before it is used.
+    pub fn prepare_remote_calls_from(&mut self, maps: &[crate::maps::Mapping]) -> Result<(), TargetError> {
+        let candidates = maps.iter().filter(|m| is_gadget_candidate(m)).cloned().collect();
+        self.prepare_remote_calls_in(candidates)
+    }
+
+    fn prepare_remote_calls_in(&mut self, candidates: Vec<crate::maps::Mapping>) -> Result<(), TargetError> {
         if self.syscall_instruction.is_none() {
             let found = find_bytes_in(self, candidates.clone(), &SYSCALL_INSTRUCTION)?
                 .ok_or(TargetError::NoSyscallInstruction { pid: self.pid() })?;
@@ -1029,10 +1043,11 @@ fn find_bytes(attached: &mut Attached, needle: &[u8]) -> Result<Option<u64>, Tar
 
 /// The mappings `find_bytes` searches: executable and read-only.
 fn gadget_candidates(pid: i32) -> Result<Vec<crate::maps::Mapping>, TargetError> {
-    Ok(read_maps(pid)?
-        .into_iter()
-        .filter(|m| m.executable && m.readable && !m.writable)
-        .collect())
+    Ok(read_maps(pid)?.into_iter().filter(is_gadget_candidate).collect())
+}
+
+fn is_gadget_candidate(mapping: &crate::maps::Mapping) -> bool {
+    mapping.executable && mapping.readable && !mapping.writable
 }
 
 /// [`find_bytes`] in `candidates` (from [`gadget_candidates`]).
