@@ -43,6 +43,52 @@ const TRAILER_LEN: u64 = 32 + 8 + 8;
 /// A header larger than this is corruption, not a real mirror.
 const MAX_HEADER_LEN: u64 = 256 << 20;
 
+/// What identifies a marker file's contents without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MarkerStamp {
+    device: u64,
+    inode: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl MarkerStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        MarkerStamp {
+            device: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
+}
+
+/// State directories whose marker this process read and found good, with
+/// the marker's stamp then (a few: a process uses one state directory, a
+/// test run a handful at a time).
+struct GoodMarkers(std::sync::Mutex<Vec<(PathBuf, MarkerStamp)>>);
+
+static GOOD_MARKERS: GoodMarkers = GoodMarkers(std::sync::Mutex::new(Vec::new()));
+
+impl GoodMarkers {
+    const CAPACITY: usize = 16;
+
+    fn holds(&self, root: &Path, stamp: MarkerStamp) -> bool {
+        let known = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        known.iter().any(|(path, kept)| path == root && *kept == stamp)
+    }
+
+    fn keep(&self, root: &Path, stamp: MarkerStamp) {
+        let mut known = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        known.retain(|(path, _)| path != root);
+        if known.len() >= Self::CAPACITY {
+            known.remove(0);
+        }
+        known.push((root.to_path_buf(), stamp));
+    }
+}
+
 /// The state directory: created on first use with a format marker; a
 /// non-empty directory without the marker is someone else's and refused.
 #[derive(Debug, Clone)]
@@ -103,10 +149,29 @@ impl StateDir {
             message,
         };
         let marker = root.join(MARKER_FILE);
-        match std::fs::read_to_string(&marker) {
-            Ok(text) if text == MARKER_TEXT => Ok(StateDir {
+        // A marker read good before and not replaced or rewritten since
+        // (same file, size and mtime): its stat alone, not an open and a
+        // read (a host-wide apply opens the state directory four times
+        // per member). The marker tells a state directory from a mistaken
+        // one, which never had it; a same-size rewrite in place within the
+        // file system's timestamp granularity is not what it guards.
+        let stamp = std::fs::metadata(&marker).ok().map(|meta| MarkerStamp::of(&meta));
+        if stamp.is_some_and(|stamp| GOOD_MARKERS.holds(root, stamp)) {
+            return Ok(StateDir {
                 root: root.to_path_buf(),
-            }),
+            });
+        }
+        match std::fs::read_to_string(&marker) {
+            Ok(text) if text == MARKER_TEXT => {
+                // The stamp taken before the read: a marker changed since
+                // no longer matches it, and is read again next time.
+                if let Some(stamp) = stamp {
+                    GOOD_MARKERS.keep(root, stamp);
+                }
+                Ok(StateDir {
+                    root: root.to_path_buf(),
+                })
+            }
             Ok(_) => Err(state(format!(
                 "{MARKER_FILE} names an unknown format; written by another version?"
             ))),
@@ -270,6 +335,18 @@ impl StateDir {
             // A file system that refuses the attribute (EOPNOTSUPP, or
             // EPERM, ENOSPC... from one that limits user attributes) still
             // takes the file, as before the attribute existed.
+            Err(_) => write_atomically(&dir.join(EXEC_ID_FILE), format!("{id}\n").as_bytes()),
+        }
+    }
+
+    /// [`Self::record_program`] for a target directory just made (empty:
+    /// nothing recorded there to read first or file to remove).
+    pub fn record_program_in_new(dir: &Path, identity: &ProcessIdentity) -> std::io::Result<()> {
+        let Some(id) = &identity.exec_id else {
+            return Ok(());
+        };
+        match rustix::fs::setxattr(dir, EXEC_ID_ATTRIBUTE, id.as_bytes(), rustix::fs::XattrFlags::empty()) {
+            Ok(()) => shadowpatch_process::durable::sync_dir(dir),
             Err(_) => write_atomically(&dir.join(EXEC_ID_FILE), format!("{id}\n").as_bytes()),
         }
     }
@@ -723,6 +800,29 @@ fn decode_secret(text: &str) -> Option<[u8; SECRET_LEN]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A marker read good is not read again while unchanged, but one
+    /// rewritten (another format) or removed since is noticed at once.
+    #[test]
+    fn a_marker_changed_after_a_good_read_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        StateDir::create(&root).unwrap();
+        StateDir::open(&root).unwrap();
+        StateDir::open(&root).unwrap();
+        let marker = root.join(MARKER_FILE);
+        // Replaced as the tool writes it (a new file renamed over it).
+        let other = root.join("marker.new");
+        std::fs::write(&other, "shadowpatch state directory, format 9\n").unwrap();
+        std::fs::rename(&other, &marker).unwrap();
+        let error = StateDir::open(&root).unwrap_err().to_string();
+        assert!(error.contains("unknown format"), "{error}");
+        std::fs::remove_file(&marker).unwrap();
+        let error = StateDir::open(&root).unwrap_err().to_string();
+        assert!(error.contains("no SHADOWPATCH_STATE"), "{error}");
+        std::fs::write(&marker, MARKER_TEXT).unwrap();
+        StateDir::open(&root).unwrap();
+    }
 
     /// Read marker first or not, the answers are those of a directory
     /// looked at before its marker: missing or empty is nothing stored,

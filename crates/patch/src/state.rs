@@ -215,6 +215,15 @@ impl TargetState {
     /// Open (creating) the state of the live process `identity`.
     pub fn open(state: &StateDir, identity: &ProcessIdentity) -> Result<Self, PatchError> {
         let dir = state.target_dir(identity.pid, identity.start_time);
+        // A directory made here is new: no earlier program's state to set
+        // aside, no record to compare, no generation to reconcile (a
+        // host-wide apply makes one per member; the checks of an existing
+        // one were a dozen system calls there).
+        if Self::make_dir(&dir, false)? {
+            // Best effort, as for an existing directory without a record.
+            let _ = StateDir::record_program_in_new(&dir, identity);
+            return Self::at_new(dir);
+        }
         if let Some(aside) = StateDir::set_aside_if_execd(&dir, identity)? {
             tracing::warn!(
                 pid = identity.pid,
@@ -222,19 +231,35 @@ impl TargetState {
                 identity.pid,
                 aside.display()
             );
+            Self::make_dir(&dir, true)?;
         }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| {
-                not_writable_or(&dir, e, |message| PatchError::Journal {
-                    path: dir.clone(),
-                    message,
-                })
-            })?;
         StateDir::check_same_program(&dir, identity)?;
         Self::at(dir)
+    }
+
+    /// Make target directory `dir` (mode 0700, its parents as needed):
+    /// true when it was made, false when it existed (and `recursive`
+    /// allows that without an error).
+    fn make_dir(dir: &Path, recursive: bool) -> Result<bool, PatchError> {
+        let error = |e: std::io::Error| {
+            not_writable_or(dir, e, |message| PatchError::Journal {
+                path: dir.to_path_buf(),
+                message,
+            })
+        };
+        let mut builder = std::fs::DirBuilder::new();
+        builder.mode(0o700);
+        match builder.create(dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
+            // The first target of a new state directory: `targets` too.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                builder.recursive(true).create(dir).map_err(error)?;
+                Ok(true)
+            }
+            Err(e) if recursive && e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(error(e)),
+        }
     }
 
     /// Open the existing state of `identity` (refusing another incarnation's).
@@ -245,11 +270,25 @@ impl TargetState {
     /// Lock, then replay and open the journal of the target directory
     /// `dir`, repairing what a crash left (see `Repairs`).
     fn at(dir: PathBuf) -> Result<Self, PatchError> {
+        Self::at_with(dir, false)
+    }
+
+    /// [`Self::at`] for a directory just made, whose only entries can be
+    /// the program record: no generation files to reconcile.
+    fn at_new(dir: PathBuf) -> Result<Self, PatchError> {
+        Self::at_with(dir, true)
+    }
+
+    fn at_with(dir: PathBuf, new: bool) -> Result<Self, PatchError> {
         let lock = TargetLock::acquire(&dir)?;
         let mut journal_state = Journal::replay(&dir)?;
         let (journal, torn_tail_kept) = Journal::open(&dir, &journal_state)?;
         journal_state.torn_tail = None;
-        let mut repairs = reconcile_generations(&dir, &journal_state)?;
+        let mut repairs = if new {
+            Repairs::default()
+        } else {
+            reconcile_generations(&dir, &journal_state)?
+        };
         repairs.torn_tail_kept = torn_tail_kept;
         if let Some(line) = repairs.describe() {
             tracing::warn!(dir = %dir.display(), "repaired the target's state: {line}");

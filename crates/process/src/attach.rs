@@ -165,7 +165,10 @@ impl Attached {
             release_at_resume: false,
         };
         for _round in 0..MAX_SCAN_ROUNDS {
-            if attached.seize_new_threads()? == 0 {
+            // Every thread the kernel counts is seized (one stat of
+            // /proc/PID/task, not a second listing to find nothing new).
+            let new = attached.seize_new_threads()?;
+            if new == 0 || thread_count(identity.pid) == Some(attached.threads.len()) {
                 // After seizing, re-check the start time: the pid could have
                 // been recycled between identification and the first seize.
                 identity.check_alive()?;
