@@ -1005,15 +1005,27 @@ pub(crate) fn clone_result(pid: i32, run: SyscallRun) -> Result<(Pid, i64), Targ
 type GadgetKey = (std::path::PathBuf, u64, Vec<u8>);
 static GADGET_OFFSETS: std::sync::Mutex<BTreeMap<GadgetKey, u64>> = std::sync::Mutex::new(BTreeMap::new());
 
+/// The key a gadget found in `mapping` is remembered under: its file, or
+/// the vDSO (the kernel's, the same image in every process; searched
+/// first, it held the gadgets and was searched again in every process).
+fn gadget_key(mapping: &crate::maps::Mapping, needle: &[u8]) -> Option<GadgetKey> {
+    match &mapping.kind {
+        crate::maps::MappingKind::File(path) => Some((path.clone(), mapping.inode, needle.to_vec())),
+        crate::maps::MappingKind::Special(name) if name == "[vdso]" => {
+            Some((std::path::PathBuf::from(name), 0, needle.to_vec()))
+        }
+        _ => None,
+    }
+}
+
 /// `needle` at the file offset another process had it, if this mapping
 /// maps that offset and the bytes there are the needle (read back: a
 /// cached offset is only a guess).
 fn known_gadget(attached: &mut Attached, candidates: &[crate::maps::Mapping], needle: &[u8]) -> Option<u64> {
     for mapping in candidates {
-        let crate::maps::MappingKind::File(path) = &mapping.kind else {
+        let Some(key) = gadget_key(mapping, needle) else {
             continue;
         };
-        let key = (path.clone(), mapping.inode, needle.to_vec());
         let Some(offset) = GADGET_OFFSETS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1081,11 +1093,11 @@ fn find_bytes_in(
             };
             if let Some(offset) = position_of(&buffer[..n], needle) {
                 let found = address + offset as u64;
-                if let crate::maps::MappingKind::File(path) = &mapping.kind {
-                    GADGET_OFFSETS.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                        (path.clone(), mapping.inode, needle.to_vec()),
-                        mapping.offset + (found - mapping.start),
-                    );
+                if let Some(key) = gadget_key(&mapping, needle) {
+                    GADGET_OFFSETS
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key, mapping.offset + (found - mapping.start));
                 }
                 return Ok(Some(found));
             }
