@@ -203,8 +203,15 @@ mod tests {
 
     #[test]
     fn the_copy_keeps_the_bytes_checked_whatever_the_original_becomes() {
-        let state = tempfile_dir("state");
-        let original = tempfile_dir("original").join("manifest.toml");
+        // Removed with the test, whatever it ends with (a folder per run
+        // was left in the temporary directory).
+        let folder = tempfile::tempdir().unwrap();
+        // Open to every user, as the temporary directory's own folders
+        // were: the refusal below is the final symlink's, not the path's.
+        std::fs::set_permissions(folder.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let state = folder.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let original = folder.path().join("manifest.toml");
         std::fs::write(&original, "checked").unwrap();
         let private = PrivateInputs::create(&state).unwrap();
         let (bytes, copy) = private.take(0, &original, 100).unwrap();
@@ -221,13 +228,6 @@ mod tests {
             read_own(4_000_000, &original, 100),
             Err(AgentError::NotFoundOrNotYours { .. })
         ));
-    }
-
-    fn tempfile_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("shadowpatch-inputs-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
     }
 
     #[test]
