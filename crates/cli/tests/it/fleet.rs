@@ -5,7 +5,9 @@
 //! its members' journal appends, before any stop, is recovered member by
 //! member; bad input exits 2 with nothing touched.
 
-use crate::common::{assert_bad_input, assert_untouched, build_id_of, shadowpatch, shadowpatch_env, write_manifest};
+use crate::common::{
+    assert_bad_input, assert_untouched, build_id_of, members_with, shadowpatch, shadowpatch_env, write_manifest,
+};
 use shadowpatch_fixtures::{build_library_fixture, build_patch, Fixture, Patch, Running};
 use std::collections::BTreeSet;
 
@@ -103,11 +105,7 @@ fn apply_all_patches_every_process_mapping_the_library_and_rollback_all_restores
     let applied = applied.json();
     let members = applied["members"].as_array().unwrap();
     let ours: BTreeSet<i64> = processes.iter().map(|p| i64::from(p.pid())).collect();
-    let patched: BTreeSet<i64> = members
-        .iter()
-        .filter(|m| m["outcome"] == "applied")
-        .map(|m| m["pid"].as_i64().unwrap())
-        .collect();
+    let patched = members_with(&applied, "applied");
     assert!(ours.is_subset(&patched), "every fixture process is patched: {applied}");
     assert!(!patched.contains(&i64::from(bystander.pid())), "{applied}");
     assert!(
@@ -351,13 +349,7 @@ fn apply_all_passes_over_a_child_that_carries_the_patch_by_fork() {
     let rolled = shadowpatch(&state, &["rollback", "--all", "--json"]);
     assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
     let rolled = rolled.json();
-    let rolled_back: BTreeSet<i64> = rolled["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["outcome"] == "rolled_back")
-        .map(|m| m["pid"].as_i64().unwrap())
-        .collect();
+    let rolled_back = members_with(&rolled, "rolled_back");
     for pid in [parent, child, late, processes[1].pid(), processes[2].pid()] {
         assert!(rolled_back.contains(&i64::from(pid)), "{pid} rolled back: {rolled}");
     }

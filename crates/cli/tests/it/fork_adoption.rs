@@ -6,7 +6,7 @@
 //! nginx: the master patched, `nginx -s reload` and a killed worker respawned, the new workers known,
 //! verified and rolled back as a tree.
 
-use crate::common::{build_id_of, shadowpatch, write_manifest};
+use crate::common::{build_id_of, members_with, shadowpatch, write_manifest};
 use shadowpatch_fixtures::{build_c_patch, children_of, Fixture, Running};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -358,13 +358,7 @@ fn nginx_workers_started_by_a_reload_or_a_respawn_of_the_patched_master_are_adop
 
     let rolled = shadowpatch(&state, &["rollback", &root, "--tree", "--json"]);
     assert_eq!(rolled.code, 0, "{}{}", rolled.stdout, rolled.stderr);
-    let members: Vec<i64> = rolled.json()["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["outcome"] == "rolled_back")
-        .map(|m| m["pid"].as_i64().unwrap())
-        .collect();
+    let members = members_with(&rolled.json(), "rolled_back");
     assert_eq!(
         members.len(),
         3,

@@ -168,6 +168,17 @@ pub fn finding_codes(json: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// The pids of a set's report (`--json`) whose outcome is `outcome`.
+pub fn members_with(report: &serde_json::Value, outcome: &str) -> std::collections::BTreeSet<i64> {
+    report["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["outcome"] == outcome)
+        .map(|m| m["pid"].as_i64().unwrap())
+        .collect()
+}
+
 /// Write a manifest for `object` into `dir`; returns its path.
 pub fn write_manifest(
     dir: &Path,
