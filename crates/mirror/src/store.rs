@@ -20,6 +20,7 @@ use crate::region::RegionSpec;
 use crate::MirrorError;
 use shadowpatch_process::ProcessIdentity;
 use shadowpatch_symbols::Module;
+use shadowpatch_sys::stamp::FileStamp;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
@@ -43,43 +44,22 @@ const TRAILER_LEN: u64 = 32 + 8 + 8;
 /// A header larger than this is corruption, not a real mirror.
 const MAX_HEADER_LEN: u64 = 256 << 20;
 
-/// What identifies a marker file's contents without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct MarkerStamp {
-    device: u64,
-    inode: u64,
-    size: u64,
-    mtime_ns: i128,
-}
-
-impl MarkerStamp {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        MarkerStamp {
-            device: meta.dev(),
-            inode: meta.ino(),
-            size: meta.size(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        }
-    }
-}
-
 /// State directories whose marker this process read and found good, with
 /// the marker's stamp then (a few: a process uses one state directory, a
 /// test run a handful at a time).
-struct GoodMarkers(std::sync::Mutex<Vec<(PathBuf, MarkerStamp)>>);
+struct GoodMarkers(std::sync::Mutex<Vec<(PathBuf, FileStamp)>>);
 
 static GOOD_MARKERS: GoodMarkers = GoodMarkers(std::sync::Mutex::new(Vec::new()));
 
 impl GoodMarkers {
     const CAPACITY: usize = 16;
 
-    fn holds(&self, root: &Path, stamp: MarkerStamp) -> bool {
+    fn holds(&self, root: &Path, stamp: FileStamp) -> bool {
         let known = self.0.lock().unwrap_or_else(|p| p.into_inner());
         known.iter().any(|(path, kept)| path == root && *kept == stamp)
     }
 
-    fn keep(&self, root: &Path, stamp: MarkerStamp) {
+    fn keep(&self, root: &Path, stamp: FileStamp) {
         let mut known = self.0.lock().unwrap_or_else(|p| p.into_inner());
         known.retain(|(path, _)| path != root);
         if known.len() >= Self::CAPACITY {
@@ -155,7 +135,7 @@ impl StateDir {
         // per member). The marker tells a state directory from a mistaken
         // one, which never had it; a same-size rewrite in place within the
         // file system's timestamp granularity is not what it guards.
-        let stamp = std::fs::metadata(&marker).ok().map(|meta| MarkerStamp::of(&meta));
+        let stamp = FileStamp::of(&marker);
         if stamp.is_some_and(|stamp| GOOD_MARKERS.holds(root, stamp)) {
             return Ok(StateDir {
                 root: root.to_path_buf(),
@@ -321,14 +301,23 @@ impl StateDir {
         if Self::recorded_program(dir)?.as_deref() == Some(id.as_str()) {
             return Ok(());
         }
+        Self::write_program_record(dir, id, true)
+    }
+
+    /// Write exec id `id` as `dir`'s attribute (an `exec-id` file left by
+    /// an earlier version removed when `old_file_possible`), or as the file
+    /// where the file system takes no user attributes.
+    fn write_program_record(dir: &Path, id: &str, old_file_possible: bool) -> std::io::Result<()> {
         match rustix::fs::setxattr(dir, EXEC_ID_ATTRIBUTE, id.as_bytes(), rustix::fs::XattrFlags::empty()) {
             Ok(()) => {
                 // A file left by an earlier version would be read after a
                 // lost attribute only: removed, so no reader can see it.
-                match std::fs::remove_file(dir.join(EXEC_ID_FILE)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
+                if old_file_possible {
+                    match std::fs::remove_file(dir.join(EXEC_ID_FILE)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
                 }
                 shadowpatch_process::durable::sync_dir(dir)
             }
@@ -342,12 +331,9 @@ impl StateDir {
     /// [`Self::record_program`] for a target directory just made (empty:
     /// nothing recorded there to read first or file to remove).
     pub fn record_program_in_new(dir: &Path, identity: &ProcessIdentity) -> std::io::Result<()> {
-        let Some(id) = &identity.exec_id else {
-            return Ok(());
-        };
-        match rustix::fs::setxattr(dir, EXEC_ID_ATTRIBUTE, id.as_bytes(), rustix::fs::XattrFlags::empty()) {
-            Ok(()) => shadowpatch_process::durable::sync_dir(dir),
-            Err(_) => write_atomically(&dir.join(EXEC_ID_FILE), format!("{id}\n").as_bytes()),
+        match &identity.exec_id {
+            Some(id) => Self::write_program_record(dir, id, false),
+            None => Ok(()),
         }
     }
 

@@ -219,10 +219,10 @@ impl TargetState {
         // aside, no record to compare, no generation to reconcile (a
         // host-wide apply makes one per member; the checks of an existing
         // one were a dozen system calls there).
-        if Self::make_dir(&dir, false)? {
+        if Self::make_dir(&dir)? {
             // Best effort, as for an existing directory without a record.
             let _ = StateDir::record_program_in_new(&dir, identity);
-            return Self::at_new(dir);
+            return Self::at_with(dir, true);
         }
         if let Some(aside) = StateDir::set_aside_if_execd(&dir, identity)? {
             tracing::warn!(
@@ -231,16 +231,15 @@ impl TargetState {
                 identity.pid,
                 aside.display()
             );
-            Self::make_dir(&dir, true)?;
+            Self::make_dir(&dir)?;
         }
         StateDir::check_same_program(&dir, identity)?;
         Self::at(dir)
     }
 
     /// Make target directory `dir` (mode 0700, its parents as needed):
-    /// true when it was made, false when it existed (and `recursive`
-    /// allows that without an error).
-    fn make_dir(dir: &Path, recursive: bool) -> Result<bool, PatchError> {
+    /// true when it was made, false when it existed.
+    fn make_dir(dir: &Path) -> Result<bool, PatchError> {
         let error = |e: std::io::Error| {
             not_writable_or(dir, e, |message| PatchError::Journal {
                 path: dir.to_path_buf(),
@@ -257,7 +256,6 @@ impl TargetState {
                 builder.recursive(true).create(dir).map_err(error)?;
                 Ok(true)
             }
-            Err(e) if recursive && e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(error(e)),
         }
     }
@@ -273,12 +271,8 @@ impl TargetState {
         Self::at_with(dir, false)
     }
 
-    /// [`Self::at`] for a directory just made, whose only entries can be
-    /// the program record: no generation files to reconcile.
-    fn at_new(dir: PathBuf) -> Result<Self, PatchError> {
-        Self::at_with(dir, true)
-    }
-
+    /// [`Self::at`]; `new`: a directory just made, whose only entry can be
+    /// the program record, has no generation files to reconcile.
     fn at_with(dir: PathBuf, new: bool) -> Result<Self, PatchError> {
         let lock = TargetLock::acquire(&dir)?;
         let mut journal_state = Journal::replay(&dir)?;

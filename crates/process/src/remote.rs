@@ -442,18 +442,7 @@ impl Attached {
         }
         let runs = match self.return_path()? {
             Some(path) => self.self_restoring_call(tid, path, calls, ptrace::Options::empty()),
-            None => {
-                let mut runs = Vec::with_capacity(calls.len());
-                for call in calls {
-                    let run = self.stepped_call(tid, call.number, call.args, None);
-                    let run = run.map_err(|error| self.forget_if_exited(tid, error))?;
-                    runs.push(run);
-                    if !call.accepts(run.result) {
-                        break;
-                    }
-                }
-                Ok(runs)
-            }
+            None => self.stepped_calls(tid, calls),
         };
         match runs {
             Ok(runs) => Ok(runs.into_iter().map(|run| run.result).collect()),
@@ -527,16 +516,7 @@ impl Attached {
                 tid = tid.as_raw(),
                 "no room for a signal frame: stepped remote call"
             );
-            let mut runs = Vec::with_capacity(calls.len());
-            for call in calls {
-                let clone_stack = (call.number == libc::SYS_clone).then_some(call.args[1]);
-                let run = self.stepped_call(tid, call.number, call.args, clone_stack)?;
-                runs.push(run);
-                if !call.accepts(run.result) {
-                    break;
-                }
-            }
-            return Ok(runs);
+            return self.stepped_calls(tid, calls);
         }
         fault::point("remote-framed");
         // Every thread carries PTRACE_O_TRACESYSGOOD from its seize (see
@@ -625,6 +605,21 @@ impl Attached {
         });
         requeue(pid, tid, &kept);
         ran
+    }
+
+    /// `calls` as single-stepped calls, in turn while each returns what it
+    /// expects (a clone's stack is its second argument).
+    fn stepped_calls(&mut self, tid: Pid, calls: &[RemoteCall]) -> Result<Vec<SyscallRun>, TargetError> {
+        let mut runs = Vec::with_capacity(calls.len());
+        for call in calls {
+            let clone_stack = (call.number == libc::SYS_clone).then_some(call.args[1]);
+            let run = self.stepped_call(tid, call.number, call.args, clone_stack)?;
+            runs.push(run);
+            if !call.accepts(run.result) {
+                break;
+            }
+        }
+        Ok(runs)
     }
 
     /// The single-stepped call (no way back if we die mid-call): for a
@@ -838,7 +833,8 @@ impl RemoteCall {
         }
     }
 
-    fn accepts(&self, result: i64) -> bool {
+    /// Whether `result` lets the next call of the chain run.
+    pub fn accepts(&self, result: i64) -> bool {
         self.expect.is_none_or(|expected| expected == result)
     }
 }

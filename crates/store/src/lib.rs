@@ -17,6 +17,7 @@ pub use event::{Event, EventFilter, EventKind, NewEvent};
 pub use migrate::SCHEMA_VERSION;
 
 use rusqlite::{params, Connection, OpenFlags};
+use shadowpatch_sys::stamp::FileStamp;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -437,20 +438,6 @@ static OPEN: OpenHistories = OpenHistories {
     entries: std::sync::Mutex::new(Vec::new()),
 };
 
-/// Device, inode, size and modification time of a file.
-type FileStamp = (u64, u64, u64, i128);
-
-fn file_stamp(path: &Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    Some((
-        meta.dev(),
-        meta.ino(),
-        meta.size(),
-        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-    ))
-}
-
 impl OpenHistories {
     /// At most this many state directories' histories stay open.
     const CAPACITY: usize = 4;
@@ -458,7 +445,7 @@ impl OpenHistories {
     fn record(&self, state_dir: &Path, rows: &[Row]) -> Result<Vec<i64>, StoreError> {
         let path = state_dir.join(DATABASE_FILE);
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let stamp = file_stamp(&path);
+        let stamp = FileStamp::of(&path);
         let at = entries.iter().position(|(p, _, _)| *p == path);
         let store = match at.map(|at| entries.remove(at)) {
             Some((_, kept, store)) if Some(kept) == stamp => store,
@@ -466,7 +453,7 @@ impl OpenHistories {
         };
         let recorded = store.insert_all(rows);
         if recorded.is_ok() {
-            if let Some(stamp) = file_stamp(&path) {
+            if let Some(stamp) = FileStamp::of(&path) {
                 if entries.len() >= Self::CAPACITY {
                     entries.remove(0);
                 }

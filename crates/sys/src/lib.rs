@@ -13,6 +13,7 @@ pub mod rlimit;
 pub mod sched;
 pub mod scratch;
 pub mod siginfo;
+pub mod stamp;
 pub mod uffd;
 
 pub use nix::errno::Errno;
